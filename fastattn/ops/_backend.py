@@ -1,0 +1,170 @@
+"""Backend availability and choice.
+
+A backend is one of ``"triton"``, ``"cuda"``, ``"cpu"``, ``"reference"``. ``backend="auto"`` walks
+the preference list of the op for the tensor's device and takes the first backend that is
+available *and* supports the call; if none does it falls back to ``"reference"`` and warns once
+per (op, reason). An explicitly requested backend that is unavailable or does not support the
+call raises instead: nothing is swapped silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger("fastattn")
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+
+# "auto" preference per op and device type. Ops not listed use _DEFAULT_ORDER.
+_DEFAULT_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {}
+# public op name -> the C++ op whose kernels decide whether cpu/cuda are available for it
+OPS: dict[str, str | None] = {}
+
+
+def register_op(name: str, cpp_op: str | None, auto_order: dict[str, tuple[str, ...]] | None = None):
+    """Called once by each op family at import to appear in fastattn.backends()."""
+    OPS[name] = cpp_op
+    if auto_order is not None:
+        AUTO_ORDER[name] = auto_order
+
+
+@functools.cache
+def _load_extension() -> tuple[bool, str]:
+    try:
+        importlib.import_module("fastattn._C")
+    except ImportError as e:  # not built: the cpu/cuda backends are then unavailable
+        return False, f"fastattn._C is not built ({e})"
+    return True, ""
+
+
+@functools.cache
+def _load_triton() -> tuple[bool, str]:
+    try:
+        importlib.import_module("triton")
+    except ImportError as e:
+        return False, f"triton is not installed ({e})"
+    return True, ""
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def extension_has_kernel(op: str, dispatch_key: str) -> bool:
+    ok, _ = _load_extension()
+    if not ok:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", dispatch_key)
+
+
+def availability(backend: str, device_type: str, cpp_op: str | None = None) -> str | None:
+    """None if ``backend`` can run on ``device_type`` here, else the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        ok, why = _load_triton()
+        if not ok:
+            return why
+        if device_type == "cuda":
+            return None if torch.cuda.is_available() else "no CUDA device"
+        if device_type == "cpu":
+            return None if triton_interpret() else "CPU tensors need TRITON_INTERPRET=1"
+        return f"device type {device_type!r}"
+    if backend in ("cpu", "cuda"):
+        if backend != device_type:
+            return f"the {backend} backend takes {backend} tensors, got {device_type} tensors"
+        ok, why = _load_extension()
+        if not ok:
+            return why
+        key = "CPU" if backend == "cpu" else "CUDA"
+        if cpp_op is not None and not extension_has_kernel(cpp_op, key):
+            return f"fastattn._C has no {key} kernel for {cpp_op}"
+        return None
+    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
+@functools.cache
+def _warn_fallback(op: str, reason: str) -> None:
+    warnings.warn(
+        f"fastattn.{op}: no fast backend supports this call ({reason}); "
+        "using the pure-PyTorch reference implementation",
+        stacklevel=4,
+    )
+
+
+def choose(
+    op: str,
+    device: torch.device,
+    backend: str,
+    supports: Callable[[str], str | None] | None = None,
+    cpp_op: str | None = None,
+) -> str:
+    """Pick the backend for one call.
+
+    ``supports(backend)`` returns None when the kernel handles this particular call (dtype,
+    options...) or a reason why not.
+    """
+    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        why = availability(backend, device.type, cpp_op)
+        if why is None and supports is not None and backend != "reference":
+            why = supports(backend)
+        if why is not None:
+            raise RuntimeError(f"fastattn.{op}: backend={backend!r} cannot run this call: {why}")
+        return backend
+    reasons = []
+    order = AUTO_ORDER.get(op, _DEFAULT_ORDER).get(device.type, ())
+    for cand in order:
+        why = availability(cand, device.type, cpp_op)
+        if why is None and supports is not None:
+            why = supports(cand)
+        if why is None:
+            log.debug("fastattn.%s: backend=auto picked %r on %s", op, cand, device.type)
+            return cand
+        reasons.append(f"{cand}: {why}")
+    reason = "; ".join(reasons) if reasons else f"no fast backend for {device.type} tensors"
+    _warn_fallback(op, reason)
+    log.debug("fastattn.%s: backend=auto fell back to 'reference' (%s)", op, reason)
+    return "reference"
+
+
+def backends() -> dict:
+    """What is available on this machine and what ``backend="auto"`` picks per op and device."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    avail = {}
+    for b in BACKENDS:
+        avail[b] = {d: availability(b, d) is None for d in devices}
+    reasons = {}
+    for b in BACKENDS:
+        for d in devices:
+            why = availability(b, d)
+            if why is not None:
+                reasons[f"{b}/{d}"] = why
+    auto = {}
+    for op, cpp_op in OPS.items():
+        auto[op] = {}
+        for d in devices:
+            pick = "reference"
+            for cand in AUTO_ORDER.get(op, _DEFAULT_ORDER).get(d, ()):
+                if availability(cand, d, cpp_op) is None:
+                    pick = cand
+                    break
+            auto[op][d] = pick
+    return {
+        "available": avail,
+        "unavailable_reasons": reasons,
+        "auto": auto,
+        "triton_interpret": triton_interpret(),
+        "torch": torch.__version__,
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }

@@ -1,0 +1,380 @@
+"""Attention op layer: validation, mask/window normalisation, backend choice, torch.library
+registration (fake tensors + autograd) of the C++ ops and of the Triton custom ops.
+
+All kernels receive the same normalised arguments (see csrc/fastattn.cpp for the contract):
+an additive float mask broadcast to (B, H, L, S) by strides, and causal/window rules folded into
+(window_left, window_right, diag_offset).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastattn import reference
+from fastattn.ops import _backend
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+
+_backend.register_op("scaled_dot_product_attention", "attention_fwd")
+_backend.register_op("attention_with_kvcache", "attention_kvcache")
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checking and normalisation
+# ---------------------------------------------------------------------------------------------
+def _check_qkv(query, key, value, enable_gqa: bool) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, L, E), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must have the same dtype, got query.dtype="
+                        f"{query.dtype}, key.dtype={key.dtype}, value.dtype={value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise RuntimeError(f"query, key and value must be on the same device, got query on "
+                           f"{query.device}, key on {key.device}, value on {value.device}")
+    B, H, L, E = query.shape
+    if key.shape[0] != B or value.shape[0] != B:
+        raise ValueError(f"batch sizes differ: query {B}, key {key.shape[0]}, value {value.shape[0]}")
+    if key.shape[-1] != E:
+        raise ValueError(f"head dims differ: query.shape[-1]={E}, key.shape[-1]={key.shape[-1]}")
+    if key.shape[2] != value.shape[2]:
+        raise ValueError(f"key and value must have the same sequence length, got "
+                         f"key.shape[2]={key.shape[2]}, value.shape[2]={value.shape[2]}")
+    if key.shape[1] != value.shape[1]:
+        raise ValueError(f"key and value must have the same number of heads, got "
+                         f"key.shape[1]={key.shape[1]}, value.shape[1]={value.shape[1]}")
+    Hkv = key.shape[1]
+    if H != Hkv:
+        if not enable_gqa:
+            raise ValueError(f"query has {H} heads but key/value have {Hkv}: pass enable_gqa=True "
+                             "for grouped-query attention")
+        if Hkv == 0 or H % Hkv != 0:
+            raise ValueError(f"enable_gqa needs query heads ({H}) to be a multiple of key/value "
+                             f"heads ({Hkv})")
+
+
+def _normalize_mask(attn_mask, query, key) -> torch.Tensor | None:
+    """bool/float mask broadcastable to (B, H, L, S) -> additive mask in query.dtype, expanded to
+    (B, H, L, S) as a view (stride 0 on broadcast dims: no copy of the broadcast)."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.device != query.device:
+        raise RuntimeError(f"attn_mask must be on {query.device}, got {attn_mask.device}")
+    B, H, L, _ = query.shape
+    S = key.shape[2]
+    try:
+        shape = torch.broadcast_shapes(attn_mask.shape, (B, H, L, S))
+    except RuntimeError as e:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to "
+                         f"(B, H, L, S) = {(B, H, L, S)}") from e
+    if shape != (B, H, L, S):
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to "
+                         f"(B, H, L, S) = {(B, H, L, S)}")
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device
+                                ).masked_fill_(~attn_mask, float("-inf"))
+    elif attn_mask.dtype != query.dtype:
+        raise TypeError(f"attn_mask must be bool or have query's dtype ({query.dtype}), "
+                        f"got {attn_mask.dtype}")
+    return attn_mask.expand(B, H, L, S)
+
+
+def _window_args(L, S, is_causal, window, causal_alignment) -> tuple[int, int, int]:
+    if causal_alignment not in ("top_left", "bottom_right"):
+        raise ValueError(f"causal_alignment must be 'top_left' or 'bottom_right', "
+                         f"got {causal_alignment!r}")
+    left, right = -1, -1
+    if window is not None:
+        if (not isinstance(window, (tuple, list)) or len(window) != 2
+                or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+            raise TypeError(f"window must be a pair of ints (left, right), got {window!r}")
+        left, right = window
+        if left < -1 or right < -1:
+            raise ValueError(f"window sizes must be >= 0 (or -1 for unbounded), got {window!r}")
+    if is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    offset = 0 if causal_alignment == "top_left" else S - L
+    return left, right, offset
+
+
+def _check_scale(scale, E) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(E)
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _draw_seed(dropout_p: float) -> int:
+    if dropout_p == 0.0:
+        return 0
+    # from torch's default CPU generator, so torch.manual_seed makes dropout reproducible
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+# ---------------------------------------------------------------------------------------------
+# backend support predicates
+# ---------------------------------------------------------------------------------------------
+def _supports(backend: str, query, key, value, dropout_p) -> str | None:
+    if query.dtype not in _FLOAT_DTYPES:
+        return f"dtype {query.dtype}"
+    if max(query.shape[-1], value.shape[-1]) > _MAX_HEAD_DIM:
+        return f"head dim {max(query.shape[-1], value.shape[-1])} > {_MAX_HEAD_DIM}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton custom ops (the launchers live in fastattn/triton/attention.py)
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastattn::triton_attention_fwd", mutates_args=())
+def triton_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+    scale: float, window_left: int, window_right: int, diag_offset: int,
+    dropout_p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastattn.triton.attention import attention_fwd
+
+    return attention_fwd(q, k, v, attn_mask, scale, window_left, window_right, diag_offset,
+                         dropout_p, seed)
+
+
+@torch.library.custom_op("fastattn::triton_attention_bwd", mutates_args=())
+def triton_attention_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor | None,
+    attn_mask: torch.Tensor | None, scale: float, window_left: int, window_right: int,
+    diag_offset: int, dropout_p: float, seed: int, compute_dmask: bool, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastattn.triton.attention import attention_bwd
+
+    return attention_bwd(grad_out, q, k, v, out, lse, grad_lse, attn_mask, scale, window_left,
+                         window_right, diag_offset, dropout_p, seed, compute_dmask, deterministic)
+
+
+@torch.library.custom_op("fastattn::triton_attention_kvcache", mutates_args=("k_cache", "v_cache"))
+def triton_attention_kvcache(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None, v_new: torch.Tensor | None, scale: float, causal: bool,
+) -> torch.Tensor:
+    from fastattn.triton.attention import attention_kvcache
+
+    return attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal)
+
+
+# ---------------------------------------------------------------------------------------------
+# fake tensors and autograd, shared by the C++ ops and the Triton custom ops
+# ---------------------------------------------------------------------------------------------
+def _fwd_fake(q, k, v, attn_mask, scale, window_left, window_right, diag_offset, dropout_p, seed):
+    B, H, L, _ = q.shape
+    out = q.new_empty((B, H, L, v.shape[-1]))
+    lse = q.new_empty((B, H, L), dtype=torch.float32)
+    return out, lse
+
+
+def _bwd_fake(grad_out, q, k, v, out, lse, grad_lse, attn_mask, scale, window_left,
+              window_right, diag_offset, dropout_p, seed, compute_dmask, deterministic):
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if compute_dmask and attn_mask is not None:
+        B, H, L, _ = q.shape
+        dmask = attn_mask.new_empty((B, H, L, k.shape[2]))
+    else:
+        dmask = q.new_empty((0,))
+    return dq, dk, dv, dmask
+
+
+def _kvcache_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, scale, wl, wr, off, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+    ctx.args = (scale, wl, wr, off, dropout_p, seed)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, attn_mask = ctx.saved_tensors
+        compute_dmask = attn_mask is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dmask = bwd_op(
+            grad_out, q, k, v, out, lse, grad_lse, attn_mask, *ctx.args, compute_dmask,
+            torch.are_deterministic_algorithms_enabled())
+        return dq, dk, dv, (dmask if compute_dmask else None), None, None, None, None, None, None
+
+    return backward
+
+
+torch.library.register_fake("fastattn::triton_attention_fwd")(_fwd_fake)
+torch.library.register_fake("fastattn::triton_attention_bwd")(_bwd_fake)
+torch.library.register_fake("fastattn::triton_attention_kvcache")(_kvcache_fake)
+torch.library.register_autograd("fastattn::triton_attention_fwd",
+                                _make_backward(triton_attention_bwd), setup_context=_setup_context)
+
+
+def _register_cpp() -> None:
+    if not _backend._load_extension()[0]:
+        return
+    torch.library.register_fake("fastattn::attention_fwd")(_fwd_fake)
+    torch.library.register_fake("fastattn::attention_bwd")(_bwd_fake)
+    torch.library.register_fake("fastattn::attention_kvcache")(_kvcache_fake)
+    torch.library.register_autograd("fastattn::attention_fwd",
+                                    _make_backward(torch.ops.fastattn.attention_bwd),
+                                    setup_context=_setup_context)
+
+
+_register_cpp()
+
+
+# ---------------------------------------------------------------------------------------------
+# public functions
+# ---------------------------------------------------------------------------------------------
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    window: tuple[int, int] | None = None,
+    causal_alignment: str = "top_left",
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Fused softmax attention, a drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Args:
+        query: (B, H, L, E) float16/bfloat16/float32.
+        key: (B, Hkv, S, E); value: (B, Hkv, S, Ev). Hkv == H, or H % Hkv == 0 with enable_gqa.
+        attn_mask: bool (True = attend) or additive float mask in query's dtype, broadcastable to
+            (B, H, L, S). A float mask that requires grad receives its gradient.
+        dropout_p: probability of dropping an attention weight, in [0, 1).
+        is_causal: query i sees keys j <= i (top-left aligned, as SDPA), or j <= i + S - L with
+            causal_alignment="bottom_right" (FlashAttention's convention for L != S).
+        scale: softmax scale, default 1/sqrt(E).
+        window: (left, right): query i sees keys i - left <= j <= i + right (positions aligned as
+            causal_alignment says; -1 = unbounded on that side). Combines with is_causal/attn_mask.
+        return_lse: also return the log-sum-exp of the scaled, masked scores, float32 (B, H, L).
+        backend: "auto" | "triton" | "cuda" | "cpu" | "reference".
+
+    Rows where every key is masked give zeros (and lse = -inf) and zero gradients, never NaN.
+    Set ``torch.use_deterministic_algorithms(True)`` for a bitwise-repeatable backward.
+
+    Returns:
+        out (B, H, L, Ev) in query's dtype; (out, lse) when return_lse.
+    """
+    _check_qkv(query, key, value, enable_gqa)
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    dropout_p = float(dropout_p)
+    B, H, L, E = query.shape
+    S = key.shape[2]
+    scale = _check_scale(scale, E)
+    wl, wr, off = _window_args(L, S, is_causal, window, causal_alignment)
+    mask = _normalize_mask(attn_mask, query, key)
+
+    chosen = _backend.choose(
+        "scaled_dot_product_attention", query.device, backend,
+        lambda b: _supports(b, query, key, value, dropout_p), cpp_op="attention_fwd")
+    if chosen == "reference" or query.numel() == 0 or S == 0:
+        out, lse = reference.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+            window=window, causal_alignment=causal_alignment, return_lse=True)
+        return (out, lse.float()) if return_lse else out
+    op = (torch.ops.fastattn.triton_attention_fwd if chosen == "triton"
+          else torch.ops.fastattn.attention_fwd)
+    out, lse = op(query, key, value, mask, scale, wl, wr, off, dropout_p, _draw_seed(dropout_p))
+    return (out, lse) if return_lse else out
+
+
+def attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Decoding attention against a KV cache (flash-decoding on GPU).
+
+    Args:
+        q: (B, H, Lq, E) new queries.
+        k_cache, v_cache: (B, Hkv, capacity, E), H % Hkv == 0. Updated in place when k_new is given.
+        cache_seqlens: int32 (B,), tokens already in the cache per sequence.
+        k_new, v_new: (B, Hkv, Lq, E) or None; written at positions [cache_seqlens[b], +Lq).
+        causal: the new queries are the last Lq positions (bottom-right causal).
+
+    Returns:
+        (B, H, Lq, E) in q's dtype.
+    """
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES + (torch.float64,):
+            raise TypeError(f"{name} must be float16/bfloat16/float32, got {t.dtype}")
+        if t.device != q.device:
+            raise RuntimeError(f"{name} must be on {q.device}, got {t.device}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache/v_cache dtype must match q ({q.dtype})")
+    B, H, Lq, E = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    if k_cache.shape[0] != B or k_cache.shape[3] != E:
+        raise ValueError(f"k_cache must be (B={B}, Hkv, capacity, E={E}), got {tuple(k_cache.shape)}")
+    Hkv, cap = k_cache.shape[1], k_cache.shape[2]
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"q heads ({H}) must be a multiple of cache heads ({Hkv})")
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32:
+        raise TypeError("cache_seqlens must be an int32 tensor of shape (B,)")
+    if cache_seqlens.shape != (B,) or cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens must have shape ({B},) on {q.device}, got "
+                         f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new must be given together")
+    if k_new is not None:
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            if not isinstance(t, torch.Tensor) or t.shape != (B, Hkv, Lq, E):
+                raise ValueError(f"{name} must have shape {(B, Hkv, Lq, E)}, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
+            if t.dtype != q.dtype or t.device != q.device:
+                raise TypeError(f"{name} must be {q.dtype} on {q.device}")
+    scale = _check_scale(scale, E)
+    if q.device.type == "cpu" and B > 0:
+        # bounds of cache_seqlens checked on the host only where that is free (CPU tensors);
+        # CUDA kernels clamp instead of synchronising.
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        extra = Lq if k_new is not None else 0
+        if lo < 0 or hi + extra > cap:
+            raise ValueError(f"cache_seqlens must lie in [0, capacity - new tokens] = "
+                             f"[0, {cap - extra}], got values in [{lo}, {hi}]")
+    chosen = _backend.choose(
+        "attention_with_kvcache", q.device, backend,
+        lambda b: None if q.dtype in _FLOAT_DTYPES and E <= _MAX_HEAD_DIM else "dtype/head dim",
+        cpp_op="attention_kvcache")
+    if chosen == "reference" or q.numel() == 0:
+        return reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                                                scale=scale, causal=causal)
+    op = (torch.ops.fastattn.triton_attention_kvcache if chosen == "triton"
+          else torch.ops.fastattn.attention_kvcache)
+    return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal)

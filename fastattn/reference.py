@@ -1,0 +1,232 @@
+"""Pure-PyTorch ground truth for every fastattn op.
+
+These functions are the oracle of the tests (called on float64 copies on CPU, float32 on GPU),
+the baseline of the benchmarks and the last-resort fallback of ``backend="auto"``. They favour
+clarity over speed and materialise whatever they need (e.g. the L x S score matrix).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+def visible_keys(
+    L: int,
+    S: int,
+    *,
+    is_causal: bool = False,
+    window: tuple[int, int] | None = None,
+    causal_alignment: str = "top_left",
+    device: torch.device | str = "cpu",
+) -> torch.Tensor | None:
+    """Bool (L, S): True where query i may see key j under causal/window rules (None = all)."""
+    left, right = window if window is not None else (-1, -1)
+    if is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    if left < 0 and right < 0:
+        return None
+    offset = 0 if causal_alignment == "top_left" else S - L
+    i = torch.arange(L, device=device)[:, None] + offset  # (L, 1) query position in key space
+    j = torch.arange(S, device=device)[None, :]  # (1, S)
+    ok = torch.ones(L, S, dtype=torch.bool, device=device)
+    if left >= 0:
+        ok &= j >= i - left
+    if right >= 0:
+        ok &= j <= i + right
+    return ok
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    window: tuple[int, int] | None = None,
+    causal_alignment: str = "top_left",
+    return_lse: bool = False,
+    dropout_mask: torch.Tensor | None = None,
+):
+    """Reference attention with SDPA semantics (see fastattn.scaled_dot_product_attention).
+
+    query (B, H, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev). Rows with no visible key give
+    zeros (and lse = -inf), never NaN, in the forward and the backward. ``dropout_mask`` (bool,
+    broadcastable to (B, H, L, S), True = keep) replaces the random draw when given.
+    Returns out (B, H, L, Ev), and lse (B, H, L) float32... in the compute dtype if return_lse.
+    """
+    B, H, L, E = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    if H != Hkv:
+        # (B, Hkv, S, E) -> (B, H, S, E): head h reads kv head h // (H // Hkv)
+        key = key.repeat_interleave(H // Hkv, dim=1)
+        value = value.repeat_interleave(H // Hkv, dim=1)
+    scale = 1.0 / math.sqrt(E) if scale is None else scale
+    s = torch.matmul(query, key.transpose(-2, -1)) * scale  # (B, H, L, S)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            s = s.masked_fill(~attn_mask, float("-inf"))
+        else:
+            s = s + attn_mask.to(s.dtype)
+    vis = visible_keys(L, S, is_causal=is_causal, window=window,
+                       causal_alignment=causal_alignment, device=query.device)
+    if vis is not None:
+        s = s.masked_fill(~vis, float("-inf"))
+    # softmax that is exactly 0 (not NaN) on rows where every key is masked, forward and backward
+    m = s.detach().amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)  # masked keys -> exp(-inf) = 0
+    denom = p.sum(dim=-1, keepdim=True)
+    p = p / torch.where(denom == 0, torch.ones_like(denom), denom)
+    lse = (torch.log(denom) + m).squeeze(-1)  # -inf on empty rows
+    if dropout_p > 0.0 or dropout_mask is not None:
+        if dropout_mask is None:
+            dropout_mask = torch.rand_like(p) >= dropout_p
+        p = p * dropout_mask / (1.0 - dropout_p)
+    out = torch.matmul(p, value)
+    return (out, lse) if return_lse else out
+
+
+def attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Reference decoding attention; writes k_new/v_new into the caches in place."""
+    B, H, Lq, E = q.shape
+    outs = []
+    for b in range(B):
+        n = int(cache_seqlens[b])
+        if k_new is not None:
+            k_cache[b, :, n:n + Lq] = k_new[b]
+            v_cache[b, :, n:n + Lq] = v_new[b]
+            n += Lq
+        k = k_cache[b:b + 1, :, :n]  # (1, Hkv, n, E)
+        v = v_cache[b:b + 1, :, :n]
+        outs.append(scaled_dot_product_attention(
+            q[b:b + 1], k.to(q.dtype), v.to(q.dtype), is_causal=causal, scale=scale,
+            enable_gqa=True, causal_alignment="bottom_right"))
+    return torch.cat(outs, dim=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# normalisation
+# ---------------------------------------------------------------------------------------------
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    residual: torch.Tensor | None = None,
+):
+    """F.layer_norm; with residual= returns (layer_norm(input + residual), input + residual)."""
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    x = input if residual is None else input + residual
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = x.mean(dim=dims, keepdim=True)
+    var = (x - mean).pow(2).mean(dim=dims, keepdim=True)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out if residual is None else (out, x)
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape,
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+):
+    """F.rms_norm (eps=None means torch.finfo(input.dtype).eps); residual= as in layer_norm."""
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    x = input if residual is None else input + residual
+    dims = tuple(range(-len(normalized_shape), 0))
+    out = x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    return out if residual is None else (out, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8
+# ---------------------------------------------------------------------------------------------
+def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Exact contract every backend reproduces bit for bit:
+    #   absmax = max|x| over the row (in float32); scale = absmax / 127;
+    #   q = clamp(round_half_even(x * (127 / absmax)), -127, 127), q = 0 on rows with absmax = 0.
+    xf = x.float()
+    absmax = xf.abs().amax(dim=-1)
+    inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+    q = torch.round(xf * inv.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, absmax / 127.0
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: x (..., K) -> (x_int8 (..., K), scale float32 (...))."""
+    return _quantize_rows(x)
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel: w (N, K) -> (w_int8 (N, K), scale float32 (N,))."""
+    return _quantize_rows(w)
+
+
+def int8_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """a int8 (M, K) @ b int8 (N, K).T: int32 without scales, else
+    (acc * a_scale[:, None] * b_scale[None, :] + bias) in out_dtype (default float32)."""
+    acc = torch.matmul(a.to(torch.int64), b.to(torch.int64).t()).to(torch.int32)
+    if a_scale is None and b_scale is None:
+        return acc if out_dtype is None else acc.to(out_dtype)
+    out = acc.to(torch.float64 if out_dtype == torch.float64 else torch.float32)
+    if a_scale is not None:
+        out = out * a_scale.to(out.dtype)[:, None]
+    if b_scale is not None:
+        out = out * b_scale.to(out.dtype)[None, :]
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.to(out_dtype or torch.float32)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W8A8 linear: x (..., K) quantized per token, times w_int8 (N, K), dequantized, in x's dtype."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    q, s = quantize_per_token(x2)
+    out = int8_gemm(q, w_int8, s, w_scale, bias, out_dtype=x.dtype)
+    return out.reshape(*lead, w_int8.shape[0])
