@@ -221,8 +221,10 @@ FA_INLINE void ukernel(int64_t K, const typename Op::elem* a, int64_t lda, int64
   const typename Op::elem* ap[MR];
   for (int m = 0; m < MR; ++m) ap[m] = a + m * lda;
   int64_t koff = 0;
+  const bool pf = ak > 16;  // A walks across rows (P.V: next key's row): fetch 8 rows ahead
 #pragma GCC unroll 2
   for (int64_t k = 0; k < K; ++k, koff += ak, b += ldb) {
+    if (pf) _mm_prefetch(reinterpret_cast<const char*>(ap[0] + koff + 8 * ak), _MM_HINT_T0);
     __m512 bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = Op::loadb(b + 16 * v);
     for (int m = 0; m < MR; ++m) {
@@ -719,19 +721,32 @@ bool softmax_block(const AttnArgs& a, const QBlock& qb, int64_t n0, int64_t nk, 
   return rescale;
 }
 
+// qt[e][i] = Q[q0 + i][e] as float (0 on padded lanes)
 template <typename T>
 void pack_q_f32(const AttnArgs& a, const QBlock& qb, float* qt) {
   const T* q = static_cast<const T*>(a.q) + qb.b * a.sq[0] + qb.h * a.sq[1] + qb.q0 * a.sq[2];
-  float row[256 + 16];
-  for (int64_t e0 = 0; e0 < a.E; e0 += 256) {
-    const int64_t ne = std::min<int64_t>(256, a.E - e0);
-    for (int i = 0; i < qb.bm; ++i) {
-      if (i < qb.nq) {
-        load_f32(q + i * a.sq[2] + e0 * a.sq[3], a.sq[3], ne, row);
-      } else {
-        std::fill(row, row + ne, 0.f);
+  const int bm = qb.bm;
+  alignas(64) float rows[16 * 16];
+  for (int64_t i0 = 0; i0 < bm; i0 += 16) {
+    for (int64_t e0 = 0; e0 < a.E; e0 += 16) {
+      const int64_t ne = std::min<int64_t>(16, a.E - e0);
+      for (int64_t i = 0; i < 16; ++i) {  // 16 query rows of 16 e, zero padded
+        if (i0 + i < qb.nq) {
+          load_f32(q + (i0 + i) * a.sq[2] + e0 * a.sq[3], a.sq[3], ne, rows + i * 16);
+          for (int64_t e = ne; e < 16; ++e) rows[i * 16 + e] = 0.f;
+        } else {
+          std::fill(rows + i * 16, rows + i * 16 + 16, 0.f);
+        }
       }
-      for (int64_t e = 0; e < ne; ++e) qt[(e0 + e) * qb.bm + i] = row[e];
+#ifdef FA_AVX512
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(rows + i * 16);
+      transpose16x16(r);
+      for (int64_t e = 0; e < ne; ++e) _mm512_storeu_si512(qt + (e0 + e) * bm + i0, r[e]);
+#else
+      for (int64_t e = 0; e < ne; ++e)
+        for (int64_t i = 0; i < 16; ++i) qt[(e0 + e) * bm + i0 + i] = rows[i * 16 + e];
+#endif
     }
   }
 }
