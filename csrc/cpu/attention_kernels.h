@@ -1417,6 +1417,76 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
 // cache length into chunks (flash-decoding) so that B * Hkv small still fills the threads; the
 // chunks' partial (max, sum, output) are combined in a fixed order.
 // ---------------------------------------------------------------------------------------------
+#ifdef FA_AVX512
+// 16 elements from p (first n valid, zeros after) as float, without reading past n
+template <typename T>
+FA_INLINE __m512 load_cvt(const T* p, __mmask16 m) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  } else {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  }
+}
+
+// One query row against keys [n_begin, n_end) of one kv head, everything in registers: q and
+// the output accumulators are NC vectors each (E, Ev <= 16 * NC), K/V rows contiguous. Writes the
+// unnormalised output, max and sum to part (layout of attention_decode_impl's partials).
+template <typename T, int NC>
+void decode_row(const AttnArgs& a, const T* qr, const T* kbase, const T* vbase, int64_t n_begin, int64_t n_end,
+                int64_t hi, float* part_row, int64_t Ev16) {
+  __m512 q[NC], o[NC];
+  __mmask16 mk[NC], mv[NC];
+  for (int c = 0; c < NC; ++c) {
+    const int64_t ne = std::clamp<int64_t>(a.E - 16 * c, 0, 16), nv = std::clamp<int64_t>(a.Ev - 16 * c, 0, 16);
+    mk[c] = static_cast<__mmask16>((1u << ne) - 1u);
+    mv[c] = static_cast<__mmask16>((1u << nv) - 1u);
+    q[c] = _mm512_mul_ps(load_cvt(qr + 16 * c, mk[c]), _mm512_set1_ps(a.scale));
+    o[c] = _mm512_setzero_ps();
+  }
+  float m = kNegInf, l = 0.f;
+  alignas(64) float sc[16];
+  const int64_t kl = std::max<int64_t>(1, a.E * static_cast<int64_t>(sizeof(T)) / 64);
+  const int64_t vl = std::max<int64_t>(1, a.Ev * static_cast<int64_t>(sizeof(T)) / 64);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += 16) {
+    const int64_t nk = std::min<int64_t>(16, n_end - n0);
+    for (int64_t j = n0 + 48; j < std::min(n0 + 64, n_end); ++j) {
+      const char* kp = reinterpret_cast<const char*>(kbase + j * a.sk[2]);
+      const char* vp = reinterpret_cast<const char*>(vbase + j * a.sv[2]);
+      for (int64_t x = 0; x < kl; ++x) _mm_prefetch(kp + 64 * x, _MM_HINT_T0);
+      for (int64_t x = 0; x < vl; ++x) _mm_prefetch(vp + 64 * x, _MM_HINT_T0);
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      const T* kr = kbase + (n0 + j) * a.sk[2];
+      __m512 acc = _mm512_mul_ps(q[0], load_cvt(kr, mk[0]));
+      for (int c = 1; c < NC; ++c) acc = _mm512_fmadd_ps(q[c], load_cvt(kr + 16 * c, mk[c]), acc);
+      sc[j] = _mm512_reduce_add_ps(acc);
+    }
+    // keys > hi (causal) and past the group are invisible
+    const int64_t nvis = std::clamp<int64_t>(hi - n0 + 1, 0, nk);
+    const __m512 s = _mm512_mask_blend_ps(static_cast<__mmask16>((1u << nvis) - 1u), _mm512_set1_ps(kNegInf),
+                                          _mm512_load_ps(sc));
+    const float mnew = std::max(m, _mm512_reduce_max_ps(s));
+    if (mnew == kNegInf) continue;
+    const __m512 p = vexp2<6>(_mm512_mul_ps(_mm512_sub_ps(s, _mm512_set1_ps(mnew)), _mm512_set1_ps(kLog2e)));
+    const float al = std::exp(m - mnew);
+    l = l * al + _mm512_reduce_add_ps(p);
+    m = mnew;
+    _mm512_store_ps(sc, p);
+    for (int c = 0; c < NC; ++c) o[c] = _mm512_mul_ps(o[c], _mm512_set1_ps(al));
+    for (int64_t j = 0; j < nvis; ++j) {
+      const T* vr = vbase + (n0 + j) * a.sv[2];
+      const __m512 pj = _mm512_set1_ps(sc[j]);
+      for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(pj, load_cvt(vr + 16 * c, mv[c]), o[c]);
+    }
+  }
+  for (int c = 0; c < NC && 16 * c < Ev16; ++c) _mm512_storeu_ps(part_row + 16 * c, o[c]);
+  part_row[Ev16] = m;
+  part_row[Ev16 + 1] = l;
+}
+#endif
+
 template <typename T>
 void attention_decode_impl(const AttnArgs& a, const int64_t* total, int64_t Lq, bool causal, T* out) {
   const int64_t B = a.B, H = a.H, Hkv = a.Hkv, E = a.E, Ev = a.Ev;
@@ -1434,6 +1504,23 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* total, int64_t Lq, 
 
   run_tasks(B * Hkv * nchunk, [&](int64_t t, Scratch& scratch) {
     const int64_t ch = t % nchunk, kvh = (t / nchunk) % Hkv, b = t / (nchunk * Hkv);
+#ifdef FA_AVX512
+    // one query row per kv head (MHA decoding, the common case): registers only
+    if (R == 1 && a.sk[3] == 1 && a.sv[3] == 1 && a.sq[3] == 1 && std::max(E, Ev) <= 256) {
+      const T* qr = static_cast<const T*>(a.q) + b * a.sq[0] + kvh * a.sq[1];
+      const T* kb = static_cast<const T*>(a.k) + b * a.sk[0] + kvh * a.sk[1];
+      const T* vb = static_cast<const T*>(a.v) + b * a.sv[0] + kvh * a.sv[1];
+      const int64_t n_begin = ch * csz, n_stop = std::min(total[b], (ch + 1) * csz);
+      const int64_t hi = total[b] - 1;  // Lq = 1: the query is the last position and sees every key
+      float* pr = part.data() + t * pstride;
+      const int64_t nc = (std::max(E, Ev) + 15) / 16;
+      if (nc <= 2) decode_row<T, 2>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+      else if (nc <= 4) decode_row<T, 4>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+      else if (nc <= 8) decode_row<T, 8>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+      else decode_row<T, 16>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+      return;
+    }
+#endif
     float* qs = scratch.get(static_cast<size_t>(R * E16 + R * Ev16 + 16 * E16 + 16 * Ev16 + 4 * R * 16 + 64));
     float* o = qs + R * E16;
     float* kr = o + R * Ev16;
@@ -1456,8 +1543,21 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* total, int64_t Lq, 
     std::fill(vr, vr + 16 * Ev16, 0.f);
     const T* kbase = static_cast<const T*>(a.k) + b * a.sk[0] + kvh * a.sk[1];
     const T* vbase = static_cast<const T*>(a.v) + b * a.sv[0] + kvh * a.sv[1];
+    // memory bound: keep a few KiB of K and V rows in flight ahead of the loads (the row loads
+    // were ~70% of the time waiting on L3/DRAM before)
+    const int64_t kline = std::max<int64_t>(1, E * static_cast<int64_t>(sizeof(T)) / 64);
+    const int64_t vline = std::max<int64_t>(1, Ev * static_cast<int64_t>(sizeof(T)) / 64);
+    const bool pf_rows = a.sk[3] == 1 && a.sv[3] == 1;
     for (int64_t n0 = ch * csz; n0 < n_end; n0 += 16) {
       const int64_t nk = std::min<int64_t>(16, n_end - n0);
+      if (pf_rows) {
+        for (int64_t j = n0 + 48; j < std::min(n0 + 64, n_end); ++j) {
+          const char* kp = reinterpret_cast<const char*>(kbase + j * a.sk[2]);
+          const char* vp = reinterpret_cast<const char*>(vbase + j * a.sv[2]);
+          for (int64_t x = 0; x < kline; ++x) __builtin_prefetch(kp + 64 * x, 0, 3);
+          for (int64_t x = 0; x < vline; ++x) __builtin_prefetch(vp + 64 * x, 0, 3);
+        }
+      }
       for (int64_t j = 0; j < nk; ++j) load_f32(kbase + (n0 + j) * a.sk[2], a.sk[3], E, kr + j * E16);
       for (int64_t r = 0; r < R; ++r) {
         for (int64_t j = 0; j < nk; ++j) {
