@@ -39,7 +39,9 @@ FA_INLINE vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 FA_INLINE vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
 FA_INLINE vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
 FA_INLINE vm vcmp_gt(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
-FA_INLINE vf vsel(vm m, vf if_false, vf if_true) { return _mm512_mask_blend_ps(m, if_false, if_true); }
+FA_INLINE vf vsel(vm m, vf if_false, vf if_true) {
+  return _mm512_mask_blend_ps(m, if_false, if_true);
+}
 FA_INLINE vf vmaskz(vm m, vf a) { return _mm512_maskz_mov_ps(m, a); }
 FA_INLINE vm vcmp_eq(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
 FA_INLINE vm vcmp_neq(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_NEQ_UQ); }
@@ -47,7 +49,9 @@ FA_INLINE float vhmax(vf a) { return _mm512_reduce_max_ps(a); }
 FA_INLINE float vhsum(vf a) { return _mm512_reduce_add_ps(a); }
 FA_INLINE vi viload(const int32_t* p) { return _mm512_loadu_si512(p); }
 FA_INLINE vi viset1(int32_t x) { return _mm512_set1_epi32(x); }
-FA_INLINE vi viiota() { return _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
+FA_INLINE vi viiota() {
+  return _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+}
 FA_INLINE vi viadd(vi a, vi b) { return _mm512_add_epi32(a, b); }
 FA_INLINE vi vimul(vi a, vi b) { return _mm512_mullo_epi32(a, b); }
 FA_INLINE vi vixor(vi a, vi b) { return _mm512_xor_si512(a, b); }
@@ -110,42 +114,119 @@ struct vi {
 };
 using vm = uint32_t;
 #define FA_LANES for (int t_ = 0; t_ < 16; ++t_)
-FA_INLINE vf vload(const float* p) { vf r; FA_LANES r.x[t_] = p[t_]; return r; }
-FA_INLINE vf vload_n(const float* p, int n) { vf r; FA_LANES r.x[t_] = t_ < n ? p[t_] : 0.f; return r; }
+FA_INLINE vf vload(const float* p) {
+  vf r;
+  FA_LANES r.x[t_] = p[t_];
+  return r;
+}
+FA_INLINE vf vload_n(const float* p, int n) {
+  vf r;
+  FA_LANES r.x[t_] = t_ < n ? p[t_] : 0.f;
+  return r;
+}
 FA_INLINE void vstore(float* p, vf a) { FA_LANES p[t_] = a.x[t_]; }
-FA_INLINE vf vset1(float v) { vf r; FA_LANES r.x[t_] = v; return r; }
+FA_INLINE vf vset1(float v) {
+  vf r;
+  FA_LANES r.x[t_] = v;
+  return r;
+}
 FA_INLINE vf vzero() { return vset1(0.f); }
-FA_INLINE vf vadd(vf a, vf b) { FA_LANES a.x[t_] += b.x[t_]; return a; }
-FA_INLINE vf vsub(vf a, vf b) { FA_LANES a.x[t_] -= b.x[t_]; return a; }
-FA_INLINE vf vmul(vf a, vf b) { FA_LANES a.x[t_] *= b.x[t_]; return a; }
-FA_INLINE vf vfma(vf a, vf b, vf c) { FA_LANES c.x[t_] = a.x[t_] * b.x[t_] + c.x[t_]; return c; }
-FA_INLINE vf vmax(vf a, vf b) { FA_LANES a.x[t_] = a.x[t_] > b.x[t_] ? a.x[t_] : b.x[t_]; return a; }
-FA_INLINE vf vmin(vf a, vf b) { FA_LANES a.x[t_] = a.x[t_] < b.x[t_] ? a.x[t_] : b.x[t_]; return a; }
-FA_INLINE vm vcmp_gt(vf a, vf b) { vm m = 0; FA_LANES m |= (a.x[t_] > b.x[t_] ? 1u : 0u) << t_; return m; }
-FA_INLINE vf vsel(vm m, vf a, vf b) { FA_LANES a.x[t_] = (m >> t_) & 1u ? b.x[t_] : a.x[t_]; return a; }
-FA_INLINE vf vmaskz(vm m, vf a) { FA_LANES a.x[t_] = (m >> t_) & 1u ? a.x[t_] : 0.f; return a; }
-FA_INLINE vm vcmp_eq(vf a, vf b) { vm m = 0; FA_LANES m |= (a.x[t_] == b.x[t_] ? 1u : 0u) << t_; return m; }
+FA_INLINE vf vadd(vf a, vf b) {
+  FA_LANES a.x[t_] += b.x[t_];
+  return a;
+}
+FA_INLINE vf vsub(vf a, vf b) {
+  FA_LANES a.x[t_] -= b.x[t_];
+  return a;
+}
+FA_INLINE vf vmul(vf a, vf b) {
+  FA_LANES a.x[t_] *= b.x[t_];
+  return a;
+}
+FA_INLINE vf vfma(vf a, vf b, vf c) {
+  FA_LANES c.x[t_] = a.x[t_] * b.x[t_] + c.x[t_];
+  return c;
+}
+FA_INLINE vf vmax(vf a, vf b) {
+  FA_LANES a.x[t_] = a.x[t_] > b.x[t_] ? a.x[t_] : b.x[t_];
+  return a;
+}
+FA_INLINE vf vmin(vf a, vf b) {
+  FA_LANES a.x[t_] = a.x[t_] < b.x[t_] ? a.x[t_] : b.x[t_];
+  return a;
+}
+FA_INLINE vm vcmp_gt(vf a, vf b) {
+  vm m = 0;
+  FA_LANES m |= (a.x[t_] > b.x[t_] ? 1u : 0u) << t_;
+  return m;
+}
+FA_INLINE vf vsel(vm m, vf a, vf b) {
+  FA_LANES a.x[t_] = (m >> t_) & 1u ? b.x[t_] : a.x[t_];
+  return a;
+}
+FA_INLINE vf vmaskz(vm m, vf a) {
+  FA_LANES a.x[t_] = (m >> t_) & 1u ? a.x[t_] : 0.f;
+  return a;
+}
+FA_INLINE vm vcmp_eq(vf a, vf b) {
+  vm m = 0;
+  FA_LANES m |= (a.x[t_] == b.x[t_] ? 1u : 0u) << t_;
+  return m;
+}
 FA_INLINE vm vcmp_neq(vf a, vf b) { return ~vcmp_eq(a, b) & 0xffffu; }
-FA_INLINE float vhmax(vf a) { float r = a.x[0]; FA_LANES r = a.x[t_] > r ? a.x[t_] : r; return r; }
-FA_INLINE float vhsum(vf a) { float r = 0.f; FA_LANES r += a.x[t_]; return r; }
-FA_INLINE vi viload(const int32_t* p) { vi r; FA_LANES r.x[t_] = p[t_]; return r; }
-FA_INLINE vi viset1(int32_t v) { vi r; FA_LANES r.x[t_] = v; return r; }
-FA_INLINE vi viiota() { vi r; FA_LANES r.x[t_] = t_; return r; }
+FA_INLINE float vhmax(vf a) {
+  float r = a.x[0];
+  FA_LANES r = a.x[t_] > r ? a.x[t_] : r;
+  return r;
+}
+FA_INLINE float vhsum(vf a) {
+  float r = 0.f;
+  FA_LANES r += a.x[t_];
+  return r;
+}
+FA_INLINE vi viload(const int32_t* p) {
+  vi r;
+  FA_LANES r.x[t_] = p[t_];
+  return r;
+}
+FA_INLINE vi viset1(int32_t v) {
+  vi r;
+  FA_LANES r.x[t_] = v;
+  return r;
+}
+FA_INLINE vi viiota() {
+  vi r;
+  FA_LANES r.x[t_] = t_;
+  return r;
+}
 FA_INLINE vi viadd(vi a, vi b) {
-  FA_LANES a.x[t_] = static_cast<int32_t>(static_cast<uint32_t>(a.x[t_]) + static_cast<uint32_t>(b.x[t_]));
+  FA_LANES a.x[t_] =
+      static_cast<int32_t>(static_cast<uint32_t>(a.x[t_]) + static_cast<uint32_t>(b.x[t_]));
   return a;
 }
 FA_INLINE vi vimul(vi a, vi b) {
-  FA_LANES a.x[t_] = static_cast<int32_t>(static_cast<uint32_t>(a.x[t_]) * static_cast<uint32_t>(b.x[t_]));
+  FA_LANES a.x[t_] =
+      static_cast<int32_t>(static_cast<uint32_t>(a.x[t_]) * static_cast<uint32_t>(b.x[t_]));
   return a;
 }
-FA_INLINE vi vixor(vi a, vi b) { FA_LANES a.x[t_] ^= b.x[t_]; return a; }
+FA_INLINE vi vixor(vi a, vi b) {
+  FA_LANES a.x[t_] ^= b.x[t_];
+  return a;
+}
 FA_INLINE vi vishr(vi a, int s) {
   FA_LANES a.x[t_] = static_cast<int32_t>(static_cast<uint32_t>(a.x[t_]) >> s);
   return a;
 }
-FA_INLINE vm vi_le(vi a, vi b) { vm m = 0; FA_LANES m |= (a.x[t_] <= b.x[t_] ? 1u : 0u) << t_; return m; }
-FA_INLINE vm vi_lt(vi a, vi b) { vm m = 0; FA_LANES m |= (a.x[t_] < b.x[t_] ? 1u : 0u) << t_; return m; }
+FA_INLINE vm vi_le(vi a, vi b) {
+  vm m = 0;
+  FA_LANES m |= (a.x[t_] <= b.x[t_] ? 1u : 0u) << t_;
+  return m;
+}
+FA_INLINE vm vi_lt(vi a, vi b) {
+  vm m = 0;
+  FA_LANES m |= (a.x[t_] < b.x[t_] ? 1u : 0u) << t_;
+  return m;
+}
 FA_INLINE vm vu_ge(vi a, vi b) {
   vm m = 0;
   FA_LANES m |= (static_cast<uint32_t>(a.x[t_]) >= static_cast<uint32_t>(b.x[t_]) ? 1u : 0u) << t_;
@@ -154,7 +235,10 @@ FA_INLINE vm vu_ge(vi a, vi b) {
 FA_INLINE bool vm_all(vm m) { return (m & 0xffffu) == 0xffffu; }
 FA_INLINE bool vm_none(vm m) { return (m & 0xffffu) == 0; }
 template <int DEG>
-FA_INLINE vf vexp2(vf a) { FA_LANES a.x[t_] = std::exp2(a.x[t_]); return a; }
+FA_INLINE vf vexp2(vf a) {
+  FA_LANES a.x[t_] = std::exp2(a.x[t_]);
+  return a;
+}
 FA_INLINE vf vexp2_unmasked(vf a) { return vexp2<3>(a); }
 #undef FA_LANES
 #endif
@@ -167,7 +251,9 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // element conversion (inputs are float, c10::BFloat16 or c10::Half; accumulation is float)
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-FA_INLINE float to_f(T x) { return static_cast<float>(x); }
+FA_INLINE float to_f(T x) {
+  return static_cast<float>(x);
+}
 FA_INLINE uint16_t bf16_bits(c10::BFloat16 x) { return x.x; }
 
 // dst[i] = src[i * stride] as float, i < n
@@ -180,9 +266,12 @@ FA_INLINE void load_f32(const T* src, int64_t stride, int64_t n, float* dst) {
       if constexpr (std::is_same_v<T, float>) {
         _mm512_storeu_ps(dst + i, _mm512_loadu_ps(src + i));
       } else if constexpr (std::is_same_v<T, c10::Half>) {
-        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+        _mm512_storeu_ps(
+            dst + i,
+            _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
       } else {
-        const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+        const __m512i w =
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
         _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
       }
     }
@@ -233,7 +322,8 @@ FA_INLINE void ukernel(int64_t K, const typename Op::elem* a, int64_t lda, int64
   } else {
     for (int v = 0; v < NV; ++v) {
       const __m512 s = _mm512_loadu_ps(colscale + 16 * v);
-      for (int m = 0; m < MR; ++m) acc[m][v] = _mm512_mul_ps(_mm512_loadu_ps(c + m * ldc + 16 * v), s);
+      for (int m = 0; m < MR; ++m)
+        acc[m][v] = _mm512_mul_ps(_mm512_loadu_ps(c + m * ldc + 16 * v), s);
     }
   }
   const typename Op::elem* ap[MR];
@@ -261,12 +351,22 @@ void gemm_nv(int64_t M, int64_t K, const typename Op::elem* a, int64_t lda, int6
   // 24 accumulators + NV B vectors + 1 broadcast stay within the 32 zmm registers
   constexpr int MR = NV == 4 ? 6 : (NV == 2 ? 12 : 16);
   int64_t m = 0;
-  for (; m + MR <= M; m += MR) ukernel<MR, NV, Op>(K, a + m * lda, lda, ak, b, ldb, c + m * ldc, ldc, init, cs);
+  for (; m + MR <= M; m += MR)
+    ukernel<MR, NV, Op>(K, a + m * lda, lda, ak, b, ldb, c + m * ldc, ldc, init, cs);
   if constexpr (MR > 8) {
-    if (m + 8 <= M) { ukernel<8, NV, Op>(K, a + m * lda, lda, ak, b, ldb, c + m * ldc, ldc, init, cs); m += 8; }
+    if (m + 8 <= M) {
+      ukernel<8, NV, Op>(K, a + m * lda, lda, ak, b, ldb, c + m * ldc, ldc, init, cs);
+      m += 8;
+    }
   }
-  if (m + 4 <= M) { ukernel<4, NV, Op>(K, a + m * lda, lda, ak, b, ldb, c + m * ldc, ldc, init, cs); m += 4; }
-  if (m + 2 <= M) { ukernel<2, NV, Op>(K, a + m * lda, lda, ak, b, ldb, c + m * ldc, ldc, init, cs); m += 2; }
+  if (m + 4 <= M) {
+    ukernel<4, NV, Op>(K, a + m * lda, lda, ak, b, ldb, c + m * ldc, ldc, init, cs);
+    m += 4;
+  }
+  if (m + 2 <= M) {
+    ukernel<2, NV, Op>(K, a + m * lda, lda, ak, b, ldb, c + m * ldc, ldc, init, cs);
+    m += 2;
+  }
   if (m < M) ukernel<1, NV, Op>(K, a + m * lda, lda, ak, b, ldb, c + m * ldc, ldc, init, cs);
 }
 
@@ -275,9 +375,15 @@ void gemm_bcast(int64_t M, int NV, int64_t K, const typename Op::elem* a, int64_
                 const typename Op::elem* b, int64_t ldb, float* c, int64_t ldc, CInit init,
                 const float* cs = nullptr) {
   switch (NV) {
-    case 1: gemm_nv<1, Op>(M, K, a, lda, ak, b, ldb, c, ldc, init, cs); break;
-    case 2: gemm_nv<2, Op>(M, K, a, lda, ak, b, ldb, c, ldc, init, cs); break;
-    default: gemm_nv<4, Op>(M, K, a, lda, ak, b, ldb, c, ldc, init, cs); break;
+    case 1:
+      gemm_nv<1, Op>(M, K, a, lda, ak, b, ldb, c, ldc, init, cs);
+      break;
+    case 2:
+      gemm_nv<2, Op>(M, K, a, lda, ak, b, ldb, c, ldc, init, cs);
+      break;
+    default:
+      gemm_nv<4, Op>(M, K, a, lda, ak, b, ldb, c, ldc, init, cs);
+      break;
   }
 }
 #else
@@ -334,12 +440,16 @@ FA_INLINE void prefetch_tiles(const uint16_t* p, int64_t ntiles) {
 
 // S^T[key][query] = K . Q^T for one key block: K in 1 KiB tiles [key/16][e/32] (contiguous,
 // nEt = Ep/32 per key tile row), Q^T VNNI pairs [Ep/2][bm]; nkp, bm multiples of 32.
-inline void amx_qk(int64_t nkp, int64_t bm, int64_t nEt, const uint16_t* kt, const uint32_t* qp, float* s) {
+inline void amx_qk(int64_t nkp, int64_t bm, int64_t nEt, const uint16_t* kt, const uint32_t* qp,
+                   float* s) {
   for (int64_t m = 0; m < nkp / 16; m += 2) {
     const uint16_t* a0 = kt + (m * nEt) * 512;
     const uint16_t* a1 = a0 + nEt * 512;
     for (int64_t n = 0; n < bm; n += 32) {
-      _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
       for (int64_t u = 0; u < nEt; ++u) {
         _tile_loadd(4, a0 + u * 512, 64);
         _tile_loadd(5, a1 + u * 512, 64);
@@ -361,15 +471,18 @@ inline void amx_qk(int64_t nkp, int64_t bm, int64_t nEt, const uint16_t* kt, con
 
 // O^T[e][query] += V^T . P^T for one key block: V^T in 1 KiB tiles [e/16][key/32] (nKt tiles per
 // e tile row, nkc = used key chunks), P^T VNNI pairs [nkc*16][bm]; Evp, bm multiples of 32.
-inline void amx_pv(int64_t Evp, int64_t bm, int64_t nKt, int64_t nkc, const uint16_t* vt, const uint32_t* pp,
-                   float* o, bool zero_o) {
+inline void amx_pv(int64_t Evp, int64_t bm, int64_t nKt, int64_t nkc, const uint16_t* vt,
+                   const uint32_t* pp, float* o, bool zero_o) {
   for (int64_t e = 0; e < Evp / 16; e += 2) {
     const uint16_t* a0 = vt + (e * nKt) * 512;
     const uint16_t* a1 = a0 + nKt * 512;
     for (int64_t n = 0; n < bm; n += 32) {
       float* c00 = o + (e * 16) * bm + n;
       if (zero_o) {
-        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
       } else {
         _tile_loadd(0, c00, bm * 4);
         _tile_loadd(1, c00 + 16, bm * 4);
@@ -399,7 +512,7 @@ inline void amx_pv(int64_t Evp, int64_t bm, int64_t nKt, int64_t nkc, const uint
 FA_INLINE __m512i pack_bf16_pairs(__m512 lo, __m512 hi) {
   const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));  // [lo16 | hi16]
   const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+                                       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   return _mm512_permutexvar_epi16(idx, both);
 }
 // In-register transpose of 16 x 16 32-bit elements: r[i] holds row i on entry, column i on exit.
@@ -437,11 +550,13 @@ FA_INLINE void store_as(T* dst, __m512 x, int n) {
   if constexpr (std::is_same_v<T, float>) {
     _mm512_mask_storeu_ps(dst, m, x);
   } else if constexpr (std::is_same_v<T, c10::Half>) {
-    _mm256_mask_storeu_epi16(dst, m, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm256_mask_storeu_epi16(dst, m,
+                             _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   } else {
     const __m512i u = _mm512_castps_si512(x);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
     r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
     _mm256_mask_storeu_epi16(dst, m, _mm512_cvtepi32_epi16(r));
   }
@@ -549,8 +664,8 @@ FA_INLINE QBlock make_qblock(const AttnArgs& a, int64_t b, int64_t h, int64_t q0
 
 // For key block [n0, n0 + nk): lanes' visible range relative to n0, [rlo, rhi), and whether all
 // real lanes see all nk keys.
-FA_INLINE bool block_window(const AttnArgs& a, const QBlock& qb, int64_t n0, int64_t nk, int32_t* rlo,
-                            int32_t* rhi) {
+FA_INLINE bool block_window(const AttnArgs& a, const QBlock& qb, int64_t n0, int64_t nk,
+                            int32_t* rlo, int32_t* rhi) {
   bool full = true;
   for (int i = 0; i < qb.bm; ++i) {
     int64_t lo = nk, hi = 0;  // padded lanes see nothing
@@ -568,7 +683,8 @@ FA_INLINE bool block_window(const AttnArgs& a, const QBlock& qb, int64_t n0, int
 // mk[j][i] = mask[b, h, q0 + i, n0 + j] (0 on padded lanes / keys)
 template <typename T>
 void pack_mask_t(const AttnArgs& a, const QBlock& qb, int64_t n0, int64_t nk, float* mk) {
-  const T* m = static_cast<const T*>(a.mask) + qb.b * a.sm[0] + qb.h * a.sm[1] + qb.q0 * a.sm[2] + n0 * a.sm[3];
+  const T* m = static_cast<const T*>(a.mask) + qb.b * a.sm[0] + qb.h * a.sm[1] + qb.q0 * a.sm[2] +
+               n0 * a.sm[3];
   const int bm = qb.bm;
   if (a.sm[2] == 0) {  // the same row for every query (key-padding masks): broadcast per key
     for (int64_t j = 0; j < nk; ++j) {
@@ -602,9 +718,9 @@ void pack_mask_t(const AttnArgs& a, const QBlock& qb, int64_t n0, int64_t nk, fl
 // G query vectors (16 lanes each) at a time, keys outer: G independent max / sum chains, so the
 // 4-cycle latency of vmaxps / vaddps is hidden (a single chain made pass 1 latency bound).
 template <bool BF16OUT, bool PRECISE, int G>
-bool softmax_group(const AttnArgs& a, const QBlock& qb, int qv0, int64_t n0, int64_t nk, int64_t nkp, float* s,
-                   const float* mk, bool full, const int32_t* rlo, const int32_t* rhi, float* m, float* l,
-                   float* alpha, void* out) {
+bool softmax_group(const AttnArgs& a, const QBlock& qb, int qv0, int64_t n0, int64_t nk,
+                   int64_t nkp, float* s, const float* mk, bool full, const int32_t* rlo,
+                   const int32_t* rhi, float* m, float* l, float* alpha, void* out) {
   constexpr int DEG = PRECISE ? 6 : 3;
   // bf16 paths keep a stale max until a block exceeds it by kLazy nats (p <= e^8 ~ 3e3 stays
   // exact in fp32 sums and bf16), so O is rarely rescaled; fp32 paths rescale for free in the
@@ -705,7 +821,9 @@ bool softmax_group(const AttnArgs& a, const QBlock& qb, int qv0, int64_t n0, int
       }
     }
     for (; j < nk; ++j)
-      for (int g = 0; g < G; ++g) r0[g] = pos ? vmax(r0[g], vload(sq + j * bm + 16 * g)) : vmin(r0[g], vload(sq + j * bm + 16 * g));
+      for (int g = 0; g < G; ++g)
+        r0[g] = pos ? vmax(r0[g], vload(sq + j * bm + 16 * g))
+                    : vmin(r0[g], vload(sq + j * bm + 16 * g));
     for (int g = 0; g < G; ++g) mx[g] = vmul(pos ? vmax(r0[g], r1[g]) : vmin(r0[g], r1[g]), sc);
   }
   bool rescale = false;
@@ -728,7 +846,8 @@ bool softmax_group(const AttnArgs& a, const QBlock& qb, int qv0, int64_t n0, int
   if (a.drop.on) {
     for (int g = 0; g < G; ++g) {
       alignas(64) int32_t r[16];
-      for (int i = 0; i < 16; ++i) r[i] = static_cast<int32_t>(Dropout::row(dkey, qb.q0 + qv0 + 16 * g + i));
+      for (int i = 0; i < 16; ++i)
+        r[i] = static_cast<int32_t>(Dropout::row(dkey, qb.q0 + qv0 + 16 * g + i));
       drow[g] = viload(r);
     }
   }
@@ -743,8 +862,12 @@ bool softmax_group(const AttnArgs& a, const QBlock& qb, int qv0, int64_t n0, int
     }
     sum[g] = vadd(sum[g], p);
     if (a.drop.on) {
-      const vi h = vishr(vfmix32(viadd(drow[g], viset1(static_cast<int32_t>(static_cast<uint32_t>(n0 + j) * kGolden32)))), 8);
-      p = vmaskz(vu_ge(h, viset1(static_cast<int32_t>(a.drop.threshold))), vmul(p, vset1(a.drop.inv_keep)));
+      const vi h = vishr(
+          vfmix32(viadd(drow[g],
+                        viset1(static_cast<int32_t>(static_cast<uint32_t>(n0 + j) * kGolden32)))),
+          8);
+      p = vmaskz(vu_ge(h, viset1(static_cast<int32_t>(a.drop.threshold))),
+                 vmul(p, vset1(a.drop.inv_keep)));
     }
     return p;
   };
@@ -779,17 +902,20 @@ bool softmax_group(const AttnArgs& a, const QBlock& qb, int qv0, int64_t n0, int
 // Updates m and the running sum l; alpha gets the factor O must be rescaled by. Returns whether
 // any lane's alpha differs from 1.
 template <bool BF16OUT, bool PRECISE>
-bool softmax_block(const AttnArgs& a, const QBlock& qb, int64_t n0, int64_t nk, int64_t nkp, float* s,
-                   const float* mk, bool full, const int32_t* rlo, const int32_t* rhi, float* m,
-                   float* l, float* alpha, void* out) {
+bool softmax_block(const AttnArgs& a, const QBlock& qb, int64_t n0, int64_t nk, int64_t nkp,
+                   float* s, const float* mk, bool full, const int32_t* rlo, const int32_t* rhi,
+                   float* m, float* l, float* alpha, void* out) {
   bool rescale = false;
   int qv = 0;
   for (; qv + 64 <= qb.bm; qv += 64)
-    rescale |= softmax_group<BF16OUT, PRECISE, 4>(a, qb, qv, n0, nk, nkp, s, mk, full, rlo, rhi, m, l, alpha, out);
+    rescale |= softmax_group<BF16OUT, PRECISE, 4>(a, qb, qv, n0, nk, nkp, s, mk, full, rlo, rhi, m,
+                                                  l, alpha, out);
   for (; qv + 32 <= qb.bm; qv += 32)
-    rescale |= softmax_group<BF16OUT, PRECISE, 2>(a, qb, qv, n0, nk, nkp, s, mk, full, rlo, rhi, m, l, alpha, out);
+    rescale |= softmax_group<BF16OUT, PRECISE, 2>(a, qb, qv, n0, nk, nkp, s, mk, full, rlo, rhi, m,
+                                                  l, alpha, out);
   for (; qv < qb.bm; qv += 16)
-    rescale |= softmax_group<BF16OUT, PRECISE, 1>(a, qb, qv, n0, nk, nkp, s, mk, full, rlo, rhi, m, l, alpha, out);
+    rescale |= softmax_group<BF16OUT, PRECISE, 1>(a, qb, qv, n0, nk, nkp, s, mk, full, rlo, rhi, m,
+                                                  l, alpha, out);
   return rescale;
 }
 
@@ -826,7 +952,8 @@ void pack_q_f32(const AttnArgs& a, const QBlock& qb, float* qt) {
 #ifdef FA_AVX512
 // Qp[e/2][i] = (Q[i][e], Q[i][e+1]) for e < Ep (zero padded)
 inline void pack_q_bf16(const AttnArgs& a, const QBlock& qb, int64_t Ep, uint32_t* qp) {
-  const uint16_t* q = static_cast<const uint16_t*>(a.q) + qb.b * a.sq[0] + qb.h * a.sq[1] + qb.q0 * a.sq[2];
+  const uint16_t* q =
+      static_cast<const uint16_t*>(a.q) + qb.b * a.sq[0] + qb.h * a.sq[1] + qb.q0 * a.sq[2];
   std::memset(qp, 0, static_cast<size_t>(Ep / 2 * qb.bm) * 4);
   for (int64_t i = 0; i < qb.nq; ++i) {
     const uint16_t* qr = q + i * a.sq[2];
@@ -849,8 +976,8 @@ inline void pack_q_bf16(const AttnArgs& a, const QBlock& qb, int64_t Ep, uint32_
 
 // O^T [Ev][bm] / l -> out (B, H, L, Ev) contiguous; lse
 template <typename T>
-void write_out(const AttnArgs& a, const QBlock& qb, const float* ot, const float* m2, const float* l,
-               T* out, float* lse) {
+void write_out(const AttnArgs& a, const QBlock& qb, const float* ot, const float* m2,
+               const float* l, T* out, float* lse) {
   alignas(64) float inv[256];
   for (int64_t i = 0; i < qb.bm; ++i) inv[i] = l[i] > 0.f ? 1.f / l[i] : 0.f;
   const int64_t row0 = (qb.b * a.H + qb.h) * a.L + qb.q0;
@@ -863,7 +990,8 @@ void write_out(const AttnArgs& a, const QBlock& qb, const float* ot, const float
       const int ne = static_cast<int>(std::min<int64_t>(16, a.Ev - e0));
       __m512i r[16];
       for (int x = 0; x < 16; ++x)
-        r[x] = x < ne ? _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(ot + (e0 + x) * qb.bm + q0), vinv))
+        r[x] = x < ne ? _mm512_castps_si512(
+                            _mm512_mul_ps(_mm512_loadu_ps(ot + (e0 + x) * qb.bm + q0), vinv))
                       : _mm512_setzero_si512();
       transpose16x16(r);
       for (int64_t i = 0; i < std::min<int64_t>(16, qb.nq - q0); ++i)
@@ -891,13 +1019,21 @@ struct KVOperands {
 };
 
 template <typename T>
-void prepack_kv_f32(const AttnArgs& a, std::vector<float>& kbuf, std::vector<float>& vbuf, KVOperands& kv) {
+void prepack_kv_f32(const AttnArgs& a, std::vector<float>& kbuf, std::vector<float>& vbuf,
+                    KVOperands& kv) {
   if constexpr (std::is_same_v<T, float>) {
     kv.kf = static_cast<const float*>(a.k);
     kv.vf_ = static_cast<const float*>(a.v);
-    kv.k_batch = a.sk[0]; kv.k_head = a.sk[1]; kv.k_row = a.sk[2]; kv.k_col = a.sk[3];
-    kv.v_batch = a.sv[0]; kv.v_head = a.sv[1]; kv.v_row = a.sv[2]; kv.v_col = a.sv[3];
-    (void)kbuf; (void)vbuf;
+    kv.k_batch = a.sk[0];
+    kv.k_head = a.sk[1];
+    kv.k_row = a.sk[2];
+    kv.k_col = a.sk[3];
+    kv.v_batch = a.sv[0];
+    kv.v_head = a.sv[1];
+    kv.v_row = a.sv[2];
+    kv.v_col = a.sv[3];
+    (void)kbuf;
+    (void)vbuf;
   } else {
     kbuf.resize(static_cast<size_t>(a.B * a.Hkv * a.S * a.E));
     vbuf.resize(static_cast<size_t>(a.B * a.Hkv * a.S * a.Ev));
@@ -914,8 +1050,14 @@ void prepack_kv_f32(const AttnArgs& a, std::vector<float>& kbuf, std::vector<flo
     });
     kv.kf = kb;
     kv.vf_ = vb;
-    kv.k_batch = a.Hkv * a.S * a.E; kv.k_head = a.S * a.E; kv.k_row = a.E; kv.k_col = 1;
-    kv.v_batch = a.Hkv * a.S * a.Ev; kv.v_head = a.S * a.Ev; kv.v_row = a.Ev; kv.v_col = 1;
+    kv.k_batch = a.Hkv * a.S * a.E;
+    kv.k_head = a.S * a.E;
+    kv.k_row = a.E;
+    kv.k_col = 1;
+    kv.v_batch = a.Hkv * a.S * a.Ev;
+    kv.v_head = a.S * a.Ev;
+    kv.v_row = a.Ev;
+    kv.v_col = 1;
   }
 }
 
@@ -986,8 +1128,10 @@ inline void prepack_kv_bf16(const AttnArgs& a, int64_t bn, bool tiles, std::vect
             __m512i r[16];
             for (int p = 0; p < 16; ++p) {
               const uint16_t* r0 = vrows + (c * 32 + 2 * p) * Evp + et * 16;
-              const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0)));
-              const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + Evp)));
+              const __m512i lo =
+                  _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0)));
+              const __m512i hi = _mm512_cvtepu16_epi32(
+                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + Evp)));
               r[p] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
             }
             transpose16x16(r);
@@ -1053,82 +1197,91 @@ void attention_fwd_impl(const AttnArgs& a, T* out, float* lse) {
   const size_t n_ot = static_cast<size_t>(Evx * bm);
   const size_t total = n_qt + 3 * n_s + n_ot + 5 * static_cast<size_t>(bm);
 
-  run_tasks(ntask, [&](int64_t task, Scratch& scratch) {
-    const int64_t t = order[task];
-    const int64_t g = t % G, qbi = (t / G) % nqb, kvh = (t / (G * nqb)) % a.Hkv, b = t / (G * nqb * a.Hkv);
-    const int64_t h = kvh * G + g;
-    float* base = scratch.get(total);
-    float* qt = base;
-    float* s = qt + n_qt;
-    float* pbuf = s + n_s;
-    float* mk = pbuf + n_s;
-    float* ot = mk + n_s;
-    float* m2 = ot + n_ot;
-    float* l = m2 + bm;
-    float* alpha = l + bm;
-    int32_t* rlo = reinterpret_cast<int32_t*>(alpha + bm);
-    int32_t* rhi = rlo + bm;
+  run_tasks(
+      ntask,
+      [&](int64_t task, Scratch& scratch) {
+        const int64_t t = order[task];
+        const int64_t g = t % G, qbi = (t / G) % nqb, kvh = (t / (G * nqb)) % a.Hkv,
+                      b = t / (G * nqb * a.Hkv);
+        const int64_t h = kvh * G + g;
+        float* base = scratch.get(total);
+        float* qt = base;
+        float* s = qt + n_qt;
+        float* pbuf = s + n_s;
+        float* mk = pbuf + n_s;
+        float* ot = mk + n_s;
+        float* m2 = ot + n_ot;
+        float* l = m2 + bm;
+        float* alpha = l + bm;
+        int32_t* rlo = reinterpret_cast<int32_t*>(alpha + bm);
+        int32_t* rhi = rlo + bm;
 
-    const QBlock qb = make_qblock(a, b, h, qbi * bm, bm);
-    std::fill(m2, m2 + bm, kNegInf);
-    std::fill(l, l + bm, 0.f);
-    if (qb.klo > qb.khi) std::fill(ot, ot + n_ot, 0.f);  // else the first key block initialises O^T
-    if (qb.klo <= qb.khi) {
-      if constexpr (P == Path::f32) {
-        pack_q_f32<T>(a, qb, qt);
-      } else {
-#ifdef FA_AVX512
-        pack_q_bf16(a, qb, Ep, reinterpret_cast<uint32_t*>(qt));
-#endif
-      }
-      bool first = true;
-      for (int64_t kb = qb.klo / bn; kb <= qb.khi / bn; ++kb) {
-        // keys past khi are invisible to every query of the block (causal diagonal): cut them
-        const int64_t n0 = kb * bn, nk = std::min<int64_t>(bn, qb.khi + 1 - n0);
-        const bool full = block_window(a, qb, n0, nk, rlo, rhi);
-        const float* mkp = nullptr;
-        if (a.mask) {
-          pack_mask_t<T>(a, qb, n0, nk, mk);
-          mkp = mk;
-        }
-        if constexpr (P == Path::f32) {
-          const float* kr = kv.kf + b * kv.k_batch + kvh * kv.k_head + n0 * kv.k_row;
-          const float* vr = kv.vf_ + b * kv.v_batch + kvh * kv.v_head + n0 * kv.v_row;
-          gemm_bcast<OpF32>(nk, NV, E, kr, kv.k_row, kv.k_col, qt, bm, s, bm, CInit::zero);
-          softmax_block<false, true>(a, qb, n0, nk, nk, s, mkp, full, rlo, rhi, m2, l, alpha, pbuf);
-          gemm_bcast<OpF32>(Ev, NV, nk, vr, kv.v_col, kv.v_row, pbuf, bm, ot, bm,
-                            first ? CInit::zero : CInit::scale, alpha);
-        } else {
-#ifdef FA_AVX512
-          const int64_t nkb = kv.Sp / bn;
-          const uint16_t* kp = kv.kp + ((b * a.Hkv + kvh) * kv.Sp + n0) * Ep;
-          const uint16_t* vt = kv.vt + ((b * a.Hkv + kvh) * nkb + kb) * Evx * bn;
-          const uint32_t* qp = reinterpret_cast<const uint32_t*>(qt);
-          uint32_t* pp = reinterpret_cast<uint32_t*>(pbuf);
-          if constexpr (P == Path::amx) {
-            const int64_t nkp = round_up(nk, 32);
-            amx_qk(nkp, bm, Ep / 32, kp, qp, s);
-            const bool rescale = softmax_block<true, false>(a, qb, n0, nk, nkp, s, mkp, full, rlo, rhi, m2, l, alpha, pp);
-            if (rescale && !first) {
-              for (int64_t e = 0; e < Evx; ++e)
-                for (int i = 0; i < bm; i += 16) vstore(ot + e * bm + i, vmul(vload(ot + e * bm + i), vload(alpha + i)));
-            }
-            amx_pv(Evx, bm, bn / 32, nkp / 32, vt, pp, ot, first);
+        const QBlock qb = make_qblock(a, b, h, qbi * bm, bm);
+        std::fill(m2, m2 + bm, kNegInf);
+        std::fill(l, l + bm, 0.f);
+        if (qb.klo > qb.khi)
+          std::fill(ot, ot + n_ot, 0.f);  // else the first key block initialises O^T
+        if (qb.klo <= qb.khi) {
+          if constexpr (P == Path::f32) {
+            pack_q_f32<T>(a, qb, qt);
           } else {
-            const int64_t nkp = round_up(nk, 2);
-            gemm_bcast<OpBf16>(nk, NV, Ep / 2, reinterpret_cast<const uint32_t*>(kp), Ep / 2, 1, qp, bm,
-                               s, bm, CInit::zero);
-            softmax_block<true, false>(a, qb, n0, nk, nkp, s, mkp, full, rlo, rhi, m2, l, alpha, pp);
-            gemm_bcast<OpBf16>(Ev, NV, nkp / 2, reinterpret_cast<const uint32_t*>(vt), bn / 2, 1, pp, bm,
-                               ot, bm, first ? CInit::zero : CInit::scale, alpha);
-          }
+#ifdef FA_AVX512
+            pack_q_bf16(a, qb, Ep, reinterpret_cast<uint32_t*>(qt));
 #endif
+          }
+          bool first = true;
+          for (int64_t kb = qb.klo / bn; kb <= qb.khi / bn; ++kb) {
+            // keys past khi are invisible to every query of the block (causal diagonal): cut them
+            const int64_t n0 = kb * bn, nk = std::min<int64_t>(bn, qb.khi + 1 - n0);
+            const bool full = block_window(a, qb, n0, nk, rlo, rhi);
+            const float* mkp = nullptr;
+            if (a.mask) {
+              pack_mask_t<T>(a, qb, n0, nk, mk);
+              mkp = mk;
+            }
+            if constexpr (P == Path::f32) {
+              const float* kr = kv.kf + b * kv.k_batch + kvh * kv.k_head + n0 * kv.k_row;
+              const float* vr = kv.vf_ + b * kv.v_batch + kvh * kv.v_head + n0 * kv.v_row;
+              gemm_bcast<OpF32>(nk, NV, E, kr, kv.k_row, kv.k_col, qt, bm, s, bm, CInit::zero);
+              softmax_block<false, true>(a, qb, n0, nk, nk, s, mkp, full, rlo, rhi, m2, l, alpha,
+                                         pbuf);
+              gemm_bcast<OpF32>(Ev, NV, nk, vr, kv.v_col, kv.v_row, pbuf, bm, ot, bm,
+                                first ? CInit::zero : CInit::scale, alpha);
+            } else {
+#ifdef FA_AVX512
+              const int64_t nkb = kv.Sp / bn;
+              const uint16_t* kp = kv.kp + ((b * a.Hkv + kvh) * kv.Sp + n0) * Ep;
+              const uint16_t* vt = kv.vt + ((b * a.Hkv + kvh) * nkb + kb) * Evx * bn;
+              const uint32_t* qp = reinterpret_cast<const uint32_t*>(qt);
+              uint32_t* pp = reinterpret_cast<uint32_t*>(pbuf);
+              if constexpr (P == Path::amx) {
+                const int64_t nkp = round_up(nk, 32);
+                amx_qk(nkp, bm, Ep / 32, kp, qp, s);
+                const bool rescale = softmax_block<true, false>(a, qb, n0, nk, nkp, s, mkp, full,
+                                                                rlo, rhi, m2, l, alpha, pp);
+                if (rescale && !first) {
+                  for (int64_t e = 0; e < Evx; ++e)
+                    for (int i = 0; i < bm; i += 16)
+                      vstore(ot + e * bm + i, vmul(vload(ot + e * bm + i), vload(alpha + i)));
+                }
+                amx_pv(Evx, bm, bn / 32, nkp / 32, vt, pp, ot, first);
+              } else {
+                const int64_t nkp = round_up(nk, 2);
+                gemm_bcast<OpBf16>(nk, NV, Ep / 2, reinterpret_cast<const uint32_t*>(kp), Ep / 2, 1,
+                                   qp, bm, s, bm, CInit::zero);
+                softmax_block<true, false>(a, qb, n0, nk, nkp, s, mkp, full, rlo, rhi, m2, l, alpha,
+                                           pp);
+                gemm_bcast<OpBf16>(Ev, NV, nkp / 2, reinterpret_cast<const uint32_t*>(vt), bn / 2,
+                                   1, pp, bm, ot, bm, first ? CInit::zero : CInit::scale, alpha);
+              }
+#endif
+            }
+            first = false;
+          }
         }
-        first = false;
-      }
-    }
-    write_out<T>(a, qb, ot, m2, l, out, lse);
-  }, P == Path::amx);
+        write_out<T>(a, qb, ot, m2, l, out, lse);
+      },
+      P == Path::amx);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1147,7 +1300,11 @@ template <typename T>
 F32Rows f32_rows(const T* src, const int64_t* st, int64_t B, int64_t Hx, int64_t N, int64_t D,
                  std::vector<float>& buf) {
   if constexpr (std::is_same_v<T, float>) {
-    (void)B; (void)Hx; (void)N; (void)D; (void)buf;
+    (void)B;
+    (void)Hx;
+    (void)N;
+    (void)D;
+    (void)buf;
     return {src, st[0], st[1], st[2], st[3]};
   } else {
     buf.resize(static_cast<size_t>(B * Hx * N * D));
@@ -1190,19 +1347,20 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
 
   // delta = rowsum(dO * O) - grad_lse
   std::vector<float> delta(static_cast<size_t>(B * H * L), 0.f);
-  if (!std::is_same_v<T, float>) at::parallel_for(0, B * H * L, 64, [&](int64_t r0, int64_t r1) {
-    std::vector<float> orow(static_cast<size_t>(Ev));
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / (H * L), h = (r / L) % H, i = r % L;
-      load_f32(outp + b * so[0] + h * so[1] + i * so[2], so[3], Ev, orow.data());
-      const float* d = DO.at(b, h, i);
-      // in double: with |delta| ~ 10 a float running sum loses several ulps, and dS = P (dP -
-      // delta) cancels down to far smaller values (O(L * Ev) work, free)
-      double acc = 0.0;
-      for (int64_t e = 0; e < Ev; ++e) acc += static_cast<double>(d[e * DO.s3]) * orow[e];
-      delta[r] = static_cast<float>(acc - (glse ? glse[r] : 0.f));
-    }
-  });
+  if (!std::is_same_v<T, float>)
+    at::parallel_for(0, B * H * L, 64, [&](int64_t r0, int64_t r1) {
+      std::vector<float> orow(static_cast<size_t>(Ev));
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / (H * L), h = (r / L) % H, i = r % L;
+        load_f32(outp + b * so[0] + h * so[1] + i * so[2], so[3], Ev, orow.data());
+        const float* d = DO.at(b, h, i);
+        // in double: with |delta| ~ 10 a float running sum loses several ulps, and dS = P (dP -
+        // delta) cancels down to far smaller values (O(L * Ev) work, free)
+        double acc = 0.0;
+        for (int64_t e = 0; e < Ev; ++e) acc += static_cast<double>(d[e * DO.s3]) * orow[e];
+        delta[r] = static_cast<float>(acc - (glse ? glse[r] : 0.f));
+      }
+    });
 
   // ---- fp32: exact row statistics ----------------------------------------------------------
   // Two fp32-specific error sources, each of which alone made dq/dmask 3-4x less accurate than
@@ -1260,12 +1418,14 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
           vi drow{};
           if (a.drop.on) {
             alignas(64) int32_t rr[16];
-            for (int i = 0; i < 16; ++i) rr[i] = static_cast<int32_t>(Dropout::row(dkey, qb.q0 + qv + i));
+            for (int i = 0; i < 16; ++i)
+              rr[i] = static_cast<int32_t>(Dropout::row(dkey, qb.q0 + qv + i));
             drow = viload(rr);
           }
           vf racc = vload(rs + qv), uacc = vload(us + qv);
           for (int64_t j = 0; j < nk; ++j) {
-            const vf y = a.mask ? vfma(vload(sb + j * bm + qv), sc, vload(mk + j * bm + qv)) : vmul(vload(sb + j * bm + qv), sc);
+            const vf y = a.mask ? vfma(vload(sb + j * bm + qv), sc, vload(mk + j * bm + qv))
+                                : vmul(vload(sb + j * bm + qv), sc);
             vm vis = live;
             if (!full) {
               const vi vj = viset1(static_cast<int32_t>(j));
@@ -1274,8 +1434,12 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
             const vf p = vmaskz(vis, vexp2<6>(vmul(vsub(y, vl2), log2e)));
             vf dp = vload(db + j * bm + qv);
             if (a.drop.on) {
-              const vi hsh = vishr(vfmix32(viadd(drow, viset1(static_cast<int32_t>(static_cast<uint32_t>(n0 + j) * kGolden32)))), 8);
-              dp = vmaskz(vu_ge(hsh, viset1(static_cast<int32_t>(a.drop.threshold))), vmul(dp, vset1(a.drop.inv_keep)));
+              const vi hsh =
+                  vishr(vfmix32(viadd(drow, viset1(static_cast<int32_t>(
+                                                static_cast<uint32_t>(n0 + j) * kGolden32)))),
+                        8);
+              dp = vmaskz(vu_ge(hsh, viset1(static_cast<int32_t>(a.drop.threshold))),
+                          vmul(dp, vset1(a.drop.inv_keep)));
             }
             racc = vadd(racc, p);
             uacc = vfma(p, dp, uacc);
@@ -1334,7 +1498,9 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = kvh * G + g;
         const uint32_t dkey = a.drop.on ? a.drop.key(b * H + h) : 0;
-        const T* mbase = a.mask ? static_cast<const T*>(a.mask) + b * a.sm[0] + h * a.sm[1] + n0 * a.sm[3] : nullptr;
+        const T* mbase =
+            a.mask ? static_cast<const T*>(a.mask) + b * a.sm[0] + h * a.sm[1] + n0 * a.sm[3]
+                   : nullptr;
         for (int64_t i0 = qa; i0 < qz; i0 += bq) {
           const int64_t ni = std::min(bq, qz - i0);
           gemm_bcast<OpF32>(ni, NV, E, Q.at(b, h, i0), Q.s2, Q.s3, kt, bn, sb, bn, CInit::zero);
@@ -1358,19 +1524,23 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
               for (int64_t j = nk; j < bn; ++j) mrow[j] = 0.f;
             }
             const vf vl2 = vset1(l2), vdel = vset1(delta[static_cast<size_t>(row)]);
-            const vi vlo = viset1(static_cast<int32_t>(jlo)), vhi = viset1(static_cast<int32_t>(jhi));
+            const vi vlo = viset1(static_cast<int32_t>(jlo)),
+                     vhi = viset1(static_cast<int32_t>(jhi));
             const uint32_t drh = a.drop.on ? Dropout::row(dkey, i) : 0;
             for (int64_t j = 0; j < bn; j += 16) {
               const vi vj = viadd(viiota(), viset1(static_cast<int32_t>(j)));
               const vm vis = vi_le(vlo, vj) & vi_lt(vj, vhi);
-              const vf y = mbase ? vfma(vload(srow + j), sc, vload(mrow + j)) : vmul(vload(srow + j), sc);
+              const vf y =
+                  mbase ? vfma(vload(srow + j), sc, vload(mrow + j)) : vmul(vload(srow + j), sc);
               const vf p = vmaskz(vis, vexp2<6>(vmul(vsub(y, vl2), log2e)));
               vf dp = vload(drow + j);
               vf pd = p;
               if (a.drop.on) {
-                const vi hsh = vishr(vfmix32(viadd(viset1(static_cast<int32_t>(drh)),
-                                                   vimul(viadd(vj, viset1(static_cast<int32_t>(n0))),
-                                                         viset1(static_cast<int32_t>(kGolden32))))), 8);
+                const vi hsh =
+                    vishr(vfmix32(viadd(viset1(static_cast<int32_t>(drh)),
+                                        vimul(viadd(vj, viset1(static_cast<int32_t>(n0))),
+                                              viset1(static_cast<int32_t>(kGolden32))))),
+                          8);
                 const vm keep = vu_ge(hsh, viset1(static_cast<int32_t>(a.drop.threshold)));
                 const vf z = vmaskz(keep, vset1(a.drop.inv_keep));
                 dp = vmul(dp, z);
@@ -1381,7 +1551,8 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
             }
           }
           // dV^T[e][j] += sum_r dO[r][e] Pd[r][j];  dK^T[e][j] += sum_r Q[r][e] dS[r][j]
-          gemm_bcast<OpF32>(Ev, NV, ni, DO.at(b, h, i0), DO.s3, DO.s2, sb, bn, dvt, bn, CInit::load);
+          gemm_bcast<OpF32>(Ev, NV, ni, DO.at(b, h, i0), DO.s3, DO.s2, sb, bn, dvt, bn,
+                            CInit::load);
           gemm_bcast<OpF32>(E, NV, ni, Q.at(b, h, i0), Q.s3, Q.s2, db, bn, dkt, bn, CInit::load);
         }
       }
@@ -1413,7 +1584,8 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
       const int64_t t = order[task];
       const int64_t qbi = t % nqb, h = (t / nqb) % H, b = t / (nqb * H), kvh = h / G;
       const QBlock qb = make_qblock(a, b, h, qbi * bm, bm);
-      float* qt = scratch.get(2 * n_qt + n_dot + 3 * n_blk + 2 * static_cast<size_t>(bm) + 2 * static_cast<size_t>(bm));
+      float* qt = scratch.get(2 * n_qt + n_dot + 3 * n_blk + 2 * static_cast<size_t>(bm) +
+                              2 * static_cast<size_t>(bm));
       float* dqt = qt + n_qt;
       float* dot = dqt + n_qt;
       float* sb = dot + n_dot;
@@ -1446,11 +1618,13 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
             vi drow{};
             if (a.drop.on) {
               alignas(64) int32_t rr[16];
-              for (int i = 0; i < 16; ++i) rr[i] = static_cast<int32_t>(Dropout::row(dkey, qb.q0 + qv + i));
+              for (int i = 0; i < 16; ++i)
+                rr[i] = static_cast<int32_t>(Dropout::row(dkey, qb.q0 + qv + i));
               drow = viload(rr);
             }
             for (int64_t j = 0; j < nk; ++j) {
-              const vf y = a.mask ? vfma(vload(sb + j * bm + qv), sc, vload(mk + j * bm + qv)) : vmul(vload(sb + j * bm + qv), sc);
+              const vf y = a.mask ? vfma(vload(sb + j * bm + qv), sc, vload(mk + j * bm + qv))
+                                  : vmul(vload(sb + j * bm + qv), sc);
               vm vis = live;
               if (!full) {
                 const vi vj = viset1(static_cast<int32_t>(j));
@@ -1459,8 +1633,12 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
               const vf p = vmaskz(vis, vexp2<6>(vmul(vsub(y, vl2), log2e)));
               vf dp = vload(db + j * bm + qv);
               if (a.drop.on) {
-                const vi hsh = vishr(vfmix32(viadd(drow, viset1(static_cast<int32_t>(static_cast<uint32_t>(n0 + j) * kGolden32)))), 8);
-                dp = vmaskz(vu_ge(hsh, viset1(static_cast<int32_t>(a.drop.threshold))), vmul(dp, vset1(a.drop.inv_keep)));
+                const vi hsh =
+                    vishr(vfmix32(viadd(drow, viset1(static_cast<int32_t>(
+                                                  static_cast<uint32_t>(n0 + j) * kGolden32)))),
+                          8);
+                dp = vmaskz(vu_ge(hsh, viset1(static_cast<int32_t>(a.drop.threshold))),
+                            vmul(dp, vset1(a.drop.inv_keep)));
               }
               vstore(db + j * bm + qv, vmul(p, vsub(dp, vdel)));  // dS^T
             }
@@ -1498,7 +1676,8 @@ FA_INLINE __m512 load_cvt(const T* p, __mmask16 m) {
   } else if constexpr (std::is_same_v<T, c10::Half>) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
   } else {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
   }
 }
 
@@ -1506,12 +1685,13 @@ FA_INLINE __m512 load_cvt(const T* p, __mmask16 m) {
 // the output accumulators are NC vectors each (E, Ev <= 16 * NC), K/V rows contiguous. Writes the
 // unnormalised output, max and sum to part (layout of attention_decode_impl's partials).
 template <typename T, int NC>
-void decode_row(const AttnArgs& a, const T* qr, const T* kbase, const T* vbase, int64_t n_begin, int64_t n_end,
-                int64_t hi, float* part_row, int64_t Ev16) {
+void decode_row(const AttnArgs& a, const T* qr, const T* kbase, const T* vbase, int64_t n_begin,
+                int64_t n_end, int64_t hi, float* part_row, int64_t Ev16) {
   __m512 q[NC], o[NC];
   __mmask16 mk[NC], mv[NC];
   for (int c = 0; c < NC; ++c) {
-    const int64_t ne = std::clamp<int64_t>(a.E - 16 * c, 0, 16), nv = std::clamp<int64_t>(a.Ev - 16 * c, 0, 16);
+    const int64_t ne = std::clamp<int64_t>(a.E - 16 * c, 0, 16),
+                  nv = std::clamp<int64_t>(a.Ev - 16 * c, 0, 16);
     mk[c] = static_cast<__mmask16>((1u << ne) - 1u);
     mv[c] = static_cast<__mmask16>((1u << nv) - 1u);
     q[c] = _mm512_mul_ps(load_cvt(qr + 16 * c, mk[c]), _mm512_set1_ps(a.scale));
@@ -1537,11 +1717,12 @@ void decode_row(const AttnArgs& a, const T* qr, const T* kbase, const T* vbase, 
     }
     // keys > hi (causal) and past the group are invisible
     const int64_t nvis = std::clamp<int64_t>(hi - n0 + 1, 0, nk);
-    const __m512 s = _mm512_mask_blend_ps(static_cast<__mmask16>((1u << nvis) - 1u), _mm512_set1_ps(kNegInf),
-                                          _mm512_load_ps(sc));
+    const __m512 s = _mm512_mask_blend_ps(static_cast<__mmask16>((1u << nvis) - 1u),
+                                          _mm512_set1_ps(kNegInf), _mm512_load_ps(sc));
     const float mnew = std::max(m, _mm512_reduce_max_ps(s));
     if (mnew == kNegInf) continue;
-    const __m512 p = vexp2<6>(_mm512_mul_ps(_mm512_sub_ps(s, _mm512_set1_ps(mnew)), _mm512_set1_ps(kLog2e)));
+    const __m512 p =
+        vexp2<6>(_mm512_mul_ps(_mm512_sub_ps(s, _mm512_set1_ps(mnew)), _mm512_set1_ps(kLog2e)));
     const float al = std::exp(m - mnew);
     l = l * al + _mm512_reduce_add_ps(p);
     m = mnew;
@@ -1560,7 +1741,8 @@ void decode_row(const AttnArgs& a, const T* qr, const T* kbase, const T* vbase, 
 #endif
 
 template <typename T>
-void attention_decode_impl(const AttnArgs& a, const int64_t* total, int64_t Lq, bool causal, T* out) {
+void attention_decode_impl(const AttnArgs& a, const int64_t* total, int64_t Lq, bool causal,
+                           T* out) {
   const int64_t B = a.B, H = a.H, Hkv = a.Hkv, E = a.E, Ev = a.Ev;
   const int64_t G = H / Hkv, R = G * Lq;
   const int64_t E16 = round_up(E, 16), Ev16 = round_up(Ev, 16);
@@ -1586,14 +1768,19 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* total, int64_t Lq, 
       const int64_t hi = total[b] - 1;  // Lq = 1: the query is the last position and sees every key
       float* pr = part.data() + t * pstride;
       const int64_t nc = (std::max(E, Ev) + 15) / 16;
-      if (nc <= 2) decode_row<T, 2>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
-      else if (nc <= 4) decode_row<T, 4>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
-      else if (nc <= 8) decode_row<T, 8>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
-      else decode_row<T, 16>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+      if (nc <= 2)
+        decode_row<T, 2>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+      else if (nc <= 4)
+        decode_row<T, 4>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+      else if (nc <= 8)
+        decode_row<T, 8>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+      else
+        decode_row<T, 16>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
       return;
     }
 #endif
-    float* qs = scratch.get(static_cast<size_t>(R * E16 + R * Ev16 + 16 * E16 + 16 * Ev16 + 4 * R * 16 + 64));
+    float* qs = scratch.get(
+        static_cast<size_t>(R * E16 + R * Ev16 + 16 * E16 + 16 * Ev16 + 4 * R * 16 + 64));
     float* o = qs + R * E16;
     float* kr = o + R * Ev16;
     float* vr = kr + 16 * E16;
@@ -1604,7 +1791,8 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* total, int64_t Lq, 
     const int64_t n_end = std::min(total[b], (ch + 1) * csz);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t g = r / Lq, i = r % Lq;
-      const T* qr = static_cast<const T*>(a.q) + b * a.sq[0] + (kvh * G + g) * a.sq[1] + i * a.sq[2];
+      const T* qr =
+          static_cast<const T*>(a.q) + b * a.sq[0] + (kvh * G + g) * a.sq[1] + i * a.sq[2];
       load_f32(qr, a.sq[3], E, qs + r * E16);
       for (int64_t e = 0; e < E16; ++e) qs[r * E16 + e] = e < E ? qs[r * E16 + e] * qscale : 0.f;
       m2[r] = kNegInf;
@@ -1630,11 +1818,13 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* total, int64_t Lq, 
           for (int64_t x = 0; x < vline; ++x) __builtin_prefetch(vp + 64 * x, 0, 3);
         }
       }
-      for (int64_t j = 0; j < nk; ++j) load_f32(kbase + (n0 + j) * a.sk[2], a.sk[3], E, kr + j * E16);
+      for (int64_t j = 0; j < nk; ++j)
+        load_f32(kbase + (n0 + j) * a.sk[2], a.sk[3], E, kr + j * E16);
       for (int64_t r = 0; r < R; ++r) {
         for (int64_t j = 0; j < nk; ++j) {
           vf acc = vzero();
-          for (int64_t e = 0; e < E16; e += 16) acc = vfma(vload(qs + r * E16 + e), vload(kr + j * E16 + e), acc);
+          for (int64_t e = 0; e < E16; e += 16)
+            acc = vfma(vload(qs + r * E16 + e), vload(kr + j * E16 + e), acc);
           sc[r * 16 + j] = vhsum(acc);
         }
         // causal: query i of Lq sees keys [0, total - Lq + i]
@@ -1654,7 +1844,8 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* total, int64_t Lq, 
         m2[r] = mnew;
         vstore(sc + r * 16, p);
       }
-      for (int64_t j = 0; j < nk; ++j) load_f32(vbase + (n0 + j) * a.sv[2], a.sv[3], Ev, vr + j * Ev16);
+      for (int64_t j = 0; j < nk; ++j)
+        load_f32(vbase + (n0 + j) * a.sv[2], a.sv[3], Ev, vr + j * Ev16);
       for (int64_t r = 0; r < R; ++r) {
         const float* pr = sc + r * 16;
         for (int64_t e = 0; e < Ev16; e += 16) {
