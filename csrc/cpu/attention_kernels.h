@@ -715,6 +715,76 @@ void pack_mask_t(const AttnArgs& a, const QBlock& qb, int64_t n0, int64_t nk, fl
 // result is held to fp32 torch's own error); the bf16 paths fold everything into one FMA.
 // Updates m and the running sum l; alpha gets the factor O must be rescaled by. Returns whether
 // any lane's alpha differs from 1.
+// bf16 paths keep a stale running max until a block exceeds it by kLazy nats (p <= e^8 ~ 3e3
+// stays exact in fp32 sums and bf16), so O is rarely rescaled; fp32 paths rescale for free in
+// the P.V kernel and keep the exact max.
+constexpr float kLazy = 8.f;
+
+#ifdef FA_AVX512
+// The common case of the bf16 softmax: one pass over an unmasked block against the running max
+// m, which already holds for every lane (no -inf); finish() reports whether no logit exceeded m
+// by more than kLazy, else the caller redoes the block in two passes.
+template <int G>
+struct LazyPass {
+  vf negm2[G], sum[G], tmax[G];
+  vf c;
+  static bool ready(const float* m) {
+    for (int g = 0; g < G; ++g)
+      if (!vm_none(vcmp_eq(vload(m + 16 * g), vset1(kNegInf)))) return false;
+    return true;
+  }
+  LazyPass(const AttnArgs& a, const float* m) : c(vset1(a.scale * kLog2e)) {
+    for (int g = 0; g < G; ++g) {
+      negm2[g] = vmul(vload(m + 16 * g), vset1(-kLog2e));
+      sum[g] = vzero();
+      tmax[g] = vset1(kNegInf);
+    }
+  }
+  // t = (y - m) log2 e is the exp argument; the stale max holds iff max t <= kLazy log2 e
+  FA_INLINE vf prob(const float* sj, int g) {
+    const vf t = vfma(vload(sj + 16 * g), c, negm2[g]);
+    tmax[g] = vmax(tmax[g], t);
+    const vf p = vexp2_unmasked(t);
+    sum[g] = vadd(sum[g], p);
+    return p;
+  }
+  // keys [j0, j1), both even, all valid: VNNI pairs into pp
+  FA_INLINE void keys(const float* s, int64_t bm, int64_t j0, int64_t j1, uint32_t* pp) {
+    for (int64_t j = j0; j < j1; j += 2)
+      for (int g = 0; g < G; ++g) {
+        const vf p0 = prob(s + j * bm, g), p1 = prob(s + (j + 1) * bm, g);
+        _mm512_storeu_si512(pp + (j / 2) * bm + 16 * g, pack_bf16_pairs(p0, p1));
+      }
+  }
+  // the odd last key (if nk is odd), then zero pairs up to nkp
+  FA_INLINE void tail(const float* s, int64_t bm, int64_t nk, int64_t nkp, uint32_t* pp) {
+    for (int64_t j = nk & ~int64_t{1}; j < nkp; j += 2)
+      for (int g = 0; g < G; ++g) {
+        const vf p0 = j < nk ? prob(s + j * bm, g) : vzero();
+        _mm512_storeu_si512(pp + (j / 2) * bm + 16 * g, pack_bf16_pairs(p0, vzero()));
+      }
+  }
+  bool finish(float* l, float* alpha) {
+    for (int g = 0; g < G; ++g)
+      if (!vm_none(vcmp_gt(tmax[g], vset1(kLazy * kLog2e)))) return false;
+    for (int g = 0; g < G; ++g) {
+      vstore(alpha + 16 * g, vset1(1.f));
+      vstore(l + 16 * g, vadd(vload(l + 16 * g), sum[g]));
+    }
+    return true;
+  }
+};
+#else
+template <int G>
+struct LazyPass {  // the portable build has no bf16 path
+  static bool ready(const float*) { return false; }
+  LazyPass(const AttnArgs&, const float*) {}
+  void keys(const float*, int64_t, int64_t, int64_t, uint32_t*) {}
+  void tail(const float*, int64_t, int64_t, int64_t, uint32_t*) {}
+  bool finish(float*, float*) { return false; }
+};
+#endif
+
 // G query vectors (16 lanes each) at a time, keys outer: G independent max / sum chains, so the
 // 4-cycle latency of vmaxps / vaddps is hidden (a single chain made pass 1 latency bound).
 template <bool BF16OUT, bool PRECISE, int G>
@@ -722,10 +792,6 @@ bool softmax_group(const AttnArgs& a, const QBlock& qb, int qv0, int64_t n0, int
                    int64_t nkp, float* s, const float* mk, bool full, const int32_t* rlo,
                    const int32_t* rhi, float* m, float* l, float* alpha, void* out) {
   constexpr int DEG = PRECISE ? 6 : 3;
-  // bf16 paths keep a stale max until a block exceeds it by kLazy nats (p <= e^8 ~ 3e3 stays
-  // exact in fp32 sums and bf16), so O is rarely rescaled; fp32 paths rescale for free in the
-  // P.V kernel and keep the exact max
-  constexpr float kLazy = 8.f;
   const int bm = qb.bm;
   const vf sc = vset1(a.scale);
   const vf c = vset1(a.scale * kLog2e);
@@ -734,58 +800,14 @@ bool softmax_group(const AttnArgs& a, const QBlock& qb, int qv0, int64_t n0, int
   // PRECISE keeps y for pass 2; else only masks/windows force a store
   const bool store_y = PRECISE || mk != nullptr || !full;
   float* sq = s + qv0;
-  if constexpr (!PRECISE) {
-    // one pass against the running (stale) max, which already holds for every lane; redo the
-    // group in two passes only if some logit exceeds it by more than kLazy (rare after the
-    // first block of a query block). Saves a read of S^T and an op per vector.
-    bool ready = !store_y;
-    for (int g = 0; g < G && ready; ++g) ready = vm_none(vcmp_eq(vload(m + qv0 + 16 * g), ninf));
-    if (ready && !a.drop.on) {
-      vf negm2[G], sum[G], tmax[G];
-      for (int g = 0; g < G; ++g) {
-        negm2[g] = vmul(vload(m + qv0 + 16 * g), vset1(-kLog2e));
-        sum[g] = vzero();
-        tmax[g] = vset1(kNegInf);
-      }
-      // t = (y - m) log2 e is the exp argument; the stale max holds iff max t <= kLazy log2 e
-      auto prob1 = [&](int64_t j, int g) -> vf {
-        const vf t = vfma(vload(sq + j * bm + 16 * g), c, negm2[g]);
-        tmax[g] = vmax(tmax[g], t);
-        const vf p = vexp2_unmasked(t);
-        sum[g] = vadd(sum[g], p);
-        return p;
-      };
-      const int64_t nk2 = nk & ~int64_t{1};
-      if constexpr (BF16OUT) {
-#ifdef FA_AVX512
-        uint32_t* pp = static_cast<uint32_t*>(out) + qv0;
-        int64_t j = 0;
-        for (; j < nk2; j += 2)
-          for (int g = 0; g < G; ++g) {
-            const vf p0 = prob1(j, g), p1 = prob1(j + 1, g);
-            _mm512_storeu_si512(pp + (j / 2) * bm + 16 * g, pack_bf16_pairs(p0, p1));
-          }
-        for (; j < nkp; j += 2)  // the odd last key, then zero pairs up to nkp
-          for (int g = 0; g < G; ++g) {
-            const vf p0 = j < nk ? prob1(j, g) : vzero();
-            _mm512_storeu_si512(pp + (j / 2) * bm + 16 * g, pack_bf16_pairs(p0, vzero()));
-          }
-#endif
-      } else {
-        float* pf = static_cast<float*>(out) + qv0;
-        for (int64_t j = 0; j < nkp; ++j)
-          for (int g = 0; g < G; ++g) vstore(pf + j * bm + 16 * g, j < nk ? prob1(j, g) : vzero());
-      }
-      bool fits = true;
-      for (int g = 0; g < G; ++g) fits = fits && vm_none(vcmp_gt(tmax[g], vset1(kLazy * kLog2e)));
-      if (fits) {
-        for (int g = 0; g < G; ++g) {
-          vstore(alpha + qv0 + 16 * g, vset1(1.f));
-          float* lp = l + qv0 + 16 * g;
-          vstore(lp, vadd(vload(lp), sum[g]));
-        }
-        return false;
-      }
+  if constexpr (!PRECISE && BF16OUT) {
+    // one pass against the running (stale) max when it holds for every lane (LazyPass); redo the
+    // group in two passes only if some logit exceeds it by more than kLazy
+    if (!store_y && !a.drop.on && LazyPass<G>::ready(m + qv0)) {
+      LazyPass<G> lp(a, m + qv0);
+      lp.keys(sq, bm, 0, nk & ~int64_t{1}, static_cast<uint32_t*>(out) + qv0);
+      lp.tail(sq, bm, nk, nkp, static_cast<uint32_t*>(out) + qv0);
+      if (lp.finish(l + qv0, alpha + qv0)) return false;
     }
   }
   // pass 1: logits and their max
