@@ -12,10 +12,12 @@
 //   sum, rescale factor) is one vector per 16 queries.
 //   Q^T (E x BM), P^T (BN x BM) and O^T (Ev x BM) live in per-thread scratch; O^T is transposed
 //   into the (B, H, L, Ev) output once per query block.
-// bf16 operands (vdpbf16ps / AMX) use the pair-interleaved ("VNNI") layout on the lane side:
-//   Qp[e/2][query][2], Pp[key/2][query][2]; K is kept row-major [key][E padded to 32] and V
-//   transposed [Ev padded][BN] per key block, packed once per (b, kv head, key block) and shared by
-//   every query head of a GQA group.
+// bf16 operands use the pair-interleaved ("VNNI") layout on the lane side: Qp[e/2][query][2],
+//   Pp[key/2][query][2]. K and V^T are packed once per (b, kv head, key block) and shared by every
+//   query head of a GQA group: for AMX as 1 KiB tiles (16 rows x 32 bf16) in the order the tile
+//   loads consume them, K as [key/16][E/32] and V^T as [Ev/16][key/32]; for vdpbf16ps row-major,
+//   K [key][E padded to 32] and V^T [Ev padded][BN].
+// fp32 / fp16 use fp32 FMA micro-kernels; bf16 uses them too on CPUs without bf16 instructions.
 
 // ---------------------------------------------------------------------------------------------
 // 16-lane float / int vectors
@@ -26,9 +28,6 @@ using vf = __m512;
 using vi = __m512i;
 using vm = __mmask16;
 FA_INLINE vf vload(const float* p) { return _mm512_loadu_ps(p); }
-FA_INLINE vf vload_n(const float* p, int n) {  // first n lanes, zeros after
-  return _mm512_maskz_loadu_ps(static_cast<vm>((1u << n) - 1u), p);
-}
 FA_INLINE void vstore(float* p, vf a) { _mm512_storeu_ps(p, a); }
 FA_INLINE vf vset1(float x) { return _mm512_set1_ps(x); }
 FA_INLINE vf vzero() { return _mm512_setzero_ps(); }
@@ -117,11 +116,6 @@ using vm = uint32_t;
 FA_INLINE vf vload(const float* p) {
   vf r;
   FA_LANES r.x[t_] = p[t_];
-  return r;
-}
-FA_INLINE vf vload_n(const float* p, int n) {
-  vf r;
-  FA_LANES r.x[t_] = t_ < n ? p[t_] : 0.f;
   return r;
 }
 FA_INLINE void vstore(float* p, vf a) { FA_LANES p[t_] = a.x[t_]; }
@@ -254,7 +248,6 @@ template <typename T>
 FA_INLINE float to_f(T x) {
   return static_cast<float>(x);
 }
-FA_INLINE uint16_t bf16_bits(c10::BFloat16 x) { return x.x; }
 
 // dst[i] = src[i * stride] as float, i < n
 template <typename T>
@@ -432,11 +425,6 @@ inline void amx_configure() {
   __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
 }
 inline void amx_release() { _tile_release(); }
-
-FA_INLINE void prefetch_tiles(const uint16_t* p, int64_t ntiles) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t i = 0; i < ntiles * 1024; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
-}
 
 // S^T[key][query] = K . Q^T for one key block: K in 1 KiB tiles [key/16][e/32] (contiguous,
 // nEt = Ep/32 per key tile row), Q^T VNNI pairs [Ep/2][bm]; nkp, bm multiples of 32.
