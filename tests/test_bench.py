@@ -4,6 +4,7 @@ speed-ups, the results schema, "not available" reporting, and smoke runs of ever
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -280,3 +281,32 @@ def test_validator_catches_bad_documents(tmp_path):
     case = next(c for c in bad["cases"] if c["speedups"])
     case["speedups"][0]["speedup"] *= 1.5
     assert any("ratio of medians" in e for e in harness.validate_results(bad))
+
+
+def test_time_budget_skips_instead_of_running(tmp_path):
+    rc = main(["--op", "decode,int8_gemm", *SMOKE, "--no-plots", "--time-budget", "0",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert harness.validate_results(doc) == []
+    assert doc["cases"] and all(c["status"] == "skipped" and c["results"] == []
+                                for c in doc["cases"])
+    assert "time budget" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.gpu
+def test_cli_cuda_smoke(tmp_path):
+    # the CUDA paths of the harness: event timing, SDPA backends, cuBLAS baselines
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastattn.bench", "--op", "all", "--smoke", "--device", "cuda",
+         "--backends", "triton,cuda,reference", "--no-compile", "--no-plots", "--no-progress",
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    _check_document(doc, list(OPS))
+    assert doc["env"]["gpu"]["name"]
+    attn = next(c for c in doc["cases"] if c["op"] == "attention")
+    assert {r["impl"] for r in attn["results"]} >= {"torch.sdpa[flash]", "torch.sdpa[math]"}
+    assert all(c["status"] == "ok" for c in doc["ceilings"].values())

@@ -152,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(op, OPS[op][0](cfg)) for op in args.ops]
         progress = harness.Progress(sum(len(cs) for _, cs in plan),
                                     enabled=not args.no_progress)
-        weights = sum(OPS[op][2] for op in args.ops)
-        carry = 0.0
-        for op, cases in plan:
+        for i, (op, cases) in enumerate(plan):
             t_op = time.monotonic()
             functions = _op_info(OPS[op][1])
             info = {"status": "ok", "functions": functions, "n_cases": len(cases),
@@ -163,10 +161,13 @@ def main(argv: list[str] | None = None) -> int:
                 info["status"] = "not available"
             doc["ops"][op] = info
             if args.time_budget is not None:
-                # each op gets its share of what is left; time an op does not use carries over
+                # each op gets its weight's share of what is left (time an op does not use goes
+                # to the ones after it), and never less than 3% of the budget, so that an op
+                # that overran (a case is not interrupted) does not starve all the others
                 left = args.time_budget - (time.monotonic() - t_start)
-                share = max(0.0, args.time_budget * OPS[op][2] / weights + carry)
-                cfg.deadline = time.monotonic() + min(share, max(left, 0.0))
+                weight_left = sum(OPS[o][2] for o, _ in plan[i:])
+                share = max(left * OPS[op][2] / weight_left, 0.03 * args.time_budget)
+                cfg.deadline = time.monotonic() + share
             n_skipped = 0
             for case in cases:
                 progress.start(f"{op} {case.label}")
@@ -184,8 +185,6 @@ def main(argv: list[str] | None = None) -> int:
                 harness.write_json(doc, out_dir)
             if n_skipped and info["status"] == "ok":
                 info["status"] = "skipped" if n_skipped == len(cases) else "partial"
-            if args.time_budget is not None:
-                carry = max(0.0, cfg.deadline - time.monotonic())
             progress.write(f"== {op}: {len(cases)} cases in {info['elapsed_s']:.1f} s ==")
         doc["complete"] = True
     except KeyboardInterrupt as e:

@@ -982,18 +982,18 @@ def format_case(rec: dict) -> str:
         lines.append(f"  {rec['status']}: {rec['reason']}")
         return "\n".join(lines)
     metric = rec["metric"] or "-"
-    lines.append(f"  {'implementation':<34} {'median':>10} {'p25..p75':>21} {metric:>9} "
+    lines.append(f"  {'implementation':<38} {'median':>10} {'p25..p75':>21} {metric:>9} "
                  f"{'of peak':>7}")
     for res in rec["results"]:
         if res["status"] != "ok":
             reason = (res["reason"] or "").replace("\n", " ")
-            lines.append(f"  {res['impl']:<34} {res['status']}: {reason[:150]}")
+            lines.append(f"  {res['impl']:<38} {res['status']}: {reason[:150]}")
             continue
         t = res["timing"]
         frac = res["fraction_of_ceiling"]
         frac_s = "-" if frac is None else f"{frac:.0%}"
         spread = f"{fmt_time(t['p25_s'])}..{fmt_time(t['p75_s'])}"
-        lines.append(f"  {res['impl']:<34} {fmt_time(t['median_s']):>10} {spread:>21} "
+        lines.append(f"  {res['impl']:<38} {fmt_time(t['median_s']):>10} {spread:>21} "
                      f"{_fmt_num(_metric_value(res, rec)):>9} {frac_s:>7}")
     for s in rec["speedups"]:
         lines.append(f"  speed-up {s['fastattn']} vs {s['baseline']}: {s['speedup']:.3g}x")
