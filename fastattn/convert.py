@@ -8,8 +8,9 @@ What is replaced (exact classes only: a subclass may have changed ``forward``):
                                                        module swap for models that do not use
                                                        transformers' AttentionInterface
     layer_norm=True   nn.LayerNorm                  -> fastattn.nn.LayerNorm
-                      nn.RMSNorm, and *RMSNorm classes with a 1-D ``weight`` and ``eps`` or
-                      ``variance_epsilon`` whose output matches fastattn.nn.RMSNorm on a random
+                      nn.RMSNorm, and transformers-style RMS norms (a class named *RMSNorm or
+                      with ``variance_epsilon``: LlamaRMSNorm, T5LayerNorm, ...) with a 1-D
+                      ``weight`` only, whose output matches fastattn.nn.RMSNorm on a random
                       input (so Gemma's ``(1 + weight)`` norm is left alone)
     int8=True         nn.Linear                     -> fastattn.nn.Int8Linear, except the
                       out_proj of a MultiheadAttention (read as a weight by its forward) and
@@ -119,8 +120,12 @@ def _qualname(cls: type) -> str:
 
 
 def _hf_rms_norm_eps(m: nn.Module) -> float | None:
-    """eps of a transformers-style RMSNorm (LlamaRMSNorm & co.), None if m does not look like one."""
-    if not type(m).__name__.endswith("RMSNorm") or isinstance(m, nn.RMSNorm):
+    """eps of a transformers-style RMS norm (LlamaRMSNorm & co., T5LayerNorm: a class named
+    *RMSNorm, or any with transformers' ``variance_epsilon``), None if m does not look like one.
+    Looking like one is not enough: the caller also checks the output."""
+    if isinstance(m, (nn.RMSNorm, nn.LayerNorm)) or _is_fastattn(m):
+        return None
+    if not (type(m).__name__.endswith("RMSNorm") or hasattr(m, "variance_epsilon")):
         return None
     w = m._parameters.get("weight")
     eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))

@@ -20,6 +20,10 @@ Same constructor, parameters, state_dict keys and forward signature as ``torch.n
 
 Differences from torch, all on purpose: ``is_causal=True`` without ``attn_mask`` means causal
 (torch raises); a query row whose keys are all masked gives zeros (torch gives NaN).
+
+Inside an nn.TransformerEncoderLayer, torch's fused inference path reads ``self_attn``'s weights
+and never calls its forward: use ``fastattn.convert(model)``, which swaps the module and turns
+that path off, rather than assigning this module to ``layer.self_attn`` by hand.
 """
 
 from __future__ import annotations
