@@ -258,8 +258,10 @@ def test_calls_fastattn_kernel(monkeypatch):
     mha = MultiheadAttention(E, H, batch_first=True).eval()
     x = torch.randn(B, L, E)
     with torch.no_grad():
-        mha(x, x, x)  # need_weights=True by default: the output still comes from the kernel
+        mha(x, x, x, need_weights=False)
         mha(x, x, x, need_weights=False, is_causal=True)
+        assert calls == [False, True]
+        mha(x, x, x)  # need_weights=True (the default): the explicit path, as in torch
     assert calls == [False, True]
 
 

@@ -12,11 +12,12 @@ Same constructor, parameters, state_dict keys and forward signature as ``torch.n
                         to the kernel as a flag
     attention           fastattn.scaled_dot_product_attention on strided (B, H, L, D) views of the
                         projections (no copies), dropout in training mode
-    need_weights=True   the output still comes from the kernel; the returned weights are an
-                        explicit float32 softmax (one extra L x S matmul, which returning an
-                        L x S matrix needs anyway). With dropout in training mode the output is
-                        computed from those dropped weights, so that they are the ones that
-                        produced it, as in torch.
+    need_weights=True   (torch's default) the explicit path, as in torch: float32 softmax
+                        weights (B, H, L, S), dropped out in training, output = weights @ v.
+                        Materialising the returned L x S weights already costs the QK^T GEMM, so
+                        P @ V is cheaper than a second pass through the kernel, and the output
+                        is exactly the one the returned weights produce. Pass need_weights=False
+                        for the kernel (nn.TransformerEncoderLayer/DecoderLayer do).
 
 Differences from torch, all on purpose: ``is_causal=True`` without ``attn_mask`` means causal
 (torch raises); a query row whose keys are all masked gives zeros (torch gives NaN).
@@ -265,11 +266,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         mask, causal = self._sdpa_mask(attn_mask, key_padding_mask, is_causal, B, L, S, extra,
                                        query.dtype, query.device)
         dropout_p = self.dropout if self.training else 0.0
-        # the L x S weights are materialised only when they are returned
-        weights = self._weights(q, k, mask, causal, D ** -0.5) if need_weights else None
-        if weights is not None and dropout_p > 0.0:
-            # the output must come from the very dropped weights that are returned
-            weights = F.dropout(weights, p=dropout_p)
+        weights = None
+        if need_weights:
+            # the L x S weights are returned, so they are materialised; the output is the one
+            # they (dropped out, in training) produce
+            weights = self._weights(q, k, mask, causal, D ** -0.5)
+            if dropout_p > 0.0:
+                weights = F.dropout(weights, p=dropout_p)
             out = torch.matmul(weights.to(v.dtype), v)
         else:
             out = fastattn.scaled_dot_product_attention(
