@@ -68,7 +68,7 @@ def _run(module, inputs, dtype, masks=None, seed=1, **kw):
     xs = _cast(inputs, dtype)
     masks = {k: (v.to(dtype) if v is not None and v.is_floating_point() else v)
              for k, v in (masks or {}).items()}
-    out, w = module(*xs, **masks, **kw)
+    out, w = module(*xs, **{**masks, **kw})
     gen = torch.Generator().manual_seed(seed)
     loss = (out * torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)).sum()
     if w is not None:
@@ -166,14 +166,13 @@ def test_is_causal(option, with_padding, need_weights):
 
 
 @pytest.mark.parametrize("option", ["default", "bias_kv"])
-def test_is_causal_without_mask(option):
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_is_causal_without_mask(option, need_weights):
     """torch requires the mask with is_causal; fastattn takes the flag alone, same result."""
     mha = _torch_mha(batch_first=True, **OPTIONS[option])
-    (x,) = _cast(_inputs("self", True)[:1], torch.float32)
     causal = torch.ones(L, L, dtype=torch.bool).triu(1)  # True = not allowed
-    ref, _ = mha.float()(x, x, x, attn_mask=causal, need_weights=False)
-    ours, _ = MultiheadAttention.from_module(mha)(x, x, x, is_causal=True, need_weights=False)
-    torch.testing.assert_close(ours, ref, rtol=2e-5, atol=2e-6)
+    _check_against_torch(mha, _inputs("self", True), {"attn_mask": causal},
+                         need_weights=need_weights, ours_kw={"attn_mask": None, "is_causal": True})
 
 
 @pytest.mark.parametrize("need_weights", [False, True])

@@ -195,11 +195,14 @@ def _qkv(Lq, S, H=4, Hkv=2, Dh=8):
             torch.randn(2, Hkv, S, Dh, generator=g))
 
 
-def _expected(q, k, v, visible):
-    """F.sdpa with repeated kv heads and an explicit bool mask (True = attend)."""
+def _check(out, q, k, v, visible):
+    """DESIGN's rule against F.sdpa (float64 reference, float32 baseline) with repeated kv heads
+    and an explicit bool mask (True = attend), in the (B, Lq, H, D) layout."""
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible).transpose(1, 2)
+    sdpa = lambda dt: torch.nn.functional.scaled_dot_product_attention(
+        q.to(dt), k.to(dt), v.to(dt), attn_mask=visible).transpose(1, 2)
+    assert_close_rule(out, sdpa(torch.float64), sdpa(torch.float32))
 
 
 def test_attention_function_prefill_and_decode():
@@ -210,7 +213,7 @@ def test_attention_function_prefill_and_decode():
         # the queries are the last Lq positions: query i sees keys j <= i + S - Lq
         visible = torch.ones(Lq, S, dtype=torch.bool).tril(S - Lq)
         assert w is None and out.shape == (2, Lq, 4, 8) and out.is_contiguous()
-        torch.testing.assert_close(out, _expected(q, k, v, visible), rtol=1e-5, atol=1e-5)
+        _check(out, q, k, v, visible)
 
 
 def test_attention_function_masks_and_window():
@@ -219,15 +222,15 @@ def test_attention_function_masks_and_window():
     pad = torch.ones(2, 1, 5, 12, dtype=torch.bool)  # longer than S: cut to S, as sdpa does
     pad[1, ..., :3] = False
     out, _ = fastattn_attention_forward(m, q, k, v, pad)
-    torch.testing.assert_close(out, _expected(q, k, v, pad[..., :9]), rtol=1e-5, atol=1e-5)
+    _check(out, q, k, v, pad[..., :9])
     additive = torch.zeros(2, 1, 5, 9, dtype=torch.float64).masked_fill(~pad[..., :9], -1e9)
     out2, _ = fastattn_attention_forward(m, q, k, v, additive)  # other float dtype: cast
-    torch.testing.assert_close(out2, out, rtol=1e-5, atol=1e-5)
+    _check(out2, q, k, v, pad[..., :9])
     # sliding window without a mask: query i sees i - window < j <= i (bottom-right)
     out3, _ = fastattn_attention_forward(m, q, k, v, None, sliding_window=3)
     i = torch.arange(5)[:, None] + 4
     j = torch.arange(9)[None, :]
-    torch.testing.assert_close(out3, _expected(q, k, v, (j <= i) & (j > i - 3)), rtol=1e-5, atol=1e-5)
+    _check(out3, q, k, v, (j <= i) & (j > i - 3))
 
 
 @pytest.mark.parametrize("kwarg", ["softcap", "head_mask", "s_aux"])
