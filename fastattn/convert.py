@@ -140,11 +140,16 @@ def _matches_on_random_input(old: nn.Module, new: nn.Module, features: int, dtyp
     """Whether two norms agree on a random (8, features) input. Runs forward without hooks and
     with a private generator (the global RNG state is left untouched)."""
     device = next(old.parameters()).device
+    if device.type == "meta":
+        return False  # no values to compare
     gen = torch.Generator(device=device).manual_seed(1234)
     x = torch.randn(8, features, generator=gen, device=device, dtype=torch.float32).to(dtype)
-    with torch.no_grad():
-        a = type(old).forward(old, x)
-        b = type(new).forward(new, x)
+    try:
+        with torch.no_grad():
+            a = type(old).forward(old, x)
+            b = type(new).forward(new, x)
+    except Exception:  # a module that does not take (rows, features) input is not a plain norm
+        return False
     if not isinstance(a, torch.Tensor) or a.shape != b.shape:
         return False
     tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
