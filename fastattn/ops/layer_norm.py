@@ -98,13 +98,26 @@ def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return rows
 
 
-def _supports(backend: str, input, weight, bias) -> str | None:
-    if input.dtype not in _FLOAT_DTYPES:
-        return f"input dtype {input.dtype}"
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in _FLOAT_DTYPES:
-            return f"{name} dtype {t.dtype}"
+def _supports(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str | None:
+    """None when ``backend``'s kernels handle input/weight/bias of these dtypes, else why not."""
+    for name, dtype in zip(("input", "weight", "bias"), dtypes, strict=True):
+        if dtype is not None and dtype not in _FLOAT_DTYPES:
+            return f"{name} dtype {dtype}"
+    if backend == "triton" and device.type == "cuda" and torch.bfloat16 in dtypes:
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"bfloat16 needs compute capability >= 8.0, got {major}.{minor}"
     return None
+
+
+@torch.compiler.assume_constant_result
+def _choose(fn: str, device: torch.device, backend: str,
+            dtypes: tuple[torch.dtype | None, ...]) -> str:
+    """The backend of one call. It depends only on these static properties, so torch.compile
+    runs it once while tracing (it imports modules and reads dispatcher tables, which dynamo
+    cannot trace) and keeps the answer as a constant."""
+    return _backend.choose(fn, device, backend, lambda b: _supports(b, device, dtypes),
+                           cpp_op="layer_norm_fwd")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,16 +223,19 @@ def _norm(fn, input, normalized_shape, weight, bias, eps, residual, rms, backend
     eps = _check_eps(fn, eps)
     n = math.prod(shape)
 
-    chosen = _backend.choose(fn, input.device, backend,
-                             lambda b: _supports(b, input, weight, bias), cpp_op="layer_norm_fwd")
+    dtypes = tuple(t.dtype if t is not None else None for t in (input, weight, bias))
+    chosen = _choose(fn, input.device, backend, dtypes)
     if chosen == "reference" or input.numel() == 0:
+        # Pure PyTorch with the kernels' contract: the residual sum rounded to input's dtype,
+        # statistics of bf16/fp16 inputs in float32 (as F.layer_norm), output in input's dtype.
+        x = input if residual is None else input + residual
+        xc = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         if rms:
-            res = reference.rms_norm(input, shape, weight, eps, residual=residual)
+            out = reference.rms_norm(xc, shape, weight, eps)
         else:
-            res = reference.layer_norm(input, shape, weight, bias, eps, residual=residual)
-        out, summed = res if residual is not None else (res, None)
-        out = out.to(input.dtype)  # a float32 weight must not promote a bf16 output
-        return out if residual is None else (out, summed)
+            out = reference.layer_norm(xc, shape, weight, bias, eps)
+        out = out.to(input.dtype)
+        return out if residual is None else (out, x)
 
     x = _as_rows(input, n)  # (M, N)
     r = _as_rows(residual, n) if residual is not None else None  # (M, N)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -28,6 +29,37 @@ _MAX_FUSED_FWD = 65536
 _MAX_FUSED_BWD = 16384
 # Column block of the looping path for rows longer than the above.
 _LOOP_BLOCK = 4096
+
+
+def _interpreter_bf16_round_to_nearest() -> None:
+    """Compiled kernels round float32 -> bfloat16 to nearest-even (cvt.rn.bf16.f32), Triton 3.6's
+    interpreter truncates: a full bf16 ulp of error instead of half of one, which alone breaks
+    the 2x accuracy rule under TRITON_INTERPRET=1. Make the interpreter round like the GPU."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    original = getattr(builder, "cast_impl", None)
+    if original is None or getattr(original, "_bf16_rne", False):
+        return
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            f = np.ascontiguousarray(src.data, dtype=np.float32)
+            u = f.view(np.uint32)
+            # add 0x7fff plus the lowest kept bit, then drop the low half: ties go to even
+            out = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+            nan = np.isnan(f)
+            out[nan] = ((u[nan] >> 16) | np.uint32(0x40)).astype(np.uint16)  # stay a (quiet) NaN
+            return interpreter.TensorHandle(out, dst_type.scalar)
+        return original(self, src, dst_type)
+
+    cast_impl._bf16_rne = True
+    builder.cast_impl = cast_impl
+
+
+_interpreter_bf16_round_to_nearest()
 
 
 def _num_warps(block_n: int) -> int:
