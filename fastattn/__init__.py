@@ -7,12 +7,24 @@ are then reported unavailable by ``fastattn.backends()`` and ``backend="auto"`` 
 from fastattn import reference  # noqa: F401
 from fastattn.ops import backends
 from fastattn.ops.attention import attention_with_kvcache, scaled_dot_product_attention
+from fastattn.ops.int8 import (
+    int8_gemm,
+    int8_linear,
+    int8_weight_only_linear,
+    quantize_per_channel,
+    quantize_per_token,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention_with_kvcache",
     "backends",
+    "int8_gemm",
+    "int8_linear",
+    "int8_weight_only_linear",
+    "quantize_per_channel",
+    "quantize_per_token",
     "reference",
     "scaled_dot_product_attention",
 ]
