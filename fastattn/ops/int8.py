@@ -95,8 +95,18 @@ def _check_same_device(**tensors) -> torch.device:
     return device
 
 
-def _supports_dtype(dtype: torch.dtype) -> str | None:
-    return None if dtype in _FLOAT_DTYPES else f"dtype {dtype}"
+def _supports_dtype(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None or dtype in _FLOAT_DTYPES else f"dtype {dtype}"
+
+
+@torch.compiler.assume_constant_result
+def _choose(op: str, device: torch.device, backend: str, dtype: torch.dtype | None,
+            cpp_op: str) -> str:
+    """The backend of one call. ``dtype`` is the float dtype the kernels must handle (x's, or the
+    GEMM's out_dtype; None for int32). The answer depends only on these static properties, so
+    torch.compile runs it once while tracing (it imports modules and reads dispatcher tables,
+    which dynamo cannot trace) and keeps it as a constant."""
+    return _backend.choose(op, device, backend, lambda b: _supports_dtype(dtype), cpp_op=cpp_op)
 
 
 def _flatten_rows(x: torch.Tensor) -> torch.Tensor:
@@ -196,8 +206,7 @@ def _op(chosen: str, name: str):
 # public functions
 # ---------------------------------------------------------------------------------------------
 def _quantize_rows(op_name: str, x: torch.Tensor, backend: str):
-    chosen = _backend.choose(op_name, x.device, backend, lambda b: _supports_dtype(x.dtype),
-                             cpp_op="quantize_per_token")
+    chosen = _choose(op_name, x.device, backend, x.dtype, "quantize_per_token")
     x2 = _flatten_rows(x)  # (M, K)
     if chosen == "reference":
         q, scale = reference.quantize_per_token(x2)
@@ -298,10 +307,7 @@ def int8_gemm(
         out_dtype = None
     _check_finite("a_scale", a_scale)
     _check_finite("b_scale", b_scale)
-    chosen = _backend.choose(
-        "int8_gemm", device, backend,
-        lambda b_: None if out_dtype != torch.float64 else "out_dtype torch.float64",
-        cpp_op="int8_gemm")
+    chosen = _choose("int8_gemm", device, backend, out_dtype, "int8_gemm")
     if chosen == "reference":
         return reference.int8_gemm(a, b, a_scale, b_scale, bias, out_dtype)
     return _op(chosen, "int8_gemm")(a, b, a_scale, b_scale, bias, out_dtype)
@@ -326,8 +332,8 @@ def _check_linear_args(x, w_int8, w_scale, bias) -> torch.device:
 
 
 def _weight_only(x, w_int8, w_scale, bias, backend: str) -> torch.Tensor:
-    chosen = _backend.choose("int8_weight_only_linear", x.device, backend,
-                             lambda b: _supports_dtype(x.dtype), cpp_op="int8_weight_only_linear")
+    chosen = _choose("int8_weight_only_linear", x.device, backend, x.dtype,
+                     "int8_weight_only_linear")
     x2 = _flatten_rows(x)  # (M, K)
     if chosen == "reference":
         out = reference.int8_weight_only_linear(x2, w_int8, w_scale, bias)
@@ -385,8 +391,7 @@ def int8_linear(
     M = math.prod(x.shape[:-1])
     if M <= WEIGHT_ONLY_MAX_M.get(device.type, 0):
         return _weight_only(x, w_int8, w_scale, bias, backend)
-    chosen = _backend.choose("int8_linear", device, backend, lambda b: _supports_dtype(x.dtype),
-                             cpp_op="int8_gemm")
+    chosen = _choose("int8_linear", device, backend, x.dtype, "int8_gemm")
     x2 = _flatten_rows(x)  # (M, K)
     if chosen == "reference":
         out = reference.int8_linear(x2, w_int8, w_scale, bias)
