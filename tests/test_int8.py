@@ -261,12 +261,22 @@ def test_int8_linear_w8a8(kernel, dtype):
         assert_close_rule(out, ref_hi, reference.int8_linear(x, w_int8, w_scale, b))
 
 
-def test_int8_linear_small_m_is_weight_only(kernel):
-    M = fastattn.ops.int8.WEIGHT_ONLY_MAX_M["cpu"]
-    x, w_int8, w_scale, b = _linear_operands(M, 40, 24, torch.float32)
-    out = fastattn.int8_linear(x, w_int8, w_scale, b, backend=kernel)
-    want = reference.int8_weight_only_linear(x.double(), w_int8, w_scale.double(), b.double())
-    assert_close_rule(out, want, reference.int8_weight_only_linear(x, w_int8, w_scale, b))
+def test_int8_linear_small_m_dispatch(kernel, monkeypatch):
+    # rows <= WEIGHT_ONLY_MAX_M[device] take the weight-only path on every backend alike
+    monkeypatch.setitem(fastattn.ops.int8.WEIGHT_ONLY_MAX_M, "cpu", 3)
+    for M, path in [(3, "weight_only"), (4, "w8a8")]:
+        x, w_int8, w_scale, b = _linear_operands(M, 40, 24, torch.float32)
+        out = fastattn.int8_linear(x, w_int8, w_scale, b, backend=kernel)
+        if path == "weight_only":
+            want = reference.int8_weight_only_linear(x.double(), w_int8, w_scale.double(), b.double())
+            lowp = reference.int8_weight_only_linear(x, w_int8, w_scale, b)
+        else:
+            want = reference.int8_linear(x.double(), w_int8, w_scale.double(), b.double())
+            lowp = reference.int8_linear(x, w_int8, w_scale, b)
+        assert_close_rule(out, want, lowp, name=f"{path} M={M}")
+        other = (reference.int8_linear(x, w_int8, w_scale, b) if path == "weight_only"
+                 else reference.int8_weight_only_linear(x, w_int8, w_scale, b))
+        assert not torch.equal(out, other)  # the two paths round differently: it took `path`
 
 
 @pytest.mark.parametrize("M", [1, 64])
@@ -321,9 +331,9 @@ def test_backward_raises():
     x = torch.randn(20, 16, requires_grad=True)
     with pytest.raises(RuntimeError, match="inference-only"):
         q(x).sum().backward()
-    x1 = torch.randn(1, 16, requires_grad=True)  # the weight-only path
+    x1 = torch.randn(1, 16, requires_grad=True)
     with pytest.raises(RuntimeError, match="inference-only"):
-        q(x1).sum().backward()
+        fastattn.int8_weight_only_linear(x1, q.weight, q.weight_scale).sum().backward()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,10 +373,12 @@ def test_torch_compile_fullgraph():
 
     want = 2 * reference.int8_linear(x, w_int8, w_scale, b)
     torch.testing.assert_close(f(x, w_int8, w_scale, b), want, rtol=1e-6, atol=1e-6)
-    x1 = x[:1]  # the weight-only path traces too
-    want1 = 2 * reference.int8_linear(x1, w_int8, w_scale, b)
-    got1 = torch.compile(fastattn.int8_linear, fullgraph=True)(x1, w_int8, w_scale, b) * 2
-    assert sqnr_db(want1, got1) > 30
+    x1 = x[:2]  # decode-sized, and the weight-only op
+    g = torch.compile(lambda *a: fastattn.int8_linear(*a) + fastattn.int8_weight_only_linear(*a),
+                      fullgraph=True)
+    want1 = (reference.int8_linear(x1, w_int8, w_scale, b)
+             + reference.int8_weight_only_linear(x1, w_int8, w_scale, b))
+    torch.testing.assert_close(g(x1, w_int8, w_scale, b), want1, rtol=1e-5, atol=1e-5)
 
 
 def test_torch_compile_triton():

@@ -55,6 +55,10 @@ namespace {
 enum class Isa : int { kScalar = 0, kVnni = 1, kAmx = 2 };
 
 #ifdef FASTATTN_X86
+// Loops over register-blocked accumulators are unrolled before GCC decides where arrays of
+// vectors live: left to -O3's later unrolling, acc[MR][NR] of the micro-kernels is kept in memory
+// and stored on every iteration (measured 2x slower).
+#define FA_UNROLL _Pragma("GCC unroll 32")
 #define FA_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define FA_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 #define FA_TARGET_AMX \
@@ -222,18 +226,18 @@ FA_TARGET_AVX512 inline void store_row16(const Epilogue& ep, int64_t m, int64_t 
 // In-register transpose of a 16x16 matrix of 32-bit words: r[i] lane j -> r[j] lane i.
 FA_TARGET_AVX512 inline void transpose16x16_epi32(__m512i r[16]) {
   __m512i a[16], b[16];
-  for (int i = 0; i < 16; i += 2) {
+  FA_UNROLL for (int i = 0; i < 16; i += 2) {
     a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
     a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
   }
   // b[i + c] holds, in 128-bit lane L, column 4L + c of rows i..i+3
-  for (int i = 0; i < 16; i += 4) {
+  FA_UNROLL for (int i = 0; i < 16; i += 4) {
     b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
     b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
     b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
     b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
   }
-  for (int c = 0; c < 4; ++c) {
+  FA_UNROLL for (int c = 0; c < 4; ++c) {
     const __m512i s0 = _mm512_shuffle_i32x4(b[c], b[4 + c], _MM_SHUFFLE(1, 0, 1, 0));
     const __m512i s1 = _mm512_shuffle_i32x4(b[c], b[4 + c], _MM_SHUFFLE(3, 2, 3, 2));
     const __m512i s2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], _MM_SHUFFLE(1, 0, 1, 0));
@@ -256,7 +260,7 @@ FA_TARGET_VNNI void pack_vnni_group(const int8_t* src, int64_t ld, int64_t rows,
   for (int64_t k0 = 0; k0 < kp; k0 += 64) {
     const int64_t valid = std::min<int64_t>(64, std::max<int64_t>(0, K - k0));
     const __mmask64 mask = valid >= 64 ? ~__mmask64(0) : ((__mmask64(1) << valid) - 1);
-    for (int j = 0; j < 16; ++j)
+    FA_UNROLL for (int j = 0; j < 16; ++j)
       r[j] = j < rows ? _mm512_maskz_loadu_epi8(mask, src + j * ld + k0) : _mm512_setzero_si512();
     transpose16x16_epi32(r);
     const int64_t n4 = std::min<int64_t>(16, (kp - k0) / 4);
@@ -308,21 +312,21 @@ template <int MR, int NR>
 FA_TARGET_VNNI void vnni_kernel(const uint8_t* au, int64_t lda, const int8_t* bp, int64_t ldg,
                                 int64_t nk4, int32_t* c, bool accumulate) {
   __m512i acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j)
+  FA_UNROLL for (int i = 0; i < MR; ++i)
+    FA_UNROLL for (int j = 0; j < NR; ++j)
       acc[i][j] = accumulate ? _mm512_load_si512(c + i * 64 + j * 16) : _mm512_setzero_si512();
   for (int64_t q = 0; q < nk4; ++q) {
     __m512i bv[NR];
-    for (int j = 0; j < NR; ++j) bv[j] = _mm512_loadu_si512(bp + j * ldg + q * 64);
-    for (int i = 0; i < MR; ++i) {
+    FA_UNROLL for (int j = 0; j < NR; ++j) bv[j] = _mm512_loadu_si512(bp + j * ldg + q * 64);
+    FA_UNROLL for (int i = 0; i < MR; ++i) {
       int32_t word;
       std::memcpy(&word, au + i * lda + q * 4, 4);
       const __m512i av = _mm512_set1_epi32(word);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, bv[j]);
+      FA_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, bv[j]);
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) _mm512_store_si512(c + i * 64 + j * 16, acc[i][j]);
+  FA_UNROLL for (int i = 0; i < MR; ++i)
+    FA_UNROLL for (int j = 0; j < NR; ++j) _mm512_store_si512(c + i * 64 + j * 16, acc[i][j]);
 }
 
 template <int MR>
@@ -373,6 +377,100 @@ FA_TARGET_VNNI void vnni_store(const Epilogue& ep, const int32_t* c, const int32
                                            _mm512_loadu_si512(comp + n0 + j));
       store_row16(ep, m0 + i, n0 + j, N - n0 - j, acc);
     }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Small M (decoding): dot products along K. b is read row by row as it lies in memory, 64 k per
+// dpbusd, so nothing is packed and the kernel streams b once at memory speed; the tile kernels
+// would pack b or a and spend 32-row AMX tiles (or 6-row VNNI blocks) on a handful of rows.
+// ------------------------------------------------------------------------------------------------
+constexpr int kDotMR = 4;          // rows of a per micro-kernel
+constexpr int kDotNR = 4;          // rows of b per micro-kernel
+
+// Largest M for which the dot-product kernel beats the tile kernels (measured, K = N = 4096 and
+// K = 768, N = 3072, one core): up to 8 rows against the VNNI tiles; against AMX only for one
+// row, or two when K is long enough (>= 2048) for the streaming to dominate.
+inline int64_t dot_max_m(Isa isa, int64_t K) {
+  if (isa == Isa::kVnni) return 8;
+  return K >= 2048 ? 2 : 1;
+}
+
+// acc[i][j] = sum_k au[i][k] * b[j][k] (au = a + 128, unsigned) and comp[j] = sum_k b[j][k];
+// out[i * kDotNR + j] = acc - 128 * comp, the exact signed product.
+template <int MR, int NR>
+FA_TARGET_VNNI void dot_kernel(const uint8_t* au, int64_t lda, const int8_t* b, int64_t ldb,
+                               int64_t K, int32_t* out) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc[MR][NR], comp[NR];
+  FA_UNROLL for (int j = 0; j < NR; ++j) {
+    comp[j] = _mm512_setzero_si512();
+    FA_UNROLL for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_setzero_si512();
+  }
+  for (int64_t k = 0; k < K; k += 64) {
+    const int64_t valid = std::min<int64_t>(64, K - k);
+    const __mmask64 mask = valid >= 64 ? ~__mmask64(0) : ((__mmask64(1) << valid) - 1);
+    __m512i bv[NR];
+    FA_UNROLL for (int j = 0; j < NR; ++j) {
+      bv[j] = _mm512_maskz_loadu_epi8(mask, b + j * ldb + k);
+      comp[j] = _mm512_dpbusd_epi32(comp[j], ones, bv[j]);
+    }
+    FA_UNROLL for (int i = 0; i < MR; ++i) {
+      const __m512i av = _mm512_loadu_si512(au + i * lda + k);  // rows padded to 64 bytes
+      FA_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, bv[j]);
+    }
+  }
+  FA_UNROLL for (int j = 0; j < NR; ++j) {
+    const int32_t c = _mm512_reduce_add_epi32(comp[j]);
+    FA_UNROLL for (int i = 0; i < MR; ++i)
+      out[i * kDotNR + j] = static_cast<int32_t>(
+          static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i][j])) - 128u * static_cast<uint32_t>(c));
+  }
+}
+
+template <int MR>
+FA_TARGET_VNNI void dot_kernel_nr(int nr, const uint8_t* au, int64_t lda, const int8_t* b,
+                                  int64_t ldb, int64_t K, int32_t* out) {
+  switch (nr) {
+    case 1: dot_kernel<MR, 1>(au, lda, b, ldb, K, out); break;
+    case 2: dot_kernel<MR, 2>(au, lda, b, ldb, K, out); break;
+    case 3: dot_kernel<MR, 3>(au, lda, b, ldb, K, out); break;
+    default: dot_kernel<MR, kDotNR>(au, lda, b, ldb, K, out); break;
+  }
+}
+
+FA_TARGET_VNNI void dot_micro(int mr, int nr, const uint8_t* au, int64_t lda, const int8_t* b,
+                              int64_t ldb, int64_t K, int32_t* out) {
+  switch (mr) {
+    case 1: dot_kernel_nr<1>(nr, au, lda, b, ldb, K, out); break;
+    case 2: dot_kernel_nr<2>(nr, au, lda, b, ldb, K, out); break;
+    case 3: dot_kernel_nr<3>(nr, au, lda, b, ldb, K, out); break;
+    default: dot_kernel_nr<kDotMR>(nr, au, lda, b, ldb, K, out); break;
+  }
+}
+
+FA_TARGET_AVX512 void shift_rows_u8(const int8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t K,
+                                    int64_t kp, uint8_t* au);
+
+void gemm_dot(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t M, int64_t N,
+              int64_t K, const Epilogue& ep) {
+  const int64_t kp = round_up(K, 64);
+  at::Tensor au_t = at::empty({M * kp}, at::kByte);
+  uint8_t* au = au_t.data_ptr<uint8_t>();
+  shift_rows_u8(a, lda, 0, M, K, kp, au);
+  constexpr int64_t kRowsPerTask = 16;  // rows of b
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, kRowsPerTask * K));
+  at::parallel_for(0, ceil_div(N, kRowsPerTask), grain, [&](int64_t t0, int64_t t1) {
+    int32_t acc[kDotMR * kDotNR];
+    for (int64_t n = t0 * kRowsPerTask; n < std::min(N, t1 * kRowsPerTask); n += kDotNR) {
+      const int nr = static_cast<int>(std::min<int64_t>(kDotNR, N - n));
+      for (int64_t m = 0; m < M; m += kDotMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kDotMR, M - m));
+        dot_micro(mr, nr, au + m * kp, kp, b + n * ldb, ldb, K, acc);
+        for (int i = 0; i < mr; ++i)
+          for (int j = 0; j < nr; ++j) store_scalar(ep, m + i, n + j, acc[i * kDotNR + j]);
+      }
+    }
+  });
 }
 
 void gemm_vnni(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t M, int64_t N,
@@ -496,7 +594,7 @@ FA_TARGET_AMX void amx_store(const Epilogue& ep, const int32_t* c, int64_t r0, i
   __m512i t[16];
   for (int64_t ih = 0; ih < rows; ih += 16)
     for (int64_t jh = 0; jh < cols; jh += 16) {
-      for (int i = 0; i < 16; ++i) t[i] = _mm512_load_si512(c + (ih + i) * 32 + jh);
+      FA_UNROLL for (int i = 0; i < 16; ++i) t[i] = _mm512_load_si512(c + (ih + i) * 32 + jh);
       transpose16x16_epi32(t);
       for (int64_t j = 0; j < std::min<int64_t>(16, cols - jh); ++j)
         store_row16(ep, q0 + jh + j, r0 + ih, rows - ih, t[j]);
@@ -626,24 +724,35 @@ FA_TARGET_AVX512 void quantize_rows_avx512(const T* x, int64_t ldx, int64_t m0, 
 constexpr int kWoN = 4;  // rows of w per micro-kernel
 constexpr int kWoM = 4;  // rows of x per micro-kernel: 16 accumulators
 
+// With few accumulators (MR * NR <= 8) the FMA latency (4 cycles) would bound the loop: K is
+// then split over two independent accumulator banks (even/odd 16-element chunks).
 template <int MR, int NR>
 FA_TARGET_AVX512 void wo_kernel(const float* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t K,
                                 float* dots /* (MR, NR) */) {
-  __m512 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 mask = tail_mask16(K - k);
-    __m512 wv[NR];
-    for (int j = 0; j < NR; ++j)
-      wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + j * ldw + k)));
-    for (int i = 0; i < MR; ++i) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + i * ldx + k);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+  constexpr int kBanks = MR * NR <= 8 ? 2 : 1;
+  __m512 acc[kBanks][MR][NR];
+  FA_UNROLL for (int u = 0; u < kBanks; ++u)
+    FA_UNROLL for (int i = 0; i < MR; ++i)
+      FA_UNROLL for (int j = 0; j < NR; ++j) acc[u][i][j] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += 16 * kBanks) {
+    FA_UNROLL for (int u = 0; u < kBanks; ++u) {
+      const int64_t k = k0 + 16 * u;
+      const __mmask16 mask = tail_mask16(std::max<int64_t>(0, K - k));
+      __m512 wv[NR];
+      FA_UNROLL for (int j = 0; j < NR; ++j)
+        wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + j * ldw + k)));
+      FA_UNROLL for (int i = 0; i < MR; ++i) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mask, x + i * ldx + k);
+        FA_UNROLL for (int j = 0; j < NR; ++j) acc[u][i][j] = _mm512_fmadd_ps(xv, wv[j], acc[u][i][j]);
+      }
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) dots[i * NR + j] = _mm512_reduce_add_ps(acc[i][j]);
+  FA_UNROLL for (int i = 0; i < MR; ++i)
+    FA_UNROLL for (int j = 0; j < NR; ++j) {
+      __m512 v = acc[0][i][j];
+      if constexpr (kBanks == 2) v = _mm512_add_ps(v, acc[1][i][j]);
+      dots[i * NR + j] = _mm512_reduce_add_ps(v);
+    }
 }
 
 template <int MR>
@@ -778,6 +887,11 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in,
   const int8_t* bp = b.const_data_ptr<int8_t>();
   const Isa isa = K == 0 ? Isa::kScalar : best_isa();
 #ifdef FASTATTN_X86
+  const int64_t dot_max = dot_max_m(isa, K);
+  if (isa != Isa::kScalar && M <= dot_max) {
+    gemm_dot(ap, a.stride(0), bp, b.stride(0), M, N, K, ep);
+    return out;
+  }
   if (isa == Isa::kAmx) {
     gemm_amx(ap, a.stride(0), bp, b.stride(0), M, N, K, ep);
     return out;

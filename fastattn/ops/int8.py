@@ -26,14 +26,14 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # int8_linear takes the weight-only path (float activations times int8 weights dequantized on
 # the fly) for M <= this many rows, and W8A8 (per-token quantization + int8 GEMM) above.
-# cpu: measured on 2 Sapphire Rapids cores (AMX), K = N = 4096 and K = 768, N = 3072, interleaved
-#   repeats: weight-only is 1.5-3x faster than W8A8 at M = 1-2 (W8A8 pays the activation
-#   quantization and packing a into the tile layout, and a 32-row AMX tile for one row), equal
-#   around M = 4, and W8A8 is ahead from M = 8 (its int8 tiles do 32x the MACs per instruction of
-#   the float32 FMAs).
+# cpu: never. Measured on 2 Sapphire Rapids cores, one thread, K = N = 4096 and K = 768,
+#   N = 3072: even at M = 1 W8A8 is 1.3-1.4x faster (quantizing one row costs ~40 us; the int8
+#   GEMM's dot-product kernel streams the weight at 64 MACs per VNNI instruction, while the
+#   weight-only kernel spends two conversions per 16 weights before each float32 FMA), and the gap
+#   widens with M (AMX tiles). The weight-only op stays available as int8_weight_only_linear.
 # cuda: both paths read the int8 weight once and are bandwidth-bound while M is within one 16-row
 #   tensor-core tile; weight-only saves the quantization launch there. Not measured on a GPU yet.
-WEIGHT_ONLY_MAX_M = {"cpu": 4, "cuda": 16}
+WEIGHT_ONLY_MAX_M = {"cpu": 0, "cuda": 16}
 
 _backend.register_op("quantize_per_token", "quantize_per_token")
 _backend.register_op("quantize_per_channel", "quantize_per_token")
