@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import fastattn
 from fastattn import reference
 from fastattn.ops import _backend
+from fastattn.ops import layer_norm as layer_norm_ops
 from tests.helpers import BACKENDS_UNDER_TEST, assert_close_rule, nan_padded, skip_unless_backend
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -34,14 +35,16 @@ CASES = [
     ((3, 4096), 4096, True, False, True),
     ((1, 8192), 8192, True, True, True),
 ]
-# long rows, on the kernel backends, one (norm, dtype) pair each to keep the interpreter short
+# long rows, on the kernel backends, one (norm, dtype) pair each to keep the interpreter short.
+# Triton keeps rows of up to 16K (forward) / 8K (backward) elements in registers and loops over
+# column blocks beyond; (1, 8192) above is the largest register-resident backward.
 LONG_CASES = [
+    # register-resident forward, column-looping backward
     ((2, 16384), 16384, False, False, False, False, torch.float16),
     ((2, 16384), 16384, True, True, True, True, torch.bfloat16),
-    # Triton: register-resident forward, column-looping backward
+    # column loops forward and backward
     ((2, 65536), 65536, True, True, True, False, torch.bfloat16),
     ((2, 65536), 65536, True, False, False, True, torch.float32),
-    # Triton: column loop forward and backward
     ((1, 66001), 66001, True, True, False, False, torch.float32),
     ((1, 66001), 66001, True, False, True, True, torch.bfloat16),
 ]
@@ -388,6 +391,7 @@ def test_backends_lists_the_ops():
 
 def test_float64_falls_back_to_reference_with_warning():
     _backend._warn_fallback.cache_clear()
+    layer_norm_ops._choose_cached.cache_clear()
     x = torch.randn(3, 10, dtype=torch.float64)
     with pytest.warns(UserWarning, match="layer_norm"):
         out = fastattn.layer_norm(x, 10)
