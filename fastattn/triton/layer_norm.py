@@ -16,6 +16,7 @@ The launchers take and return exactly what the C++ op ``fastattn::layer_norm_fwd
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -321,6 +322,11 @@ def _num_groups(device_index: int | None, device_type: str) -> int:
     return 8  # the interpreter runs programs one after another: few long programs are cheapest
 
 
+def _on_device(t: torch.Tensor):
+    # Triton launches on the current CUDA device, not necessarily the tensors' one
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _check_rows(t: torch.Tensor, name: str) -> None:
     if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
         raise ValueError(f"{name} must be 2-D with stride(1) == 1, got shape {tuple(t.shape)} "
@@ -356,16 +362,18 @@ def layer_norm_fwd(
     # unused pointers get a valid tensor: Triton needs a real pointer argument
     r = residual if residual is not None else input
     ro = residual_out if residual is not None else out
-    _layer_norm_fwd_kernel[(M,)](
-        input, r, weight if weight is not None else input, bias if bias is not None else input,
-        out, ro, mean, rstd,
-        N,
-        input.stride(0), r.stride(0), out.stride(0), ro.stride(0),
-        eps,
-        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, RMS=rms, BLOCK_N=block_n, SINGLE_BLOCK=single,
-        num_warps=_num_warps(block_n),
-    )
+    w = weight if weight is not None else input
+    b = bias if bias is not None else input
+    with _on_device(input):
+        _layer_norm_fwd_kernel[(M,)](
+            input, r, w, b, out, ro, mean, rstd,
+            N,
+            input.stride(0), r.stride(0), out.stride(0), ro.stride(0),
+            eps,
+            HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None, RMS=rms, BLOCK_N=block_n, SINGLE_BLOCK=single,
+            num_warps=_num_warps(block_n),
+        )
     return out, residual_out, mean, rstd
 
 
@@ -401,27 +409,28 @@ def layer_norm_bwd(
         db_part = alloc((groups, N), dtype=torch.float32, device=x.device)
     else:
         dw_part = db_part = mean  # never touched
-    if M > 0:
-        dres = grad_residual_out if has_dres else grad_out
-        _layer_norm_bwd_kernel[(groups,)](
-            grad_out, dres, x, weight if weight is not None else x, mean, rstd, dx,
-            dw_part, db_part,
-            M, N, triton.cdiv(M, groups),
-            grad_out.stride(0), dres.stride(0), x.stride(0), dx.stride(0),
-            dw_part.stride(0) if partials else 0,
-            HAS_DRES=has_dres, HAS_WEIGHT=weight is not None, PARTIALS=partials, RMS=rms,
-            BLOCK_N=block_n, SINGLE_BLOCK=single, num_warps=_num_warps_bwd(block_n),
-        )
+    dres = grad_residual_out if has_dres else grad_out
+    w = weight if weight is not None else x
+    with _on_device(x):
+        if M > 0:
+            _layer_norm_bwd_kernel[(groups,)](
+                grad_out, dres, x, w, mean, rstd, dx, dw_part, db_part,
+                M, N, triton.cdiv(M, groups),
+                grad_out.stride(0), dres.stride(0), x.stride(0), dx.stride(0),
+                dw_part.stride(0) if partials else 0,
+                HAS_DRES=has_dres, HAS_WEIGHT=weight is not None, PARTIALS=partials, RMS=rms,
+                BLOCK_N=block_n, SINGLE_BLOCK=single, num_warps=_num_warps_bwd(block_n),
+            )
 
-    def reduce(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        res = torch.empty((N,), dtype=like.dtype, device=x.device)
-        if M == 0:
-            return res.zero_()
-        block = min(1024, triton.next_power_of_2(max(N, 1)))
-        _sum_partials_kernel[(triton.cdiv(N, block),)](
-            part, res, groups, N, part.stride(0), BLOCK_N=block, num_warps=4)
-        return res
+        def reduce(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            res = torch.empty((N,), dtype=like.dtype, device=x.device)
+            if M == 0:
+                return res.zero_()
+            block = min(1024, triton.next_power_of_2(max(N, 1)))
+            _sum_partials_kernel[(triton.cdiv(N, block),)](
+                part, res, groups, N, part.stride(0), BLOCK_N=block, num_warps=4)
+            return res
 
-    dw = reduce(dw_part, weight) if weight is not None else x.new_empty((0,))
-    db = reduce(db_part, bias) if bias is not None else x.new_empty((0,))
+        dw = reduce(dw_part, weight) if weight is not None else x.new_empty((0,))
+        db = reduce(db_part, bias) if bias is not None else x.new_empty((0,))
     return dx, dw, db
