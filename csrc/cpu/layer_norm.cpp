@@ -110,8 +110,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
   const int64_t M = input.size(0), N = input.size(1);
   const auto dtype = input.scalar_type();
   check_rows(input, "input", M, N, dtype);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "fastattn::layer_norm: eps must be finite and >= 0, got ",
-              eps);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0,
+              "fastattn::layer_norm: eps must be finite and >= 0, got ", eps);
   TORCH_CHECK(!(rms && bias.has_value()), "fastattn::layer_norm: rms norm takes no bias");
   if (residual.has_value()) check_rows(*residual, "residual", M, N, dtype);
   const at::Tensor w = affine_f32(weight, "weight", N, 1.f);
