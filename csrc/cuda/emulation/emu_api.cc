@@ -1,0 +1,116 @@
+// C entry points into the emulated kernels and the launch-parameter helpers, loaded with ctypes
+// by tests/test_cuda_build.py. Each takes flat arrays of sizes and element strides and calls the
+// same torch-free launcher the CUDA build uses.
+#include <cstdint>
+#include <string>
+
+#include "../attention.h"
+#include "../common.cuh"
+#include "../launch_params.h"
+
+namespace fc = fastattn::cuda;
+
+namespace {
+
+std::string g_message;
+
+int finish(cudaError_t err) {
+  if (!fa_emu::last_error().empty()) {
+    g_message = fa_emu::last_error();
+    return err == cudaSuccess ? int(cudaErrorLaunchFailure) : int(err);
+  }
+  g_message = err == cudaSuccess ? "" : "launcher returned error " + std::to_string(int(err));
+  return int(err);
+}
+
+fc::DType dtype_of(int code) {
+  return code == 0 ? fc::DType::kFloat32 : (code == 1 ? fc::DType::kFloat16 : fc::DType::kBFloat16);
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* fa_emu_message() { return g_message.c_str(); }
+
+// order: 0 forward, 1 reverse, 2 shuffled, 3 cycling; eager: cp.async lands at issue time
+void fa_emu_configure(int order_mode, int cp_async_eager) {
+  fa_emu::set_order_mode(order_mode);
+  fa_emu::set_cp_async_eager(cp_async_eager != 0);
+}
+
+long long fa_emu_collectives() { return fa_emu::collective_count(); }
+
+// ---- launch parameters -----------------------------------------------------------------------
+int fa_emu_head_dim_bucket(int d) { return fc::head_dim_bucket(d); }
+
+void fa_emu_attn_fwd_tile(int d, int* out5) {
+  const fc::AttnFwdTile t = fc::attn_fwd_tile(d);
+  out5[0] = t.n_warps;
+  out5[1] = t.m_tiles;
+  out5[2] = t.block_m;
+  out5[3] = t.block_n;
+  out5[4] = t.q_in_regs ? 1 : 0;
+}
+
+long long fa_emu_smem_bytes(int which, int d) {
+  switch (which) {
+    case 0: return (long long)fc::attn_fwd_smem_bytes(d);
+    case 1: return (long long)fc::attn_simt_smem_bytes<float>(d);
+    case 2: return (long long)fc::attn_bwd_dkdv_smem_bytes(d);
+    case 3: return (long long)fc::attn_bwd_dq_smem_bytes(d);
+    case 4: return (long long)fc::attn_simt_bwd_smem_bytes(d);
+    case 5: return (long long)fc::kvcache_smem_bytes<float>(d);
+    case 6: return (long long)fc::kvcache_smem_bytes<fc::bf16>(d);
+    case 7: return (long long)fc::int8_gemm_smem_bytes(fc::kInt8GemmLarge);
+    case 8: return (long long)fc::int8_gemm_smem_bytes(fc::kInt8GemmSmall);
+  }
+  return -1;
+}
+
+void fa_emu_kvcache_split(long long blocks, long long max_keys, int sms, long long* out2) {
+  const fc::KvcacheSplit s = fc::kvcache_split(blocks, max_keys, sms);
+  out2[0] = s.num_splits;
+  out2[1] = s.split_len;
+}
+
+int fa_emu_norm_config_index(long long n, int elem_bytes) {
+  return fc::norm_config_index(n, elem_bytes);
+}
+
+int fa_emu_norm_bwd_blocks(long long rows, int warps_per_row, int sms) {
+  return fc::norm_bwd_blocks(rows, warps_per_row, sms);
+}
+
+int fa_emu_int8_gemm_use_large(long long m, long long n, int sms) {
+  return fc::int8_gemm_use_large(m, n, sms) ? 1 : 0;
+}
+
+// ---- attention -------------------------------------------------------------------------------
+// st: q(b,h,l) k(b,h,s) v(b,h,s) mask(b,h,l,s) out(b,h,l) lse(b,h); sz: B H Hkv L S E Ev
+int fa_emu_attention_fwd(int dtype, const void* q, const void* k, const void* v, const void* mask,
+                         void* out, float* lse, const int64_t* st, const int* sz, float scale,
+                         int64_t wl, int64_t wr, int64_t diag) {
+  fa_emu::clear_error();
+  fc::AttnFwdParams p;
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.mask = mask;
+  p.out = out;
+  p.lse = lse;
+  p.q_stride_b = st[0], p.q_stride_h = st[1], p.q_stride_l = st[2];
+  p.k_stride_b = st[3], p.k_stride_h = st[4], p.k_stride_s = st[5];
+  p.v_stride_b = st[6], p.v_stride_h = st[7], p.v_stride_s = st[8];
+  p.mask_stride_b = st[9], p.mask_stride_h = st[10], p.mask_stride_l = st[11];
+  p.mask_stride_s = st[12];
+  p.out_stride_b = st[13], p.out_stride_h = st[14], p.out_stride_l = st[15];
+  p.lse_stride_b = st[16], p.lse_stride_h = st[17];
+  p.batch = sz[0], p.heads = sz[1], p.kv_heads = sz[2], p.len_q = sz[3], p.len_k = sz[4];
+  p.head_dim = sz[5], p.head_dim_v = sz[6];
+  p.scale = scale;
+  p.window_left = wl, p.window_right = wr, p.diag_offset = diag;
+  return finish(fc::attention_fwd(p, dtype_of(dtype), nullptr));
+}
+
+}  // extern "C"
