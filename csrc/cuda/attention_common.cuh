@@ -98,16 +98,16 @@ FA_DEVICE void store_u32(void* p, uint32_t v) {
 #endif
 }
 
-// Copies a kRows x kCols tile of a row-major 16-bit matrix (row stride `stride` elements, the
-// first rows_valid rows and cols_valid columns are real) into shared memory with row pitch
-// kPitch, zero-filling the rest. cp.async when the source is 16-byte aligned (a partial last
-// chunk uses cp.async's zero-fill), else synchronous element copies.
+// Copies a kRows x kCols tile of a row-major matrix (row stride `stride` elements; the first
+// rows_valid rows and cols_valid columns are real) into shared memory with row pitch kPitch,
+// zero-filling the rest. cp.async in 16-byte chunks when the source is 16-byte aligned (a partial
+// last chunk uses cp.async's zero-fill), else synchronous element copies.
 template <int kRows, int kCols, int kPitch, int kThreads, class T>
 FA_DEVICE void load_tile_async(T* smem, const T* gmem, int64_t stride, int rows_valid,
                                int cols_valid, bool vec, int tid) {
-  static_assert(sizeof(T) == 2, "16-bit tiles");
-  static_assert(kCols % 8 == 0, "whole 16-byte chunks");
-  constexpr int kChunks = kCols / 8;
+  constexpr int kVec = 16 / int(sizeof(T));
+  static_assert(kCols % kVec == 0 && kPitch % kVec == 0, "whole 16-byte chunks");
+  constexpr int kChunks = kCols / kVec;
   constexpr int kTotal = kRows * kChunks;
   constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
 #pragma unroll
@@ -115,22 +115,27 @@ FA_DEVICE void load_tile_async(T* smem, const T* gmem, int64_t stride, int rows_
     const int c = tid + it * kThreads;
     if (kTotal % kThreads != 0 && c >= kTotal) break;
     const int r = c / kChunks;
-    const int col = (c % kChunks) * 8;
+    const int col = (c % kChunks) * kVec;
     T* dst = smem + r * kPitch + col;
     int n = cols_valid - col;
-    n = n < 8 ? n : 8;
+    n = n < kVec ? n : kVec;
     if (r >= rows_valid || n <= 0) {
       store16(dst, uint4{0u, 0u, 0u, 0u});
       continue;
     }
     const T* src = gmem + int64_t(r) * stride + col;
     if (vec) {
-      cp_async_16(dst, src, n * 2);
+      cp_async_16(dst, src, n * int(sizeof(T)));
     } else {
-      uint16_t tmp[8];
-      const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src);
+      T tmp[kVec];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) tmp[e] = e < n ? s16[e] : uint16_t(0);
+      for (int e = 0; e < kVec; ++e) {
+        if (e < n) {
+          tmp[e] = src[e];
+        } else {
+          __builtin_memset(static_cast<void*>(&tmp[e]), 0, sizeof(T));
+        }
+      }
       uint4 u;
       __builtin_memcpy(&u, tmp, 16);
       store16(dst, u);

@@ -94,7 +94,7 @@ constexpr size_t attn_simt_bwd_smem_bytes(int head_dim) {
 struct KvcacheTile {
   int n_warps, rows, chunk, stages;
 };
-constexpr KvcacheTile kvcache_tile() { return {4, 16, 32, 2}; }
+constexpr KvcacheTile kvcache_tile() { return {8, 16, 32, 2}; }
 
 template <class T>
 constexpr size_t kvcache_smem_bytes(int head_dim) {

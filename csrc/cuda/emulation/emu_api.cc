@@ -3,6 +3,7 @@
 // same torch-free launcher the CUDA build uses.
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "../attention.h"
 #include "../common.cuh"
@@ -111,6 +112,42 @@ int fa_emu_attention_fwd(int dtype, const void* q, const void* k, const void* v,
   p.scale = scale;
   p.window_left = wl, p.window_right = wr, p.diag_offset = diag;
   return finish(fc::attention_fwd(p, dtype_of(dtype), nullptr));
+}
+
+// st: q(b,h,l) kc(b,h,s) vc(b,h,s) kn(b,h,l) vn(b,h,l) out(b,h,l); sz: B H Hkv Lq cap E
+// Returns the number of splits used in *splits_out. Workspaces are allocated here.
+int fa_emu_attention_kvcache(int dtype, const void* q, void* k_cache, void* v_cache,
+                             const int32_t* seqlens, const void* k_new, const void* v_new,
+                             void* out, const int64_t* st, const int* sz, float scale, int causal,
+                             int num_sms, int* splits_out) {
+  fa_emu::clear_error();
+  fc::KvcacheParams p;
+  p.q = q;
+  p.k_cache = k_cache;
+  p.v_cache = v_cache;
+  p.seqlens = seqlens;
+  p.k_new = k_new;
+  p.v_new = v_new;
+  p.out = out;
+  p.q_stride_b = st[0], p.q_stride_h = st[1], p.q_stride_l = st[2];
+  p.kc_stride_b = st[3], p.kc_stride_h = st[4], p.kc_stride_s = st[5];
+  p.vc_stride_b = st[6], p.vc_stride_h = st[7], p.vc_stride_s = st[8];
+  p.kn_stride_b = st[9], p.kn_stride_h = st[10], p.kn_stride_l = st[11];
+  p.vn_stride_b = st[12], p.vn_stride_h = st[13], p.vn_stride_l = st[14];
+  p.out_stride_b = st[15], p.out_stride_h = st[16], p.out_stride_l = st[17];
+  p.batch = sz[0], p.heads = sz[1], p.kv_heads = sz[2], p.len_q = sz[3], p.capacity = sz[4];
+  p.head_dim = sz[5];
+  p.scale = scale;
+  p.causal = causal != 0;
+  const fc::KvcacheWorkspace ws = fc::kvcache_plan(p, num_sms);
+  std::vector<float> partial_out(size_t(ws.partial_out_floats) + 1, 0.0f);
+  std::vector<float> partial_lse(size_t(ws.partial_lse_floats) + 1, 0.0f);
+  if (p.num_splits > 1) {
+    p.partial_out = partial_out.data();
+    p.partial_lse = partial_lse.data();
+  }
+  *splits_out = p.num_splits;
+  return finish(fc::attention_kvcache(p, dtype_of(dtype), nullptr));
 }
 
 }  // extern "C"
