@@ -38,8 +38,9 @@ cudaError_t attention_fwd(const AttnFwdParams& p, DType dtype, cudaStream_t stre
 // Backward from the saved lse; delta = rowsum(grad_out * out) - grad_lse. Writes dq (B, H, L, E),
 // dk (B, Hkv, S, E), dv (B, Hkv, S, Ev) in q's dtype and, when dmask is given, dmask = dS
 // (gradient of the additive mask) at every (i, j) with i < L, j < S that a query can see
-// (dmask must be zero-initialised: blocks outside the window are not visited). delta is a
-// float32 workspace of B * H * L elements. Deterministic: no atomics anywhere.
+// (dmask must be zero-initialised: blocks outside the window are not visited). `workspace` is a
+// float32 buffer of 2 * B * H * L elements (delta and the base-2 lse per row). Deterministic: no
+// atomics anywhere (dK/dV and dQ are computed by separate kernels).
 struct AttnBwdParams {
   const void* grad_out = nullptr;
   const void* q = nullptr;
@@ -53,7 +54,7 @@ struct AttnBwdParams {
   void* dk = nullptr;
   void* dv = nullptr;
   void* dmask = nullptr;  // may be null
-  float* delta = nullptr;
+  float* workspace = nullptr;
   int64_t do_stride_b = 0, do_stride_h = 0, do_stride_l = 0;
   int64_t q_stride_b = 0, q_stride_h = 0, q_stride_l = 0;
   int64_t k_stride_b = 0, k_stride_h = 0, k_stride_s = 0;

@@ -300,7 +300,7 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
 
 // ---- float32: SIMT -------------------------------------------------------------------------
 template <int kHeadDim>
-__global__ void __launch_bounds__(32 * attn_simt_tile().n_warps)
+__global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
     attention_fwd_simt_kernel(const FwdArgs args) {
   constexpr AttnSimtTile kTile = attn_simt_tile();
   constexpr int kThreads = 32 * kTile.n_warps, kBlockM = kTile.block_m, kChunk = kTile.chunk;

@@ -67,7 +67,7 @@ struct AttnBwdTile {
   int n_warps, block_keys, block_queries;
 };
 constexpr AttnBwdTile attn_bwd_dkdv_tile() { return {4, 64, 32}; }
-constexpr AttnBwdTile attn_bwd_dq_tile() { return {4, 64, 64}; }
+constexpr AttnBwdTile attn_bwd_dq_tile() { return {4, 32, 64}; }
 constexpr int kAttnBwdMmaMaxHeadDim = 128;
 
 constexpr size_t attn_bwd_dkdv_smem_bytes(int head_dim) {

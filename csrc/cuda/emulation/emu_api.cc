@@ -150,4 +150,46 @@ int fa_emu_attention_kvcache(int dtype, const void* q, void* k_cache, void* v_ca
   return finish(fc::attention_kvcache(p, dtype_of(dtype), nullptr));
 }
 
+// st: do(b,h,l) q k v o(b,h,l) lse(b,h) glse(b,h) mask(b,h,l,s) dq dk dv(b,h,l) dmask(b,h,l,s)
+// sz: B H Hkv L S E Ev
+int fa_emu_attention_bwd(int dtype, const void* grad_out, const void* q, const void* k,
+                         const void* v, const void* out, const float* lse, const float* grad_lse,
+                         const void* mask, void* dq, void* dk, void* dv, void* dmask,
+                         const int64_t* st, const int* sz, float scale, int64_t wl, int64_t wr,
+                         int64_t diag) {
+  fa_emu::clear_error();
+  fc::AttnBwdParams p;
+  p.grad_out = grad_out;
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.out = out;
+  p.lse = lse;
+  p.grad_lse = grad_lse;
+  p.mask = mask;
+  p.dq = dq;
+  p.dk = dk;
+  p.dv = dv;
+  p.dmask = dmask;
+  int i = 0;
+  int64_t* fields[] = {&p.do_stride_b, &p.do_stride_h, &p.do_stride_l, &p.q_stride_b,
+                       &p.q_stride_h, &p.q_stride_l, &p.k_stride_b, &p.k_stride_h,
+                       &p.k_stride_s, &p.v_stride_b, &p.v_stride_h, &p.v_stride_s,
+                       &p.o_stride_b, &p.o_stride_h, &p.o_stride_l, &p.lse_stride_b,
+                       &p.lse_stride_h, &p.glse_stride_b, &p.glse_stride_h, &p.mask_stride_b,
+                       &p.mask_stride_h, &p.mask_stride_l, &p.mask_stride_s, &p.dq_stride_b,
+                       &p.dq_stride_h, &p.dq_stride_l, &p.dk_stride_b, &p.dk_stride_h,
+                       &p.dk_stride_s, &p.dv_stride_b, &p.dv_stride_h, &p.dv_stride_s,
+                       &p.dmask_stride_b, &p.dmask_stride_h, &p.dmask_stride_l,
+                       &p.dmask_stride_s};
+  for (int64_t* f : fields) *f = st[i++];
+  p.batch = sz[0], p.heads = sz[1], p.kv_heads = sz[2], p.len_q = sz[3], p.len_k = sz[4];
+  p.head_dim = sz[5], p.head_dim_v = sz[6];
+  p.scale = scale;
+  p.window_left = wl, p.window_right = wr, p.diag_offset = diag;
+  std::vector<float> workspace(size_t(2) * size_t(p.batch) * p.heads * p.len_q + 1, 0.0f);
+  p.workspace = workspace.data();
+  return finish(fc::attention_bwd(p, dtype_of(dtype), nullptr));
+}
+
 }  // extern "C"
