@@ -6,11 +6,10 @@
 
 #include <driver_types.h>
 
+#include "dtype.h"
 #include "launch_params.h"
 
 namespace fastattn::cuda {
-
-enum class DType { kFloat32, kFloat16, kBFloat16 };
 
 // Query i may see key j iff j - i lies in [diag_offset - window_left, diag_offset + window_right]
 // (a negative window side is unbounded) and j < len_k. The last dimension of q/k/v/out is

@@ -48,21 +48,6 @@ inline cudaError_t dispatch_head_dim(int head_dim, F&& f) {
   }
 }
 
-template <class T>
-struct TypeTag {
-  using type = T;
-};
-
-template <class F>
-inline cudaError_t dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(TypeTag<float>());
-    case DType::kFloat16: return f(TypeTag<fp16>());
-    case DType::kBFloat16: return f(TypeTag<bf16>());
-  }
-  return cudaErrorInvalidValue;
-}
-
 // Key j is visible to query i iff lo_rel <= j - i <= hi_rel (and j < S). Unbounded sides and
 // out-of-range windows are clamped to [-(L + 1), S + 1], where they are always / never met, so
 // the kernels do plain int32 arithmetic.
@@ -78,15 +63,6 @@ inline VisibleRange visible_range(int64_t window_left, int64_t window_right, int
   lo = lo < floor_ ? floor_ : (lo > ceil_ ? ceil_ : lo);
   hi = hi < floor_ ? floor_ : (hi > ceil_ ? ceil_ : hi);
   return {int(lo), int(hi)};
-}
-
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// A tensor can be moved in 16-byte chunks when its base is 16-byte aligned and every stride
-// (in elements) keeps that alignment.
-inline bool vec_ok(const void* base, int elem_bytes, int64_t s0, int64_t s1, int64_t s2) {
-  const int64_t per = 16 / elem_bytes;
-  return base != nullptr && aligned16(base) && s0 % per == 0 && s1 % per == 0 && s2 % per == 0;
 }
 
 FA_DEVICE void store_u32(void* p, uint32_t v) {

@@ -10,8 +10,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include <type_traits>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include "dtype.h"
 
 #if defined(FASTATTN_EMULATE)
 #include <driver_types.h>
@@ -54,6 +58,31 @@ inline cudaError_t allow_smem(Kernel kernel, size_t bytes) {
 }
 
 inline unsigned ceil_div(int64_t a, int64_t b) { return unsigned((a + b - 1) / b); }
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// A tensor can be moved in 16-byte chunks when its base is 16-byte aligned and every stride
+// (in elements) keeps that alignment.
+inline bool vec_ok(const void* base, int elem_bytes, int64_t s0, int64_t s1 = 0, int64_t s2 = 0) {
+  const int64_t per = 16 / elem_bytes;
+  return base != nullptr && aligned16(base) && s0 % per == 0 && s1 % per == 0 && s2 % per == 0;
+}
+
+template <class T>
+struct TypeTag {
+  using type = T;
+};
+
+// f(TypeTag<T>) for the element type of dtype.
+template <class F>
+inline cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(TypeTag<float>());
+    case DType::kFloat16: return f(TypeTag<fp16>());
+    case DType::kBFloat16: return f(TypeTag<bf16>());
+  }
+  return cudaErrorInvalidValue;
+}
 
 // ---- element types ---------------------------------------------------------------------------
 FA_DEVICE float to_float(float x) { return x; }

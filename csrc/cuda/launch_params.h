@@ -130,8 +130,12 @@ struct NormConfig {
   int warps_per_row, vecs_per_thread, rows_per_block;
 };
 constexpr NormConfig kNormConfigs[6] = {
-    {1, 1, 4}, {1, 4, 4}, {4, 4, 1}, {8, 4, 1}, {16, 4, 1}, {32, 4, 1},
+    {1, 1, 4}, {1, 4, 4}, {4, 4, 1}, {8, 4, 1}, {16, 4, 1}, {16, 8, 1},
 };
+// The backward of configs up to this index also sums grad_weight / grad_bias in registers (two
+// accumulators of vecs_per_thread vectors per thread); above it the register file of 512-thread
+// blocks is too small and a column kernel re-reads x and grad_out for them instead.
+constexpr int kNormBwdFusedMaxConfig = 3;
 
 constexpr int norm_config_index(int64_t n, int elem_bytes) {
   const int64_t vec = 16 / elem_bytes;
@@ -144,11 +148,26 @@ constexpr int norm_config_index(int64_t n, int elem_bytes) {
 }
 
 // Backward: blocks loop over rows with a stride; each writes per-column partial sums of
-// grad_weight / grad_bias that a second kernel adds up in block order (deterministic).
-constexpr int norm_bwd_blocks(int64_t rows, int warps_per_row, int num_sms) {
-  const int64_t per_sm = warps_per_row >= 8 ? 2 : (warps_per_row >= 4 ? 4 : 8);
-  const int64_t want = int64_t(num_sms > 0 ? num_sms : 1) * per_sm;
-  return int(rows < want ? (rows > 0 ? rows : 1) : want);
+// grad_weight / grad_bias that a second kernel adds up in block order (deterministic). Two
+// blocks per SM keep the partial buffer (blocks x N floats) small next to the gradients.
+constexpr int norm_bwd_blocks(int64_t rows, int rows_per_block, int num_sms) {
+  const int64_t need = ceil_div64(rows > 0 ? rows : 1, rows_per_block > 0 ? rows_per_block : 1);
+  const int64_t want = 2 * int64_t(num_sms > 0 ? num_sms : 1);
+  return int(need < want ? need : want);
+}
+
+// The generic (unaligned or very long rows) kernels: a block of norm_generic_threads per row.
+constexpr int kNormGenericThreads = 256;
+
+// Column kernel for grad_weight / grad_bias: a thread per column, rows split into chunks so
+// that about 8 blocks of 256 threads per SM are busy; one partial row per chunk.
+constexpr int norm_param_grad_splits(int64_t rows, int64_t cols, int num_sms) {
+  const int64_t col_blocks = ceil_div64(cols > 0 ? cols : 1, 256);
+  const int64_t want = ceil_div64(8 * int64_t(num_sms > 0 ? num_sms : 1), col_blocks);
+  const int64_t max_splits = ceil_div64(rows > 0 ? rows : 1, 32);  // >= 32 rows per chunk
+  int64_t s = want < max_splits ? want : max_splits;
+  s = s < 1024 ? s : 1024;
+  return int(s > 1 ? s : 1);
 }
 
 // ---- int8 ------------------------------------------------------------------------------------

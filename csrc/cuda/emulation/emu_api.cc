@@ -7,6 +7,7 @@
 
 #include "../attention.h"
 #include "../common.cuh"
+#include "../layer_norm.h"
 #include "../launch_params.h"
 
 namespace fc = fastattn::cuda;
@@ -79,8 +80,8 @@ int fa_emu_norm_config_index(long long n, int elem_bytes) {
   return fc::norm_config_index(n, elem_bytes);
 }
 
-int fa_emu_norm_bwd_blocks(long long rows, int warps_per_row, int sms) {
-  return fc::norm_bwd_blocks(rows, warps_per_row, sms);
+int fa_emu_norm_bwd_blocks(long long rows, int rows_per_block, int sms) {
+  return fc::norm_bwd_blocks(rows, rows_per_block, sms);
 }
 
 int fa_emu_int8_gemm_use_large(long long m, long long n, int sms) {
@@ -190,6 +191,64 @@ int fa_emu_attention_bwd(int dtype, const void* grad_out, const void* q, const v
   std::vector<float> workspace(size_t(2) * size_t(p.batch) * p.heads * p.len_q + 1, 0.0f);
   p.workspace = workspace.data();
   return finish(fc::attention_bwd(p, dtype_of(dtype), nullptr));
+}
+
+// ---- layer norm ------------------------------------------------------------------------------
+// st: input residual out residual_out (row strides); flags: rms, param_float32
+int fa_emu_layer_norm_fwd(int dtype, const void* input, const void* residual, const void* weight,
+                          const void* bias, void* out, void* residual_out, float* mean,
+                          float* rstd, long long rows, long long cols, const int64_t* st,
+                          float eps, int rms, int param_float32) {
+  fa_emu::clear_error();
+  fc::LayerNormFwdParams p;
+  p.input = input;
+  p.residual = residual;
+  p.weight = weight;
+  p.bias = bias;
+  p.out = out;
+  p.residual_out = residual_out;
+  p.mean = mean;
+  p.rstd = rstd;
+  p.rows = rows;
+  p.cols = cols;
+  p.input_stride = st[0], p.residual_stride = st[1], p.out_stride = st[2];
+  p.residual_out_stride = st[3];
+  p.eps = eps;
+  p.rms = rms != 0;
+  p.param_float32 = param_float32 != 0;
+  return finish(fc::layer_norm_fwd(p, dtype_of(dtype), nullptr));
+}
+
+// st: grad_out grad_residual_out x grad_input (row strides)
+int fa_emu_layer_norm_bwd(int dtype, const void* grad_out, const void* grad_residual_out,
+                          const void* x, const void* weight, const float* mean, const float* rstd,
+                          void* grad_input, void* grad_weight, void* grad_bias, long long rows,
+                          long long cols, const int64_t* st, int rms, int param_float32,
+                          int num_sms) {
+  fa_emu::clear_error();
+  fc::LayerNormBwdParams p;
+  p.grad_out = grad_out;
+  p.grad_residual_out = grad_residual_out;
+  p.x = x;
+  p.weight = weight;
+  p.mean = mean;
+  p.rstd = rstd;
+  p.grad_input = grad_input;
+  p.grad_weight = grad_weight;
+  p.grad_bias = grad_bias;
+  p.rows = rows;
+  p.cols = cols;
+  p.grad_out_stride = st[0], p.grad_residual_out_stride = st[1], p.x_stride = st[2];
+  p.grad_input_stride = st[3];
+  p.rms = rms != 0;
+  p.param_float32 = param_float32 != 0;
+  p.num_sms = num_sms;
+  std::vector<float> ws(size_t(fc::layer_norm_bwd_workspace(p, dtype_of(dtype))) + 4, 0.0f);
+  // 16-byte aligned like a torch allocation
+  float* base = ws.data();
+  while (reinterpret_cast<uintptr_t>(base) % 16 != 0) ++base;
+  p.workspace = base;
+  return finish(fc::layer_norm_bwd(p, dtype_of(dtype), nullptr));
 }
 
 }  // extern "C"
