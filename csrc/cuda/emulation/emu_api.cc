@@ -7,6 +7,7 @@
 
 #include "../attention.h"
 #include "../common.cuh"
+#include "../int8.h"
 #include "../layer_norm.h"
 #include "../launch_params.h"
 
@@ -249,6 +250,51 @@ int fa_emu_layer_norm_bwd(int dtype, const void* grad_out, const void* grad_resi
   while (reinterpret_cast<uintptr_t>(base) % 16 != 0) ++base;
   p.workspace = base;
   return finish(fc::layer_norm_bwd(p, dtype_of(dtype), nullptr));
+}
+
+// ---- int8 ------------------------------------------------------------------------------------
+int fa_emu_quantize_per_token(int dtype, const void* x, int8_t* q, float* scale, long long rows,
+                              long long cols, long long x_stride, long long q_stride) {
+  fa_emu::clear_error();
+  fc::QuantizeParams p;
+  p.x = x;
+  p.q = q;
+  p.scale = scale;
+  p.rows = rows, p.cols = cols, p.x_stride = x_stride, p.q_stride = q_stride;
+  return finish(fc::quantize_per_token(p, dtype_of(dtype), nullptr));
+}
+
+// out_type: 0 int32, 1 float32, 2 float16, 3 bfloat16; mnk and strides (a, b, out)
+int fa_emu_int8_gemm(const int8_t* a, const int8_t* b, const float* a_scale, const float* b_scale,
+                     const float* bias, void* out, const int64_t* mnk, const int64_t* st,
+                     int out_type, int num_sms) {
+  fa_emu::clear_error();
+  fc::Int8GemmParams p;
+  p.a = a;
+  p.b = b;
+  p.a_scale = a_scale;
+  p.b_scale = b_scale;
+  p.bias = bias;
+  p.out = out;
+  p.m = mnk[0], p.n = mnk[1], p.k = mnk[2];
+  p.a_stride = st[0], p.b_stride = st[1], p.out_stride = st[2];
+  p.out_type = static_cast<fc::Int8Out>(out_type);
+  p.num_sms = num_sms;
+  return finish(fc::int8_gemm(p, nullptr));
+}
+
+int fa_emu_int8_weight_only(int dtype, const void* x, const int8_t* w, const float* w_scale,
+                            const float* bias, void* out, const int64_t* mnk, const int64_t* st) {
+  fa_emu::clear_error();
+  fc::WeightOnlyParams p;
+  p.x = x;
+  p.w = w;
+  p.w_scale = w_scale;
+  p.bias = bias;
+  p.out = out;
+  p.m = mnk[0], p.n = mnk[1], p.k = mnk[2];
+  p.x_stride = st[0], p.w_stride = st[1], p.out_stride = st[2];
+  return finish(fc::int8_weight_only_linear(p, dtype_of(dtype), nullptr));
 }
 
 }  // extern "C"
