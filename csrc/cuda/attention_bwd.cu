@@ -82,7 +82,9 @@ struct Lanes {
 template <class T, int kNT, int kSteps, int kPitch>
 FA_DEVICE void mma_rows_x_rows(float (&acc)[kNT][4], const T* a_base, const T* b_base,
                                const Lanes& ln) {
-#pragma unroll
+  // unrolled by 2 only: fully unrolled, ptxas hoists every ldmatrix of the loop and the dK/dV
+  // kernel at d = 128 spills on sm_80 (255 registers); by 2 it needs 234 and no spill
+#pragma unroll 2
   for (int ks = 0; ks < kSteps; ++ks) {
     uint32_t a[4];
     ldmatrix_x4(a, a_base + ln.a_row * kPitch + ks * 16 + ln.a_col);
