@@ -2,9 +2,9 @@
 // cudaStream_t). Semantics are those of the op schemas in csrc/fastattn.cpp.
 #pragma once
 
-#include <cstdint>
-
 #include <driver_types.h>
+
+#include <cstdint>
 
 #include "dtype.h"
 #include "launch_params.h"
@@ -85,9 +85,9 @@ struct KvcacheParams {
   const int32_t* seqlens = nullptr;
   const void* k_new = nullptr;  // may be null (then v_new is null too)
   const void* v_new = nullptr;
-  void* out = nullptr;               // (B, H, Lq, E)
-  float* partial_out = nullptr;      // workspace: num_splits * B * H * Lq * E floats
-  float* partial_lse = nullptr;      // workspace: num_splits * B * H * Lq floats
+  void* out = nullptr;           // (B, H, Lq, E)
+  float* partial_out = nullptr;  // workspace: num_splits * B * H * Lq * E floats
+  float* partial_lse = nullptr;  // workspace: num_splits * B * H * Lq floats
   int64_t q_stride_b = 0, q_stride_h = 0, q_stride_l = 0;
   int64_t kc_stride_b = 0, kc_stride_h = 0, kc_stride_s = 0;
   int64_t vc_stride_b = 0, vc_stride_h = 0, vc_stride_s = 0;
@@ -97,7 +97,7 @@ struct KvcacheParams {
   int batch = 0, heads = 0, kv_heads = 0, len_q = 0, capacity = 0, head_dim = 0;
   float scale = 1.0f;
   bool causal = true;
-  int num_splits = 1;    // from kvcache_plan
+  int num_splits = 1;  // from kvcache_plan
   int64_t split_len = 0;
 };
 

@@ -17,10 +17,10 @@ struct BwdArgs {
   AttnBwdParams p;
   int lo_rel, hi_rel;
   float scale_log2;
-  bool vec_q, vec_k, vec_v, vec_do;     // 16-byte loads
-  bool vec_dq, vec_dk, vec_dv;          // 16-byte stores
-  float* delta;  // (B, H, L)
-  float* lse2;   // (B, H, L), base-2 lse, +inf on empty rows
+  bool vec_q, vec_k, vec_v, vec_do;  // 16-byte loads
+  bool vec_dq, vec_dk, vec_dv;       // 16-byte stores
+  float* delta;                      // (B, H, L)
+  float* lse2;                       // (B, H, L), base-2 lse, +inf on empty rows
 };
 
 // Query rows that may see some key of [k_first, k_last]: [k_first - hi, k_last - lo].
@@ -124,9 +124,8 @@ FA_DEVICE void mma_acc_x_tile(float (&acc)[kDT][4], const float (&pm)[kK / 8][4]
 // Writes a warp's 16 x kHeadDim accumulator (times mul) as T through its rows of `stage` (which
 // the caller has finished reading), then to global rows [row0, row0 + 16) with 16-byte stores.
 template <class T, int kHeadDim, int kPitch>
-FA_DEVICE void store_warp_rows(const float (&acc)[kHeadDim / 8][4], float mul, T* stage,
-                               T* gmem, int64_t stride, int row0, int rows, int cols, bool vec,
-                               int lane) {
+FA_DEVICE void store_warp_rows(const float (&acc)[kHeadDim / 8][4], float mul, T* stage, T* gmem,
+                               int64_t stride, int row0, int rows, int cols, bool vec, int lane) {
   const int g = lane >> 2, t4 = lane & 3;
 #pragma unroll
   for (int dt = 0; dt < kHeadDim / 8; ++dt) {
@@ -180,8 +179,8 @@ __global__ void __launch_bounds__(32 * attn_bwd_dkdv_tile().n_warps)
                int64_t(n0) * p.k_stride_s;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h +
                int64_t(n0) * p.v_stride_s;
-  load_tile_async<kBlockN, kHeadDim, kPitch, kThreads>(sK, k, p.k_stride_s, keys_valid,
-                                                       p.head_dim, args.vec_k, tid);
+  load_tile_async<kBlockN, kHeadDim, kPitch, kThreads>(sK, k, p.k_stride_s, keys_valid, p.head_dim,
+                                                       args.vec_k, tid);
   load_tile_async<kBlockN, kHeadDim, kPitch, kThreads>(sV, v, p.v_stride_s, keys_valid,
                                                        p.head_dim_v, args.vec_v, tid);
 
@@ -199,12 +198,10 @@ __global__ void __launch_bounds__(32 * attn_bwd_dkdv_tile().n_warps)
                  int64_t(m0) * p.q_stride_l;
     const T* dout = static_cast<const T*>(p.grad_out) + b * p.do_stride_b + h * p.do_stride_h +
                     int64_t(m0) * p.do_stride_l;
-    load_tile_async<kBlockM, kHeadDim, kPitch, kThreads>(sQ0 + stage * kBlockM * kPitch, q,
-                                                         p.q_stride_l, rows, p.head_dim,
-                                                         args.vec_q, tid);
-    load_tile_async<kBlockM, kHeadDim, kPitch, kThreads>(sdO0 + stage * kBlockM * kPitch, dout,
-                                                         p.do_stride_l, rows, p.head_dim_v,
-                                                         args.vec_do, tid);
+    load_tile_async<kBlockM, kHeadDim, kPitch, kThreads>(
+        sQ0 + stage * kBlockM * kPitch, q, p.q_stride_l, rows, p.head_dim, args.vec_q, tid);
+    load_tile_async<kBlockM, kHeadDim, kPitch, kThreads>(
+        sdO0 + stage * kBlockM * kPitch, dout, p.do_stride_l, rows, p.head_dim_v, args.vec_do, tid);
     const int64_t row_base = (int64_t(b) * p.heads + h) * p.len_q + m0;
     for (int r = tid; r < kBlockM; r += kThreads) {
       sStat[stage * 2 * kBlockM + r] = r < rows ? args.lse2[row_base + r] : kInf;
@@ -289,9 +286,8 @@ __global__ void __launch_bounds__(32 * attn_bwd_dkdv_tile().n_warps)
 
   T* dk = static_cast<T*>(p.dk) + b * p.dk_stride_b + hk * p.dk_stride_h;
   T* dv = static_cast<T*>(p.dv) + b * p.dv_stride_b + hk * p.dv_stride_h;
-  store_warp_rows<T, kHeadDim, kPitch>(acc_dk, p.scale, sK + warp * 16 * kPitch, dk,
-                                       p.dk_stride_s, n0 + warp * 16, p.len_k, p.head_dim, args.vec_dk,
-                                       lane);
+  store_warp_rows<T, kHeadDim, kPitch>(acc_dk, p.scale, sK + warp * 16 * kPitch, dk, p.dk_stride_s,
+                                       n0 + warp * 16, p.len_k, p.head_dim, args.vec_dk, lane);
   store_warp_rows<T, kHeadDim, kPitch>(acc_dv, 1.0f, sV + warp * 16 * kPitch, dv, p.dv_stride_s,
                                        n0 + warp * 16, p.len_k, p.head_dim_v, args.vec_dv, lane);
 }
@@ -322,8 +318,8 @@ __global__ void __launch_bounds__(32 * attn_bwd_dq_tile().n_warps)
   auto sK = [&](int stage) { return sK0 + stage * 2 * kBlockN * kPitch; };
   auto sV = [&](int stage) { return sK0 + (stage * 2 + 1) * kBlockN * kPitch; };
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h +
-               int64_t(m0) * p.q_stride_l;
+  const T* q =
+      static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + int64_t(m0) * p.q_stride_l;
   const T* dout = static_cast<const T*>(p.grad_out) + b * p.do_stride_b + h * p.do_stride_h +
                   int64_t(m0) * p.do_stride_l;
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
@@ -333,8 +329,8 @@ __global__ void __launch_bounds__(32 * attn_bwd_dq_tile().n_warps)
   T* dmask = static_cast<T*>(p.dmask);
   if (dmask != nullptr) dmask += b * p.dmask_stride_b + h * p.dmask_stride_h;
 
-  load_tile_async<kBlockM, kHeadDim, kPitch, kThreads>(sQ, q, p.q_stride_l, rows_valid,
-                                                       p.head_dim, args.vec_q, tid);
+  load_tile_async<kBlockM, kHeadDim, kPitch, kThreads>(sQ, q, p.q_stride_l, rows_valid, p.head_dim,
+                                                       args.vec_q, tid);
   load_tile_async<kBlockM, kHeadDim, kPitch, kThreads>(sdO, dout, p.do_stride_l, rows_valid,
                                                        p.head_dim_v, args.vec_do, tid);
   const int n_lo = max_i(0, m0 + args.lo_rel);
@@ -345,11 +341,10 @@ __global__ void __launch_bounds__(32 * attn_bwd_dq_tile().n_warps)
     const int n0 = (nb_lo + j) * kBlockN;
     const int keys = min_i(kBlockN, p.len_k - n0);
     load_tile_async<kBlockN, kHeadDim, kPitch, kThreads>(
-        sK(stage), k + int64_t(n0) * p.k_stride_s, p.k_stride_s, keys, p.head_dim, args.vec_k,
-        tid);
-    load_tile_async<kBlockN, kHeadDim, kPitch, kThreads>(
-        sV(stage), v + int64_t(n0) * p.v_stride_s, p.v_stride_s, keys, p.head_dim_v, args.vec_v,
-        tid);
+        sK(stage), k + int64_t(n0) * p.k_stride_s, p.k_stride_s, keys, p.head_dim, args.vec_k, tid);
+    load_tile_async<kBlockN, kHeadDim, kPitch, kThreads>(sV(stage), v + int64_t(n0) * p.v_stride_s,
+                                                         p.v_stride_s, keys, p.head_dim_v,
+                                                         args.vec_v, tid);
   };
 
   // statistics of this thread's two accumulator rows
@@ -435,9 +430,8 @@ __global__ void __launch_bounds__(32 * attn_bwd_dq_tile().n_warps)
   __syncthreads();
 
   T* dq = static_cast<T*>(p.dq) + b * p.dq_stride_b + h * p.dq_stride_h;
-  store_warp_rows<T, kHeadDim, kPitch>(acc_dq, p.scale, sQ + warp * 16 * kPitch, dq,
-                                       p.dq_stride_l, m0 + warp * 16, p.len_q, p.head_dim, args.vec_dq,
-                                       lane);
+  store_warp_rows<T, kHeadDim, kPitch>(acc_dq, p.scale, sQ + warp * 16 * kPitch, dq, p.dq_stride_l,
+                                       m0 + warp * 16, p.len_q, p.head_dim, args.vec_dq, lane);
 }
 
 // ---- SIMT kernels (float32, or head dims above the mma register budget) ---------------------
@@ -469,7 +463,8 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
   T* dmask = static_cast<T*>(p.dmask);
   if (dmask != nullptr) dmask += b * p.dmask_stride_b + h * p.dmask_stride_h;
   load_tile_float<kBlockM, kHeadDim, kHeadDim, kThreads>(
-      sQ, static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + int64_t(m0) * p.q_stride_l,
+      sQ,
+      static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + int64_t(m0) * p.q_stride_l,
       p.q_stride_l, rows_valid, p.head_dim, 1.0f, tid);
   load_tile_float<kBlockM, kHeadDim, kHeadDim, kThreads>(
       sdO,
@@ -510,12 +505,14 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
       const bool vis = key < p.len_k && row < p.len_q && rel >= args.lo_rel && rel <= args.hi_rel;
       s *= args.scale_log2;
       if (vis && mask != nullptr) {
-        s += to_float(mask[int64_t(row) * p.mask_stride_l + int64_t(key) * p.mask_stride_s]) * kLog2e;
+        s += to_float(mask[int64_t(row) * p.mask_stride_l + int64_t(key) * p.mask_stride_s]) *
+             kLog2e;
       }
       const float pr = vis ? exp2_approx(s - lse2[r]) : 0.0f;
       const float ds = pr * (dp - delta[r]);
       if (dmask != nullptr && row < p.len_q && key < p.len_k) {
-        dmask[int64_t(row) * p.dmask_stride_l + int64_t(key) * p.dmask_stride_s] = from_float<T>(ds);
+        dmask[int64_t(row) * p.dmask_stride_l + int64_t(key) * p.dmask_stride_s] =
+            from_float<T>(ds);
       }
       for (int j = 0; j < kChunk; ++j) {
         const float dsj = __shfl_sync(0xffffffffu, ds, j);
@@ -532,7 +529,8 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
       const int col = lane + 32 * c;
-      if (col < p.head_dim) dq[int64_t(row) * p.dq_stride_l + col] = from_float<T>(acc[r][c] * p.scale);
+      if (col < p.head_dim)
+        dq[int64_t(row) * p.dq_stride_l + col] = from_float<T>(acc[r][c] * p.scale);
     }
   }
 }
@@ -555,10 +553,14 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
   float* sQ = sV + kBlockN * kHeadDim;
   float* sdO = sQ + kChunk * kPitchC;
   load_tile_float<kBlockN, kHeadDim, kHeadDim, kThreads>(
-      sK, static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h + int64_t(n0) * p.k_stride_s,
+      sK,
+      static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h +
+          int64_t(n0) * p.k_stride_s,
       p.k_stride_s, keys_valid, p.head_dim, 1.0f, tid);
   load_tile_float<kBlockN, kHeadDim, kHeadDim, kThreads>(
-      sV, static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h + int64_t(n0) * p.v_stride_s,
+      sV,
+      static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h +
+          int64_t(n0) * p.v_stride_s,
       p.v_stride_s, keys_valid, p.head_dim_v, 1.0f, tid);
 
   float acc_dk[kRows][kCols], acc_dv[kRows][kCols];
@@ -579,8 +581,8 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
     for (int m0 = (i_lo / kChunk) * kChunk; m0 < i_hi; m0 += kChunk) {
       __syncthreads();
       const int rows = min_i(kChunk, p.len_q - m0);
-      load_tile_float<kChunk, kHeadDim, kPitchC, kThreads>(sQ, q + int64_t(m0) * p.q_stride_l,
-                                                           p.q_stride_l, rows, p.head_dim, 1.0f, tid);
+      load_tile_float<kChunk, kHeadDim, kPitchC, kThreads>(
+          sQ, q + int64_t(m0) * p.q_stride_l, p.q_stride_l, rows, p.head_dim, 1.0f, tid);
       load_tile_float<kChunk, kHeadDim, kPitchC, kThreads>(
           sdO, dout + int64_t(m0) * p.do_stride_l, p.do_stride_l, rows, p.head_dim_v, 1.0f, tid);
       __syncthreads();
@@ -625,7 +627,8 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
       const int col = lane + 32 * c;
-      if (col < p.head_dim) dk[int64_t(key) * p.dk_stride_s + col] = from_float<T>(acc_dk[r][c] * p.scale);
+      if (col < p.head_dim)
+        dk[int64_t(key) * p.dk_stride_s + col] = from_float<T>(acc_dk[r][c] * p.scale);
       if (col < p.head_dim_v) dv[int64_t(key) * p.dv_stride_s + col] = from_float<T>(acc_dv[r][c]);
     }
   }
@@ -681,8 +684,8 @@ cudaError_t attention_bwd(const AttnBwdParams& p, DType dtype, cudaStream_t stre
   }
   detail::BwdArgs args;
   args.p = p;
-  const VisibleRange vr = visible_range(p.window_left, p.window_right, p.diag_offset, p.len_q,
-                                        p.len_k);
+  const VisibleRange vr =
+      visible_range(p.window_left, p.window_right, p.diag_offset, p.len_q, p.len_k);
   args.lo_rel = vr.lo_rel;
   args.hi_rel = vr.hi_rel;
   args.scale_log2 = p.scale * kLog2e;
@@ -691,10 +694,10 @@ cudaError_t attention_bwd(const AttnBwdParams& p, DType dtype, cudaStream_t stre
   args.vec_k = vec_ok(p.k, es, p.k_stride_b, p.k_stride_h, p.k_stride_s);
   args.vec_v = vec_ok(p.v, es, p.v_stride_b, p.v_stride_h, p.v_stride_s);
   args.vec_do = vec_ok(p.grad_out, es, p.do_stride_b, p.do_stride_h, p.do_stride_l);
-  args.vec_dq = vec_ok(p.dq, es, p.dq_stride_b, p.dq_stride_h, p.dq_stride_l) &&
-                p.head_dim % (16 / es) == 0;
-  args.vec_dk = vec_ok(p.dk, es, p.dk_stride_b, p.dk_stride_h, p.dk_stride_s) &&
-                p.head_dim % (16 / es) == 0;
+  args.vec_dq =
+      vec_ok(p.dq, es, p.dq_stride_b, p.dq_stride_h, p.dq_stride_l) && p.head_dim % (16 / es) == 0;
+  args.vec_dk =
+      vec_ok(p.dk, es, p.dk_stride_b, p.dk_stride_h, p.dk_stride_s) && p.head_dim % (16 / es) == 0;
   args.vec_dv = vec_ok(p.dv, es, p.dv_stride_b, p.dv_stride_h, p.dv_stride_s) &&
                 p.head_dim_v % (16 / es) == 0;
   const int64_t rows = int64_t(p.batch) * p.heads * p.len_q;
@@ -703,9 +706,8 @@ cudaError_t attention_bwd(const AttnBwdParams& p, DType dtype, cudaStream_t stre
   const int dim = p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return dispatch_head_dim(dim, [&](auto hd) {
-      return detail::launch_bwd<T, decltype(hd)::value>(args, stream);
-    });
+    return dispatch_head_dim(
+        dim, [&](auto hd) { return detail::launch_bwd<T, decltype(hd)::value>(args, stream); });
   });
 }
 

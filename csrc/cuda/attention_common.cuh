@@ -36,15 +36,24 @@ inline cudaError_t call_with_head_dim(F& f) {
 template <class F>
 inline cudaError_t dispatch_head_dim(int head_dim, F&& f) {
   switch (head_dim_bucket(head_dim)) {
-    case 32: return call_with_head_dim<32>(f);
-    case 64: return call_with_head_dim<64>(f);
-    case 96: return call_with_head_dim<96>(f);
-    case 128: return call_with_head_dim<128>(f);
-    case 160: return call_with_head_dim<160>(f);
-    case 192: return call_with_head_dim<192>(f);
-    case 224: return call_with_head_dim<224>(f);
-    case 256: return call_with_head_dim<256>(f);
-    default: return cudaErrorInvalidValue;
+    case 32:
+      return call_with_head_dim<32>(f);
+    case 64:
+      return call_with_head_dim<64>(f);
+    case 96:
+      return call_with_head_dim<96>(f);
+    case 128:
+      return call_with_head_dim<128>(f);
+    case 160:
+      return call_with_head_dim<160>(f);
+    case 192:
+      return call_with_head_dim<192>(f);
+    case 224:
+      return call_with_head_dim<224>(f);
+    case 256:
+      return call_with_head_dim<256>(f);
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 

@@ -17,8 +17,8 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "fastattn.", op,
               " (CUDA): q, k, v must be 4-D (B, H, L, E), got ", q.sizes(), ", ", k.sizes(), ", ",
               v.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "fastattn.", op, " (CUDA): q, k, v must share a dtype, got ", q.scalar_type(), ", ",
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "fastattn.",
+              op, " (CUDA): q, k, v must share a dtype, got ", q.scalar_type(), ", ",
               k.scalar_type(), ", ", v.scalar_type());
   dtype_of(q, op, "q");
   TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "fastattn.", op,
@@ -27,8 +27,8 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
               " differs from q's ", q.size(3));
   TORCH_CHECK(v.size(1) == k.size(1) && v.size(2) == k.size(2), "fastattn.", op,
               " (CUDA): v must be (B, Hkv, S, Ev) with k's Hkv and S, got ", v.sizes());
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "fastattn.", op,
-              " (CUDA): q heads (", q.size(1), ") must be a multiple of k heads (", k.size(1), ")");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "fastattn.", op, " (CUDA): q heads (",
+              q.size(1), ") must be a multiple of k heads (", k.size(1), ")");
   TORCH_CHECK(q.size(3) <= kMaxHeadDim && v.size(3) <= kMaxHeadDim, "fastattn.", op,
               " (CUDA): head dims above ", kMaxHeadDim, " are not supported, got ", q.size(3),
               " and ", v.size(3));
@@ -106,8 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& attn_mask,
-    double scale, int64_t window_left, int64_t window_right, int64_t diag_offset,
-    double dropout_p, int64_t seed, bool compute_dmask, bool deterministic) {
+    double scale, int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
+    int64_t seed, bool compute_dmask, bool deterministic) {
   (void)seed;
   (void)deterministic;  // the kernels never use atomics: always bitwise repeatable
   constexpr const char* op = "attention_bwd";
@@ -123,17 +123,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
                   out_in.size(1) == H && out_in.size(2) == L && out_in.size(3) == Ev,
               "fastattn.attention_bwd (CUDA): grad_out and out must be (B, H, L, Ev), got ",
               grad_out_in.sizes(), " and ", out_in.sizes());
-  TORCH_CHECK(grad_out_in.scalar_type() == q_in.scalar_type() &&
-                  out_in.scalar_type() == q_in.scalar_type(),
-              "fastattn.attention_bwd (CUDA): grad_out and out must have q's dtype");
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H && lse_in.size(2) == L,
-              "fastattn.attention_bwd (CUDA): lse must be (B, H, L), got ", lse_in.sizes());
+  TORCH_CHECK(
+      grad_out_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
+      "fastattn.attention_bwd (CUDA): grad_out and out must have q's dtype");
+  TORCH_CHECK(
+      lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H && lse_in.size(2) == L,
+      "fastattn.attention_bwd (CUDA): lse must be (B, H, L), got ", lse_in.sizes());
   const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
   std::optional<at::Tensor> glse;
   if (grad_lse.has_value()) {
     check_cuda_tensor(*grad_lse, q_in, op, "grad_lse");
     TORCH_CHECK(grad_lse->sizes() == lse_in.sizes(),
-                "fastattn.attention_bwd (CUDA): grad_lse must be (B, H, L), got ", grad_lse->sizes());
+                "fastattn.attention_bwd (CUDA): grad_lse must be (B, H, L), got ",
+                grad_lse->sizes());
     glse = grad_lse->to(at::kFloat).contiguous();  // autograd may hand an expanded tensor
   }
 
@@ -141,8 +143,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   auto dk = at::empty({B, Hkv, S, E}, q_in.options());
   auto dv = at::empty({B, Hkv, S, Ev}, q_in.options());
   const bool want_dmask = compute_dmask && attn_mask.has_value();
-  auto dmask = want_dmask ? at::zeros({B, H, L, S}, attn_mask->options())
-                          : at::empty({0}, q_in.options());
+  auto dmask =
+      want_dmask ? at::zeros({B, H, L, S}, attn_mask->options()) : at::empty({0}, q_in.options());
   if (B * H * L == 0 || S == 0) {  // nothing to differentiate through: zero gradients
     dq.zero_();
     dk.zero_();
@@ -214,9 +216,9 @@ at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, a
               "fastattn.attention_kvcache (CUDA): q must be (B, H, Lq, E) and the caches "
               "(B, Hkv, capacity, E) of one shape, got ",
               q_in.sizes(), ", ", k_cache.sizes(), ", ", v_cache.sizes());
-  TORCH_CHECK(k_cache.scalar_type() == q_in.scalar_type() &&
-                  v_cache.scalar_type() == q_in.scalar_type(),
-              "fastattn.attention_kvcache (CUDA): k_cache/v_cache must have q's dtype");
+  TORCH_CHECK(
+      k_cache.scalar_type() == q_in.scalar_type() && v_cache.scalar_type() == q_in.scalar_type(),
+      "fastattn.attention_kvcache (CUDA): k_cache/v_cache must have q's dtype");
   dtype_of(q_in, op, "q");
   const int64_t B = q_in.size(0), H = q_in.size(1), Lq = q_in.size(2), E = q_in.size(3);
   const int64_t Hkv = k_cache.size(1), cap = k_cache.size(2);
@@ -225,8 +227,8 @@ at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, a
               "), got ", k_cache.sizes());
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "fastattn.attention_kvcache (CUDA): q heads (", H,
               ") must be a multiple of cache heads (", Hkv, ")");
-  TORCH_CHECK(E <= kMaxHeadDim, "fastattn.attention_kvcache (CUDA): head dim ", E,
-              " above ", kMaxHeadDim, " is not supported");
+  TORCH_CHECK(E <= kMaxHeadDim, "fastattn.attention_kvcache (CUDA): head dim ", E, " above ",
+              kMaxHeadDim, " is not supported");
   TORCH_CHECK(E <= 1 || (k_cache.stride(3) == 1 && v_cache.stride(3) == 1),
               "fastattn.attention_kvcache (CUDA): k_cache and v_cache are updated in place and "
               "must have a contiguous last dimension (stride 1)");

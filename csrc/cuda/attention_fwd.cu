@@ -54,8 +54,8 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
   const int rows_valid = min_i(kBlockM, p.len_q - m0);
   const int m_last = m0 + rows_valid - 1;
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h +
-               int64_t(m0) * p.q_stride_l;
+  const T* q =
+      static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + int64_t(m0) * p.q_stride_l;
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
   const T* mask = static_cast<const T*>(p.mask);
@@ -71,14 +71,14 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
   const int nb_lo = n_lo / kBlockN;
   const int nb_hi = n_hi > n_lo ? (n_hi + kBlockN - 1) / kBlockN : nb_lo;
 
-  load_tile_async<kBlockM, kHeadDim, kPitch, kThreads>(sQ, q, p.q_stride_l, rows_valid,
-                                                       p.head_dim, args.vec_q, tid);
+  load_tile_async<kBlockM, kHeadDim, kPitch, kThreads>(sQ, q, p.q_stride_l, rows_valid, p.head_dim,
+                                                       args.vec_q, tid);
   cp_async_commit();
   if (nb_lo < nb_hi) {
     const int n0 = nb_lo * kBlockN;
-    load_tile_async<kBlockN, kHeadDim, kPitch, kThreads>(
-        sK, k + int64_t(n0) * p.k_stride_s, p.k_stride_s, min_i(kBlockN, p.len_k - n0),
-        p.head_dim, args.vec_k, tid);
+    load_tile_async<kBlockN, kHeadDim, kPitch, kThreads>(sK, k + int64_t(n0) * p.k_stride_s,
+                                                         p.k_stride_s, min_i(kBlockN, p.len_k - n0),
+                                                         p.head_dim, args.vec_k, tid);
   }
   cp_async_commit();
 
@@ -115,13 +115,14 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
       for (int mt = 0; mt < kQRegTiles; ++mt) {
 #pragma unroll
         for (int ks = 0; ks < kQRegSteps; ++ks) {
-          ldmatrix_x4(q_frag[mt][ks], sQ + (warp_row0 + mt * 16 + a_row) * kPitch + ks * 16 + a_col);
+          ldmatrix_x4(q_frag[mt][ks],
+                      sQ + (warp_row0 + mt * 16 + a_row) * kPitch + ks * 16 + a_col);
         }
       }
     }
-    load_tile_async<kBlockN, kHeadDim, kPitch, kThreads>(
-        sV, v + int64_t(n0) * p.v_stride_s, p.v_stride_s, min_i(kBlockN, p.len_k - n0),
-        p.head_dim_v, args.vec_v, tid);
+    load_tile_async<kBlockN, kHeadDim, kPitch, kThreads>(sV, v + int64_t(n0) * p.v_stride_s,
+                                                         p.v_stride_s, min_i(kBlockN, p.len_k - n0),
+                                                         p.head_dim_v, args.vec_v, tid);
     cp_async_commit();
 
     // ---- S = Q K^T --------------------------------------------------------------------------
@@ -432,8 +433,8 @@ cudaError_t attention_fwd(const AttnFwdParams& p, DType dtype, cudaStream_t stre
   }
   detail::FwdArgs args;
   args.p = p;
-  const VisibleRange vr = visible_range(p.window_left, p.window_right, p.diag_offset, p.len_q,
-                                        p.len_k);
+  const VisibleRange vr =
+      visible_range(p.window_left, p.window_right, p.diag_offset, p.len_q, p.len_k);
   args.lo_rel = vr.lo_rel;
   args.hi_rel = vr.hi_rel;
   args.scale_log2 = p.scale * kLog2e;
@@ -446,9 +447,8 @@ cudaError_t attention_fwd(const AttnFwdParams& p, DType dtype, cudaStream_t stre
   const int dim = p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return dispatch_head_dim(dim, [&](auto hd) {
-      return detail::launch_fwd<T, decltype(hd)::value>(args, stream);
-    });
+    return dispatch_head_dim(
+        dim, [&](auto hd) { return detail::launch_fwd<T, decltype(hd)::value>(args, stream); });
   });
 }
 

@@ -75,8 +75,8 @@ __global__ void __launch_bounds__(32 * kvcache_tile().n_warps)
     float x = 0.0f;
     if (R < rows_total && col < p.head_dim) {
       const int h = hk * gqa + R / p.len_q, i = R % p.len_q;
-      x = to_float(static_cast<const T*>(p.q)[b * p.q_stride_b + h * p.q_stride_h +
-                                              int64_t(i) * p.q_stride_l + col]) *
+      x = to_float(static_cast<const T*>(
+              p.q)[b * p.q_stride_b + h * p.q_stride_h + int64_t(i) * p.q_stride_l + col]) *
           args.scale_log2;
     }
     sQ[r * kHeadDim + col] = x;
@@ -86,12 +86,12 @@ __global__ void __launch_bounds__(32 * kvcache_tile().n_warps)
   const T* vc = static_cast<const T*>(p.v_cache) + b * p.vc_stride_b + hk * p.vc_stride_h;
   auto load_chunk = [&](int n0, int stage) {
     const int keys = min_i(kChunk, s1 - n0);
-    load_tile_async<kChunk, kHeadDim, kPitch, kThreads>(
-        sK(stage), kc + int64_t(n0) * p.kc_stride_s, p.kc_stride_s, keys, p.head_dim, args.vec_k,
-        tid);
-    load_tile_async<kChunk, kHeadDim, kPitch, kThreads>(
-        sV(stage), vc + int64_t(n0) * p.vc_stride_s, p.vc_stride_s, keys, p.head_dim, args.vec_v,
-        tid);
+    load_tile_async<kChunk, kHeadDim, kPitch, kThreads>(sK(stage), kc + int64_t(n0) * p.kc_stride_s,
+                                                        p.kc_stride_s, keys, p.head_dim, args.vec_k,
+                                                        tid);
+    load_tile_async<kChunk, kHeadDim, kPitch, kThreads>(sV(stage), vc + int64_t(n0) * p.vc_stride_s,
+                                                        p.vc_stride_s, keys, p.head_dim, args.vec_v,
+                                                        tid);
   };
 
   // per row: keys [0, limit) are visible

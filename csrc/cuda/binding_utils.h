@@ -3,9 +3,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <torch/library.h>
-
 #include <cuda_runtime_api.h>
+#include <torch/library.h>
 
 #include "dtype.h"
 
@@ -34,10 +33,14 @@ namespace fastattn::cuda {
 
 inline DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: break;
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      break;
   }
   TORCH_CHECK(false, "fastattn.", op, " (CUDA): ", name,
               " must be float16, bfloat16 or float32, got ", t.scalar_type());
@@ -52,8 +55,8 @@ inline void check_cuda_tensor(const at::Tensor& t, const at::Tensor& ref, const 
 }
 
 inline void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "fastattn.", op, " (CUDA): kernel launch failed: ",
-              cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "fastattn.", op,
+              " (CUDA): kernel launch failed: ", cudaGetErrorString(err));
 }
 
 // The kernels need a contiguous last dimension; anything else is copied once.

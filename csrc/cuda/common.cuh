@@ -7,13 +7,12 @@
 // has an emulated twin with the same fragment layout.
 #pragma once
 
-#include <cstddef>
-#include <cstdint>
-
-#include <type_traits>
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
 
 #include "dtype.h"
 
@@ -77,9 +76,12 @@ struct TypeTag {
 template <class F>
 inline cudaError_t dispatch_dtype(DType dtype, F&& f) {
   switch (dtype) {
-    case DType::kFloat32: return f(TypeTag<float>());
-    case DType::kFloat16: return f(TypeTag<fp16>());
-    case DType::kBFloat16: return f(TypeTag<bf16>());
+    case DType::kFloat32:
+      return f(TypeTag<float>());
+    case DType::kFloat16:
+      return f(TypeTag<fp16>());
+    case DType::kBFloat16:
+      return f(TypeTag<bf16>());
   }
   return cudaErrorInvalidValue;
 }
@@ -276,8 +278,8 @@ FA_DEVICE void cp_async_16(void* smem, const void* gmem, int src_bytes) {
 #if defined(FASTATTN_EMULATE)
   ::fa_emu::cp_async_16(smem, gmem, src_bytes);
 #else
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
-               "l"(gmem), "r"(src_bytes)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
+               "r"(src_bytes)
                : "memory");
 #endif
 }

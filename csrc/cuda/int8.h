@@ -3,9 +3,9 @@
 // with a contiguous last dimension; row strides are free.
 #pragma once
 
-#include <cstdint>
-
 #include <driver_types.h>
+
+#include <cstdint>
 
 #include "dtype.h"
 #include "launch_params.h"

@@ -14,8 +14,8 @@ std::optional<at::Tensor> float_vector(const std::optional<at::Tensor>& t, int64
                                        const at::Tensor& ref, const char* op, const char* name) {
   if (!t.has_value()) return std::nullopt;
   check_cuda_tensor(*t, ref, op, name);
-  TORCH_CHECK(t->numel() == n && t->dim() <= 2, "fastattn.", op, " (CUDA): ", name,
-              " must have ", n, " elements, got shape ", t->sizes());
+  TORCH_CHECK(t->numel() == n && t->dim() <= 2, "fastattn.", op, " (CUDA): ", name, " must have ",
+              n, " elements, got shape ", t->sizes());
   TORCH_CHECK(t->is_floating_point(), "fastattn.", op, " (CUDA): ", name,
               " must be floating point, got ", t->scalar_type());
   return t->reshape({n}).to(at::kFloat).contiguous();
@@ -95,8 +95,8 @@ at::Tensor int8_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
     p.num_sms = sm_count();
     check_launch(int8_gemm(p, current_stream()), op);
   }
-  const at::ScalarType final_dtype = scaled ? out_dtype.value_or(at::kFloat)
-                                            : out_dtype.value_or(at::kInt);
+  const at::ScalarType final_dtype =
+      scaled ? out_dtype.value_or(at::kFloat) : out_dtype.value_or(at::kInt);
   return final_dtype == out.scalar_type() ? out : out.to(final_dtype);
 }
 

@@ -104,8 +104,8 @@ __global__ void __launch_bounds__(32 * kWM * kWN, 1) int8_gemm_kernel(const Gemm
   auto sB = [&](int s) { return smem + s * (kBM + kBN) * kPitch + kBM * kPitch; };
 
   // one 16-byte chunk of a row of A or B: cp.async with zero-fill, or byte copies
-  auto load_chunk = [&](int8_t* dst, const int8_t* base, int64_t stride, int64_t row,
-                        int64_t rows, int64_t kc, bool vec) {
+  auto load_chunk = [&](int8_t* dst, const int8_t* base, int64_t stride, int64_t row, int64_t rows,
+                        int64_t kc, bool vec) {
     int64_t n = p.k - kc;
     n = n < 16 ? n : 16;
     if (row >= rows || n <= 0) {
@@ -298,7 +298,8 @@ __global__ void __launch_bounds__(32 * kWoWarps) int8_weight_only_kernel(const W
     for (int64_t k = lane; k < p.k; k += 32) {
       float w[kCols];
 #pragma unroll
-      for (int j = 0; j < kCols; ++j) w[j] = n_base + j < p.n ? float(p.w[(n_base + j) * p.w_stride + k]) : 0.0f;
+      for (int j = 0; j < kCols; ++j)
+        w[j] = n_base + j < p.n ? float(p.w[(n_base + j) * p.w_stride + k]) : 0.0f;
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         if (m0 + r >= p.m) break;
@@ -349,10 +350,14 @@ cudaError_t int8_gemm(const Int8GemmParams& p, cudaStream_t stream) {
   if (p.k < 0 || ceil_div64(p.m, kInt8GemmSmall.block_m) > 65535) return cudaErrorInvalidValue;
   detail::GemmArgs a{p, vec_ok(p.a, 1, p.a_stride), vec_ok(p.b, 1, p.b_stride)};
   switch (p.out_type) {
-    case Int8Out::kInt32: return detail::launch_gemm<Int8Out::kInt32>(a, stream);
-    case Int8Out::kFloat32: return detail::launch_gemm<Int8Out::kFloat32>(a, stream);
-    case Int8Out::kFloat16: return detail::launch_gemm<Int8Out::kFloat16>(a, stream);
-    case Int8Out::kBFloat16: return detail::launch_gemm<Int8Out::kBFloat16>(a, stream);
+    case Int8Out::kInt32:
+      return detail::launch_gemm<Int8Out::kInt32>(a, stream);
+    case Int8Out::kFloat32:
+      return detail::launch_gemm<Int8Out::kFloat32>(a, stream);
+    case Int8Out::kFloat16:
+      return detail::launch_gemm<Int8Out::kFloat16>(a, stream);
+    case Int8Out::kBFloat16:
+      return detail::launch_gemm<Int8Out::kBFloat16>(a, stream);
   }
   return cudaErrorInvalidValue;
 }

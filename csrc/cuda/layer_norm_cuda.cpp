@@ -42,8 +42,8 @@ Params normalize_params(const std::optional<at::Tensor>& weight,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
     const at::Tensor& input_in, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual_in,
-    double eps, bool rms) {
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual_in, double eps,
+    bool rms) {
   constexpr const char* op = "layer_norm_fwd";
   check_cuda_tensor(input_in, input_in, op, "input");
   TORCH_CHECK(input_in.dim() == 2, "fastattn.layer_norm_fwd (CUDA): input must be (M, N), got ",
@@ -120,12 +120,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
   auto grad_input = at::empty({M, N}, x_in.options());
   // gradients of float32-promoted parameters are computed in float32 and cast back below
   const auto param_opts = x_in.options().dtype(prm.float32 ? at::kFloat : x_in.scalar_type());
-  auto grad_weight = weight.has_value() ? at::empty({N}, param_opts) : at::empty({0}, x_in.options());
+  auto grad_weight =
+      weight.has_value() ? at::empty({N}, param_opts) : at::empty({0}, x_in.options());
   auto grad_bias = bias.has_value() ? at::empty({N}, param_opts) : at::empty({0}, x_in.options());
   if (N == 0) return {grad_input, grad_weight, grad_bias};
   const at::Tensor x = last_dim_contiguous(x_in), grad_out = last_dim_contiguous(grad_out_in);
   std::optional<at::Tensor> grad_residual_out;
-  if (grad_residual_out_in.has_value()) grad_residual_out = last_dim_contiguous(*grad_residual_out_in);
+  if (grad_residual_out_in.has_value())
+    grad_residual_out = last_dim_contiguous(*grad_residual_out_in);
   const at::Tensor mean = mean_in.to(at::kFloat).contiguous();
   const at::Tensor rstd = rstd_in.to(at::kFloat).contiguous();
   DeviceGuard guard(x.device());

@@ -57,9 +57,12 @@ FA_DEVICE void load_param_vec(const void* w, bool is_float, int64_t col,
 FA_DEVICE float load_param(const void* w, bool is_float, int64_t col, DType dtype) {
   if (is_float) return static_cast<const float*>(w)[col];
   switch (dtype) {
-    case DType::kFloat16: return to_float(static_cast<const fp16*>(w)[col]);
-    case DType::kBFloat16: return to_float(static_cast<const bf16*>(w)[col]);
-    default: return static_cast<const float*>(w)[col];
+    case DType::kFloat16:
+      return to_float(static_cast<const fp16*>(w)[col]);
+    case DType::kBFloat16:
+      return to_float(static_cast<const bf16*>(w)[col]);
+    default:
+      return static_cast<const float*>(w)[col];
   }
 }
 
@@ -172,8 +175,8 @@ FA_DEVICE float block_sum(float v, float* red) {  // kNormGenericThreads threads
 }
 
 template <class T>
-__global__ void __launch_bounds__(kNormGenericThreads) layer_norm_fwd_generic_kernel(
-    const LnFwdArgs args) {
+__global__ void __launch_bounds__(kNormGenericThreads)
+    layer_norm_fwd_generic_kernel(const LnFwdArgs args) {
   const LayerNormFwdParams& p = args.p;
   const int64_t row = blockIdx.x;
   float* red = reinterpret_cast<float*>(smem_base());
@@ -209,7 +212,8 @@ __global__ void __launch_bounds__(kNormGenericThreads) layer_norm_fwd_generic_ke
   }
   T* out = static_cast<T*>(p.out) + row * p.out_stride;
   for (int64_t c = threadIdx.x; c < p.cols; c += kNormGenericThreads) {
-    const float w = p.weight != nullptr ? load_param(p.weight, p.param_float32, c, args.dtype) : 1.0f;
+    const float w =
+        p.weight != nullptr ? load_param(p.weight, p.param_float32, c, args.dtype) : 1.0f;
     const float b = p.bias != nullptr ? load_param(p.bias, p.param_float32, c, args.dtype) : 0.0f;
     out[c] = from_float<T>((to_float(xs[c]) - mean) * rstd * w + b);
   }
@@ -293,7 +297,8 @@ __global__ void __launch_bounds__(32 * kW * kRows, 1) layer_norm_bwd_kernel(cons
         }
       }
     }
-    const float mean_wdy = p.rms ? 0.0f : row_sum<kW, kRows>(s1, red, slot, warp_in_row, lane) * n_inv;
+    const float mean_wdy =
+        p.rms ? 0.0f : row_sum<kW, kRows>(s1, red, slot, warp_in_row, lane) * n_inv;
     const float mean_wdy_xhat =
         row_sum<kW, kRows>(s2, red + kRows * kW, slot, warp_in_row, lane) * n_inv;
     if (!active) continue;
@@ -312,9 +317,8 @@ __global__ void __launch_bounds__(32 * kW * kRows, 1) layer_norm_bwd_kernel(cons
       }
       if (p.grad_residual_out != nullptr) {
         float g[kVec];
-        load_vec<T>(static_cast<const T*>(p.grad_residual_out) + row * p.grad_residual_out_stride +
-                        col,
-                    g);
+        load_vec<T>(
+            static_cast<const T*>(p.grad_residual_out) + row * p.grad_residual_out_stride + col, g);
 #pragma unroll
         for (int e = 0; e < kVec; ++e) dx[e] += g[e];
       }
@@ -343,8 +347,8 @@ __global__ void __launch_bounds__(32 * kW * kRows, 1) layer_norm_bwd_kernel(cons
 
 // grad_input for rows that are not 16-byte aligned or too long for the vector configs.
 template <class T>
-__global__ void __launch_bounds__(kNormGenericThreads) layer_norm_bwd_generic_kernel(
-    const LnBwdArgs args) {
+__global__ void __launch_bounds__(kNormGenericThreads)
+    layer_norm_bwd_generic_kernel(const LnBwdArgs args) {
   const LayerNormBwdParams& p = args.p;
   float* red = reinterpret_cast<float*>(smem_base());
   const float n_inv = 1.0f / float(p.cols);
@@ -354,7 +358,8 @@ __global__ void __launch_bounds__(kNormGenericThreads) layer_norm_bwd_generic_ke
   const T* dy = static_cast<const T*>(p.grad_out) + row * p.grad_out_stride;
   float s1 = 0.0f, s2 = 0.0f;
   for (int64_t c = threadIdx.x; c < p.cols; c += kNormGenericThreads) {
-    const float w = p.weight != nullptr ? load_param(p.weight, p.param_float32, c, args.dtype) : 1.0f;
+    const float w =
+        p.weight != nullptr ? load_param(p.weight, p.param_float32, c, args.dtype) : 1.0f;
     const float xh = (to_float(x[c]) - mean) * rstd;
     const float wdy = to_float(dy[c]) * w;
     s1 += wdy;
@@ -365,7 +370,8 @@ __global__ void __launch_bounds__(kNormGenericThreads) layer_norm_bwd_generic_ke
   T* dx = static_cast<T*>(p.grad_input) + row * p.grad_input_stride;
   const T* g = static_cast<const T*>(p.grad_residual_out);
   for (int64_t c = threadIdx.x; c < p.cols; c += kNormGenericThreads) {
-    const float w = p.weight != nullptr ? load_param(p.weight, p.param_float32, c, args.dtype) : 1.0f;
+    const float w =
+        p.weight != nullptr ? load_param(p.weight, p.param_float32, c, args.dtype) : 1.0f;
     const float xh = (to_float(x[c]) - mean) * rstd;
     float v = rstd * (to_float(dy[c]) * w - mean_wdy - xh * mean_wdy_xhat);
     if (g != nullptr) v += to_float(g[row * p.grad_residual_out_stride + c]);
@@ -384,7 +390,8 @@ __global__ void __launch_bounds__(256) layer_norm_param_grad_partial_kernel(cons
   float aw = 0.0f, ab = 0.0f;
   for (int64_t r = r0; r < r1; ++r) {
     const float d = to_float(static_cast<const T*>(p.grad_out)[r * p.grad_out_stride + c]);
-    const float xh = (to_float(static_cast<const T*>(p.x)[r * p.x_stride + c]) - p.mean[r]) * p.rstd[r];
+    const float xh =
+        (to_float(static_cast<const T*>(p.x)[r * p.x_stride + c]) - p.mean[r]) * p.rstd[r];
     aw += d * xh;
     ab += d;
   }
@@ -431,9 +438,9 @@ inline int bwd_config(const LayerNormBwdParams& p, int es) {
 }
 
 struct BwdPlan {
-  int config;              // vector config, -1 for the generic kernel
-  bool fused;              // the grad_input kernel also sums grad_weight / grad_bias
-  int blocks;              // grid of the grad_input kernel
+  int config;  // vector config, -1 for the generic kernel
+  bool fused;  // the grad_input kernel also sums grad_weight / grad_bias
+  int blocks;  // grid of the grad_input kernel
   int partial_rows;
   int64_t rows_per_split;  // column kernel (not fused)
 };
@@ -460,8 +467,8 @@ cudaError_t launch_fwd_config(const LnFwdArgs& a, cudaStream_t stream) {
   constexpr NormConfig c = kNormConfigs[kCfg];
   auto kernel = layer_norm_fwd_kernel<T, c.warps_per_row, c.vecs_per_thread, c.rows_per_block>;
   const size_t smem = size_t(2 * c.rows_per_block * c.warps_per_row) * sizeof(float);
-  FA_LAUNCH(kernel, dim3(ceil_div(a.p.rows, c.rows_per_block)), dim3(32 * c.warps_per_row * c.rows_per_block),
-            smem, stream, a);
+  FA_LAUNCH(kernel, dim3(ceil_div(a.p.rows, c.rows_per_block)),
+            dim3(32 * c.warps_per_row * c.rows_per_block), smem, stream, a);
   return launch_status();
 }
 
@@ -479,13 +486,20 @@ cudaError_t launch_bwd_config(const LnBwdArgs& a, int blocks, cudaStream_t strea
 template <class T>
 cudaError_t launch_fwd(const LnFwdArgs& a, int cfg, cudaStream_t stream) {
   switch (cfg) {
-    case 0: return launch_fwd_config<T, 0>(a, stream);
-    case 1: return launch_fwd_config<T, 1>(a, stream);
-    case 2: return launch_fwd_config<T, 2>(a, stream);
-    case 3: return launch_fwd_config<T, 3>(a, stream);
-    case 4: return launch_fwd_config<T, 4>(a, stream);
-    case 5: return launch_fwd_config<T, 5>(a, stream);
-    default: break;
+    case 0:
+      return launch_fwd_config<T, 0>(a, stream);
+    case 1:
+      return launch_fwd_config<T, 1>(a, stream);
+    case 2:
+      return launch_fwd_config<T, 2>(a, stream);
+    case 3:
+      return launch_fwd_config<T, 3>(a, stream);
+    case 4:
+      return launch_fwd_config<T, 4>(a, stream);
+    case 5:
+      return launch_fwd_config<T, 5>(a, stream);
+    default:
+      break;
   }
   auto kernel = layer_norm_fwd_generic_kernel<T>;
   FA_LAUNCH(kernel, dim3(unsigned(a.p.rows)), dim3(kNormGenericThreads),
@@ -498,12 +512,24 @@ cudaError_t launch_bwd(const LnBwdArgs& a, const BwdPlan& plan, cudaStream_t str
   cudaError_t err = cudaSuccess;
   if (plan.blocks > 0) {
     switch (plan.config) {
-      case 0: err = launch_bwd_config<T, 0>(a, plan.blocks, stream); break;
-      case 1: err = launch_bwd_config<T, 1>(a, plan.blocks, stream); break;
-      case 2: err = launch_bwd_config<T, 2>(a, plan.blocks, stream); break;
-      case 3: err = launch_bwd_config<T, 3>(a, plan.blocks, stream); break;
-      case 4: err = launch_bwd_config<T, 4>(a, plan.blocks, stream); break;
-      case 5: err = launch_bwd_config<T, 5>(a, plan.blocks, stream); break;
+      case 0:
+        err = launch_bwd_config<T, 0>(a, plan.blocks, stream);
+        break;
+      case 1:
+        err = launch_bwd_config<T, 1>(a, plan.blocks, stream);
+        break;
+      case 2:
+        err = launch_bwd_config<T, 2>(a, plan.blocks, stream);
+        break;
+      case 3:
+        err = launch_bwd_config<T, 3>(a, plan.blocks, stream);
+        break;
+      case 4:
+        err = launch_bwd_config<T, 4>(a, plan.blocks, stream);
+        break;
+      case 5:
+        err = launch_bwd_config<T, 5>(a, plan.blocks, stream);
+        break;
       default: {
         auto kernel = layer_norm_bwd_generic_kernel<T>;
         FA_LAUNCH(kernel, dim3(unsigned(plan.blocks)), dim3(kNormGenericThreads),
@@ -533,7 +559,8 @@ cudaError_t launch_bwd(const LnBwdArgs& a, const BwdPlan& plan, cudaStream_t str
 
 cudaError_t layer_norm_fwd(const LayerNormFwdParams& p, DType dtype, cudaStream_t stream) {
   if (p.rows <= 0) return cudaSuccess;
-  if (p.cols <= 0 || p.rows > 2147483647LL || (p.residual != nullptr && p.residual_out == nullptr)) {
+  if (p.cols <= 0 || p.rows > 2147483647LL ||
+      (p.residual != nullptr && p.residual_out == nullptr)) {
     return cudaErrorInvalidValue;
   }
   detail::LnFwdArgs a{p, dtype};
@@ -551,7 +578,8 @@ int64_t layer_norm_bwd_workspace(const LayerNormBwdParams& p, DType dtype) {
 
 cudaError_t layer_norm_bwd(const LayerNormBwdParams& p, DType dtype, cudaStream_t stream) {
   if (p.cols <= 0) return cudaSuccess;
-  if (p.rows < 0 || (p.workspace == nullptr && (p.grad_weight != nullptr || p.grad_bias != nullptr))) {
+  if (p.rows < 0 ||
+      (p.workspace == nullptr && (p.grad_weight != nullptr || p.grad_bias != nullptr))) {
     return cudaErrorInvalidValue;
   }
   const detail::BwdPlan plan = detail::bwd_plan(p, dtype_bytes(dtype));

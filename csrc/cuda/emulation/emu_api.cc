@@ -8,8 +8,8 @@
 #include "../attention.h"
 #include "../common.cuh"
 #include "../int8.h"
-#include "../layer_norm.h"
 #include "../launch_params.h"
+#include "../layer_norm.h"
 
 namespace fc = fastattn::cuda;
 
@@ -58,15 +58,24 @@ void fa_emu_attn_fwd_tile(int d, int* out5) {
 
 long long fa_emu_smem_bytes(int which, int d) {
   switch (which) {
-    case 0: return (long long)fc::attn_fwd_smem_bytes(d);
-    case 1: return (long long)fc::attn_simt_smem_bytes<float>(d);
-    case 2: return (long long)fc::attn_bwd_dkdv_smem_bytes(d);
-    case 3: return (long long)fc::attn_bwd_dq_smem_bytes(d);
-    case 4: return (long long)fc::attn_simt_bwd_smem_bytes(d);
-    case 5: return (long long)fc::kvcache_smem_bytes<float>(d);
-    case 6: return (long long)fc::kvcache_smem_bytes<fc::bf16>(d);
-    case 7: return (long long)fc::int8_gemm_smem_bytes(fc::kInt8GemmLarge);
-    case 8: return (long long)fc::int8_gemm_smem_bytes(fc::kInt8GemmSmall);
+    case 0:
+      return (long long)fc::attn_fwd_smem_bytes(d);
+    case 1:
+      return (long long)fc::attn_simt_smem_bytes<float>(d);
+    case 2:
+      return (long long)fc::attn_bwd_dkdv_smem_bytes(d);
+    case 3:
+      return (long long)fc::attn_bwd_dq_smem_bytes(d);
+    case 4:
+      return (long long)fc::attn_simt_bwd_smem_bytes(d);
+    case 5:
+      return (long long)fc::kvcache_smem_bytes<float>(d);
+    case 6:
+      return (long long)fc::kvcache_smem_bytes<fc::bf16>(d);
+    case 7:
+      return (long long)fc::int8_gemm_smem_bytes(fc::kInt8GemmLarge);
+    case 8:
+      return (long long)fc::int8_gemm_smem_bytes(fc::kInt8GemmSmall);
   }
   return -1;
 }
@@ -174,16 +183,15 @@ int fa_emu_attention_bwd(int dtype, const void* grad_out, const void* q, const v
   p.dv = dv;
   p.dmask = dmask;
   int i = 0;
-  int64_t* fields[] = {&p.do_stride_b, &p.do_stride_h, &p.do_stride_l, &p.q_stride_b,
-                       &p.q_stride_h, &p.q_stride_l, &p.k_stride_b, &p.k_stride_h,
-                       &p.k_stride_s, &p.v_stride_b, &p.v_stride_h, &p.v_stride_s,
-                       &p.o_stride_b, &p.o_stride_h, &p.o_stride_l, &p.lse_stride_b,
-                       &p.lse_stride_h, &p.glse_stride_b, &p.glse_stride_h, &p.mask_stride_b,
-                       &p.mask_stride_h, &p.mask_stride_l, &p.mask_stride_s, &p.dq_stride_b,
-                       &p.dq_stride_h, &p.dq_stride_l, &p.dk_stride_b, &p.dk_stride_h,
-                       &p.dk_stride_s, &p.dv_stride_b, &p.dv_stride_h, &p.dv_stride_s,
-                       &p.dmask_stride_b, &p.dmask_stride_h, &p.dmask_stride_l,
-                       &p.dmask_stride_s};
+  int64_t* fields[] = {&p.do_stride_b,    &p.do_stride_h,    &p.do_stride_l,    &p.q_stride_b,
+                       &p.q_stride_h,     &p.q_stride_l,     &p.k_stride_b,     &p.k_stride_h,
+                       &p.k_stride_s,     &p.v_stride_b,     &p.v_stride_h,     &p.v_stride_s,
+                       &p.o_stride_b,     &p.o_stride_h,     &p.o_stride_l,     &p.lse_stride_b,
+                       &p.lse_stride_h,   &p.glse_stride_b,  &p.glse_stride_h,  &p.mask_stride_b,
+                       &p.mask_stride_h,  &p.mask_stride_l,  &p.mask_stride_s,  &p.dq_stride_b,
+                       &p.dq_stride_h,    &p.dq_stride_l,    &p.dk_stride_b,    &p.dk_stride_h,
+                       &p.dk_stride_s,    &p.dv_stride_b,    &p.dv_stride_h,    &p.dv_stride_s,
+                       &p.dmask_stride_b, &p.dmask_stride_h, &p.dmask_stride_l, &p.dmask_stride_s};
   for (int64_t* f : fields) *f = st[i++];
   p.batch = sz[0], p.heads = sz[1], p.kv_heads = sz[2], p.len_q = sz[3], p.len_k = sz[4];
   p.head_dim = sz[5], p.head_dim_v = sz[6];
@@ -197,9 +205,9 @@ int fa_emu_attention_bwd(int dtype, const void* grad_out, const void* q, const v
 // ---- layer norm ------------------------------------------------------------------------------
 // st: input residual out residual_out (row strides); flags: rms, param_float32
 int fa_emu_layer_norm_fwd(int dtype, const void* input, const void* residual, const void* weight,
-                          const void* bias, void* out, void* residual_out, float* mean,
-                          float* rstd, long long rows, long long cols, const int64_t* st,
-                          float eps, int rms, int param_float32) {
+                          const void* bias, void* out, void* residual_out, float* mean, float* rstd,
+                          long long rows, long long cols, const int64_t* st, float eps, int rms,
+                          int param_float32) {
   fa_emu::clear_error();
   fc::LayerNormFwdParams p;
   p.input = input;

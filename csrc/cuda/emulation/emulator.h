@@ -17,8 +17,11 @@
 // divergence, deadlock, canary overwrite) abort the launch and are reported by last_error().
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <sys/mman.h>
 #include <ucontext.h>
+#include <vector_types.h>
 
 #include <algorithm>
 #include <cmath>
@@ -34,10 +37,6 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <vector_types.h>
 
 namespace fa_emu {
 
@@ -63,7 +62,7 @@ struct Thread {
   Wait wait = Wait::kNone;
   unsigned wait_gen = 0;
   bool done = false, started = false;
-  std::vector<PendingCopy> open_group;           // issued, not yet committed
+  std::vector<PendingCopy> open_group;          // issued, not yet committed
   std::deque<std::vector<PendingCopy>> groups;  // committed, oldest first
 };
 
@@ -256,33 +255,33 @@ inline void ldmatrix_x4(uint32_t (&regs)[4], const void* row_addr, bool trans) {
   struct Out {
     uint32_t r[4];
   };
-  Out o = warp_collective<Out>(trans ? "ldmatrix.trans" : "ldmatrix", row_addr,
-                               [trans](const void* const* ins, Out* outs) {
-    for (int l = 0; l < 32; ++l) {
-      for (int i = 0; i < 4; ++i) {
-        uint16_t lo, hi;
-        if (!trans) {
-          const uint16_t* row = static_cast<const uint16_t*>(ins[8 * i + l / 4]);
-          lo = row[2 * (l % 4)];
-          hi = row[2 * (l % 4) + 1];
-        } else {
-          const uint16_t* r0 = static_cast<const uint16_t*>(ins[8 * i + 2 * (l % 4)]);
-          const uint16_t* r1 = static_cast<const uint16_t*>(ins[8 * i + 2 * (l % 4) + 1]);
-          lo = r0[l / 4];
-          hi = r1[l / 4];
+  Out o = warp_collective<Out>(
+      trans ? "ldmatrix.trans" : "ldmatrix", row_addr, [trans](const void* const* ins, Out* outs) {
+        for (int l = 0; l < 32; ++l) {
+          for (int i = 0; i < 4; ++i) {
+            uint16_t lo, hi;
+            if (!trans) {
+              const uint16_t* row = static_cast<const uint16_t*>(ins[8 * i + l / 4]);
+              lo = row[2 * (l % 4)];
+              hi = row[2 * (l % 4) + 1];
+            } else {
+              const uint16_t* r0 = static_cast<const uint16_t*>(ins[8 * i + 2 * (l % 4)]);
+              const uint16_t* r1 = static_cast<const uint16_t*>(ins[8 * i + 2 * (l % 4) + 1]);
+              lo = r0[l / 4];
+              hi = r1[l / 4];
+            }
+            outs[l].r[i] = uint32_t(lo) | (uint32_t(hi) << 16);
+          }
         }
-        outs[l].r[i] = uint32_t(lo) | (uint32_t(hi) << 16);
-      }
-    }
-  });
+      });
   for (int i = 0; i < 4; ++i) regs[i] = o.r[i];
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32, PTX ISA fragment layouts:
 // groupID g = lane >> 2, t = lane % 4.
-//   A (16x16): reg0 = A[g][2t..2t+1], reg1 = A[g+8][2t..], reg2 = A[g][2t+8..], reg3 = A[g+8][2t+8..]
-//   B (16x8, k x n): reg0 = B[2t..2t+1][g], reg1 = B[2t+8..2t+9][g]
-//   C/D (16x8): c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1]
+//   A (16x16): reg0 = A[g][2t..2t+1], reg1 = A[g+8][2t..], reg2 = A[g][2t+8..], reg3 =
+//   A[g+8][2t+8..] B (16x8, k x n): reg0 = B[2t..2t+1][g], reg1 = B[2t+8..2t+9][g] C/D (16x8):
+//   c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1]
 template <bool kBf16>
 inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   struct In {
@@ -345,9 +344,9 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
 }
 
 // mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 (byte i of a register is element i):
-//   A (16x32): reg0 = A[g][4t..4t+3], reg1 = A[g+8][4t..], reg2 = A[g][4t+16..], reg3 = A[g+8][4t+16..]
-//   B (32x8, k x n): reg0 = B[4t..4t+3][g], reg1 = B[4t+16..4t+19][g]
-//   C/D as for the f32 shape, in s32.
+//   A (16x32): reg0 = A[g][4t..4t+3], reg1 = A[g+8][4t..], reg2 = A[g][4t+16..], reg3 =
+//   A[g+8][4t+16..] B (32x8, k x n): reg0 = B[4t..4t+3][g], reg1 = B[4t+16..4t+19][g] C/D as for
+//   the f32 shape, in s32.
 inline void mma_16832_s8(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   struct In {
     uint32_t a[4], b[2];
@@ -520,7 +519,8 @@ inline bool run_block(unsigned bx, unsigned by, unsigned bz, int round_seed) {
         const int w = round % 2 == 0 ? wi : n_warps - 1 - wi;
         for (int l = 0; l < 32; ++l) order[size_t(w * 32 + l)] = w * 32 + l;
         if (lane_mode == 1) std::reverse(order.begin() + w * 32, order.begin() + w * 32 + 32);
-        if (lane_mode == 2) std::shuffle(order.begin() + w * 32, order.begin() + w * 32 + 32, r.rng);
+        if (lane_mode == 2)
+          std::shuffle(order.begin() + w * 32, order.begin() + w * 32 + 32, r.rng);
         while (run_once(w * 32, w * 32 + 32)) {
           progressed = true;
           if (r.aborted) return false;
