@@ -291,6 +291,29 @@ def emu(builds):
     return e
 
 
+def test_emulator_exposes_races_and_divergence(emu):
+    """The emulator's own check: a cross-warp shared-memory exchange is right with a barrier and
+    wrong without one (warps run one at a time), and shuffles in divergent branches are refused.
+    """
+    out = torch.zeros(64, dtype=torch.int32)
+    emu.check(emu.lib.fa_emu_selftest(0, _p(out), 64))
+    assert torch.equal(out, (torch.arange(64) + 32) % 64)
+    emu.check(emu.lib.fa_emu_selftest(1, _p(out), 64))
+    assert not torch.equal(out, (torch.arange(64) + 32) % 64), "the missing barrier went unseen"
+    with pytest.raises(RuntimeError, match="divergence"):
+        emu.check(emu.lib.fa_emu_selftest(2, _p(out), 32))
+
+
+def test_launchers_reject_bad_sizes(emu):
+    q = torch.randn(1, 3, 4, 300)
+    kv = torch.randn(1, 3, 4, 300)
+    with pytest.raises(RuntimeError, match="launcher returned error"):  # head dim > 256
+        attention_fwd(emu, q, kv, kv, None, 0.1, -1, -1, 0)
+    q, kv = torch.randn(1, 3, 4, 64), torch.randn(1, 2, 4, 64)
+    with pytest.raises(RuntimeError, match="launcher returned error"):  # 3 % 2 heads
+        attention_fwd(emu, q, kv, kv, None, 0.1, -1, -1, 0)
+
+
 # ---- launch parameters (pure C++ in launch_params.h) ------------------------------------------
 def test_launch_params(emu):
     lib = emu.lib

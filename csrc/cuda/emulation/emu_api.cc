@@ -30,9 +30,42 @@ fc::DType dtype_of(int code) {
   return code == 0 ? fc::DType::kFloat32 : (code == 1 ? fc::DType::kFloat16 : fc::DType::kBFloat16);
 }
 
+// Kernels with known defects, for checking that the emulator exposes them.
+__global__ void selftest_smem_exchange_kernel(int* out, bool with_barrier) {
+  int* smem = reinterpret_cast<int*>(fc::smem_base());
+  const int t = int(threadIdx.x), n = int(blockDim.x);
+  smem[t] = t;
+  if (with_barrier) __syncthreads();
+  out[t] = smem[(t + 32) % n];  // written by another warp
+}
+
+__global__ void selftest_divergent_shuffle_kernel(int* out) {
+  const int lane = int(threadIdx.x) % 32;
+  int v = lane;
+  if (lane < 16) {
+    v = __shfl_xor_sync(0xffffffffu, v, 1);
+  } else {
+    v = __shfl_sync(0xffffffffu, v, 0);
+  }
+  out[threadIdx.x] = v;
+}
+
 }  // namespace
 
 extern "C" {
+
+// 0: the exchange with a barrier, 1: without (a race), 2: shuffles in divergent branches.
+int fa_emu_selftest(int which, int* out, int n) {
+  fa_emu::clear_error();
+  if (which == 2) {
+    auto k = selftest_divergent_shuffle_kernel;
+    FA_LAUNCH(k, dim3(1), dim3(unsigned(n)), 0, nullptr, out);
+  } else {
+    auto k = selftest_smem_exchange_kernel;
+    FA_LAUNCH(k, dim3(1), dim3(unsigned(n)), size_t(n) * sizeof(int), nullptr, out, which == 0);
+  }
+  return finish(fc::launch_status());
+}
 
 const char* fa_emu_message() { return g_message.c_str(); }
 
