@@ -195,7 +195,8 @@ def check_attention(rep: Report, cases, dtypes) -> None:
                         window=window, causal_alignment=align, return_lse=True)
                     loss = (o * do.to(dt)).sum()
                     loss = loss + (torch.where(torch.isfinite(lse_), lse_, 0.0) * glse.to(dt)).sum()
-                    return torch.autograd.grad(loss, [qq, kk, vv] + ([mm] if mm is not None else []))
+                    ins = [qq, kk, vv] + ([mm] if mm is not None else [])
+                    return torch.autograd.grad(loss, ins)
 
                 for n, g, h, lo in zip(("dq", "dk", "dv", "dmask"), got, grads(torch.float64),
                                        grads(q.dtype), strict=False):
@@ -299,7 +300,7 @@ def check_layer_norm(rep: Report, cases, dtypes) -> None:
                 xsaved = rout if residual else x
                 gi, gw, gb = ops.layer_norm_bwd(g, gr, xsaved, w, b, mean, rstd, rms)
                 gi2, gw2, gb2 = ops.layer_norm_bwd(g, gr, xsaved, w, b, mean, rstd, rms)
-                assert torch.equal(gw, gw2) and torch.equal(gi, gi2), "layer_norm_bwd not repeatable"
+                assert torch.equal(gw, gw2) and torch.equal(gi, gi2), "not bitwise repeatable"
 
                 def grads(dt):
                     xx = xsaved.detach().to(dt).requires_grad_()

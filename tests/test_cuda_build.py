@@ -100,60 +100,86 @@ def _read_log(log: Path) -> tuple[int, str]:
     return int(rc), text
 
 
+class _Job:
+    """A compile command cached under a hash of its inputs: the headers of csrc/cuda, its own
+    sources, its flags and the compiler versions."""
+
+    def __init__(self, cache: Path, name: str, sources: list[Path], make_cmd, salt: str):
+        h = hashlib.sha256(salt.encode() + name.encode())
+        for p in sources:
+            h.update(str(p).encode() + p.read_bytes())
+        self.key = h.hexdigest()[:16]
+        self.name = name
+        self.out = cache / f"{name}.{self.key}.o"
+        self.log = cache / f"{name}.{self.key}.log"
+        self.cmd = make_cmd(self.out)
+
+
 @pytest.fixture(scope="module")
 def builds():
-    """Runs every compile job (nvcc per file and arch, the emulator library, the binding syntax
-    check) on JOBS workers; cached by content hash. Returns the build directory and paths."""
+    """Runs the compile jobs (nvcc per file and arch, the emulator objects and library, the
+    binding syntax check) on JOBS workers, each cached by the hash of its inputs. Returns the
+    logs by job name and the emulator library."""
     inc = _cuda_include()
     if inc is None:
         pytest.skip("nvcc found but not the CUDA headers (cuda_bf16.h)")
-    sources = sorted(p for p in CUDA_DIR.rglob("*") if p.is_file())
-    h = hashlib.sha256()
-    for p in sources:
-        h.update(str(p.relative_to(CUDA_DIR)).encode() + p.read_bytes())
-    h.update(json.dumps([NVCC_FLAGS, NVCC_HEAD_DIMS, EMU_FLAGS, torch.__version__]).encode())
-    h.update(_tool_version([NVCC, "--version"]).encode() + _tool_version(["g++", "--version"]).encode())
     if os.environ.get("FASTATTN_CUDA_CHECK_NO_CACHE") == "1":
-        out = Path(tempfile.mkdtemp(prefix="fastattn_cuda_check_"))
+        cache = Path(tempfile.mkdtemp(prefix="fastattn_cuda_check_"))
     else:
-        out = REPO / "build" / "cuda_check" / h.hexdigest()[:16]
-        out.mkdir(parents=True, exist_ok=True)
+        cache = REPO / "build" / "cuda_check"
+        cache.mkdir(parents=True, exist_ok=True)
+    headers = sorted(p for p in CUDA_DIR.rglob("*") if p.suffix in (".h", ".cuh"))
+    salt = json.dumps([NVCC_FLAGS, NVCC_HEAD_DIMS, EMU_FLAGS, torch.__version__, str(inc)])
+    salt += _tool_version([NVCC, "--version"]) + _tool_version(["g++", "--version"])
 
-    jobs = []  # (log, command), run when the log is missing
+    def nvcc_cmd(src: Path, gencode: str):
+        return lambda o: [NVCC, *NVCC_FLAGS, f"-DFASTATTN_HEAD_DIM_MASK={NVCC_HEAD_DIMS}",
+                          "-gencode", gencode, "-c", str(src), "-o", str(o)]
+
+    def emu_cmd(src: Path):
+        return lambda o: ["g++", *EMU_FLAGS, "-I", str(CUDA_DIR), "-I", str(inc), "-x", "c++",
+                          "-c", str(src), "-o", str(o)]
+
+    jobs: list[_Job] = []
     for f in KERNEL_FILES:
         for arch, gencode in ARCHS.items():
-            cmd = [NVCC, *NVCC_FLAGS, f"-DFASTATTN_HEAD_DIM_MASK={NVCC_HEAD_DIMS}", "-gencode",
-                   gencode, "-c", str(CUDA_DIR / f), "-o", str(out / f"{f}.{arch}.o")]
-            jobs.append((out / f"nvcc.{f}.{arch}.log", cmd))
-    objs = []
+            src = CUDA_DIR / f
+            jobs.append(_Job(cache, f"nvcc.{f}.{arch}", headers + [src], nvcc_cmd(src, gencode),
+                             salt))
+    emu_jobs = []
     for f in KERNEL_FILES + ["emulation/emu_api.cc"]:
-        obj = out / ("emu." + Path(f).name + ".o")
-        objs.append(obj)
-        cmd = ["g++", *EMU_FLAGS, "-I", str(CUDA_DIR), "-I", str(inc), "-x", "c++", "-c",
-               str(CUDA_DIR / f), "-o", str(obj)]
-        jobs.append((out / f"emu.{Path(f).name}.log", cmd))
+        src = CUDA_DIR / f
+        emu_jobs.append(_Job(cache, f"emu.{src.name}", headers + [src], emu_cmd(src), salt))
+    jobs += emu_jobs
     torch_inc = _torch_includes()
-    bindings = out / "bindings_all.cpp"
-    bindings.write_text("".join(f'#include "{f}"\n' for f in BINDING_FILES))
-    syntax_cmd = ["g++", "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
-                  "-DFASTATTN_CUDA_SYNTAX_CHECK", "-DFASTATTN_WITH_CUDA",
-                  *[a for p in torch_inc for a in ("-isystem", str(p))], "-isystem", str(inc),
-                  "-I", str(CUDA_DIR), str(bindings)]
     if all(p.exists() for p in torch_inc):
-        jobs.append((out / "bindings.log", syntax_cmd))
+        bindings = [CUDA_DIR / f for f in BINDING_FILES]
+        all_cpp = cache / "bindings_all.cpp"
+        all_cpp.write_text("".join(f'#include "{f}"\n' for f in BINDING_FILES))
+        jobs.append(_Job(cache, "bindings", headers + bindings, lambda o: [
+            "g++", "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
+            "-DFASTATTN_CUDA_SYNTAX_CHECK", "-DFASTATTN_WITH_CUDA",
+            *[a for p in torch_inc for a in ("-isystem", str(p))], "-isystem", str(inc),
+            "-I", str(CUDA_DIR), str(all_cpp)], salt))
 
-    todo = [(log, cmd) for log, cmd in jobs if not log.exists()]
+    todo = [j for j in jobs if not j.log.exists()]
     with concurrent.futures.ThreadPoolExecutor(JOBS) as pool:
-        for f in [pool.submit(_run, cmd, log.with_suffix(".tmp")) for log, cmd in todo]:
-            f.result()
-    for log, _ in todo:
-        log.with_suffix(".tmp").replace(log)
-    lib = out / "libfastattn_cuda_emu.so"
-    link_log = out / "emu.link.log"
-    if not link_log.exists() and all(_read_log(out / f"emu.{Path(f).name}.log")[0] == 0
-                                     for f in KERNEL_FILES + ["emulation/emu_api.cc"]):
-        _run(["g++", "-shared", "-o", str(lib), *map(str, objs)], link_log)
-    return {"dir": out, "lib": lib, "link_log": link_log}
+        for fut in [pool.submit(_run, j.cmd, j.log.with_suffix(".tmp")) for j in todo]:
+            fut.result()
+    for j in todo:
+        j.log.with_suffix(".tmp").replace(j.log)
+    link_key = hashlib.sha256("".join(j.key for j in emu_jobs).encode()).hexdigest()[:16]
+    lib = cache / f"libfastattn_cuda_emu.{link_key}.so"
+    link_log = cache / f"emu.link.{link_key}.log"
+    if not link_log.exists() and all(_read_log(j.log)[0] == 0 for j in emu_jobs):
+        _run(["g++", "-shared", "-o", str(lib), *(str(j.out) for j in emu_jobs)], link_log)
+    keep = {p.name for j in jobs for p in (j.out, j.log)} | {lib.name, link_log.name,
+                                                             "bindings_all.cpp"}
+    for p in cache.iterdir():  # outputs of older sources
+        if p.is_file() and p.name not in keep and not p.name.startswith("registers."):
+            p.unlink()
+    return {"dir": cache, "logs": {j.name: j.log for j in jobs}, "lib": lib,
+            "link_log": link_log}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +221,7 @@ def parse_ptxas(text: str) -> list[dict]:
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("source", KERNEL_FILES)
 def test_nvcc_compiles_without_spills(builds, source, arch):
-    rc, text = _read_log(builds["dir"] / f"nvcc.{source}.{arch}.log")
+    rc, text = _read_log(builds["logs"][f"nvcc.{source}.{arch}"])
     assert rc == 0, f"nvcc failed for {source} ({arch}):\n{text[-6000:]}"
     assert "warning" not in text.lower(), f"nvcc warnings for {source} ({arch}):\n{text[-4000:]}"
     kernels = parse_ptxas(text)
@@ -212,8 +238,8 @@ def test_nvcc_compiles_without_spills(builds, source, arch):
 
 
 def test_bindings_syntax(builds):
-    log = builds["dir"] / "bindings.log"
-    if not log.exists():
+    log = builds["logs"].get("bindings")
+    if log is None:
         pytest.skip("this torch has no C++ headers")
     rc, text = _read_log(log)
     assert rc == 0, f"g++ -fsyntax-only of csrc/cuda/*.cpp failed:\n{text[-6000:]}"
@@ -238,7 +264,8 @@ class Emu:
 
     def check(self, rc: int) -> None:
         if rc != 0:
-            raise RuntimeError(f"emulated launch failed ({rc}): {self.lib.fa_emu_message().decode()}")
+            msg = self.lib.fa_emu_message().decode()
+            raise RuntimeError(f"emulated launch failed ({rc}): {msg}")
 
     def configure(self, order: int = 4, eager: bool = False) -> None:
         self.lib.fa_emu_configure(order, int(eager))
@@ -284,7 +311,8 @@ def check_guard(big):
 def emu(builds):
     rc, text = _read_log(builds["link_log"]) if builds["link_log"].exists() else (1, "")
     if rc != 0:
-        logs = "\n".join(p.read_text()[-3000:] for p in builds["dir"].glob("emu.*.log"))
+        logs = "\n".join(p.read_text()[-3000:] for n, p in builds["logs"].items()
+                         if n.startswith("emu.") and p.exists())
         pytest.fail(f"the emulator library did not build:\n{logs}")
     e = Emu(builds["lib"])
     e.configure()
@@ -595,7 +623,8 @@ LN_CASES = {
     # id: (M, N, dtype, rms, residual, weight, bias, float32 params, strided rows, SMs)
     "bf16-256": (7, 256, torch.bfloat16, False, False, True, True, False, False, SMS),
     "fp16-1000-residual": (5, 1000, torch.float16, False, True, True, True, False, False, SMS),
-    "bf16-rms-1024-f32params": (9, 1024, torch.bfloat16, True, False, True, False, True, False, SMS),
+    "bf16-rms-1024-f32params": (9, 1024, torch.bfloat16, True, False, True, False, True, False,
+                                SMS),
     "bf16-4096-residual": (3, 4096, torch.bfloat16, False, True, True, True, False, False, 2),
     "bf16-8192": (3, 8192, torch.bfloat16, False, True, True, True, False, False, SMS),
     "bf16-rms-16384": (2, 16384, torch.bfloat16, True, False, True, False, False, False, SMS),

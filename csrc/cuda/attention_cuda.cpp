@@ -29,6 +29,8 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
               " (CUDA): v must be (B, Hkv, S, Ev) with k's Hkv and S, got ", v.sizes());
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "fastattn.", op, " (CUDA): q heads (",
               q.size(1), ") must be a multiple of k heads (", k.size(1), ")");
+  TORCH_CHECK(q.size(3) >= 1 && v.size(3) >= 1, "fastattn.", op,
+              " (CUDA): head dims must be at least 1, got ", q.size(3), " and ", v.size(3));
   TORCH_CHECK(q.size(3) <= kMaxHeadDim && v.size(3) <= kMaxHeadDim, "fastattn.", op,
               " (CUDA): head dims above ", kMaxHeadDim, " are not supported, got ", q.size(3),
               " and ", v.size(3));
@@ -66,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   check_mask(attn_mask, q_in, S, op);
   auto out = at::empty({B, H, L, Ev}, q_in.options());
   auto lse = at::empty({B, H, L}, q_in.options().dtype(at::kFloat));
-  if (out.numel() == 0 || S == 0) {  // no key: out = 0, lse = -inf (as the reference)
+  if (B * H * L == 0 || S == 0) {  // no key: out = 0, lse = -inf (as the reference)
     out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
