@@ -4,7 +4,8 @@
 #     OUT=/some/dir bash bench/gpu_check_cuda.sh
 #
 #   1. builds fastattn._C with the CUDA kernels (setup.py build_ext --inplace,
-#      TORCH_CUDA_ARCH_LIST="8.0;9.0a" unless set) -> $OUT/cuda_build.log
+#      TORCH_CUDA_ARCH_LIST="8.0;9.0a" unless set) -> $OUT/cuda_build.log (bench/gpu_check.sh
+#      keeps this fragment's own output in $OUT/build.log)
 #   2. bench/cuda_kernels_check.py: every CUDA op against fastattn.reference, then timings
 #      against the PyTorch baselines -> $OUT/cuda_kernels_check.{json,md}
 #   3. compute-sanitizer (when installed) on the tiny cases: memcheck on every op, racecheck on

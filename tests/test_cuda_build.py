@@ -12,8 +12,9 @@
    warp-by-warp scheduling that exposes missing barriers) and run through ctypes against
    fastattn.reference with DESIGN's rule, launch planning included.
 
-Build outputs are cached in build/cuda_check/<hash of sources, flags, compilers>; set
-FASTATTN_CUDA_CHECK_NO_CACHE=1 to rebuild. Everything skips cleanly when nvcc is not on PATH.
+Each compile job is cached in build/cuda_check/ under the hash of its inputs (its sources, the
+headers, flags and compiler versions); FASTATTN_CUDA_CHECK_NO_CACHE=1 rebuilds everything.
+Everything skips cleanly when nvcc is not on PATH.
 """
 
 from __future__ import annotations
