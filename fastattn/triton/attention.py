@@ -382,6 +382,11 @@ def _attention_fwd_kernel(
     """out (B, H, L, Ev), lse (B, H, L) from q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev).
     Grid: (cdiv(L, BLOCK_M), B * H); the Q tile stays in registers."""
     pid_m = tl.program_id(0)
+    if HAS_RIGHT:
+        if not HAS_LEFT:
+            # causal: the last query blocks see the most keys; start them first so the
+            # short ones fill the tail of the launch
+            pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
@@ -724,6 +729,11 @@ def _attention_bwd_dq_kernel(
     """dq (B, H, L, E) without atomics (deterministic backward): one program per query block
     loops over its key band. Grid: (cdiv(L, BLOCK_M), B * H)."""
     pid_m = tl.program_id(0)
+    if HAS_RIGHT:
+        if not HAS_LEFT:
+            # causal: the last query blocks see the most keys; start them first so the
+            # short ones fill the tail of the launch
+            pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
