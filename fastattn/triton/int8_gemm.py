@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 # 1.5 * 2**23: for |y| < 2**22, (y + C) - C is y rounded to an integer, ties to even (float32).
-_RNE_MAGIC = 12582912.0
+_RNE_MAGIC = tl.constexpr(12582912.0)
 # Rows up to this length are quantized from registers in one pass; longer rows are read twice.
 _QUANT_ONE_PASS_MAX = 8192
 _QUANT_LOOP_BLOCK = 2048
@@ -290,8 +290,8 @@ def _weight_only_configs() -> list[triton.Config]:
     if _interpret():
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
     # decoding reads N * K int8 bytes once: many programs along N (132 SMs on H100/H200) and long
-    # K tiles keep enough loads in flight for HBM bandwidth
-    return [
+    # K tiles keep enough loads in flight for HBM bandwidth (16-bit x: tensor-core dot)
+    configs = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bn in (16, 32, 64)
         for bk in (128, 256, 512)
@@ -299,9 +299,29 @@ def _weight_only_configs() -> list[triton.Config]:
         for s in (3, 4)
         if bn * bk <= 16384
     ]
+    # float32 x multiplies in full precision (FMA dot, no tensor cores): its operands live in
+    # registers, so K tiles stay short (ptxas -v on sm_90a/sm_80: no spills up to 32 x 64, 8 warps)
+    configs += [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=8, num_stages=s)
+        for bn in (16, 32)
+        for bk in (32, 64)
+        for s in (3, 4)
+    ]
+    return configs
 
 
-@triton.autotune(configs=_weight_only_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "FP32", "INTERP_BF16"])
+def _prune_weight_only_configs(configs, named_args, **kwargs):
+    """float32 x takes the short-K FMA tiles, 16-bit x the long-K tensor-core tiles."""
+    fp32 = named_args["FP32"]
+    kept = [c for c in configs if (c.kwargs["BLOCK_K"] <= 64) == fp32]
+    return kept or configs[:1]
+
+
+@triton.autotune(
+    configs=_weight_only_configs(),
+    key=["M_BUCKET", "N", "K", "HAS_BIAS", "FP32", "INTERP_BF16"],
+    prune_configs_by={"early_config_prune": _prune_weight_only_configs},
+)
 @triton.jit
 def _int8_weight_only_kernel(
     # pointers
