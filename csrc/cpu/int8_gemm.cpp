@@ -32,7 +32,7 @@
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTATTN_NO_SIMD)
 #define FASTATTN_X86 1
 #include <cpuid.h>
 #include <immintrin.h>
@@ -103,6 +103,7 @@ Isa isa_cap() {
 
 Isa best_isa() {
   const Isa cap = isa_cap();
+  (void)cap;
 #ifdef FASTATTN_X86
   if (cap >= Isa::kAmx && cpu_has_amx()) return Isa::kAmx;
   if (cap >= Isa::kVnni && cpu_has_vnni()) return Isa::kVnni;
@@ -117,6 +118,10 @@ bool use_avx512() {
   return false;
 #endif
 }
+
+// weight-only linear blocking: 4 rows of w x 4 rows of x per micro-kernel (16 accumulators)
+constexpr int kWoN = 4;
+constexpr int kWoM = 4;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
@@ -721,8 +726,6 @@ FA_TARGET_AVX512 void quantize_rows_avx512(const T* x, int64_t ldx, int64_t m0, 
 // ------------------------------------------------------------------------------------------------
 // weight-only linear (AVX-512): out[m][n] = (sum_k x[m][k] * float(w[n][k])) * scale[n] + bias[n]
 // ------------------------------------------------------------------------------------------------
-constexpr int kWoN = 4;  // rows of w per micro-kernel
-constexpr int kWoM = 4;  // rows of x per micro-kernel: 16 accumulators
 
 // With few accumulators (MR * NR <= 8) the FMA latency (4 cycles) would bound the loop: K is
 // then split over two independent accumulator banks (even/odd 16-element chunks).
