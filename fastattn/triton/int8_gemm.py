@@ -231,18 +231,20 @@ def _int8_gemm_kernel(
         # the reference's order of float32 operations: ((acc * a_scale) * b_scale) + bias
         out = acc.to(tl.float32)
         if HAS_A_SCALE:
-            out = out * tl.load(AScale + offs_m, mask=offs_m < M, other=0.0)[:, None]
+            out = out * tl.load(AScale + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)[:, None]
         if HAS_B_SCALE:
-            out = out * tl.load(BScale + offs_n, mask=offs_n < N, other=0.0)[None, :]
+            out = out * tl.load(BScale + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
-            out = out + tl.load(Bias + offs_n, mask=offs_n < N, other=0.0)[None, :]
+            out = out + tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         tl.store(c_ptrs, _to_out(out, C.dtype.element_ty, INTERP_BF16), mask=c_mask)
     else:
         tl.store(c_ptrs, acc, mask=c_mask)
 
 
-def _float_vector(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.to(torch.float32).contiguous()
+def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    # scales and bias are read in their own float dtype and widened in registers: no conversion
+    # kernel launched per call (it would cost as much as a decode-sized GEMM's epilogue)
+    return None if t is None else t.contiguous()
 
 
 def int8_gemm(
@@ -266,7 +268,7 @@ def int8_gemm(
         a = a.new_zeros((M, 1))
         b = b.new_zeros((N, 1))
         K = 1
-    a_scale, b_scale, bias = _float_vector(a_scale), _float_vector(b_scale), _float_vector(bias)
+    a_scale, b_scale, bias = _vector(a_scale), _vector(b_scale), _vector(bias)
     dummy = c  # never read: the HAS_* flags are constexpr
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _int8_gemm_kernel[grid](
@@ -356,9 +358,9 @@ def _int8_weight_only_kernel(
             acc = tl.dot(x, w.to(x.dtype), acc)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
-    out = acc * tl.load(WScale + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    out = acc * tl.load(WScale + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        out = out + tl.load(Bias + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        out = out + tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     o_ptrs = (Out + offs_m[:, None].to(tl.int64) * stride_om
               + offs_n[None, :].to(tl.int64) * stride_on)
     tl.store(o_ptrs, _to_out(out, Out.dtype.element_ty, INTERP_BF16),
@@ -378,7 +380,7 @@ def int8_weight_only_linear(
         x = x.new_zeros((M, 1))
         w_int8 = w_int8.new_zeros((N, 1))
         K = 1
-    w_scale, bias = _float_vector(w_scale), _float_vector(bias)
+    w_scale, bias = _vector(w_scale), _vector(bias)
     block_m = 16 if M <= 16 else 32  # tl.dot needs >= 16 rows; small M is the target
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))
     _int8_weight_only_kernel[grid](
