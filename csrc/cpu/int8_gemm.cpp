@@ -5,6 +5,8 @@
 //   vnni   AVX512-VNNI (_mm512_dpbusd_epi32, unsigned x signed): a is shifted by +128 to make it
 //          unsigned and 128 * colsum(b) is subtracted per column in the epilogue.
 //   scalar portable C++ (any CPU).
+// With AMX or VNNI, decode-sized M (a row or two; up to 8 rows without AMX) takes a dot-product
+// kernel instead that streams b as it lies in memory (dpbusd, 64 k per instruction, no packing).
 // FASTATTN_INT8_CPU_ISA=amx|vnni|scalar caps the choice (the best available one at or below it is
 // used), which is how the tests exercise every path on one machine.
 //
