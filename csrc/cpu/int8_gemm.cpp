@@ -458,25 +458,35 @@ FA_TARGET_VNNI void dot_micro(int mr, int nr, const uint8_t* au, int64_t lda, co
 FA_TARGET_AVX512 void shift_rows_u8(const int8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t K,
                                     int64_t kp, uint8_t* au);
 
+// One task: rows [n0, n0 + 16) of b against every row of a; each a row's 16 results leave
+// through one vector epilogue.
+FA_TARGET_VNNI void dot_task(const uint8_t* au, int64_t kp, const int8_t* b, int64_t ldb, int64_t M,
+                             int64_t N, int64_t K, int64_t n0, const Epilogue& ep) {
+  alignas(64) int32_t res[kDotMR][16];
+  int32_t acc[kDotMR * kDotNR];
+  const int64_t n_end = std::min<int64_t>(N, n0 + 16);
+  for (int64_t m = 0; m < M; m += kDotMR) {
+    const int mr = static_cast<int>(std::min<int64_t>(kDotMR, M - m));
+    for (int64_t n = n0; n < n_end; n += kDotNR) {
+      const int nr = static_cast<int>(std::min<int64_t>(kDotNR, n_end - n));
+      dot_micro(mr, nr, au + m * kp, kp, b + n * ldb, ldb, K, acc);
+      for (int i = 0; i < mr; ++i)
+        for (int j = 0; j < nr; ++j) res[i][n - n0 + j] = acc[i * kDotNR + j];
+    }
+    for (int i = 0; i < mr; ++i)
+      store_row16(ep, m + i, n0, n_end - n0, _mm512_load_si512(res[i]));
+  }
+}
+
 void gemm_dot(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t M, int64_t N,
               int64_t K, const Epilogue& ep) {
   const int64_t kp = round_up(K, 64);
   at::Tensor au_t = at::empty({M * kp}, at::kByte);
   uint8_t* au = au_t.data_ptr<uint8_t>();
   shift_rows_u8(a, lda, 0, M, K, kp, au);
-  constexpr int64_t kRowsPerTask = 16;  // rows of b
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, kRowsPerTask * K));
-  at::parallel_for(0, ceil_div(N, kRowsPerTask), grain, [&](int64_t t0, int64_t t1) {
-    int32_t acc[kDotMR * kDotNR];
-    for (int64_t n = t0 * kRowsPerTask; n < std::min(N, t1 * kRowsPerTask); n += kDotNR) {
-      const int nr = static_cast<int>(std::min<int64_t>(kDotNR, N - n));
-      for (int64_t m = 0; m < M; m += kDotMR) {
-        const int mr = static_cast<int>(std::min<int64_t>(kDotMR, M - m));
-        dot_micro(mr, nr, au + m * kp, kp, b + n * ldb, ldb, K, acc);
-        for (int i = 0; i < mr; ++i)
-          for (int j = 0; j < nr; ++j) store_scalar(ep, m + i, n + j, acc[i * kDotNR + j]);
-      }
-    }
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, 16 * K));
+  at::parallel_for(0, ceil_div(N, 16), grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) dot_task(au, kp, b, ldb, M, N, K, t * 16, ep);
   });
 }
 
