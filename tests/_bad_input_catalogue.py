@@ -1,13 +1,14 @@
 """Catalogue of invalid calls and valid edge cases of every public fastattn function and module.
 
-Run as a script, one backend per process (a kernel crash then ends this process, not pytest):
+Run as a script (a kernel crash then ends this process, not pytest):
 
-    python tests/_bad_input_catalogue.py --backend cpu [--after ENTRY_ID] [--list]
+    python tests/_bad_input_catalogue.py [--backends reference,cpu,triton] [--after BACKEND/ID]
 
-For each entry it prints ``START <id>`` before the call and ``RESULT <json>`` after, with status
-"pass", "fail" (and why) or "skip" (and why: the function is not in the package yet, or the
-backend cannot run it here). ``--after`` resumes after an entry that crashed the process.
-tests/test_bad_input.py drives it and turns each entry into one test.
+For each backend and entry it prints ``START <backend>/<id>`` before the call and
+``RESULT <json>`` after, with status "pass", "fail" (and why) or "skip" (and why: the function
+is not in the package yet, or the backend cannot run it here). ``--after`` resumes after an
+entry that crashed the process. tests/test_bad_input.py drives it (one process for all
+backends: importing torch is the slow part) and turns each entry into one test.
 
 Invalid entries must raise the stated exception type with a message containing the stated
 substring (the argument's name, or what is wrong with it). Valid entries must run and return the
@@ -707,28 +708,25 @@ def _(b):
 # =============================================================================================
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--backend", required=True, choices=BACKENDS)
-    ap.add_argument("--after", default=None, help="resume after this entry id")
-    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--after", default=None, help="resume after this <backend>/<entry id>")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
-    entries = ENTRIES
+    runs = [(b, e) for b in args.backends.split(",") for e in ENTRIES]
     if args.after is not None:
-        entries = entries[[e.id for e in entries].index(args.after) + 1:]
-    for e in entries:
-        if args.list:
-            print(e.id)
-            continue
+        runs = runs[[f"{b}/{e.id}" for b, e in runs].index(args.after) + 1:]
+    for backend, e in runs:
+        key = f"{backend}/{e.id}"
         status, detail = "pass", ""
-        if args.backend not in e.backends:
-            status, detail = "skip", f"not applicable to backend {args.backend!r}"
-        elif (why := target_unavailable(e.target) or op_unavailable(e.uses, args.backend)):
+        if backend not in e.backends:
+            status, detail = "skip", f"not applicable to backend {backend!r}"
+        elif (why := target_unavailable(e.target) or op_unavailable(e.uses, backend)):
             status, detail = "skip", why
         if status == "pass":
-            print(f"START {e.id}", flush=True)
+            print(f"START {key}", flush=True)
             try:
-                e.fn(args.backend)
+                e.fn(backend)
             except Exception as exc:  # noqa: BLE001 - every exception is a result here
                 msg = f"{type(exc).__name__}: {exc}"
                 if e.raises is None:
@@ -744,7 +742,7 @@ def main() -> int:
             else:
                 if e.raises is not None:
                     status, detail = "fail", "did not raise"
-        print("RESULT " + json.dumps({"id": e.id, "status": status, "detail": detail[:2000]}),
+        print("RESULT " + json.dumps({"id": key, "status": status, "detail": detail[:2000]}),
               flush=True)
     return 0
 

@@ -1,8 +1,8 @@
 """Invalid input and valid edge cases of every public function and module, per backend.
 
-The entries live in tests/_bad_input_catalogue.py and run there, one subprocess per backend, so
-that a kernel that crashes (segfault, abort) on some input fails that entry instead of killing
-pytest; the run resumes after the crashed entry. Each entry becomes one test here.
+The entries live in tests/_bad_input_catalogue.py and run there, in a subprocess, so that a
+kernel that crashes (segfault, abort) on some input fails that entry instead of killing pytest;
+the run resumes after the crashed entry. Each (backend, entry) becomes one test here.
 
 Invalid calls (≥ 40, every public function and module): each must raise ValueError, TypeError or
 RuntimeError (AssertionError for nn.MultiheadAttention, as torch.nn.MultiheadAttention raises)
@@ -47,19 +47,17 @@ Valid edge cases: defined behaviour, checked against the float64 reference with 
 from __future__ import annotations
 
 import functools
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import _bad_input_catalogue as catalogue
 import pytest
-from test_reliability import BACKENDS
+from test_reliability import BACKENDS, run_entry_script
 
 import fastattn
 
 CATALOGUE = Path(catalogue.__file__)
-TIMEOUT_S = 240
+TIMEOUT_S = 400
 
 # Entries that fail because of a bug in the package, not in the test: (id, backend or None for
 # every backend) -> the bug. strict: the test fails as soon as the bug is fixed, so this table
@@ -85,37 +83,10 @@ def _known_bug(entry_id: str, backend: str) -> str | None:
 
 
 @functools.cache
-def run_catalogue(backend: str) -> dict[str, dict]:
-    """Run every entry for ``backend`` in subprocesses; an entry that kills its process (or
-    hangs) is recorded as failed and the run resumes after it."""
-    results: dict[str, dict] = {}
-    after = None
-    for _ in range(len(catalogue.ENTRIES) + 1):
-        cmd = [sys.executable, str(CATALOGUE), "--backend", backend]
-        if after is not None:
-            cmd += ["--after", after]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
-            out, err, rc = proc.stdout, proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as e:
-            out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            err, rc = f"timed out after {TIMEOUT_S} s", "timeout"
-        started = None
-        for line in out.splitlines():
-            if line.startswith("START "):
-                started = line[6:]
-            elif line.startswith("RESULT "):
-                r = json.loads(line[7:])
-                results[r["id"]] = r
-                started = None
-        if rc == 0:
-            return results
-        if started is None:
-            raise RuntimeError(f"the catalogue failed outside an entry (rc {rc}):\n{err[-3000:]}")
-        results[started] = {"id": started, "status": "fail",
-                            "detail": f"the process died in this entry (rc {rc}): {err[-1500:]}"}
-        after = started
-    raise RuntimeError("the catalogue did not finish")
+def run_catalogue() -> dict[str, dict]:
+    """{"<backend>/<id>": result} of every entry on every backend."""
+    return run_entry_script([sys.executable, str(CATALOGUE), "--backends", ",".join(BACKENDS)],
+                            timeout_s=TIMEOUT_S)
 
 
 def _params():
@@ -131,7 +102,7 @@ def _params():
 
 @pytest.mark.parametrize("backend,entry_id", _params())
 def test_catalogue_entry(backend, entry_id):
-    r = run_catalogue(backend)[entry_id]
+    r = run_catalogue()[f"{backend}/{entry_id}"]
     if r["status"] == "skip":
         pytest.skip(r["detail"])
     assert r["status"] == "pass", f"{entry_id} on {backend}: {r['detail']}"
