@@ -218,6 +218,21 @@ def int8_gemm(
     return out.to(out_dtype or torch.float32)
 
 
+def int8_weight_only_linear(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weight-only int8: x (M, K) float @ (w_int8 (N, K) * w_scale[:, None]).T + bias, accumulated
+    in float32 (float64 for float64 x), in x's dtype."""
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = torch.matmul(x.to(acc_dtype), w_int8.to(acc_dtype).t()) * w_scale.to(acc_dtype)
+    if bias is not None:
+        out = out + bias.to(acc_dtype)
+    return out.to(x.dtype)
+
+
 def int8_linear(
     x: torch.Tensor,
     w_int8: torch.Tensor,

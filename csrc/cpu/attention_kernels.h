@@ -1,0 +1,1293 @@
+// Attention kernels, written once and compiled twice by attention.cpp (the way ATen builds its
+// CPU_CAPABILITY kernels): once portable, and once inside a `#pragma GCC target("avx512...")`
+// region with FA_AVX512 defined, each time in its own namespace. The dispatcher picks one at run
+// time from what the CPU supports. No include guard on purpose; the including file has already
+// included every system/ATen header this file uses.
+//
+// Layout conventions (one query block of BM queries, one key block of BN keys):
+//   the scores are computed transposed, S^T[key][query], with the queries along the 16 SIMD lanes.
+//   That makes the online softmax purely vertical (row max / row sum of a query are lane-wise
+//   max / add across key rows, no horizontal reductions), lets K and V be read as broadcast
+//   operands straight from their strided storage (fp32), and the per-query state (running max,
+//   sum, rescale factor) is one vector per 16 queries.
+//   Q^T (E x BM), P^T (BN x BM) and O^T (Ev x BM) live in per-thread scratch; O^T is transposed
+//   into the (B, H, L, Ev) output once per query block.
+// bf16 operands (vdpbf16ps / AMX) use the pair-interleaved ("VNNI") layout on the lane side:
+//   Qp[e/2][query][2], Pp[key/2][query][2]; K is kept row-major [key][E padded to 32] and V
+//   transposed [Ev padded][BN] per key block, packed once per (b, kv head, key block) and shared by
+//   every query head of a GQA group.
+
+// ---------------------------------------------------------------------------------------------
+// 16-lane float / int vectors
+// ---------------------------------------------------------------------------------------------
+#ifdef FA_AVX512
+#define FA_INLINE inline __attribute__((always_inline))
+using vf = __m512;
+using vi = __m512i;
+using vm = __mmask16;
+FA_INLINE vf vload(const float* p) { return _mm512_loadu_ps(p); }
+FA_INLINE vf vload_n(const float* p, int n) {  // first n lanes, zeros after
+  return _mm512_maskz_loadu_ps(static_cast<vm>((1u << n) - 1u), p);
+}
+FA_INLINE void vstore(float* p, vf a) { _mm512_storeu_ps(p, a); }
+FA_INLINE vf vset1(float x) { return _mm512_set1_ps(x); }
+FA_INLINE vf vzero() { return _mm512_setzero_ps(); }
+FA_INLINE vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+FA_INLINE vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+FA_INLINE vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+FA_INLINE vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+FA_INLINE vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+FA_INLINE vf vsel(vm m, vf if_false, vf if_true) { return _mm512_mask_blend_ps(m, if_false, if_true); }
+FA_INLINE vf vmaskz(vm m, vf a) { return _mm512_maskz_mov_ps(m, a); }
+FA_INLINE vm vcmp_eq(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+FA_INLINE vm vcmp_neq(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_NEQ_UQ); }
+FA_INLINE float vhmax(vf a) { return _mm512_reduce_max_ps(a); }
+FA_INLINE float vhsum(vf a) { return _mm512_reduce_add_ps(a); }
+FA_INLINE vi viload(const int32_t* p) { return _mm512_loadu_si512(p); }
+FA_INLINE vi viset1(int32_t x) { return _mm512_set1_epi32(x); }
+FA_INLINE vi viiota() { return _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
+FA_INLINE vi viadd(vi a, vi b) { return _mm512_add_epi32(a, b); }
+FA_INLINE vi vimul(vi a, vi b) { return _mm512_mullo_epi32(a, b); }
+FA_INLINE vi vixor(vi a, vi b) { return _mm512_xor_si512(a, b); }
+FA_INLINE vi vishr(vi a, int s) { return _mm512_srli_epi32(a, s); }
+FA_INLINE vm vi_le(vi a, vi b) { return _mm512_cmple_epi32_mask(a, b); }
+FA_INLINE vm vi_lt(vi a, vi b) { return _mm512_cmplt_epi32_mask(a, b); }
+FA_INLINE vm vu_ge(vi a, vi b) { return _mm512_cmpge_epu32_mask(a, b); }
+FA_INLINE bool vm_all(vm m) { return m == static_cast<vm>(0xffff); }
+FA_INLINE bool vm_none(vm m) { return m == 0; }
+
+// 2^x for x <= ~127: 2^round(x) * poly(x - round(x)); exact 0 for -inf (scalef by -inf), exact
+// 1 for 0. DEG 6 is ~1 ulp (fp32 paths, lse); DEG 3 has 7.5e-5 relative error, far below the
+// bf16 rounding (3.9e-3) of the probabilities that feed the bf16 P*V product.
+template <int DEG>
+FA_INLINE vf vexp2(vf x) {
+  const vf xc = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
+  const vf n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf f = _mm512_sub_ps(xc, _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  vf p;
+  if constexpr (DEG >= 6) {
+    p = _mm512_set1_ps(1.5345799329224974e-04f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3399932067841291e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6184890717267990e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503286421298980e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022646248340607e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718246459960e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  } else {
+    p = _mm512_set1_ps(5.517154186964035e-02f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4261118471622467e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.932610273361206e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999280571937561e-01f));
+  }
+  return _mm512_scalef_ps(p, n);
+}
+#else  // portable: plain loops the compiler vectorises for the baseline ISA
+#define FA_INLINE inline
+struct vf {
+  float x[16];
+};
+struct vi {
+  int32_t x[16];
+};
+using vm = uint32_t;
+#define FA_LANES for (int t_ = 0; t_ < 16; ++t_)
+FA_INLINE vf vload(const float* p) { vf r; FA_LANES r.x[t_] = p[t_]; return r; }
+FA_INLINE vf vload_n(const float* p, int n) { vf r; FA_LANES r.x[t_] = t_ < n ? p[t_] : 0.f; return r; }
+FA_INLINE void vstore(float* p, vf a) { FA_LANES p[t_] = a.x[t_]; }
+FA_INLINE vf vset1(float v) { vf r; FA_LANES r.x[t_] = v; return r; }
+FA_INLINE vf vzero() { return vset1(0.f); }
+FA_INLINE vf vadd(vf a, vf b) { FA_LANES a.x[t_] += b.x[t_]; return a; }
+FA_INLINE vf vsub(vf a, vf b) { FA_LANES a.x[t_] -= b.x[t_]; return a; }
+FA_INLINE vf vmul(vf a, vf b) { FA_LANES a.x[t_] *= b.x[t_]; return a; }
+FA_INLINE vf vfma(vf a, vf b, vf c) { FA_LANES c.x[t_] = a.x[t_] * b.x[t_] + c.x[t_]; return c; }
+FA_INLINE vf vmax(vf a, vf b) { FA_LANES a.x[t_] = a.x[t_] > b.x[t_] ? a.x[t_] : b.x[t_]; return a; }
+FA_INLINE vf vsel(vm m, vf a, vf b) { FA_LANES a.x[t_] = (m >> t_) & 1u ? b.x[t_] : a.x[t_]; return a; }
+FA_INLINE vf vmaskz(vm m, vf a) { FA_LANES a.x[t_] = (m >> t_) & 1u ? a.x[t_] : 0.f; return a; }
+FA_INLINE vm vcmp_eq(vf a, vf b) { vm m = 0; FA_LANES m |= (a.x[t_] == b.x[t_] ? 1u : 0u) << t_; return m; }
+FA_INLINE vm vcmp_neq(vf a, vf b) { return ~vcmp_eq(a, b) & 0xffffu; }
+FA_INLINE float vhmax(vf a) { float r = a.x[0]; FA_LANES r = a.x[t_] > r ? a.x[t_] : r; return r; }
+FA_INLINE float vhsum(vf a) { float r = 0.f; FA_LANES r += a.x[t_]; return r; }
+FA_INLINE vi viload(const int32_t* p) { vi r; FA_LANES r.x[t_] = p[t_]; return r; }
+FA_INLINE vi viset1(int32_t v) { vi r; FA_LANES r.x[t_] = v; return r; }
+FA_INLINE vi viiota() { vi r; FA_LANES r.x[t_] = t_; return r; }
+FA_INLINE vi viadd(vi a, vi b) {
+  FA_LANES a.x[t_] = static_cast<int32_t>(static_cast<uint32_t>(a.x[t_]) + static_cast<uint32_t>(b.x[t_]));
+  return a;
+}
+FA_INLINE vi vimul(vi a, vi b) {
+  FA_LANES a.x[t_] = static_cast<int32_t>(static_cast<uint32_t>(a.x[t_]) * static_cast<uint32_t>(b.x[t_]));
+  return a;
+}
+FA_INLINE vi vixor(vi a, vi b) { FA_LANES a.x[t_] ^= b.x[t_]; return a; }
+FA_INLINE vi vishr(vi a, int s) {
+  FA_LANES a.x[t_] = static_cast<int32_t>(static_cast<uint32_t>(a.x[t_]) >> s);
+  return a;
+}
+FA_INLINE vm vi_le(vi a, vi b) { vm m = 0; FA_LANES m |= (a.x[t_] <= b.x[t_] ? 1u : 0u) << t_; return m; }
+FA_INLINE vm vi_lt(vi a, vi b) { vm m = 0; FA_LANES m |= (a.x[t_] < b.x[t_] ? 1u : 0u) << t_; return m; }
+FA_INLINE vm vu_ge(vi a, vi b) {
+  vm m = 0;
+  FA_LANES m |= (static_cast<uint32_t>(a.x[t_]) >= static_cast<uint32_t>(b.x[t_]) ? 1u : 0u) << t_;
+  return m;
+}
+FA_INLINE bool vm_all(vm m) { return (m & 0xffffu) == 0xffffu; }
+FA_INLINE bool vm_none(vm m) { return (m & 0xffffu) == 0; }
+template <int DEG>
+FA_INLINE vf vexp2(vf a) { FA_LANES a.x[t_] = std::exp2(a.x[t_]); return a; }
+#undef FA_LANES
+#endif
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------------
+// element conversion (inputs are float, c10::BFloat16 or c10::Half; accumulation is float)
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+FA_INLINE float to_f(T x) { return static_cast<float>(x); }
+FA_INLINE uint16_t bf16_bits(c10::BFloat16 x) { return x.x; }
+
+// dst[i] = src[i * stride] as float, i < n
+template <typename T>
+FA_INLINE void load_f32(const T* src, int64_t stride, int64_t n, float* dst) {
+#ifdef FA_AVX512
+  if (stride == 1) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      if constexpr (std::is_same_v<T, float>) {
+        _mm512_storeu_ps(dst + i, _mm512_loadu_ps(src + i));
+      } else if constexpr (std::is_same_v<T, c10::Half>) {
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+      } else {
+        const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+      }
+    }
+    for (; i < n; ++i) dst[i] = to_f(src[i]);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_f(src[i * stride]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// broadcast GEMM micro-kernels:  C[m][0:16*NV] (=0 | =C | =C*colscale) += sum_k A(m,k) * B[k][:]
+// A(m, k) = a[m * lda + k * ak] is read as a broadcast scalar (any strides: K/V straight from
+// their tensors); B rows are 16*NV contiguous lanes (packed scratch). fp32 FMA, or bf16 pairs
+// with vdpbf16ps where each "element" is a 32-bit pair and K counts pairs.
+// ---------------------------------------------------------------------------------------------
+enum class CInit { zero, load, scale };
+
+#ifdef FA_AVX512
+struct OpF32 {
+  using elem = float;
+  static FA_INLINE __m512 bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static FA_INLINE __m512 loadb(const float* p) { return _mm512_loadu_ps(p); }
+  static FA_INLINE __m512 madd(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+};
+struct OpBf16 {
+  using elem = uint32_t;  // two bf16: low half = even index
+  static FA_INLINE __m512 bcast(const uint32_t* p) {
+    return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(*p)));
+  }
+  static FA_INLINE __m512 loadb(const uint32_t* p) { return _mm512_loadu_ps(p); }
+  static FA_INLINE __m512 madd(__m512 a, __m512 b, __m512 c) {
+    return _mm512_dpbf16_ps(c, reinterpret_cast<__m512bh&>(a), reinterpret_cast<__m512bh&>(b));
+  }
+};
+
+template <int MR, int NV, class Op>
+FA_INLINE void ukernel(int64_t K, const typename Op::elem* a, int64_t lda, int64_t ak,
+                       const typename Op::elem* b, int64_t ldb, float* c, int64_t ldc, CInit init,
+                       const float* colscale) {
+  __m512 acc[MR][NV];
+  if (init == CInit::zero) {
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  } else if (init == CInit::load) {
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_loadu_ps(c + m * ldc + 16 * v);
+  } else {
+    for (int v = 0; v < NV; ++v) {
+      const __m512 s = _mm512_loadu_ps(colscale + 16 * v);
+      for (int m = 0; m < MR; ++m) acc[m][v] = _mm512_mul_ps(_mm512_loadu_ps(c + m * ldc + 16 * v), s);
+    }
+  }
+  const typename Op::elem* ap[MR];
+  for (int m = 0; m < MR; ++m) ap[m] = a + m * lda;
+  int64_t koff = 0;
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < K; ++k, koff += ak, b += ldb) {
+    __m512 bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = Op::loadb(b + 16 * v);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 av = Op::bcast(ap[m] + koff);
+      for (int v = 0; v < NV; ++v) acc[m][v] = Op::madd(av, bv[v], acc[m][v]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + m * ldc + 16 * v, acc[m][v]);
+}
+
+template <int NV, class Op>
+void gemm_nv(int64_t M, int64_t K, const typename Op::elem* a, int64_t lda, int64_t ak,
+             const typename Op::elem* b, int64_t ldb, float* c, int64_t ldc, CInit init,
+             const float* cs) {
+  // 24 accumulators + NV B vectors + 1 broadcast stay within the 32 zmm registers
+  constexpr int MR = NV == 4 ? 6 : (NV == 2 ? 12 : 16);
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) ukernel<MR, NV, Op>(K, a + m * lda, lda, ak, b, ldb, c + m * ldc, ldc, init, cs);
+  if constexpr (MR > 8) {
+    if (m + 8 <= M) { ukernel<8, NV, Op>(K, a + m * lda, lda, ak, b, ldb, c + m * ldc, ldc, init, cs); m += 8; }
+  }
+  if (m + 4 <= M) { ukernel<4, NV, Op>(K, a + m * lda, lda, ak, b, ldb, c + m * ldc, ldc, init, cs); m += 4; }
+  if (m + 2 <= M) { ukernel<2, NV, Op>(K, a + m * lda, lda, ak, b, ldb, c + m * ldc, ldc, init, cs); m += 2; }
+  if (m < M) ukernel<1, NV, Op>(K, a + m * lda, lda, ak, b, ldb, c + m * ldc, ldc, init, cs);
+}
+
+template <class Op>
+void gemm_bcast(int64_t M, int NV, int64_t K, const typename Op::elem* a, int64_t lda, int64_t ak,
+                const typename Op::elem* b, int64_t ldb, float* c, int64_t ldc, CInit init,
+                const float* cs = nullptr) {
+  switch (NV) {
+    case 1: gemm_nv<1, Op>(M, K, a, lda, ak, b, ldb, c, ldc, init, cs); break;
+    case 2: gemm_nv<2, Op>(M, K, a, lda, ak, b, ldb, c, ldc, init, cs); break;
+    default: gemm_nv<4, Op>(M, K, a, lda, ak, b, ldb, c, ldc, init, cs); break;
+  }
+}
+#else
+struct OpF32 {
+  using elem = float;
+};
+template <class Op>
+void gemm_bcast(int64_t M, int NV, int64_t K, const float* a, int64_t lda, int64_t ak,
+                const float* b, int64_t ldb, float* c, int64_t ldc, CInit init,
+                const float* cs = nullptr) {
+  const int N = 16 * NV;
+  for (int64_t m = 0; m < M; ++m) {
+    float* cr = c + m * ldc;
+    for (int n = 0; n < N; ++n)
+      cr[n] = init == CInit::zero ? 0.f : (init == CInit::load ? cr[n] : cr[n] * cs[n]);
+    for (int64_t k = 0; k < K; ++k) {
+      const float av = a[m * lda + k * ak];
+      const float* br = b + k * ldb;
+      for (int n = 0; n < N; ++n) cr[n] += av * br[n];
+    }
+  }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// AMX (bf16 tiles, 16 rows x 64 bytes each). Tiles 0-3 accumulate a 32x32 fp32 block, 4-5 hold
+// the A rows, 6-7 the B (VNNI) columns.
+// ---------------------------------------------------------------------------------------------
+#ifdef FA_AVX512
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline void amx_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+inline void amx_release() { _tile_release(); }
+
+// C[M][N] = A[M][Kp] . B  with A bf16 row-major (lda elements), B VNNI pairs [Kp/2][N] (ldb
+// pairs), C fp32 (ldc floats). M, N, Kp multiples of 32. zero_c: start from 0, else from C.
+inline void amx_gemm(int64_t M, int64_t N, int64_t Kp, const uint16_t* A, int64_t lda,
+                     const uint32_t* B, int64_t ldb, float* C, int64_t ldc, bool zero_c) {
+  for (int64_t m = 0; m < M; m += 32) {
+    for (int64_t n = 0; n < N; n += 32) {
+      float* c00 = C + m * ldc + n;
+      if (zero_c) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+      } else {
+        _tile_loadd(0, c00, ldc * 4);
+        _tile_loadd(1, c00 + 16, ldc * 4);
+        _tile_loadd(2, c00 + 16 * ldc, ldc * 4);
+        _tile_loadd(3, c00 + 16 * ldc + 16, ldc * 4);
+      }
+      for (int64_t k = 0; k < Kp; k += 32) {
+        _tile_loadd(4, A + m * lda + k, lda * 2);
+        _tile_loadd(5, A + (m + 16) * lda + k, lda * 2);
+        _tile_loadd(6, B + (k / 2) * ldb + n, ldb * 4);
+        _tile_loadd(7, B + (k / 2) * ldb + n + 16, ldb * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c00, ldc * 4);
+      _tile_stored(1, c00 + 16, ldc * 4);
+      _tile_stored(2, c00 + 16 * ldc, ldc * 4);
+      _tile_stored(3, c00 + 16 * ldc + 16, ldc * 4);
+    }
+  }
+}
+
+// two rows of 16 fp32 (keys 2j, 2j+1 for 16 queries) -> 16 VNNI pairs of bf16 (round to nearest
+// even), lane q = (bf16(hi[q]) << 16) | bf16(lo[q])
+FA_INLINE __m512i pack_bf16_pairs(__m512 lo, __m512 hi) {
+  const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));  // [lo16 | hi16]
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(idx, both);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// shared arguments
+// ---------------------------------------------------------------------------------------------
+// vector form of fmix32 (Dropout, attention.cpp): lanes hash independently
+FA_INLINE vi vfmix32(vi x) {
+  x = vixor(x, vishr(x, 16));
+  x = vimul(x, viset1(static_cast<int32_t>(0x85ebca6bu)));
+  x = vixor(x, vishr(x, 13));
+  x = vimul(x, viset1(static_cast<int32_t>(0xc2b2ae35u)));
+  return vixor(x, vishr(x, 16));
+}
+
+// visible keys of query i: [lo(i), hi(i)] intersected with [0, S)
+FA_INLINE int64_t vis_lo(const AttnArgs& a, int64_t i) {
+  return a.wl < 0 ? 0 : std::max<int64_t>(0, i + a.off - a.wl);
+}
+FA_INLINE int64_t vis_hi(const AttnArgs& a, int64_t i) {
+  return a.wr < 0 ? a.S - 1 : std::min<int64_t>(a.S - 1, i + a.off + a.wr);
+}
+
+// per-thread scratch, 64-byte aligned, reused across tasks
+struct Scratch {
+  float* p = nullptr;
+  size_t cap = 0;
+  ~Scratch() { std::free(p); }
+  float* get(size_t n_floats) {
+    if (n_floats > cap) {
+      std::free(p);
+      size_t bytes = ((n_floats * sizeof(float) + 63) / 64) * 64;
+      p = static_cast<float*>(std::aligned_alloc(64, bytes));
+      TORCH_CHECK(p != nullptr, "fastattn: out of memory allocating ", bytes, " bytes of scratch");
+      cap = bytes / sizeof(float);
+    }
+    return p;
+  }
+};
+
+// Runs fn(task, scratch) for every task in [0, n), tasks pulled dynamically by the threads of
+// at::parallel_for (causal blocks differ in cost); each task's result does not depend on which
+// thread ran it, so the outputs are bitwise identical for any thread count.
+template <class F>
+void run_tasks(int64_t n, F&& fn, bool amx = false) {
+  if (n <= 0) return;
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    for (int64_t w = b; w < e; ++w) {
+      Scratch scratch;
+#ifdef FA_AVX512
+      if (amx) amx_configure();
+#endif
+      for (;;) {
+        const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+        if (t >= n) break;
+        fn(t, scratch);
+      }
+#ifdef FA_AVX512
+      if (amx) amx_release();
+#endif
+    }
+  });
+}
+
+// Tasks sorted by decreasing cost (longest first keeps the dynamic schedule balanced).
+inline std::vector<int64_t> order_by_cost(const std::vector<int64_t>& cost) {
+  std::vector<int64_t> idx(cost.size());
+  std::iota(idx.begin(), idx.end(), 0);
+  std::stable_sort(idx.begin(), idx.end(), [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
+  return idx;
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------------------------
+// per query block: window bounds of each lane and the mask block, transposed
+// ---------------------------------------------------------------------------------------------
+struct QBlock {
+  int64_t b, h, q0, nq;  // queries q0 .. q0 + nq - 1
+  int bm;                // lanes (>= nq, multiple of 16)
+  int64_t klo, khi;      // union of visible keys (klo > khi: none)
+};
+
+FA_INLINE QBlock make_qblock(const AttnArgs& a, int64_t b, int64_t h, int64_t q0, int bm) {
+  QBlock qb{b, h, q0, std::min<int64_t>(bm, a.L - q0), bm, 0, -1};
+  if (a.S == 0) return qb;
+  // lo/hi are non-decreasing in i, so the union is [lo(first), hi(last)] (rows may be empty)
+  int64_t klo = a.S, khi = -1;
+  for (int64_t i = q0; i < q0 + qb.nq; ++i) {
+    const int64_t lo = vis_lo(a, i), hi = vis_hi(a, i);
+    if (lo <= hi) {
+      klo = std::min(klo, lo);
+      khi = std::max(khi, hi);
+    }
+  }
+  qb.klo = klo;
+  qb.khi = khi;
+  return qb;
+}
+
+// For key block [n0, n0 + nk): lanes' visible range relative to n0, [rlo, rhi), and whether all
+// real lanes see all nk keys.
+FA_INLINE bool block_window(const AttnArgs& a, const QBlock& qb, int64_t n0, int64_t nk, int32_t* rlo,
+                            int32_t* rhi) {
+  bool full = true;
+  for (int i = 0; i < qb.bm; ++i) {
+    int64_t lo = nk, hi = 0;  // padded lanes see nothing
+    if (i < qb.nq) {
+      lo = std::clamp<int64_t>(vis_lo(a, qb.q0 + i) - n0, 0, nk);
+      hi = std::clamp<int64_t>(vis_hi(a, qb.q0 + i) - n0 + 1, 0, nk);
+      if (lo != 0 || hi != nk) full = false;
+    }
+    rlo[i] = static_cast<int32_t>(lo);
+    rhi[i] = static_cast<int32_t>(std::max(lo, hi));
+  }
+  return full;
+}
+
+// mk[j][i] = mask[b, h, q0 + i, n0 + j] (0 on padded lanes / keys)
+template <typename T>
+void pack_mask_t(const AttnArgs& a, const QBlock& qb, int64_t n0, int64_t nk, float* mk) {
+  const T* m = static_cast<const T*>(a.mask) + qb.b * a.sm[0] + qb.h * a.sm[1] + qb.q0 * a.sm[2] + n0 * a.sm[3];
+  const int bm = qb.bm;
+  if (a.sm[2] == 0) {  // the same row for every query (key-padding masks): broadcast per key
+    for (int64_t j = 0; j < nk; ++j) {
+      const vf v = vset1(to_f(m[j * a.sm[3]]));
+      for (int i = 0; i < bm; i += 16) vstore(mk + j * bm + i, v);
+    }
+    return;
+  }
+  float row[16];
+  for (int64_t j = 0; j < nk; ++j) {
+    for (int i0 = 0; i0 < bm; i0 += 16) {
+      for (int i = 0; i < 16; ++i)
+        row[i] = i0 + i < qb.nq ? to_f(m[(i0 + i) * a.sm[2] + j * a.sm[3]]) : 0.f;
+      vstore(mk + j * bm + i0, vload(row));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward
+// ---------------------------------------------------------------------------------------------
+// One key block of the online softmax, queries along lanes.
+//   s  [nk][bm]: raw Q.K^T scores (overwritten with the logits y = s * scale + mask when needed)
+//   out: fp32 P^T [nk][bm] (F32) or VNNI pairs [ceil(nkp/2)][bm] (bf16), zero for keys >= nk up
+//   to nkp (the padded key count the P.V product runs over).
+// The running max m and the logits are in natural units; p = 2^((y - m) * log2 e). PRECISE
+// subtracts before scaling, so that the error of p does not grow with |m| (fp32 paths, where the
+// result is held to fp32 torch's own error); the bf16 paths fold everything into one FMA.
+// Updates m and the running sum l; alpha gets the factor O must be rescaled by. Returns whether
+// any lane's alpha differs from 1.
+template <bool BF16OUT, bool PRECISE>
+bool softmax_block(const AttnArgs& a, const QBlock& qb, int64_t n0, int64_t nk, int64_t nkp, float* s,
+                   const float* mk, bool full, const int32_t* rlo, const int32_t* rhi, float* m,
+                   float* l, float* alpha, void* out) {
+  constexpr int DEG = PRECISE ? 6 : 3;
+  const int bm = qb.bm;
+  const vf sc = vset1(a.scale);
+  const vf c = vset1(a.scale * kLog2e);
+  const vf log2e = vset1(kLog2e);
+  const vf ninf = vset1(kNegInf);
+  bool rescale = false;
+  const uint32_t dkey = a.drop.on ? a.drop.key(qb.b * a.H + qb.h) : 0;
+  // PRECISE keeps y for pass 2; else only masks/windows force a store
+  const bool store_y = PRECISE || mk != nullptr || !full;
+  for (int qv = 0; qv < bm; qv += 16) {
+    // pass 1: logits and their max
+    vf mx = ninf;
+    const vi vlo = viload(rlo + qv), vhi = viload(rhi + qv);
+    for (int64_t j = 0; j < nk; ++j) {
+      vf y = mk ? vfma(vload(s + j * bm + qv), sc, vload(mk + j * bm + qv)) : vmul(vload(s + j * bm + qv), sc);
+      if (!full) {
+        const vi vj = viset1(static_cast<int32_t>(j));
+        y = vsel(vi_le(vlo, vj) & vi_lt(vj, vhi), ninf, y);
+      }
+      if (store_y) vstore(s + j * bm + qv, y);
+      mx = vmax(mx, y);
+    }
+    const vf mold = vload(m + qv);
+    const vf mnew = vmax(mold, mx);
+    // lanes that saw no key yet keep max -inf: subtract 0 instead so exp2 gives exactly 0
+    const vf msafe = vsel(vcmp_eq(mnew, ninf), mnew, vzero());
+    const vf al = vexp2<6>(vmul(vsub(mold, msafe), log2e));
+    if (!vm_all(vcmp_eq(mold, mnew))) rescale = true;
+    vstore(m + qv, mnew);
+    vstore(alpha + qv, al);
+    // pass 2: probabilities
+    vf sum = vzero();
+    vi drow{};
+    if (a.drop.on) {
+      alignas(64) int32_t r[16];
+      for (int i = 0; i < 16; ++i) r[i] = static_cast<int32_t>(Dropout::row(dkey, qb.q0 + qv + i));
+      drow = viload(r);
+    }
+    const vf negm2 = vmul(msafe, vset1(-kLog2e));
+    auto prob = [&](int64_t j) -> vf {
+      if (j >= nk) return vzero();
+      const vf x = vload(s + j * bm + qv);
+      vf p;
+      if constexpr (PRECISE) {
+        p = vexp2<DEG>(vmul(vsub(x, msafe), log2e));
+      } else {
+        p = vexp2<DEG>(store_y ? vfma(x, log2e, negm2) : vfma(x, c, negm2));
+      }
+      sum = vadd(sum, p);
+      if (a.drop.on) {
+        const vi h = vishr(vfmix32(viadd(drow, viset1(static_cast<int32_t>(static_cast<uint32_t>(n0 + j) * kGolden32)))), 8);
+        p = vmaskz(vu_ge(h, viset1(static_cast<int32_t>(a.drop.threshold))), vmul(p, vset1(a.drop.inv_keep)));
+      }
+      return p;
+    };
+    if constexpr (BF16OUT) {
+#ifdef FA_AVX512
+      uint32_t* pp = static_cast<uint32_t*>(out);
+      for (int64_t j = 0; j < nkp; j += 2) {
+        const vf p0 = prob(j), p1 = prob(j + 1);
+        _mm512_storeu_si512(pp + (j / 2) * bm + qv, pack_bf16_pairs(p0, p1));
+      }
+#endif
+    } else {
+      float* pf = static_cast<float*>(out);
+      for (int64_t j = 0; j < nkp; ++j) vstore(pf + j * bm + qv, prob(j));
+    }
+    vstore(l + qv, vfma(vload(l + qv), al, sum));
+  }
+  return rescale;
+}
+
+template <typename T>
+void pack_q_f32(const AttnArgs& a, const QBlock& qb, float* qt) {
+  const T* q = static_cast<const T*>(a.q) + qb.b * a.sq[0] + qb.h * a.sq[1] + qb.q0 * a.sq[2];
+  float row[256 + 16];
+  for (int64_t e0 = 0; e0 < a.E; e0 += 256) {
+    const int64_t ne = std::min<int64_t>(256, a.E - e0);
+    for (int i = 0; i < qb.bm; ++i) {
+      if (i < qb.nq) {
+        load_f32(q + i * a.sq[2] + e0 * a.sq[3], a.sq[3], ne, row);
+      } else {
+        std::fill(row, row + ne, 0.f);
+      }
+      for (int64_t e = 0; e < ne; ++e) qt[(e0 + e) * qb.bm + i] = row[e];
+    }
+  }
+}
+
+#ifdef FA_AVX512
+// Qp[e/2][i] = (Q[i][e], Q[i][e+1]) for e < Ep (zero padded)
+inline void pack_q_bf16(const AttnArgs& a, const QBlock& qb, int64_t Ep, uint32_t* qp) {
+  const uint16_t* q = static_cast<const uint16_t*>(a.q) + qb.b * a.sq[0] + qb.h * a.sq[1] + qb.q0 * a.sq[2];
+  for (int i = 0; i < qb.bm; ++i) {
+    const uint16_t* qr = q + i * a.sq[2];
+    for (int64_t e = 0; e < Ep; e += 2) {
+      uint32_t lo = 0, hi = 0;
+      if (i < qb.nq) {
+        if (e < a.E) lo = qr[e * a.sq[3]];
+        if (e + 1 < a.E) hi = qr[(e + 1) * a.sq[3]];
+      }
+      qp[(e / 2) * qb.bm + i] = lo | (hi << 16);
+    }
+  }
+}
+#endif
+
+// O^T [Ev][bm] / l -> out (B, H, L, Ev) contiguous; lse
+template <typename T>
+void write_out(const AttnArgs& a, const QBlock& qb, const float* ot, const float* m2, const float* l,
+               T* out, float* lse) {
+  for (int64_t i = 0; i < qb.nq; ++i) {
+    const int64_t row = (qb.b * a.H + qb.h) * a.L + qb.q0 + i;
+    const float li = l[i];
+    const float inv = li > 0.f ? 1.f / li : 0.f;
+    T* o = out + row * a.Ev;
+    for (int64_t e = 0; e < a.Ev; ++e) o[e] = static_cast<T>(ot[e * qb.bm + i] * inv);
+    lse[row] = li > 0.f ? m2[i] + std::log(li) : kNegInf;
+  }
+}
+
+// K/V operands of the forward for one (b, kv head). F32: float rows (the tensors themselves when
+// they are float). bf16 paths: K row-major [Sp][Ep], V^T blocked [nkb][Evp][BN].
+struct KVOperands {
+  const float* kf = nullptr;
+  const float* vf_ = nullptr;
+  int64_t k_row = 0, k_col = 0, v_row = 0, v_col = 0;  // element strides within one head
+  int64_t k_head = 0, v_head = 0, k_batch = 0, v_batch = 0;
+  const uint16_t* kp = nullptr;
+  const uint16_t* vt = nullptr;
+  int64_t Sp = 0, Ep = 0, Evp = 0, bn = 0;
+};
+
+template <typename T>
+void prepack_kv_f32(const AttnArgs& a, std::vector<float>& kbuf, std::vector<float>& vbuf, KVOperands& kv) {
+  if constexpr (std::is_same_v<T, float>) {
+    kv.kf = static_cast<const float*>(a.k);
+    kv.vf_ = static_cast<const float*>(a.v);
+    kv.k_batch = a.sk[0]; kv.k_head = a.sk[1]; kv.k_row = a.sk[2]; kv.k_col = a.sk[3];
+    kv.v_batch = a.sv[0]; kv.v_head = a.sv[1]; kv.v_row = a.sv[2]; kv.v_col = a.sv[3];
+    (void)kbuf; (void)vbuf;
+  } else {
+    kbuf.resize(static_cast<size_t>(a.B * a.Hkv * a.S * a.E));
+    vbuf.resize(static_cast<size_t>(a.B * a.Hkv * a.S * a.Ev));
+    const T* k = static_cast<const T*>(a.k);
+    const T* v = static_cast<const T*>(a.v);
+    float* kb = kbuf.data();
+    float* vb = vbuf.data();
+    at::parallel_for(0, a.B * a.Hkv * a.S, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / (a.Hkv * a.S), h = (r / a.S) % a.Hkv, n = r % a.S;
+        load_f32(k + b * a.sk[0] + h * a.sk[1] + n * a.sk[2], a.sk[3], a.E, kb + r * a.E);
+        load_f32(v + b * a.sv[0] + h * a.sv[1] + n * a.sv[2], a.sv[3], a.Ev, vb + r * a.Ev);
+      }
+    });
+    kv.kf = kb;
+    kv.vf_ = vb;
+    kv.k_batch = a.Hkv * a.S * a.E; kv.k_head = a.S * a.E; kv.k_row = a.E; kv.k_col = 1;
+    kv.v_batch = a.Hkv * a.S * a.Ev; kv.v_head = a.S * a.Ev; kv.v_row = a.Ev; kv.v_col = 1;
+  }
+}
+
+#ifdef FA_AVX512
+inline void prepack_kv_bf16(const AttnArgs& a, int64_t bn, std::vector<uint16_t>& kbuf,
+                            std::vector<uint16_t>& vbuf, KVOperands& kv) {
+  kv.bn = bn;
+  kv.Sp = round_up(std::max<int64_t>(a.S, 1), bn);
+  kv.Ep = round_up(a.E, 32);
+  kv.Evp = round_up(a.Ev, 32);
+  const int64_t nkb = kv.Sp / bn;
+  kbuf.assign(static_cast<size_t>(a.B * a.Hkv * kv.Sp * kv.Ep), 0);
+  vbuf.assign(static_cast<size_t>(a.B * a.Hkv * kv.Sp * kv.Evp), 0);
+  const uint16_t* k = static_cast<const uint16_t*>(a.k);
+  const uint16_t* v = static_cast<const uint16_t*>(a.v);
+  const int64_t Ep = kv.Ep, Evp = kv.Evp;
+  at::parallel_for(0, a.B * a.Hkv * nkb, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (a.Hkv * nkb), h = (t / nkb) % a.Hkv, kb = t % nkb;
+      const int64_t n0 = kb * bn, nk = std::min<int64_t>(bn, a.S - n0);
+      uint16_t* kd = kbuf.data() + ((b * a.Hkv + h) * kv.Sp + n0) * Ep;
+      uint16_t* vd = vbuf.data() + ((b * a.Hkv + h) * nkb + kb) * Evp * bn;
+      const uint16_t* ks = k + b * a.sk[0] + h * a.sk[1] + n0 * a.sk[2];
+      const uint16_t* vs = v + b * a.sv[0] + h * a.sv[1] + n0 * a.sv[2];
+      for (int64_t j = 0; j < nk; ++j) {
+        if (a.sk[3] == 1) {
+          std::memcpy(kd + j * Ep, ks + j * a.sk[2], a.E * 2);
+        } else {
+          for (int64_t e = 0; e < a.E; ++e) kd[j * Ep + e] = ks[j * a.sk[2] + e * a.sk[3]];
+        }
+      }
+      // V^T block: 32x32 transposes through registers would be faster; this is O(S * Ev) once per
+      // (b, kv head) against O(L * S * Ev) of compute.
+      for (int64_t j = 0; j < nk; ++j) {
+        const uint16_t* vr = vs + j * a.sv[2];
+        for (int64_t e = 0; e < a.Ev; ++e) vd[e * bn + j] = vr[e * a.sv[3]];
+      }
+    }
+  });
+  kv.kp = kbuf.data();
+  kv.vt = vbuf.data();
+}
+#endif
+
+// The forward over all (b, h, query block) tasks. T: element type of q/k/v/mask/out.
+template <typename T, Path P>
+void attention_fwd_impl(const AttnArgs& a, T* out, float* lse) {
+  const int64_t G = a.H / a.Hkv;
+  // query block: 16 lanes per vector, up to 64 queries (32 rows of AMX tiles pairs)
+  const int bm = P == Path::amx ? (a.L <= 32 ? 32 : 64) : (a.L <= 16 ? 16 : (a.L <= 32 ? 32 : 64));
+  const int NV = bm / 16;
+  const int64_t bn = P == Path::amx ? 128 : 64;
+  const int64_t nqb = (a.L + bm - 1) / bm;
+
+  KVOperands kv;
+  std::vector<float> kbuf32, vbuf32;
+  std::vector<uint16_t> kbuf16, vbuf16;
+  if constexpr (P == Path::f32) {
+    prepack_kv_f32<T>(a, kbuf32, vbuf32, kv);
+  } else {
+#ifdef FA_AVX512
+    prepack_kv_bf16(a, bn, kbuf16, vbuf16, kv);
+#endif
+  }
+
+  // tasks ordered (b, kv head, query block, head in group) so heads sharing K/V run together,
+  // then sorted longest first
+  const int64_t ntask = a.B * a.H * nqb;
+  std::vector<int64_t> cost(ntask);
+  for (int64_t t = 0; t < ntask; ++t) {
+    const int64_t qb = (t / G) % nqb;
+    const int64_t q0 = qb * bm, q1 = std::min<int64_t>(a.L, q0 + bm) - 1;
+    const int64_t lo = a.wl < 0 ? 0 : std::clamp<int64_t>(q0 + a.off - a.wl, 0, a.S);
+    const int64_t hi = a.wr < 0 ? a.S : std::clamp<int64_t>(q1 + a.off + a.wr + 1, 0, a.S);
+    cost[t] = std::max<int64_t>(hi - lo, 0) + 1;
+  }
+  const std::vector<int64_t> order = order_by_cost(cost);
+
+  const int64_t E = a.E, Ev = a.Ev;
+  const int64_t Ep = P == Path::f32 ? E : kv.Ep;
+  const int64_t Evx = P == Path::f32 ? Ev : kv.Evp;
+  // scratch: qt | s | p | mk | ot | m2 | l | alpha | rlo | rhi
+  const size_t n_qt = static_cast<size_t>(Ep * bm), n_s = static_cast<size_t>(bn * bm);
+  const size_t n_ot = static_cast<size_t>(Evx * bm);
+  const size_t total = n_qt + 3 * n_s + n_ot + 5 * static_cast<size_t>(bm);
+
+  run_tasks(ntask, [&](int64_t task, Scratch& scratch) {
+    const int64_t t = order[task];
+    const int64_t g = t % G, qbi = (t / G) % nqb, kvh = (t / (G * nqb)) % a.Hkv, b = t / (G * nqb * a.Hkv);
+    const int64_t h = kvh * G + g;
+    float* base = scratch.get(total);
+    float* qt = base;
+    float* s = qt + n_qt;
+    float* pbuf = s + n_s;
+    float* mk = pbuf + n_s;
+    float* ot = mk + n_s;
+    float* m2 = ot + n_ot;
+    float* l = m2 + bm;
+    float* alpha = l + bm;
+    int32_t* rlo = reinterpret_cast<int32_t*>(alpha + bm);
+    int32_t* rhi = rlo + bm;
+
+    const QBlock qb = make_qblock(a, b, h, qbi * bm, bm);
+    std::fill(m2, m2 + bm, kNegInf);
+    std::fill(l, l + bm, 0.f);
+    std::fill(ot, ot + n_ot, 0.f);
+    if (qb.klo <= qb.khi) {
+      if constexpr (P == Path::f32) {
+        pack_q_f32<T>(a, qb, qt);
+      } else {
+#ifdef FA_AVX512
+        pack_q_bf16(a, qb, Ep, reinterpret_cast<uint32_t*>(qt));
+#endif
+      }
+      bool first = true;
+      for (int64_t kb = qb.klo / bn; kb <= qb.khi / bn; ++kb) {
+        const int64_t n0 = kb * bn, nk = std::min<int64_t>(bn, a.S - n0);
+        const bool full = block_window(a, qb, n0, nk, rlo, rhi);
+        const float* mkp = nullptr;
+        if (a.mask) {
+          pack_mask_t<T>(a, qb, n0, nk, mk);
+          mkp = mk;
+        }
+        if constexpr (P == Path::f32) {
+          const float* kr = kv.kf + b * kv.k_batch + kvh * kv.k_head + n0 * kv.k_row;
+          const float* vr = kv.vf_ + b * kv.v_batch + kvh * kv.v_head + n0 * kv.v_row;
+          gemm_bcast<OpF32>(nk, NV, E, kr, kv.k_row, kv.k_col, qt, bm, s, bm, CInit::zero);
+          softmax_block<false, true>(a, qb, n0, nk, nk, s, mkp, full, rlo, rhi, m2, l, alpha, pbuf);
+          gemm_bcast<OpF32>(Ev, NV, nk, vr, kv.v_col, kv.v_row, pbuf, bm, ot, bm,
+                            first ? CInit::zero : CInit::scale, alpha);
+        } else {
+#ifdef FA_AVX512
+          const int64_t nkb = kv.Sp / bn;
+          const uint16_t* kp = kv.kp + ((b * a.Hkv + kvh) * kv.Sp + n0) * Ep;
+          const uint16_t* vt = kv.vt + ((b * a.Hkv + kvh) * nkb + kb) * Evx * bn;
+          const uint32_t* qp = reinterpret_cast<const uint32_t*>(qt);
+          uint32_t* pp = reinterpret_cast<uint32_t*>(pbuf);
+          if constexpr (P == Path::amx) {
+            const int64_t nkp = round_up(nk, 32);
+            amx_gemm(nkp, bm, Ep, kp, Ep, qp, bm, s, bm, true);
+            const bool rescale = softmax_block<true, false>(a, qb, n0, nk, nkp, s, mkp, full, rlo, rhi, m2, l, alpha, pp);
+            if (rescale && !first) {
+              for (int64_t e = 0; e < Evx; ++e)
+                for (int i = 0; i < bm; i += 16) vstore(ot + e * bm + i, vmul(vload(ot + e * bm + i), vload(alpha + i)));
+            }
+            amx_gemm(Evx, bm, nkp, vt, bn, pp, bm, ot, bm, false);
+          } else {
+            const int64_t nkp = round_up(nk, 2);
+            gemm_bcast<OpBf16>(nk, NV, Ep / 2, reinterpret_cast<const uint32_t*>(kp), Ep / 2, 1, qp, bm,
+                               s, bm, CInit::zero);
+            softmax_block<true, false>(a, qb, n0, nk, nkp, s, mkp, full, rlo, rhi, m2, l, alpha, pp);
+            gemm_bcast<OpBf16>(Ev, NV, nkp / 2, reinterpret_cast<const uint32_t*>(vt), bn / 2, 1, pp, bm,
+                               ot, bm, first ? CInit::zero : CInit::scale, alpha);
+          }
+#endif
+        }
+        first = false;
+      }
+    }
+    write_out<T>(a, qb, ot, m2, l, out, lse);
+  }, P == Path::amx);
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward (fp32 compute for every dtype), two passes so that no output is accumulated by two
+// threads: pass 1 owns dK/dV of one key block (summed over the heads of its GQA group and all
+// queries), pass 2 owns dQ (and dmask) of one query block. P is recomputed from lse each time.
+// ---------------------------------------------------------------------------------------------
+struct F32Rows {  // a (B, heads, rows, cols) float view
+  const float* p = nullptr;
+  int64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  const float* at(int64_t b, int64_t h, int64_t r) const { return p + b * s0 + h * s1 + r * s2; }
+};
+
+// float views of a (B, Hx, N, D) tensor: the tensor itself when it is float, else a converted copy
+template <typename T>
+F32Rows f32_rows(const T* src, const int64_t* st, int64_t B, int64_t Hx, int64_t N, int64_t D,
+                 std::vector<float>& buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    (void)B; (void)Hx; (void)N; (void)D; (void)buf;
+    return {src, st[0], st[1], st[2], st[3]};
+  } else {
+    buf.resize(static_cast<size_t>(B * Hx * N * D));
+    float* d = buf.data();
+    at::parallel_for(0, B * Hx * N, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / (Hx * N), h = (r / N) % Hx, n = r % N;
+        load_f32(src + b * st[0] + h * st[1] + n * st[2], st[3], D, d + r * D);
+      }
+    });
+    return {d, Hx * N * D, N * D, D, 1};
+  }
+}
+
+// dst[c * ld + r] = src[r * rs + c * cs] for r < nr, 0 for nr <= r < nr_pad; c < nc
+inline void pack_t(const float* src, int64_t rs, int64_t cs, int64_t nr, int64_t nc, int64_t ld,
+                   int64_t nr_pad, float* dst) {
+  for (int64_t c = 0; c < nc; ++c) {
+    float* d = dst + c * ld;
+    const float* sp = src + c * cs;
+    for (int64_t r = 0; r < nr; ++r) d[r] = sp[r * rs];
+    for (int64_t r = nr; r < nr_pad; ++r) d[r] = 0.f;
+  }
+}
+
+template <typename T>
+void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, const T* outp,
+                        const int64_t* so, const float* lse, const float* glse, T* dq, T* dk, T* dv,
+                        T* dmask) {
+  const int64_t B = a.B, H = a.H, Hkv = a.Hkv, L = a.L, S = a.S, E = a.E, Ev = a.Ev;
+  const int64_t G = H / Hkv;
+  const vf sc = vset1(a.scale), log2e = vset1(kLog2e);
+  const vf ninf = vset1(kNegInf);
+
+  std::vector<float> qbuf, dobuf, kbuf, vbuf;
+  const F32Rows Q = f32_rows<T>(static_cast<const T*>(a.q), a.sq, B, H, L, E, qbuf);
+  const F32Rows DO = f32_rows<T>(dout, sdo, B, H, L, Ev, dobuf);
+  const F32Rows K = f32_rows<T>(static_cast<const T*>(a.k), a.sk, B, Hkv, S, E, kbuf);
+  const F32Rows V = f32_rows<T>(static_cast<const T*>(a.v), a.sv, B, Hkv, S, Ev, vbuf);
+
+  // delta = rowsum(dO * O) - grad_lse
+  std::vector<float> delta(static_cast<size_t>(B * H * L), 0.f);
+  if (!std::is_same_v<T, float>) at::parallel_for(0, B * H * L, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<float> orow(static_cast<size_t>(Ev));
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / (H * L), h = (r / L) % H, i = r % L;
+      load_f32(outp + b * so[0] + h * so[1] + i * so[2], so[3], Ev, orow.data());
+      const float* d = DO.at(b, h, i);
+      // in double: with |delta| ~ 10 a float running sum loses several ulps, and dS = P (dP -
+      // delta) cancels down to far smaller values (O(L * Ev) work, free)
+      double acc = 0.0;
+      for (int64_t e = 0; e < Ev; ++e) acc += static_cast<double>(d[e * DO.s3]) * orow[e];
+      delta[r] = static_cast<float>(acc - (glse ? glse[r] : 0.f));
+    }
+  });
+
+  // ---- fp32: exact row statistics ----------------------------------------------------------
+  // Two fp32-specific error sources, each of which alone made dq/dmask 3-4x less accurate than
+  // fp32 PyTorch (which recomputes the softmax and uses delta = sum_j P dP):
+  //  * a float32 lse carries up to half an ulp of |lse| of rounding (2.4e-7 for |lse| in [4, 8)),
+  //    which every recomputed P inherits as a relative error;
+  //  * delta = rowsum(dO * O) does not share the rounding of the dP values it is subtracted from
+  //    in dS = P (dP - delta); where dP - delta cancels, dS keeps the full error of dP.
+  // One extra sweep (Q.K^T and dO.V^T per block, ~25% of the backward) measures the row sums
+  // r = sum_j exp(y - lse) and u = sum_j exp(y - lse) dP, computed exactly as the later passes
+  // compute them (same kernels, same summation order, so bitwise the same P and dP), and uses
+  // lse + log(r) and delta = u / r. bf16/fp16 inputs round far above this: they use the given lse
+  // and rowsum(dO * O).
+  std::vector<float> lse_ref;
+  if constexpr (std::is_same_v<T, float>) {
+    lse_ref.assign(lse, lse + B * H * L);
+    const int bm = L <= 16 ? 16 : (L <= 32 ? 32 : 64);
+    const int NV = bm / 16;
+    constexpr int64_t bn = 64;
+    const int64_t nqb = (L + bm - 1) / bm;
+    const size_t n_qt = static_cast<size_t>(E * bm), n_dot = static_cast<size_t>(Ev * bm);
+    const size_t n_blk = static_cast<size_t>(bn * bm);
+    run_tasks(B * H * nqb, [&](int64_t t, Scratch& scratch) {
+      const int64_t qbi = t % nqb, h = (t / nqb) % H, b = t / (nqb * H), kvh = h / G;
+      const QBlock qb = make_qblock(a, b, h, qbi * bm, bm);
+      if (qb.klo > qb.khi) return;
+      float* qt = scratch.get(n_qt + n_dot + 3 * n_blk + 5 * static_cast<size_t>(bm));
+      float* dot = qt + n_qt;
+      float* sb = dot + n_dot;
+      float* db = sb + n_blk;
+      float* mk = db + n_blk;
+      float* l2 = mk + n_blk;
+      float* rs = l2 + bm;
+      float* us = rs + bm;
+      int32_t* rlo = reinterpret_cast<int32_t*>(us + bm);
+      int32_t* rhi = rlo + bm;
+      pack_t(Q.at(b, h, qb.q0), Q.s2, Q.s3, qb.nq, E, bm, bm, qt);
+      pack_t(DO.at(b, h, qb.q0), DO.s2, DO.s3, qb.nq, Ev, bm, bm, dot);
+      for (int i = 0; i < bm; ++i) {
+        l2[i] = i < qb.nq ? lse[(b * H + h) * L + qb.q0 + i] : kNegInf;
+        rs[i] = 0.f;
+        us[i] = 0.f;
+      }
+      const uint32_t dkey = a.drop.on ? a.drop.key(b * H + h) : 0;
+      for (int64_t kb = qb.klo / bn; kb <= qb.khi / bn; ++kb) {
+        const int64_t n0 = kb * bn, nk = std::min<int64_t>(bn, S - n0);
+        const bool full = block_window(a, qb, n0, nk, rlo, rhi);
+        if (a.mask) pack_mask_t<T>(a, qb, n0, nk, mk);
+        gemm_bcast<OpF32>(nk, NV, E, K.at(b, kvh, n0), K.s2, K.s3, qt, bm, sb, bm, CInit::zero);
+        gemm_bcast<OpF32>(nk, NV, Ev, V.at(b, kvh, n0), V.s2, V.s3, dot, bm, db, bm, CInit::zero);
+        for (int qv = 0; qv < bm; qv += 16) {
+          const vf vl2 = vload(l2 + qv);
+          const vm live = vcmp_neq(vl2, ninf);
+          const vi vlo = viload(rlo + qv), vhi = viload(rhi + qv);
+          vi drow{};
+          if (a.drop.on) {
+            alignas(64) int32_t rr[16];
+            for (int i = 0; i < 16; ++i) rr[i] = static_cast<int32_t>(Dropout::row(dkey, qb.q0 + qv + i));
+            drow = viload(rr);
+          }
+          vf racc = vload(rs + qv), uacc = vload(us + qv);
+          for (int64_t j = 0; j < nk; ++j) {
+            const vf y = a.mask ? vfma(vload(sb + j * bm + qv), sc, vload(mk + j * bm + qv)) : vmul(vload(sb + j * bm + qv), sc);
+            vm vis = live;
+            if (!full) {
+              const vi vj = viset1(static_cast<int32_t>(j));
+              vis = vis & vi_le(vlo, vj) & vi_lt(vj, vhi);
+            }
+            const vf p = vmaskz(vis, vexp2<6>(vmul(vsub(y, vl2), log2e)));
+            vf dp = vload(db + j * bm + qv);
+            if (a.drop.on) {
+              const vi hsh = vishr(vfmix32(viadd(drow, viset1(static_cast<int32_t>(static_cast<uint32_t>(n0 + j) * kGolden32)))), 8);
+              dp = vmaskz(vu_ge(hsh, viset1(static_cast<int32_t>(a.drop.threshold))), vmul(dp, vset1(a.drop.inv_keep)));
+            }
+            racc = vadd(racc, p);
+            uacc = vfma(p, dp, uacc);
+          }
+          vstore(rs + qv, racc);
+          vstore(us + qv, uacc);
+        }
+      }
+      for (int64_t i = 0; i < qb.nq; ++i) {
+        const int64_t row = (b * H + h) * L + qb.q0 + i;
+        if (rs[i] > 0.f) {
+          lse_ref[static_cast<size_t>(row)] = lse[row] + std::log(rs[i]);
+          delta[static_cast<size_t>(row)] = us[i] / rs[i] - (glse ? glse[row] : 0.f);
+        }
+      }
+    });
+    lse = lse_ref.data();
+  }
+
+  // ---- pass 1: dK, dV per (b, kv head, key block of 64) ------------------------------------
+  {
+    constexpr int64_t bn = 64, NV = 4, bq = 64;
+    const int64_t nkb = (S + bn - 1) / bn;
+    const int64_t ntask = B * Hkv * nkb;
+    auto qrange = [&](int64_t n0, int64_t nk, int64_t& i0, int64_t& i1) {
+      i0 = a.wr < 0 ? 0 : std::max<int64_t>(0, n0 - a.off - a.wr);
+      i1 = a.wl < 0 ? L : std::min<int64_t>(L, n0 + nk - 1 - a.off + a.wl + 1);
+    };
+    std::vector<int64_t> cost(ntask);
+    for (int64_t t = 0; t < ntask; ++t) {
+      const int64_t kb = t % nkb, n0 = kb * bn;
+      int64_t i0, i1;
+      qrange(n0, std::min(bn, S - n0), i0, i1);
+      cost[t] = std::max<int64_t>(0, i1 - i0) + 1;
+    }
+    const std::vector<int64_t> order = order_by_cost(cost);
+    const size_t n_kt = static_cast<size_t>(E * bn), n_vt = static_cast<size_t>(Ev * bn);
+    const size_t n_blk = static_cast<size_t>(bq * bn);
+    run_tasks(ntask, [&](int64_t task, Scratch& scratch) {
+      const int64_t t = order[task];
+      const int64_t kb = t % nkb, kvh = (t / nkb) % Hkv, b = t / (nkb * Hkv);
+      const int64_t n0 = kb * bn, nk = std::min(bn, S - n0);
+      float* kt = scratch.get(2 * n_kt + 2 * n_vt + 2 * n_blk + bn);
+      float* vt = kt + n_kt;
+      float* dkt = vt + n_vt;
+      float* dvt = dkt + n_kt;
+      float* sb = dvt + n_vt;
+      float* db = sb + n_blk;
+      float* mrow = db + n_blk;
+      pack_t(K.at(b, kvh, n0), K.s2, K.s3, nk, E, bn, bn, kt);
+      pack_t(V.at(b, kvh, n0), V.s2, V.s3, nk, Ev, bn, bn, vt);
+      std::fill(dkt, dkt + n_kt, 0.f);
+      std::fill(dvt, dvt + n_vt, 0.f);
+      int64_t qa, qz;
+      qrange(n0, nk, qa, qz);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = kvh * G + g;
+        const uint32_t dkey = a.drop.on ? a.drop.key(b * H + h) : 0;
+        const T* mbase = a.mask ? static_cast<const T*>(a.mask) + b * a.sm[0] + h * a.sm[1] + n0 * a.sm[3] : nullptr;
+        for (int64_t i0 = qa; i0 < qz; i0 += bq) {
+          const int64_t ni = std::min(bq, qz - i0);
+          gemm_bcast<OpF32>(ni, NV, E, Q.at(b, h, i0), Q.s2, Q.s3, kt, bn, sb, bn, CInit::zero);
+          gemm_bcast<OpF32>(ni, NV, Ev, DO.at(b, h, i0), DO.s2, DO.s3, vt, bn, db, bn, CInit::zero);
+          for (int64_t r = 0; r < ni; ++r) {
+            const int64_t i = i0 + r, row = (b * H + h) * L + i;
+            float* srow = sb + r * bn;
+            float* drow = db + r * bn;
+            const int64_t jlo = std::clamp<int64_t>(vis_lo(a, i) - n0, 0, nk);
+            const int64_t jhi = std::clamp<int64_t>(vis_hi(a, i) - n0 + 1, 0, nk);
+            const float l2 = lse[row];
+            if (jlo >= jhi || l2 == kNegInf) {
+              for (int64_t j = 0; j < bn; j += 16) {
+                vstore(srow + j, vzero());
+                vstore(drow + j, vzero());
+              }
+              continue;
+            }
+            if (mbase) {
+              load_f32(mbase + i * a.sm[2], a.sm[3], nk, mrow);
+              for (int64_t j = nk; j < bn; ++j) mrow[j] = 0.f;
+            }
+            const vf vl2 = vset1(l2), vdel = vset1(delta[static_cast<size_t>(row)]);
+            const vi vlo = viset1(static_cast<int32_t>(jlo)), vhi = viset1(static_cast<int32_t>(jhi));
+            const uint32_t drh = a.drop.on ? Dropout::row(dkey, i) : 0;
+            for (int64_t j = 0; j < bn; j += 16) {
+              const vi vj = viadd(viiota(), viset1(static_cast<int32_t>(j)));
+              const vm vis = vi_le(vlo, vj) & vi_lt(vj, vhi);
+              const vf y = mbase ? vfma(vload(srow + j), sc, vload(mrow + j)) : vmul(vload(srow + j), sc);
+              const vf p = vmaskz(vis, vexp2<6>(vmul(vsub(y, vl2), log2e)));
+              vf dp = vload(drow + j);
+              vf pd = p;
+              if (a.drop.on) {
+                const vi hsh = vishr(vfmix32(viadd(viset1(static_cast<int32_t>(drh)),
+                                                   vimul(viadd(vj, viset1(static_cast<int32_t>(n0))),
+                                                         viset1(static_cast<int32_t>(kGolden32))))), 8);
+                const vm keep = vu_ge(hsh, viset1(static_cast<int32_t>(a.drop.threshold)));
+                const vf z = vmaskz(keep, vset1(a.drop.inv_keep));
+                dp = vmul(dp, z);
+                pd = vmul(p, z);
+              }
+              vstore(srow + j, pd);
+              vstore(drow + j, vmul(p, vsub(dp, vdel)));  // dS
+            }
+          }
+          // dV^T[e][j] += sum_r dO[r][e] Pd[r][j];  dK^T[e][j] += sum_r Q[r][e] dS[r][j]
+          gemm_bcast<OpF32>(Ev, NV, ni, DO.at(b, h, i0), DO.s3, DO.s2, sb, bn, dvt, bn, CInit::load);
+          gemm_bcast<OpF32>(E, NV, ni, Q.at(b, h, i0), Q.s3, Q.s2, db, bn, dkt, bn, CInit::load);
+        }
+      }
+      for (int64_t j = 0; j < nk; ++j) {
+        T* dkr = dk + ((b * Hkv + kvh) * S + n0 + j) * E;
+        T* dvr = dv + ((b * Hkv + kvh) * S + n0 + j) * Ev;
+        for (int64_t e = 0; e < E; ++e) dkr[e] = static_cast<T>(dkt[e * bn + j] * a.scale);
+        for (int64_t e = 0; e < Ev; ++e) dvr[e] = static_cast<T>(dvt[e * bn + j]);
+      }
+    });
+  }
+
+  // ---- pass 2: dQ (and dmask) per (b, head, query block) ------------------------------------
+  {
+    const int bm = L <= 16 ? 16 : (L <= 32 ? 32 : 64);
+    const int NV = bm / 16;
+    constexpr int64_t bn = 64;
+    const int64_t nqb = (L + bm - 1) / bm;
+    const int64_t ntask = B * H * nqb;
+    std::vector<int64_t> cost(ntask);
+    for (int64_t t = 0; t < ntask; ++t) {
+      const QBlock qb = make_qblock(a, 0, 0, (t % nqb) * bm, bm);
+      cost[t] = std::max<int64_t>(0, qb.khi - qb.klo + 1) + 1;
+    }
+    const std::vector<int64_t> order = order_by_cost(cost);
+    const size_t n_qt = static_cast<size_t>(E * bm), n_dot = static_cast<size_t>(Ev * bm);
+    const size_t n_blk = static_cast<size_t>(bn * bm);
+    run_tasks(ntask, [&](int64_t task, Scratch& scratch) {
+      const int64_t t = order[task];
+      const int64_t qbi = t % nqb, h = (t / nqb) % H, b = t / (nqb * H), kvh = h / G;
+      const QBlock qb = make_qblock(a, b, h, qbi * bm, bm);
+      float* qt = scratch.get(2 * n_qt + n_dot + 3 * n_blk + 2 * static_cast<size_t>(bm) + 2 * static_cast<size_t>(bm));
+      float* dqt = qt + n_qt;
+      float* dot = dqt + n_qt;
+      float* sb = dot + n_dot;
+      float* db = sb + n_blk;
+      float* mk = db + n_blk;
+      float* l2 = mk + n_blk;
+      float* del = l2 + bm;
+      int32_t* rlo = reinterpret_cast<int32_t*>(del + bm);
+      int32_t* rhi = rlo + bm;
+      std::fill(dqt, dqt + n_qt, 0.f);
+      if (qb.klo <= qb.khi) {
+        pack_t(Q.at(b, h, qb.q0), Q.s2, Q.s3, qb.nq, E, bm, bm, qt);
+        pack_t(DO.at(b, h, qb.q0), DO.s2, DO.s3, qb.nq, Ev, bm, bm, dot);
+        for (int i = 0; i < bm; ++i) {
+          const size_t row = static_cast<size_t>((b * H + h) * L + qb.q0 + i);
+          l2[i] = i < qb.nq ? lse[row] : kNegInf;
+          del[i] = i < qb.nq ? delta[row] : 0.f;
+        }
+        const uint32_t dkey = a.drop.on ? a.drop.key(b * H + h) : 0;
+        for (int64_t kb = qb.klo / bn; kb <= qb.khi / bn; ++kb) {
+          const int64_t n0 = kb * bn, nk = std::min<int64_t>(bn, S - n0);
+          const bool full = block_window(a, qb, n0, nk, rlo, rhi);
+          if (a.mask) pack_mask_t<T>(a, qb, n0, nk, mk);
+          gemm_bcast<OpF32>(nk, NV, E, K.at(b, kvh, n0), K.s2, K.s3, qt, bm, sb, bm, CInit::zero);
+          gemm_bcast<OpF32>(nk, NV, Ev, V.at(b, kvh, n0), V.s2, V.s3, dot, bm, db, bm, CInit::zero);
+          for (int qv = 0; qv < bm; qv += 16) {
+            const vf vl2 = vload(l2 + qv), vdel = vload(del + qv);
+            const vm live = vcmp_neq(vl2, ninf);
+            const vi vlo = viload(rlo + qv), vhi = viload(rhi + qv);
+            vi drow{};
+            if (a.drop.on) {
+              alignas(64) int32_t rr[16];
+              for (int i = 0; i < 16; ++i) rr[i] = static_cast<int32_t>(Dropout::row(dkey, qb.q0 + qv + i));
+              drow = viload(rr);
+            }
+            for (int64_t j = 0; j < nk; ++j) {
+              const vf y = a.mask ? vfma(vload(sb + j * bm + qv), sc, vload(mk + j * bm + qv)) : vmul(vload(sb + j * bm + qv), sc);
+              vm vis = live;
+              if (!full) {
+                const vi vj = viset1(static_cast<int32_t>(j));
+                vis = vis & vi_le(vlo, vj) & vi_lt(vj, vhi);
+              }
+              const vf p = vmaskz(vis, vexp2<6>(vmul(vsub(y, vl2), log2e)));
+              vf dp = vload(db + j * bm + qv);
+              if (a.drop.on) {
+                const vi hsh = vishr(vfmix32(viadd(drow, viset1(static_cast<int32_t>(static_cast<uint32_t>(n0 + j) * kGolden32)))), 8);
+                dp = vmaskz(vu_ge(hsh, viset1(static_cast<int32_t>(a.drop.threshold))), vmul(dp, vset1(a.drop.inv_keep)));
+              }
+              vstore(db + j * bm + qv, vmul(p, vsub(dp, vdel)));  // dS^T
+            }
+          }
+          if (dmask) {
+            for (int64_t i = 0; i < qb.nq; ++i) {
+              T* dm = dmask + ((b * H + h) * L + qb.q0 + i) * S + n0;
+              for (int64_t j = 0; j < nk; ++j) dm[j] = static_cast<T>(db[j * bm + i]);
+            }
+          }
+          // dQ^T[e][i] += sum_j K[j][e] dS^T[j][i]
+          gemm_bcast<OpF32>(E, NV, nk, K.at(b, kvh, n0), K.s3, K.s2, db, bm, dqt, bm, CInit::load);
+        }
+      }
+      for (int64_t i = 0; i < qb.nq; ++i) {
+        T* dqr = dq + ((b * H + h) * L + qb.q0 + i) * E;
+        for (int64_t e = 0; e < E; ++e) dqr[e] = static_cast<T>(dqt[e * bm + i] * a.scale);
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// decoding: few query rows (G heads x Lq tokens <= 16 per kv head) against a long cache. Memory
+// bound: every (b, kv head) reads its cache slice once for all its query rows, split along the
+// cache length into chunks (flash-decoding) so that B * Hkv small still fills the threads; the
+// chunks' partial (max, sum, output) are combined in a fixed order.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void attention_decode_impl(const AttnArgs& a, const int64_t* total, int64_t Lq, bool causal, T* out) {
+  const int64_t B = a.B, H = a.H, Hkv = a.Hkv, E = a.E, Ev = a.Ev;
+  const int64_t G = H / Hkv, R = G * Lq;
+  const int64_t E16 = round_up(E, 16), Ev16 = round_up(Ev, 16);
+  int64_t max_total = 0;
+  for (int64_t b = 0; b < B; ++b) max_total = std::max(max_total, total[b]);
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t want = std::max<int64_t>(1, (4 * nthreads + B * Hkv - 1) / (B * Hkv));
+  const int64_t csz = round_up(std::max<int64_t>(256, (max_total + want - 1) / want), 64);
+  const int64_t nchunk = std::max<int64_t>(1, (max_total + csz - 1) / csz);
+  const int64_t pstride = R * (Ev16 + 2);
+  std::vector<float> part(static_cast<size_t>(B * Hkv * nchunk * pstride));
+  const float qscale = a.scale;
+
+  run_tasks(B * Hkv * nchunk, [&](int64_t t, Scratch& scratch) {
+    const int64_t ch = t % nchunk, kvh = (t / nchunk) % Hkv, b = t / (nchunk * Hkv);
+    float* qs = scratch.get(static_cast<size_t>(R * E16 + R * Ev16 + 16 * E16 + 16 * Ev16 + 4 * R * 16 + 64));
+    float* o = qs + R * E16;
+    float* kr = o + R * Ev16;
+    float* vr = kr + 16 * E16;
+    float* sc = vr + 16 * Ev16;  // [R][16] scores, then probabilities
+    float* m2 = sc + R * 16;
+    float* l = m2 + R;
+    float* al = l + R;
+    const int64_t n_end = std::min(total[b], (ch + 1) * csz);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t g = r / Lq, i = r % Lq;
+      const T* qr = static_cast<const T*>(a.q) + b * a.sq[0] + (kvh * G + g) * a.sq[1] + i * a.sq[2];
+      load_f32(qr, a.sq[3], E, qs + r * E16);
+      for (int64_t e = 0; e < E16; ++e) qs[r * E16 + e] = e < E ? qs[r * E16 + e] * qscale : 0.f;
+      m2[r] = kNegInf;
+      l[r] = 0.f;
+    }
+    std::fill(o, o + R * Ev16, 0.f);
+    std::fill(kr, kr + 16 * E16, 0.f);
+    std::fill(vr, vr + 16 * Ev16, 0.f);
+    const T* kbase = static_cast<const T*>(a.k) + b * a.sk[0] + kvh * a.sk[1];
+    const T* vbase = static_cast<const T*>(a.v) + b * a.sv[0] + kvh * a.sv[1];
+    for (int64_t n0 = ch * csz; n0 < n_end; n0 += 16) {
+      const int64_t nk = std::min<int64_t>(16, n_end - n0);
+      for (int64_t j = 0; j < nk; ++j) load_f32(kbase + (n0 + j) * a.sk[2], a.sk[3], E, kr + j * E16);
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t j = 0; j < nk; ++j) {
+          vf acc = vzero();
+          for (int64_t e = 0; e < E16; e += 16) acc = vfma(vload(qs + r * E16 + e), vload(kr + j * E16 + e), acc);
+          sc[r * 16 + j] = vhsum(acc);
+        }
+        // causal: query i of Lq sees keys [0, total - Lq + i]
+        const int64_t hi = causal ? total[b] - Lq + r % Lq : total[b] - 1;
+        const int64_t nvis = std::clamp<int64_t>(hi - n0 + 1, 0, nk);
+        for (int64_t j = nvis; j < 16; ++j) sc[r * 16 + j] = kNegInf;
+        const vf s = vload(sc + r * 16);
+        const float mnew = std::max(m2[r], vhmax(s));
+        if (mnew == kNegInf) {
+          vstore(sc + r * 16, vzero());
+          al[r] = 1.f;
+          continue;
+        }
+        const vf p = vexp2<6>(vmul(vsub(s, vset1(mnew)), vset1(kLog2e)));
+        al[r] = std::exp(m2[r] - mnew);  // 0 when m2 was -inf
+        l[r] = l[r] * al[r] + vhsum(p);
+        m2[r] = mnew;
+        vstore(sc + r * 16, p);
+      }
+      for (int64_t j = 0; j < nk; ++j) load_f32(vbase + (n0 + j) * a.sv[2], a.sv[3], Ev, vr + j * Ev16);
+      for (int64_t r = 0; r < R; ++r) {
+        const float* pr = sc + r * 16;
+        for (int64_t e = 0; e < Ev16; e += 16) {
+          vf acc = vmul(vload(o + r * Ev16 + e), vset1(al[r]));
+          for (int64_t j = 0; j < nk; ++j) acc = vfma(vset1(pr[j]), vload(vr + j * Ev16 + e), acc);
+          vstore(o + r * Ev16 + e, acc);
+        }
+      }
+    }
+    float* pt = part.data() + t * pstride;
+    for (int64_t r = 0; r < R; ++r) {
+      std::copy(o + r * Ev16, o + (r + 1) * Ev16, pt + r * (Ev16 + 2));
+      pt[r * (Ev16 + 2) + Ev16] = m2[r];
+      pt[r * (Ev16 + 2) + Ev16 + 1] = l[r];
+    }
+  });
+
+  // combine the chunks in order
+  at::parallel_for(0, B * Hkv * R, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> acc(static_cast<size_t>(Ev));
+    for (int64_t x = r0; x < r1; ++x) {
+      const int64_t r = x % R, kvh = (x / R) % Hkv, b = x / (R * Hkv);
+      const float* p0 = part.data() + ((b * Hkv + kvh) * nchunk) * pstride + r * (Ev16 + 2);
+      float M = kNegInf;
+      for (int64_t ch = 0; ch < nchunk; ++ch) M = std::max(M, p0[ch * pstride + Ev16]);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float lsum = 0.f;
+      if (M != kNegInf) {
+        for (int64_t ch = 0; ch < nchunk; ++ch) {
+          const float* pc = p0 + ch * pstride;
+          if (pc[Ev16] == kNegInf) continue;
+          const float w = std::exp(pc[Ev16] - M);
+          lsum += pc[Ev16 + 1] * w;
+          for (int64_t e = 0; e < Ev; ++e) acc[e] += pc[e] * w;
+        }
+      }
+      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+      const int64_t g = r / Lq, i = r % Lq;
+      T* orow = out + ((b * H + kvh * G + g) * Lq + i) * Ev;
+      for (int64_t e = 0; e < Ev; ++e) orow[e] = static_cast<T>(acc[e] * inv);
+    }
+  });
+}
+
+#undef FA_INLINE
