@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 import warnings
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's fastattn
+os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py: Triton runs on CPU tensors
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -350,6 +352,10 @@ def mha(backend, **kw):
     return m
 
 
+def _norm_module(cls_name: str, *args, backend: str, **kw):
+    return getattr(fastattn.nn, cls_name)(*args, backend=backend, **kw)
+
+
 bad("mha_embed_dim_not_divisible", MHA, _MHA_ERRORS, "embed_dim")(
     lambda b: fastattn.nn.MultiheadAttention(16, 3, backend=b))
 bad("mha_query_wrong_embed_dim", MHA, _MHA_ERRORS, "embed")(
@@ -366,11 +372,15 @@ bad("mha_key_padding_mask_wrong_shape", MHA, _MHA_ERRORS, "key_padding_mask")(
     lambda b: mha(b)(rn(2, 5, 16), rn(2, 7, 16), rn(2, 7, 16),
                      key_padding_mask=torch.zeros(2, 6, dtype=torch.bool)))
 bad("mha_bad_backend_string", MHA, ValueError, "backend", backends=("reference",))(
+    lambda b: mha("fastest")(rn(2, 5, 16), rn(2, 5, 16), rn(2, 5, 16), need_weights=False))
+# need_weights=True (the default) computes the output without the kernel: the typo must still
+# be reported, at construction or at the call
+bad("mha_bad_backend_string_need_weights", MHA, ValueError, "backend", backends=("reference",))(
     lambda b: mha("fastest")(rn(2, 5, 16), rn(2, 5, 16), rn(2, 5, 16)))
-
-
-def _norm_module(cls_name: str, *args, backend: str, **kw):
-    return getattr(fastattn.nn, cls_name)(*args, backend=backend, **kw)
+bad("nn_layer_norm_bad_backend_string", NLN, ValueError, "backend", backends=("reference",))(
+    lambda b: _norm_module("LayerNorm", 16, backend="fastest")(rn(2, 16)))
+bad("nn_int8_linear_bad_backend_string", I8L, ValueError, "backend", backends=("reference",))(
+    lambda b: fastattn.nn.Int8Linear.from_float(nn.Linear(16, 8), backend="fastest")(rn(9, 16)))
 
 
 bad("nn_layer_norm_input_wrong_width", NLN, (ValueError, RuntimeError), "normalized_shape")(

@@ -72,6 +72,9 @@ KNOWN_BUGS: dict[tuple[str, str | None], str] = {
     ("kv_empty_cache_no_new_tokens", "reference"):
         "reference.attention_with_kvcache with cache_seqlens 0 and no k_new attends to 0 keys: "
         "IndexError from amax over the empty key dim (the Triton kernel returns zeros)",
+    ("mha_bad_backend_string_need_weights", None):
+        "fastattn.nn.MultiheadAttention(..., backend='fastest') is accepted, and forward with "
+        "need_weights=True (the default) never validates it: the typo goes unnoticed",
     ("kv_zero_batch", None):
         "B = 0: attention_with_kvcache routes q.numel() == 0 to reference.attention_with_kvcache, "
         "which calls torch.cat on an empty list (ValueError)",

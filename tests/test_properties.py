@@ -48,6 +48,11 @@ def relayout(t: torch.Tensor, kind: str) -> torch.Tensor:
     raise KeyError(kind)
 
 
+def _absmax(t: torch.Tensor) -> float:
+    f = t[torch.isfinite(t)]
+    return float(f.abs().max()) if f.numel() else 0.0
+
+
 # ---------------------------------------------------------------------------------------------
 # attention
 # ---------------------------------------------------------------------------------------------
@@ -94,11 +99,19 @@ def check_attention_call(backend: str, c: dict) -> None:
               scale=c["scale"], enable_gqa=H != Hkv)
 
     def leaves(dtype, layouts=("contiguous",) * 3):
-        ts = [relayout(t.to(dtype, copy=True), lay).requires_grad_(True)
+        # the same values as the kernel's inputs (rounded to the kernel's dtype), in ``dtype``
+        ts = [relayout(t.to(c["dtype"]).to(dtype, copy=True), lay).requires_grad_(True)
               for t, lay in zip(base, layouts, strict=True)]
         m = mask
         if m is not None and m.dtype != torch.bool:
-            m = m.to(dtype, copy=True).requires_grad_(c["mask_grad"])
+            m = m.to(c["dtype"]).to(dtype, copy=True)
+            if c["mask_grad"]:
+                # the leaf is the broadcast view itself (stride 0 where broadcast): its gradient
+                # is the kernel's per-element dmask, which the rule judges; summing it over the
+                # broadcast dims is torch's job (in tiny bf16 cases with 1-2 visible keys per row,
+                # the sum of the FlashAttention-style dS = P (dP - rowsum(dO O)) over many rows
+                # drifts past 3x torch's own error while every element is within it)
+                m = m.expand(B, H, L, S).detach().requires_grad_(True)
         return ts, m
 
     (q, k, v), m = leaves(dtype, c["layouts"])
@@ -123,10 +136,15 @@ def check_attention_call(backend: str, c: dict) -> None:
             loss = loss + (lse_.double() * g_lse).sum()
         loss.backward()
     names = ["dq", "dk", "dv"] + (["dmask"] if c["mask_grad"] else [])
+    # one eps for all gradients, from their common scale: a gradient that is exactly 0 (dk with
+    # a single visible key per row: dS = P (dP - rowsum(dO O)) = 0) is ~1e-5 of float32 noise
+    # in any kernel that forms dS that way, and the rule's default eps would be absolute there
+    scale = max(1.0, *(_absmax(t.grad) for t in (qh, kh, vh)))
     for name, t, hi, lo in zip(names, [q, k, v, m], [qh, kh, vh, mh], [ql, kl, vl, ml],
                                strict=False):
         assert t.grad is not None and t.grad.shape == t.shape, name
-        assert_close_rule(t.grad, hi.grad, lo.grad, factor=3.0, name=name)
+        assert_close_rule(t.grad, hi.grad, lo.grad, factor=3.0, name=name,
+                          eps=1e-5 * max(scale, _absmax(hi.grad)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -201,10 +219,7 @@ def norm_calls(draw, backend: str):
     tiny = backend == "triton"
     lead = draw(st.lists(st.integers(1, 5), min_size=0, max_size=2))
     N = draw(st.integers(1, 300 if tiny else 2100))
-    # Triton 3.6's interpreter truncates float32 -> bfloat16 casts (interpreter.cast_impl passes
-    # no rounding mode; GPUs round to nearest even), so a pure rounding such as the fused
-    # residual sum is off by up to 1 ulp there, twice torch's error: bf16 is left to the GPU.
-    dtype = draw(st.sampled_from(FLOATS[::2] if tiny else FLOATS))
+    dtype = draw(st.sampled_from(FLOATS))
     return dict(lead=lead, N=N, dtype=dtype,
                 layout=draw(st.sampled_from(["contiguous", "transposed", "sliced", "feature_major"])),
                 weight=draw(st.sampled_from(["none", "same", "float32"])),
@@ -230,12 +245,15 @@ def test_norm_properties(backend, fn):
         eps = c["eps"] if c["eps"] is not None or fn == "rms_norm" else 1e-5
 
         def call(f, dtype, layout="contiguous", **kw):
-            pdt = lambda which: dtype if c[which] == "same" or dtype == torch.float64 else torch.float32
-            ins = [relayout(x.to(dtype, copy=True), layout).requires_grad_(True)]
+            # every backend and reference sees the kernel's input values (rounded to its dtypes)
+            kdt = lambda which: c["dtype"] if c[which] == "same" else torch.float32
+            ins = [relayout(x.to(c["dtype"]).to(dtype, copy=True), layout).requires_grad_(True)]
             if r is not None:
-                ins.append(relayout(r.to(dtype, copy=True), layout).requires_grad_(True))
-            params = [None if t is None else t.to(pdt(n), copy=True).requires_grad_(True)
-                      for t, n in ((w, "weight"), (b, "bias"))]
+                ins.append(relayout(r.to(c["dtype"]).to(dtype, copy=True), layout)
+                           .requires_grad_(True))
+            params = [None if t is None else
+                      t.to(kdt(n)).to(dtype if dtype == torch.float64 else kdt(n), copy=True)
+                      .requires_grad_(True) for t, n in ((w, "weight"), (b, "bias"))]
             res = ins[1] if r is not None else None
             if fn == "layer_norm":
                 y = f(ins[0], c["N"], params[0], params[1], eps, residual=res, **kw)
