@@ -1,11 +1,14 @@
 """Determinism and thread safety of every public op.
 
 Determinism: under ``torch.use_deterministic_algorithms(True)`` 20 runs of the canonical case of
-each op (forward, and backward where the op has one) are bitwise equal: C++ CPU kernels always,
+each op (forward, and backward where the op has one; attention with L = 160, S = 257 so that
+many blocks share each dK/dV/dmask reduction) are bitwise equal: C++ CPU kernels always,
 the Triton kernels (interpreted) on a tiny attention and LayerNorm case. In the default mode the
 run-to-run spread (max |run_i - run_0| over 20 runs, per output and gradient) is measured and
 printed (``pytest -s``); forward outputs and the norms' backward (reduced deterministically by
 contract) must not vary at all, and the attention backward may vary only by float rounding.
+Measured here (2 cores): 0 for every output and gradient of every op; the CPU attention backward
+is two-pass without atomics, so it is bitwise repeatable in the default mode too.
 
 Threads: each op called from 4 Python threads at once (different inputs per thread, several
 calls each, started together) gives results bitwise equal to the same calls made serially, on
@@ -60,7 +63,7 @@ def _names(case, results) -> list[str]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_deterministic_mode_bitwise_cpu(op, dtype):
     need_op(op, "cpu")
-    case = make_case(op, dtype)
+    case = make_case(op, dtype, large=True)
     with deterministic_algorithms(True):
         first = case.evaluate("cpu")
         for run in range(1, RUNS):
@@ -115,7 +118,7 @@ _MAY_VARY = {"scaled_dot_product_attention": ("dq", "dk", "dv", "dmask")}
 @pytest.mark.parametrize("op", list(OPS))
 def test_default_mode_run_to_run_spread_cpu(op):
     need_op(op, "cpu")
-    case = make_case(op, torch.float32)
+    case = make_case(op, torch.float32, large=True)
     with deterministic_algorithms(False):
         runs = [case.evaluate("cpu") for _ in range(RUNS)]
     names = _names(case, runs[0])

@@ -198,14 +198,16 @@ def _randint8(*shape, seed=0):
     return torch.randint(-127, 128, shape, generator=_gen(seed), dtype=torch.int8)
 
 
-def make_case(op: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Case:
+def make_case(op: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+              large: bool = False) -> Case:
     """The canonical small case of ``op``: odd sizes, every optional input used, GQA and a float
     mask receiving a gradient for attention, a fused residual for the norms. ``seed`` changes
-    the values, not the shapes."""
+    the values, not the shapes; ``large`` makes the attention sequences span many kernel blocks
+    (where parallel reductions could make results depend on scheduling)."""
     fa = fastattn
     s0 = 1000 * seed  # per-tensor generator seeds are s0 + 1, s0 + 2, ...
     if op == "scaled_dot_product_attention":
-        B, H, Hkv, L, S, E = 2, 4, 2, 13, 21, 40
+        B, H, Hkv, L, S, E = (2, 4, 2, 160, 257, 40) if large else (2, 4, 2, 13, 21, 40)
 
         def make():
             return {"q": _randn(B, H, L, E, dtype=dtype, seed=s0 + 1),
@@ -316,12 +318,17 @@ def _poison_cache_tail(case: Case, caches: dict) -> None:
                 caches[name][b, :, n + case.kwargs["new"]:] = float("nan")
 
 
-@pytest.mark.parametrize("op,backend", op_backend_params())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def _oob_params():
+    # attention under the Triton interpreter in bf16 only: its fp32 path is the same kernel
+    return [pytest.param(op, b, dt, id=f"{op}-{b}-{str(dt)[6:]}")
+            for op in OPS for b in BACKENDS for dt in (torch.float32, torch.bfloat16)
+            if not (b == "triton" and dt == torch.float32
+                    and op in ("scaled_dot_product_attention", "attention_with_kvcache"))]
+
+
+@pytest.mark.parametrize("op,backend,dtype", _oob_params())
 def test_out_of_bounds_reads(op, backend, dtype):
     need_op(op, backend)
-    if backend == "triton" and dtype == torch.float32 and op.startswith(("scaled", "attention")):
-        pytest.skip("one dtype is enough under the interpreter for attention (time)")
     case = make_case(op, dtype)
     ins = case.inputs(padded=True)
     kv = case.op == "attention_with_kvcache"
