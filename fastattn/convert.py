@@ -12,7 +12,8 @@ What is replaced (exact classes only: a subclass may have changed ``forward``):
                       with ``variance_epsilon``: LlamaRMSNorm, T5LayerNorm, ...) with a 1-D
                       ``weight`` only, whose output matches fastattn.nn.RMSNorm on a random
                       input (so Gemma's ``(1 + weight)`` norm is left alone)
-    int8=True         nn.Linear                     -> fastattn.nn.Int8Linear, except the
+    int8=True         nn.Linear                     -> fastattn.nn.Int8Linear (weight-only; "w8a8":
+                                                       activations per token too), except the
                       out_proj of a MultiheadAttention (read as a weight by its forward) and
                       linears whose weight is tied to another module (e.g. an lm_head tied to
                       the embeddings)
@@ -269,7 +270,8 @@ class _Converter:
         cls = self._load("Int8Linear")
         if cls is None or not self._allowed(module, fqn):
             return module
-        return self._swap(module, cls.from_float(module), fqn)
+        activations = "int8" if self.int8 == "w8a8" else "float"
+        return self._swap(module, cls.from_float(module, activations=activations), fqn)
 
     # -----------------------------------------------------------------------------------------
     def finish_transformers(self, root: nn.Module) -> None:
@@ -294,7 +296,7 @@ def convert(
     *,
     attention: bool = True,
     layer_norm: bool = True,
-    int8: bool = False,
+    int8: bool | str = False,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
 ) -> nn.Module:
     """Replace ``model``'s attention, LayerNorm/RMSNorm and (with int8=True) Linear modules by
@@ -304,7 +306,11 @@ def convert(
         model: any nn.Module: torch Transformer layers, a transformers PreTrainedModel, ...
         attention: replace nn.MultiheadAttention; route transformers models' attention to fastattn.
         layer_norm: replace nn.LayerNorm, nn.RMSNorm and transformers-style *RMSNorm modules.
-        int8: replace nn.Linear by W8A8 fastattn.nn.Int8Linear (inference).
+        int8: replace nn.Linear by fastattn.nn.Int8Linear (inference). ``True`` or
+            ``"weight_only"``: int8 weights, float activations (accuracy first: activation
+            outliers of post-LN encoders such as BERT cost per-token W8A8 ~1% cosine on
+            all-MiniLM-L6-v2 embeddings; weight-only keeps 0.998). ``"w8a8"``: activations
+            quantized per token too (int8 GEMM; fastest on large inputs).
         filter_fn: ``filter_fn(module, fqn) -> bool``; only candidates it returns True for are
             replaced ("" is the fqn of the root).
 
@@ -314,7 +320,10 @@ def convert(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable(module, fqn) -> bool, got {filter_fn!r}")
-    conv = _Converter(model, bool(attention), bool(layer_norm), bool(int8), filter_fn)
+    if int8 not in (False, True, "weight_only", "w8a8"):
+        raise ValueError(f"int8 must be False, True, 'weight_only' or 'w8a8', got {int8!r}")
+    int8 = "weight_only" if int8 is True else int8
+    conv = _Converter(model, bool(attention), bool(layer_norm), int8, filter_fn)
     new_root = conv.walk(model, "", None)
     conv.finish_transformers(new_root)
     new_root.fastattn_report = conv.report

@@ -19,7 +19,14 @@ import torch.nn.functional as F
 import fastattn
 from fastattn import reference
 from fastattn.ops import _backend
-from tests.helpers import BACKENDS_UNDER_TEST, assert_close_rule, nan_padded, skip_unless_backend
+from fastattn.ops import layer_norm as layer_norm_ops
+from tests.helpers import (
+    BACKENDS_UNDER_TEST,
+    assert_close_rule,
+    is_interpret,
+    nan_padded,
+    skip_unless_backend,
+)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -34,14 +41,16 @@ CASES = [
     ((3, 4096), 4096, True, False, True),
     ((1, 8192), 8192, True, True, True),
 ]
-# long rows, on the kernel backends, one (norm, dtype) pair each to keep the interpreter short
+# long rows, on the kernel backends, one (norm, dtype) pair each to keep the interpreter short.
+# Triton keeps rows of up to 16K (forward) / 8K (backward) elements in registers and loops over
+# column blocks beyond; (1, 8192) above is the largest register-resident backward.
 LONG_CASES = [
+    # register-resident forward, column-looping backward
     ((2, 16384), 16384, False, False, False, False, torch.float16),
     ((2, 16384), 16384, True, True, True, True, torch.bfloat16),
-    # Triton: register-resident forward, column-looping backward
+    # column loops forward and backward
     ((2, 65536), 65536, True, True, True, False, torch.bfloat16),
     ((2, 65536), 65536, True, False, False, True, torch.float32),
-    # Triton: column loop forward and backward
     ((1, 66001), 66001, True, True, False, False, torch.float32),
     ((1, 66001), 66001, True, False, True, True, torch.bfloat16),
 ]
@@ -388,6 +397,7 @@ def test_backends_lists_the_ops():
 
 def test_float64_falls_back_to_reference_with_warning():
     _backend._warn_fallback.cache_clear()
+    layer_norm_ops._choose_cached.cache_clear()
     x = torch.randn(3, 10, dtype=torch.float64)
     with pytest.warns(UserWarning, match="layer_norm"):
         out = fastattn.layer_norm(x, 10)
@@ -468,3 +478,132 @@ def test_cpp_op_rejects_bad_tensors():
     out, _, mean, rstd = op(x, None, None, None, 1e-5, False)
     with pytest.raises(RuntimeError, match="rstd must be a float32"):
         torch.ops.fastattn.layer_norm_bwd(out, None, x, None, None, mean, rstd[:2], False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton kernels compile for the H200 without spilling (CI has no GPU; the interpreter does
+# not check what the compiler does)
+# ---------------------------------------------------------------------------------------------
+_AOT_SCRIPT = r"""
+import os, re, subprocess, sys, tempfile
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fastattn.triton.layer_norm as L
+
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+flags = dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True, RMS=False)
+bwd_flags = dict(HAS_DRES=True, HAS_WEIGHT=True, PARTIALS=True, RMS=False)
+fp32 = {"Mean", "Rstd", "DW", "DB", "P"}
+kernels = [  # (kernel, constexprs, num_warps): the largest register-resident rows and the loops
+    (L._layer_norm_fwd_kernel, dict(flags, BLOCK_N=L._MAX_FUSED_FWD, SINGLE_BLOCK=True),
+     L._num_warps(L._MAX_FUSED_FWD)),
+    (L._layer_norm_fwd_kernel, dict(flags, BLOCK_N=L._LOOP_BLOCK, SINGLE_BLOCK=False),
+     L._num_warps(L._LOOP_BLOCK)),
+    (L._layer_norm_bwd_kernel, dict(bwd_flags, BLOCK_N=L._MAX_FUSED_BWD, SINGLE_BLOCK=True),
+     L._num_warps_bwd(L._MAX_FUSED_BWD)),
+    (L._layer_norm_bwd_kernel, dict(bwd_flags, BLOCK_N=L._LOOP_BLOCK, SINGLE_BLOCK=False),
+     L._num_warps_bwd(L._LOOP_BLOCK)),
+]
+jobs = [(k, dt) for dt in ("bf16", "fp32") for k in kernels]
+jobs.append(((L._sum_partials_kernel, dict(BLOCK_N=1024), 4), "fp32"))
+for (fn, const, warps), dt in jobs:
+    sig = {}
+    for n in fn.arg_names:
+        if n in const:
+            sig[n] = "constexpr"
+        elif n[0].isupper() and n not in ("M", "N", "G"):  # pointers; M, N, G are sizes
+            sig[n] = "*fp32" if n in fp32 or fn is L._sum_partials_kernel else "*" + dt
+        else:
+            sig[n] = "fp32" if n == "eps" else "i32"
+    k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                       capture_output=True, text=True)
+    os.unlink(f.name)
+    assert r.returncode == 0, r.stderr
+    spills = [int(s) for s in re.findall(r"(\d+) bytes spill", r.stderr)]
+    regs = re.findall(r"Used (\d+) registers", r.stderr)
+    print(fn.__name__, dt, const.get("BLOCK_N"), warps, "registers", regs, "spill bytes", spills)
+    assert spills and not any(spills), r.stderr
+"""
+
+
+def test_triton_kernels_compile_for_sm90_without_spills():
+    """The register-resident limits (_MAX_FUSED_FWD/_BWD) and warp counts hold on the H200:
+    every kernel, bf16 and fp32, compiles for sm_90a with triton's bundled ptxas (no GPU
+    needed) and spills nothing."""
+    pytest.importorskip("triton", reason="needs triton installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root)
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True,
+                       env=env, cwd=root, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert r.stdout.count("spill bytes") == 9, r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: real sizes on the compiled kernels (skips without a CUDA device)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+class TestGPU:
+    @pytest.fixture(autouse=True)
+    def _compiled(self):
+        if is_interpret():
+            pytest.skip("GPU tests run compiled kernels: set TRITON_INTERPRET=0")
+
+    @staticmethod
+    def _check_gpu(backend, rms, dtype, M, N, residual):
+        """As _check, with the float32 reference on the GPU as the oracle (DESIGN)."""
+        skip_unless_backend(backend, "cuda")
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = (torch.randn(M, N, device="cuda", generator=g) * 2 + 3).to(dtype)
+        r = torch.randn(M, N, device="cuda", generator=g).to(dtype) if residual else None
+        w = (torch.randn(N, device="cuda", generator=g) * 0.5 + 1).to(dtype)
+        b = None if rms else torch.randn(N, device="cuda", generator=g).to(dtype)
+        dy = torch.randn(M, N, device="cuda", generator=g).to(dtype)
+        ds = torch.randn(M, N, device="cuda", generator=g).to(dtype) if residual else None
+        ours_fn = ((lambda *a, **k: fastattn.rms_norm(*a, **k, backend=backend)) if rms
+                   else (lambda *a, **k: fastattn.layer_norm(*a, **k, backend=backend)))
+        ref_fn = reference.rms_norm if rms else reference.layer_norm
+        eps = 1e-5
+        out, summed, grads = _run(ours_fn, x, r, w, b, dy, ds, N, eps, rms)
+        f32 = torch.float32
+        ref = _run(ref_fn, *(t.to(f32) if t is not None else None for t in (x, r, w, b, dy, ds)),
+                   (N,), eps, rms)
+        low = _run(_torch_fn(rms), x, r, w, b, dy, ds, (N,), eps, rms)
+        assert_close_rule(out, ref[0], low[0], name="out")
+        if residual:
+            assert_close_rule(summed, ref[1], low[1], name="residual_out")
+        for name, gg, gr, gl in zip(("dinput", "dresidual", "dweight", "dbias"), grads, ref[2],
+                                    low[2], strict=True):
+            if gr is not None:
+                assert_close_rule(gg, gr, gl, factor=3.0, name=name)
+
+    @pytest.mark.parametrize("N", [768, 1000, 4096, 8192, 16384, 65536])
+    @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+    @pytest.mark.parametrize("backend", ["triton", "cuda"])
+    def test_forward_backward(self, backend, rms, N):
+        self._check_gpu(backend, rms, torch.bfloat16, 4096 if N <= 8192 else 256, N, True)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+    @pytest.mark.parametrize("backend", ["triton", "cuda"])
+    def test_dtypes(self, backend, dtype):
+        self._check_gpu(backend, False, dtype, 1000, 1111, False)
+
+    @pytest.mark.parametrize("backend", ["triton", "cuda"])
+    def test_weight_grad_deterministic(self, backend):
+        skip_unless_backend(backend, "cuda")
+        x = torch.randn(8192, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        b = torch.randn(1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn_like(x)
+        out = fastattn.layer_norm(x, 1024, w, b, backend=backend)
+        first = torch.autograd.grad(out, (w, b), dy, retain_graph=True)
+        for _ in range(3):
+            for a, b_ in zip(torch.autograd.grad(out, (w, b), dy, retain_graph=True), first,
+                             strict=True):
+                assert torch.equal(a, b_)

@@ -298,6 +298,19 @@ def test_minilm_embeddings_int8(minilm):
     assert cos.min() >= 0.995, cos
 
 
+def test_minilm_embeddings_w8a8(minilm):
+    # per-token W8A8 on a post-LN encoder: the activation outliers of BERT's LayerNorm outputs
+    # cost accuracy (measured 0.9886 worst cosine here); this pins that figure from below so a
+    # regression in the int8 kernels shows, and documents why convert(int8=True) is weight-only.
+    model, batch = minilm
+    want = _embed(model, batch)
+    converted = fastattn.convert(copy.deepcopy(model), int8="w8a8")
+    layers = [m for m in converted.modules() if type(m).__name__ == "Int8Linear"]
+    assert layers and all(m.activations == "int8" for m in layers)
+    cos = torch.nn.functional.cosine_similarity(_embed(converted, batch), want, dim=-1)
+    assert 0.98 <= cos.min() < 0.9999, cos
+
+
 def test_minilm_profiler_shows_fastattn_kernels(minilm):
     if fastattn.backends()["auto"]["scaled_dot_product_attention"]["cpu"] == "reference":
         pytest.skip("no fastattn attention kernel for CPU tensors in this build (not merged yet)")

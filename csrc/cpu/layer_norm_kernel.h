@@ -175,7 +175,11 @@ void fwd_rows_impl(const FwdParams& p, int64_t row_begin, int64_t row_end) {
             const float v = to_f(ro[j]);
             return p.rms ? v * v : v;
           });
-      if (p.rms) ss = s; else mean = s * inv_n;
+      if (p.rms) {
+        ss = s;
+      } else {
+        mean = s * inv_n;
+      }
       src = ro;
     } else if (p.rms) {
       ss = row_sum<T>(
@@ -186,14 +190,14 @@ void fwd_rows_impl(const FwdParams& p, int64_t row_begin, int64_t row_end) {
           },
           [&](int64_t j) { return to_f(x[j]) * to_f(x[j]); });
     } else {
-      mean = row_sum<T>(
-                 N,
-                 [&](int64_t j, typename S::F& acc) {
-                   const auto a = S::load(x + j);
-                   for (int k = 0; k < S::kVecs; ++k) acc[k] = acc[k] + a[k];
-                 },
-                 [&](int64_t j) { return to_f(x[j]); }) *
-          inv_n;
+      const float s = row_sum<T>(
+          N,
+          [&](int64_t j, typename S::F& acc) {
+            const auto a = S::load(x + j);
+            for (int k = 0; k < S::kVecs; ++k) acc[k] = acc[k] + a[k];
+          },
+          [&](int64_t j) { return to_f(x[j]); });
+      mean = s * inv_n;
     }
     if (!p.rms) {
       // second pass over the (now cached) row: the variance about the mean, not E[x^2] - mean^2,

@@ -9,6 +9,7 @@ dtype is both returned and normalised.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -31,7 +32,9 @@ def _normalized_shape(fn: str, input, normalized_shape) -> tuple[int, ...]:
         raise TypeError(f"{fn}: input must be a torch.Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
         raise TypeError(f"{fn}: input must be a floating-point tensor, got {input.dtype}")
-    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+    if type(normalized_shape) is int:  # the common case, checked first: this runs every call
+        shape = (normalized_shape,)
+    elif isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
         shape = (int(normalized_shape),)
     elif isinstance(normalized_shape, (tuple, list, torch.Size)) and all(
             isinstance(s, (numbers.Integral, torch.SymInt)) and not isinstance(s, bool)
@@ -116,6 +119,12 @@ def _choose(fn: str, device: torch.device, backend: str,
     """The backend of one call. It depends only on these static properties, so torch.compile
     runs it once while tracing (it imports modules and reads dispatcher tables, which dynamo
     cannot trace) and keeps the answer as a constant."""
+    return _choose_cached(fn, device, backend, dtypes, _backend.triton_interpret())
+
+
+@functools.lru_cache(maxsize=256)
+def _choose_cached(fn, device, backend, dtypes, interpret) -> str:
+    # a norm is often a few microseconds of work: asking the dispatcher every call cost ~10 us
     return _backend.choose(fn, device, backend, lambda b: _supports(b, device, dtypes),
                            cpp_op="layer_norm_fwd")
 

@@ -1,8 +1,9 @@
 """LayerNorm / RMSNorm forward and backward Triton kernels, with an optional fused residual add.
 
 Layout: one program per row in the forward. When the row fits in one block (BLOCK_N =
-next_pow2(N) <= _MAX_FUSED_*), it is loaded once and kept in registers; longer rows loop over
-column blocks, re-reading the row from L2. Statistics are float32.
+next_pow2(N) <= _MAX_FUSED_*, 16K elements forward, 8K backward), it is loaded once and kept in
+registers; longer rows loop over column blocks, re-reading the row from L2 (a 64K-element bf16
+row is 128 KiB). Statistics are float32.
 
 The backward splits the rows into a fixed number of contiguous groups, one program each; a
 program accumulates its rows' dW/dB contributions in float32 and writes them as one row of a
@@ -15,20 +16,38 @@ The launchers take and return exactly what the C++ op ``fastattn::layer_norm_fwd
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-# Largest row kept in registers in one block. The forward holds ~2 float32 values per element
-# (x and the output), the backward ~5 (x, dy, w, dW and dB accumulators): 64K elements over
-# 32 warps is 64 registers per value per thread in the forward; the backward stops at 16K.
-_MAX_FUSED_FWD = 65536
-_MAX_FUSED_BWD = 16384
-# Column block of the looping path for rows longer than the above.
+# Largest row kept in registers in one block; longer rows loop over _LOOP_BLOCK columns. Sized
+# from ptxas on sm_90 (offline compile, fp32 and bf16, residual + weight + bias): the forward at
+# 16K elements and 16 warps takes 128 registers/thread, no spills, but 32K spills 336 bytes even
+# at 32 warps; the backward holds ~5 values per element (x, dy, w, dW and dB sums) and spills
+# from 16K (568 bytes at 16 warps, 200 at 32), while 8K fits at 32 warps in 64 registers.
+_MAX_FUSED_FWD = 16384
+_MAX_FUSED_BWD = 8192
 _LOOP_BLOCK = 4096
+
+
+def _num_warps(block_n: int) -> int:
+    """Forward: 8-16 elements per thread up to 8K, 128 registers/thread at 16K."""
+    if block_n >= 8192:
+        return 16
+    if block_n >= 2048:
+        return 8
+    if block_n >= 512:
+        return 4
+    return 2
+
+
+def _num_warps_bwd(block_n: int) -> int:
+    """Backward: twice the forward's threads (5 live values per element instead of 2): 48-99
+    registers/thread from 1K to 4K elements, 64 at 8K over 32 warps (sm_90, no spills)."""
+    return min(32, 2 * _num_warps(block_n))
 
 
 def _interpreter_bf16_round_to_nearest() -> None:
@@ -36,8 +55,9 @@ def _interpreter_bf16_round_to_nearest() -> None:
     interpreter truncates: a full bf16 ulp of error instead of half of one, which alone breaks
     the 2x accuracy rule under TRITON_INTERPRET=1. Make the interpreter round like the GPU."""
     try:
+        import numpy as np
         from triton.runtime import interpreter
-    except ImportError:
+    except ImportError:  # no interpreter here (it needs numpy): nothing to fix
         return
     builder = getattr(interpreter, "InterpreterBuilder", None)
     original = getattr(builder, "cast_impl", None)
@@ -60,20 +80,6 @@ def _interpreter_bf16_round_to_nearest() -> None:
 
 
 _interpreter_bf16_round_to_nearest()
-
-
-def _num_warps(block_n: int) -> int:
-    # ~8-16 elements per thread: enough bytes in flight per SM to saturate HBM on H100/H200,
-    # few enough to stay clear of spills.
-    if block_n >= 32768:
-        return 32
-    if block_n >= 8192:
-        return 16
-    if block_n >= 2048:
-        return 8
-    if block_n >= 512:
-        return 4
-    return 2
 
 
 @triton.jit
@@ -316,6 +322,11 @@ def _num_groups(device_index: int | None, device_type: str) -> int:
     return 8  # the interpreter runs programs one after another: few long programs are cheapest
 
 
+def _on_device(t: torch.Tensor):
+    # Triton launches on the current CUDA device, not necessarily the tensors' one
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _check_rows(t: torch.Tensor, name: str) -> None:
     if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
         raise ValueError(f"{name} must be 2-D with stride(1) == 1, got shape {tuple(t.shape)} "
@@ -351,16 +362,18 @@ def layer_norm_fwd(
     # unused pointers get a valid tensor: Triton needs a real pointer argument
     r = residual if residual is not None else input
     ro = residual_out if residual is not None else out
-    _layer_norm_fwd_kernel[(M,)](
-        input, r, weight if weight is not None else input, bias if bias is not None else input,
-        out, ro, mean, rstd,
-        N,
-        input.stride(0), r.stride(0), out.stride(0), ro.stride(0),
-        eps,
-        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, RMS=rms, BLOCK_N=block_n, SINGLE_BLOCK=single,
-        num_warps=_num_warps(block_n),
-    )
+    w = weight if weight is not None else input
+    b = bias if bias is not None else input
+    with _on_device(input):
+        _layer_norm_fwd_kernel[(M,)](
+            input, r, w, b, out, ro, mean, rstd,
+            N,
+            input.stride(0), r.stride(0), out.stride(0), ro.stride(0),
+            eps,
+            HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None, RMS=rms, BLOCK_N=block_n, SINGLE_BLOCK=single,
+            num_warps=_num_warps(block_n),
+        )
     return out, residual_out, mean, rstd
 
 
@@ -396,27 +409,28 @@ def layer_norm_bwd(
         db_part = alloc((groups, N), dtype=torch.float32, device=x.device)
     else:
         dw_part = db_part = mean  # never touched
-    if M > 0:
-        dres = grad_residual_out if has_dres else grad_out
-        _layer_norm_bwd_kernel[(groups,)](
-            grad_out, dres, x, weight if weight is not None else x, mean, rstd, dx,
-            dw_part, db_part,
-            M, N, triton.cdiv(M, groups),
-            grad_out.stride(0), dres.stride(0), x.stride(0), dx.stride(0),
-            dw_part.stride(0) if partials else 0,
-            HAS_DRES=has_dres, HAS_WEIGHT=weight is not None, PARTIALS=partials, RMS=rms,
-            BLOCK_N=block_n, SINGLE_BLOCK=single, num_warps=_num_warps(block_n),
-        )
+    dres = grad_residual_out if has_dres else grad_out
+    w = weight if weight is not None else x
+    with _on_device(x):
+        if M > 0:
+            _layer_norm_bwd_kernel[(groups,)](
+                grad_out, dres, x, w, mean, rstd, dx, dw_part, db_part,
+                M, N, triton.cdiv(M, groups),
+                grad_out.stride(0), dres.stride(0), x.stride(0), dx.stride(0),
+                dw_part.stride(0) if partials else 0,
+                HAS_DRES=has_dres, HAS_WEIGHT=weight is not None, PARTIALS=partials, RMS=rms,
+                BLOCK_N=block_n, SINGLE_BLOCK=single, num_warps=_num_warps_bwd(block_n),
+            )
 
-    def reduce(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        res = torch.empty((N,), dtype=like.dtype, device=x.device)
-        if M == 0:
-            return res.zero_()
-        block = min(1024, triton.next_power_of_2(max(N, 1)))
-        _sum_partials_kernel[(triton.cdiv(N, block),)](
-            part, res, groups, N, part.stride(0), BLOCK_N=block, num_warps=4)
-        return res
+        def reduce(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            res = torch.empty((N,), dtype=like.dtype, device=x.device)
+            if M == 0:
+                return res.zero_()
+            block = min(1024, triton.next_power_of_2(max(N, 1)))
+            _sum_partials_kernel[(triton.cdiv(N, block),)](
+                part, res, groups, N, part.stride(0), BLOCK_N=block, num_warps=4)
+            return res
 
-    dw = reduce(dw_part, weight) if weight is not None else x.new_empty((0,))
-    db = reduce(db_part, bias) if bias is not None else x.new_empty((0,))
+        dw = reduce(dw_part, weight) if weight is not None else x.new_empty((0,))
+        db = reduce(db_part, bias) if bias is not None else x.new_empty((0,))
     return dx, dw, db
