@@ -133,7 +133,8 @@ def run_entry_script(cmd: list[str], *, timeout_s: float, env: dict | None = Non
 # one canonical case per op
 # ---------------------------------------------------------------------------------------------
 def int8_padded(t: torch.Tensor, pad: int = 3, fill: int = -128) -> torch.Tensor:
-    """nan_padded for int8 tensors: the surrounding storage holds ``fill``."""
+    """nan_padded for integer tensors (int8 operands, int32 cache_seqlens): the surrounding
+    storage holds ``fill``, a value no valid read should see."""
     shape = list(t.shape)
     big = torch.full([s + pad for s in shape[:-1]] + [shape[-1] + 2 * pad], fill,
                      dtype=t.dtype, device=t.device)
