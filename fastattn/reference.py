@@ -61,7 +61,7 @@ def scaled_dot_product_attention(
     query (B, H, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev). Rows with no visible key give
     zeros (and lse = -inf), never NaN, in the forward and the backward. ``dropout_mask`` (bool,
     broadcastable to (B, H, L, S), True = keep) replaces the random draw when given.
-    Returns out (B, H, L, Ev), and lse (B, H, L) float32... in the compute dtype if return_lse.
+    Returns out (B, H, L, Ev), and with return_lse also lse (B, H, L) in the compute dtype.
     """
     B, H, L, E = query.shape
     Hkv, S = key.shape[1], key.shape[2]
@@ -85,8 +85,11 @@ def scaled_dot_product_attention(
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)  # masked keys -> exp(-inf) = 0
     denom = p.sum(dim=-1, keepdim=True)
-    p = p / torch.where(denom == 0, torch.ones_like(denom), denom)
-    lse = (torch.log(denom) + m).squeeze(-1)  # -inf on empty rows
+    empty = denom == 0
+    safe = torch.where(empty, torch.ones_like(denom), denom)
+    p = p / safe
+    # -inf on empty rows, with a zero (not NaN) gradient through log(0)
+    lse = torch.where(empty, torch.full_like(denom, float("-inf")), torch.log(safe) + m).squeeze(-1)
     if dropout_p > 0.0 or dropout_mask is not None:
         if dropout_mask is None:
             dropout_mask = torch.rand_like(p) >= dropout_p

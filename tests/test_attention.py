@@ -577,6 +577,129 @@ def test_kvcache_triton_split_k(num_splits):
 
 
 # ---------------------------------------------------------------------------------------------
+# the kernels compile for the GPU (CI has none: the interpreter does not type-check like the
+# compiler does)
+# ---------------------------------------------------------------------------------------------
+_AOT_SCRIPT = r"""
+import os, subprocess, sys, tempfile
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fastattn.triton.attention as A
+
+arch, dt, D = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+# what the JIT sees for contiguous tensors: last-dim strides are 1, the rest divisible by 16
+LAST = {"stride_qk", "stride_kk", "stride_vk", "stride_mn", "stride_ok", "stride_dok",
+        "stride_dqk", "stride_dkk", "stride_dvk", "stride_dmn", "stride_knk", "stride_vnk",
+        "stride_kck", "stride_vck"}
+F = dict(HAS_MASK=True, HAS_LEFT=True, HAS_RIGHT=True, DROPOUT=True, INTERP_BF16=False,
+         DOT_PRECISION="tf32x3" if dt == "fp32" else "tf32")
+fam = "hopper" if arch >= 90 else "ampere"
+cfg = lambda table: table.get(fam + "_mask", table[fam])[min(256, max(64, D))][0]
+P = lambda *names, **other: {**{n: "*" + dt for n in names}, **other}
+kernels = [
+    (A._attention_fwd_kernel.fn, cfg(A._FWD_TUNING), dict(HEAD_DIM=D, HEAD_DIM_V=D, **F),
+     P("Q", "K", "V", "Mask", "Out", Lse="*fp32")),
+    (A._attention_bwd_dkdv_kernel.fn, cfg(A._DKDV_TUNING),
+     dict(HEAD_DIM=D, HEAD_DIM_V=D, ATOMIC_DQ=True, STORE_DMASK=True, **F),
+     P("Q", "K", "V", "Mask", "DO", "DK", "DV", "DMask", Lse="*fp32", Delta="*fp32",
+       DQ="*fp32")),
+    (A._attention_bwd_dq_kernel.fn, cfg(A._DQ_TUNING), dict(HEAD_DIM=D, HEAD_DIM_V=D, **F),
+     P("Q", "K", "V", "Mask", "DO", "DQ", Lse="*fp32", Delta="*fp32")),
+    (A._attention_bwd_preprocess_kernel, (32, None, 4, 1),
+     dict(HEAD_DIM_V=D, HAS_GRAD_LSE=True), P("Out", "DO", GradLse="*fp32", Delta="*fp32")),
+    (A._kvcache_append_kernel, (None, None, 4, 1), dict(HEAD_DIM=D, HEAD_DIM_V=D, BLOCK_L=16),
+     P("KNew", "VNew", "KCache", "VCache", SeqLens="*i32")),
+    (A._kvcache_split_kernel.fn, cfg(A._DECODE_TUNING),
+     dict(HEAD_DIM=D, HEAD_DIM_V=D, BLOCK_M=16, CAUSAL=True, SPLIT=True, INTERP_BF16=False,
+          DOT_PRECISION=F["DOT_PRECISION"]),
+     P("Q", "KCache", "VCache", "Out", SeqLens="*i32", OutPartial="*fp32",
+       LsePartial="*fp32")),
+    (A._kvcache_combine_kernel, (None, None, 4, 1),
+     dict(HEAD_DIM_V=D, BLOCK_SPLITS=16, INTERP_BF16=False),
+     P("Out", OutPartial="*fp32", LsePartial="*fp32")),
+]
+for fn, (bm, bn, warps, stages), const, ptrs in kernels:
+    const = dict(const)
+    if bm is not None:
+        const["BLOCK_M"] = bm
+    if bn is not None:
+        const["BLOCK_N"] = bn
+    const.update({n: 1 for n in fn.arg_names if n in LAST})
+    sig, attrs = {}, {}
+    for i, n in enumerate(fn.arg_names):
+        sig[n] = ("constexpr" if n in const else ptrs.get(n) or
+                  ("fp32" if n in ("qk_scale", "sm_scale", "dropout_p") else
+                   "i64" if n == "seed" else "i32"))
+        if sig[n].startswith("*") or (n.startswith("stride_") and sig[n] == "i32"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", arch, 64),
+                       options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+    r = subprocess.run([ptxas, "-v", "--gpu-name=" + gpu, f.name, "-o", os.devnull],
+                       capture_output=True, text=True)
+    os.unlink(f.name)
+    info = " ".join(line.split("info    :")[-1].strip() for line in r.stderr.splitlines()
+                    if "registers" in line or "spill" in line)
+    print(fn.__name__, (bm, bn, warps, stages), "smem", k.metadata.shared, info)
+    assert r.returncode == 0, r.stderr
+"""
+
+
+@pytest.mark.parametrize("major,smem", [(9, 227 * 1024), (8, 163 * 1024), (8, 99 * 1024)])
+def test_triton_autotune_pruning(monkeypatch, major, smem):
+    """On a (pretend) Hopper / A100 / consumer GPU the prune predicates keep, for every kernel,
+    head-dim class, mask and dtype, a non-empty set of configs from the right tuning list."""
+    need("triton")
+    import types
+
+    from fastattn.triton import attention as A
+
+    monkeypatch.setattr(A, "_interpret", lambda: False)
+    monkeypatch.setattr(A, "_device_limits", lambda index: (major, smem, 100))
+    family = "hopper" if major >= 9 else "ampere"
+    kernels = [(A._FWD_TUNING, A._prune_fwd), (A._DKDV_TUNING, A._prune_bwd_dkdv),
+               (A._DQ_TUNING, A._prune_bwd_dq), (A._DECODE_TUNING, A._prune_decode)]
+    for table, prune in kernels:
+        configs = A._tuning_configs(table, interpret=None)
+        for elem, has_mask in ((2, False), (2, True), (4, False)):
+            q = types.SimpleNamespace(device=torch.device("cuda", 0), element_size=lambda e=elem: e)
+            for d in (16, 64, 128, 256):
+                kept = prune(configs, {"Q": q}, HEAD_DIM=d, HEAD_DIM_V=d, HAS_MASK=has_mask,
+                             BLOCK_M=16)
+                assert kept, (table is A._FWD_TUNING, d, has_mask, elem)
+                key = lambda c: (c.kwargs.get("BLOCK_M"), c.kwargs["BLOCK_N"], c.num_warps,
+                                 c.num_stages)
+                variant = family + "_mask" if (has_mask or elem == 4) else family
+                cands = table.get(variant, table[family])[min(256, max(64, d))]
+                if smem >= 160 * 1024 and elem == 2:  # the tuned lists fit H100 and A100
+                    assert {key(c) for c in kept} <= set(cands)
+                    assert len(kept) == len(cands)
+
+
+@pytest.mark.parametrize("arch,dtype,head_dim", [(90, "bf16", 128)])
+def test_triton_kernels_compile_for_gpu(arch, dtype, head_dim):
+    """Every kernel, with every feature on, compiles to a cubin for the H200 (sm_90a, triton's
+    bundled ptxas; no GPU needed) at its first tuning candidate. Other targets: edit the
+    parameters (each costs ~30 s of CPU)."""
+    pytest.importorskip("triton", reason="needs triton installed")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(arch), dtype, str(head_dim)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert r.stdout.count("smem") == 7, r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU: the same checks at real sizes (skips without a CUDA device)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.gpu

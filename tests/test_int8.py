@@ -559,3 +559,29 @@ def test_smoothing_bad_input():
         smooth_layer_norm_linear(blk.ln, blk.q, torch.ones(256), alpha=2.0)
     with pytest.raises(ValueError, match="affine weight"):
         smooth_layer_norm_linear(nn.LayerNorm(256, elementwise_affine=False), blk.q, torch.ones(256))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (skipped without a CUDA device): the Triton kernels compiled, at real sizes
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N", [(1, 4096, 4096), (16, 4096, 11008), (1024, 4096, 4096), (333, 1000, 777)])
+def test_gpu_triton_int8(M, K, N):
+    skip_unless_backend("triton", "cuda")
+    dev = "cuda"
+    a = torch.randint(-128, 128, (M, K), dtype=torch.int8, device=dev)
+    b = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=dev)
+    acc = fastattn.int8_gemm(a, b, backend="triton")
+    assert torch.equal(acc.cpu(), reference.int8_gemm(a.cpu(), b.cpu()))
+    x = torch.randn(M, K, device=dev, dtype=torch.bfloat16) * 3
+    _assert_same_quantization(fastattn.quantize_per_token(x, backend="triton"),
+                              reference.quantize_per_token(x))
+    w_int8, w_scale = fastattn.quantize_per_channel(torch.randn(N, K, device=dev) / 64, backend="triton")
+    bias = torch.randn(N, device=dev, dtype=torch.bfloat16)
+    out = fastattn.int8_linear(x, w_int8, w_scale, bias, backend="triton")
+    ref = reference.int8_linear(x.float(), w_int8, w_scale, bias.float())
+    assert out.dtype == torch.bfloat16
+    assert_close_rule(out, ref, reference.int8_linear(x, w_int8, w_scale, bias))
+    wo = fastattn.int8_weight_only_linear(x[:4], w_int8, w_scale, bias, backend="triton")
+    ref_wo = reference.int8_weight_only_linear(x[:4].double(), w_int8, w_scale.double(), bias.double())
+    assert_close_rule(wo, ref_wo, F.linear(x[:4], (w_int8.float() * w_scale[:, None]).bfloat16(), bias))

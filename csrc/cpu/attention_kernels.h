@@ -37,6 +37,8 @@ FA_INLINE vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 FA_INLINE vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 FA_INLINE vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 FA_INLINE vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+FA_INLINE vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
+FA_INLINE vm vcmp_gt(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
 FA_INLINE vf vsel(vm m, vf if_false, vf if_true) { return _mm512_mask_blend_ps(m, if_false, if_true); }
 FA_INLINE vf vmaskz(vm m, vf a) { return _mm512_maskz_mov_ps(m, a); }
 FA_INLINE vm vcmp_eq(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
@@ -56,14 +58,14 @@ FA_INLINE vm vu_ge(vi a, vi b) { return _mm512_cmpge_epu32_mask(a, b); }
 FA_INLINE bool vm_all(vm m) { return m == static_cast<vm>(0xffff); }
 FA_INLINE bool vm_none(vm m) { return m == 0; }
 
-// 2^x for x <= ~127: 2^round(x) * poly(x - round(x)); exact 0 for -inf (scalef by -inf), exact
-// 1 for 0. DEG 6 is ~1 ulp (fp32 paths, lse); DEG 3 has 7.5e-5 relative error, far below the
-// bf16 rounding (3.9e-3) of the probabilities that feed the bf16 P*V product.
+// 2^x = 2^round(x) * poly(x - round(x)) with vreduceps giving x - round(x) directly; exact 0
+// for -inf (vreduceps(-inf) = 0, vscalefps(1, -inf) = 0), exact 1 for 0, NaN stays NaN.
+// DEG 6 is ~1 ulp (fp32 paths, lse); DEG 3 has 7.5e-5 relative error, far below the bf16
+// rounding (3.9e-3) of the probabilities that feed the bf16 P.V product.
 template <int DEG>
 FA_INLINE vf vexp2(vf x) {
-  const vf xc = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
   const vf n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const vf f = _mm512_sub_ps(xc, _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const vf f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   vf p;
   if constexpr (DEG >= 6) {
     p = _mm512_set1_ps(1.5345799329224974e-04f);
@@ -101,6 +103,8 @@ FA_INLINE vf vsub(vf a, vf b) { FA_LANES a.x[t_] -= b.x[t_]; return a; }
 FA_INLINE vf vmul(vf a, vf b) { FA_LANES a.x[t_] *= b.x[t_]; return a; }
 FA_INLINE vf vfma(vf a, vf b, vf c) { FA_LANES c.x[t_] = a.x[t_] * b.x[t_] + c.x[t_]; return c; }
 FA_INLINE vf vmax(vf a, vf b) { FA_LANES a.x[t_] = a.x[t_] > b.x[t_] ? a.x[t_] : b.x[t_]; return a; }
+FA_INLINE vf vmin(vf a, vf b) { FA_LANES a.x[t_] = a.x[t_] < b.x[t_] ? a.x[t_] : b.x[t_]; return a; }
+FA_INLINE vm vcmp_gt(vf a, vf b) { vm m = 0; FA_LANES m |= (a.x[t_] > b.x[t_] ? 1u : 0u) << t_; return m; }
 FA_INLINE vf vsel(vm m, vf a, vf b) { FA_LANES a.x[t_] = (m >> t_) & 1u ? b.x[t_] : a.x[t_]; return a; }
 FA_INLINE vf vmaskz(vm m, vf a) { FA_LANES a.x[t_] = (m >> t_) & 1u ? a.x[t_] : 0.f; return a; }
 FA_INLINE vm vcmp_eq(vf a, vf b) { vm m = 0; FA_LANES m |= (a.x[t_] == b.x[t_] ? 1u : 0u) << t_; return m; }
@@ -217,8 +221,10 @@ FA_INLINE void ukernel(int64_t K, const typename Op::elem* a, int64_t lda, int64
   const typename Op::elem* ap[MR];
   for (int m = 0; m < MR; ++m) ap[m] = a + m * lda;
   int64_t koff = 0;
+  const bool pf = ak > 16;  // A walks across rows (P.V: next key's row): fetch 8 rows ahead
 #pragma GCC unroll 2
   for (int64_t k = 0; k < K; ++k, koff += ak, b += ldb) {
+    if (pf) _mm_prefetch(reinterpret_cast<const char*>(ap[0] + koff + 8 * ak), _MM_HINT_T0);
     __m512 bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = Op::loadb(b + 16 * v);
     for (int m = 0; m < MR; ++m) {
@@ -297,39 +303,75 @@ inline void amx_configure() {
     cfg.colsb[t] = 64;
     cfg.rows[t] = 16;
   }
-  _tile_loadconfig(&cfg);
+  // ldtilecfg through asm so the compiler sees the read of cfg (GCC 12 drops the stores to a
+  // config only passed to _tile_loadconfig as dead)
+  __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
 }
 inline void amx_release() { _tile_release(); }
 
-// C[M][N] = A[M][Kp] . B  with A bf16 row-major (lda elements), B VNNI pairs [Kp/2][N] (ldb
-// pairs), C fp32 (ldc floats). M, N, Kp multiples of 32. zero_c: start from 0, else from C.
-inline void amx_gemm(int64_t M, int64_t N, int64_t Kp, const uint16_t* A, int64_t lda,
-                     const uint32_t* B, int64_t ldb, float* C, int64_t ldc, bool zero_c) {
-  for (int64_t m = 0; m < M; m += 32) {
-    for (int64_t n = 0; n < N; n += 32) {
-      float* c00 = C + m * ldc + n;
-      if (zero_c) {
-        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-      } else {
-        _tile_loadd(0, c00, ldc * 4);
-        _tile_loadd(1, c00 + 16, ldc * 4);
-        _tile_loadd(2, c00 + 16 * ldc, ldc * 4);
-        _tile_loadd(3, c00 + 16 * ldc + 16, ldc * 4);
-      }
-      for (int64_t k = 0; k < Kp; k += 32) {
-        _tile_loadd(4, A + m * lda + k, lda * 2);
-        _tile_loadd(5, A + (m + 16) * lda + k, lda * 2);
-        _tile_loadd(6, B + (k / 2) * ldb + n, ldb * 4);
-        _tile_loadd(7, B + (k / 2) * ldb + n + 16, ldb * 4);
+FA_INLINE void prefetch_tiles(const uint16_t* p, int64_t ntiles) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < ntiles * 1024; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+
+// S^T[key][query] = K . Q^T for one key block: K in 1 KiB tiles [key/16][e/32] (contiguous,
+// nEt = Ep/32 per key tile row), Q^T VNNI pairs [Ep/2][bm]; nkp, bm multiples of 32.
+inline void amx_qk(int64_t nkp, int64_t bm, int64_t nEt, const uint16_t* kt, const uint32_t* qp, float* s) {
+  for (int64_t m = 0; m < nkp / 16; m += 2) {
+    const uint16_t* a0 = kt + (m * nEt) * 512;
+    const uint16_t* a1 = a0 + nEt * 512;
+    for (int64_t n = 0; n < bm; n += 32) {
+      _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+      for (int64_t u = 0; u < nEt; ++u) {
+        _tile_loadd(4, a0 + u * 512, 64);
+        _tile_loadd(5, a1 + u * 512, 64);
+        _tile_loadd(6, qp + (u * 16) * bm + n, bm * 4);
+        _tile_loadd(7, qp + (u * 16) * bm + n + 16, bm * 4);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
       }
-      _tile_stored(0, c00, ldc * 4);
-      _tile_stored(1, c00 + 16, ldc * 4);
-      _tile_stored(2, c00 + 16 * ldc, ldc * 4);
-      _tile_stored(3, c00 + 16 * ldc + 16, ldc * 4);
+      float* c00 = s + (m * 16) * bm + n;
+      _tile_stored(0, c00, bm * 4);
+      _tile_stored(1, c00 + 16, bm * 4);
+      _tile_stored(2, c00 + 16 * bm, bm * 4);
+      _tile_stored(3, c00 + 16 * bm + 16, bm * 4);
+    }
+  }
+}
+
+// O^T[e][query] += V^T . P^T for one key block: V^T in 1 KiB tiles [e/16][key/32] (nKt tiles per
+// e tile row, nkc = used key chunks), P^T VNNI pairs [nkc*16][bm]; Evp, bm multiples of 32.
+inline void amx_pv(int64_t Evp, int64_t bm, int64_t nKt, int64_t nkc, const uint16_t* vt, const uint32_t* pp,
+                   float* o, bool zero_o) {
+  for (int64_t e = 0; e < Evp / 16; e += 2) {
+    const uint16_t* a0 = vt + (e * nKt) * 512;
+    const uint16_t* a1 = a0 + nKt * 512;
+    for (int64_t n = 0; n < bm; n += 32) {
+      float* c00 = o + (e * 16) * bm + n;
+      if (zero_o) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+      } else {
+        _tile_loadd(0, c00, bm * 4);
+        _tile_loadd(1, c00 + 16, bm * 4);
+        _tile_loadd(2, c00 + 16 * bm, bm * 4);
+        _tile_loadd(3, c00 + 16 * bm + 16, bm * 4);
+      }
+      for (int64_t c = 0; c < nkc; ++c) {
+        _tile_loadd(4, a0 + c * 512, 64);
+        _tile_loadd(5, a1 + c * 512, 64);
+        _tile_loadd(6, pp + (c * 16) * bm + n, bm * 4);
+        _tile_loadd(7, pp + (c * 16) * bm + n + 16, bm * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c00, bm * 4);
+      _tile_stored(1, c00 + 16, bm * 4);
+      _tile_stored(2, c00 + 16 * bm, bm * 4);
+      _tile_stored(3, c00 + 16 * bm + 16, bm * 4);
     }
   }
 }
@@ -341,6 +383,50 @@ FA_INLINE __m512i pack_bf16_pairs(__m512 lo, __m512 hi) {
   const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   return _mm512_permutexvar_epi16(idx, both);
+}
+// In-register transpose of 16 x 16 32-bit elements: r[i] holds row i on entry, column i on exit.
+FA_INLINE void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4g + x] now holds, in 128-bit lane l, elements (x of rows 4g..4g+3) of columns 4l..4l+3
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// first n lanes of x -> dst as T (round to nearest even, as c10's conversions)
+template <typename T>
+FA_INLINE void store_as(T* dst, __m512 x, int n) {
+  const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(dst, m, x);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    _mm256_mask_storeu_epi16(dst, m, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    _mm256_mask_storeu_epi16(dst, m, _mm512_cvtepi32_epi16(r));
+  }
 }
 #endif
 
@@ -495,96 +581,172 @@ void pack_mask_t(const AttnArgs& a, const QBlock& qb, int64_t n0, int64_t nk, fl
 // result is held to fp32 torch's own error); the bf16 paths fold everything into one FMA.
 // Updates m and the running sum l; alpha gets the factor O must be rescaled by. Returns whether
 // any lane's alpha differs from 1.
-template <bool BF16OUT, bool PRECISE>
-bool softmax_block(const AttnArgs& a, const QBlock& qb, int64_t n0, int64_t nk, int64_t nkp, float* s,
-                   const float* mk, bool full, const int32_t* rlo, const int32_t* rhi, float* m,
-                   float* l, float* alpha, void* out) {
+// G query vectors (16 lanes each) at a time, keys outer: G independent max / sum chains, so the
+// 4-cycle latency of vmaxps / vaddps is hidden (a single chain made pass 1 latency bound).
+template <bool BF16OUT, bool PRECISE, int G>
+bool softmax_group(const AttnArgs& a, const QBlock& qb, int qv0, int64_t n0, int64_t nk, int64_t nkp, float* s,
+                   const float* mk, bool full, const int32_t* rlo, const int32_t* rhi, float* m, float* l,
+                   float* alpha, void* out) {
   constexpr int DEG = PRECISE ? 6 : 3;
+  // bf16 paths keep a stale max until a block exceeds it by kLazy nats (p <= e^8 ~ 3e3 stays
+  // exact in fp32 sums and bf16), so O is rarely rescaled; fp32 paths rescale for free in the
+  // P.V kernel and keep the exact max
+  constexpr float kLazy = 8.f;
   const int bm = qb.bm;
   const vf sc = vset1(a.scale);
   const vf c = vset1(a.scale * kLog2e);
   const vf log2e = vset1(kLog2e);
   const vf ninf = vset1(kNegInf);
-  bool rescale = false;
-  const uint32_t dkey = a.drop.on ? a.drop.key(qb.b * a.H + qb.h) : 0;
   // PRECISE keeps y for pass 2; else only masks/windows force a store
   const bool store_y = PRECISE || mk != nullptr || !full;
-  for (int qv = 0; qv < bm; qv += 16) {
-    // pass 1: logits and their max
-    vf mx = ninf;
-    const vi vlo = viload(rlo + qv), vhi = viload(rhi + qv);
+  float* sq = s + qv0;
+  // pass 1: logits and their max
+  vf mx[G];
+  if (store_y) {
+    vi vlo[G], vhi[G];
+    for (int g = 0; g < G; ++g) {
+      mx[g] = ninf;
+      vlo[g] = viload(rlo + qv0 + 16 * g);
+      vhi[g] = viload(rhi + qv0 + 16 * g);
+    }
+    const float* mq = mk ? mk + qv0 : nullptr;
     for (int64_t j = 0; j < nk; ++j) {
-      vf y = mk ? vfma(vload(s + j * bm + qv), sc, vload(mk + j * bm + qv)) : vmul(vload(s + j * bm + qv), sc);
-      if (!full) {
-        const vi vj = viset1(static_cast<int32_t>(j));
-        y = vsel(vi_le(vlo, vj) & vi_lt(vj, vhi), ninf, y);
+      const vi vj = viset1(static_cast<int32_t>(j));
+      for (int g = 0; g < G; ++g) {
+        const vf x = vload(sq + j * bm + 16 * g);
+        vf y = mq ? vfma(x, sc, vload(mq + j * bm + 16 * g)) : vmul(x, sc);
+        if (!full) y = vsel(vi_le(vlo[g], vj) & vi_lt(vj, vhi[g]), ninf, y);
+        vstore(sq + j * bm + 16 * g, y);
+        mx[g] = vmax(mx[g], y);
       }
-      if (store_y) vstore(s + j * bm + qv, y);
-      mx = vmax(mx, y);
     }
-    const vf mold = vload(m + qv);
-    const vf mnew = vmax(mold, mx);
+  } else {  // max(s * scale) = scale * (max or min of s): one op per vector, two chains each
+    vf r0[G], r1[G];
+    for (int g = 0; g < G; ++g) r0[g] = r1[g] = vload(sq + 16 * g);
+    const bool pos = a.scale >= 0.f;
+    int64_t j = 1;
+    for (; j + 1 < nk; j += 2) {
+      for (int g = 0; g < G; ++g) {
+        const vf x0 = vload(sq + j * bm + 16 * g), x1 = vload(sq + (j + 1) * bm + 16 * g);
+        r0[g] = pos ? vmax(r0[g], x0) : vmin(r0[g], x0);
+        r1[g] = pos ? vmax(r1[g], x1) : vmin(r1[g], x1);
+      }
+    }
+    for (; j < nk; ++j)
+      for (int g = 0; g < G; ++g) r0[g] = pos ? vmax(r0[g], vload(sq + j * bm + 16 * g)) : vmin(r0[g], vload(sq + j * bm + 16 * g));
+    for (int g = 0; g < G; ++g) mx[g] = vmul(pos ? vmax(r0[g], r1[g]) : vmin(r0[g], r1[g]), sc);
+  }
+  bool rescale = false;
+  vf msafe[G], negm2[G], sum[G];
+  for (int g = 0; g < G; ++g) {
+    const vf mold = vload(m + qv0 + 16 * g);
+    vf mnew = vmax(mold, mx[g]);
+    if constexpr (!PRECISE) mnew = vsel(vcmp_gt(mx[g], vadd(mold, vset1(kLazy))), mold, mnew);
     // lanes that saw no key yet keep max -inf: subtract 0 instead so exp2 gives exactly 0
-    const vf msafe = vsel(vcmp_eq(mnew, ninf), mnew, vzero());
-    const vf al = vexp2<6>(vmul(vsub(mold, msafe), log2e));
+    msafe[g] = vsel(vcmp_eq(mnew, ninf), mnew, vzero());
+    negm2[g] = vmul(msafe[g], vset1(-kLog2e));
     if (!vm_all(vcmp_eq(mold, mnew))) rescale = true;
-    vstore(m + qv, mnew);
-    vstore(alpha + qv, al);
-    // pass 2: probabilities
-    vf sum = vzero();
-    vi drow{};
-    if (a.drop.on) {
+    vstore(m + qv0 + 16 * g, mnew);
+    vstore(alpha + qv0 + 16 * g, vexp2<6>(vmul(vsub(mold, msafe[g]), log2e)));
+    sum[g] = vzero();
+  }
+  // pass 2: probabilities
+  vi drow[G];
+  const uint32_t dkey = a.drop.on ? a.drop.key(qb.b * a.H + qb.h) : 0;
+  if (a.drop.on) {
+    for (int g = 0; g < G; ++g) {
       alignas(64) int32_t r[16];
-      for (int i = 0; i < 16; ++i) r[i] = static_cast<int32_t>(Dropout::row(dkey, qb.q0 + qv + i));
-      drow = viload(r);
+      for (int i = 0; i < 16; ++i) r[i] = static_cast<int32_t>(Dropout::row(dkey, qb.q0 + qv0 + 16 * g + i));
+      drow[g] = viload(r);
     }
-    const vf negm2 = vmul(msafe, vset1(-kLog2e));
-    auto prob = [&](int64_t j) -> vf {
-      if (j >= nk) return vzero();
-      const vf x = vload(s + j * bm + qv);
-      vf p;
-      if constexpr (PRECISE) {
-        p = vexp2<DEG>(vmul(vsub(x, msafe), log2e));
-      } else {
-        p = vexp2<DEG>(store_y ? vfma(x, log2e, negm2) : vfma(x, c, negm2));
-      }
-      sum = vadd(sum, p);
-      if (a.drop.on) {
-        const vi h = vishr(vfmix32(viadd(drow, viset1(static_cast<int32_t>(static_cast<uint32_t>(n0 + j) * kGolden32)))), 8);
-        p = vmaskz(vu_ge(h, viset1(static_cast<int32_t>(a.drop.threshold))), vmul(p, vset1(a.drop.inv_keep)));
-      }
-      return p;
-    };
-    if constexpr (BF16OUT) {
+  }
+  auto prob = [&](int64_t j, int g) -> vf {
+    if (j >= nk) return vzero();
+    const vf x = vload(sq + j * bm + 16 * g);
+    vf p;
+    if constexpr (PRECISE) {
+      p = vexp2<DEG>(vmul(vsub(x, msafe[g]), log2e));
+    } else {
+      p = vexp2<DEG>(store_y ? vfma(x, log2e, negm2[g]) : vfma(x, c, negm2[g]));
+    }
+    sum[g] = vadd(sum[g], p);
+    if (a.drop.on) {
+      const vi h = vishr(vfmix32(viadd(drow[g], viset1(static_cast<int32_t>(static_cast<uint32_t>(n0 + j) * kGolden32)))), 8);
+      p = vmaskz(vu_ge(h, viset1(static_cast<int32_t>(a.drop.threshold))), vmul(p, vset1(a.drop.inv_keep)));
+    }
+    return p;
+  };
+  if constexpr (BF16OUT) {
 #ifdef FA_AVX512
-      uint32_t* pp = static_cast<uint32_t*>(out);
-      for (int64_t j = 0; j < nkp; j += 2) {
-        const vf p0 = prob(j), p1 = prob(j + 1);
-        _mm512_storeu_si512(pp + (j / 2) * bm + qv, pack_bf16_pairs(p0, p1));
+    uint32_t* pp = static_cast<uint32_t*>(out) + qv0;
+    for (int64_t j = 0; j < nkp; j += 2)
+      for (int g = 0; g < G; ++g) {
+        const vf p0 = prob(j, g), p1 = prob(j + 1, g);
+        _mm512_storeu_si512(pp + (j / 2) * bm + 16 * g, pack_bf16_pairs(p0, p1));
       }
 #endif
-    } else {
-      float* pf = static_cast<float*>(out);
-      for (int64_t j = 0; j < nkp; ++j) vstore(pf + j * bm + qv, prob(j));
-    }
-    vstore(l + qv, vfma(vload(l + qv), al, sum));
+  } else {
+    float* pf = static_cast<float*>(out) + qv0;
+    for (int64_t j = 0; j < nkp; ++j)
+      for (int g = 0; g < G; ++g) vstore(pf + j * bm + 16 * g, prob(j, g));
+  }
+  for (int g = 0; g < G; ++g) {
+    float* lp = l + qv0 + 16 * g;
+    vstore(lp, vfma(vload(lp), vload(alpha + qv0 + 16 * g), sum[g]));
   }
   return rescale;
 }
 
+// One key block of the online softmax, queries along lanes.
+//   s  [nk][bm]: raw Q.K^T scores (overwritten with the logits y = s * scale + mask when needed)
+//   out: fp32 P^T [nk][bm] (F32) or VNNI pairs [ceil(nkp/2)][bm] (bf16), zero for keys >= nk up
+//   to nkp (the padded key count the P.V product runs over).
+// The running max m and the logits are in natural units; p = 2^((y - m) * log2 e). PRECISE
+// subtracts before scaling, so that the error of p does not grow with |m| (fp32 paths, where the
+// result is held to fp32 torch's own error); the bf16 paths fold everything into one FMA.
+// Updates m and the running sum l; alpha gets the factor O must be rescaled by. Returns whether
+// any lane's alpha differs from 1.
+template <bool BF16OUT, bool PRECISE>
+bool softmax_block(const AttnArgs& a, const QBlock& qb, int64_t n0, int64_t nk, int64_t nkp, float* s,
+                   const float* mk, bool full, const int32_t* rlo, const int32_t* rhi, float* m,
+                   float* l, float* alpha, void* out) {
+  bool rescale = false;
+  int qv = 0;
+  for (; qv + 64 <= qb.bm; qv += 64)
+    rescale |= softmax_group<BF16OUT, PRECISE, 4>(a, qb, qv, n0, nk, nkp, s, mk, full, rlo, rhi, m, l, alpha, out);
+  for (; qv + 32 <= qb.bm; qv += 32)
+    rescale |= softmax_group<BF16OUT, PRECISE, 2>(a, qb, qv, n0, nk, nkp, s, mk, full, rlo, rhi, m, l, alpha, out);
+  for (; qv < qb.bm; qv += 16)
+    rescale |= softmax_group<BF16OUT, PRECISE, 1>(a, qb, qv, n0, nk, nkp, s, mk, full, rlo, rhi, m, l, alpha, out);
+  return rescale;
+}
+
+// qt[e][i] = Q[q0 + i][e] as float (0 on padded lanes)
 template <typename T>
 void pack_q_f32(const AttnArgs& a, const QBlock& qb, float* qt) {
   const T* q = static_cast<const T*>(a.q) + qb.b * a.sq[0] + qb.h * a.sq[1] + qb.q0 * a.sq[2];
-  float row[256 + 16];
-  for (int64_t e0 = 0; e0 < a.E; e0 += 256) {
-    const int64_t ne = std::min<int64_t>(256, a.E - e0);
-    for (int i = 0; i < qb.bm; ++i) {
-      if (i < qb.nq) {
-        load_f32(q + i * a.sq[2] + e0 * a.sq[3], a.sq[3], ne, row);
-      } else {
-        std::fill(row, row + ne, 0.f);
+  const int bm = qb.bm;
+  alignas(64) float rows[16 * 16];
+  for (int64_t i0 = 0; i0 < bm; i0 += 16) {
+    for (int64_t e0 = 0; e0 < a.E; e0 += 16) {
+      const int64_t ne = std::min<int64_t>(16, a.E - e0);
+      for (int64_t i = 0; i < 16; ++i) {  // 16 query rows of 16 e, zero padded
+        if (i0 + i < qb.nq) {
+          load_f32(q + (i0 + i) * a.sq[2] + e0 * a.sq[3], a.sq[3], ne, rows + i * 16);
+          for (int64_t e = ne; e < 16; ++e) rows[i * 16 + e] = 0.f;
+        } else {
+          std::fill(rows + i * 16, rows + i * 16 + 16, 0.f);
+        }
       }
-      for (int64_t e = 0; e < ne; ++e) qt[(e0 + e) * qb.bm + i] = row[e];
+#ifdef FA_AVX512
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(rows + i * 16);
+      transpose16x16(r);
+      for (int64_t e = 0; e < ne; ++e) _mm512_storeu_si512(qt + (e0 + e) * bm + i0, r[e]);
+#else
+      for (int64_t e = 0; e < ne; ++e)
+        for (int64_t i = 0; i < 16; ++i) qt[(e0 + e) * bm + i0 + i] = rows[i * 16 + e];
+#endif
     }
   }
 }
@@ -593,15 +755,21 @@ void pack_q_f32(const AttnArgs& a, const QBlock& qb, float* qt) {
 // Qp[e/2][i] = (Q[i][e], Q[i][e+1]) for e < Ep (zero padded)
 inline void pack_q_bf16(const AttnArgs& a, const QBlock& qb, int64_t Ep, uint32_t* qp) {
   const uint16_t* q = static_cast<const uint16_t*>(a.q) + qb.b * a.sq[0] + qb.h * a.sq[1] + qb.q0 * a.sq[2];
-  for (int i = 0; i < qb.bm; ++i) {
+  std::memset(qp, 0, static_cast<size_t>(Ep / 2 * qb.bm) * 4);
+  for (int64_t i = 0; i < qb.nq; ++i) {
     const uint16_t* qr = q + i * a.sq[2];
-    for (int64_t e = 0; e < Ep; e += 2) {
-      uint32_t lo = 0, hi = 0;
-      if (i < qb.nq) {
-        if (e < a.E) lo = qr[e * a.sq[3]];
-        if (e + 1 < a.E) hi = qr[(e + 1) * a.sq[3]];
+    if (a.sq[3] == 1) {
+      for (int64_t p = 0; p < a.E / 2; ++p) {
+        uint32_t w;
+        std::memcpy(&w, qr + 2 * p, 4);
+        qp[p * qb.bm + i] = w;
       }
-      qp[(e / 2) * qb.bm + i] = lo | (hi << 16);
+      if (a.E % 2) qp[(a.E / 2) * qb.bm + i] = qr[a.E - 1];
+    } else {
+      for (int64_t e = 0; e < a.E; ++e) {
+        const uint32_t x = qr[e * a.sq[3]];
+        qp[(e / 2) * qb.bm + i] |= (e % 2) ? (x << 16) : x;
+      }
     }
   }
 }
@@ -611,14 +779,31 @@ inline void pack_q_bf16(const AttnArgs& a, const QBlock& qb, int64_t Ep, uint32_
 template <typename T>
 void write_out(const AttnArgs& a, const QBlock& qb, const float* ot, const float* m2, const float* l,
                T* out, float* lse) {
-  for (int64_t i = 0; i < qb.nq; ++i) {
-    const int64_t row = (qb.b * a.H + qb.h) * a.L + qb.q0 + i;
-    const float li = l[i];
-    const float inv = li > 0.f ? 1.f / li : 0.f;
-    T* o = out + row * a.Ev;
-    for (int64_t e = 0; e < a.Ev; ++e) o[e] = static_cast<T>(ot[e * qb.bm + i] * inv);
-    lse[row] = li > 0.f ? m2[i] + std::log(li) : kNegInf;
+  alignas(64) float inv[256];
+  for (int64_t i = 0; i < qb.bm; ++i) inv[i] = l[i] > 0.f ? 1.f / l[i] : 0.f;
+  const int64_t row0 = (qb.b * a.H + qb.h) * a.L + qb.q0;
+  for (int64_t i = 0; i < qb.nq; ++i) lse[row0 + i] = l[i] > 0.f ? m2[i] + std::log(l[i]) : kNegInf;
+#ifdef FA_AVX512
+  // 16 x 16 blocks: rows e (queries in lanes) -> transposed -> rows of out
+  for (int64_t q0 = 0; q0 < qb.nq; q0 += 16) {
+    const __m512 vinv = _mm512_loadu_ps(inv + q0);
+    for (int64_t e0 = 0; e0 < a.Ev; e0 += 16) {
+      const int ne = static_cast<int>(std::min<int64_t>(16, a.Ev - e0));
+      __m512i r[16];
+      for (int x = 0; x < 16; ++x)
+        r[x] = x < ne ? _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(ot + (e0 + x) * qb.bm + q0), vinv))
+                      : _mm512_setzero_si512();
+      transpose16x16(r);
+      for (int64_t i = 0; i < std::min<int64_t>(16, qb.nq - q0); ++i)
+        store_as<T>(out + (row0 + q0 + i) * a.Ev + e0, _mm512_castsi512_ps(r[i]), ne);
+    }
   }
+#else
+  for (int64_t i = 0; i < qb.nq; ++i) {
+    T* o = out + (row0 + i) * a.Ev;
+    for (int64_t e = 0; e < a.Ev; ++e) o[e] = static_cast<T>(ot[e * qb.bm + i] * inv[i]);
+  }
+#endif
 }
 
 // K/V operands of the forward for one (b, kv head). F32: float rows (the tensors themselves when
@@ -663,38 +848,86 @@ void prepack_kv_f32(const AttnArgs& a, std::vector<float>& kbuf, std::vector<flo
 }
 
 #ifdef FA_AVX512
-inline void prepack_kv_bf16(const AttnArgs& a, int64_t bn, std::vector<uint16_t>& kbuf,
+// bf16 K and V^T, packed once per (b, kv head, key block of bn) and shared by the query heads of a
+// GQA group. tiles=true (AMX): K as 1 KiB tiles [key/16][e/32], V^T as tiles [e/16][key/32] per
+// key block, each tile 16 rows x 32 bf16, in the order the tile loads consume them.
+// tiles=false (vdpbf16ps): K row-major [Sp][Ep], V^T row-major [Evp][bn] per key block.
+inline void prepack_kv_bf16(const AttnArgs& a, int64_t bn, bool tiles, std::vector<uint16_t>& kbuf,
                             std::vector<uint16_t>& vbuf, KVOperands& kv) {
   kv.bn = bn;
   kv.Sp = round_up(std::max<int64_t>(a.S, 1), bn);
   kv.Ep = round_up(a.E, 32);
   kv.Evp = round_up(a.Ev, 32);
   const int64_t nkb = kv.Sp / bn;
-  kbuf.assign(static_cast<size_t>(a.B * a.Hkv * kv.Sp * kv.Ep), 0);
-  vbuf.assign(static_cast<size_t>(a.B * a.Hkv * kv.Sp * kv.Evp), 0);
+  const int64_t Ep = kv.Ep, Evp = kv.Evp, nEt = Ep / 32, nKt = bn / 32;
+  kbuf.resize(static_cast<size_t>(a.B * a.Hkv * kv.Sp * Ep));
+  vbuf.resize(static_cast<size_t>(a.B * a.Hkv * kv.Sp * Evp));
   const uint16_t* k = static_cast<const uint16_t*>(a.k);
   const uint16_t* v = static_cast<const uint16_t*>(a.v);
-  const int64_t Ep = kv.Ep, Evp = kv.Evp;
   at::parallel_for(0, a.B * a.Hkv * nkb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<uint16_t> row(static_cast<size_t>(std::max(Ep, Evp)));
+    std::vector<uint16_t> vtmp(tiles ? static_cast<size_t>(bn * Evp) : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / (a.Hkv * nkb), h = (t / nkb) % a.Hkv, kb = t % nkb;
       const int64_t n0 = kb * bn, nk = std::min<int64_t>(bn, a.S - n0);
-      uint16_t* kd = kbuf.data() + ((b * a.Hkv + h) * kv.Sp + n0) * Ep;
+      uint16_t* kd = kbuf.data() + ((b * a.Hkv + h) * kv.Sp + n0) * Ep;  // this block's keys
       uint16_t* vd = vbuf.data() + ((b * a.Hkv + h) * nkb + kb) * Evp * bn;
+      std::memset(kd, 0, static_cast<size_t>(bn * Ep) * 2);
+      if (!tiles) std::memset(vd, 0, static_cast<size_t>(bn * Evp) * 2);
       const uint16_t* ks = k + b * a.sk[0] + h * a.sk[1] + n0 * a.sk[2];
       const uint16_t* vs = v + b * a.sv[0] + h * a.sv[1] + n0 * a.sv[2];
       for (int64_t j = 0; j < nk; ++j) {
-        if (a.sk[3] == 1) {
-          std::memcpy(kd + j * Ep, ks + j * a.sk[2], a.E * 2);
+        const uint16_t* kr = ks + j * a.sk[2];
+        uint16_t* dst;
+        if (!tiles) {
+          dst = kd + j * Ep;
         } else {
-          for (int64_t e = 0; e < a.E; ++e) kd[j * Ep + e] = ks[j * a.sk[2] + e * a.sk[3]];
+          dst = row.data();
+        }
+        if (a.sk[3] == 1) {
+          std::memcpy(dst, kr, static_cast<size_t>(a.E) * 2);
+        } else {
+          for (int64_t e = 0; e < a.E; ++e) dst[e] = kr[e * a.sk[3]];
+        }
+        if (tiles) {  // key j -> row j % 16 of tiles (j / 16, u)
+          for (int64_t e = a.E; e < Ep; ++e) row[static_cast<size_t>(e)] = 0;
+          for (int64_t u = 0; u < nEt; ++u)
+            std::memcpy(kd + ((j / 16) * nEt + u) * 512 + (j % 16) * 32, row.data() + u * 32, 64);
         }
       }
-      // V^T block: 32x32 transposes through registers would be faster; this is O(S * Ev) once per
-      // (b, kv head) against O(L * S * Ev) of compute.
-      for (int64_t j = 0; j < nk; ++j) {
-        const uint16_t* vr = vs + j * a.sv[2];
-        for (int64_t e = 0; e < a.Ev; ++e) vd[e * bn + j] = vr[e * a.sv[3]];
+      // V^T: element (e, j) -> tiles: row e % 16 of tile (e / 16, j / 32), column j % 32
+      if (tiles) {
+        // rows of the block, zero padded to [bn][Evp], then per tile: key pairs interleaved into
+        // 32-bit lanes (2p, 2p+1) and a 16x16 32-bit transpose
+        uint16_t* vrows = vtmp.data();
+        std::memset(vrows, 0, static_cast<size_t>(bn * Evp) * 2);
+        for (int64_t j = 0; j < nk; ++j) {
+          const uint16_t* vr = vs + j * a.sv[2];
+          if (a.sv[3] == 1) {
+            std::memcpy(vrows + j * Evp, vr, static_cast<size_t>(a.Ev) * 2);
+          } else {
+            for (int64_t e = 0; e < a.Ev; ++e) vrows[j * Evp + e] = vr[e * a.sv[3]];
+          }
+        }
+        for (int64_t et = 0; et < Evp / 16; ++et) {
+          for (int64_t c = 0; c < nKt; ++c) {
+            __m512i r[16];
+            for (int p = 0; p < 16; ++p) {
+              const uint16_t* r0 = vrows + (c * 32 + 2 * p) * Evp + et * 16;
+              const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0)));
+              const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + Evp)));
+              r[p] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+            }
+            transpose16x16(r);
+            uint16_t* tile = vd + (et * nKt + c) * 512;
+            for (int x = 0; x < 16; ++x) _mm512_storeu_si512(tile + x * 32, r[x]);
+          }
+        }
+      } else {
+        for (int64_t j = 0; j < nk; ++j) {
+          const uint16_t* vr = vs + j * a.sv[2];
+          for (int64_t e = 0; e < a.Ev; ++e) vd[e * bn + j] = vr[e * a.sv[3]];
+        }
       }
     }
   });
@@ -708,9 +941,12 @@ template <typename T, Path P>
 void attention_fwd_impl(const AttnArgs& a, T* out, float* lse) {
   const int64_t G = a.H / a.Hkv;
   // query block: 16 lanes per vector, up to 64 queries (32 rows of AMX tiles pairs)
+  // queries per block (16 SIMD lanes per vector; AMX tiles pair 2 x 16 queries); keys per block:
+  // 256 for AMX halves the per-key cost of the O^T tile loads/stores against 128 (measured
+  // -20% time per key at d = 64 and 128), 64 for the FMA kernels (their scratch stays in L1)
   const int bm = P == Path::amx ? (a.L <= 32 ? 32 : 64) : (a.L <= 16 ? 16 : (a.L <= 32 ? 32 : 64));
   const int NV = bm / 16;
-  const int64_t bn = P == Path::amx ? 128 : 64;
+  const int64_t bn = P == Path::amx ? 256 : 64;
   const int64_t nqb = (a.L + bm - 1) / bm;
 
   KVOperands kv;
@@ -720,7 +956,7 @@ void attention_fwd_impl(const AttnArgs& a, T* out, float* lse) {
     prepack_kv_f32<T>(a, kbuf32, vbuf32, kv);
   } else {
 #ifdef FA_AVX512
-    prepack_kv_bf16(a, bn, kbuf16, vbuf16, kv);
+    prepack_kv_bf16(a, bn, P == Path::amx, kbuf16, vbuf16, kv);
 #endif
   }
 
@@ -764,7 +1000,7 @@ void attention_fwd_impl(const AttnArgs& a, T* out, float* lse) {
     const QBlock qb = make_qblock(a, b, h, qbi * bm, bm);
     std::fill(m2, m2 + bm, kNegInf);
     std::fill(l, l + bm, 0.f);
-    std::fill(ot, ot + n_ot, 0.f);
+    if (qb.klo > qb.khi) std::fill(ot, ot + n_ot, 0.f);  // else the first key block initialises O^T
     if (qb.klo <= qb.khi) {
       if constexpr (P == Path::f32) {
         pack_q_f32<T>(a, qb, qt);
@@ -775,7 +1011,8 @@ void attention_fwd_impl(const AttnArgs& a, T* out, float* lse) {
       }
       bool first = true;
       for (int64_t kb = qb.klo / bn; kb <= qb.khi / bn; ++kb) {
-        const int64_t n0 = kb * bn, nk = std::min<int64_t>(bn, a.S - n0);
+        // keys past khi are invisible to every query of the block (causal diagonal): cut them
+        const int64_t n0 = kb * bn, nk = std::min<int64_t>(bn, qb.khi + 1 - n0);
         const bool full = block_window(a, qb, n0, nk, rlo, rhi);
         const float* mkp = nullptr;
         if (a.mask) {
@@ -798,13 +1035,13 @@ void attention_fwd_impl(const AttnArgs& a, T* out, float* lse) {
           uint32_t* pp = reinterpret_cast<uint32_t*>(pbuf);
           if constexpr (P == Path::amx) {
             const int64_t nkp = round_up(nk, 32);
-            amx_gemm(nkp, bm, Ep, kp, Ep, qp, bm, s, bm, true);
+            amx_qk(nkp, bm, Ep / 32, kp, qp, s);
             const bool rescale = softmax_block<true, false>(a, qb, n0, nk, nkp, s, mkp, full, rlo, rhi, m2, l, alpha, pp);
             if (rescale && !first) {
               for (int64_t e = 0; e < Evx; ++e)
                 for (int i = 0; i < bm; i += 16) vstore(ot + e * bm + i, vmul(vload(ot + e * bm + i), vload(alpha + i)));
             }
-            amx_gemm(Evx, bm, nkp, vt, bn, pp, bm, ot, bm, false);
+            amx_pv(Evx, bm, bn / 32, nkp / 32, vt, pp, ot, first);
           } else {
             const int64_t nkp = round_up(nk, 2);
             gemm_bcast<OpBf16>(nk, NV, Ep / 2, reinterpret_cast<const uint32_t*>(kp), Ep / 2, 1, qp, bm,
@@ -1180,6 +1417,76 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
 // cache length into chunks (flash-decoding) so that B * Hkv small still fills the threads; the
 // chunks' partial (max, sum, output) are combined in a fixed order.
 // ---------------------------------------------------------------------------------------------
+#ifdef FA_AVX512
+// 16 elements from p (first n valid, zeros after) as float, without reading past n
+template <typename T>
+FA_INLINE __m512 load_cvt(const T* p, __mmask16 m) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  } else {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  }
+}
+
+// One query row against keys [n_begin, n_end) of one kv head, everything in registers: q and
+// the output accumulators are NC vectors each (E, Ev <= 16 * NC), K/V rows contiguous. Writes the
+// unnormalised output, max and sum to part (layout of attention_decode_impl's partials).
+template <typename T, int NC>
+void decode_row(const AttnArgs& a, const T* qr, const T* kbase, const T* vbase, int64_t n_begin, int64_t n_end,
+                int64_t hi, float* part_row, int64_t Ev16) {
+  __m512 q[NC], o[NC];
+  __mmask16 mk[NC], mv[NC];
+  for (int c = 0; c < NC; ++c) {
+    const int64_t ne = std::clamp<int64_t>(a.E - 16 * c, 0, 16), nv = std::clamp<int64_t>(a.Ev - 16 * c, 0, 16);
+    mk[c] = static_cast<__mmask16>((1u << ne) - 1u);
+    mv[c] = static_cast<__mmask16>((1u << nv) - 1u);
+    q[c] = _mm512_mul_ps(load_cvt(qr + 16 * c, mk[c]), _mm512_set1_ps(a.scale));
+    o[c] = _mm512_setzero_ps();
+  }
+  float m = kNegInf, l = 0.f;
+  alignas(64) float sc[16];
+  const int64_t kl = std::max<int64_t>(1, a.E * static_cast<int64_t>(sizeof(T)) / 64);
+  const int64_t vl = std::max<int64_t>(1, a.Ev * static_cast<int64_t>(sizeof(T)) / 64);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += 16) {
+    const int64_t nk = std::min<int64_t>(16, n_end - n0);
+    for (int64_t j = n0 + 48; j < std::min(n0 + 64, n_end); ++j) {
+      const char* kp = reinterpret_cast<const char*>(kbase + j * a.sk[2]);
+      const char* vp = reinterpret_cast<const char*>(vbase + j * a.sv[2]);
+      for (int64_t x = 0; x < kl; ++x) _mm_prefetch(kp + 64 * x, _MM_HINT_T0);
+      for (int64_t x = 0; x < vl; ++x) _mm_prefetch(vp + 64 * x, _MM_HINT_T0);
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      const T* kr = kbase + (n0 + j) * a.sk[2];
+      __m512 acc = _mm512_mul_ps(q[0], load_cvt(kr, mk[0]));
+      for (int c = 1; c < NC; ++c) acc = _mm512_fmadd_ps(q[c], load_cvt(kr + 16 * c, mk[c]), acc);
+      sc[j] = _mm512_reduce_add_ps(acc);
+    }
+    // keys > hi (causal) and past the group are invisible
+    const int64_t nvis = std::clamp<int64_t>(hi - n0 + 1, 0, nk);
+    const __m512 s = _mm512_mask_blend_ps(static_cast<__mmask16>((1u << nvis) - 1u), _mm512_set1_ps(kNegInf),
+                                          _mm512_load_ps(sc));
+    const float mnew = std::max(m, _mm512_reduce_max_ps(s));
+    if (mnew == kNegInf) continue;
+    const __m512 p = vexp2<6>(_mm512_mul_ps(_mm512_sub_ps(s, _mm512_set1_ps(mnew)), _mm512_set1_ps(kLog2e)));
+    const float al = std::exp(m - mnew);
+    l = l * al + _mm512_reduce_add_ps(p);
+    m = mnew;
+    _mm512_store_ps(sc, p);
+    for (int c = 0; c < NC; ++c) o[c] = _mm512_mul_ps(o[c], _mm512_set1_ps(al));
+    for (int64_t j = 0; j < nvis; ++j) {
+      const T* vr = vbase + (n0 + j) * a.sv[2];
+      const __m512 pj = _mm512_set1_ps(sc[j]);
+      for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(pj, load_cvt(vr + 16 * c, mv[c]), o[c]);
+    }
+  }
+  for (int c = 0; c < NC && 16 * c < Ev16; ++c) _mm512_storeu_ps(part_row + 16 * c, o[c]);
+  part_row[Ev16] = m;
+  part_row[Ev16 + 1] = l;
+}
+#endif
+
 template <typename T>
 void attention_decode_impl(const AttnArgs& a, const int64_t* total, int64_t Lq, bool causal, T* out) {
   const int64_t B = a.B, H = a.H, Hkv = a.Hkv, E = a.E, Ev = a.Ev;
@@ -1197,6 +1504,23 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* total, int64_t Lq, 
 
   run_tasks(B * Hkv * nchunk, [&](int64_t t, Scratch& scratch) {
     const int64_t ch = t % nchunk, kvh = (t / nchunk) % Hkv, b = t / (nchunk * Hkv);
+#ifdef FA_AVX512
+    // one query row per kv head (MHA decoding, the common case): registers only
+    if (R == 1 && a.sk[3] == 1 && a.sv[3] == 1 && a.sq[3] == 1 && std::max(E, Ev) <= 256) {
+      const T* qr = static_cast<const T*>(a.q) + b * a.sq[0] + kvh * a.sq[1];
+      const T* kb = static_cast<const T*>(a.k) + b * a.sk[0] + kvh * a.sk[1];
+      const T* vb = static_cast<const T*>(a.v) + b * a.sv[0] + kvh * a.sv[1];
+      const int64_t n_begin = ch * csz, n_stop = std::min(total[b], (ch + 1) * csz);
+      const int64_t hi = total[b] - 1;  // Lq = 1: the query is the last position and sees every key
+      float* pr = part.data() + t * pstride;
+      const int64_t nc = (std::max(E, Ev) + 15) / 16;
+      if (nc <= 2) decode_row<T, 2>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+      else if (nc <= 4) decode_row<T, 4>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+      else if (nc <= 8) decode_row<T, 8>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+      else decode_row<T, 16>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+      return;
+    }
+#endif
     float* qs = scratch.get(static_cast<size_t>(R * E16 + R * Ev16 + 16 * E16 + 16 * Ev16 + 4 * R * 16 + 64));
     float* o = qs + R * E16;
     float* kr = o + R * Ev16;
@@ -1219,8 +1543,21 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* total, int64_t Lq, 
     std::fill(vr, vr + 16 * Ev16, 0.f);
     const T* kbase = static_cast<const T*>(a.k) + b * a.sk[0] + kvh * a.sk[1];
     const T* vbase = static_cast<const T*>(a.v) + b * a.sv[0] + kvh * a.sv[1];
+    // memory bound: keep a few KiB of K and V rows in flight ahead of the loads (the row loads
+    // were ~70% of the time waiting on L3/DRAM before)
+    const int64_t kline = std::max<int64_t>(1, E * static_cast<int64_t>(sizeof(T)) / 64);
+    const int64_t vline = std::max<int64_t>(1, Ev * static_cast<int64_t>(sizeof(T)) / 64);
+    const bool pf_rows = a.sk[3] == 1 && a.sv[3] == 1;
     for (int64_t n0 = ch * csz; n0 < n_end; n0 += 16) {
       const int64_t nk = std::min<int64_t>(16, n_end - n0);
+      if (pf_rows) {
+        for (int64_t j = n0 + 48; j < std::min(n0 + 64, n_end); ++j) {
+          const char* kp = reinterpret_cast<const char*>(kbase + j * a.sk[2]);
+          const char* vp = reinterpret_cast<const char*>(vbase + j * a.sv[2]);
+          for (int64_t x = 0; x < kline; ++x) __builtin_prefetch(kp + 64 * x, 0, 3);
+          for (int64_t x = 0; x < vline; ++x) __builtin_prefetch(vp + 64 * x, 0, 3);
+        }
+      }
       for (int64_t j = 0; j < nk; ++j) load_f32(kbase + (n0 + j) * a.sk[2], a.sk[3], E, kr + j * E16);
       for (int64_t r = 0; r < R; ++r) {
         for (int64_t j = 0; j < nk; ++j) {

@@ -5,6 +5,8 @@
 //   vnni   AVX512-VNNI (_mm512_dpbusd_epi32, unsigned x signed): a is shifted by +128 to make it
 //          unsigned and 128 * colsum(b) is subtracted per column in the epilogue.
 //   scalar portable C++ (any CPU).
+// With AMX or VNNI, decode-sized M (a row or two; up to 8 rows without AMX) takes a dot-product
+// kernel instead that streams b as it lies in memory (dpbusd, 64 k per instruction, no packing).
 // FASTATTN_INT8_CPU_ISA=amx|vnni|scalar caps the choice (the best available one at or below it is
 // used), which is how the tests exercise every path on one machine.
 //
@@ -32,7 +34,7 @@
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTATTN_NO_SIMD)
 #define FASTATTN_X86 1
 #include <cpuid.h>
 #include <immintrin.h>
@@ -103,6 +105,7 @@ Isa isa_cap() {
 
 Isa best_isa() {
   const Isa cap = isa_cap();
+  (void)cap;
 #ifdef FASTATTN_X86
   if (cap >= Isa::kAmx && cpu_has_amx()) return Isa::kAmx;
   if (cap >= Isa::kVnni && cpu_has_vnni()) return Isa::kVnni;
@@ -117,6 +120,10 @@ bool use_avx512() {
   return false;
 #endif
 }
+
+// weight-only linear blocking: 4 rows of w x 4 rows of x per micro-kernel (16 accumulators)
+constexpr int kWoN = 4;
+constexpr int kWoM = 4;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
@@ -451,25 +458,35 @@ FA_TARGET_VNNI void dot_micro(int mr, int nr, const uint8_t* au, int64_t lda, co
 FA_TARGET_AVX512 void shift_rows_u8(const int8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t K,
                                     int64_t kp, uint8_t* au);
 
+// One task: rows [n0, n0 + 16) of b against every row of a; each a row's 16 results leave
+// through one vector epilogue.
+FA_TARGET_VNNI void dot_task(const uint8_t* au, int64_t kp, const int8_t* b, int64_t ldb, int64_t M,
+                             int64_t N, int64_t K, int64_t n0, const Epilogue& ep) {
+  alignas(64) int32_t res[kDotMR][16];
+  int32_t acc[kDotMR * kDotNR];
+  const int64_t n_end = std::min<int64_t>(N, n0 + 16);
+  for (int64_t m = 0; m < M; m += kDotMR) {
+    const int mr = static_cast<int>(std::min<int64_t>(kDotMR, M - m));
+    for (int64_t n = n0; n < n_end; n += kDotNR) {
+      const int nr = static_cast<int>(std::min<int64_t>(kDotNR, n_end - n));
+      dot_micro(mr, nr, au + m * kp, kp, b + n * ldb, ldb, K, acc);
+      for (int i = 0; i < mr; ++i)
+        for (int j = 0; j < nr; ++j) res[i][n - n0 + j] = acc[i * kDotNR + j];
+    }
+    for (int i = 0; i < mr; ++i)
+      store_row16(ep, m + i, n0, n_end - n0, _mm512_load_si512(res[i]));
+  }
+}
+
 void gemm_dot(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t M, int64_t N,
               int64_t K, const Epilogue& ep) {
   const int64_t kp = round_up(K, 64);
   at::Tensor au_t = at::empty({M * kp}, at::kByte);
   uint8_t* au = au_t.data_ptr<uint8_t>();
   shift_rows_u8(a, lda, 0, M, K, kp, au);
-  constexpr int64_t kRowsPerTask = 16;  // rows of b
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, kRowsPerTask * K));
-  at::parallel_for(0, ceil_div(N, kRowsPerTask), grain, [&](int64_t t0, int64_t t1) {
-    int32_t acc[kDotMR * kDotNR];
-    for (int64_t n = t0 * kRowsPerTask; n < std::min(N, t1 * kRowsPerTask); n += kDotNR) {
-      const int nr = static_cast<int>(std::min<int64_t>(kDotNR, N - n));
-      for (int64_t m = 0; m < M; m += kDotMR) {
-        const int mr = static_cast<int>(std::min<int64_t>(kDotMR, M - m));
-        dot_micro(mr, nr, au + m * kp, kp, b + n * ldb, ldb, K, acc);
-        for (int i = 0; i < mr; ++i)
-          for (int j = 0; j < nr; ++j) store_scalar(ep, m + i, n + j, acc[i * kDotNR + j]);
-      }
-    }
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, 16 * K));
+  at::parallel_for(0, ceil_div(N, 16), grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) dot_task(au, kp, b, ldb, M, N, K, t * 16, ep);
   });
 }
 
@@ -721,8 +738,6 @@ FA_TARGET_AVX512 void quantize_rows_avx512(const T* x, int64_t ldx, int64_t m0, 
 // ------------------------------------------------------------------------------------------------
 // weight-only linear (AVX-512): out[m][n] = (sum_k x[m][k] * float(w[n][k])) * scale[n] + bias[n]
 // ------------------------------------------------------------------------------------------------
-constexpr int kWoN = 4;  // rows of w per micro-kernel
-constexpr int kWoM = 4;  // rows of x per micro-kernel: 16 accumulators
 
 // With few accumulators (MR * NR <= 8) the FMA latency (4 cycles) would bound the loop: K is
 // then split over two independent accumulator banks (even/odd 16-element chunks).

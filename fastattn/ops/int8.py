@@ -82,7 +82,9 @@ def _check_finite(name: str, t: torch.Tensor | None) -> None:
     check would synchronise the host) and not while torch.compile traces."""
     if t is None or t.device.type != "cpu" or torch.compiler.is_compiling():
         return
-    if not bool(torch.isfinite(t).all()):
+    # one reduction (a float64 sum cannot overflow on float32 scales; inf/NaN propagate): ~3 us,
+    # against ~20 us for isfinite().all() (~7% of a decode-sized 4096 x 4096 int8 linear)
+    if not math.isfinite(float(t.detach().sum(dtype=torch.float64))):
         raise ValueError(f"{name} has non-finite values")
 
 

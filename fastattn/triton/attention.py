@@ -35,34 +35,56 @@ _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # autotune configurations
 # ---------------------------------------------------------------------------------------------
 # Candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture family and head-dim class
-# (the padded max(E, Ev) rounded up to 64/128/256). Kept to 2-3 per case: every candidate is a
-# separate compile for each new autotune key. Hopper wants 128-row M tiles (wgmma works on
-# 64-row warpgroup tiles, 2 warpgroups per CTA) and deeper cp.async rings; Ampere has less shared
-# memory (164 KB) and favours 4 warps. The backward works on transposed tiles (keys on rows), so
-# its BLOCK_N is the MMA's M dimension.
+# (the padded max(E, Ev) rounded up to 64/128/256), 1-3 per case: every candidate is a separate
+# compile for each new autotune key. Each was compiled for sm_90a / sm_80 with triton 3.6 and
+# checked with `ptxas -v` (bf16, causal): no register spills. "_mask" lists serve calls with an
+# additive mask (and fp32 inputs): the mask tile and its pointers cost ~60 registers a thread,
+# which spilled every 64-key-wide Hopper tile at d=128, so they use 32-key tiles.
+# Hopper wants 128-row M tiles (wgmma works on 64-row warpgroup tiles) and deep cp.async rings;
+# Ampere has 164 KB of shared memory. The dK/dV kernel works on transposed tiles (keys on rows):
+# its BLOCK_N is the MMA's M, and its dK + dV accumulators (BLOCK_N x 2 x head dim, fp32) bound
+# it to small query tiles.
 _FWD_TUNING = {
     "hopper": {64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4)],
-               128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)],
-               256: [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)]},
+               128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2)],
+               256: [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)]},
+    "hopper_mask": {64: [(128, 64, 8, 3)],
+                    128: [(128, 32, 8, 3), (128, 32, 8, 2)],
+                    256: [(64, 32, 8, 2)]},
     "ampere": {64: [(128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-               128: [(128, 64, 4, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
-               256: [(64, 64, 4, 1), (64, 32, 4, 2), (32, 32, 4, 2)]},
+               128: [(128, 64, 8, 2), (64, 64, 4, 3)],
+               256: [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)]},
+    "ampere_mask": {64: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2)],
+                    128: [(128, 32, 8, 2), (64, 32, 4, 3)],
+                    256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
 }
 _DKDV_TUNING = {
-    "hopper": {64: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4)],
-               128: [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
-               256: [(16, 64, 4, 2), (32, 64, 8, 1), (16, 32, 4, 2)]},
-    "ampere": {64: [(32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
-               128: [(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2)],
-               256: [(16, 64, 4, 1), (16, 32, 4, 2)]},
+    "hopper": {64: [(32, 128, 8, 2), (16, 128, 8, 3)],
+               128: [(16, 128, 8, 2)],
+               256: [(16, 32, 8, 2), (32, 32, 8, 2)]},
+    "hopper_mask": {64: [(16, 64, 8, 2)],
+                    128: [(16, 64, 8, 2)],
+                    256: [(16, 32, 8, 2)]},
+    "ampere": {64: [(32, 128, 8, 2), (32, 64, 8, 3), (16, 128, 8, 2)],
+               128: [(32, 64, 8, 2), (16, 64, 8, 2)],
+               256: [(16, 32, 8, 2), (32, 32, 8, 2)]},
+    "ampere_mask": {64: [(32, 64, 8, 3)],
+                    128: [(16, 32, 8, 2)],
+                    256: [(16, 32, 8, 2)]},
 }
 _DQ_TUNING = {
     "hopper": {64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4)],
                128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
-               256: [(64, 32, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2)]},
-    "ampere": {64: [(128, 32, 4, 3), (64, 64, 4, 2)],
-               128: [(128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
-               256: [(64, 32, 4, 1), (32, 32, 4, 2)]},
+               256: [(64, 32, 8, 2), (32, 32, 4, 3)]},
+    "hopper_mask": {64: [(128, 64, 8, 3)],
+                    128: [(128, 32, 8, 3)],
+                    256: [(64, 32, 8, 2), (32, 32, 4, 3)]},
+    "ampere": {64: [(128, 32, 8, 3), (64, 32, 4, 3)],
+               128: [(64, 64, 8, 2), (64, 32, 4, 3), (64, 32, 4, 2)],
+               256: [(32, 32, 4, 2)]},
+    "ampere_mask": {64: [(64, 32, 4, 3)],
+                    128: [(64, 64, 8, 2), (64, 32, 4, 3)],
+                    256: [(32, 32, 4, 2)]},
 }
 # Decoding streams the cache: BLOCK_M is fixed by the query rows of a kv group, only the key tile
 # and the depth of the load ring matter (a deep ring keeps enough bytes in flight for HBM).
@@ -104,9 +126,10 @@ def _device_limits(index: int) -> tuple[int, int, int]:
 
 def _fits(cfg: triton.Config, smem: int, elem: int, smem_tiles: int, acc_regs: int) -> bool:
     """The pipelined tiles (smem_tiles elements) fit in shared memory and the fp32 accumulators
-    (acc_regs values) stay within half of the 255 registers a thread has: spills cost far more
-    than a smaller tile."""
-    return smem_tiles * elem <= smem and acc_regs <= 128 * cfg.num_warps * 32
+    (acc_regs values) leave a thread ~60 of its 255 registers for operands and addresses (the
+    tuned lists peak at 160 accumulator values a thread): spills cost far more than a smaller
+    tile."""
+    return smem_tiles * elem <= smem and acc_regs <= 192 * cfg.num_warps * 32
 
 
 def _make_prune(table: dict, footprint):
@@ -121,7 +144,10 @@ def _make_prune(table: dict, footprint):
         major, smem, _ = _device_limits(q.device.index or 0)
         d, dv = args["HEAD_DIM"], args["HEAD_DIM_V"]
         dclass = 64 if max(d, dv) <= 64 else 128 if max(d, dv) <= 128 else 256
-        cands = set(table["hopper" if major >= 9 else "ampere"][dclass])
+        family = "hopper" if major >= 9 else "ampere"
+        if args.get("HAS_MASK") or q.element_size() == 4:
+            family = family + "_mask" if family + "_mask" in table else family
+        cands = set(table[family][dclass])
         keep = []
         for c in configs:
             bm = c.kwargs.get("BLOCK_M", args.get("BLOCK_M"))
@@ -180,9 +206,10 @@ def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
 def _key_band(m_start, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key blocks seen by query rows [m_start, m_start + BLOCK_M), as three contiguous ranges
-    [lo, full_lo) | [full_lo, full_hi) | [full_hi, hi): only the outer two need the element
-    mask (band edges, key tail); blocks outside [lo, hi) are skipped entirely."""
+    """Key blocks seen by query rows [m_start, m_start + BLOCK_M). They form three contiguous
+    ranges [lo, full_lo) | [full_lo, full_hi) | [full_hi, hi) where only the outer two need the
+    element mask (band edges, key tail); blocks outside [lo, hi) are skipped entirely. Returns
+    the schedule of _block_schedule."""
     m_last = tl.minimum(m_start + BLOCK_M, seqlen_q) - 1
     lo = m_start * 0
     hi = lo + seqlen_k
@@ -198,7 +225,7 @@ def _key_band(m_start, seqlen_q, seqlen_k, window_left, window_right, diag_offse
     hi = tl.maximum(hi, lo)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
-    return lo, full_lo, full_hi, hi
+    return _block_schedule(lo, full_lo, full_hi, hi, BLOCK_N)
 
 
 @triton.jit
@@ -223,7 +250,19 @@ def _query_band(n_start, seqlen_q, seqlen_k, window_left, window_right, diag_off
     full_lo = tl.where(n_start + BLOCK_N > seqlen_k, hi, full_lo)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
-    return lo, full_lo, full_hi, hi
+    return _block_schedule(lo, full_lo, full_hi, hi, BLOCK_M)
+
+
+@triton.jit
+def _block_schedule(lo, full_lo, full_hi, hi, BLOCK: tl.constexpr):
+    """(lo, n_first, full_hi, n_masked, full_lo, n_full): the masked blocks are n_first blocks
+    from lo followed by n_masked - n_first blocks from full_hi (one loop serves both band
+    edges, which halves the code of the masked path and its register pressure); the unmasked
+    blocks are n_full blocks from full_lo. Block it of the masked loop starts at
+    lo + it * BLOCK if it < n_first else full_hi + (it - n_first) * BLOCK."""
+    n_first = tl.cdiv(full_lo - lo, BLOCK)
+    n_masked = n_first + tl.cdiv(hi - full_hi, BLOCK)
+    return lo, n_first, full_hi, n_masked, full_lo, tl.cdiv(full_hi - full_lo, BLOCK)
 
 
 @triton.jit
@@ -239,11 +278,17 @@ def _visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, diag
 
 
 @triton.jit
-def _dropout_keep(seed, rng_rows, offs_n, dropout_p):
-    """Keep mask of a tile. The Philox counter is the int64 index of (b, h, i, j) in a
-    (B, H, L, S) tensor (rng_rows holds the index of (b, h, i, 0)), so the forward and both
-    backward kernels draw the same bits whatever their tiling."""
-    return tl.rand(seed, rng_rows[:, None] + offs_n.to(tl.int64)[None, :]) >= dropout_p
+def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_N: tl.constexpr):
+    """Keep mask (BLOCK_M, BLOCK_N) of keys [start_n, start_n + BLOCK_N) (start_n a multiple of
+    4). One Philox call yields 4 random words, used for 4 adjacent keys: the counter of
+    (b, h, i, j) is ((b * H + h) * L + i) * cdiv(S, 4) + j // 4 (rng_rows holds the counter of
+    (b, h, i, 0)), so the forward and both backward kernels draw the same bits whatever their
+    tiling, and the RNG costs a quarter of one call per element."""
+    offs_c = (start_n // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.int64)
+    r0, r1, r2, r3 = tl.randint4x(seed, rng_rows[:, None] + offs_c[None, :])
+    r = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (BLOCK_M, BLOCK_N // 4, 2, 2)
+    r = tl.reshape(r, (rng_rows.shape[0], BLOCK_N))
+    return tl.uint_to_uniform_float(r) >= dropout_p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +298,7 @@ def _dropout_keep(seed, rng_rows, offs_n, dropout_p):
 def _attention_fwd_loop(
     acc, l_i, m_i, q,
     K, V, mask_rows, rng_rows,
-    lo, hi, offs_m, offs_d, offs_dv,
+    lo, n_first, second, n_blocks, offs_m, offs_d, offs_dv,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
     qk_scale, dropout_p, seed,
     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
@@ -261,11 +306,13 @@ def _attention_fwd_loop(
     HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
-    """Online softmax over key blocks [lo, hi); MASKED: apply bounds/window element masks."""
+    """Online softmax over n_blocks key blocks (n_first from lo, the rest from second);
+    MASKED: apply the bounds/window element masks."""
     d_ok = offs_d < head_dim
     dv_ok = offs_dv < head_dim_v
     row_ok = offs_m < seqlen_q
-    for start_n in range(lo, hi, BLOCK_N):
+    for it in range(0, n_blocks):
+        start_n = tl.where(it < n_first, lo + it * BLOCK_N, second + (it - n_first) * BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_n64 = offs_n.to(tl.int64)
         n_ok = offs_n < seqlen_k
@@ -294,7 +341,7 @@ def _attention_fwd_loop(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, rng_rows, offs_n, dropout_p), p, 0.0)
+            p = tl.where(_dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_N), p, 0.0)
         if MASKED:
             v = tl.load(v_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         else:
@@ -335,6 +382,11 @@ def _attention_fwd_kernel(
     """out (B, H, L, Ev), lse (B, H, L) from q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev).
     Grid: (cdiv(L, BLOCK_M), B * H); the Q tile stays in registers."""
     pid_m = tl.program_id(0)
+    if HAS_RIGHT:
+        if not HAS_LEFT:
+            # causal: the last query blocks see the most keys; start them first so the
+            # short ones fill the tail of the launch
+            pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
@@ -354,28 +406,26 @@ def _attention_fwd_kernel(
     K += b * stride_kb + hk * stride_kh
     V += b * stride_vb + hk * stride_vh
     mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m64[:, None] * stride_mm
-    rng_rows = ((b * num_heads + h) * seqlen_q + offs_m64) * seqlen_k
+    rng_rows = ((b * num_heads + h) * seqlen_q + offs_m64) * tl.cdiv(seqlen_k, 4)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = _key_band(m_start, seqlen_q, seqlen_k, window_left, window_right,
-                                         diag_offset, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
-    # left edge of the band / right edge / key tail need element masks; the middle does not
+    lo, n_first, second, n_masked, full_lo, n_full = _key_band(
+        m_start, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
+        HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    # the blocks inside the band need no element mask; the band edges and the key tail do
     acc, l_i, m_i = _attention_fwd_loop(
-        acc, l_i, m_i, q, K, V, mask_rows, rng_rows, lo, full_lo, offs_m, offs_d, offs_dv,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_mn, qk_scale, dropout_p, seed,
-        seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
-        BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, True, DOT_PRECISION, INTERP_BF16)
-    acc, l_i, m_i = _attention_fwd_loop(
-        acc, l_i, m_i, q, K, V, mask_rows, rng_rows, full_lo, full_hi, offs_m, offs_d, offs_dv,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_mn, qk_scale, dropout_p, seed,
+        acc, l_i, m_i, q, K, V, mask_rows, rng_rows, full_lo, n_full, full_lo, n_full,
+        offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
+        qk_scale, dropout_p, seed,
         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
         BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, False, DOT_PRECISION, INTERP_BF16)
     acc, l_i, m_i = _attention_fwd_loop(
-        acc, l_i, m_i, q, K, V, mask_rows, rng_rows, full_hi, hi, offs_m, offs_d, offs_dv,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_mn, qk_scale, dropout_p, seed,
+        acc, l_i, m_i, q, K, V, mask_rows, rng_rows, lo, n_first, second, n_masked,
+        offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
+        qk_scale, dropout_p, seed,
         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
         BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, True, DOT_PRECISION, INTERP_BF16)
 
@@ -426,21 +476,23 @@ def _attention_bwd_preprocess_kernel(
 def _attention_bwd_dkdv_loop(
     dk, dv, k, v,
     Q, DO, Lse, Delta, DQ, mask_cols, dmask_cols, rng_base,
-    lo, hi, offs_n, offs_d, offs_dv,
+    lo, n_first, second, n_blocks, n_start, offs_n, offs_d, offs_dv,
     stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk, stride_mm, stride_dmm,
     sm_scale, qk_scale, dropout_p, seed,
     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
-    BLOCK_M: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     STORE_DMASK: tl.constexpr, MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head; works
-    on transposed tiles (keys on rows) so dK/dV are plain row-major accumulations."""
+    """Accumulate dK, dV of one key block over n_blocks query blocks (n_first from lo, the rest
+    from second) of one query head; works on transposed tiles (keys on rows) so dK/dV are plain
+    row-major accumulations."""
     d_ok = offs_d < head_dim
     dv_ok = offs_dv < head_dim_v
     n_ok = offs_n < seqlen_k
-    for start_m in range(lo, hi, BLOCK_M):
+    for it in range(0, n_blocks):
+        start_m = tl.where(it < n_first, lo + it * BLOCK_M, second + (it - n_first) * BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_m64 = offs_m.to(tl.int64)
         m_ok = offs_m < seqlen_q
@@ -473,8 +525,8 @@ def _attention_bwd_dkdv_loop(
             pT = tl.where(vis, pT, 0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
-            rng_rows = rng_base + offs_m64 * seqlen_k
-            keepT = tl.trans(_dropout_keep(seed, rng_rows, offs_n, dropout_p))
+            rng_rows = rng_base + offs_m64 * tl.cdiv(seqlen_k, 4)
+            keepT = tl.trans(_dropout_keep(seed, rng_rows, n_start, dropout_p, BLOCK_N))
             inv_keep = 1.0 / (1.0 - dropout_p)
             pdT = tl.where(keepT, pT * inv_keep, 0.0)
             dpT = tl.where(keepT, dpT * inv_keep, 0.0)
@@ -556,9 +608,9 @@ def _attention_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = _query_band(n_start, seqlen_q, seqlen_k, window_left,
-                                           window_right, diag_offset, HAS_LEFT, HAS_RIGHT,
-                                           BLOCK_M, BLOCK_N)
+    lo, n_first, second, n_masked, full_lo, n_full = _query_band(
+        n_start, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
+        HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     for g in range(0, group_size):
         h = hk * group_size + g
         Qh = Q + b * stride_qb + h * stride_qh
@@ -569,30 +621,22 @@ def _attention_bwd_dkdv_kernel(
         Deltah = Delta + row0
         mask_cols = Mask + b * stride_mb + h * stride_mh + offs_n64[:, None] * stride_mn
         dmask_cols = DMask + b * stride_dmb + h * stride_dmh + offs_n64[:, None] * stride_dmn
-        rng_base = row0 * seqlen_k
+        rng_base = row0 * tl.cdiv(seqlen_k, 4)
         dk, dv = _attention_bwd_dkdv_loop(
             dk, dv, k, v, Qh, DOh, Lseh, Deltah, DQh, mask_cols, dmask_cols, rng_base,
-            lo, full_lo, offs_n, offs_d, offs_dv,
+            full_lo, n_full, full_lo, n_full, n_start, offs_n, offs_d, offs_dv,
             stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk, stride_mm,
             stride_dmm, sm_scale, qk_scale, dropout_p, seed,
             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
-            BLOCK_M, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, ATOMIC_DQ, STORE_DMASK, True,
+            BLOCK_M, BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, ATOMIC_DQ, STORE_DMASK, False,
             DOT_PRECISION, INTERP_BF16)
         dk, dv = _attention_bwd_dkdv_loop(
             dk, dv, k, v, Qh, DOh, Lseh, Deltah, DQh, mask_cols, dmask_cols, rng_base,
-            full_lo, full_hi, offs_n, offs_d, offs_dv,
+            lo, n_first, second, n_masked, n_start, offs_n, offs_d, offs_dv,
             stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk, stride_mm,
             stride_dmm, sm_scale, qk_scale, dropout_p, seed,
             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
-            BLOCK_M, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, ATOMIC_DQ, STORE_DMASK, False,
-            DOT_PRECISION, INTERP_BF16)
-        dk, dv = _attention_bwd_dkdv_loop(
-            dk, dv, k, v, Qh, DOh, Lseh, Deltah, DQh, mask_cols, dmask_cols, rng_base,
-            full_hi, hi, offs_n, offs_d, offs_dv,
-            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk, stride_mm,
-            stride_dmm, sm_scale, qk_scale, dropout_p, seed,
-            seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
-            BLOCK_M, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, ATOMIC_DQ, STORE_DMASK, True,
+            BLOCK_M, BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, ATOMIC_DQ, STORE_DMASK, True,
             DOT_PRECISION, INTERP_BF16)
 
     dk = dk * sm_scale
@@ -608,7 +652,7 @@ def _attention_bwd_dkdv_kernel(
 def _attention_bwd_dq_loop(
     dq, q, do, lse2, delta,
     K, V, mask_rows, rng_rows,
-    lo, hi, offs_m, offs_d, offs_dv,
+    lo, n_first, second, n_blocks, offs_m, offs_d, offs_dv,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
     qk_scale, dropout_p, seed,
     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
@@ -616,11 +660,12 @@ def _attention_bwd_dq_loop(
     HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
-    """Accumulate dQ of one query block over key blocks [lo, hi) in a fixed order."""
+    """Accumulate dQ of one query block over a schedule of key blocks, in a fixed order."""
     d_ok = offs_d < head_dim
     dv_ok = offs_dv < head_dim_v
     row_ok = offs_m < seqlen_q
-    for start_n in range(lo, hi, BLOCK_N):
+    for it in range(0, n_blocks):
+        start_n = tl.where(it < n_first, lo + it * BLOCK_N, second + (it - n_first) * BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_n64 = offs_n.to(tl.int64)
         n_ok = offs_n < seqlen_k
@@ -647,7 +692,7 @@ def _attention_bwd_dq_loop(
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, rng_rows, offs_n, dropout_p)
+            keep = _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_N)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         if INTERP_BF16:
@@ -684,6 +729,11 @@ def _attention_bwd_dq_kernel(
     """dq (B, H, L, E) without atomics (deterministic backward): one program per query block
     loops over its key band. Grid: (cdiv(L, BLOCK_M), B * H)."""
     pid_m = tl.program_id(0)
+    if HAS_RIGHT:
+        if not HAS_LEFT:
+            # causal: the last query blocks see the most keys; start them first so the
+            # short ones fill the tail of the launch
+            pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
@@ -712,24 +762,22 @@ def _attention_bwd_dq_kernel(
     K += b * stride_kb + hk * stride_kh
     V += b * stride_vb + hk * stride_vh
     mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m64[:, None] * stride_mm
-    rng_rows = ((b * num_heads + h) * seqlen_q + offs_m64) * seqlen_k
+    rng_rows = ((b * num_heads + h) * seqlen_q + offs_m64) * tl.cdiv(seqlen_k, 4)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = _key_band(m_start, seqlen_q, seqlen_k, window_left, window_right,
-                                         diag_offset, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    lo, n_first, second, n_masked, full_lo, n_full = _key_band(
+        m_start, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
+        HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     dq = _attention_bwd_dq_loop(
-        dq, q, do, lse2, delta, K, V, mask_rows, rng_rows, lo, full_lo, offs_m, offs_d, offs_dv,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_mn, qk_scale, dropout_p, seed,
+        dq, q, do, lse2, delta, K, V, mask_rows, rng_rows, full_lo, n_full, full_lo, n_full,
+        offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
+        qk_scale, dropout_p, seed,
         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
-        BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, True, DOT_PRECISION, INTERP_BF16)
-    dq = _attention_bwd_dq_loop(
-        dq, q, do, lse2, delta, K, V, mask_rows, rng_rows, full_lo, full_hi, offs_m, offs_d,
-        offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, stride_mn, qk_scale, dropout_p,
-        seed, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
         BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, False, DOT_PRECISION, INTERP_BF16)
     dq = _attention_bwd_dq_loop(
-        dq, q, do, lse2, delta, K, V, mask_rows, rng_rows, full_hi, hi, offs_m, offs_d, offs_dv,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_mn, qk_scale, dropout_p, seed,
+        dq, q, do, lse2, delta, K, V, mask_rows, rng_rows, lo, n_first, second, n_masked,
+        offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
+        qk_scale, dropout_p, seed,
         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
         BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, True, DOT_PRECISION, INTERP_BF16)
 
@@ -916,8 +964,10 @@ def _seq_key(n: int) -> int:
 
 def _dot_args(dtype: torch.dtype, device: torch.device) -> dict:
     return {
-        # fp32 inputs: true fp32 products (TF32 would break the "2x PyTorch's error" rule)
-        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        # fp32 inputs: 3xTF32 keeps fp32 accuracy on the tensor cores (plain TF32 would break
+        # the "2x PyTorch's error" rule; "ieee" lowers to FMA loops that spill tens of KB per
+        # thread at these tile sizes); ignored for fp16/bf16 and by the interpreter
+        "DOT_PRECISION": "tf32x3" if dtype == torch.float32 else "tf32",
         # bfloat16 under the interpreter, whose dot multiplies bf16 as its raw uint16 storage and
         # whose fp32 -> bf16 cast truncates: dot operands are widened to fp32 after loading
         # (bf16 x bf16 products are exact in fp32, so the result is what the tensor cores give)

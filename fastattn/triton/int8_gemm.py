@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 # 1.5 * 2**23: for |y| < 2**22, (y + C) - C is y rounded to an integer, ties to even (float32).
-_RNE_MAGIC = 12582912.0
+_RNE_MAGIC = tl.constexpr(12582912.0)
 # Rows up to this length are quantized from registers in one pass; longer rows are read twice.
 _QUANT_ONE_PASS_MAX = 8192
 _QUANT_LOOP_BLOCK = 2048
@@ -231,18 +231,20 @@ def _int8_gemm_kernel(
         # the reference's order of float32 operations: ((acc * a_scale) * b_scale) + bias
         out = acc.to(tl.float32)
         if HAS_A_SCALE:
-            out = out * tl.load(AScale + offs_m, mask=offs_m < M, other=0.0)[:, None]
+            out = out * tl.load(AScale + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)[:, None]
         if HAS_B_SCALE:
-            out = out * tl.load(BScale + offs_n, mask=offs_n < N, other=0.0)[None, :]
+            out = out * tl.load(BScale + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
-            out = out + tl.load(Bias + offs_n, mask=offs_n < N, other=0.0)[None, :]
+            out = out + tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         tl.store(c_ptrs, _to_out(out, C.dtype.element_ty, INTERP_BF16), mask=c_mask)
     else:
         tl.store(c_ptrs, acc, mask=c_mask)
 
 
-def _float_vector(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.to(torch.float32).contiguous()
+def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    # scales and bias are read in their own float dtype and widened in registers: no conversion
+    # kernel launched per call (it would cost as much as a decode-sized GEMM's epilogue)
+    return None if t is None else t.contiguous()
 
 
 def int8_gemm(
@@ -266,7 +268,7 @@ def int8_gemm(
         a = a.new_zeros((M, 1))
         b = b.new_zeros((N, 1))
         K = 1
-    a_scale, b_scale, bias = _float_vector(a_scale), _float_vector(b_scale), _float_vector(bias)
+    a_scale, b_scale, bias = _vector(a_scale), _vector(b_scale), _vector(bias)
     dummy = c  # never read: the HAS_* flags are constexpr
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _int8_gemm_kernel[grid](
@@ -290,8 +292,8 @@ def _weight_only_configs() -> list[triton.Config]:
     if _interpret():
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
     # decoding reads N * K int8 bytes once: many programs along N (132 SMs on H100/H200) and long
-    # K tiles keep enough loads in flight for HBM bandwidth
-    return [
+    # K tiles keep enough loads in flight for HBM bandwidth (16-bit x: tensor-core dot)
+    configs = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bn in (16, 32, 64)
         for bk in (128, 256, 512)
@@ -299,9 +301,29 @@ def _weight_only_configs() -> list[triton.Config]:
         for s in (3, 4)
         if bn * bk <= 16384
     ]
+    # float32 x multiplies in full precision (FMA dot, no tensor cores): its operands live in
+    # registers, so K tiles stay short (ptxas -v on sm_90a/sm_80: no spills up to 32 x 64, 8 warps)
+    configs += [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=8, num_stages=s)
+        for bn in (16, 32)
+        for bk in (32, 64)
+        for s in (3, 4)
+    ]
+    return configs
 
 
-@triton.autotune(configs=_weight_only_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "FP32", "INTERP_BF16"])
+def _prune_weight_only_configs(configs, named_args, **kwargs):
+    """float32 x takes the short-K FMA tiles, 16-bit x the long-K tensor-core tiles."""
+    fp32 = named_args["FP32"]
+    kept = [c for c in configs if (c.kwargs["BLOCK_K"] <= 64) == fp32]
+    return kept or configs[:1]
+
+
+@triton.autotune(
+    configs=_weight_only_configs(),
+    key=["M_BUCKET", "N", "K", "HAS_BIAS", "FP32", "INTERP_BF16"],
+    prune_configs_by={"early_config_prune": _prune_weight_only_configs},
+)
 @triton.jit
 def _int8_weight_only_kernel(
     # pointers
@@ -336,9 +358,9 @@ def _int8_weight_only_kernel(
             acc = tl.dot(x, w.to(x.dtype), acc)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
-    out = acc * tl.load(WScale + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    out = acc * tl.load(WScale + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        out = out + tl.load(Bias + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        out = out + tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     o_ptrs = (Out + offs_m[:, None].to(tl.int64) * stride_om
               + offs_n[None, :].to(tl.int64) * stride_on)
     tl.store(o_ptrs, _to_out(out, Out.dtype.element_ty, INTERP_BF16),
@@ -358,7 +380,7 @@ def int8_weight_only_linear(
         x = x.new_zeros((M, 1))
         w_int8 = w_int8.new_zeros((N, 1))
         K = 1
-    w_scale, bias = _float_vector(w_scale), _float_vector(bias)
+    w_scale, bias = _vector(w_scale), _vector(bias)
     block_m = 16 if M <= 16 else 32  # tl.dot needs >= 16 rows; small M is the target
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))
     _int8_weight_only_kernel[grid](
