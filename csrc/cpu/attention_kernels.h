@@ -600,6 +600,55 @@ bool softmax_group(const AttnArgs& a, const QBlock& qb, int qv0, int64_t n0, int
   // PRECISE keeps y for pass 2; else only masks/windows force a store
   const bool store_y = PRECISE || mk != nullptr || !full;
   float* sq = s + qv0;
+  if constexpr (!PRECISE) {
+    // one pass against the running (stale) max, which already holds for every lane; redo the
+    // group in two passes only if some logit exceeds it by more than kLazy (rare after the
+    // first block of a query block). Saves a read of S^T and an op per vector.
+    bool ready = !store_y;
+    for (int g = 0; g < G && ready; ++g) ready = vm_none(vcmp_eq(vload(m + qv0 + 16 * g), ninf));
+    if (ready && !a.drop.on) {
+      vf negm2[G], sum[G], r0[G];
+      for (int g = 0; g < G; ++g) {
+        negm2[g] = vmul(vload(m + qv0 + 16 * g), vset1(-kLog2e));
+        sum[g] = vzero();
+        r0[g] = vset1(a.scale >= 0.f ? kNegInf : -kNegInf);
+      }
+      const bool pos = a.scale >= 0.f;
+      auto prob1 = [&](int64_t j, int g) -> vf {
+        if (j >= nk) return vzero();
+        const vf x = vload(sq + j * bm + 16 * g);
+        r0[g] = pos ? vmax(r0[g], x) : vmin(r0[g], x);
+        const vf p = vexp2<DEG>(vfma(x, c, negm2[g]));
+        sum[g] = vadd(sum[g], p);
+        return p;
+      };
+      if constexpr (BF16OUT) {
+#ifdef FA_AVX512
+        uint32_t* pp = static_cast<uint32_t*>(out) + qv0;
+        for (int64_t j = 0; j < nkp; j += 2)
+          for (int g = 0; g < G; ++g) {
+            const vf p0 = prob1(j, g), p1 = prob1(j + 1, g);
+            _mm512_storeu_si512(pp + (j / 2) * bm + 16 * g, pack_bf16_pairs(p0, p1));
+          }
+#endif
+      } else {
+        float* pf = static_cast<float*>(out) + qv0;
+        for (int64_t j = 0; j < nkp; ++j)
+          for (int g = 0; g < G; ++g) vstore(pf + j * bm + 16 * g, prob1(j, g));
+      }
+      bool fits = true;
+      for (int g = 0; g < G; ++g)
+        fits = fits && vm_none(vcmp_gt(vmul(r0[g], sc), vadd(vload(m + qv0 + 16 * g), vset1(kLazy))));
+      if (fits) {
+        for (int g = 0; g < G; ++g) {
+          vstore(alpha + qv0 + 16 * g, vset1(1.f));
+          float* lp = l + qv0 + 16 * g;
+          vstore(lp, vadd(vload(lp), sum[g]));
+        }
+        return false;
+      }
+    }
+  }
   // pass 1: logits and their max
   vf mx[G];
   if (store_y) {

@@ -66,6 +66,7 @@ def extension_has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", dispatch_key)
 
 
+@torch.compiler.assume_constant_result  # an import probe: constant while tracing, not traced
 def availability(backend: str, device_type: str, cpp_op: str | None = None) -> str | None:
     """None if ``backend`` can run on ``device_type`` here, else the reason it cannot."""
     if backend == "reference":
