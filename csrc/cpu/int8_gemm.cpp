@@ -125,6 +125,12 @@ bool use_avx512() {
 constexpr int kWoN = 4;
 constexpr int kWoM = 4;
 
+// Smallest work worth a parallel region: a region costs a wake-up and a barrier (~10 us on an
+// idle machine, a scheduler time slice on a busy one), so small packing/quantization passes run on
+// the calling thread.
+constexpr int64_t kParallelPackBytes = int64_t(1) << 20;
+constexpr int64_t kParallelQuantElems = int64_t(1) << 18;
+
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
 
@@ -502,7 +508,9 @@ void gemm_vnni(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64
   int32_t* comp = comp_t.data_ptr<int32_t>();
   uint8_t* au = au_t.data_ptr<uint8_t>();
   // 1) pack b into the VNNI layout with 128 * colsum, and shift a to unsigned (both O(size))
-  at::parallel_for(0, groups + ceil_div(M, 64), 1, [&](int64_t t0, int64_t t1) {
+  const int64_t prep_tasks = groups + ceil_div(M, 64);
+  const bool prep_serial = (N + M) * kp < kParallelPackBytes;
+  at::parallel_for(0, prep_tasks, prep_serial ? prep_tasks : 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       if (t < groups) {
         const int64_t n0 = t * 16;
@@ -683,7 +691,8 @@ void gemm_amx(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_
   const int64_t groups = round_up(Qn, 32) / 16;
   at::Tensor packed = at::empty({groups * kp * 16 + 64}, at::kChar);
   int8_t* qp = packed.data_ptr<int8_t>();
-  at::parallel_for(0, groups, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, kp)),
+  // (packing is ~0.1 cycle per byte: below ~1 MB a parallel region costs more than it saves)
+  at::parallel_for(0, groups, std::max<int64_t>(1, kParallelPackBytes / std::max<int64_t>(1, 16 * kp)),
                    [&](int64_t g0, int64_t g1) {
                      for (int64_t g = g0; g < g1; ++g)
                        pack_vnni_group(Q + g * 16 * ldq_src, ldq_src,
@@ -825,7 +834,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x_in
   if (M == 0) return {q, scale};
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = scale.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K));
+  const int64_t grain = std::max<int64_t>(1, kParallelQuantElems / std::max<int64_t>(1, K));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "quantize_per_token", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
 #ifdef FASTATTN_X86
