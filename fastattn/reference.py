@@ -69,7 +69,12 @@ def scaled_dot_product_attention(
         # (B, Hkv, S, E) -> (B, H, S, E): head h reads kv head h // (H // Hkv)
         key = key.repeat_interleave(H // Hkv, dim=1)
         value = value.repeat_interleave(H // Hkv, dim=1)
-    scale = 1.0 / math.sqrt(E) if scale is None else scale
+    if scale is None:
+        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0  # E = 0: every score is 0 anyway
+    if S == 0:  # no keys at all: every row is empty
+        out = query.new_zeros((B, H, L, value.shape[-1]))
+        lse = query.new_full((B, H, L), float("-inf"))
+        return (out, lse) if return_lse else out
     s = torch.matmul(query, key.transpose(-2, -1)) * scale  # (B, H, L, S)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -111,6 +116,8 @@ def attention_with_kvcache(
 ) -> torch.Tensor:
     """Reference decoding attention; writes k_new/v_new into the caches in place."""
     B, H, Lq, E = q.shape
+    if B == 0:
+        return q.new_zeros((0, H, Lq, v_cache.shape[-1]))
     outs = []
     for b in range(B):
         n = int(cache_seqlens[b])

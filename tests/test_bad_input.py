@@ -62,23 +62,7 @@ TIMEOUT_S = 400
 # Entries that fail because of a bug in the package, not in the test: (id, backend or None for
 # every backend) -> the bug. strict: the test fails as soon as the bug is fixed, so this table
 # stays true.
-KNOWN_BUGS: dict[tuple[str, str | None], str] = {
-    ("sdpa_zero_length_keys", None):
-        "S = 0 (key/value of length 0): the op routes it to reference.scaled_dot_product_attention, "
-        "whose amax over the empty key dim raises IndexError; F.sdpa returns zeros",
-    ("sdpa_head_dim_0_default_scale", None):
-        "E = 0 with scale=None: ops.attention._check_scale computes 1 / sqrt(0) and raises "
-        "ZeroDivisionError (F.sdpa returns the mean of v)",
-    ("kv_empty_cache_no_new_tokens", "reference"):
-        "reference.attention_with_kvcache with cache_seqlens 0 and no k_new attends to 0 keys: "
-        "IndexError from amax over the empty key dim (the Triton kernel returns zeros)",
-    ("mha_bad_backend_string_need_weights", None):
-        "fastattn.nn.MultiheadAttention(..., backend='fastest') is accepted, and forward with "
-        "need_weights=True (the default) never validates it: the typo goes unnoticed",
-    ("kv_zero_batch", None):
-        "B = 0: attention_with_kvcache routes q.numel() == 0 to reference.attention_with_kvcache, "
-        "which calls torch.cat on an empty list (ValueError)",
-}
+KNOWN_BUGS: dict[tuple[str, str | None], str] = {}
 
 
 def _known_bug(entry_id: str, backend: str) -> str | None:

@@ -76,6 +76,14 @@ def _check_inputs(mha: nn.MultiheadAttention, query, key, value, key_padding_mas
     return batched
 
 
+def _check_backend(backend) -> str:
+    from fastattn.ops._backend import BACKENDS
+
+    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    return backend
+
+
 class MultiheadAttention(nn.MultiheadAttention):
     """Drop-in for ``torch.nn.MultiheadAttention`` whose attention runs on fastattn kernels.
 
@@ -89,7 +97,7 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.backend = backend
+        self.backend = _check_backend(backend)
 
     @classmethod
     def from_module(cls, mha: nn.MultiheadAttention, *, backend: str = "auto") -> MultiheadAttention:
@@ -106,7 +114,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         # are shared, the containers are not (registering on one must not change the other).
         new.__dict__.update({k: (copy.copy(v) if isinstance(v, dict) else v)
                              for k, v in mha.__dict__.items()})
-        new.backend = backend
+        new.backend = _check_backend(backend)
         return new
 
     def extra_repr(self) -> str:

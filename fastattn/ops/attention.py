@@ -108,7 +108,7 @@ def _window_args(L, S, is_causal, window, causal_alignment) -> tuple[int, int, i
 
 def _check_scale(scale, E) -> float:
     if scale is None:
-        return 1.0 / math.sqrt(E)
+        return 1.0 / math.sqrt(E) if E > 0 else 1.0  # E = 0: every score is 0 anyway
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
