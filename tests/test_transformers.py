@@ -25,7 +25,7 @@ from fastattn.integrations.transformers import (  # noqa: E402
     fastattn_attention_forward,
     register,
 )
-from tests.helpers import assert_close_rule  # noqa: E402
+from tests.helpers import assert_close_rule, skip_unless_backend  # noqa: E402
 
 VOCAB, B, L = 99, 3, 9
 
@@ -141,6 +141,25 @@ def test_generate_unchanged(name, sdpa_calls):
     assert len(sdpa_calls) > 4  # prefill and every decoding step ran on fastattn
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_generate_decodes_with_the_kvcache_kernel(name):
+    """Prompts of one length (no padding mask): every decoding step runs attention_with_kvcache,
+    the prefill runs the attention kernel, and the tokens are those of the original model."""
+    skip_unless_backend("cpu")
+    _, low, ours = _models(name)
+    ids = _batch(name)["input_ids"][:1].clamp(min=3)
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = low.generate(ids, **gen)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = ours.generate(ids, **gen)
+    assert torch.equal(got, want)
+    counts = {e.key: e.count for e in prof.key_averages() if e.key.startswith("fastattn::")}
+    layers = 2
+    assert counts.get("fastattn::attention_fwd") == layers, counts  # the prefill
+    assert counts.get("fastattn::attention_kvcache") == 4 * layers, counts  # 4 decoding steps
+
+
 def test_conversion_report_and_settings():
     _, _, llama = _models("llama_gqa")
     assert llama.config._attn_implementation == "fastattn"
@@ -205,15 +224,26 @@ def _check(out, q, k, v, visible):
     assert_close_rule(out, sdpa(torch.float64), sdpa(torch.float32))
 
 
-def test_attention_function_prefill_and_decode():
+def test_attention_function_prefill_and_decode(monkeypatch):
     m = _Module()
-    for Lq, S in [(6, 6), (3, 7), (1, 7)]:  # prefill, chunked prefill over a cache, one token
+    decode_calls = []
+    real = fastattn.attention_with_kvcache
+    monkeypatch.setattr(fastattn, "attention_with_kvcache",
+                        lambda q, *a, **kw: decode_calls.append(q.shape[2]) or real(q, *a, **kw))
+    # prefill, chunked prefill over a cache (a few tokens: the decoding kernel; more: the
+    # attention kernel), one token
+    for Lq, S in [(6, 6), (3, 7), (20, 27), (1, 7)]:
         q, k, v = _qkv(Lq, S)
         out, w = fastattn_attention_forward(m, q, k, v, None)
         # the queries are the last Lq positions: query i sees keys j <= i + S - Lq
         visible = torch.ones(Lq, S, dtype=torch.bool).tril(S - Lq)
         assert w is None and out.shape == (2, Lq, 4, 8) and out.is_contiguous()
         _check(out, q, k, v, visible)
+    assert decode_calls == [3, 1]
+    q, k, v = _qkv(1, 7)
+    with torch.enable_grad():  # with gradients: the attention kernel, which has a backward
+        out, _ = fastattn_attention_forward(m, q.requires_grad_(), k, v, None)
+    assert decode_calls == [3, 1] and out.requires_grad
 
 
 def test_attention_function_masks_and_window():

@@ -90,8 +90,16 @@ def fastattn_attention_forward(
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
-    window = None
     sliding_window = kwargs.get("sliding_window")
+    if _decoding_step(query, key, value, attention_mask, dropout, sliding_window):
+        # a decoding step against the cache: the split-K kernel reads the cache once for all the
+        # query heads of a kv head (no mask, so every sequence holds all S keys)
+        seqlens = torch.full((query.shape[0],), key.shape[2], dtype=torch.int32,
+                             device=query.device)
+        out = fastattn.attention_with_kvcache(query, key, value, seqlens, scale=scaling,
+                                              causal=bool(is_causal))
+        return out.transpose(1, 2).contiguous(), None
+    window = None
     if sliding_window is not None and attention_mask is None:
         # a mask, when given, already holds the window (in the cache's own positions, which a
         # static cache does not align bottom-right); without one the kernel applies it
@@ -101,6 +109,25 @@ def fastattn_attention_forward(
         is_causal=bool(is_causal), scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
         window=window, causal_alignment="bottom_right")
     return out.transpose(1, 2).contiguous(), None  # (B, H, Lq, D) -> (B, Lq, H, D)
+
+
+# queries per step up to which a step against a cache runs on the decoding kernel (speculative
+# decoding verifies a few tokens at once); longer chunks are prefill, for the attention kernel
+DECODE_MAX_QUERIES = 16
+
+
+def _decoding_step(query, key, value, attention_mask, dropout, sliding_window) -> bool:
+    """Whether this call is an inference step of a few new queries against a longer cache that
+    ``attention_with_kvcache`` computes exactly: no mask (transformers passes one for padding and
+    for static caches, whose tail is empty), no window inside the cache, no dropout, no
+    gradient."""
+    Lq, S = query.shape[2], key.shape[2]
+    return (attention_mask is None and 0 < Lq < S and Lq <= DECODE_MAX_QUERIES
+            and not dropout
+            and (sliding_window is None or int(sliding_window) >= S)
+            and key.dtype == query.dtype and value.dtype == query.dtype
+            and not (torch.is_grad_enabled()
+                     and (query.requires_grad or key.requires_grad or value.requires_grad)))
 
 
 def register(name: str = NAME) -> None:

@@ -239,6 +239,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         """See ``torch.nn.MultiheadAttention.forward``; same arguments, shapes and mask polarity."""
         import fastattn
 
+        cache = getattr(self, "_fastattn_kv", None)
+        if cache is not None:  # decoding inside fastattn.nn.KVCache (fastattn/nn/decoding.py)
+            return cache.forward(self, query, key, value, key_padding_mask, need_weights,
+                                 attn_mask, average_attn_weights, is_causal)
         # identities decide the fused projections: take them before any reshape
         self_attention = query is key and key is value
         kv_shared = key is value
