@@ -7,17 +7,33 @@ are then reported unavailable by ``fastattn.backends()`` and ``backend="auto"`` 
 from fastattn import reference  # noqa: F401
 from fastattn.ops import backends
 from fastattn.ops.attention import attention_with_kvcache, scaled_dot_product_attention
+from fastattn.ops.int8 import (
+    int8_gemm,
+    int8_linear,
+    int8_weight_only_linear,
+    quantize_per_channel,
+    quantize_per_token,
+)
+from fastattn.ops.layer_norm import layer_norm, rms_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention_with_kvcache",
     "backends",
+    "int8_gemm",
+    "int8_linear",
+    "int8_weight_only_linear",
+    "layer_norm",
+    "quantize_per_channel",
+    "quantize_per_token",
     "reference",
+    "rms_norm",
     "scaled_dot_product_attention",
 ]
 
-_LAZY = {"nn": "fastattn.nn", "integrations": "fastattn.integrations"}
+_LAZY = {"nn": "fastattn.nn", "integrations": "fastattn.integrations",
+         "smoothquant": "fastattn.smoothquant"}
 
 
 def __getattr__(name):

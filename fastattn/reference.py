@@ -61,7 +61,7 @@ def scaled_dot_product_attention(
     query (B, H, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev). Rows with no visible key give
     zeros (and lse = -inf), never NaN, in the forward and the backward. ``dropout_mask`` (bool,
     broadcastable to (B, H, L, S), True = keep) replaces the random draw when given.
-    Returns out (B, H, L, Ev), and lse (B, H, L) float32... in the compute dtype if return_lse.
+    Returns out (B, H, L, Ev), and with return_lse also lse (B, H, L) in the compute dtype.
     """
     B, H, L, E = query.shape
     Hkv, S = key.shape[1], key.shape[2]
@@ -69,7 +69,12 @@ def scaled_dot_product_attention(
         # (B, Hkv, S, E) -> (B, H, S, E): head h reads kv head h // (H // Hkv)
         key = key.repeat_interleave(H // Hkv, dim=1)
         value = value.repeat_interleave(H // Hkv, dim=1)
-    scale = 1.0 / math.sqrt(E) if scale is None else scale
+    if scale is None:
+        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0  # E = 0: every score is 0 anyway
+    if S == 0:  # no keys at all: every row is empty
+        out = query.new_zeros((B, H, L, value.shape[-1]))
+        lse = query.new_full((B, H, L), float("-inf"))
+        return (out, lse) if return_lse else out
     s = torch.matmul(query, key.transpose(-2, -1)) * scale  # (B, H, L, S)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -85,8 +90,11 @@ def scaled_dot_product_attention(
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)  # masked keys -> exp(-inf) = 0
     denom = p.sum(dim=-1, keepdim=True)
-    p = p / torch.where(denom == 0, torch.ones_like(denom), denom)
-    lse = (torch.log(denom) + m).squeeze(-1)  # -inf on empty rows
+    empty = denom == 0
+    safe = torch.where(empty, torch.ones_like(denom), denom)
+    p = p / safe
+    # -inf on empty rows, with a zero (not NaN) gradient through log(0)
+    lse = torch.where(empty, torch.full_like(denom, float("-inf")), torch.log(safe) + m).squeeze(-1)
     if dropout_p > 0.0 or dropout_mask is not None:
         if dropout_mask is None:
             dropout_mask = torch.rand_like(p) >= dropout_p
@@ -108,6 +116,8 @@ def attention_with_kvcache(
 ) -> torch.Tensor:
     """Reference decoding attention; writes k_new/v_new into the caches in place."""
     B, H, Lq, E = q.shape
+    if B == 0:
+        return q.new_zeros((0, H, Lq, v_cache.shape[-1]))
     outs = []
     for b in range(B):
         n = int(cache_seqlens[b])
@@ -216,6 +226,21 @@ def int8_gemm(
     if bias is not None:
         out = out + bias.to(out.dtype)
     return out.to(out_dtype or torch.float32)
+
+
+def int8_weight_only_linear(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weight-only int8: x (M, K) float @ (w_int8 (N, K) * w_scale[:, None]).T + bias, accumulated
+    in float32 (float64 for float64 x), in x's dtype."""
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = torch.matmul(x.to(acc_dtype), w_int8.to(acc_dtype).t()) * w_scale.to(acc_dtype)
+    if bias is not None:
+        out = out + bias.to(acc_dtype)
+    return out.to(x.dtype)
 
 
 def int8_linear(

@@ -108,7 +108,7 @@ def _window_args(L, S, is_causal, window, causal_alignment) -> tuple[int, int, i
 
 def _check_scale(scale, E) -> float:
     if scale is None:
-        return 1.0 / math.sqrt(E)
+        return 1.0 / math.sqrt(E) if E > 0 else 1.0  # E = 0: every score is 0 anyway
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
@@ -125,12 +125,31 @@ def _draw_seed(dropout_p: float) -> int:
 # ---------------------------------------------------------------------------------------------
 # backend support predicates
 # ---------------------------------------------------------------------------------------------
-def _supports(backend: str, query, key, value, dropout_p) -> str | None:
-    if query.dtype not in _FLOAT_DTYPES:
-        return f"dtype {query.dtype}"
-    if max(query.shape[-1], value.shape[-1]) > _MAX_HEAD_DIM:
-        return f"head dim {max(query.shape[-1], value.shape[-1])} > {_MAX_HEAD_DIM}"
+def _supports(backend: str, dtype: torch.dtype, device: torch.device, head_dim: int) -> str | None:
+    """None when ``backend``'s kernels handle a call with these properties, else the reason
+    (shown by "auto"'s fallback warning and by the error of an explicit backend)."""
+    if dtype not in _FLOAT_DTYPES:
+        return f"dtype {dtype}"
+    if head_dim > _MAX_HEAD_DIM:
+        return f"head dim {head_dim} > {_MAX_HEAD_DIM}"
+    if backend == "triton" and device.type == "cuda":
+        # Triton's tensor-core paths need Volta+ (sm_70) and bfloat16 needs Ampere (sm_80)
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 7:
+            return f"compute capability {major}.{minor} < 7.0"
+        if dtype == torch.bfloat16 and major < 8:
+            return f"bfloat16 needs compute capability >= 8.0, got {major}.{minor}"
     return None
+
+
+@torch.compiler.assume_constant_result
+def _choose(op: str, device: torch.device, backend: str, dtype: torch.dtype, head_dim: int) -> str:
+    """The backend of one call. It depends only on these static properties, so torch.compile runs
+    it once while tracing (it imports modules and reads dispatcher tables, which dynamo cannot
+    trace) and keeps the answer as a constant."""
+    cpp_op = "attention_fwd" if op == "scaled_dot_product_attention" else "attention_kvcache"
+    return _backend.choose(op, device, backend, lambda b: _supports(b, dtype, device, head_dim),
+                           cpp_op=cpp_op)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,10 +307,9 @@ def scaled_dot_product_attention(
     wl, wr, off = _window_args(L, S, is_causal, window, causal_alignment)
     mask = _normalize_mask(attn_mask, query, key)
 
-    chosen = _backend.choose(
-        "scaled_dot_product_attention", query.device, backend,
-        lambda b: _supports(b, query, key, value, dropout_p), cpp_op="attention_fwd")
-    if chosen == "reference" or query.numel() == 0 or S == 0:
+    chosen = _choose("scaled_dot_product_attention", query.device, backend, query.dtype,
+                     max(E, value.shape[-1]))
+    if chosen == "reference" or query.numel() == 0 or value.numel() == 0:
         out, lse = reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
             window=window, causal_alignment=causal_alignment, return_lse=True)
@@ -368,10 +386,8 @@ def attention_with_kvcache(
         if lo < 0 or hi + extra > cap:
             raise ValueError(f"cache_seqlens must lie in [0, capacity - new tokens] = "
                              f"[0, {cap - extra}], got values in [{lo}, {hi}]")
-    chosen = _backend.choose(
-        "attention_with_kvcache", q.device, backend,
-        lambda b: None if q.dtype in _FLOAT_DTYPES and E <= _MAX_HEAD_DIM else "dtype/head dim",
-        cpp_op="attention_kvcache")
+    chosen = _choose("attention_with_kvcache", q.device, backend, q.dtype,
+                     max(E, v_cache.shape[-1]))
     if chosen == "reference" or q.numel() == 0:
         return reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
                                                 scale=scale, causal=causal)

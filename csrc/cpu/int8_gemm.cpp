@@ -1,0 +1,1008 @@
+// CPU kernels of the int8 family: quantize_per_token, int8_gemm, int8_weight_only_linear.
+//
+// int8_gemm runs on the best instruction set the CPU offers, chosen at run time:
+//   amx    AMX-INT8 tiles (_tile_dpbssd, signed x signed): 16x16x64 MACs per instruction.
+//   vnni   AVX512-VNNI (_mm512_dpbusd_epi32, unsigned x signed): a is shifted by +128 to make it
+//          unsigned and 128 * colsum(b) is subtracted per column in the epilogue.
+//   scalar portable C++ (any CPU).
+// With AMX or VNNI, decode-sized M (a row or two; up to 8 rows without AMX) takes a dot-product
+// kernel instead that streams b as it lies in memory (dpbusd, 64 k per instruction, no packing).
+// FASTATTN_INT8_CPU_ISA=amx|vnni|scalar caps the choice (the best available one at or below it is
+// used), which is how the tests exercise every path on one machine.
+//
+// Both SIMD paths read the second operand from the same packed "VNNI layout": groups of 16 rows
+// of the (rows, K) int8 matrix, each group stored as (K/4, 16, 4) bytes, i.e. for every 4
+// consecutive k the 16 rows' 4-byte words side by side. That is one zmm row for dpbusd and one
+// 64-byte row of an AMX B tile. Padding (rows to the group multiple, K to 4 or 64) is zero, so
+// padded products vanish and every tail is handled inside the kernels.
+//
+// The dequantizing epilogue (acc * a_scale[m] * b_scale[n] + bias[n], float32, then cast) runs on
+// the int32 tile right after it is computed, in the same order of float operations as
+// fastattn.reference.int8_gemm (no FMA contraction), so its float32 output is bit-identical.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTATTN_NO_SIMD)
+#define FASTATTN_X86 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+// GCC 12 reports the intrinsics' own `_mm512_undefined_*()` placeholders as uninitialised when
+// they are inlined into target("avx512...") functions; the warnings are about the headers.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// instruction-set choice
+// ------------------------------------------------------------------------------------------------
+enum class Isa : int { kScalar = 0, kVnni = 1, kAmx = 2 };
+
+#ifdef FASTATTN_X86
+// Loops over register-blocked accumulators are unrolled before GCC decides where arrays of
+// vectors live: left to -O3's later unrolling, acc[MR][NR] of the micro-kernels is kept in memory
+// and stored on every iteration (measured 2x slower).
+#define FA_UNROLL _Pragma("GCC unroll 32")
+#define FA_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define FA_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
+#define FA_TARGET_AMX \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,amx-tile,amx-int8")))
+
+bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok;
+}
+
+bool cpu_has_vnni() {
+  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+  return ok;
+}
+
+// AMX needs the CPU feature bits and the kernel's permission to use the tile state
+// (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), Linux >= 5.16), once per process.
+bool cpu_has_amx() {
+  static const bool ok = [] {
+    if (!cpu_has_vnni()) return false;
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool tile = (edx >> 24) & 1u, int8 = (edx >> 25) & 1u;
+    if (!tile || !int8) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+#endif
+
+// The cap set by FASTATTN_INT8_CPU_ISA (read per call: a getenv is cheap next to a GEMM).
+Isa isa_cap() {
+  const char* env = std::getenv("FASTATTN_INT8_CPU_ISA");
+  if (env == nullptr || *env == '\0') return Isa::kAmx;
+  const std::string v(env);
+  TORCH_CHECK(v == "amx" || v == "vnni" || v == "scalar",
+              "FASTATTN_INT8_CPU_ISA must be 'amx', 'vnni' or 'scalar', got '", v, "'");
+  return v == "amx" ? Isa::kAmx : (v == "vnni" ? Isa::kVnni : Isa::kScalar);
+}
+
+Isa best_isa() {
+  const Isa cap = isa_cap();
+  (void)cap;
+#ifdef FASTATTN_X86
+  if (cap >= Isa::kAmx && cpu_has_amx()) return Isa::kAmx;
+  if (cap >= Isa::kVnni && cpu_has_vnni()) return Isa::kVnni;
+#endif
+  return Isa::kScalar;
+}
+
+bool use_avx512() {
+#ifdef FASTATTN_X86
+  return isa_cap() != Isa::kScalar && cpu_has_avx512();
+#else
+  return false;
+#endif
+}
+
+// weight-only linear blocking: 4 rows of w x 4 rows of x per micro-kernel (16 accumulators)
+constexpr int kWoN = 4;
+constexpr int kWoM = 4;
+
+// Smallest work worth a parallel region: a region costs a wake-up and a barrier (~10 us on an
+// idle machine, a scheduler time slice on a busy one), so small packing/quantization passes run on
+// the calling thread.
+constexpr int64_t kParallelPackBytes = int64_t(1) << 20;
+constexpr int64_t kParallelQuantElems = int64_t(1) << 18;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+// A 64-byte aligned per-thread scratch buffer (tile loads and zmm stores like alignment).
+struct Scratch {
+  std::vector<uint8_t> bytes;
+  template <typename T>
+  T* get(int64_t count) {
+    bytes.resize(static_cast<size_t>(count) * sizeof(T) + 64);
+    auto p = reinterpret_cast<uintptr_t>(bytes.data());
+    return reinterpret_cast<T*>((p + 63) & ~uintptr_t(63));
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// epilogue parameters, shared by all paths
+// ------------------------------------------------------------------------------------------------
+struct Epilogue {
+  void* out = nullptr;
+  int64_t ldo = 0;                     // row stride of out, in elements
+  at::ScalarType dtype = at::kInt;     // kInt (raw accumulators), kFloat, kBFloat16, kHalf
+  const float* a_scale = nullptr;      // (M,) or null
+  const float* b_scale = nullptr;      // (N,) or null
+  const float* bias = nullptr;         // (N,) or null
+};
+
+// 127 / absmax (0 unless absmax > 0) rounded exactly as the reference gets it: torch evaluates
+// `127.0 / tensor` as reciprocal(tensor) * 127, two float32 roundings, which differs from one
+// correctly rounded division in ~5% of cases and would flip some round-half-even ties.
+inline float inverse_scale(float absmax) {
+  return absmax > 0.0f ? (1.0f / absmax) * 127.0f : 0.0f;
+}
+
+// Scalar epilogue of one element; the same float operations in the same order as the reference.
+inline void store_scalar(const Epilogue& ep, int64_t m, int64_t n, int32_t acc) {
+  if (ep.dtype == at::kInt) {
+    static_cast<int32_t*>(ep.out)[m * ep.ldo + n] = acc;
+    return;
+  }
+  float v = static_cast<float>(acc);
+  if (ep.a_scale) v = v * ep.a_scale[m];
+  if (ep.b_scale) v = v * ep.b_scale[n];
+  if (ep.bias) v = v + ep.bias[n];
+  switch (ep.dtype) {
+    case at::kFloat: static_cast<float*>(ep.out)[m * ep.ldo + n] = v; break;
+    case at::kBFloat16: static_cast<at::BFloat16*>(ep.out)[m * ep.ldo + n] = at::BFloat16(v); break;
+    case at::kHalf: static_cast<at::Half*>(ep.out)[m * ep.ldo + n] = at::Half(v); break;
+    default: TORCH_CHECK(false, "int8_gemm: unsupported out_dtype");
+  }
+}
+
+#ifdef FASTATTN_X86
+// float32 -> bfloat16, round to nearest even, NaN -> quiet NaN (what c10::BFloat16 does).
+FA_TARGET_AVX512 inline __m256i cvt_f32_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+FA_TARGET_AVX512 inline __m512 load_bf16(const void* p, __mmask16 mask) {
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+FA_TARGET_AVX512 inline __m512 load_half(const void* p, __mmask16 mask) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
+}
+
+template <typename T>
+FA_TARGET_AVX512 inline __m512 load_f32x16(const T* p, __mmask16 mask) {
+  if constexpr (std::is_same_v<T, float>) return _mm512_maskz_loadu_ps(mask, p);
+  else if constexpr (std::is_same_v<T, at::BFloat16>) return load_bf16(p, mask);
+  else return load_half(p, mask);
+}
+
+inline __mmask16 tail_mask16(int64_t count) {
+  return count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1u);
+}
+
+// Epilogue of 16 accumulators (columns n0..n0+count-1 of row m).
+FA_TARGET_AVX512 inline void store_row16(const Epilogue& ep, int64_t m, int64_t n0, int64_t count,
+                                          __m512i acc) {
+  const __mmask16 mask = tail_mask16(count);
+  const int64_t off = m * ep.ldo + n0;
+  if (ep.dtype == at::kInt) {
+    _mm512_mask_storeu_epi32(static_cast<int32_t*>(ep.out) + off, mask, acc);
+    return;
+  }
+  __m512 v = _mm512_cvtepi32_ps(acc);
+  if (ep.a_scale) v = _mm512_mul_ps(v, _mm512_set1_ps(ep.a_scale[m]));
+  if (ep.b_scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, ep.b_scale + n0));
+  if (ep.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, ep.bias + n0));
+  if (ep.dtype == at::kFloat) {
+    _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + off, mask, v);
+  } else if (ep.dtype == at::kBFloat16) {
+    _mm256_mask_storeu_epi16(static_cast<at::BFloat16*>(ep.out) + off, mask, cvt_f32_bf16(v));
+  } else {
+    const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(static_cast<at::Half*>(ep.out) + off, mask, h);
+  }
+}
+
+// In-register transpose of a 16x16 matrix of 32-bit words: r[i] lane j -> r[j] lane i.
+FA_TARGET_AVX512 inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i a[16], b[16];
+  FA_UNROLL for (int i = 0; i < 16; i += 2) {
+    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // b[i + c] holds, in 128-bit lane L, column 4L + c of rows i..i+3
+  FA_UNROLL for (int i = 0; i < 16; i += 4) {
+    b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+    b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+    b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+    b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+  }
+  FA_UNROLL for (int c = 0; c < 4; ++c) {
+    const __m512i s0 = _mm512_shuffle_i32x4(b[c], b[4 + c], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i s1 = _mm512_shuffle_i32x4(b[c], b[4 + c], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i s2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i s3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], _MM_SHUFFLE(3, 2, 3, 2));
+    r[c] = _mm512_shuffle_i32x4(s0, s2, _MM_SHUFFLE(2, 0, 2, 0));
+    r[4 + c] = _mm512_shuffle_i32x4(s0, s2, _MM_SHUFFLE(3, 1, 3, 1));
+    r[8 + c] = _mm512_shuffle_i32x4(s1, s3, _MM_SHUFFLE(2, 0, 2, 0));
+    r[12 + c] = _mm512_shuffle_i32x4(s1, s3, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+// Packs rows [0, rows) (rows <= 16) of an int8 (rows, K) matrix with row stride ld into one
+// group of the VNNI layout: dst[k4][j][t] = src[j][4 * k4 + t], k4 < kp / 4 (kp % 4 == 0),
+// zero beyond K and beyond rows. With colsum, also writes sum_k src[j][k] for j < 16.
+FA_TARGET_VNNI void pack_vnni_group(const int8_t* src, int64_t ld, int64_t rows, int64_t K,
+                                    int64_t kp, int8_t* dst, int32_t* colsum) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i sum = _mm512_setzero_si512();
+  __m512i r[16];
+  for (int64_t k0 = 0; k0 < kp; k0 += 64) {
+    const int64_t valid = std::min<int64_t>(64, std::max<int64_t>(0, K - k0));
+    const __mmask64 mask = valid >= 64 ? ~__mmask64(0) : ((__mmask64(1) << valid) - 1);
+    FA_UNROLL for (int j = 0; j < 16; ++j)
+      r[j] = j < rows ? _mm512_maskz_loadu_epi8(mask, src + j * ld + k0) : _mm512_setzero_si512();
+    transpose16x16_epi32(r);
+    const int64_t n4 = std::min<int64_t>(16, (kp - k0) / 4);
+    int8_t* out = dst + k0 * 16;  // (k0 / 4) * 64
+    for (int64_t q = 0; q < n4; ++q) {
+      _mm512_storeu_si512(out + q * 64, r[q]);
+      sum = _mm512_dpbusd_epi32(sum, ones, r[q]);  // each lane j adds its 4 bytes of row j
+    }
+  }
+  if (colsum) _mm512_storeu_si512(colsum, sum);
+}
+#endif  // FASTATTN_X86
+
+// ------------------------------------------------------------------------------------------------
+// portable int8 GEMM (any CPU): int32 dot products, blocked for cache, parallel over tiles
+// ------------------------------------------------------------------------------------------------
+void gemm_scalar(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t M, int64_t N,
+                 int64_t K, const Epilogue& ep) {
+  constexpr int64_t kMB = 16, kNB = 64;
+  const int64_t tm = ceil_div(M, kMB), tn = ceil_div(N, kNB);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, kMB * kNB * K));
+  at::parallel_for(0, tm * tn, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = (t % tm) * kMB, n0 = (t / tm) * kNB;
+      for (int64_t m = m0; m < std::min(M, m0 + kMB); ++m) {
+        const int8_t* ar = a + m * lda;
+        for (int64_t n = n0; n < std::min(N, n0 + kNB); ++n) {
+          const int8_t* br = b + n * ldb;
+          int32_t acc = 0;
+          for (int64_t k = 0; k < K; ++k) acc += int32_t(ar[k]) * int32_t(br[k]);
+          store_scalar(ep, m, n, acc);
+        }
+      }
+    }
+  });
+}
+
+#ifdef FASTATTN_X86
+// ------------------------------------------------------------------------------------------------
+// AVX512-VNNI GEMM: out (M, N) = a (M, K) @ b (N, K).T
+// ------------------------------------------------------------------------------------------------
+constexpr int kVnniMR = 6;       // rows of a per micro-kernel
+constexpr int kVnniNR = 4;       // zmm columns (x16) of b per micro-kernel: a 64-column panel
+constexpr int64_t kVnniKC = 512; // K block: a 64 x 512 slice of packed b (32 KB) stays in L1d
+
+// acc[MR][NR] over nk4 groups of 4 k: a_u8 rows (a + 128) broadcast 4 bytes at a time, b from
+// the packed panel (NR groups, ldg bytes apart). Accumulators in c (MR, 64) int32 across K blocks.
+template <int MR, int NR>
+FA_TARGET_VNNI void vnni_kernel(const uint8_t* au, int64_t lda, const int8_t* bp, int64_t ldg,
+                                int64_t nk4, int32_t* c, bool accumulate) {
+  __m512i acc[MR][NR];
+  FA_UNROLL for (int i = 0; i < MR; ++i)
+    FA_UNROLL for (int j = 0; j < NR; ++j)
+      acc[i][j] = accumulate ? _mm512_load_si512(c + i * 64 + j * 16) : _mm512_setzero_si512();
+  for (int64_t q = 0; q < nk4; ++q) {
+    __m512i bv[NR];
+    FA_UNROLL for (int j = 0; j < NR; ++j) bv[j] = _mm512_loadu_si512(bp + j * ldg + q * 64);
+    FA_UNROLL for (int i = 0; i < MR; ++i) {
+      int32_t word;
+      std::memcpy(&word, au + i * lda + q * 4, 4);
+      const __m512i av = _mm512_set1_epi32(word);
+      FA_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, bv[j]);
+    }
+  }
+  FA_UNROLL for (int i = 0; i < MR; ++i)
+    FA_UNROLL for (int j = 0; j < NR; ++j) _mm512_store_si512(c + i * 64 + j * 16, acc[i][j]);
+}
+
+template <int MR>
+FA_TARGET_VNNI void vnni_kernel_nr(int nr, const uint8_t* au, int64_t lda, const int8_t* bp,
+                                   int64_t ldg, int64_t nk4, int32_t* c, bool accumulate) {
+  switch (nr) {
+    case 1: vnni_kernel<MR, 1>(au, lda, bp, ldg, nk4, c, accumulate); break;
+    case 2: vnni_kernel<MR, 2>(au, lda, bp, ldg, nk4, c, accumulate); break;
+    case 3: vnni_kernel<MR, 3>(au, lda, bp, ldg, nk4, c, accumulate); break;
+    default: vnni_kernel<MR, kVnniNR>(au, lda, bp, ldg, nk4, c, accumulate); break;
+  }
+}
+
+FA_TARGET_VNNI void vnni_micro(int mr, int nr, const uint8_t* au, int64_t lda, const int8_t* bp,
+                               int64_t ldg, int64_t nk4, int32_t* c, bool accumulate) {
+  switch (mr) {
+    case 1: vnni_kernel_nr<1>(nr, au, lda, bp, ldg, nk4, c, accumulate); break;
+    case 2: vnni_kernel_nr<2>(nr, au, lda, bp, ldg, nk4, c, accumulate); break;
+    case 3: vnni_kernel_nr<3>(nr, au, lda, bp, ldg, nk4, c, accumulate); break;
+    case 4: vnni_kernel_nr<4>(nr, au, lda, bp, ldg, nk4, c, accumulate); break;
+    case 5: vnni_kernel_nr<5>(nr, au, lda, bp, ldg, nk4, c, accumulate); break;
+    default: vnni_kernel_nr<kVnniMR>(nr, au, lda, bp, ldg, nk4, c, accumulate); break;
+  }
+}
+
+// a (M, K) -> a + 128 as uint8, rows padded with zeros to kp bytes (padding meets zero b bytes).
+FA_TARGET_AVX512 void shift_rows_u8(const int8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t K,
+                                    int64_t kp, uint8_t* au) {
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t k = 0; k < kp; k += 64) {
+      const int64_t valid = std::min<int64_t>(64, std::max<int64_t>(0, K - k));
+      const __mmask64 in = valid >= 64 ? ~__mmask64(0) : ((__mmask64(1) << valid) - 1);
+      const int64_t room = std::min<int64_t>(64, kp - k);
+      const __mmask64 out = room >= 64 ? ~__mmask64(0) : ((__mmask64(1) << room) - 1);
+      const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(in, a + m * lda + k), bias);
+      _mm512_mask_storeu_epi8(au + m * kp + k, out, _mm512_maskz_mov_epi8(in, v));
+    }
+  }
+}
+
+// The epilogue of one (mr, 64) accumulator block: subtract 128 * colsum(b), then store.
+FA_TARGET_VNNI void vnni_store(const Epilogue& ep, const int32_t* c, const int32_t* comp, int64_t m0,
+                               int mr, int64_t n0, int64_t N) {
+  for (int i = 0; i < mr; ++i)
+    for (int64_t j = 0; j < 64 && n0 + j < N; j += 16) {
+      const __m512i acc = _mm512_sub_epi32(_mm512_load_si512(c + i * 64 + j),
+                                           _mm512_loadu_si512(comp + n0 + j));
+      store_row16(ep, m0 + i, n0 + j, N - n0 - j, acc);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Small M (decoding): dot products along K. b is read row by row as it lies in memory, 64 k per
+// dpbusd, so nothing is packed and the kernel streams b once at memory speed; the tile kernels
+// would pack b or a and spend 32-row AMX tiles (or 6-row VNNI blocks) on a handful of rows.
+// ------------------------------------------------------------------------------------------------
+constexpr int kDotMR = 4;          // rows of a per micro-kernel
+constexpr int kDotNR = 4;          // rows of b per micro-kernel
+
+// Largest M for which the dot-product kernel beats the tile kernels (measured, K = N = 4096 and
+// K = 768, N = 3072, one core): up to 8 rows against the VNNI tiles; against AMX only for one
+// row, or two when K is long enough (>= 2048) for the streaming to dominate.
+inline int64_t dot_max_m(Isa isa, int64_t K) {
+  if (isa == Isa::kVnni) return 8;
+  return K >= 2048 ? 2 : 1;
+}
+
+// acc[i][j] = sum_k au[i][k] * b[j][k] (au = a + 128, unsigned) and comp[j] = sum_k b[j][k];
+// out[i * kDotNR + j] = acc - 128 * comp, the exact signed product.
+template <int MR, int NR>
+FA_TARGET_VNNI void dot_kernel(const uint8_t* au, int64_t lda, const int8_t* b, int64_t ldb,
+                               int64_t K, int32_t* out) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc[MR][NR], comp[NR];
+  FA_UNROLL for (int j = 0; j < NR; ++j) {
+    comp[j] = _mm512_setzero_si512();
+    FA_UNROLL for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_setzero_si512();
+  }
+  for (int64_t k = 0; k < K; k += 64) {
+    const int64_t valid = std::min<int64_t>(64, K - k);
+    const __mmask64 mask = valid >= 64 ? ~__mmask64(0) : ((__mmask64(1) << valid) - 1);
+    __m512i bv[NR];
+    FA_UNROLL for (int j = 0; j < NR; ++j) {
+      bv[j] = _mm512_maskz_loadu_epi8(mask, b + j * ldb + k);
+      comp[j] = _mm512_dpbusd_epi32(comp[j], ones, bv[j]);
+    }
+    FA_UNROLL for (int i = 0; i < MR; ++i) {
+      const __m512i av = _mm512_loadu_si512(au + i * lda + k);  // rows padded to 64 bytes
+      FA_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, bv[j]);
+    }
+  }
+  FA_UNROLL for (int j = 0; j < NR; ++j) {
+    const int32_t c = _mm512_reduce_add_epi32(comp[j]);
+    FA_UNROLL for (int i = 0; i < MR; ++i)
+      out[i * kDotNR + j] = static_cast<int32_t>(
+          static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i][j])) - 128u * static_cast<uint32_t>(c));
+  }
+}
+
+template <int MR>
+FA_TARGET_VNNI void dot_kernel_nr(int nr, const uint8_t* au, int64_t lda, const int8_t* b,
+                                  int64_t ldb, int64_t K, int32_t* out) {
+  switch (nr) {
+    case 1: dot_kernel<MR, 1>(au, lda, b, ldb, K, out); break;
+    case 2: dot_kernel<MR, 2>(au, lda, b, ldb, K, out); break;
+    case 3: dot_kernel<MR, 3>(au, lda, b, ldb, K, out); break;
+    default: dot_kernel<MR, kDotNR>(au, lda, b, ldb, K, out); break;
+  }
+}
+
+FA_TARGET_VNNI void dot_micro(int mr, int nr, const uint8_t* au, int64_t lda, const int8_t* b,
+                              int64_t ldb, int64_t K, int32_t* out) {
+  switch (mr) {
+    case 1: dot_kernel_nr<1>(nr, au, lda, b, ldb, K, out); break;
+    case 2: dot_kernel_nr<2>(nr, au, lda, b, ldb, K, out); break;
+    case 3: dot_kernel_nr<3>(nr, au, lda, b, ldb, K, out); break;
+    default: dot_kernel_nr<kDotMR>(nr, au, lda, b, ldb, K, out); break;
+  }
+}
+
+FA_TARGET_AVX512 void shift_rows_u8(const int8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t K,
+                                    int64_t kp, uint8_t* au);
+
+// One task: rows [n0, n0 + 16) of b against every row of a; each a row's 16 results leave
+// through one vector epilogue.
+FA_TARGET_VNNI void dot_task(const uint8_t* au, int64_t kp, const int8_t* b, int64_t ldb, int64_t M,
+                             int64_t N, int64_t K, int64_t n0, const Epilogue& ep) {
+  alignas(64) int32_t res[kDotMR][16];
+  int32_t acc[kDotMR * kDotNR];
+  const int64_t n_end = std::min<int64_t>(N, n0 + 16);
+  for (int64_t m = 0; m < M; m += kDotMR) {
+    const int mr = static_cast<int>(std::min<int64_t>(kDotMR, M - m));
+    for (int64_t n = n0; n < n_end; n += kDotNR) {
+      const int nr = static_cast<int>(std::min<int64_t>(kDotNR, n_end - n));
+      dot_micro(mr, nr, au + m * kp, kp, b + n * ldb, ldb, K, acc);
+      for (int i = 0; i < mr; ++i)
+        for (int j = 0; j < nr; ++j) res[i][n - n0 + j] = acc[i * kDotNR + j];
+    }
+    for (int i = 0; i < mr; ++i)
+      store_row16(ep, m + i, n0, n_end - n0, _mm512_load_si512(res[i]));
+  }
+}
+
+void gemm_dot(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t M, int64_t N,
+              int64_t K, const Epilogue& ep) {
+  const int64_t kp = round_up(K, 64);
+  at::Tensor au_t = at::empty({M * kp}, at::kByte);
+  uint8_t* au = au_t.data_ptr<uint8_t>();
+  shift_rows_u8(a, lda, 0, M, K, kp, au);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, 16 * K));
+  at::parallel_for(0, ceil_div(N, 16), grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) dot_task(au, kp, b, ldb, M, N, K, t * 16, ep);
+  });
+}
+
+void gemm_vnni(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t M, int64_t N,
+               int64_t K, const Epilogue& ep) {
+  const int64_t kp = round_up(K, 4);
+  const int64_t groups = ceil_div(N, 16);
+  const int64_t ldg = kp * 16;  // bytes of one packed group of 16 columns
+  at::Tensor packed = at::empty({groups * ldg + 64}, at::kChar);
+  at::Tensor comp_t = at::empty({groups * 16}, at::kInt);
+  at::Tensor au_t = at::empty({M * kp + 64}, at::kByte);
+  int8_t* bp = packed.data_ptr<int8_t>();
+  int32_t* comp = comp_t.data_ptr<int32_t>();
+  uint8_t* au = au_t.data_ptr<uint8_t>();
+  // 1) pack b into the VNNI layout with 128 * colsum, and shift a to unsigned (both O(size))
+  const int64_t prep_tasks = groups + ceil_div(M, 64);
+  const bool prep_serial = (N + M) * kp < kParallelPackBytes;
+  at::parallel_for(0, prep_tasks, prep_serial ? prep_tasks : 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      if (t < groups) {
+        const int64_t n0 = t * 16;
+        pack_vnni_group(b + n0 * ldb, ldb, std::min<int64_t>(16, N - n0), K, kp, bp + t * ldg,
+                        comp + n0);
+        for (int j = 0; j < 16; ++j) comp[n0 + j] *= 128;
+      } else {
+        const int64_t m0 = (t - groups) * 64;
+        shift_rows_u8(a, lda, m0, std::min(M, m0 + 64), K, kp, au);
+      }
+    }
+  });
+  // 2) tiles: 64-column panels x row chunks, parallel
+  const int64_t panels = ceil_div(groups, kVnniNR);
+  const int threads = at::get_num_threads();
+  int64_t mchunks = 1;
+  if (panels < 4 * threads) mchunks = std::min(ceil_div(M, kVnniMR), ceil_div(4 * threads, panels));
+  const int64_t mc = round_up(ceil_div(M, mchunks), kVnniMR);
+  mchunks = ceil_div(M, mc);
+  const int64_t work_per_task = mc * 64 * kp;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(1, work_per_task));
+  at::parallel_for(0, panels * mchunks, grain, [&](int64_t t0, int64_t t1) {
+    Scratch scratch;
+    int32_t* c = scratch.get<int32_t>(mc * 64);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t panel = t / mchunks, m_begin = (t % mchunks) * mc;
+      const int64_t m_end = std::min(M, m_begin + mc);
+      const int nr = static_cast<int>(std::min<int64_t>(kVnniNR, groups - panel * kVnniNR));
+      const int8_t* bpanel = bp + panel * kVnniNR * ldg;
+      for (int64_t k0 = 0; k0 < kp; k0 += kVnniKC) {
+        const int64_t kc = std::min(kVnniKC, kp - k0);
+        const bool first = k0 == 0, last = k0 + kc >= kp;
+        for (int64_t m = m_begin; m < m_end; m += kVnniMR) {
+          const int mr = static_cast<int>(std::min<int64_t>(kVnniMR, m_end - m));
+          int32_t* cm = c + (m - m_begin) * 64;
+          vnni_micro(mr, nr, au + m * kp + k0, kp, bpanel + k0 * 16, ldg, kc / 4, cm, !first);
+          if (last) vnni_store(ep, cm, comp, m, mr, panel * 64, N);
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// AMX GEMM. The tile product is C (rows of R, columns of Q) = R (P, K) @ Q (Qn, K).T, where R is
+// read row-major by tile loads and Q is packed into the VNNI layout. Which of a and b plays R is
+// chosen per call (see gemm_amx): packing costs O(size) byte shuffles, so the smaller operand, or
+// the one whose packing is cheaper than transposing the output tiles, is packed.
+// ------------------------------------------------------------------------------------------------
+struct TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+FA_TARGET_AMX void amx_begin() {
+  TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+FA_TARGET_AMX void amx_end() { _tile_release(); }
+
+// One 32x32 block: tiles 0-3 accumulate C, 4-5 hold 16 rows of R each, 6-7 one Q group each.
+// Loads are interleaved with the dot products so that a tile is reloaded only after its last
+// reader issued (measured 2x faster than loading all four operands first).
+FA_TARGET_AMX void amx_block(const int8_t* r, int64_t ldr, const int8_t* q0, const int8_t* q1,
+                             int64_t chunks, int32_t* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int8_t* r1 = r + 16 * ldr;
+  for (int64_t i = 0; i < chunks; ++i) {
+    _tile_loadd(4, r + i * 64, ldr);
+    _tile_loadd(6, q0 + i * 1024, 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_loadd(7, q1 + i * 1024, 64);
+    _tile_dpbssd(1, 4, 7);
+    _tile_loadd(5, r1 + i * 64, ldr);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+  }
+  _tile_stored(0, c, 128);
+  _tile_stored(1, c + 16, 128);
+  _tile_stored(2, c + 16 * 32, 128);
+  _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+
+// Epilogue of a 32x32 block c (rows r0.. of R, columns q0.. of Q). When R is a, out[r][q] = c;
+// when R is b (transposed), out[q][r] = c, transposed 16x16 at a time in registers.
+FA_TARGET_AMX void amx_store(const Epilogue& ep, const int32_t* c, int64_t r0, int64_t rows,
+                             int64_t q0, int64_t cols, bool transposed) {
+  if (!transposed) {
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; j += 16)
+        store_row16(ep, r0 + i, q0 + j, cols - j, _mm512_load_si512(c + i * 32 + j));
+    return;
+  }
+  __m512i t[16];
+  for (int64_t ih = 0; ih < rows; ih += 16)
+    for (int64_t jh = 0; jh < cols; jh += 16) {
+      FA_UNROLL for (int i = 0; i < 16; ++i) t[i] = _mm512_load_si512(c + (ih + i) * 32 + jh);
+      transpose16x16_epi32(t);
+      for (int64_t j = 0; j < std::min<int64_t>(16, cols - jh); ++j)
+        store_row16(ep, q0 + jh + j, r0 + ih, rows - ih, t[j]);
+    }
+}
+
+// Copies rows [r0, r0 + 32) of R (zero rows beyond P, zero bytes beyond K) to buf (ld kp + 64:
+// a stride that is not a multiple of 4 KB keeps the 32 rows out of the same L1 set).
+FA_TARGET_AVX512 void copy_rows_padded(const int8_t* src, int64_t ld, int64_t r0, int64_t P,
+                                       int64_t K, int64_t kp, int8_t* buf, int64_t ldbuf) {
+  for (int64_t i = 0; i < 32; ++i) {
+    int8_t* dst = buf + i * ldbuf;
+    if (r0 + i >= P) {
+      std::memset(dst, 0, kp);
+      continue;
+    }
+    const int8_t* s = src + (r0 + i) * ld;
+    for (int64_t k = 0; k < kp; k += 64) {
+      const int64_t valid = std::min<int64_t>(64, std::max<int64_t>(0, K - k));
+      const __mmask64 mask = valid >= 64 ? ~__mmask64(0) : ((__mmask64(1) << valid) - 1);
+      _mm512_storeu_si512(dst + k, _mm512_maskz_loadu_epi8(mask, s + k));
+    }
+  }
+}
+
+FA_TARGET_AMX void amx_tasks(int64_t t0, int64_t t1, const int8_t* R, int64_t ldr, int64_t P,
+                             const int8_t* qp, int64_t Qn, int64_t K, int64_t kp, int64_t rblocks,
+                             int64_t panel_cols, bool transposed, const Epilogue& ep) {
+  Scratch scratch;
+  const int64_t ldbuf = kp + 64;
+  int8_t* rbuf = scratch.get<int8_t>(32 * ldbuf + 64 + 32 * 32 * 4);
+  int32_t* c = reinterpret_cast<int32_t*>(rbuf + round_up(32 * ldbuf, 64));
+  const int64_t chunks = kp / 64, ldq = kp * 16;
+  const bool direct = K % 64 == 0;  // R rows are tile-loadable in place
+  amx_begin();
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t panel = t / rblocks, r0 = (t % rblocks) * 32;
+    const int8_t* rb;
+    int64_t ld;
+    if (direct && r0 + 32 <= P) {
+      rb = R + r0 * ldr;
+      ld = ldr;
+    } else {
+      copy_rows_padded(R, ldr, r0, P, K, kp, rbuf, ldbuf);
+      rb = rbuf;
+      ld = ldbuf;
+    }
+    const int64_t q_begin = panel * panel_cols, q_end = std::min(Qn, q_begin + panel_cols);
+    for (int64_t q0 = q_begin; q0 < q_end; q0 += 32) {
+      const int8_t* g0 = qp + (q0 / 16) * ldq;
+      amx_block(rb, ld, g0, g0 + ldq, chunks, c);
+      amx_store(ep, c, r0, std::min<int64_t>(32, P - r0), q0, std::min<int64_t>(32, Qn - q0),
+                transposed);
+    }
+  }
+  amx_end();
+}
+
+void gemm_amx(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t M, int64_t N,
+              int64_t K, const Epilogue& ep) {
+  // Packing Q costs ~O(Qn * K) shuffles; the transposed epilogue (R = b) costs ~O(M * N) more
+  // shuffles than the plain one. Pack b (R = a) only when b is not much larger than a.
+  const bool transposed = static_cast<double>(N - M) * K > 3.0 * static_cast<double>(M) * N;
+  const int8_t* R = transposed ? b : a;
+  const int8_t* Q = transposed ? a : b;
+  const int64_t ldr = transposed ? ldb : lda, ldq_src = transposed ? lda : ldb;
+  const int64_t P = transposed ? N : M, Qn = transposed ? M : N;
+  const int64_t kp = round_up(K, 64);
+  const int64_t groups = round_up(Qn, 32) / 16;
+  at::Tensor packed = at::empty({groups * kp * 16 + 64}, at::kChar);
+  int8_t* qp = packed.data_ptr<int8_t>();
+  // (packing is ~0.1 cycle per byte: below ~1 MB a parallel region costs more than it saves)
+  at::parallel_for(0, groups, std::max<int64_t>(1, kParallelPackBytes / std::max<int64_t>(1, 16 * kp)),
+                   [&](int64_t g0, int64_t g1) {
+                     for (int64_t g = g0; g < g1; ++g)
+                       pack_vnni_group(Q + g * 16 * ldq_src, ldq_src,
+                                       std::clamp<int64_t>(Qn - g * 16, 0, 16), K, kp,
+                                       qp + g * kp * 16, nullptr);
+                   });
+  // tasks: (column panel of Q) x (32-row block of R); consecutive tasks share the Q panel so it
+  // stays in L2 while R blocks stream through.
+  const int64_t panel_cols = std::min<int64_t>(round_up(Qn, 32), 256);
+  const int64_t panels = ceil_div(Qn, panel_cols), rblocks = ceil_div(P, 32);
+  const int64_t work = 32 * panel_cols * kp;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(1, work));
+  at::parallel_for(0, panels * rblocks, grain, [&](int64_t t0, int64_t t1) {
+    amx_tasks(t0, t1, R, ldr, P, qp, Qn, K, kp, rblocks, panel_cols, transposed, ep);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// quantize_per_token (AVX-512): per row absmax, then q = clamp(rne(x * (127 / absmax)))
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+FA_TARGET_AVX512 void quantize_rows_avx512(const T* x, int64_t ldx, int64_t m0, int64_t m1,
+                                           int64_t K, int8_t* q, float* scale) {
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  for (int64_t m = m0; m < m1; ++m) {
+    const T* row = x + m * ldx;
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 v = load_f32x16(row + k, tail_mask16(K - k));
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+    }
+    float absmax = _mm512_reduce_max_ps(vmax);
+    if (nan) absmax = std::numeric_limits<float>::quiet_NaN();
+    const float inv = inverse_scale(absmax);
+    scale[m] = absmax / 127.0f;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    int8_t* qrow = q + m * K;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mask = tail_mask16(K - k);
+      __m512 y = _mm512_mul_ps(load_f32x16(row + k, mask), vinv);
+      y = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      // NaN (0 * inf, NaN input) -> 0, as torch's float -> int8 conversion gives on x86
+      y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, y, _CMP_ORD_Q), y);
+      y = _mm512_min_ps(_mm512_max_ps(y, lo), hi);
+      _mm_mask_storeu_epi8(qrow + k, mask, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(y)));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// weight-only linear (AVX-512): out[m][n] = (sum_k x[m][k] * float(w[n][k])) * scale[n] + bias[n]
+// ------------------------------------------------------------------------------------------------
+
+// With few accumulators (MR * NR <= 8) the FMA latency (4 cycles) would bound the loop: K is
+// then split over two independent accumulator banks (even/odd 16-element chunks).
+template <int MR, int NR>
+FA_TARGET_AVX512 void wo_kernel(const float* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t K,
+                                float* dots /* (MR, NR) */) {
+  constexpr int kBanks = MR * NR <= 8 ? 2 : 1;
+  __m512 acc[kBanks][MR][NR];
+  FA_UNROLL for (int u = 0; u < kBanks; ++u)
+    FA_UNROLL for (int i = 0; i < MR; ++i)
+      FA_UNROLL for (int j = 0; j < NR; ++j) acc[u][i][j] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += 16 * kBanks) {
+    FA_UNROLL for (int u = 0; u < kBanks; ++u) {
+      const int64_t k = k0 + 16 * u;
+      const __mmask16 mask = tail_mask16(std::max<int64_t>(0, K - k));
+      __m512 wv[NR];
+      FA_UNROLL for (int j = 0; j < NR; ++j)
+        wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + j * ldw + k)));
+      FA_UNROLL for (int i = 0; i < MR; ++i) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mask, x + i * ldx + k);
+        FA_UNROLL for (int j = 0; j < NR; ++j) acc[u][i][j] = _mm512_fmadd_ps(xv, wv[j], acc[u][i][j]);
+      }
+    }
+  }
+  FA_UNROLL for (int i = 0; i < MR; ++i)
+    FA_UNROLL for (int j = 0; j < NR; ++j) {
+      __m512 v = acc[0][i][j];
+      if constexpr (kBanks == 2) v = _mm512_add_ps(v, acc[1][i][j]);
+      dots[i * NR + j] = _mm512_reduce_add_ps(v);
+    }
+}
+
+template <int MR>
+FA_TARGET_AVX512 void wo_kernel_nr(int nr, const float* x, int64_t ldx, const int8_t* w,
+                                   int64_t ldw, int64_t K, float* dots) {
+  switch (nr) {
+    case 1: wo_kernel<MR, 1>(x, ldx, w, ldw, K, dots); break;
+    case 2: wo_kernel<MR, 2>(x, ldx, w, ldw, K, dots); break;
+    case 3: wo_kernel<MR, 3>(x, ldx, w, ldw, K, dots); break;
+    default: wo_kernel<MR, kWoN>(x, ldx, w, ldw, K, dots); break;
+  }
+}
+
+FA_TARGET_AVX512 void wo_micro(int mr, int nr, const float* x, int64_t ldx, const int8_t* w,
+                               int64_t ldw, int64_t K, float* dots) {
+  switch (mr) {
+    case 1: wo_kernel_nr<1>(nr, x, ldx, w, ldw, K, dots); break;
+    case 2: wo_kernel_nr<2>(nr, x, ldx, w, ldw, K, dots); break;
+    case 3: wo_kernel_nr<3>(nr, x, ldx, w, ldw, K, dots); break;
+    default: wo_kernel_nr<kWoM>(nr, x, ldx, w, ldw, K, dots); break;
+  }
+}
+#endif  // FASTATTN_X86
+
+// ------------------------------------------------------------------------------------------------
+// argument checks shared by the ops
+// ------------------------------------------------------------------------------------------------
+at::Tensor rows_contiguous(const at::Tensor& t) {
+  return (t.stride(-1) == 1 || t.size(-1) <= 1) ? t : t.contiguous();
+}
+
+at::Tensor float_vector(const std::optional<at::Tensor>& t, int64_t n, const char* op,
+                        const char* name) {
+  if (!t.has_value() || !t->defined()) return {};
+  TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t->device());
+  TORCH_CHECK(t->is_floating_point(), op, ": ", name, " must be a floating-point tensor, got ",
+              t->scalar_type());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == n, op, ": ", name, " must have shape (", n,
+              ",), got ", t->sizes());
+  return t->to(at::kFloat).contiguous();
+}
+
+// ------------------------------------------------------------------------------------------------
+// ops
+// ------------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() == 2, "quantize_per_token: x must be 2-D (M, K), got ", x_in.sizes());
+  const auto dt = x_in.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "quantize_per_token: x must be float32, bfloat16 or float16, got ", dt);
+  const at::Tensor x = rows_contiguous(x_in);
+  const int64_t M = x.size(0), K = x.size(1), ldx = x.stride(0);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M == 0) return {q, scale};
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, kParallelQuantElems / std::max<int64_t>(1, K));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "quantize_per_token", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+#ifdef FASTATTN_X86
+    if (use_avx512()) {
+      at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+        quantize_rows_avx512<scalar_t>(xp, ldx, m0, m1, K, qp, sp);
+      });
+      return;
+    }
+#endif
+    at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        const scalar_t* row = xp + m * ldx;
+        float absmax = 0.0f;
+        bool nan = false;
+        for (int64_t k = 0; k < K; ++k) {
+          const float v = static_cast<float>(row[k]);
+          nan |= std::isnan(v);
+          absmax = std::max(absmax, std::fabs(v));
+        }
+        if (nan) absmax = std::numeric_limits<float>::quiet_NaN();
+        const float inv = inverse_scale(absmax);
+        sp[m] = absmax / 127.0f;
+        for (int64_t k = 0; k < K; ++k) {
+          float y = std::nearbyint(static_cast<float>(row[k]) * inv);  // round half to even
+          y = std::isnan(y) ? 0.0f : std::min(127.0f, std::max(-127.0f, y));
+          qp[m * K + k] = static_cast<int8_t>(y);
+        }
+      }
+    });
+  });
+  return {q, scale};
+}
+
+at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in,
+                         const std::optional<at::Tensor>& a_scale_in,
+                         const std::optional<at::Tensor>& b_scale_in,
+                         const std::optional<at::Tensor>& bias_in,
+                         std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(a_in.dim() == 2 && b_in.dim() == 2, "int8_gemm: a (M, K) and b (N, K) must be 2-D, "
+              "got a ", a_in.sizes(), " and b ", b_in.sizes());
+  TORCH_CHECK(a_in.scalar_type() == at::kChar, "int8_gemm: a must be int8, got ", a_in.scalar_type());
+  TORCH_CHECK(b_in.scalar_type() == at::kChar, "int8_gemm: b must be int8, got ", b_in.scalar_type());
+  TORCH_CHECK(a_in.size(1) == b_in.size(1), "int8_gemm: a.shape[1] (", a_in.size(1),
+              ") must equal b.shape[1] (", b_in.size(1), ")");
+  TORCH_CHECK(a_in.device().is_cpu() && b_in.device().is_cpu(), "int8_gemm: CPU tensors expected");
+  const int64_t M = a_in.size(0), N = b_in.size(0), K = a_in.size(1);
+  const at::Tensor a_scale = float_vector(a_scale_in, M, "int8_gemm", "a_scale");
+  const at::Tensor b_scale = float_vector(b_scale_in, N, "int8_gemm", "b_scale");
+  const at::Tensor bias = float_vector(bias_in, N, "int8_gemm", "bias");
+  const bool dequant = a_scale.defined() || b_scale.defined();
+  at::ScalarType dtype = at::kInt;
+  if (dequant) {
+    dtype = out_dtype.value_or(at::kFloat);
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                "int8_gemm: out_dtype must be float32, bfloat16 or float16, got ", dtype);
+  } else {
+    TORCH_CHECK(!bias.defined(), "int8_gemm: bias needs a_scale and/or b_scale (without scales "
+                "the result is the raw int32 accumulator)");
+    TORCH_CHECK(!out_dtype.has_value() || *out_dtype == at::kInt, "int8_gemm: without scales the "
+                "result is int32; out_dtype must be None or torch.int32, got ", *out_dtype);
+  }
+  at::Tensor out = at::empty({M, N}, a_in.options().dtype(dtype));
+  if (M == 0 || N == 0) return out;
+  const at::Tensor a = rows_contiguous(a_in), b = rows_contiguous(b_in);
+  Epilogue ep;
+  ep.out = out.data_ptr();
+  ep.ldo = N;
+  ep.dtype = dtype;
+  ep.a_scale = a_scale.defined() ? a_scale.const_data_ptr<float>() : nullptr;
+  ep.b_scale = b_scale.defined() ? b_scale.const_data_ptr<float>() : nullptr;
+  ep.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  const int8_t* ap = a.const_data_ptr<int8_t>();
+  const int8_t* bp = b.const_data_ptr<int8_t>();
+  const Isa isa = K == 0 ? Isa::kScalar : best_isa();
+#ifdef FASTATTN_X86
+  const int64_t dot_max = dot_max_m(isa, K);
+  if (isa != Isa::kScalar && M <= dot_max) {
+    gemm_dot(ap, a.stride(0), bp, b.stride(0), M, N, K, ep);
+    return out;
+  }
+  if (isa == Isa::kAmx) {
+    gemm_amx(ap, a.stride(0), bp, b.stride(0), M, N, K, ep);
+    return out;
+  }
+  if (isa == Isa::kVnni) {
+    gemm_vnni(ap, a.stride(0), bp, b.stride(0), M, N, K, ep);
+    return out;
+  }
+#endif
+  (void)isa;
+  gemm_scalar(ap, a.stride(0), bp, b.stride(0), M, N, K, ep);
+  return out;
+}
+
+at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
+                                       const at::Tensor& w_scale_in,
+                                       const std::optional<at::Tensor>& bias_in) {
+  constexpr const char* op = "int8_weight_only_linear";
+  TORCH_CHECK(x_in.dim() == 2, op, ": x must be 2-D (M, K), got ", x_in.sizes());
+  const auto dt = x_in.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": x must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(w_in.dim() == 2 && w_in.scalar_type() == at::kChar, op,
+              ": w_int8 must be a 2-D int8 tensor (N, K), got ", w_in.scalar_type(), " ", w_in.sizes());
+  TORCH_CHECK(w_in.size(1) == x_in.size(1), op, ": x.shape[1] (", x_in.size(1),
+              ") must equal w_int8.shape[1] (", w_in.size(1), ")");
+  TORCH_CHECK(x_in.device().is_cpu() && w_in.device().is_cpu(), op, ": CPU tensors expected");
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = w_in.size(0);
+  const at::Tensor w_scale = float_vector(w_scale_in, N, op, "w_scale");
+  const at::Tensor bias = float_vector(bias_in, N, op, "bias");
+  at::Tensor out = at::empty({M, N}, x_in.options());
+  if (M == 0 || N == 0) return out;
+  const at::Tensor w = rows_contiguous(w_in);
+  const at::Tensor xf = rows_contiguous(x_in).to(at::kFloat);  // float32 rows: x is small here
+  const float* xp = xf.const_data_ptr<float>();
+  const int8_t* wp = w.const_data_ptr<int8_t>();
+  const float* sp = w_scale.const_data_ptr<float>();
+  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  const int64_t ldx = xf.stride(0), ldw = w.stride(0);
+  // out (M, N) float32, then one cast: rows of w are the parallel axis (each is read once per
+  // 4 rows of x, from L1)
+  at::Tensor acc = dt == at::kFloat ? out : at::empty({M, N}, x_in.options().dtype(at::kFloat));
+  float* op_ = acc.data_ptr<float>();
+  constexpr int64_t kNB = 16;  // rows of w per task
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kNB * K));
+  const bool simd = use_avx512();
+  at::parallel_for(0, ceil_div(N, kNB), grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n_end = std::min(N, (t + 1) * kNB);
+      for (int64_t n = t * kNB; n < n_end; n += kWoN) {
+        const int nr = static_cast<int>(std::min<int64_t>(kWoN, n_end - n));
+        for (int64_t m = 0; m < M; m += kWoM) {
+          const int mr = static_cast<int>(std::min<int64_t>(kWoM, M - m));
+          float dots[kWoM * kWoN];
+#ifdef FASTATTN_X86
+          if (simd) {
+            wo_micro(mr, nr, xp + m * ldx, ldx, wp + n * ldw, ldw, K, dots);
+          } else
+#endif
+          {
+            for (int i = 0; i < mr; ++i)
+              for (int j = 0; j < nr; ++j) {
+                float s = 0.0f;
+                for (int64_t k = 0; k < K; ++k)
+                  s += xp[(m + i) * ldx + k] * static_cast<float>(wp[(n + j) * ldw + k]);
+                dots[i * nr + j] = s;
+              }
+          }
+          for (int i = 0; i < mr; ++i)
+            for (int j = 0; j < nr; ++j) {
+              float v = dots[i * nr + j] * sp[n + j];
+              if (bp) v = v + bp[n + j];
+              op_[(m + i) * N + n + j] = v;
+            }
+        }
+      }
+    }
+  });
+  (void)simd;
+  if (dt != at::kFloat) out.copy_(acc);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("quantize_per_token", &quantize_per_token_cpu);
+  m.impl("int8_gemm", &int8_gemm_cpu);
+  m.impl("int8_weight_only_linear", &int8_weight_only_linear_cpu);
+}

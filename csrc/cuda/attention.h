@@ -1,0 +1,112 @@
+// Torch-free host API of the fastattn CUDA attention kernels (raw pointers, element strides,
+// cudaStream_t). Semantics are those of the op schemas in csrc/fastattn.cpp.
+#pragma once
+
+#include <driver_types.h>
+
+#include <cstdint>
+
+#include "dtype.h"
+#include "launch_params.h"
+
+namespace fastattn::cuda {
+
+// Query i may see key j iff j - i lies in [diag_offset - window_left, diag_offset + window_right]
+// (a negative window side is unbounded) and j < len_k. The last dimension of q/k/v/out is
+// contiguous; every other stride is free (broadcast dims of the mask may have stride 0).
+struct AttnFwdParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* mask = nullptr;  // additive, q's dtype, (B, H, L, S) by strides; may be null
+  void* out = nullptr;         // (B, H, L, Ev), q's dtype
+  float* lse = nullptr;        // (B, H, L)
+  int64_t q_stride_b = 0, q_stride_h = 0, q_stride_l = 0;
+  int64_t k_stride_b = 0, k_stride_h = 0, k_stride_s = 0;
+  int64_t v_stride_b = 0, v_stride_h = 0, v_stride_s = 0;
+  int64_t mask_stride_b = 0, mask_stride_h = 0, mask_stride_l = 0, mask_stride_s = 0;
+  int64_t out_stride_b = 0, out_stride_h = 0, out_stride_l = 0;
+  int64_t lse_stride_b = 0, lse_stride_h = 0;
+  int batch = 0, heads = 0, kv_heads = 0, len_q = 0, len_k = 0, head_dim = 0, head_dim_v = 0;
+  float scale = 1.0f;
+  int64_t window_left = -1, window_right = -1, diag_offset = 0;
+};
+
+cudaError_t attention_fwd(const AttnFwdParams& p, DType dtype, cudaStream_t stream);
+
+// Backward from the saved lse; delta = rowsum(grad_out * out) - grad_lse. Writes dq (B, H, L, E),
+// dk (B, Hkv, S, E), dv (B, Hkv, S, Ev) in q's dtype and, when dmask is given, dmask = dS
+// (gradient of the additive mask) at every (i, j) with i < L, j < S that a query can see
+// (dmask must be zero-initialised: blocks outside the window are not visited). `workspace` is a
+// float32 buffer of 2 * B * H * L elements (delta and the base-2 lse per row). Deterministic: no
+// atomics anywhere (dK/dV and dQ are computed by separate kernels).
+struct AttnBwdParams {
+  const void* grad_out = nullptr;
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* out = nullptr;
+  const float* lse = nullptr;
+  const float* grad_lse = nullptr;  // may be null
+  const void* mask = nullptr;       // may be null
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  void* dmask = nullptr;  // may be null
+  float* workspace = nullptr;
+  int64_t do_stride_b = 0, do_stride_h = 0, do_stride_l = 0;
+  int64_t q_stride_b = 0, q_stride_h = 0, q_stride_l = 0;
+  int64_t k_stride_b = 0, k_stride_h = 0, k_stride_s = 0;
+  int64_t v_stride_b = 0, v_stride_h = 0, v_stride_s = 0;
+  int64_t o_stride_b = 0, o_stride_h = 0, o_stride_l = 0;
+  int64_t lse_stride_b = 0, lse_stride_h = 0;
+  int64_t glse_stride_b = 0, glse_stride_h = 0;
+  int64_t mask_stride_b = 0, mask_stride_h = 0, mask_stride_l = 0, mask_stride_s = 0;
+  int64_t dq_stride_b = 0, dq_stride_h = 0, dq_stride_l = 0;
+  int64_t dk_stride_b = 0, dk_stride_h = 0, dk_stride_s = 0;
+  int64_t dv_stride_b = 0, dv_stride_h = 0, dv_stride_s = 0;
+  int64_t dmask_stride_b = 0, dmask_stride_h = 0, dmask_stride_l = 0, dmask_stride_s = 0;
+  int batch = 0, heads = 0, kv_heads = 0, len_q = 0, len_k = 0, head_dim = 0, head_dim_v = 0;
+  float scale = 1.0f;
+  int64_t window_left = -1, window_right = -1, diag_offset = 0;
+};
+
+cudaError_t attention_bwd(const AttnBwdParams& p, DType dtype, cudaStream_t stream);
+
+// Decoding against a KV cache, split along the keys (flash-decoding) and combined.
+// k_new/v_new (B, Hkv, Lq, E) are first written into the caches at cache_seqlens[b] (positions
+// past the capacity are dropped: lengths are clamped on the device, never synchronised).
+// Query i of batch b sees keys [0, total_b - Lq + i] (causal) or [0, total_b), total_b =
+// seqlens[b] (+ Lq with k_new). Last dims contiguous.
+struct KvcacheParams {
+  const void* q = nullptr;
+  void* k_cache = nullptr;
+  void* v_cache = nullptr;
+  const int32_t* seqlens = nullptr;
+  const void* k_new = nullptr;  // may be null (then v_new is null too)
+  const void* v_new = nullptr;
+  void* out = nullptr;           // (B, H, Lq, E)
+  float* partial_out = nullptr;  // workspace: num_splits * B * H * Lq * E floats
+  float* partial_lse = nullptr;  // workspace: num_splits * B * H * Lq floats
+  int64_t q_stride_b = 0, q_stride_h = 0, q_stride_l = 0;
+  int64_t kc_stride_b = 0, kc_stride_h = 0, kc_stride_s = 0;
+  int64_t vc_stride_b = 0, vc_stride_h = 0, vc_stride_s = 0;
+  int64_t kn_stride_b = 0, kn_stride_h = 0, kn_stride_l = 0;
+  int64_t vn_stride_b = 0, vn_stride_h = 0, vn_stride_l = 0;
+  int64_t out_stride_b = 0, out_stride_h = 0, out_stride_l = 0;
+  int batch = 0, heads = 0, kv_heads = 0, len_q = 0, capacity = 0, head_dim = 0;
+  float scale = 1.0f;
+  bool causal = true;
+  int num_splits = 1;  // from kvcache_plan
+  int64_t split_len = 0;
+};
+
+// Fills num_splits/split_len; returns the workspace sizes (in floats) the caller allocates.
+struct KvcacheWorkspace {
+  int64_t partial_out_floats, partial_lse_floats;
+};
+KvcacheWorkspace kvcache_plan(KvcacheParams& p, int num_sms);
+
+cudaError_t attention_kvcache(const KvcacheParams& p, DType dtype, cudaStream_t stream);
+
+}  // namespace fastattn::cuda

@@ -1,0 +1,146 @@
+// Pieces shared by the attention kernels: compile-time dispatch over head-dim buckets and
+// element types, the visibility rule, and the global -> shared tile loaders.
+#pragma once
+
+#include <type_traits>
+
+#include "attention.h"
+#include "common.cuh"
+#include "launch_params.h"
+
+// Bit i enables kHeadDimBuckets[i]. The package build compiles all of them; the compile check in
+// tests/test_cuda_build.py may restrict the set to keep CI fast.
+#ifndef FASTATTN_HEAD_DIM_MASK
+#define FASTATTN_HEAD_DIM_MASK 0xFF
+#endif
+
+namespace fastattn::cuda {
+
+constexpr int head_dim_index(int bucket) {
+  for (int i = 0; i < 8; ++i) {
+    if (kHeadDimBuckets[i] == bucket) return i;
+  }
+  return -1;
+}
+
+template <int kDim, class F>
+inline cudaError_t call_with_head_dim(F& f) {
+  if constexpr (((FASTATTN_HEAD_DIM_MASK >> head_dim_index(kDim)) & 1) != 0) {
+    return f(std::integral_constant<int, kDim>());
+  } else {
+    return cudaErrorNotSupported;  // compiled out of this (test) build
+  }
+}
+
+// f(std::integral_constant<int, D>) for the bucket D of head_dim.
+template <class F>
+inline cudaError_t dispatch_head_dim(int head_dim, F&& f) {
+  switch (head_dim_bucket(head_dim)) {
+    case 32:
+      return call_with_head_dim<32>(f);
+    case 64:
+      return call_with_head_dim<64>(f);
+    case 96:
+      return call_with_head_dim<96>(f);
+    case 128:
+      return call_with_head_dim<128>(f);
+    case 160:
+      return call_with_head_dim<160>(f);
+    case 192:
+      return call_with_head_dim<192>(f);
+    case 224:
+      return call_with_head_dim<224>(f);
+    case 256:
+      return call_with_head_dim<256>(f);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+// Key j is visible to query i iff lo_rel <= j - i <= hi_rel (and j < S). Unbounded sides and
+// out-of-range windows are clamped to [-(L + 1), S + 1], where they are always / never met, so
+// the kernels do plain int32 arithmetic.
+struct VisibleRange {
+  int lo_rel, hi_rel;
+};
+
+inline VisibleRange visible_range(int64_t window_left, int64_t window_right, int64_t diag,
+                                  int len_q, int len_k) {
+  const int64_t floor_ = -(int64_t(len_q) + 1), ceil_ = int64_t(len_k) + 1;
+  int64_t lo = window_left < 0 ? floor_ : diag - window_left;
+  int64_t hi = window_right < 0 ? ceil_ : diag + window_right;
+  lo = lo < floor_ ? floor_ : (lo > ceil_ ? ceil_ : lo);
+  hi = hi < floor_ ? floor_ : (hi > ceil_ ? ceil_ : hi);
+  return {int(lo), int(hi)};
+}
+
+FA_DEVICE void store_u32(void* p, uint32_t v) {
+#if defined(FASTATTN_EMULATE)
+  ::fa_emu::check_align(p, 4, "4-byte store");
+  std::memcpy(p, &v, 4);
+#else
+  *static_cast<uint32_t*>(p) = v;
+#endif
+}
+
+// Copies a kRows x kCols tile of a row-major matrix (row stride `stride` elements; the first
+// rows_valid rows and cols_valid columns are real) into shared memory with row pitch kPitch,
+// zero-filling the rest. cp.async in 16-byte chunks when the source is 16-byte aligned (a partial
+// last chunk uses cp.async's zero-fill), else synchronous element copies.
+template <int kRows, int kCols, int kPitch, int kThreads, class T>
+FA_DEVICE void load_tile_async(T* smem, const T* gmem, int64_t stride, int rows_valid,
+                               int cols_valid, bool vec, int tid) {
+  constexpr int kVec = 16 / int(sizeof(T));
+  static_assert(kCols % kVec == 0 && kPitch % kVec == 0, "whole 16-byte chunks");
+  constexpr int kChunks = kCols / kVec;
+  constexpr int kTotal = kRows * kChunks;
+  constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int c = tid + it * kThreads;
+    if (kTotal % kThreads != 0 && c >= kTotal) break;
+    const int r = c / kChunks;
+    const int col = (c % kChunks) * kVec;
+    T* dst = smem + r * kPitch + col;
+    int n = cols_valid - col;
+    n = n < kVec ? n : kVec;
+    if (r >= rows_valid || n <= 0) {
+      store16(dst, uint4{0u, 0u, 0u, 0u});
+      continue;
+    }
+    const T* src = gmem + int64_t(r) * stride + col;
+    if (vec) {
+      cp_async_16(dst, src, n * int(sizeof(T)));
+    } else {
+      T tmp[kVec];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        if (e < n) {
+          tmp[e] = src[e];
+        } else {
+          __builtin_memset(static_cast<void*>(&tmp[e]), 0, sizeof(T));
+        }
+      }
+      uint4 u;
+      __builtin_memcpy(&u, tmp, 16);
+      store16(dst, u);
+    }
+  }
+}
+
+// Float tile copy for the SIMT kernels: element-wise, coalesced along the row, converted to
+// float and multiplied by `mul`; zero outside rows_valid x cols_valid.
+template <int kRows, int kCols, int kPitch, int kThreads, class T>
+FA_DEVICE void load_tile_float(float* smem, const T* gmem, int64_t stride, int rows_valid,
+                               int cols_valid, float mul, int tid) {
+  constexpr int kTotal = kRows * kCols;
+  for (int c = tid; c < kTotal; c += kThreads) {
+    const int r = c / kCols;
+    const int col = c % kCols;
+    float x = 0.0f;
+    if (r < rows_valid && col < cols_valid) x = to_float(gmem[int64_t(r) * stride + col]) * mul;
+    smem[r * kPitch + col] = x;
+  }
+}
+
+}  // namespace fastattn::cuda

@@ -1,0 +1,305 @@
+// CUDA kernels of fastattn::attention_fwd / attention_bwd / attention_kvcache: argument checks,
+// output allocation and the call into the torch-free launchers (attention_*.cu).
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "attention.h"
+#include "binding_utils.h"
+
+namespace fastattn::cuda {
+namespace {
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  check_cuda_tensor(q, q, op, "q");
+  check_cuda_tensor(k, q, op, "k");
+  check_cuda_tensor(v, q, op, "v");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "fastattn.", op,
+              " (CUDA): q, k, v must be 4-D (B, H, L, E), got ", q.sizes(), ", ", k.sizes(), ", ",
+              v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "fastattn.",
+              op, " (CUDA): q, k, v must share a dtype, got ", q.scalar_type(), ", ",
+              k.scalar_type(), ", ", v.scalar_type());
+  dtype_of(q, op, "q");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "fastattn.", op,
+              " (CUDA): batch sizes of q, k, v differ");
+  TORCH_CHECK(k.size(3) == q.size(3), "fastattn.", op, " (CUDA): k's head dim ", k.size(3),
+              " differs from q's ", q.size(3));
+  TORCH_CHECK(v.size(1) == k.size(1) && v.size(2) == k.size(2), "fastattn.", op,
+              " (CUDA): v must be (B, Hkv, S, Ev) with k's Hkv and S, got ", v.sizes());
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "fastattn.", op, " (CUDA): q heads (",
+              q.size(1), ") must be a multiple of k heads (", k.size(1), ")");
+  TORCH_CHECK(q.size(3) >= 1 && v.size(3) >= 1, "fastattn.", op,
+              " (CUDA): head dims must be at least 1, got ", q.size(3), " and ", v.size(3));
+  TORCH_CHECK(q.size(3) <= kMaxHeadDim && v.size(3) <= kMaxHeadDim, "fastattn.", op,
+              " (CUDA): head dims above ", kMaxHeadDim, " are not supported, got ", q.size(3),
+              " and ", v.size(3));
+}
+
+void check_mask(const std::optional<at::Tensor>& mask, const at::Tensor& q, int64_t S,
+                const char* op) {
+  if (!mask.has_value()) return;
+  check_cuda_tensor(*mask, q, op, "attn_mask");
+  TORCH_CHECK(mask->scalar_type() == q.scalar_type(), "fastattn.", op,
+              " (CUDA): attn_mask must be an additive mask in q's dtype (", q.scalar_type(),
+              "), got ", mask->scalar_type());
+  TORCH_CHECK(mask->dim() == 4 && mask->size(0) == q.size(0) && mask->size(1) == q.size(1) &&
+                  mask->size(2) == q.size(2) && mask->size(3) == S,
+              "fastattn.", op, " (CUDA): attn_mask must be (B, H, L, S) = (", q.size(0), ", ",
+              q.size(1), ", ", q.size(2), ", ", S, "), got ", mask->sizes());
+}
+
+void check_no_dropout(double dropout_p, const char* op) {
+  TORCH_CHECK(dropout_p == 0.0, "fastattn.", op,
+              " (CUDA): dropout_p > 0 is not implemented by the CUDA kernels (got ", dropout_p,
+              "); use backend='triton' or backend='reference' for attention dropout");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const std::optional<at::Tensor>& attn_mask, double scale, int64_t window_left,
+    int64_t window_right, int64_t diag_offset, double dropout_p, int64_t seed) {
+  (void)seed;
+  constexpr const char* op = "attention_fwd";
+  check_qkv(q_in, k_in, v_in, op);
+  check_no_dropout(dropout_p, op);
+  const int64_t B = q_in.size(0), H = q_in.size(1), L = q_in.size(2), E = q_in.size(3);
+  const int64_t Hkv = k_in.size(1), S = k_in.size(2), Ev = v_in.size(3);
+  check_mask(attn_mask, q_in, S, op);
+  auto out = at::empty({B, H, L, Ev}, q_in.options());
+  auto lse = at::empty({B, H, L}, q_in.options().dtype(at::kFloat));
+  if (B * H * L == 0 || S == 0) {  // no key: out = 0, lse = -inf (as the reference)
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+                   v = last_dim_contiguous(v_in);
+  DeviceGuard guard(q.device());
+  AttnFwdParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.q_stride_b = stride_or_zero(q, 0), p.q_stride_h = stride_or_zero(q, 1);
+  p.q_stride_l = stride_or_zero(q, 2);
+  p.k_stride_b = stride_or_zero(k, 0), p.k_stride_h = stride_or_zero(k, 1);
+  p.k_stride_s = stride_or_zero(k, 2);
+  p.v_stride_b = stride_or_zero(v, 0), p.v_stride_h = stride_or_zero(v, 1);
+  p.v_stride_s = stride_or_zero(v, 2);
+  if (attn_mask.has_value()) {
+    const at::Tensor& m = *attn_mask;
+    p.mask = m.data_ptr();
+    p.mask_stride_b = m.stride(0), p.mask_stride_h = m.stride(1);
+    p.mask_stride_l = m.stride(2), p.mask_stride_s = m.stride(3);
+  }
+  p.out_stride_b = out.stride(0), p.out_stride_h = out.stride(1), p.out_stride_l = out.stride(2);
+  p.lse_stride_b = lse.stride(0), p.lse_stride_h = lse.stride(1);
+  p.batch = int(B), p.heads = int(H), p.kv_heads = int(Hkv), p.len_q = int(L), p.len_k = int(S);
+  p.head_dim = int(E), p.head_dim_v = int(Ev);
+  p.scale = float(scale);
+  p.window_left = window_left, p.window_right = window_right, p.diag_offset = diag_offset;
+  check_launch(attention_fwd(p, dtype_of(q, op, "q"), current_stream()), op);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& attn_mask,
+    double scale, int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
+    int64_t seed, bool compute_dmask, bool deterministic) {
+  (void)seed;
+  (void)deterministic;  // the kernels never use atomics: always bitwise repeatable
+  constexpr const char* op = "attention_bwd";
+  check_qkv(q_in, k_in, v_in, op);
+  check_no_dropout(dropout_p, op);
+  const int64_t B = q_in.size(0), H = q_in.size(1), L = q_in.size(2), E = q_in.size(3);
+  const int64_t Hkv = k_in.size(1), S = k_in.size(2), Ev = v_in.size(3);
+  check_mask(attn_mask, q_in, S, op);
+  check_cuda_tensor(grad_out_in, q_in, op, "grad_out");
+  check_cuda_tensor(out_in, q_in, op, "out");
+  check_cuda_tensor(lse_in, q_in, op, "lse");
+  TORCH_CHECK(grad_out_in.sizes() == out_in.sizes() && out_in.dim() == 4 && out_in.size(0) == B &&
+                  out_in.size(1) == H && out_in.size(2) == L && out_in.size(3) == Ev,
+              "fastattn.attention_bwd (CUDA): grad_out and out must be (B, H, L, Ev), got ",
+              grad_out_in.sizes(), " and ", out_in.sizes());
+  TORCH_CHECK(
+      grad_out_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
+      "fastattn.attention_bwd (CUDA): grad_out and out must have q's dtype");
+  TORCH_CHECK(
+      lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H && lse_in.size(2) == L,
+      "fastattn.attention_bwd (CUDA): lse must be (B, H, L), got ", lse_in.sizes());
+  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
+  std::optional<at::Tensor> glse;
+  if (grad_lse.has_value()) {
+    check_cuda_tensor(*grad_lse, q_in, op, "grad_lse");
+    TORCH_CHECK(grad_lse->sizes() == lse_in.sizes(),
+                "fastattn.attention_bwd (CUDA): grad_lse must be (B, H, L), got ",
+                grad_lse->sizes());
+    glse = grad_lse->to(at::kFloat).contiguous();  // autograd may hand an expanded tensor
+  }
+
+  auto dq = at::empty({B, H, L, E}, q_in.options());
+  auto dk = at::empty({B, Hkv, S, E}, q_in.options());
+  auto dv = at::empty({B, Hkv, S, Ev}, q_in.options());
+  const bool want_dmask = compute_dmask && attn_mask.has_value();
+  auto dmask =
+      want_dmask ? at::zeros({B, H, L, S}, attn_mask->options()) : at::empty({0}, q_in.options());
+  if (B * H * L == 0 || S == 0) {  // nothing to differentiate through: zero gradients
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv, dmask};
+  }
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+                   v = last_dim_contiguous(v_in), grad_out = last_dim_contiguous(grad_out_in),
+                   out = last_dim_contiguous(out_in);
+  auto workspace = at::empty({2 * B * H * L}, q_in.options().dtype(at::kFloat));
+  DeviceGuard guard(q.device());
+  AttnBwdParams p;
+  p.grad_out = grad_out.data_ptr();
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.grad_lse = glse.has_value() ? glse->data_ptr<float>() : nullptr;
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.workspace = workspace.data_ptr<float>();
+  p.do_stride_b = stride_or_zero(grad_out, 0), p.do_stride_h = stride_or_zero(grad_out, 1);
+  p.do_stride_l = stride_or_zero(grad_out, 2);
+  p.q_stride_b = stride_or_zero(q, 0), p.q_stride_h = stride_or_zero(q, 1);
+  p.q_stride_l = stride_or_zero(q, 2);
+  p.k_stride_b = stride_or_zero(k, 0), p.k_stride_h = stride_or_zero(k, 1);
+  p.k_stride_s = stride_or_zero(k, 2);
+  p.v_stride_b = stride_or_zero(v, 0), p.v_stride_h = stride_or_zero(v, 1);
+  p.v_stride_s = stride_or_zero(v, 2);
+  p.o_stride_b = stride_or_zero(out, 0), p.o_stride_h = stride_or_zero(out, 1);
+  p.o_stride_l = stride_or_zero(out, 2);
+  p.lse_stride_b = lse.stride(0), p.lse_stride_h = lse.stride(1);
+  if (glse.has_value()) p.glse_stride_b = glse->stride(0), p.glse_stride_h = glse->stride(1);
+  if (attn_mask.has_value()) {
+    const at::Tensor& m = *attn_mask;
+    p.mask = m.data_ptr();
+    p.mask_stride_b = m.stride(0), p.mask_stride_h = m.stride(1);
+    p.mask_stride_l = m.stride(2), p.mask_stride_s = m.stride(3);
+  }
+  if (want_dmask) {
+    p.dmask = dmask.data_ptr();
+    p.dmask_stride_b = dmask.stride(0), p.dmask_stride_h = dmask.stride(1);
+    p.dmask_stride_l = dmask.stride(2), p.dmask_stride_s = dmask.stride(3);
+  }
+  p.dq_stride_b = dq.stride(0), p.dq_stride_h = dq.stride(1), p.dq_stride_l = dq.stride(2);
+  p.dk_stride_b = dk.stride(0), p.dk_stride_h = dk.stride(1), p.dk_stride_s = dk.stride(2);
+  p.dv_stride_b = dv.stride(0), p.dv_stride_h = dv.stride(1), p.dv_stride_s = dv.stride(2);
+  p.batch = int(B), p.heads = int(H), p.kv_heads = int(Hkv), p.len_q = int(L), p.len_k = int(S);
+  p.head_dim = int(E), p.head_dim_v = int(Ev);
+  p.scale = float(scale);
+  p.window_left = window_left, p.window_right = window_right, p.diag_offset = diag_offset;
+  check_launch(attention_bwd(p, dtype_of(q, op, "q"), current_stream()), op);
+  return {dq, dk, dv, dmask};
+}
+
+at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache,
+                                  const at::Tensor& cache_seqlens,
+                                  const std::optional<at::Tensor>& k_new,
+                                  const std::optional<at::Tensor>& v_new, double scale,
+                                  bool causal) {
+  constexpr const char* op = "attention_kvcache";
+  check_cuda_tensor(q_in, q_in, op, "q");
+  check_cuda_tensor(k_cache, q_in, op, "k_cache");
+  check_cuda_tensor(v_cache, q_in, op, "v_cache");
+  check_cuda_tensor(cache_seqlens, q_in, op, "cache_seqlens");
+  TORCH_CHECK(q_in.dim() == 4 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "fastattn.attention_kvcache (CUDA): q must be (B, H, Lq, E) and the caches "
+              "(B, Hkv, capacity, E) of one shape, got ",
+              q_in.sizes(), ", ", k_cache.sizes(), ", ", v_cache.sizes());
+  TORCH_CHECK(
+      k_cache.scalar_type() == q_in.scalar_type() && v_cache.scalar_type() == q_in.scalar_type(),
+      "fastattn.attention_kvcache (CUDA): k_cache/v_cache must have q's dtype");
+  dtype_of(q_in, op, "q");
+  const int64_t B = q_in.size(0), H = q_in.size(1), Lq = q_in.size(2), E = q_in.size(3);
+  const int64_t Hkv = k_cache.size(1), cap = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == E,
+              "fastattn.attention_kvcache (CUDA): k_cache must be (B=", B, ", Hkv, capacity, E=", E,
+              "), got ", k_cache.sizes());
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "fastattn.attention_kvcache (CUDA): q heads (", H,
+              ") must be a multiple of cache heads (", Hkv, ")");
+  TORCH_CHECK(E <= kMaxHeadDim, "fastattn.attention_kvcache (CUDA): head dim ", E, " above ",
+              kMaxHeadDim, " is not supported");
+  TORCH_CHECK(E <= 1 || (k_cache.stride(3) == 1 && v_cache.stride(3) == 1),
+              "fastattn.attention_kvcache (CUDA): k_cache and v_cache are updated in place and "
+              "must have a contiguous last dimension (stride 1)");
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 &&
+                  cache_seqlens.size(0) == B,
+              "fastattn.attention_kvcache (CUDA): cache_seqlens must be int32 of shape (", B,
+              ",), got ", cache_seqlens.scalar_type(), " ", cache_seqlens.sizes());
+  TORCH_CHECK(k_new.has_value() == v_new.has_value(),
+              "fastattn.attention_kvcache (CUDA): k_new and v_new must be given together");
+  std::optional<at::Tensor> kn, vn;
+  if (k_new.has_value()) {
+    for (const at::Tensor* t : {&*k_new, &*v_new}) {
+      check_cuda_tensor(*t, q_in, op, t == &*k_new ? "k_new" : "v_new");
+      TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == Hkv && t->size(2) == Lq &&
+                      t->size(3) == E && t->scalar_type() == q_in.scalar_type(),
+                  "fastattn.attention_kvcache (CUDA): k_new/v_new must be (B, Hkv, Lq, E) in q's "
+                  "dtype, got ",
+                  t->sizes(), " ", t->scalar_type());
+    }
+    kn = last_dim_contiguous(*k_new);
+    vn = last_dim_contiguous(*v_new);
+  }
+  auto out = at::empty({B, H, Lq, E}, q_in.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor q = last_dim_contiguous(q_in);
+  const at::Tensor seqlens = cache_seqlens.contiguous();
+  DeviceGuard guard(q.device());
+  KvcacheParams p;
+  p.q = q.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.seqlens = seqlens.data_ptr<int32_t>();
+  p.out = out.data_ptr();
+  p.q_stride_b = stride_or_zero(q, 0), p.q_stride_h = stride_or_zero(q, 1);
+  p.q_stride_l = stride_or_zero(q, 2);
+  p.kc_stride_b = stride_or_zero(k_cache, 0), p.kc_stride_h = stride_or_zero(k_cache, 1);
+  p.kc_stride_s = stride_or_zero(k_cache, 2);
+  p.vc_stride_b = stride_or_zero(v_cache, 0), p.vc_stride_h = stride_or_zero(v_cache, 1);
+  p.vc_stride_s = stride_or_zero(v_cache, 2);
+  if (kn.has_value()) {
+    p.k_new = kn->data_ptr();
+    p.v_new = vn->data_ptr();
+    p.kn_stride_b = stride_or_zero(*kn, 0), p.kn_stride_h = stride_or_zero(*kn, 1);
+    p.kn_stride_l = stride_or_zero(*kn, 2);
+    p.vn_stride_b = stride_or_zero(*vn, 0), p.vn_stride_h = stride_or_zero(*vn, 1);
+    p.vn_stride_l = stride_or_zero(*vn, 2);
+  }
+  p.out_stride_b = out.stride(0), p.out_stride_h = out.stride(1), p.out_stride_l = out.stride(2);
+  p.batch = int(B), p.heads = int(H), p.kv_heads = int(Hkv), p.len_q = int(Lq);
+  p.capacity = int(cap), p.head_dim = int(E);
+  p.scale = float(scale);
+  p.causal = causal;
+  const KvcacheWorkspace ws = kvcache_plan(p, sm_count());
+  at::Tensor partial_out, partial_lse;
+  if (p.num_splits > 1) {
+    partial_out = at::empty({ws.partial_out_floats}, q.options().dtype(at::kFloat));
+    partial_lse = at::empty({ws.partial_lse_floats}, q.options().dtype(at::kFloat));
+    p.partial_out = partial_out.data_ptr<float>();
+    p.partial_lse = partial_lse.data_ptr<float>();
+  }
+  check_launch(attention_kvcache(p, dtype_of(q, op, "q"), current_stream()), op);
+  return out;
+}
+
+}  // namespace
+}  // namespace fastattn::cuda
+
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("attention_fwd", &fastattn::cuda::attention_fwd_cuda);
+  m.impl("attention_bwd", &fastattn::cuda::attention_bwd_cuda);
+  m.impl("attention_kvcache", &fastattn::cuda::attention_kvcache_cuda);
+}

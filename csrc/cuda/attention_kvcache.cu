@@ -1,0 +1,284 @@
+// Decoding attention against a KV cache (flash-decoding):
+//  1. append k_new/v_new at cache_seqlens (lengths clamped on the device, no host sync);
+//  2. split the keys of each sequence into num_splits ranges; a block serves up to 16 query rows
+//     of one kv head (the GQA group times the new tokens, so K/V are read once per group) and
+//     streams 32-key chunks through a 2-stage cp.async pipeline; a key per lane for Q K^T, the
+//     probabilities broadcast by shuffles for P V; online softmax in base 2;
+//  3. combine the per-split (out, lse) pairs (skipped when there is one split).
+#include "attention_common.cuh"
+
+namespace fastattn::cuda {
+namespace detail {
+
+struct KvArgs {
+  KvcacheParams p;
+  float scale_log2;
+  int row_groups;  // ceil(G * Lq / rows)
+  bool vec_k, vec_v;
+};
+
+FA_DEVICE int cache_len(const KvcacheParams& p, int b) {
+  int n = p.seqlens[b];
+  return n < 0 ? 0 : (n > p.capacity ? p.capacity : n);
+}
+
+template <class T>
+__global__ void __launch_bounds__(128) kvcache_append_kernel(const KvcacheParams p) {
+  const int i = int(blockIdx.x), hk = int(blockIdx.y), b = int(blockIdx.z);
+  const int pos = cache_len(p, b) + i;
+  if (pos >= p.capacity) return;  // past the capacity: dropped (the caller validated on CPU)
+  const T* kn = static_cast<const T*>(p.k_new) + b * p.kn_stride_b + hk * p.kn_stride_h +
+                int64_t(i) * p.kn_stride_l;
+  const T* vn = static_cast<const T*>(p.v_new) + b * p.vn_stride_b + hk * p.vn_stride_h +
+                int64_t(i) * p.vn_stride_l;
+  T* kc = static_cast<T*>(p.k_cache) + b * p.kc_stride_b + hk * p.kc_stride_h +
+          int64_t(pos) * p.kc_stride_s;
+  T* vc = static_cast<T*>(p.v_cache) + b * p.vc_stride_b + hk * p.vc_stride_h +
+          int64_t(pos) * p.vc_stride_s;
+  for (int e = int(threadIdx.x); e < p.head_dim; e += int(blockDim.x)) {
+    kc[e] = kn[e];
+    vc[e] = vn[e];
+  }
+}
+
+template <class T, int kHeadDim>
+__global__ void __launch_bounds__(32 * kvcache_tile().n_warps)
+    kvcache_split_kernel(const KvArgs args) {
+  constexpr KvcacheTile kTile = kvcache_tile();
+  constexpr int kThreads = 32 * kTile.n_warps, kRows = kTile.rows, kChunk = kTile.chunk;
+  constexpr int kRowsPerWarp = kRows / kTile.n_warps, kCols = kHeadDim / 32;
+  constexpr int kPitch = smem_pitch(kHeadDim, int(sizeof(T)));
+  constexpr int kVec = 16 / int(sizeof(T));
+  static_assert(kChunk == 32 && kTile.stages == 2, "a key per lane, double buffer");
+  const KvcacheParams& p = args.p;
+  const int tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  const int split = int(blockIdx.x);
+  const int hk = int(blockIdx.y) / args.row_groups, group = int(blockIdx.y) % args.row_groups;
+  const int b = int(blockIdx.z);
+  const int gqa = p.heads / p.kv_heads;
+  const int rows_total = gqa * p.len_q;
+  const int row0 = group * kRows;
+
+  const int total = min_i(cache_len(p, b) + (p.k_new != nullptr ? p.len_q : 0), p.capacity);
+  const int64_t s0_64 = int64_t(split) * args.p.split_len;
+  const int s0 = int(s0_64 < total ? s0_64 : total);
+  const int s1 = int(s0_64 + p.split_len < total ? s0_64 + p.split_len : total);
+
+  float* sQ = reinterpret_cast<float*>(smem_base());
+  T* sKV = reinterpret_cast<T*>(sQ + kRows * kHeadDim);  // [stage][K|V][kChunk][kPitch]
+  auto sK = [&](int stage) { return sKV + (stage * 2) * kChunk * kPitch; };
+  auto sV = [&](int stage) { return sKV + (stage * 2 + 1) * kChunk * kPitch; };
+
+  // q rows of this block: row R -> head hk * gqa + R / Lq, query R % Lq; scaled to base 2
+  for (int c = tid; c < kRows * kHeadDim; c += kThreads) {
+    const int r = c / kHeadDim, col = c % kHeadDim, R = row0 + r;
+    float x = 0.0f;
+    if (R < rows_total && col < p.head_dim) {
+      const int h = hk * gqa + R / p.len_q, i = R % p.len_q;
+      x = to_float(static_cast<const T*>(
+              p.q)[b * p.q_stride_b + h * p.q_stride_h + int64_t(i) * p.q_stride_l + col]) *
+          args.scale_log2;
+    }
+    sQ[r * kHeadDim + col] = x;
+  }
+
+  const T* kc = static_cast<const T*>(p.k_cache) + b * p.kc_stride_b + hk * p.kc_stride_h;
+  const T* vc = static_cast<const T*>(p.v_cache) + b * p.vc_stride_b + hk * p.vc_stride_h;
+  auto load_chunk = [&](int n0, int stage) {
+    const int keys = min_i(kChunk, s1 - n0);
+    load_tile_async<kChunk, kHeadDim, kPitch, kThreads>(sK(stage), kc + int64_t(n0) * p.kc_stride_s,
+                                                        p.kc_stride_s, keys, p.head_dim, args.vec_k,
+                                                        tid);
+    load_tile_async<kChunk, kHeadDim, kPitch, kThreads>(sV(stage), vc + int64_t(n0) * p.vc_stride_s,
+                                                        p.vc_stride_s, keys, p.head_dim, args.vec_v,
+                                                        tid);
+  };
+
+  // per row: keys [0, limit) are visible
+  int limit[kRowsPerWarp];
+  float acc[kRowsPerWarp][kCols], row_max[kRowsPerWarp], row_sum[kRowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int R = row0 + warp + kTile.n_warps * r;
+    const int i = R % p.len_q;
+    limit[r] = R < rows_total ? (p.causal ? total - p.len_q + i + 1 : total) : 0;
+    row_max[r] = kNegInf;
+    row_sum[r] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) acc[r][c] = 0.0f;
+  }
+
+  const int n_chunks = (s1 - s0 + kChunk - 1) / kChunk;
+  if (n_chunks > 0) load_chunk(s0, 0);
+  cp_async_commit();
+  for (int ci = 0; ci < n_chunks; ++ci) {
+    const int n0 = s0 + ci * kChunk, stage = ci & 1;
+    if (ci + 1 < n_chunks) load_chunk(n0 + kChunk, stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();  // chunk ci landed for every thread (and sQ is written)
+    const T* k_s = sK(stage);
+    const T* v_s = sV(stage);
+    const int key = n0 + lane;
+    // s[r] = q_r . k_key, reading k_key in 16-byte vectors
+    float s[kRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) s[r] = 0.0f;
+#pragma unroll 1
+    for (int d = 0; d < kHeadDim; d += kVec) {
+      const uint4 raw = load16(k_s + lane * kPitch + d);
+      T kv[kVec];
+      __builtin_memcpy(static_cast<void*>(kv), &raw, 16);
+      float kf[kVec];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) kf[e] = to_float(kv[e]);
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        const float* qr = sQ + (warp + kTile.n_warps * r) * kHeadDim + d;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) s[r] += qr[e] * kf[e];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      if (row0 + warp + kTile.n_warps * r >= rows_total) continue;  // warp-uniform
+      const float sr = key < limit[r] && key < s1 ? s[r] : kNegInf;
+      const float mx = max_f(row_max[r], warp_max(sr));
+      const float m_use = mx == kNegInf ? 0.0f : mx;
+      const float alpha = exp2_approx(row_max[r] - m_use);
+      const float pr = exp2_approx(sr - m_use);
+      row_max[r] = mx;
+      row_sum[r] = row_sum[r] * alpha + warp_sum(pr);
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) acc[r][c] *= alpha;
+      for (int j = 0; j < kChunk; ++j) {
+        const float pj = __shfl_sync(0xffffffffu, pr, j);
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) acc[r][c] += pj * to_float(v_s[j * kPitch + lane + 32 * c]);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int R = row0 + warp + kTile.n_warps * r;
+    if (R >= rows_total) continue;
+    const int h = hk * gqa + R / p.len_q, i = R % p.len_q;
+    const float l = row_sum[r];
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    if (p.num_splits == 1) {
+      T* out = static_cast<T*>(p.out) + b * p.out_stride_b + h * p.out_stride_h +
+               int64_t(i) * p.out_stride_l;
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const int col = lane + 32 * c;
+        if (col < p.head_dim) out[col] = from_float<T>(acc[r][c] * inv);
+      }
+    } else {
+      const int64_t row_id = ((int64_t(split) * p.batch + b) * p.heads + h) * p.len_q + i;
+      float* po = p.partial_out + row_id * p.head_dim;
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const int col = lane + 32 * c;
+        if (col < p.head_dim) po[col] = acc[r][c] * inv;
+      }
+      if (lane == 0) p.partial_lse[row_id] = l > 0.0f ? row_max[r] * kLn2 + log_f(l) : kNegInf;
+    }
+  }
+}
+
+// out = sum_s exp(lse_s - lse) * out_s with lse = log sum_s exp(lse_s); a warp per row.
+template <class T>
+__global__ void __launch_bounds__(128) kvcache_combine_kernel(const KvcacheParams p) {
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const int64_t rows = int64_t(p.batch) * p.heads * p.len_q;
+  const int64_t row = int64_t(blockIdx.x) * 4 + warp;
+  if (row >= rows) return;  // whole warps exit together
+  float m = kNegInf;
+  for (int s = lane; s < p.num_splits; s += 32) m = max_f(m, p.partial_lse[s * rows + row]);
+  m = warp_max(m);
+  const int i = int(row % p.len_q);
+  const int h = int((row / p.len_q) % p.heads);
+  const int b = int(row / (int64_t(p.len_q) * p.heads));
+  T* out = static_cast<T*>(p.out) + b * p.out_stride_b + h * p.out_stride_h +
+           int64_t(i) * p.out_stride_l;
+  for (int col = lane; col < p.head_dim; col += 32) {
+    float num = 0.0f, den = 0.0f;
+    if (m != kNegInf) {
+      for (int s = 0; s < p.num_splits; ++s) {
+        const float lse = p.partial_lse[s * rows + row];
+        const float w = lse == kNegInf ? 0.0f : exp2_approx((lse - m) * kLog2e);
+        num += w * p.partial_out[(s * rows + row) * p.head_dim + col];
+        den += w;
+      }
+    }
+    out[col] = from_float<T>(den > 0.0f ? num / den : 0.0f);
+  }
+}
+
+template <class T, int kHeadDim>
+cudaError_t launch_kvcache(const KvArgs& args, cudaStream_t stream) {
+  const KvcacheParams& p = args.p;
+  if (p.k_new != nullptr) {
+    auto append = kvcache_append_kernel<T>;
+    FA_LAUNCH(append, dim3(unsigned(p.len_q), unsigned(p.kv_heads), unsigned(p.batch)), dim3(128),
+              0, stream, p);
+    cudaError_t err = launch_status();
+    if (err != cudaSuccess) return err;
+  }
+  const size_t smem = kvcache_smem_bytes<T>(kHeadDim);
+  auto kernel = kvcache_split_kernel<T, kHeadDim>;
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned(p.num_splits), unsigned(p.kv_heads * args.row_groups),
+                  unsigned(p.batch));
+  FA_LAUNCH(kernel, grid, dim3(32 * kvcache_tile().n_warps), smem, stream, args);
+  err = launch_status();
+  if (err != cudaSuccess || p.num_splits == 1) return err;
+  const int64_t rows = int64_t(p.batch) * p.heads * p.len_q;
+  auto combine = kvcache_combine_kernel<T>;
+  FA_LAUNCH(combine, dim3(ceil_div(rows, 4)), dim3(128), 0, stream, p);
+  return launch_status();
+}
+
+}  // namespace detail
+
+KvcacheWorkspace kvcache_plan(KvcacheParams& p, int num_sms) {
+  const int gqa = p.kv_heads > 0 ? p.heads / p.kv_heads : 1;
+  const int64_t row_groups = ceil_div64(int64_t(gqa) * p.len_q, kvcache_tile().rows);
+  const int64_t blocks = int64_t(p.batch) * p.kv_heads * row_groups;
+  // the cache length is only known on the device: plan for a full cache
+  const KvcacheSplit s = kvcache_split(blocks, p.capacity, num_sms);
+  p.num_splits = s.num_splits;
+  p.split_len = s.split_len;
+  const int64_t rows = int64_t(p.batch) * p.heads * p.len_q;
+  if (p.num_splits == 1) return {0, 0};
+  return {int64_t(p.num_splits) * rows * p.head_dim, int64_t(p.num_splits) * rows};
+}
+
+cudaError_t attention_kvcache(const KvcacheParams& p, DType dtype, cudaStream_t stream) {
+  if (p.batch <= 0 || p.heads <= 0 || p.len_q <= 0) return cudaSuccess;
+  if (p.kv_heads <= 0 || p.heads % p.kv_heads != 0 || p.batch > 65535 || p.len_q > 65535 ||
+      p.capacity < 0 || p.capacity >= (1 << 30) || p.num_splits < 1 || p.split_len <= 0 ||
+      (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  detail::KvArgs args;
+  args.p = p;
+  args.scale_log2 = p.scale * kLog2e;
+  args.row_groups = int(ceil_div64(int64_t(p.heads / p.kv_heads) * p.len_q, kvcache_tile().rows));
+  if (int64_t(p.kv_heads) * args.row_groups > 65535) return cudaErrorInvalidValue;
+  const int es = dtype == DType::kFloat32 ? 4 : 2;
+  args.vec_k = vec_ok(p.k_cache, es, p.kc_stride_b, p.kc_stride_h, p.kc_stride_s);
+  args.vec_v = vec_ok(p.v_cache, es, p.vc_stride_b, p.vc_stride_h, p.vc_stride_s);
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return dispatch_head_dim(p.head_dim, [&](auto hd) {
+      return detail::launch_kvcache<T, decltype(hd)::value>(args, stream);
+    });
+  });
+}
+
+}  // namespace fastattn::cuda

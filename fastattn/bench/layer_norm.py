@@ -1,0 +1,110 @@
+"""LayerNorm / RMSNorm benchmark: ``fastattn.layer_norm`` / ``fastattn.rms_norm`` per fast
+backend against ``F.layer_norm`` / ``F.rms_norm``, and the fused residual form against eager
+``F.layer_norm(x + r)``; a plain copy of the same rows is timed alongside as the bound. On CUDA
+also a sweep of the row length N (256..65536) at a fixed 64M elements, and ``torch.compile`` of
+the reference. Memory-bound: GB/s of bytes read + written."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastattn.bench import harness
+from fastattn.bench.harness import Case, Impl, RunConfig
+
+OP = "layer_norm"
+FUNCTIONS = ("layer_norm", "rms_norm")
+DEFAULT_DTYPES = {"cpu": ("fp32", "bf16"), "cuda": ("bf16", "fp32")}
+VARIANTS = ("layer_norm", "layer_norm+residual", "rms_norm", "rms_norm+residual")
+SWEEP_ELEMS = 1 << 26  # 128 MiB of bf16 per tensor: beyond every GPU's L2
+
+
+def _shapes(cfg: RunConfig, dtype: str) -> list[dict]:
+    """Each: M, N, variant (+ compile)."""
+    if cfg.smoke:
+        return [dict(M=64, N=256, variant=v) for v in VARIANTS]
+    out = [dict(M=M, N=N, variant=v) for v in VARIANTS for M, N in ((8192, 768), (4096, 4096))]
+    if cfg.cuda:
+        for s in out:
+            # torch.compile: ~5 s per shape; quick runs compile bf16 LayerNorm at 4096 only
+            s["compile"] = cfg.compile and (not cfg.quick or (
+                dtype == "bf16" and s["variant"].startswith("layer") and s["N"] == 4096))
+        if dtype == "bf16":
+            Ns = (256, 1024, 4096, 16384, 65536) if cfg.quick else tuple(2**i for i in range(8, 17))
+            out += [dict(M=SWEEP_ELEMS // N, N=N, variant="layer_norm sweep") for N in Ns]
+    return out
+
+
+def _builder(cfg: RunConfig, shape: dict, dtype: torch.dtype):
+    M, N, variant = shape["M"], shape["N"], shape["variant"]
+    dev = cfg.device
+    rms = variant.startswith("rms")
+    residual = "+residual" in variant
+
+    def build() -> list[Impl]:
+        x = torch.randn(M, N, dtype=dtype, device=dev)
+        r = torch.randn(M, N, dtype=dtype, device=dev) if residual else None
+        w = torch.randn(N, dtype=dtype, device=dev)
+        b = None if rms else torch.randn(N, dtype=dtype, device=dev)
+        if rms:
+            impls = harness.fastattn_impls(
+                cfg, "rms_norm", lambda f, be: lambda: f(x, (N,), w, residual=r, backend=be))
+        else:
+            impls = harness.fastattn_impls(
+                cfg, "layer_norm", lambda f, be: lambda: f(x, (N,), w, b, residual=r, backend=be))
+
+        def eager_norm(h):
+            return F.rms_norm(h, (N,), w) if rms else F.layer_norm(h, (N,), w, b)
+
+        if residual:
+            def eager():
+                h = x + r  # materialised, as an unfused residual branch does
+                return eager_norm(h), h
+
+            name = "F.rms_norm(x + r)" if rms else "F.layer_norm(x + r)"
+        else:
+            def eager():
+                return eager_norm(x)
+
+            name = "F.rms_norm" if rms else "F.layer_norm"
+        impls.append(Impl(name, "baseline", fn=eager))
+        if shape.get("compile"):
+            def prepare():
+                from fastattn import reference
+
+                if rms:
+                    compiled = harness.compile_fn(reference.rms_norm)
+                    return lambda: compiled(x, (N,), w, residual=r)
+                compiled = harness.compile_fn(reference.layer_norm)
+                return lambda: compiled(x, (N,), w, b, residual=r)
+
+            impls.append(Impl("torch.compile(reference)", "baseline", prepare=prepare))
+        # the bound: one copy per output stream (out, and x + r when fused)
+        dst = torch.empty_like(x)
+        if residual:
+            dst2 = torch.empty_like(x)
+            impls.append(Impl("copy (bound)", "bound",
+                              fn=lambda: (dst.copy_(x), dst2.copy_(r))))
+        else:
+            impls.append(Impl("copy (bound)", "bound", fn=lambda: dst.copy_(x)))
+        return impls
+
+    return build
+
+
+def cases(cfg: RunConfig) -> list[Case]:
+    out = []
+    for dtype in cfg.dtypes_for(DEFAULT_DTYPES[cfg.device]):
+        elem = harness.DTYPES[dtype].itemsize
+        for shape in _shapes(cfg, dtype):
+            M, N, variant = shape["M"], shape["N"], shape["variant"]
+            params = {k: v for k, v in shape.items() if k != "compile"}
+            out.append(Case(
+                op=OP, params=params, dtype=dtype, build=_builder(cfg, shape, harness.DTYPES[dtype]),
+                bytes=harness.layer_norm_bytes(M, N, elem, residual="+residual" in variant,
+                                               n_params=1 if variant.startswith("rms") else 2),
+                bound="memory", x="N", series=("variant",),
+                check="F.rms_norm(x + r)" if variant == "rms_norm+residual" else
+                "F.layer_norm(x + r)" if variant == "layer_norm+residual" else
+                "F.rms_norm" if variant == "rms_norm" else "F.layer_norm"))
+    return out

@@ -1,0 +1,342 @@
+"""``fastattn.convert(model)``: swap a model's modules for fastattn's, in place.
+
+What is replaced (exact classes only: a subclass may have changed ``forward``):
+
+    attention=True    nn.MultiheadAttention        -> fastattn.nn.MultiheadAttention (shares weights)
+                      transformers models           -> attn_implementation "fastattn" (through
+                                                       fastattn.integrations.transformers), or a
+                                                       module swap for models that do not use
+                                                       transformers' AttentionInterface
+    layer_norm=True   nn.LayerNorm                  -> fastattn.nn.LayerNorm
+                      nn.RMSNorm, and transformers-style RMS norms (a class named *RMSNorm or
+                      with ``variance_epsilon``: LlamaRMSNorm, T5LayerNorm, ...) with a 1-D
+                      ``weight`` only, whose output matches fastattn.nn.RMSNorm on a random
+                      input (so Gemma's ``(1 + weight)`` norm is left alone)
+    int8=True         nn.Linear                     -> fastattn.nn.Int8Linear (weight-only; "w8a8":
+                                                       activations per token too), except the
+                      out_proj of a MultiheadAttention (read as a weight by its forward) and
+                      linears whose weight is tied to another module (e.g. an lm_head tied to
+                      the embeddings)
+
+The walk is post-order (children first, then the module itself, the root included), keeps each
+module's device, dtype and train/eval mode, and replaces a module shared at several places by one
+shared replacement. ``filter_fn(module, fqn) -> bool`` is asked about every candidate; False keeps
+it. Converting twice is harmless.
+
+Modules torch would bypass are fixed so the kernels really run: an nn.TransformerEncoderLayer whose
+children were converted becomes a ``ConvertedTransformerEncoderLayer`` (same class otherwise,
+same state_dict) whose forward never takes torch's fused inference "fast path"
+(torch._transformer_encoder_layer_fwd reads the attention weights and never calls self_attn), and
+an nn.TransformerEncoder holding such layers gets ``use_nested_tensor = False`` (its nested-tensor
+path would feed NestedTensors to the layers).
+
+The result is logged at INFO on the "fastattn" logger and stored on the returned model as
+``model.fastattn_report`` (a ``ConversionReport``; ``print`` it). Always use the returned model:
+when the root itself is replaced (e.g. ``convert(nn.MultiheadAttention(...))``) it is a new object.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+log = logging.getLogger("fastattn")
+
+__all__ = ["ConversionReport", "ConvertedTransformerEncoderLayer", "convert"]
+
+
+@dataclass
+class ConversionReport:
+    """What ``convert`` did. ``replaced`` maps "old -> new" to the fully qualified names of the
+    modules replaced ("" is the root); ``kept`` lists candidates left as they were, with why;
+    ``notes`` says what else was changed (fast paths disabled, attention implementations set)."""
+
+    replaced: dict[str, list[str]] = field(default_factory=dict)
+    kept: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def num_replaced(self) -> int:
+        return sum(len(v) for v in self.replaced.values())
+
+    def _add(self, kind: str, fqn: str) -> None:
+        self.replaced.setdefault(kind, []).append(fqn)
+
+    def __str__(self) -> str:
+        name = lambda fqn: fqn or "<root>"
+        lines = [f"fastattn.convert: replaced {self.num_replaced()} module(s)"]
+        for kind, fqns in self.replaced.items():
+            shown = ", ".join(name(f) for f in fqns[:6]) + (", ..." if len(fqns) > 6 else "")
+            lines.append(f"  {len(fqns):4d} x {kind}: {shown}")
+        if self.kept:
+            lines.append(f"  kept {len(self.kept)} candidate(s) unchanged:")
+            lines += [f"    {name(f)}: {why}" for f, why in self.kept]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+class ConvertedTransformerEncoderLayer(nn.TransformerEncoderLayer):
+    """nn.TransformerEncoderLayer that always runs its submodules.
+
+    torch's forward takes a fused inference path (eval mode, no grad, batch_first, ...) that calls
+    torch._transformer_encoder_layer_fwd with the raw weights, bypassing ``self_attn``, the norms
+    and the linears. This forward is torch's other branch, unchanged; masks are passed through as
+    given (fastattn.nn.MultiheadAttention takes bool and float masks alike).
+    """
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        src_mask: torch.Tensor | None = None,
+        src_key_padding_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+            x = x + self._ff_block(self.norm2(x))
+        else:
+            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+            x = self.norm2(x + self._ff_block(x))
+        return x
+
+
+def _is_fastattn(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("fastattn.")
+
+
+def _qualname(cls: type) -> str:
+    mod = cls.__module__
+    if mod.startswith("torch.nn.modules"):
+        return f"nn.{cls.__name__}"
+    if mod.startswith("fastattn."):
+        return f"fastattn.nn.{cls.__name__}" if mod.startswith("fastattn.nn") else cls.__name__
+    return cls.__name__
+
+
+def _hf_rms_norm_eps(m: nn.Module) -> float | None:
+    """eps of a transformers-style RMS norm (LlamaRMSNorm & co., T5LayerNorm: a class named
+    *RMSNorm, or any with transformers' ``variance_epsilon``), None if m does not look like one.
+    Looking like one is not enough: the caller also checks the output."""
+    if isinstance(m, (nn.RMSNorm, nn.LayerNorm)) or _is_fastattn(m):
+        return None
+    if not (type(m).__name__.endswith("RMSNorm") or hasattr(m, "variance_epsilon")):
+        return None
+    w = m._parameters.get("weight")
+    eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+    if not isinstance(w, nn.Parameter) or w.dim() != 1 or not isinstance(eps, (int, float)):
+        return None
+    if len(m._parameters) != 1 or any(b is not None for b in m._buffers.values()) or m._modules:
+        return None
+    return float(eps)
+
+
+def _matches_on_random_input(old: nn.Module, new: nn.Module, features: int, dtype) -> bool:
+    """Whether two norms agree on a random (8, features) input. Runs forward without hooks and
+    with a private generator (the global RNG state is left untouched)."""
+    device = next(old.parameters()).device
+    if device.type == "meta":
+        return False  # no values to compare
+    gen = torch.Generator(device=device).manual_seed(1234)
+    x = torch.randn(8, features, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    try:
+        with torch.no_grad():
+            a = type(old).forward(old, x)
+            b = type(new).forward(new, x)
+    except Exception:  # a module that does not take (rows, features) input is not a plain norm
+        return False
+    if not isinstance(a, torch.Tensor) or a.shape != b.shape:
+        return False
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+    return torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+class _Converter:
+    def __init__(self, model, attention, layer_norm, int8, filter_fn):
+        self.attention, self.layer_norm, self.int8 = attention, layer_norm, int8
+        self.filter_fn = filter_fn
+        self.report = ConversionReport()
+        self.memo: dict[int, nn.Module] = {}
+        self.unavailable: dict[str, str] = {}
+        # parameters used by several modules (tied weights) are not quantized
+        self.param_uses = Counter(id(p) for m in model.modules()
+                                  for p in m._parameters.values() if p is not None)
+        hf = sys.modules.get("transformers")
+        self.hf_pretrained = getattr(hf, "PreTrainedModel", None) if hf is not None else None
+
+    # -----------------------------------------------------------------------------------------
+    def walk(self, module: nn.Module, fqn: str, parent: nn.Module | None) -> nn.Module:
+        if id(module) in self.memo:
+            return self.memo[id(module)]
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            new = self.walk(child, f"{fqn}.{name}" if fqn else name, module)
+            if new is not child:
+                module._modules[name] = new
+        new = self.replace(module, fqn, parent)
+        self.memo[id(module)] = new
+        return new
+
+    def _allowed(self, module, fqn) -> bool:
+        if self.filter_fn is not None and not self.filter_fn(module, fqn):
+            self.report.kept.append((fqn, "filter_fn returned False"))
+            return False
+        return True
+
+    def _load(self, name: str):
+        """fastattn.nn.<name>, or None (reported once) when this build does not have it."""
+        if name in self.unavailable:
+            return None
+        try:
+            import fastattn.nn
+
+            return getattr(fastattn.nn, name)
+        except (ImportError, AttributeError) as e:
+            self.unavailable[name] = f"fastattn.nn.{name} is unavailable ({e})"
+            self.report.notes.append(self.unavailable[name] + ": those modules were kept")
+            return None
+
+    def _swap(self, old: nn.Module, new: nn.Module, fqn: str) -> nn.Module:
+        new.train(old.training)
+        self.report._add(f"{_qualname(type(old))} -> {_qualname(type(new))}", fqn)
+        return new
+
+    def replace(self, module: nn.Module, fqn: str, parent: nn.Module | None) -> nn.Module:
+        t = type(module)
+        if self.attention and t is nn.MultiheadAttention:
+            if not self._allowed(module, fqn):
+                return module
+            from fastattn.nn.attention import MultiheadAttention
+
+            return self._swap(module, MultiheadAttention.from_module(module), fqn)
+        if self.layer_norm and t in (nn.LayerNorm, nn.RMSNorm):
+            cls = self._load(t.__name__)
+            if cls is None or not self._allowed(module, fqn):
+                return module
+            return self._swap(module, cls.from_module(module), fqn)
+        if self.layer_norm and (eps := _hf_rms_norm_eps(module)) is not None:
+            return self._replace_hf_rms_norm(module, fqn, eps)
+        if self.int8 and t is nn.Linear:
+            return self._replace_linear(module, fqn, parent)
+        if t is nn.TransformerEncoderLayer and any(_is_fastattn(c) for c in module.children()):
+            module.__class__ = ConvertedTransformerEncoderLayer
+            self.report._add("nn.TransformerEncoderLayer -> ConvertedTransformerEncoderLayer "
+                             "(torch's fused fast path disabled)", fqn)
+            return module
+        if isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
+            if any(isinstance(layer, ConvertedTransformerEncoderLayer) for layer in module.layers):
+                module.use_nested_tensor = False
+                self.report.notes.append(f"{fqn or '<root>'}: nn.TransformerEncoder nested-tensor "
+                                         "fast path disabled (use_nested_tensor = False)")
+            return module
+        if self.attention and self.hf_pretrained is not None:
+            from fastattn.integrations import transformers as hf_integration
+
+            new_cls, why = hf_integration.attention_module_class(module)
+            if why is not None:
+                self.report.kept.append((fqn, why))
+            elif new_cls is not None and self._allowed(module, fqn):
+                # same object, same state: only forward changes
+                self.report._add(f"{t.__name__} -> {new_cls.__name__}", fqn)
+                module.__class__ = new_cls
+        return module
+
+    def _replace_hf_rms_norm(self, module, fqn, eps):
+        cls = self._load("RMSNorm")
+        if cls is None or not self._allowed(module, fqn):
+            return module
+        w = module.weight
+        new = cls(w.shape[0], eps=eps, device=w.device, dtype=w.dtype)
+        new.weight = w  # shared, as every swap here
+        if not _matches_on_random_input(module, new, w.shape[0], w.dtype):
+            self.report.kept.append((fqn, f"{type(module).__name__} does not compute "
+                                          "x / rms(x) * weight (checked on a random input)"))
+            return module
+        return self._swap(module, new, fqn)
+
+    def _replace_linear(self, module, fqn, parent):
+        if isinstance(parent, nn.MultiheadAttention):
+            return module  # out_proj: its weight is read directly by the attention forward
+        if self.param_uses[id(module.weight)] > 1:
+            self.report.kept.append((fqn, "weight is tied to another module"))
+            return module
+        cls = self._load("Int8Linear")
+        if cls is None or not self._allowed(module, fqn):
+            return module
+        activations = "int8" if self.int8 == "w8a8" else "float"
+        return self._swap(module, cls.from_float(module, activations=activations), fqn)
+
+    # -----------------------------------------------------------------------------------------
+    def finish_transformers(self, root: nn.Module) -> None:
+        """attn_implementation = "fastattn" on every transformers model inside ``root``."""
+        if not self.attention or self.hf_pretrained is None:
+            return
+        from fastattn.integrations import transformers as hf_integration
+
+        for fqn, m in root.named_modules():
+            if not isinstance(m, self.hf_pretrained):
+                continue
+            if self.filter_fn is not None and not self.filter_fn(m, fqn):
+                self.report.kept.append((fqn, "filter_fn returned False (attn_implementation)"))
+                continue
+            note = hf_integration.use_fastattn(m)
+            if note:
+                self.report.notes.append(f"{fqn or '<root>'}: {note}")
+
+
+def convert(
+    model: nn.Module,
+    *,
+    attention: bool = True,
+    layer_norm: bool = True,
+    int8: bool | str = False,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> nn.Module:
+    """Replace ``model``'s attention, LayerNorm/RMSNorm and (with int8=True) Linear modules by
+    fastattn's, in place; return the model (a new object only if the root itself was replaced).
+
+    Args:
+        model: any nn.Module: torch Transformer layers, a transformers PreTrainedModel, ...
+        attention: replace nn.MultiheadAttention; route transformers models' attention to fastattn.
+        layer_norm: replace nn.LayerNorm, nn.RMSNorm and transformers-style *RMSNorm modules.
+        int8: replace nn.Linear by fastattn.nn.Int8Linear (inference). ``True`` or
+            ``"weight_only"``: int8 weights, float activations (accuracy first: activation
+            outliers of post-LN encoders such as BERT cost per-token W8A8 ~1% cosine on
+            all-MiniLM-L6-v2 embeddings; weight-only keeps 0.998). ``"w8a8"``: activations
+            quantized per token too (int8 GEMM; fastest on large inputs).
+        filter_fn: ``filter_fn(module, fqn) -> bool``; only candidates it returns True for are
+            replaced ("" is the fqn of the root).
+
+    The result is logged and stored as ``model.fastattn_report`` (see ``ConversionReport``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable(module, fqn) -> bool, got {filter_fn!r}")
+    if int8 not in (False, True, "weight_only", "w8a8"):
+        raise ValueError(f"int8 must be False, True, 'weight_only' or 'w8a8', got {int8!r}")
+    int8 = "weight_only" if int8 is True else int8
+    conv = _Converter(model, bool(attention), bool(layer_norm), int8, filter_fn)
+    new_root = conv.walk(model, "", None)
+    conv.finish_transformers(new_root)
+    new_root.fastattn_report = conv.report
+    log.info("%s", conv.report)
+    return new_root
+
+
+class _CallableModule(types.ModuleType):
+    # `import fastattn.convert` binds this module as the attribute `fastattn.convert`, shadowing
+    # the function that `fastattn.__getattr__` resolves lazily; calling the module calls convert so
+    # `fastattn.convert(model)` works whichever of the two a user ends up holding.
+    def __call__(self, *args, **kwargs):
+        return convert(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,311 @@
+"""Hugging Face ``transformers`` integration: ``attn_implementation="fastattn"``.
+
+    from fastattn.integrations.transformers import register
+    register()
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="fastattn")
+    # or, on a loaded model (also replaces its LayerNorm/RMSNorm): model = fastattn.convert(model)
+
+``register()`` adds "fastattn" to ``transformers.AttentionInterface`` (the attention function) and
+to ``transformers.masking_utils.AttentionMaskInterface`` (the mask builder: transformers' own SDPA
+mask, a bool (B, 1, Lq, S) mask with True = attend, or None when the causal flag suffices; without a
+mask builder transformers passes ``attention_mask=None`` and silently drops causal and padding masks).
+
+Models that do not go through ``AttentionInterface`` (checked with transformers 4.57):
+BERT-style models call ``F.scaled_dot_product_attention`` from their own ``*SdpaSelfAttention``
+classes: ``fastattn.convert`` routes exactly that call to fastattn inside those modules (a
+TorchFunctionMode entered around their forward; the rest of their forward is unchanged). T5's
+attention is explicit matmuls: ``fastattn.convert`` swaps ``T5Attention`` for
+``FastattnT5Attention``, which adds the relative position bias (+ mask) as an additive float mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.models.t5.modeling_t5 import EncoderDecoderCache, T5Attention
+
+log = logging.getLogger("fastattn")
+
+NAME = "fastattn"
+
+__all__ = ["FastattnT5Attention", "fastattn_attention_forward", "register"]
+
+
+@functools.cache
+def _warn_once(msg: str) -> None:
+    log.warning(msg)
+
+
+def fastattn_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The ``AttentionInterface`` function registered as "fastattn".
+
+    Args:
+        module: the calling attention module (``is_causal``, ``num_key_value_groups`` are read).
+        query: (B, H, Lq, D); key, value: (B, Hkv, S, D), H % Hkv == 0 (GQA runs without
+            repeating k/v). During cached decoding S counts the cache plus the new tokens.
+        attention_mask: None, or bool (True = attend) / additive float, broadcastable to
+            (B, H, Lq, S) (longer masks are cut to S, as transformers' sdpa does).
+        scaling: softmax scale (default 1/sqrt(D)); dropout: dropout probability.
+        kwargs: ``is_causal`` (default: the module's flag when there is no mask and Lq > 1),
+            ``sliding_window`` (query i sees keys i - sliding_window < j <= i). Unsupported and
+            refused: ``head_mask``, ``softcap``, ``s_aux`` (attention sinks).
+
+    Without a mask, the causal diagonal is aligned bottom-right: the Lq queries are the last Lq
+    positions of the S keys, which is what a KV cache holds.
+
+    Returns:
+        (attn_output (B, Lq, H, D) contiguous, None): no attention weights, as sdpa.
+    """
+    import fastattn
+
+    for name in ("head_mask", "softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"attn_implementation='fastattn' does not support {name}; load the model with "
+                "attn_implementation='eager' for it")
+    if kwargs.get("output_attentions", False):
+        _warn_once("attn_implementation='fastattn' returns no attention weights "
+                   "(output_attentions=True gives None); use attn_implementation='eager' for them")
+    if attention_mask is not None:
+        if attention_mask.ndim == 4:
+            attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+        if attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
+            attention_mask = attention_mask.to(query.dtype)
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    sliding_window = kwargs.get("sliding_window")
+    if _decoding_step(query, key, value, attention_mask, dropout, sliding_window):
+        # a decoding step against the cache: the split-K kernel reads the cache once for all the
+        # query heads of a kv head (no mask, so every sequence holds all S keys)
+        seqlens = torch.full((query.shape[0],), key.shape[2], dtype=torch.int32,
+                             device=query.device)
+        out = fastattn.attention_with_kvcache(query, key, value, seqlens, scale=scaling,
+                                              causal=bool(is_causal))
+        return out.transpose(1, 2).contiguous(), None
+    window = None
+    if sliding_window is not None and attention_mask is None:
+        # a mask, when given, already holds the window (in the cache's own positions, which a
+        # static cache does not align bottom-right); without one the kernel applies it
+        window = (int(sliding_window) - 1, -1)
+    out = fastattn.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=float(dropout),
+        is_causal=bool(is_causal), scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
+        window=window, causal_alignment="bottom_right")
+    return out.transpose(1, 2).contiguous(), None  # (B, H, Lq, D) -> (B, Lq, H, D)
+
+
+# queries per step up to which a step against a cache runs on the decoding kernel (speculative
+# decoding verifies a few tokens at once); longer chunks are prefill, for the attention kernel
+DECODE_MAX_QUERIES = 16
+
+
+def _decoding_step(query, key, value, attention_mask, dropout, sliding_window) -> bool:
+    """Whether this call is an inference step of a few new queries against a longer cache that
+    ``attention_with_kvcache`` computes exactly: no mask (transformers passes one for padding and
+    for static caches, whose tail is empty), no window inside the cache, no dropout, no
+    gradient."""
+    Lq, S = query.shape[2], key.shape[2]
+    return (attention_mask is None and 0 < Lq < S and Lq <= DECODE_MAX_QUERIES
+            and not dropout
+            and (sliding_window is None or int(sliding_window) >= S)
+            and key.dtype == query.dtype and value.dtype == query.dtype
+            and not (torch.is_grad_enabled()
+                     and (query.requires_grad or key.requires_grad or value.requires_grad)))
+
+
+def register(name: str = NAME) -> None:
+    """Make ``attn_implementation=name`` ("fastattn") available to every transformers model that
+    uses ``AttentionInterface``. Idempotent."""
+    AttentionInterface.register(name, fastattn_attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# models that do not use AttentionInterface
+# ---------------------------------------------------------------------------------------------
+class _SDPAToFastattn(torch.overrides.TorchFunctionMode):
+    """Inside it, F.scaled_dot_product_attention is fastattn.scaled_dot_product_attention (same
+    signature and semantics); every other call is unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            import fastattn
+
+            return fastattn.scaled_dot_product_attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _sdpa_routed_forward(self, *args, **kwargs):
+    with _SDPAToFastattn():
+        return self._fastattn_base.forward(self, *args, **kwargs)
+
+
+def _rebuild_sdpa_routed(base: type, state: dict) -> nn.Module:
+    obj = _sdpa_routed_class(base).__new__(_sdpa_routed_class(base))
+    obj.__setstate__(state)
+    return obj
+
+
+def _reduce_sdpa_routed(self, protocol):
+    # pickle/deepcopy rebuild the generated class from its base (which pickles by name)
+    return _rebuild_sdpa_routed, (self._fastattn_base, self.__dict__)
+
+
+@functools.cache
+def _sdpa_routed_class(base: type) -> type:
+    """Subclass of a transformers ``*Sdpa*Attention`` class whose F.scaled_dot_product_attention
+    calls run on fastattn."""
+    return type(base.__name__.replace("Sdpa", "Fastattn"), (base,), {
+        "forward": _sdpa_routed_forward, "__reduce_ex__": _reduce_sdpa_routed,
+        "_fastattn_base": base, "__module__": __name__,
+        "__doc__": f"{base.__name__} with F.scaled_dot_product_attention run by fastattn.",
+    })
+
+
+class FastattnT5Attention(T5Attention):
+    """T5Attention whose softmax(q k^T + position_bias + mask) v runs as one fastattn kernel call:
+    the relative position bias plus the mask is the additive float mask (it receives its
+    gradient), scale 1 (T5 does not scale). Same parameters and outputs as T5Attention; calls with
+    output_attentions or layer_head_mask take T5Attention's explicit path (they need the weights).
+    """
+
+    def forward(
+        self,
+        hidden_states,
+        mask=None,
+        key_value_states=None,
+        position_bias=None,
+        past_key_values=None,
+        layer_head_mask=None,
+        query_length=None,
+        use_cache=False,
+        output_attentions=False,
+        cache_position=None,
+    ):
+        if output_attentions or layer_head_mask is not None:
+            return super().forward(hidden_states, mask, key_value_states, position_bias,
+                                   past_key_values, layer_head_mask, query_length, use_cache,
+                                   output_attentions, cache_position)
+        import fastattn
+
+        batch_size, seq_length = hidden_states.shape[:2]
+        is_cross_attention = key_value_states is not None
+        # (B, L, inner) -> (B, H, L, d_kv)
+        query_states = self.q(hidden_states).view(
+            batch_size, -1, self.n_heads, self.key_value_proj_dim).transpose(1, 2)
+
+        # cache handling exactly as T5Attention (4.57)
+        is_updated = False
+        curr_past_key_value = past_key_values
+        if isinstance(past_key_values, EncoderDecoderCache):
+            is_updated = past_key_values.is_updated.get(self.layer_idx)
+            curr_past_key_value = (past_key_values.cross_attention_cache if is_cross_attention
+                                   else past_key_values.self_attention_cache)
+        current_states = key_value_states if is_cross_attention else hidden_states
+        if is_cross_attention and past_key_values is not None and is_updated:
+            key_states = curr_past_key_value.layers[self.layer_idx].keys
+            value_states = curr_past_key_value.layers[self.layer_idx].values
+        else:
+            key_states = self.k(current_states).view(
+                batch_size, -1, self.n_heads, self.key_value_proj_dim).transpose(1, 2)
+            value_states = self.v(current_states).view(
+                batch_size, -1, self.n_heads, self.key_value_proj_dim).transpose(1, 2)
+            if past_key_values is not None:
+                cache_position = cache_position if not is_cross_attention else None
+                key_states, value_states = curr_past_key_value.update(
+                    key_states, value_states, self.layer_idx, {"cache_position": cache_position})
+                if is_cross_attention and isinstance(past_key_values, EncoderDecoderCache):
+                    past_key_values.is_updated[self.layer_idx] = True
+
+        if position_bias is None:
+            key_length = key_states.shape[-2]
+            real_seq_length = query_length if query_length is not None else cache_position[-1] + 1
+            if not self.has_relative_attention_bias:
+                position_bias = torch.zeros((1, self.n_heads, seq_length, key_length),
+                                            device=query_states.device, dtype=query_states.dtype)
+                if self.gradient_checkpointing and self.training:
+                    position_bias.requires_grad = True
+            else:
+                position_bias = self.compute_bias(real_seq_length, key_length,
+                                                  device=query_states.device,
+                                                  cache_position=cache_position)
+                position_bias = position_bias[:, :, -seq_length:, :]
+            if mask is not None:
+                position_bias = position_bias + mask[:, :, :, : key_states.shape[-2]]
+        if self.pruned_heads:
+            keep = torch.ones(position_bias.shape[1])
+            keep[list(self.pruned_heads)] = 0
+            bias = position_bias[:, keep.bool()]
+        else:
+            bias = position_bias
+
+        attn_output = fastattn.scaled_dot_product_attention(
+            query_states, key_states, value_states, attn_mask=bias.to(query_states.dtype),
+            dropout_p=self.dropout if self.training else 0.0, scale=1.0)
+        # (B, H, L, d_kv) -> (B, L, inner)
+        attn_output = attn_output.transpose(1, 2).reshape(batch_size, -1, self.inner_dim)
+        return self.o(attn_output), position_bias
+
+
+def _eager_with_sdpa_sibling(cls: type) -> str | None:
+    """Name of the ``*Sdpa*`` sibling of a legacy eager attention class (BertSelfAttention ->
+    BertSdpaSelfAttention), None if it has none."""
+    mod = sys.modules.get(cls.__module__)
+    name = cls.__name__
+    for i in range(1, len(name)):
+        sib = getattr(mod, name[:i] + "Sdpa" + name[i:], None)
+        if isinstance(sib, type) and issubclass(sib, cls):
+            return sib.__name__
+    return None
+
+
+def attention_module_class(module: nn.Module) -> tuple[type | None, str | None]:
+    """For ``fastattn.convert``: (the class to give ``module`` so that its attention runs on
+    fastattn, or None; why an attention module is kept as it is, or None)."""
+    cls = type(module)
+    if not cls.__module__.startswith("transformers.models."):
+        return None, None
+    if cls is T5Attention:
+        return FastattnT5Attention, None
+    if "Sdpa" in cls.__name__ and "Attention" in cls.__name__:
+        return _sdpa_routed_class(cls), None
+    if cls.__name__.endswith("Attention") and (sib := _eager_with_sdpa_sibling(cls)):
+        return None, (f"{cls.__name__} is this model's eager attention; load the model with "
+                      f"attn_implementation='sdpa' ({sib}) for fastattn.convert to route it")
+    return None, None
+
+
+def use_fastattn(model: nn.Module) -> str | None:
+    """For ``fastattn.convert``: set attn_implementation "fastattn" on a PreTrainedModel that
+    dispatches through AttentionInterface; returns a note of what changed, or None."""
+    register()
+    old = model.config._attn_implementation
+    if old == NAME:
+        return None
+    try:
+        dynamic = type(model)._can_set_attn_implementation()
+    except (OSError, TypeError, AttributeError):
+        dynamic = False
+    if not dynamic:
+        return None  # its attention modules are swapped one by one instead
+    model.set_attn_implementation(NAME)
+    new = model.config._attn_implementation
+    return f"attn_implementation {old!r} -> {new!r}"

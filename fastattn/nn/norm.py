@@ -1,0 +1,104 @@
+"""Drop-in LayerNorm / RMSNorm modules on fastattn's fused kernels.
+
+They subclass ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm``: same constructor, parameters,
+state_dict keys, ``reset_parameters`` and ``isinstance`` behaviour (weight initialisation code
+keyed on the torch classes keeps working). Only ``forward`` changes, and it takes an optional
+``residual=`` for the fused residual add.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from fastattn.ops.layer_norm import layer_norm, rms_norm
+
+
+def _share_state(cls, m: nn.Module, backend: str):
+    new = cls.__new__(cls)
+    # Shallow copies of the parameter/buffer/hook dicts: the tensors are shared (no copy: same
+    # device, dtype and storage, so optimizers and tied weights keep working), the containers are
+    # not (registering on one module must not change the other).
+    new.__dict__.update({k: (copy.copy(v) if isinstance(v, dict) else v)
+                         for k, v in m.__dict__.items()})
+    new.backend = backend
+    return new
+
+
+class LayerNorm(nn.LayerNorm):
+    """``torch.nn.LayerNorm`` computed by :func:`fastattn.layer_norm`.
+
+    Shapes: input (*, *normalized_shape) -> output of the same shape and dtype. With
+    ``residual`` (input-shaped, same dtype) ``forward`` returns ``(out, input + residual)``, the
+    sum computed once in the same pass.
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | list[int] | tuple[int, ...] | torch.Size,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None):
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
+                          residual=residual, backend=self.backend)
+
+    @classmethod
+    def from_module(cls, m: nn.LayerNorm, *, backend: str = "auto") -> LayerNorm:
+        """A fastattn LayerNorm computing what ``m`` computes, holding ``m``'s own parameters
+        (same tensors: device, dtype and storage kept), train/eval mode and hooks.
+        ``copy.deepcopy(m)`` first for an independent module."""
+        if not isinstance(m, nn.LayerNorm):
+            raise TypeError(f"m must be a torch.nn.LayerNorm, got {type(m).__name__}")
+        return _share_state(cls, m, backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
+
+
+class RMSNorm(nn.RMSNorm):
+    """``torch.nn.RMSNorm`` computed by :func:`fastattn.rms_norm` (eps=None means
+    ``torch.finfo(input.dtype).eps``, as torch).
+
+    Shapes: input (*, *normalized_shape) -> output of the same shape and dtype; with
+    ``residual`` returns ``(out, input + residual)``.
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | list[int] | tuple[int, ...] | torch.Size,
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None):
+        return rms_norm(input, self.normalized_shape, self.weight, self.eps, residual=residual,
+                        backend=self.backend)
+
+    @classmethod
+    def from_module(cls, m: nn.RMSNorm, *, backend: str = "auto") -> RMSNorm:
+        """A fastattn RMSNorm computing what ``m`` computes, holding ``m``'s own parameters
+        (same tensors), train/eval mode and hooks. ``copy.deepcopy(m)`` first for an
+        independent module."""
+        if not isinstance(m, nn.RMSNorm):
+            raise TypeError(f"m must be a torch.nn.RMSNorm, got {type(m).__name__}")
+        return _share_state(cls, m, backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"

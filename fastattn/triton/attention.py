@@ -1,0 +1,1169 @@
+"""Triton attention kernels.
+
+* ``attention_fwd`` / ``attention_bwd``: FlashAttention-2 style fused attention with the full
+  semantics of ``fastattn::attention_fwd/bwd`` (csrc/fastattn.cpp): additive mask broadcast by
+  strides, causal/sliding windows folded into (window_left, window_right, diag_offset), GQA,
+  dropout from a counter-based RNG, empty rows (out 0, lse -inf, zero gradients), gradient into
+  lse and into the mask.
+* ``attention_kvcache``: decoding against a KV cache. New keys/values are appended in place by a
+  small kernel (the sequence lengths are read on the device: no host synchronisation), then
+  split-K flash-decoding computes partial (out, lse) per chunk of the cache and a combine kernel
+  merges them.
+
+Layout of every kernel: pointers, scalars, strides (``stride_<tensor><dim>``), sizes, then
+``tl.constexpr`` meta-parameters. Scores are kept in log2 units (pre-multiplied by log2(e)) so
+the softmax uses exp2; lse is returned in natural log. Head dims are padded to a power of two
+(HEAD_DIM) with load masks, so one compiled kernel covers e.g. 40, 80 and 111 without copies.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastattn.ops._backend import triton_interpret
+
+_LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+_LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+# ---------------------------------------------------------------------------------------------
+# autotune configurations
+# ---------------------------------------------------------------------------------------------
+# Candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture family and head-dim class
+# (the padded max(E, Ev) rounded up to 64/128/256), 1-3 per case: every candidate is a separate
+# compile for each new autotune key. Each was compiled for sm_90a / sm_80 with triton 3.6 and
+# checked with `ptxas -v` (bf16, causal): no register spills. "_mask" lists serve calls with an
+# additive mask (and fp32 inputs): the mask tile and its pointers cost ~60 registers a thread,
+# which spilled every 64-key-wide Hopper tile at d=128, so they use 32-key tiles.
+# Hopper wants 128-row M tiles (wgmma works on 64-row warpgroup tiles) and deep cp.async rings;
+# Ampere has 164 KB of shared memory. The dK/dV kernel works on transposed tiles (keys on rows):
+# its BLOCK_N is the MMA's M, and its dK + dV accumulators (BLOCK_N x 2 x head dim, fp32) bound
+# it to small query tiles.
+_FWD_TUNING = {
+    "hopper": {64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4)],
+               128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2)],
+               256: [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)]},
+    "hopper_mask": {64: [(128, 64, 8, 3)],
+                    128: [(128, 32, 8, 3), (128, 32, 8, 2)],
+                    256: [(64, 32, 8, 2)]},
+    "ampere": {64: [(128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+               128: [(128, 64, 8, 2), (64, 64, 4, 3)],
+               256: [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)]},
+    "ampere_mask": {64: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2)],
+                    128: [(128, 32, 8, 2), (64, 32, 4, 3)],
+                    256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
+}
+_DKDV_TUNING = {
+    "hopper": {64: [(32, 128, 8, 2), (16, 128, 8, 3)],
+               128: [(16, 128, 8, 2)],
+               256: [(16, 32, 8, 2), (32, 32, 8, 2)]},
+    "hopper_mask": {64: [(16, 64, 8, 2)],
+                    128: [(16, 64, 8, 2)],
+                    256: [(16, 32, 8, 2)]},
+    "ampere": {64: [(32, 128, 8, 2), (32, 64, 8, 3), (16, 128, 8, 2)],
+               128: [(32, 64, 8, 2), (16, 64, 8, 2)],
+               256: [(16, 32, 8, 2), (32, 32, 8, 2)]},
+    "ampere_mask": {64: [(32, 64, 8, 3)],
+                    128: [(16, 32, 8, 2)],
+                    256: [(16, 32, 8, 2)]},
+}
+_DQ_TUNING = {
+    "hopper": {64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4)],
+               128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+               256: [(64, 32, 8, 2), (32, 32, 4, 3)]},
+    "hopper_mask": {64: [(128, 64, 8, 3)],
+                    128: [(128, 32, 8, 3)],
+                    256: [(64, 32, 8, 2), (32, 32, 4, 3)]},
+    "ampere": {64: [(128, 32, 8, 3), (64, 32, 4, 3)],
+               128: [(64, 64, 8, 2), (64, 32, 4, 3), (64, 32, 4, 2)],
+               256: [(32, 32, 4, 2)]},
+    "ampere_mask": {64: [(64, 32, 4, 3)],
+                    128: [(64, 64, 8, 2), (64, 32, 4, 3)],
+                    256: [(32, 32, 4, 2)]},
+}
+# Decoding streams the cache: BLOCK_M is fixed by the query rows of a kv group, only the key tile
+# and the depth of the load ring matter (a deep ring keeps enough bytes in flight for HBM).
+_DECODE_TUNING = {
+    "hopper": {64: [(None, 64, 4, 3), (None, 128, 4, 4), (None, 128, 8, 3)],
+               128: [(None, 64, 4, 4), (None, 128, 8, 3), (None, 64, 4, 3)],
+               256: [(None, 32, 4, 3), (None, 64, 8, 2), (None, 64, 4, 3)]},
+    "ampere": {64: [(None, 64, 4, 3), (None, 128, 4, 3)],
+               128: [(None, 64, 4, 3), (None, 128, 8, 2)],
+               256: [(None, 32, 4, 3), (None, 64, 4, 2)]},
+}
+
+
+def _interpret() -> bool:
+    return triton_interpret()
+
+
+def _config(bm, bn, warps, stages) -> triton.Config:
+    kw = {"BLOCK_N": bn} if bm is None else {"BLOCK_M": bm, "BLOCK_N": bn}
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+
+def _tuning_configs(table: dict, interpret: tuple) -> list[triton.Config]:
+    """Every candidate of a tuning table once; one small config under the interpreter, where
+    autotuning would only run the same numpy code several times."""
+    if _interpret():
+        return [_config(*interpret)]
+    seen = dict.fromkeys(c for arch in table.values() for cands in arch.values() for c in cands)
+    return [_config(*c) for c in seen]
+
+
+@functools.cache
+def _device_limits(index: int) -> tuple[int, int, int]:
+    """(compute capability major, opt-in shared memory per block in bytes, SM count)."""
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+    return props.major, smem, props.multi_processor_count
+
+
+def _fits(cfg: triton.Config, smem: int, elem: int, smem_tiles: int, acc_regs: int) -> bool:
+    """The pipelined tiles (smem_tiles elements) fit in shared memory and the fp32 accumulators
+    (acc_regs values) leave a thread ~60 of its 255 registers for operands and addresses (the
+    tuned lists peak at 160 accumulator values a thread): spills cost far more than a smaller
+    tile."""
+    return smem_tiles * elem <= smem and acc_regs <= 192 * cfg.num_warps * 32
+
+
+def _make_prune(table: dict, footprint):
+    """early_config_prune for a kernel: keep the table's candidates for this device family and
+    head-dim class that pass _fits; ``footprint(bm, bn, stages, d, dv) -> (smem_tiles, acc)``."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        q = args["Q"]
+        if q.device.type != "cuda":
+            return configs[:1]
+        major, smem, _ = _device_limits(q.device.index or 0)
+        d, dv = args["HEAD_DIM"], args["HEAD_DIM_V"]
+        dclass = 64 if max(d, dv) <= 64 else 128 if max(d, dv) <= 128 else 256
+        family = "hopper" if major >= 9 else "ampere"
+        if args.get("HAS_MASK") or q.element_size() == 4:
+            family = family + "_mask" if family + "_mask" in table else family
+        cands = set(table[family][dclass])
+        keep = []
+        for c in configs:
+            bm = c.kwargs.get("BLOCK_M", args.get("BLOCK_M"))
+            key = (c.kwargs.get("BLOCK_M"), c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            tiles, acc = footprint(bm, c.kwargs["BLOCK_N"], max(c.num_stages, 1), d, dv)
+            if key in cands and _fits(c, smem, q.element_size(), tiles, acc):
+                keep.append(c)
+        if not keep:  # a small device: the leanest candidate
+            keep = [min(configs, key=lambda c: footprint(
+                c.kwargs.get("BLOCK_M", args.get("BLOCK_M")), c.kwargs["BLOCK_N"],
+                max(c.num_stages, 1), d, dv)[0])]
+        return keep
+
+    return prune
+
+
+# forward: Q tile resident + K/V ring; acc (BM, Dv) + score tile (BM, BN) in fp32
+_prune_fwd = _make_prune(_FWD_TUNING, lambda bm, bn, st, d, dv: (
+    bm * d + st * bn * (d + dv), bm * dv + bm * bn))
+# dK/dV: K/V tile resident + Q/dO ring; dK, dV accumulators + P, dP tiles
+_prune_bwd_dkdv = _make_prune(_DKDV_TUNING, lambda bm, bn, st, d, dv: (
+    bn * (d + dv) + st * bm * (d + dv), bn * (d + dv) + 2 * bm * bn))
+# dQ: Q/dO resident + K/V ring; dQ accumulator + P, dP tiles
+_prune_bwd_dq = _make_prune(_DQ_TUNING, lambda bm, bn, st, d, dv: (
+    bm * (d + dv) + st * bn * (d + dv), bm * d + 2 * bm * bn))
+_prune_decode = _make_prune(_DECODE_TUNING, lambda bm, bn, st, d, dv: (
+    bm * d + st * bn * (d + dv), bm * dv + bm * bn))
+
+_FWD_KEYS = ["HEAD_DIM", "HEAD_DIM_V", "seqlen_q_key", "seqlen_k_key", "HAS_MASK", "HAS_LEFT",
+             "HAS_RIGHT", "DROPOUT"]
+
+
+# ---------------------------------------------------------------------------------------------
+# shared device helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _round_bf16(x):
+    """fp32 -> the nearest bfloat16 value (ties to even), kept in fp32. The interpreter converts
+    fp32 to bf16 by truncation, a bias of half an ulp on every rounded P and output that the
+    hardware (round to nearest even) does not have; this restores the hardware's rounding."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """x.to(dtype) with the hardware's rounding also under the interpreter (see _round_bf16)."""
+    if INTERP_BF16:
+        if dtype == tl.bfloat16:
+            x = _round_bf16(x)
+    return x.to(dtype)
+
+
+@triton.jit
+def _key_band(m_start, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks seen by query rows [m_start, m_start + BLOCK_M). They form three contiguous
+    ranges [lo, full_lo) | [full_lo, full_hi) | [full_hi, hi) where only the outer two need the
+    element mask (band edges, key tail); blocks outside [lo, hi) are skipped entirely. Returns
+    the schedule of _block_schedule."""
+    m_last = tl.minimum(m_start + BLOCK_M, seqlen_q) - 1
+    lo = m_start * 0
+    hi = lo + seqlen_k
+    full_lo = lo
+    full_hi = (seqlen_k // BLOCK_N) * BLOCK_N
+    if HAS_LEFT:  # key j >= i + diag_offset - window_left
+        lo = (tl.maximum(m_start + diag_offset - window_left, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(m_last + diag_offset - window_left, 0), BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:  # key j <= i + diag_offset + window_right
+        hi = tl.minimum(tl.maximum(m_last + diag_offset + window_right + 1, 0), seqlen_k)
+        full_hi = tl.minimum(
+            full_hi, (tl.maximum(m_start + diag_offset + window_right + 1, 0) // BLOCK_N) * BLOCK_N)
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return _block_schedule(lo, full_lo, full_hi, hi, BLOCK_N)
+
+
+@triton.jit
+def _query_band(n_start, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query blocks that see keys [n_start, n_start + BLOCK_N), split like _key_band."""
+    n_last = tl.minimum(n_start + BLOCK_N, seqlen_k) - 1
+    lo = n_start * 0
+    hi = lo + seqlen_q
+    full_lo = lo
+    full_hi = (seqlen_q // BLOCK_M) * BLOCK_M
+    if HAS_RIGHT:  # query i >= j - diag_offset - window_right
+        lo = (tl.maximum(n_start - diag_offset - window_right, 0) // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(n_last - diag_offset - window_right, 0), BLOCK_M) * BLOCK_M
+    if HAS_LEFT:  # query i <= j - diag_offset + window_left
+        hi = tl.minimum(tl.maximum(n_last - diag_offset + window_left + 1, 0), seqlen_q)
+        full_hi = tl.minimum(
+            full_hi, (tl.maximum(n_start - diag_offset + window_left + 1, 0) // BLOCK_M) * BLOCK_M)
+    hi = tl.maximum(hi, lo)
+    # a key block cut by the end of the keys needs the element mask on every query block
+    full_lo = tl.where(n_start + BLOCK_N > seqlen_k, hi, full_lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return _block_schedule(lo, full_lo, full_hi, hi, BLOCK_M)
+
+
+@triton.jit
+def _block_schedule(lo, full_lo, full_hi, hi, BLOCK: tl.constexpr):
+    """(lo, n_first, full_hi, n_masked, full_lo, n_full): the masked blocks are n_first blocks
+    from lo followed by n_masked - n_first blocks from full_hi (one loop serves both band
+    edges, which halves the code of the masked path and its register pressure); the unmasked
+    blocks are n_full blocks from full_lo. Block it of the masked loop starts at
+    lo + it * BLOCK if it < n_first else full_hi + (it - n_first) * BLOCK."""
+    n_first = tl.cdiv(full_lo - lo, BLOCK)
+    n_masked = n_first + tl.cdiv(hi - full_hi, BLOCK)
+    return lo, n_first, full_hi, n_masked, full_lo, tl.cdiv(full_hi - full_lo, BLOCK)
+
+
+@triton.jit
+def _visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: query offs_m may see key offs_n (bounds and window)."""
+    vis = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
+    if HAS_LEFT:
+        vis = vis & (offs_n[None, :] >= offs_m[:, None] + (diag_offset - window_left))
+    if HAS_RIGHT:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + (diag_offset + window_right))
+    return vis
+
+
+@triton.jit
+def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_N: tl.constexpr):
+    """Keep mask (BLOCK_M, BLOCK_N) of keys [start_n, start_n + BLOCK_N) (start_n a multiple of
+    4). One Philox call yields 4 random words, used for 4 adjacent keys: the counter of
+    (b, h, i, j) is ((b * H + h) * L + i) * cdiv(S, 4) + j // 4 (rng_rows holds the counter of
+    (b, h, i, 0)), so the forward and both backward kernels draw the same bits whatever their
+    tiling, and the RNG costs a quarter of one call per element."""
+    offs_c = (start_n // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.int64)
+    r0, r1, r2, r3 = tl.randint4x(seed, rng_rows[:, None] + offs_c[None, :])
+    r = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (BLOCK_M, BLOCK_N // 4, 2, 2)
+    r = tl.reshape(r, (rng_rows.shape[0], BLOCK_N))
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_fwd_loop(
+    acc, l_i, m_i, q,
+    K, V, mask_rows, rng_rows,
+    lo, n_first, second, n_blocks, offs_m, offs_d, offs_dv,
+    stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
+    qk_scale, dropout_p, seed,
+    seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
+    BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+):
+    """Online softmax over n_blocks key blocks (n_first from lo, the rest from second);
+    MASKED: apply the bounds/window element masks."""
+    d_ok = offs_d < head_dim
+    dv_ok = offs_dv < head_dim_v
+    row_ok = offs_m < seqlen_q
+    for it in range(0, n_blocks):
+        start_n = tl.where(it < n_first, lo + it * BLOCK_N, second + (it - n_first) * BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n64 = offs_n.to(tl.int64)
+        n_ok = offs_n < seqlen_k
+        k_ptrs = K + offs_n64[None, :] * stride_kn + offs_d[:, None] * stride_kk  # (D, BLOCK_N)
+        v_ptrs = V + offs_n64[:, None] * stride_vn + offs_dv[None, :] * stride_vk  # (BLOCK_N, Dv)
+        if MASKED:
+            k = tl.load(k_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        if INTERP_BF16:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_MASK:
+            am = tl.load(mask_rows + offs_n64[None, :] * stride_mn,
+                         mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+            s += am.to(tl.float32) * _LOG2E
+        if MASKED:
+            vis = _visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
+                           diag_offset, HAS_LEFT, HAS_RIGHT)
+            s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with nothing visible yet keeps m = -inf: subtract 0 instead (exp2(-inf) = 0)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_N), p, 0.0)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
+        # P rounded to the input precision for the tensor-core product, as FlashAttention
+        if INTERP_BF16:
+            v = v.to(tl.float32)
+            p = _round_bf16(p)
+        else:
+            p = p.to(V.dtype.element_ty)
+        acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(
+    configs=_tuning_configs(_FWD_TUNING, interpret=(32, 32, 4, 1)),
+    key=_FWD_KEYS,
+    prune_configs_by={"early_config_prune": _prune_fwd},
+)
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, Mask, Out, Lse,
+    qk_scale, dropout_p, seed,
+    stride_qb, stride_qh, stride_qm, stride_qk,
+    stride_kb, stride_kh, stride_kn, stride_kk,
+    stride_vb, stride_vh, stride_vn, stride_vk,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_ok,
+    num_heads, seqlen_q, seqlen_k, group_size, head_dim, head_dim_v,
+    window_left, window_right, diag_offset,
+    seqlen_q_key, seqlen_k_key,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out (B, H, L, Ev), lse (B, H, L) from q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev).
+    Grid: (cdiv(L, BLOCK_M), B * H); the Q tile stays in registers."""
+    pid_m = tl.program_id(0)
+    if HAS_RIGHT:
+        if not HAS_LEFT:
+            # causal: the last query blocks see the most keys; start them first so the
+            # short ones fill the tail of the launch
+            pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    hk = h // group_size  # GQA: query head h reads kv head h // (H / Hkv)
+
+    m_start = pid_m * BLOCK_M
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_m64 = offs_m.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    row_ok = offs_m < seqlen_q
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qk
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    if INTERP_BF16:
+        q = q.to(tl.float32)
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m64[:, None] * stride_mm
+    rng_rows = ((b * num_heads + h) * seqlen_q + offs_m64) * tl.cdiv(seqlen_k, 4)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
+
+    lo, n_first, second, n_masked, full_lo, n_full = _key_band(
+        m_start, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
+        HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    # the blocks inside the band need no element mask; the band edges and the key tail do
+    acc, l_i, m_i = _attention_fwd_loop(
+        acc, l_i, m_i, q, K, V, mask_rows, rng_rows, full_lo, n_full, full_lo, n_full,
+        offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
+        qk_scale, dropout_p, seed,
+        seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
+        BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, False, DOT_PRECISION, INTERP_BF16)
+    acc, l_i, m_i = _attention_fwd_loop(
+        acc, l_i, m_i, q, K, V, mask_rows, rng_rows, lo, n_first, second, n_masked,
+        offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
+        qk_scale, dropout_p, seed,
+        seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
+        BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, True, DOT_PRECISION, INTERP_BF16)
+
+    # empty rows (l = 0): out = 0 and lse = -inf instead of 0/0
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m64[:, None] * stride_om + offs_dv[None, :] * stride_ok
+    tl.store(o_ptrs, _cast(out, Out.dtype.element_ty, INTERP_BF16),
+             mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+    tl.store(Lse + pid_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    Out, DO, GradLse, Delta,
+    stride_ob, stride_oh, stride_om, stride_ok,
+    stride_dob, stride_doh, stride_dom, stride_dok,
+    num_heads, seqlen_q, head_dim_v,
+    HEAD_DIM_V: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta (B, H, L) = rowsum(dO * O) - grad_lse, float32. Grid: (cdiv(L, BLOCK_M), B * H)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m64 = offs_m.to(tl.int64)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    ok = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < head_dim_v)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m64[:, None] * stride_om
+                + offs_dv[None, :] * stride_ok, mask=ok, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m64[:, None] * stride_dom
+                 + offs_dv[None, :] * stride_dok, mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row = pid_bh.to(tl.int64) * seqlen_q + offs_m
+    if HAS_GRAD_LSE:
+        delta -= tl.load(GradLse + row, mask=offs_m < seqlen_q, other=0.0)
+    tl.store(Delta + row, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _attention_bwd_dkdv_loop(
+    dk, dv, k, v,
+    Q, DO, Lse, Delta, DQ, mask_cols, dmask_cols, rng_base,
+    lo, n_first, second, n_blocks, n_start, offs_n, offs_d, offs_dv,
+    stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk, stride_mm, stride_dmm,
+    sm_scale, qk_scale, dropout_p, seed,
+    seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    STORE_DMASK: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+):
+    """Accumulate dK, dV of one key block over n_blocks query blocks (n_first from lo, the rest
+    from second) of one query head; works on transposed tiles (keys on rows) so dK/dV are plain
+    row-major accumulations."""
+    d_ok = offs_d < head_dim
+    dv_ok = offs_dv < head_dim_v
+    n_ok = offs_n < seqlen_k
+    for it in range(0, n_blocks):
+        start_m = tl.where(it < n_first, lo + it * BLOCK_M, second + (it - n_first) * BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_m64 = offs_m.to(tl.int64)
+        m_ok = offs_m < seqlen_q
+        q_ptrs = Q + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qk
+        do_ptrs = DO + offs_m64[:, None] * stride_dom + offs_dv[None, :] * stride_dok
+        if MASKED:
+            q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+            lse = tl.load(Lse + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(Delta + offs_m, mask=m_ok, other=0.0)
+        else:
+            q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=dv_ok[None, :], other=0.0)
+            lse = tl.load(Lse + offs_m)
+            delta = tl.load(Delta + offs_m)
+        if INTERP_BF16:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        # lse = -inf (empty row): subtract +inf so P = 0 rather than exp2(nan)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        if HAS_MASK:
+            am = tl.load(mask_cols + offs_m64[None, :] * stride_mm,
+                         mask=n_ok[:, None] & m_ok[None, :], other=0.0)
+            sT += am.to(tl.float32) * _LOG2E
+        pT = tl.math.exp2(sT - lse2[None, :])
+        if MASKED:
+            vis = tl.trans(_visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
+                                    diag_offset, HAS_LEFT, HAS_RIGHT))
+            pT = tl.where(vis, pT, 0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            rng_rows = rng_base + offs_m64 * tl.cdiv(seqlen_k, 4)
+            keepT = tl.trans(_dropout_keep(seed, rng_rows, n_start, dropout_p, BLOCK_N))
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            pdT = tl.where(keepT, pT * inv_keep, 0.0)
+            dpT = tl.where(keepT, dpT * inv_keep, 0.0)
+        else:
+            pdT = pT
+        dsT = pT * (dpT - delta[None, :])  # d loss / d (score + mask)
+        if STORE_DMASK:
+            tl.store(dmask_cols + offs_m64[None, :] * stride_dmm,
+                     _cast(dsT, dmask_cols.dtype.element_ty, INTERP_BF16),
+                     mask=n_ok[:, None] & m_ok[None, :])
+        # operands of the gradient products rounded to the input precision
+        if INTERP_BF16:
+            pdT = _round_bf16(pdT)
+            dsT = _round_bf16(dsT)
+        else:
+            pdT = pdT.to(Q.dtype.element_ty)
+            dsT = dsT.to(Q.dtype.element_ty)
+        dv = tl.dot(pdT, do, dv, input_precision=DOT_PRECISION)
+        dk = tl.dot(dsT, q, dk, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION)
+            tl.atomic_add(DQ + offs_m64[:, None] * stride_dqm + offs_d[None, :] * stride_dqk,
+                          dq * sm_scale, mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
+    return dk, dv
+
+
+@triton.autotune(
+    configs=_tuning_configs(_DKDV_TUNING, interpret=(32, 32, 4, 1)),
+    key=_FWD_KEYS + ["ATOMIC_DQ", "STORE_DMASK"],
+    prune_configs_by={"early_config_prune": _prune_bwd_dkdv},
+    reset_to_zero=["DQ"],
+)
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, Mask, DO, Lse, Delta, DQ, DK, DV, DMask,
+    sm_scale, qk_scale, dropout_p, seed,
+    stride_qb, stride_qh, stride_qm, stride_qk,
+    stride_kb, stride_kh, stride_kn, stride_kk,
+    stride_vb, stride_vh, stride_vn, stride_vk,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dok,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqk,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkk,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvk,
+    stride_dmb, stride_dmh, stride_dmm, stride_dmn,
+    num_heads, num_kv_heads, seqlen_q, seqlen_k, group_size, head_dim, head_dim_v,
+    window_left, window_right, diag_offset,
+    seqlen_q_key, seqlen_k_key,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, STORE_DMASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dk (B, Hkv, S, E), dv (B, Hkv, S, Ev) of one key block, summed over the query heads of
+    its kv group inside the program (no atomics for dK/dV); dq (B, H, L, E) float32 by atomic
+    adds when ATOMIC_DQ; dmask (B, H, L, S) when STORE_DMASK. Grid: (cdiv(S, BLOCK_N), B * Hkv)."""
+    pid_n = tl.program_id(0)
+    pid_bhk = tl.program_id(1)
+    b = (pid_bhk // num_kv_heads).to(tl.int64)
+    hk = (pid_bhk % num_kv_heads).to(tl.int64)
+
+    n_start = pid_n * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_n64 = offs_n.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    n_ok = offs_n < seqlen_k
+    d_ok = offs_d < head_dim
+    dv_ok = offs_dv < head_dim_v
+
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n64[:, None] * stride_kn
+                + offs_d[None, :] * stride_kk, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n64[:, None] * stride_vn
+                + offs_dv[None, :] * stride_vk, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+    if INTERP_BF16:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype=tl.float32)
+
+    lo, n_first, second, n_masked, full_lo, n_full = _query_band(
+        n_start, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
+        HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    for g in range(0, group_size):
+        h = hk * group_size + g
+        Qh = Q + b * stride_qb + h * stride_qh
+        DOh = DO + b * stride_dob + h * stride_doh
+        DQh = DQ + b * stride_dqb + h * stride_dqh
+        row0 = (b * num_heads + h) * seqlen_q
+        Lseh = Lse + row0
+        Deltah = Delta + row0
+        mask_cols = Mask + b * stride_mb + h * stride_mh + offs_n64[:, None] * stride_mn
+        dmask_cols = DMask + b * stride_dmb + h * stride_dmh + offs_n64[:, None] * stride_dmn
+        rng_base = row0 * tl.cdiv(seqlen_k, 4)
+        dk, dv = _attention_bwd_dkdv_loop(
+            dk, dv, k, v, Qh, DOh, Lseh, Deltah, DQh, mask_cols, dmask_cols, rng_base,
+            full_lo, n_full, full_lo, n_full, n_start, offs_n, offs_d, offs_dv,
+            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk, stride_mm,
+            stride_dmm, sm_scale, qk_scale, dropout_p, seed,
+            seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
+            BLOCK_M, BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, ATOMIC_DQ, STORE_DMASK, False,
+            DOT_PRECISION, INTERP_BF16)
+        dk, dv = _attention_bwd_dkdv_loop(
+            dk, dv, k, v, Qh, DOh, Lseh, Deltah, DQh, mask_cols, dmask_cols, rng_base,
+            lo, n_first, second, n_masked, n_start, offs_n, offs_d, offs_dv,
+            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk, stride_mm,
+            stride_dmm, sm_scale, qk_scale, dropout_p, seed,
+            seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
+            BLOCK_M, BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, ATOMIC_DQ, STORE_DMASK, True,
+            DOT_PRECISION, INTERP_BF16)
+
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n64[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkk, _cast(dk, DK.dtype.element_ty, INTERP_BF16),
+             mask=n_ok[:, None] & d_ok[None, :])
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n64[:, None] * stride_dvn
+             + offs_dv[None, :] * stride_dvk, _cast(dv, DV.dtype.element_ty, INTERP_BF16),
+             mask=n_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _attention_bwd_dq_loop(
+    dq, q, do, lse2, delta,
+    K, V, mask_rows, rng_rows,
+    lo, n_first, second, n_blocks, offs_m, offs_d, offs_dv,
+    stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
+    qk_scale, dropout_p, seed,
+    seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
+    BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+):
+    """Accumulate dQ of one query block over a schedule of key blocks, in a fixed order."""
+    d_ok = offs_d < head_dim
+    dv_ok = offs_dv < head_dim_v
+    row_ok = offs_m < seqlen_q
+    for it in range(0, n_blocks):
+        start_n = tl.where(it < n_first, lo + it * BLOCK_N, second + (it - n_first) * BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n64 = offs_n.to(tl.int64)
+        n_ok = offs_n < seqlen_k
+        kT_ptrs = K + offs_n64[None, :] * stride_kn + offs_d[:, None] * stride_kk  # (D, BLOCK_N)
+        vT_ptrs = V + offs_n64[None, :] * stride_vn + offs_dv[:, None] * stride_vk  # (Dv, BLOCK_N)
+        if MASKED:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+            vT = tl.load(vT_ptrs, mask=dv_ok[:, None] & n_ok[None, :], other=0.0)
+        else:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+            vT = tl.load(vT_ptrs, mask=dv_ok[:, None], other=0.0)
+        if INTERP_BF16:
+            kT = kT.to(tl.float32)
+            vT = vT.to(tl.float32)
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_MASK:
+            am = tl.load(mask_rows + offs_n64[None, :] * stride_mn,
+                         mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+            s += am.to(tl.float32) * _LOG2E
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            vis = _visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
+                           diag_offset, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_N)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        if INTERP_BF16:
+            ds = _round_bf16(ds)
+        else:
+            ds = ds.to(K.dtype.element_ty)
+        dq = tl.dot(ds, tl.trans(kT), dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.autotune(
+    configs=_tuning_configs(_DQ_TUNING, interpret=(32, 32, 4, 1)),
+    key=_FWD_KEYS,
+    prune_configs_by={"early_config_prune": _prune_bwd_dq},
+)
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, Mask, DO, Lse, Delta, DQ,
+    sm_scale, qk_scale, dropout_p, seed,
+    stride_qb, stride_qh, stride_qm, stride_qk,
+    stride_kb, stride_kh, stride_kn, stride_kk,
+    stride_vb, stride_vh, stride_vn, stride_vk,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dok,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqk,
+    num_heads, seqlen_q, seqlen_k, group_size, head_dim, head_dim_v,
+    window_left, window_right, diag_offset,
+    seqlen_q_key, seqlen_k_key,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dq (B, H, L, E) without atomics (deterministic backward): one program per query block
+    loops over its key band. Grid: (cdiv(L, BLOCK_M), B * H)."""
+    pid_m = tl.program_id(0)
+    if HAS_RIGHT:
+        if not HAS_LEFT:
+            # causal: the last query blocks see the most keys; start them first so the
+            # short ones fill the tail of the launch
+            pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    hk = h // group_size
+
+    m_start = pid_m * BLOCK_M
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_m64 = offs_m.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    row_ok = offs_m < seqlen_q
+    d_ok = offs_d < head_dim
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m64[:, None] * stride_qm
+                + offs_d[None, :] * stride_qk, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m64[:, None] * stride_dom
+                 + offs_dv[None, :] * stride_dok,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    if INTERP_BF16:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    row = pid_bh.to(tl.int64) * seqlen_q + offs_m
+    lse = tl.load(Lse + row, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+    delta = tl.load(Delta + row, mask=row_ok, other=0.0)
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m64[:, None] * stride_mm
+    rng_rows = ((b * num_heads + h) * seqlen_q + offs_m64) * tl.cdiv(seqlen_k, 4)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    lo, n_first, second, n_masked, full_lo, n_full = _key_band(
+        m_start, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
+        HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    dq = _attention_bwd_dq_loop(
+        dq, q, do, lse2, delta, K, V, mask_rows, rng_rows, full_lo, n_full, full_lo, n_full,
+        offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
+        qk_scale, dropout_p, seed,
+        seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
+        BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, False, DOT_PRECISION, INTERP_BF16)
+    dq = _attention_bwd_dq_loop(
+        dq, q, do, lse2, delta, K, V, mask_rows, rng_rows, lo, n_first, second, n_masked,
+        offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
+        qk_scale, dropout_p, seed,
+        seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
+        BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, True, DOT_PRECISION, INTERP_BF16)
+
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m64[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqk, _cast(dq * sm_scale, DQ.dtype.element_ty, INTERP_BF16),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _kvcache_append_kernel(
+    KNew, VNew, KCache, VCache, SeqLens,
+    stride_knb, stride_knh, stride_knm, stride_knk,
+    stride_vnb, stride_vnh, stride_vnm, stride_vnk,
+    stride_kcb, stride_kch, stride_kcn, stride_kck,
+    stride_vcb, stride_vch, stride_vcn, stride_vck,
+    num_kv_heads, seqlen_new, capacity, head_dim, head_dim_v,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """cache[b, h, seqlens[b] + i] = new[b, h, i] for i < Lq. The position is read on the device;
+    rows that would land outside [0, capacity) are dropped (never written out of bounds).
+    Grid: (cdiv(Lq, BLOCK_L), B * Hkv)."""
+    pid_l = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    h = (pid_bh % num_kv_heads).to(tl.int64)
+    start = tl.load(SeqLens + b).to(tl.int64)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    pos = start + offs_l
+    ok = (offs_l < seqlen_new) & (pos >= 0) & (pos < capacity)
+    offs_l64 = offs_l.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    k_ok = ok[:, None] & (offs_d[None, :] < head_dim)
+    v_ok = ok[:, None] & (offs_dv[None, :] < head_dim_v)
+    k = tl.load(KNew + b * stride_knb + h * stride_knh + offs_l64[:, None] * stride_knm
+                + offs_d[None, :] * stride_knk, mask=k_ok)
+    tl.store(KCache + b * stride_kcb + h * stride_kch + pos[:, None] * stride_kcn
+             + offs_d[None, :] * stride_kck, k, mask=k_ok)
+    v = tl.load(VNew + b * stride_vnb + h * stride_vnh + offs_l64[:, None] * stride_vnm
+                + offs_dv[None, :] * stride_vnk, mask=v_ok)
+    tl.store(VCache + b * stride_vcb + h * stride_vch + pos[:, None] * stride_vcn
+             + offs_dv[None, :] * stride_vck, v, mask=v_ok)
+
+
+@triton.autotune(
+    configs=_tuning_configs(_DECODE_TUNING, interpret=(None, 16, 4, 1)),
+    key=["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "capacity_key", "SPLIT", "CAUSAL"],
+    prune_configs_by={"early_config_prune": _prune_decode},
+)
+@triton.jit
+def _kvcache_split_kernel(
+    Q, KCache, VCache, SeqLens, Out, OutPartial, LsePartial,
+    qk_scale,
+    stride_qb, stride_qh, stride_qm, stride_qk,
+    stride_kb, stride_kh, stride_kn, stride_kk,
+    stride_vb, stride_vh, stride_vn, stride_vk,
+    stride_ob, stride_oh, stride_om, stride_ok,
+    num_heads, num_kv_heads, seqlen_q, group_size, capacity, num_new, num_splits,
+    head_dim, head_dim_v,
+    capacity_key,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+    CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Flash-decoding over one chunk of the cache for all query rows of one kv group: the
+    Lq * (H / Hkv) rows form the M tile, so each K/V byte is read once per chunk. The chunk
+    length is derived on the device from seqlens[b], so splits follow the real sequence length.
+    SPLIT: write normalised partial out (fp32) and lse per split for the combine kernel;
+    otherwise write the final output. Grid: (num_splits, cdiv(Lq * group, BLOCK_M), B * Hkv)."""
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    hk = (pid_bh % num_kv_heads).to(tl.int64)
+
+    total = tl.load(SeqLens + b) + num_new  # keys visible to the last query row
+    total = tl.minimum(tl.maximum(total, 0), capacity)
+    chunk = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
+    start = pid_s * chunk
+    end = tl.minimum(start + chunk, total)
+
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row r = (g, i): head hk*group + g, query i
+    r_ok = offs_r < seqlen_q * group_size
+    g = offs_r // seqlen_q
+    i = offs_r % seqlen_q
+    h = hk * group_size + g.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    d_ok = offs_d < head_dim
+    dv_ok = offs_dv < head_dim_v
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + i.to(tl.int64)[:, None] * stride_qm
+                + offs_d[None, :] * stride_qk, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    if INTERP_BF16:
+        q = q.to(tl.float32)
+    K = KCache + b * stride_kb + hk * stride_kh
+    V = VCache + b * stride_vb + hk * stride_vh
+    last_key = total - seqlen_q + i  # bottom-right causal: row i sees keys <= last_key
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n64 = offs_n.to(tl.int64)
+        n_ok = offs_n < end
+        k = tl.load(K + offs_n64[None, :] * stride_kn + offs_d[:, None] * stride_kk,
+                    mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        if INTERP_BF16:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        vis = n_ok[None, :]
+        if CAUSAL:
+            vis = vis & (offs_n[None, :] <= last_key[:, None])
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + offs_n64[:, None] * stride_vn + offs_dv[None, :] * stride_vk,
+                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+        if INTERP_BF16:
+            v = v.to(tl.float32)
+            p = _round_bf16(p)
+        else:
+            p = p.to(VCache.dtype.element_ty)
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if SPLIT:
+        row = (b * num_heads + h) * seqlen_q + i  # flat (B, H, Lq) index
+        slot = row * num_splits + pid_s
+        tl.store(OutPartial + slot[:, None] * head_dim_v + offs_dv[None, :], out,
+                 mask=r_ok[:, None] & dv_ok[None, :])
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+        tl.store(LsePartial + slot, lse, mask=r_ok)
+    else:
+        tl.store(Out + b * stride_ob + h[:, None] * stride_oh + i.to(tl.int64)[:, None] * stride_om
+                 + offs_dv[None, :] * stride_ok, _cast(out, Out.dtype.element_ty, INTERP_BF16),
+                 mask=r_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _kvcache_combine_kernel(
+    OutPartial, LsePartial, Out,
+    num_splits, head_dim_v,
+    HEAD_DIM_V: tl.constexpr, BLOCK_SPLITS: tl.constexpr, INTERP_BF16: tl.constexpr,
+):
+    """out[row] = sum_s exp(lse_s - lse) * out_s over the splits of one (b, h, i) row; splits
+    that saw no key carry lse = -inf and weigh 0. Grid: (B * H * Lq,)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    s_ok = offs_s < num_splits
+    lse = tl.load(LsePartial + row * num_splits + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m)
+    o = tl.load(OutPartial + (row * num_splits + offs_s)[:, None] * head_dim_v + offs_dv[None, :],
+                mask=s_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    den = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(den == 0.0, 1.0, den)
+    tl.store(Out + row * head_dim_v + offs_dv, _cast(out, Out.dtype.element_ty, INTERP_BF16),
+             mask=offs_dv < head_dim_v)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+def _head_block(d: int) -> int:
+    # tl.dot needs K >= 16
+    return max(16, triton.next_power_of_2(d))
+
+
+def _seq_key(n: int) -> int:
+    # autotune bucket: a new length re-tunes only when it crosses a power of two
+    return max(16, triton.next_power_of_2(n))
+
+
+def _dot_args(dtype: torch.dtype, device: torch.device) -> dict:
+    return {
+        # fp32 inputs: 3xTF32 keeps fp32 accuracy on the tensor cores (plain TF32 would break
+        # the "2x PyTorch's error" rule; "ieee" lowers to FMA loops that spill tens of KB per
+        # thread at these tile sizes); ignored for fp16/bf16 and by the interpreter
+        "DOT_PRECISION": "tf32x3" if dtype == torch.float32 else "tf32",
+        # bfloat16 under the interpreter, whose dot multiplies bf16 as its raw uint16 storage and
+        # whose fp32 -> bf16 cast truncates: dot operands are widened to fp32 after loading
+        # (bf16 x bf16 products are exact in fp32, so the result is what the tensor cores give)
+        # and casts to bf16 round to nearest even by hand. Compiled kernels keep bf16 operands.
+        "INTERP_BF16": device.type != "cuda" and dtype == torch.bfloat16,
+    }
+
+
+def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+    scale: float, window_left: int, window_right: int, diag_offset: int,
+    dropout_p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of fused attention.
+
+    q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) in one float dtype, any strides;
+    attn_mask None or additive (B, H, L, S) in q's dtype (stride 0 on broadcast dims).
+    Returns out (B, H, L, Ev) contiguous in q's dtype and lse (B, H, L) float32 (natural log,
+    -inf on rows with no visible key).
+    """
+    B, H, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
+    out = torch.empty((B, H, L, Ev), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or lse.numel() == 0 or S == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    mask = attn_mask if attn_mask is not None else q  # dummy pointer, never read
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)
+    _attention_fwd_kernel[grid](
+        q, k, v, mask, out, lse,
+        scale * math.log2(math.e), dropout_p, seed,
+        *q.stride(), *k.stride(), *v.stride(), *_strides4(attn_mask), *out.stride(),
+        H, L, S, H // Hkv, E, Ev,
+        window_left, window_right, diag_offset,
+        _seq_key(L), _seq_key(S),
+        HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev),
+        HAS_MASK=attn_mask is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+        DROPOUT=dropout_p > 0.0, **_dot_args(q.dtype, q.device),
+    )
+    return out, lse
+
+
+def attention_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor | None,
+    attn_mask: torch.Tensor | None, scale: float, window_left: int, window_right: int,
+    diag_offset: int, dropout_p: float, seed: int, compute_dmask: bool, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of fused attention from the saved lse.
+
+    grad_out, out (B, H, L, Ev); lse, grad_lse (B, H, L) float32 (grad_lse optional); the other
+    arguments as in attention_fwd. Returns dq (B, H, L, E), dk (B, Hkv, S, E), dv (B, Hkv, S, Ev)
+    contiguous in q's dtype and dmask (B, H, L, S) in the mask's dtype when compute_dmask (else an
+    empty tensor). deterministic: dQ from a separate kernel without atomics (bitwise repeatable);
+    otherwise dQ is accumulated with fp32 atomic adds by the dK/dV kernel.
+    """
+    B, H, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
+    dev = q.device
+    dk = torch.zeros((B, Hkv, S, E), dtype=k.dtype, device=dev)
+    dv = torch.zeros((B, Hkv, S, Ev), dtype=v.dtype, device=dev)
+    want_dmask = compute_dmask and attn_mask is not None
+    dmask = (torch.zeros((B, H, L, S), dtype=attn_mask.dtype, device=dev) if want_dmask
+             else q.new_empty((0,)))
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return torch.zeros((B, H, L, E), dtype=q.dtype, device=dev), dk, dv, dmask
+
+    lse = lse.contiguous()
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=dev)
+    has_grad_lse = grad_lse is not None
+    grad_lse_c = grad_lse.contiguous() if has_grad_lse else delta
+    block_m = 32 if Ev <= 128 else 16
+    _attention_bwd_preprocess_kernel[(triton.cdiv(L, block_m), B * H)](
+        out, grad_out, grad_lse_c, delta,
+        *out.stride(), *grad_out.stride(),
+        H, L, Ev,
+        HEAD_DIM_V=_head_block(Ev), HAS_GRAD_LSE=has_grad_lse, BLOCK_M=block_m,
+    )
+
+    if deterministic:
+        dq = torch.empty((B, H, L, E), dtype=q.dtype, device=dev)
+    else:
+        dq = torch.zeros((B, H, L, E), dtype=torch.float32, device=dev)
+    mask = attn_mask if attn_mask is not None else q
+    dmask_arg = dmask if want_dmask else q
+    common = dict(
+        HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev),
+        HAS_MASK=attn_mask is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+        DROPOUT=dropout_p > 0.0, **_dot_args(q.dtype, dev),
+    )
+    qk_scale = scale * math.log2(math.e)
+    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)
+    _attention_bwd_dkdv_kernel[grid](
+        q, k, v, mask, grad_out, lse, delta, dq, dk, dv, dmask_arg,
+        scale, qk_scale, dropout_p, seed,
+        *q.stride(), *k.stride(), *v.stride(), *_strides4(attn_mask), *grad_out.stride(),
+        *dq.stride(), *dk.stride(), *dv.stride(), *_strides4(dmask if want_dmask else None),
+        H, Hkv, L, S, H // Hkv, E, Ev,
+        window_left, window_right, diag_offset,
+        _seq_key(L), _seq_key(S),
+        ATOMIC_DQ=not deterministic, STORE_DMASK=want_dmask, **common,
+    )
+    if deterministic:
+        grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)
+        _attention_bwd_dq_kernel[grid](
+            q, k, v, mask, grad_out, lse, delta, dq,
+            scale, qk_scale, dropout_p, seed,
+            *q.stride(), *k.stride(), *v.stride(), *_strides4(attn_mask), *grad_out.stride(),
+            *dq.stride(),
+            H, L, S, H // Hkv, E, Ev,
+            window_left, window_right, diag_offset,
+            _seq_key(L), _seq_key(S),
+            **common,
+        )
+    else:
+        dq = dq.to(q.dtype)
+    return dq, dk, dv, dmask
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _device_limits(device.index if device.index is not None else
+                              torch.cuda.current_device())[2]
+    return 4  # interpreter: a notional small device
+
+
+def kvcache_num_splits(batch: int, kv_heads: int, m_blocks: int, capacity: int,
+                       device: torch.device) -> int:
+    """Number of cache chunks per (b, kv head): enough programs for ~4 resident per SM (decoding
+    is bandwidth-bound: the SMs must keep many loads in flight), but no chunk shorter than 256
+    cache slots, where the combine pass would cost more than it saves."""
+    programs = max(1, batch * kv_heads * m_blocks)
+    want = triton.cdiv(4 * _sm_count(device), programs)
+    return max(1, min(want, triton.cdiv(capacity, 256), 128))
+
+
+def attention_kvcache(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None, v_new: torch.Tensor | None, scale: float, causal: bool,
+    *, num_splits: int | None = None,
+) -> torch.Tensor:
+    """Decoding attention; appends k_new/v_new to the caches in place first.
+
+    q (B, H, Lq, E); k_cache (B, Hkv, capacity, E), v_cache (B, Hkv, capacity, Ev); cache_seqlens
+    int32 (B,); k_new (B, Hkv, Lq, E), v_new (B, Hkv, Lq, Ev) or None. Query i of batch b sees keys
+    [0, total_b - Lq + i] (causal) or [0, total_b), total_b = seqlens[b] (+ Lq with k_new).
+    num_splits overrides the split-K heuristic (1 = no combine pass). Returns (B, H, Lq, Ev)
+    contiguous in q's dtype.
+    """
+    B, H, Lq, E = q.shape
+    Hkv, cap, Ev = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
+    group = H // Hkv
+    dev = q.device
+    seqlens = cache_seqlens.to(torch.int32).contiguous()
+    out = torch.empty((B, H, Lq, Ev), dtype=q.dtype, device=dev)
+    if k_new is not None and k_new.numel() > 0:
+        block_l = min(16, triton.next_power_of_2(Lq))
+        _kvcache_append_kernel[(triton.cdiv(Lq, block_l), B * Hkv)](
+            k_new, v_new, k_cache, v_cache, seqlens,
+            *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
+            Hkv, Lq, cap, E, Ev,
+            HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev), BLOCK_L=block_l,
+        )
+    if out.numel() == 0:
+        return out
+    rows = Lq * group
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    m_blocks = triton.cdiv(rows, block_m)
+    if num_splits is None:
+        num_splits = kvcache_num_splits(B, Hkv, m_blocks, cap, dev)
+    num_splits = max(1, int(num_splits))
+    split = num_splits > 1
+    if split:
+        out_partial = torch.empty((B * H * Lq, num_splits, Ev), dtype=torch.float32, device=dev)
+        lse_partial = torch.empty((B * H * Lq, num_splits), dtype=torch.float32, device=dev)
+    else:
+        out_partial = lse_partial = out  # unused
+    _kvcache_split_kernel[(num_splits, m_blocks, B * Hkv)](
+        q, k_cache, v_cache, seqlens, out, out_partial, lse_partial,
+        scale * math.log2(math.e),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        H, Hkv, Lq, group, cap, Lq if k_new is not None else 0, num_splits, E, Ev,
+        _seq_key(cap),
+        HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev), BLOCK_M=block_m,
+        CAUSAL=bool(causal), SPLIT=split, **_dot_args(q.dtype, dev),
+    )
+    if split:
+        _kvcache_combine_kernel[(B * H * Lq,)](
+            out_partial, lse_partial, out, num_splits, Ev,
+            HEAD_DIM_V=_head_block(Ev), BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+            INTERP_BF16=_dot_args(q.dtype, dev)["INTERP_BF16"],
+        )
+    return out

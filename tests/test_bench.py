@@ -1,0 +1,312 @@
+"""The benchmark CLI (python -m fastattn.bench) and its harness: work formulas, statistics and
+speed-ups, the results schema, "not available" reporting, and smoke runs of every op."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastattn
+from fastattn.bench import harness
+from fastattn.bench.__main__ import OPS, main, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["--smoke", "--device", "cpu", "--backends", "cpu,reference", "--no-progress"]
+
+
+# ---------------------------------------------------------------------------------------------
+# formulas, against numbers worked out by hand
+# ---------------------------------------------------------------------------------------------
+def test_attention_flops():
+    # 4 * B * H * L * S * E = 4 * 1 * 12 * 1024 * 1024 * 64
+    assert harness.attention_flops(1, 12, 1024, 1024, 64) == 3_221_225_472
+    assert harness.attention_flops(1, 12, 1024, 1024, 64, causal=True) == 1_610_612_736
+    # backward 2.5x, forward+backward 3.5x the forward
+    assert harness.attention_flops(1, 12, 1024, 1024, 64, mode="bwd") == 8_053_063_680
+    assert harness.attention_flops(1, 12, 1024, 1024, 64, mode="fwd+bwd") == 11_274_289_152
+    assert harness.attention_flops(2, 16, 4096, 4096, 128, causal=True, mode="fwd+bwd") == (
+        481_036_337_152)  # 4*2*16*4096^2*128 = 274_877_906_944; / 2 * 3.5
+    # L != S, Ev != E: 2*B*H*L*S*(E + Ev) = 2*1*1*2*3*(4 + 5)
+    assert harness.attention_flops(1, 1, 2, 3, 4, Ev=5) == 108
+    with pytest.raises(ValueError, match="mode"):
+        harness.attention_flops(1, 1, 1, 1, 1, mode="backward")
+
+
+def test_gemm_and_model_flops():
+    assert harness.gemm_flops(512, 3072, 768) == 2_415_919_104  # 2*512*3072*768
+    assert harness.gemm_flops(1, 4096, 4096) == 33_554_432
+    # 1 layer, B=1, L=2, d=4, ff=8: 2*1*2*(4*16 + 2*4*8) + 4*1*2*2*4 = 512 + 64
+    assert harness.encoder_flops(1, 2, 4, 8, 1) == 576
+    assert harness.encoder_flops(1, 2, 4, 8, 3) == 3 * 576
+
+
+def test_memory_bytes():
+    # fp32 (8192, 768): read x + write out = 2 * 8192*768*4, plus weight and bias 2 * 768*4
+    assert harness.layer_norm_bytes(8192, 768, 4) == 50_331_648 + 6_144
+    # bf16 (4096, 4096) fused residual: read x, r; write out, x + r; weight + bias
+    assert harness.layer_norm_bytes(4096, 4096, 2, residual=True) == 134_217_728 + 16_384
+    # RMSNorm has a weight only
+    assert harness.layer_norm_bytes(4096, 4096, 2, n_params=1) == 67_108_864 + 8_192
+    # decode: K and V of (B=1, Hkv=32, S=4096, E=128) in bf16 = 64 MiB
+    assert harness.decode_bytes(1, 32, 4096, 128, 2) == 67_108_864
+    assert harness.decode_bytes(8, 8, 32768, 128, 2) == 1_073_741_824
+    assert harness.copy_bytes(1 << 20, 4) == 8 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics and speed-ups from synthetic timings
+# ---------------------------------------------------------------------------------------------
+def _synthetic(name, kind, samples=None, status="ok"):
+    res = {"impl": name, "kind": kind, "status": status, "reason": None if samples else "n/a",
+           "timing": harness.summarize(samples) if samples else None}
+    return res
+
+
+def test_summarize_quantiles():
+    t = harness.summarize([4.0, 1.0, 3.0, 2.0], inner=5)
+    assert t["median_s"] == 2.5
+    assert t["p25_s"] == pytest.approx(1.75) and t["p75_s"] == pytest.approx(3.25)
+    assert (t["min_s"], t["max_s"], t["reps"], t["inner"]) == (1.0, 4.0, 4, 5)
+    assert t["samples_s"] == [4.0, 1.0, 3.0, 2.0]  # in measurement order
+    assert harness.summarize([7.0])["p25_s"] == 7.0
+
+
+def test_speedups_are_ratios_of_medians():
+    results = [
+        _synthetic("fastattn[cpu]", "fastattn", [1.0, 2.0, 3.0, 4.0, 100.0]),  # median 3
+        _synthetic("fastattn[triton]", "fastattn", status="not available"),
+        _synthetic("torch.sdpa", "baseline", [6.0, 5.0, 7.0]),  # median 6
+        _synthetic("slow", "baseline", [30.0, 1.0, 90.0]),  # median 30
+        _synthetic("copy (bound)", "bound", [2.0, 2.0]),  # median 2
+        _synthetic("broken", "baseline", status="error"),
+    ]
+    got = {(s["fastattn"], s["baseline"]): s["speedup"] for s in harness.speedups(results)}
+    assert got == {("fastattn[cpu]", "torch.sdpa"): 2.0,
+                   ("fastattn[cpu]", "slow"): 10.0,
+                   ("fastattn[cpu]", "copy (bound)"): pytest.approx(2 / 3)}
+    kinds = {s["baseline"]: s["baseline_kind"] for s in harness.speedups(results)}
+    assert kinds["copy (bound)"] == "bound"
+
+
+# ---------------------------------------------------------------------------------------------
+# run_case on synthetic implementations: classification, check, invariants
+# ---------------------------------------------------------------------------------------------
+def _declines():
+    raise RuntimeError("fastattn.layer_norm: backend='cpu' cannot run this call: no kernel")
+
+
+def _crashes():
+    raise ValueError("kernel bug")
+
+
+def test_run_case_classifies_and_checks():
+    x = torch.arange(8.0)
+    case = harness.Case(
+        op="synthetic", params={"n": 8}, dtype="fp32", bytes=64, bound="memory", x="n",
+        check="base",
+        build=lambda: [
+            harness.Impl("fastattn[ok]", "fastattn", fn=lambda: x + 0.5),
+            harness.Impl("fastattn[declines]", "fastattn", fn=_declines),
+            harness.Impl("fastattn[crashes]", "fastattn", fn=_crashes),
+            harness.Impl("fastattn[missing]", "fastattn", unavailable="not in this build"),
+            harness.Impl("base", "baseline", fn=lambda: x * 1.0),
+            harness.Impl("base[unsupported]", "baseline", fn=_crashes),
+        ])
+    cfg = harness.RunConfig(smoke=True, quick=True,
+                            ceilings={"copy": {"value": 1.0, "status": "ok"}})
+    rec = harness.run_case(case, cfg, harness.Timer("cpu"))
+    res = {r["impl"]: r for r in rec["results"]}
+    assert res["fastattn[ok]"]["status"] == "ok"
+    assert res["fastattn[ok]"]["max_abs_diff"] == 0.5
+    assert res["fastattn[ok]"]["timing"]["reps"] == 2
+    gbps = res["fastattn[ok]"]["gbps"]
+    assert gbps == pytest.approx(64 / res["fastattn[ok]"]["timing"]["median_s"] / 1e9)
+    assert res["fastattn[ok]"]["fraction_of_ceiling"] == pytest.approx(gbps / 1.0)
+    assert res["fastattn[declines]"]["status"] == "not available"
+    assert "cannot run this call" in res["fastattn[declines]"]["reason"]
+    assert res["fastattn[crashes]"]["status"] == "error"
+    assert "kernel bug" in res["fastattn[crashes]"]["reason"]
+    assert res["fastattn[missing]"]["status"] == "not available"
+    assert res["fastattn[missing]"]["reason"] == "not in this build"
+    assert res["base[unsupported]"]["status"] == "not available"
+    assert rec["check_against"] == "base"
+    assert [(s["fastattn"], s["baseline"]) for s in rec["speedups"]] == [("fastattn[ok]", "base")]
+    med = {n: r["timing"]["median_s"] for n, r in res.items() if r["status"] == "ok"}
+    assert rec["speedups"][0]["speedup"] == med["base"] / med["fastattn[ok]"]
+    for r in res.values():
+        if r["status"] != "ok":
+            assert r["timing"] is None and r["gbps"] is None and r["tflops"] is None
+
+
+def test_resolve_reports_missing_functions():
+    func, why = harness.resolve("scaled_dot_product_attention")
+    assert func is fastattn.scaled_dot_product_attention and why is None
+    func, why = harness.resolve("no_such_op")
+    assert func is None and "fastattn.no_such_op" in why
+    func, why = harness.resolve("nn.NoSuchModule.from_float")
+    assert func is None and "fastattn.nn.NoSuchModule" in why
+
+
+def test_cli_rejects_meaningless_requests():
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--device", "cpu", "--backends", "triton"])  # interpreter timings
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        parse_args(["--op", "softmax"])
+    with pytest.raises(SystemExit):
+        parse_args(["--dtype", "fp8"])
+    args = parse_args(["--op", "attention,decode", "--op", "model", "--dtype", "bf16,fp32"])
+    assert args.ops == ["attention", "decode", "model"] and args.dtypes == ["bf16", "fp32"]
+    assert parse_args([]).ops == list(OPS) and parse_args([]).backends == ["cpu"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI end to end
+# ---------------------------------------------------------------------------------------------
+def _check_document(doc: dict, ops: list[str]) -> None:
+    assert harness.validate_results(doc) == []
+    assert doc["complete"] is True
+    assert list(doc["ops"]) == ops
+    assert {c["op"] for c in doc["cases"]} == set(ops)
+    assert all(c["ceiling"] in doc["ceilings"] for c in doc["cases"])
+    for case in doc["cases"]:
+        assert case["status"] == "ok"
+        assert any(r["status"] == "ok" and r["kind"] == "baseline" for r in case["results"]), (
+            f"no baseline ran for {case['op']} {case['label']}")
+        for r in case["results"]:
+            if r["kind"] != "fastattn":
+                continue
+            # a fastattn implementation either ran (with a number and its speed-ups) or says
+            # why not; an error would be a bug in a kernel
+            assert r["status"] in ("ok", "not available"), (case["label"], r)
+            if r["status"] == "ok":
+                assert any(s["fastattn"] == r["impl"] for s in case["speedups"])
+            else:
+                assert r["reason"]
+
+
+@pytest.fixture(scope="module")
+def all_ops_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_all")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastattn.bench", "--op", "all", "--quick", *SMOKE, "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return proc, out
+
+
+def test_cli_all_ops_subprocess(all_ops_run):
+    proc, out = all_ops_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    _check_document(doc, list(OPS))
+    assert doc["config"]["smoke"] and doc["config"]["backends"] == ["cpu", "reference"]
+    env = doc["env"]
+    assert env["torch"] == torch.__version__ and env["cpu_model"] and env["backends"]["available"]
+    # the reference backend of an op that is in this build runs and gets its speed-ups
+    attn = [c for c in doc["cases"] if c["op"] == "attention"]
+    for c in attn:
+        ref = next(r for r in c["results"] if r["impl"] == "fastattn[reference]")
+        assert ref["status"] == "ok" and ref["max_abs_diff"] is not None
+    md = (out / "results.md").read_text()
+    for op in OPS:
+        assert f"## {op}" in md
+    assert md.index("### Speed-up of fastattn") < md.index("### Timings")
+    assert "[attention]" in proc.stdout and "speed-up fastattn[reference] vs torch.sdpa" in proc.stdout
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (out / "plots" / "attention.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_cli_each_op(op, tmp_path):
+    rc = main(["--op", op, *SMOKE, "--no-plots", "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    _check_document(doc, [op])
+    assert (tmp_path / "results.md").exists()
+
+
+def test_missing_function_is_not_available(monkeypatch, tmp_path):
+    monkeypatch.delattr(fastattn, "scaled_dot_product_attention")
+    rc = main(["--op", "attention", *SMOKE, "--no-plots", "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert harness.validate_results(doc) == []
+    assert doc["ops"]["attention"]["status"] == "not available"
+    assert "scaled_dot_product_attention" in doc["ops"]["attention"]["functions"][
+        "scaled_dot_product_attention"]
+    for case in doc["cases"]:
+        fast = [r for r in case["results"] if r["kind"] == "fastattn"]
+        assert [r["impl"] for r in fast] == ["fastattn[cpu]", "fastattn[reference]"]
+        for r in fast:
+            assert r["status"] == "not available" and r["timing"] is None
+            assert "scaled_dot_product_attention" in r["reason"]
+        assert case["speedups"] == []
+        assert next(r for r in case["results"] if r["impl"] == "torch.sdpa")["status"] == "ok"
+    md = (tmp_path / "results.md").read_text()
+    assert "`fastattn.scaled_dot_product_attention`: **not available**" in md
+
+
+def test_validator_catches_bad_documents(tmp_path):
+    rc = main(["--op", "attention", "--dtype", "fp32", *SMOKE, "--no-plots", "--out",
+               str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert harness.validate_results(doc) == []
+
+    bad = json.loads(json.dumps(doc))
+    del bad["env"]["torch"]
+    assert any("missing 'torch'" in e for e in harness.validate_results(bad))
+
+    bad = json.loads(json.dumps(doc))
+    bad["cases"][0]["results"][0]["status"] = "fast"
+    assert any("not one of" in e for e in harness.validate_results(bad))
+
+    # a number where nothing ran (fastattn[cpu] is not available in some builds: forge one)
+    bad = json.loads(json.dumps(doc))
+    res = bad["cases"][0]["results"][0]
+    res.update(status="not available", reason="forged", tflops=1.0, timing=None)
+    assert any("but tflops is set" in e for e in harness.validate_results(bad))
+
+    # a speed-up that is not the ratio of the medians
+    bad = json.loads(json.dumps(doc))
+    case = next(c for c in bad["cases"] if c["speedups"])
+    case["speedups"][0]["speedup"] *= 1.5
+    assert any("ratio of medians" in e for e in harness.validate_results(bad))
+
+
+def test_time_budget_skips_instead_of_running(tmp_path):
+    rc = main(["--op", "decode,int8_gemm", *SMOKE, "--no-plots", "--time-budget", "0",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert harness.validate_results(doc) == []
+    assert doc["cases"] and all(c["status"] == "skipped" and c["results"] == []
+                                for c in doc["cases"])
+    assert "time budget" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.gpu
+def test_cli_cuda_smoke(tmp_path):
+    # the CUDA paths of the harness: event timing, SDPA backends, cuBLAS baselines
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastattn.bench", "--op", "all", "--smoke", "--device", "cuda",
+         "--backends", "triton,cuda,reference", "--no-compile", "--no-plots", "--no-progress",
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    _check_document(doc, list(OPS))
+    assert doc["env"]["gpu"]["name"]
+    attn = next(c for c in doc["cases"] if c["op"] == "attention")
+    assert {r["impl"] for r in attn["results"]} >= {"torch.sdpa[flash]", "torch.sdpa[math]"}
+    assert all(c["status"] == "ok" for c in doc["ceilings"].values())
