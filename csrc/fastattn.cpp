@@ -35,11 +35,13 @@ TORCH_LIBRARY(fastattn, m) {
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   // Decoding: q (B, H, Lq, E); caches (B, Hkv, capacity, E); cache_seqlens int32 (B,);
   // k_new/v_new (B, Hkv, Lq, E) written in place at cache_seqlens. Keys visible to query i of
-  // batch b: [0, total_b - Lq + i] if causal else [0, total_b), total_b = seqlens[b] (+ Lq with
-  // k_new). Returns (B, H, Lq, E).
+  // batch b: [lp_b, total_b - Lq + i] if causal else [lp_b, total_b), total_b = seqlens[b]
+  // (+ Lq with k_new), lp_b = cache_leftpad[b] (int32 (B,), left padding of the sequence; 0 when
+  // None). A query that sees no key gives zeros. Returns (B, H, Lq, E).
   m.def(
       "attention_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
-      "Tensor? k_new, Tensor? v_new, float scale, bool causal) -> Tensor");
+      "Tensor? k_new, Tensor? v_new, float scale, bool causal, Tensor? cache_leftpad=None) "
+      "-> Tensor");
   // ---- layer norm / rms norm -------------------------------------------------------------------
   // input (M, N) with stride(1) == 1 (any row stride); residual the same shape; weight/bias (N,).
   // rms: out = x * rstd * weight with rstd = 1/sqrt(mean(x^2) + eps), mean returned as zeros.

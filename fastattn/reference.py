@@ -113,8 +113,10 @@ def attention_with_kvcache(
     *,
     scale: float | None = None,
     causal: bool = True,
+    cache_leftpad: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reference decoding attention; writes k_new/v_new into the caches in place."""
+    """Reference decoding attention; writes k_new/v_new into the caches in place. Sequence b
+    holds cache positions [cache_leftpad[b] (0 without), cache_seqlens[b] (+ Lq with k_new))."""
     B, H, Lq, E = q.shape
     if B == 0:
         return q.new_zeros((0, H, Lq, v_cache.shape[-1]))
@@ -125,8 +127,9 @@ def attention_with_kvcache(
             k_cache[b, :, n:n + Lq] = k_new[b]
             v_cache[b, :, n:n + Lq] = v_new[b]
             n += Lq
-        k = k_cache[b:b + 1, :, :n]  # (1, Hkv, n, E)
-        v = v_cache[b:b + 1, :, :n]
+        first = 0 if cache_leftpad is None else min(int(cache_leftpad[b]), n)
+        k = k_cache[b:b + 1, :, first:n]  # (1, Hkv, n - first, E)
+        v = v_cache[b:b + 1, :, first:n]
         outs.append(scaled_dot_product_attention(
             q[b:b + 1], k.to(q.dtype), v.to(q.dtype), is_causal=causal, scale=scale,
             enable_gqa=True, causal_alignment="bottom_right"))

@@ -419,6 +419,8 @@ def test_opcheck_triton_kvcache():
                           (q, kc, vc, lens, kn, vn, 0.17, True))
     torch.library.opcheck(torch.ops.fastattn.triton_attention_kvcache,
                           (q, kc, vc, lens, None, None, 0.17, False))
+    torch.library.opcheck(torch.ops.fastattn.triton_attention_kvcache,
+                          (q, kc, vc, lens, kn, vn, 0.17, True, torch.tensor([2, 0], dtype=torch.int32)))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -515,31 +517,39 @@ def test_bad_kvcache_input(backend):
         call(q=torch.randn(2, 3, 1, 8))
     with pytest.raises(TypeError, match="dtype"):
         call(k_cache=kc.half(), v_cache=vc.half())
+    with pytest.raises(TypeError, match="cache_leftpad"):
+        call(cache_leftpad=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="cache_leftpad"):
+        call(cache_leftpad=torch.tensor([0], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cache_leftpad"):
+        call(cache_leftpad=torch.tensor([0, 5], dtype=torch.int32))  # past the 4 cached keys
 
 
 # ---------------------------------------------------------------------------------------------
 # decoding with a KV cache
 # ---------------------------------------------------------------------------------------------
 def check_kvcache(backend, B, H, Hkv, Lq, cap, E, lens, *, new, causal=True, dtype=torch.float32,
-                  device="cpu", run=None):
+                  device="cpu", run=None, leftpad=None):
     q = torch.randn(B, H, Lq, E, dtype=dtype, device=device)
     kc = torch.randn(B, Hkv, cap, E, dtype=dtype, device=device)
     vc = torch.randn(B, Hkv, cap, E, dtype=dtype, device=device)
     kn = torch.randn(B, Hkv, Lq, E, dtype=dtype, device=device) if new else None
     vn = torch.randn(B, Hkv, Lq, E, dtype=dtype, device=device) if new else None
     lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    lp = None if leftpad is None else torch.tensor(leftpad, dtype=torch.int32, device=device)
     caches = {d: (kc.detach().to("cpu", d), vc.detach().to("cpu", d))
               for d in (torch.float64, dtype)}
     if run is None:
         out = fastattn.attention_with_kvcache(q, kc, vc, lens, kn, vn, causal=causal,
-                                              backend=backend)
+                                              cache_leftpad=lp, backend=backend)
     else:
-        out = run(q, kc, vc, lens, kn, vn, 1.0 / math.sqrt(E), causal)
+        out = run(q, kc, vc, lens, kn, vn, 1.0 / math.sqrt(E), causal, lp)
     outs = {}
     for d, (kc_ref, vc_ref) in caches.items():
         cvt = lambda t, d=d: None if t is None else t.detach().to("cpu", d)
         outs[d] = reference.attention_with_kvcache(cvt(q), kc_ref, vc_ref, lens.cpu(), cvt(kn),
-                                                   cvt(vn), causal=causal)
+                                                   cvt(vn), causal=causal,
+                                                   cache_leftpad=None if lp is None else lp.cpu())
     assert out.shape == (B, H, Lq, E) and out.dtype == dtype
     assert_close_rule(out, outs[torch.float64], outs[dtype])
     # the append is exact and touches nothing else
@@ -563,6 +573,21 @@ def test_kvcache_non_causal_low_precision(backend, dtype):
     check_kvcache(backend, 2, 4, 2, 3, 48, 80, [9, 40], new=True, causal=False, dtype=dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("Lq,H,Hkv", [(1, 4, 2), (3, 2, 2), (5, 8, 1)])
+def test_kvcache_leftpad(backend, Lq, H, Hkv):
+    """Left-padded sequences (cache_leftpad): the keys before each sequence's first token are not
+    seen; a causal row whose visible range is empty (batch 2, first query) gives zeros. Lq=5 with
+    8 query heads per kv head runs the CPU's blocked path (more than 16 rows per kv head)."""
+    need(backend, op="attention_kvcache")
+    lens, leftpad = [3, 40, 61], [0, 25, 60 + Lq]
+    out = check_kvcache(backend, 3, H, Hkv, Lq, 70, 32, lens, new=True, leftpad=leftpad)
+    if Lq > 1:
+        assert torch.equal(out[2, :, 0], torch.zeros_like(out[2, :, 0]))
+    check_kvcache(backend, 3, H, Hkv, Lq, 70, 32, [5, 40, 65 - Lq], new=False, causal=False,
+                  leftpad=[5, 1, 17], dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 def test_kvcache_triton_split_k(num_splits):
     """The split-K path with its combine kernel, including splits that see no key (seqlen 2 with
@@ -574,6 +599,8 @@ def test_kvcache_triton_split_k(num_splits):
     check_kvcache("triton", 3, 6, 2, 2, 66, 40, [2, 33, 64], new=True, run=run,
                   dtype=torch.bfloat16)
     check_kvcache("triton", 1, 2, 2, 1, 66, 40, [50], new=False, run=run)
+    # splits that start inside and wholly before the first token of a left-padded sequence
+    check_kvcache("triton", 2, 2, 2, 1, 66, 40, [50, 64], new=True, run=run, leftpad=[20, 41])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,9 +640,9 @@ kernels = [
     (A._kvcache_append_kernel, (None, None, 4, 1), dict(HEAD_DIM=D, HEAD_DIM_V=D, BLOCK_L=16),
      P("KNew", "VNew", "KCache", "VCache", SeqLens="*i32")),
     (A._kvcache_split_kernel.fn, cfg(A._DECODE_TUNING),
-     dict(HEAD_DIM=D, HEAD_DIM_V=D, BLOCK_M=16, CAUSAL=True, SPLIT=True, INTERP_BF16=False,
-          DOT_PRECISION=F["DOT_PRECISION"]),
-     P("Q", "KCache", "VCache", "Out", SeqLens="*i32", OutPartial="*fp32",
+     dict(HEAD_DIM=D, HEAD_DIM_V=D, BLOCK_M=16, CAUSAL=True, SPLIT=True, HAS_LEFTPAD=True,
+          INTERP_BF16=False, DOT_PRECISION=F["DOT_PRECISION"]),
+     P("Q", "KCache", "VCache", "Out", SeqLens="*i32", LeftPad="*i32", OutPartial="*fp32",
        LsePartial="*fp32")),
     (A._kvcache_combine_kernel, (None, None, 4, 1),
      dict(HEAD_DIM_V=D, BLOCK_SPLITS=16, INTERP_BF16=False),

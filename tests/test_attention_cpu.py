@@ -302,6 +302,9 @@ def test_opcheck_attention_kvcache():
         q, kc, vc, sl, kn, vn = _kv_args(Lq=Lq, G=G)
         torch.library.opcheck(torch.ops.fastattn.attention_kvcache.default,
                               (q, kc, vc, sl, kn, vn, 0.2, True))
+        leftpad = torch.minimum(sl, torch.full_like(sl, 3))
+        torch.library.opcheck(torch.ops.fastattn.attention_kvcache.default,
+                              (q, kc, vc, sl, kn, vn, 0.2, True, leftpad))
 
 
 def test_torch_compile_fullgraph():

@@ -578,24 +578,30 @@ def test_attention_bwd_deterministic(emu):
 
 # ---- decoding with a KV cache ----------------------------------------------------------------
 KV_CASES = {
-    # id: (B, H, Hkv, Lq, capacity, E, dtype, seqlens, new tokens, causal, SMs)
-    "bf16-decode-gqa": (2, 4, 2, 1, 100, 64, torch.bfloat16, [37, 99], True, True, SMS),
-    "fp16-splits-lq3": (2, 8, 2, 3, 300, 128, torch.float16, [0, 250], True, True, SMS),
-    "fp32-no-new": (1, 2, 2, 5, 64, 40, torch.float32, [20], False, True, SMS),
-    "bf16-noncausal-splits": (3, 6, 3, 2, 500, 80, torch.bfloat16, [5, 300, 498], True, False, 8),
-    "bf16-d256-group16": (1, 16, 1, 2, 90, 256, torch.bfloat16, [60], True, True, SMS),
+    # id: (B, H, Hkv, Lq, capacity, E, dtype, seqlens, new tokens, causal, SMs, leftpad)
+    "bf16-decode-gqa": (2, 4, 2, 1, 100, 64, torch.bfloat16, [37, 99], True, True, SMS, None),
+    "fp16-splits-lq3": (2, 8, 2, 3, 300, 128, torch.float16, [0, 250], True, True, SMS, None),
+    "fp32-no-new": (1, 2, 2, 5, 64, 40, torch.float32, [20], False, True, SMS, None),
+    "bf16-noncausal-splits": (3, 6, 3, 2, 500, 80, torch.bfloat16, [5, 300, 498], True, False, 8,
+                              None),
+    "bf16-d256-group16": (1, 16, 1, 2, 90, 256, torch.bfloat16, [60], True, True, SMS, None),
+    # left-padded sequences: whole splits before the first token, a split starting inside one,
+    # and a causal row that sees no key (leftpad past its last visible key)
+    "bf16-leftpad-splits": (3, 4, 2, 2, 400, 64, torch.bfloat16, [10, 300, 390], True, True, 8,
+                            [0, 170, 391]),
 }
 
 
 @pytest.mark.parametrize("case", list(KV_CASES))
 def test_attention_kvcache(emu, case):
-    B, H, Hkv, Lq, cap, E, dtype, seqlens, new, causal, sms = KV_CASES[case]
+    B, H, Hkv, Lq, cap, E, dtype, seqlens, new, causal, sms, leftpad = KV_CASES[case]
     q = torch.randn(B, H, Lq, E, dtype=dtype)
     kc = torch.randn(B, Hkv, cap, E, dtype=dtype)
     vc = torch.randn(B, Hkv, cap, E, dtype=dtype)
     kn = torch.randn(B, Hkv, Lq, E, dtype=dtype) if new else None
     vn = torch.randn(B, Hkv, Lq, E, dtype=dtype) if new else None
     sl = torch.tensor(seqlens, dtype=torch.int32)
+    lp = None if leftpad is None else torch.tensor(leftpad, dtype=torch.int32)
     k0, v0 = kc.clone(), vc.clone()
     out, big = guarded((B, H, Lq, E), dtype)
     z = [0, 0, 0]
@@ -604,18 +610,21 @@ def test_attention_kvcache(emu, case):
     splits = ctypes.c_int(0)
     scale = 1.0 / math.sqrt(E)
     emu.check(emu.lib.fa_emu_attention_kvcache(
-        DT[dtype], _p(q), _p(kc), _p(vc), _p(sl), _p(kn), _p(vn), _p(out), _i64(st),
+        DT[dtype], _p(q), _p(kc), _p(vc), _p(sl), _p(lp), _p(kn), _p(vn), _p(out), _i64(st),
         _i32([B, H, Hkv, Lq, cap, E]), ctypes.c_float(scale), int(causal), sms,
         ctypes.byref(splits)))
     check_guard(big)
     k_ref, v_ref = k0.clone(), v0.clone()
-    low = reference.attention_with_kvcache(q, k_ref, v_ref, sl, kn, vn, scale=scale, causal=causal)
+    low = reference.attention_with_kvcache(q, k_ref, v_ref, sl, kn, vn, scale=scale, causal=causal,
+                                           cache_leftpad=lp)
     assert torch.equal(kc, k_ref) and torch.equal(vc, v_ref), "k_new/v_new written elsewhere"
     hi = reference.attention_with_kvcache(
         q.double(), k0.double(), v0.double(), sl, kn.double() if new else None,
-        vn.double() if new else None, scale=scale, causal=causal)
+        vn.double() if new else None, scale=scale, causal=causal, cache_leftpad=lp)
     assert_close_rule(out, hi, low)
-    if case in ("fp16-splits-lq3", "bf16-noncausal-splits"):
+    if lp is not None:  # the row that sees no key is zero, not NaN
+        assert torch.equal(out[2, :, 0], torch.zeros_like(out[2, :, 0]))
+    if case in ("fp16-splits-lq3", "bf16-noncausal-splits", "bf16-leftpad-splits"):
         assert splits.value > 1, "the split-K path was not exercised"
 
 

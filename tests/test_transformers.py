@@ -127,8 +127,17 @@ def test_model_matches(name, sdpa_calls):
         assert_close_rule(o[k], r[k], lo[k], name=k, factor=3.0 if k.startswith("grad") else 2.0)
 
 
+@pytest.fixture
+def kvcache_calls(monkeypatch):
+    calls = []
+    real = fastattn.attention_with_kvcache
+    monkeypatch.setattr(fastattn, "attention_with_kvcache",
+                        lambda q, *a, **kw: calls.append(q.shape[2]) or real(q, *a, **kw))
+    return calls
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "mistral_sliding", "t5"])
-def test_generate_unchanged(name, sdpa_calls):
+def test_generate_unchanged(name, sdpa_calls, kvcache_calls):
     _, low, ours = _models(name)
     kw = _batch(name)
     kw.pop("decoder_input_ids", None)
@@ -138,26 +147,42 @@ def test_generate_unchanged(name, sdpa_calls):
         sdpa_calls.clear()
         got = ours.generate(**kw, **gen)
     assert torch.equal(got, want)
-    assert len(sdpa_calls) > 4  # prefill and every decoding step ran on fastattn
+    # prefill and every decoding step ran on fastattn: decoding steps of the left-padded
+    # batch on the KV-cache kernel (Mistral's too: for one query its sliding-window mask is a
+    # contiguous range of the cache), except T5's (its position bias is an additive mask)
+    assert len(sdpa_calls) + len(kvcache_calls) > 4
+    assert len(kvcache_calls) == (0 if name == "t5" else 3 * 2)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
-def test_generate_decodes_with_the_kvcache_kernel(name):
-    """Prompts of one length (no padding mask): every decoding step runs attention_with_kvcache,
-    the prefill runs the attention kernel, and the tokens are those of the original model."""
+@pytest.mark.parametrize("name,padded,cache", [
+    ("gpt2", False, "dynamic"), ("llama_gqa", False, "dynamic"), ("llama_gqa", True, "dynamic"),
+    ("llama_gqa", True, "static"), ("gpt2", True, "dynamic")])
+def test_generate_decodes_with_the_kvcache_kernel(name, padded, cache):
+    """Every decoding step runs attention_with_kvcache (with cache_leftpad for left-padded
+    prompts, and the filled length of a static cache) and the tokens are those of the original
+    model. The prefill of a dynamic cache runs the attention kernel; a static cache's prefill is
+    a step against the (longer) empty cache too."""
     skip_unless_backend("cpu")
     _, low, ours = _models(name)
-    ids = _batch(name)["input_ids"][:1].clamp(min=3)
+    kw = _batch(name)
+    if not padded:
+        kw = {"input_ids": kw["input_ids"][:1].clamp(min=3)}
     gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    if cache == "static":
+        gen["cache_implementation"] = "static"
     with torch.no_grad():
-        want = low.generate(ids, **gen)
+        want = low.generate(**kw, **gen)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            got = ours.generate(ids, **gen)
+            got = ours.generate(**kw, **gen)
     assert torch.equal(got, want)
     counts = {e.key: e.count for e in prof.key_averages() if e.key.startswith("fastattn::")}
     layers = 2
-    assert counts.get("fastattn::attention_fwd") == layers, counts  # the prefill
-    assert counts.get("fastattn::attention_kvcache") == 4 * layers, counts  # 4 decoding steps
+    if cache == "dynamic":
+        assert counts.get("fastattn::attention_fwd") == layers, counts  # the prefill
+        assert counts.get("fastattn::attention_kvcache") == 4 * layers, counts  # 4 steps
+    else:
+        assert "fastattn::attention_fwd" not in counts, counts
+        assert counts.get("fastattn::attention_kvcache") == 5 * layers, counts
 
 
 def test_conversion_report_and_settings():
@@ -224,12 +249,9 @@ def _check(out, q, k, v, visible):
     assert_close_rule(out, sdpa(torch.float64), sdpa(torch.float32))
 
 
-def test_attention_function_prefill_and_decode(monkeypatch):
+def test_attention_function_prefill_and_decode(kvcache_calls):
     m = _Module()
-    decode_calls = []
-    real = fastattn.attention_with_kvcache
-    monkeypatch.setattr(fastattn, "attention_with_kvcache",
-                        lambda q, *a, **kw: decode_calls.append(q.shape[2]) or real(q, *a, **kw))
+    decode_calls = kvcache_calls
     # prefill, chunked prefill over a cache (a few tokens: the decoding kernel; more: the
     # attention kernel), one token
     for Lq, S in [(6, 6), (3, 7), (20, 27), (1, 7)]:
@@ -261,6 +283,40 @@ def test_attention_function_masks_and_window():
     i = torch.arange(5)[:, None] + 4
     j = torch.arange(9)[None, :]
     _check(out3, q, k, v, (j <= i) & (j > i - 3))
+
+
+def test_attention_function_decoding_with_masks(kvcache_calls):
+    """Decoding steps with a mask run the KV-cache kernel when the mask is a per-sequence range of
+    the cache (left padding, empty static-cache slots), causal or not; any other mask runs the
+    attention kernel with the mask. The output is the masked attention either way."""
+    from fastattn.integrations.transformers import _cache_layout
+
+    m = _Module()
+    Lq, S = 3, 12
+    q, k, v = _qkv(Lq, S)
+    j = torch.arange(S)
+    i = torch.arange(Lq)[:, None]
+    first = torch.tensor([0, 4])[:, None, None]
+    end = torch.tensor([12, 10])[:, None, None]  # batch 1: a static cache filled to 10
+    causal = (j >= first) & (j <= end - Lq + i)  # (2, Lq, S)
+    full = ((j >= first) & (j < end)).expand(2, Lq, S)
+    holes = causal.clone()
+    holes[0, :, 5] = False  # not a range: padding inside the sequence
+    for mask, fast in [(causal, True), (full, True), (holes, False)]:
+        mask4 = mask[:, None]
+        before = len(kvcache_calls)
+        out, _ = fastattn_attention_forward(m, q, k, v, mask4)
+        assert (len(kvcache_calls) > before) == fast
+        _check(out, q, k, v, mask4)
+    lens, leftpad, is_causal = _cache_layout(causal[:, None], 2, Lq, S)
+    assert lens.tolist() == [12, 10] and leftpad.tolist() == [0, 4] and is_causal
+    assert _cache_layout(holes[:, None], 2, Lq, S) is None
+    assert _cache_layout(causal[:, None].float(), 2, Lq, S) is None  # additive masks: no
+    # the answer is kept on the mask object and recomputed after an in-place change
+    mask4 = causal[:, None].clone()
+    assert _cache_layout(mask4, 2, Lq, S) is not None
+    mask4[0, 0, :, 5] = False
+    assert _cache_layout(mask4, 2, Lq, S) is None
 
 
 @pytest.mark.parametrize("kwarg", ["softcap", "head_mask", "s_aux"])

@@ -379,7 +379,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
                              const at::Tensor& cache_seqlens,
                              const std::optional<at::Tensor>& k_new,
-                             const std::optional<at::Tensor>& v_new, double scale, bool causal) {
+                             const std::optional<at::Tensor>& v_new, double scale, bool causal,
+                             const std::optional<at::Tensor>& cache_leftpad) {
   check_float_cpu(q, "q", 4);
   check_float_cpu(k_cache, "k_cache", 4);
   check_float_cpu(v_cache, "v_cache", 4);
@@ -428,6 +429,24 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
     TORCH_CHECK(n >= 0 && n + extra <= cap, "fastattn::attention_kvcache (cpu): cache_seqlens[", b,
                 "] = ", n, " must lie in [0, capacity - new tokens] = [0, ", cap - extra, "]");
     total[static_cast<size_t>(b)] = n + extra;
+  }
+  // first visible key per sequence (left-padded batches)
+  std::vector<int64_t> begin(static_cast<size_t>(B), 0);
+  if (cache_leftpad.has_value() && cache_leftpad->defined()) {
+    const at::Tensor& lp_in = *cache_leftpad;
+    TORCH_CHECK(lp_in.device().is_cpu() && lp_in.scalar_type() == at::kInt && lp_in.dim() == 1 &&
+                    lp_in.size(0) == B,
+                "fastattn::attention_kvcache (cpu): cache_leftpad must be an int32 CPU tensor of "
+                "shape (", B, ",), got ", lp_in.scalar_type(), " ", lp_in.sizes(), " on ",
+                lp_in.device());
+    const at::Tensor lp = lp_in.contiguous();
+    const int32_t* lpp = lp.data_ptr<int32_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(lpp[b] >= 0 && lpp[b] <= total[static_cast<size_t>(b)],
+                  "fastattn::attention_kvcache (cpu): cache_leftpad[", b, "] = ", lpp[b],
+                  " must lie in [0, cached + new tokens] = [0, ", total[static_cast<size_t>(b)], "]");
+      begin[static_cast<size_t>(b)] = lpp[b];
+    }
   }
   at::Tensor out = at::empty({B, H, Lq, Ev}, q.options());
   if (out.numel() == 0 && !has_new) return out;
@@ -480,20 +499,23 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
     if ((H / Hkv) * Lq <= 16) {
 #ifdef FASTATTN_X86_KERNELS
       if (isa >= Isa::avx512)
-        return avx512::attention_decode_impl<T>(a, total.data(), Lq, causal, op);
+        return avx512::attention_decode_impl<T>(a, begin.data(), total.data(), Lq, causal, op);
 #endif
       (void)isa;
-      return portable::attention_decode_impl<T>(a, total.data(), Lq, causal, op);
+      return portable::attention_decode_impl<T>(a, begin.data(), total.data(), Lq, causal, op);
     }
     // many query rows per kv head (prefill against a cache): the blocked forward, per sequence
     std::vector<float> lse(static_cast<size_t>(H * Lq));
     for (int64_t b = 0; b < B; ++b) {
       AttnArgs ab = a;
       ab.B = 1;
-      ab.S = total[static_cast<size_t>(b)];
+      // the visible keys [begin, total) as a sequence of their own: bottom-right alignment is
+      // relative to its end, so it is unchanged
+      const int64_t kb = begin[static_cast<size_t>(b)];
+      ab.S = total[static_cast<size_t>(b)] - kb;
       ab.q = static_cast<const T*>(a.q) + b * a.sq[0];
-      ab.k = static_cast<const T*>(a.k) + b * a.sk[0];
-      ab.v = static_cast<const T*>(a.v) + b * a.sv[0];
+      ab.k = static_cast<const T*>(a.k) + b * a.sk[0] + kb * a.sk[2];
+      ab.v = static_cast<const T*>(a.v) + b * a.sv[0] + kb * a.sv[2];
       ab.off = ab.S - Lq;
       ab.wr = causal ? 0 : -1;
       T* ob = op + b * H * Lq * Ev;

@@ -1751,8 +1751,8 @@ void decode_row(const AttnArgs& a, const T* qr, const T* kbase, const T* vbase, 
 #endif
 
 template <typename T>
-void attention_decode_impl(const AttnArgs& a, const int64_t* total, int64_t Lq, bool causal,
-                           T* out) {
+void attention_decode_impl(const AttnArgs& a, const int64_t* begin, const int64_t* total,
+                           int64_t Lq, bool causal, T* out) {
   const int64_t B = a.B, H = a.H, Hkv = a.Hkv, E = a.E, Ev = a.Ev;
   const int64_t G = H / Hkv, R = G * Lq;
   const int64_t E16 = round_up(E, 16), Ev16 = round_up(Ev, 16);
@@ -1774,7 +1774,7 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* total, int64_t Lq, 
       const T* qr = static_cast<const T*>(a.q) + b * a.sq[0] + kvh * a.sq[1];
       const T* kb = static_cast<const T*>(a.k) + b * a.sk[0] + kvh * a.sk[1];
       const T* vb = static_cast<const T*>(a.v) + b * a.sv[0] + kvh * a.sv[1];
-      const int64_t n_begin = ch * csz, n_stop = std::min(total[b], (ch + 1) * csz);
+      const int64_t n_begin = std::max(ch * csz, begin[b]), n_stop = std::min(total[b], (ch + 1) * csz);
       const int64_t hi = total[b] - 1;  // Lq = 1: the query is the last position and sees every key
       float* pr = part.data() + t * pstride;
       const int64_t nc = (std::max(E, Ev) + 15) / 16;
@@ -1818,7 +1818,7 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* total, int64_t Lq, 
     const int64_t kline = std::max<int64_t>(1, E * static_cast<int64_t>(sizeof(T)) / 64);
     const int64_t vline = std::max<int64_t>(1, Ev * static_cast<int64_t>(sizeof(T)) / 64);
     const bool pf_rows = a.sk[3] == 1 && a.sv[3] == 1;
-    for (int64_t n0 = ch * csz; n0 < n_end; n0 += 16) {
+    for (int64_t n0 = std::max(ch * csz, begin[b]); n0 < n_end; n0 += 16) {
       const int64_t nk = std::min<int64_t>(16, n_end - n0);
       if (pf_rows) {
         for (int64_t j = n0 + 48; j < std::min(n0 + 64, n_end); ++j) {

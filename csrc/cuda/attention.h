@@ -76,13 +76,15 @@ cudaError_t attention_bwd(const AttnBwdParams& p, DType dtype, cudaStream_t stre
 // Decoding against a KV cache, split along the keys (flash-decoding) and combined.
 // k_new/v_new (B, Hkv, Lq, E) are first written into the caches at cache_seqlens[b] (positions
 // past the capacity are dropped: lengths are clamped on the device, never synchronised).
-// Query i of batch b sees keys [0, total_b - Lq + i] (causal) or [0, total_b), total_b =
-// seqlens[b] (+ Lq with k_new). Last dims contiguous.
+// Query i of batch b sees keys [lp_b, total_b - Lq + i] (causal) or [lp_b, total_b), total_b =
+// seqlens[b] (+ Lq with k_new), lp_b = leftpad[b] (0 when leftpad is null; clamped to
+// [0, total_b]). Last dims contiguous.
 struct KvcacheParams {
   const void* q = nullptr;
   void* k_cache = nullptr;
   void* v_cache = nullptr;
   const int32_t* seqlens = nullptr;
+  const int32_t* leftpad = nullptr;  // may be null: every sequence starts at cache position 0
   const void* k_new = nullptr;  // may be null (then v_new is null too)
   const void* v_new = nullptr;
   void* out = nullptr;           // (B, H, Lq, E)

@@ -208,7 +208,7 @@ at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, a
                                   const at::Tensor& cache_seqlens,
                                   const std::optional<at::Tensor>& k_new,
                                   const std::optional<at::Tensor>& v_new, double scale,
-                                  bool causal) {
+                                  bool causal, const std::optional<at::Tensor>& cache_leftpad) {
   constexpr const char* op = "attention_kvcache";
   check_cuda_tensor(q_in, q_in, op, "q");
   check_cuda_tensor(k_cache, q_in, op, "k_cache");
@@ -240,6 +240,15 @@ at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, a
               ",), got ", cache_seqlens.scalar_type(), " ", cache_seqlens.sizes());
   TORCH_CHECK(k_new.has_value() == v_new.has_value(),
               "fastattn.attention_kvcache (CUDA): k_new and v_new must be given together");
+  at::Tensor leftpad;
+  if (cache_leftpad.has_value() && cache_leftpad->defined()) {
+    check_cuda_tensor(*cache_leftpad, q_in, op, "cache_leftpad");
+    TORCH_CHECK(cache_leftpad->scalar_type() == at::kInt && cache_leftpad->dim() == 1 &&
+                    cache_leftpad->size(0) == B,
+                "fastattn.attention_kvcache (CUDA): cache_leftpad must be int32 of shape (", B,
+                ",), got ", cache_leftpad->scalar_type(), " ", cache_leftpad->sizes());
+    leftpad = cache_leftpad->contiguous();
+  }
   std::optional<at::Tensor> kn, vn;
   if (k_new.has_value()) {
     for (const at::Tensor* t : {&*k_new, &*v_new}) {
@@ -263,6 +272,7 @@ at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, a
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();
   p.seqlens = seqlens.data_ptr<int32_t>();
+  p.leftpad = leftpad.defined() ? leftpad.data_ptr<int32_t>() : nullptr;
   p.out = out.data_ptr();
   p.q_stride_b = stride_or_zero(q, 0), p.q_stride_h = stride_or_zero(q, 1);
   p.q_stride_l = stride_or_zero(q, 2);

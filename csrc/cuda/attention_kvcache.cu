@@ -61,8 +61,11 @@ __global__ void __launch_bounds__(32 * kvcache_tile().n_warps)
 
   const int total = min_i(cache_len(p, b) + (p.k_new != nullptr ? p.len_q : 0), p.capacity);
   const int64_t s0_64 = int64_t(split) * args.p.split_len;
-  const int s0 = int(s0_64 < total ? s0_64 : total);
   const int s1 = int(s0_64 + p.split_len < total ? s0_64 + p.split_len : total);
+  int s0 = int(s0_64 < total ? s0_64 : total);
+  // keys before the first real token of a left-padded sequence are not seen: this split starts
+  // at that token at the earliest
+  if (p.leftpad != nullptr) s0 = min_i(max_i(s0, p.leftpad[b]), s1);
 
   float* sQ = reinterpret_cast<float*>(smem_base());
   T* sKV = reinterpret_cast<T*>(sQ + kRows * kHeadDim);  // [stage][K|V][kChunk][kPitch]

@@ -10,6 +10,12 @@ to ``transformers.masking_utils.AttentionMaskInterface`` (the mask builder: tran
 mask, a bool (B, 1, Lq, S) mask with True = attend, or None when the causal flag suffices; without a
 mask builder transformers passes ``attention_mask=None`` and silently drops causal and padding masks).
 
+Decoding: a step of up to ``DECODE_MAX_QUERIES`` new queries against transformers' KV cache (in
+inference, without dropout) runs ``fastattn.attention_with_kvcache`` when there is no mask or
+when the mask gives each sequence one range of the cache: left padding becomes
+``cache_leftpad``, a static cache's empty tail ``cache_seqlens``. The mask is checked exactly
+(once per step); any other mask runs ``fastattn.scaled_dot_product_attention`` with it.
+
 Models that do not go through ``AttentionInterface`` (checked with transformers 4.57):
 BERT-style models call ``F.scaled_dot_product_attention`` from their own ``*SdpaSelfAttention``
 classes: ``fastattn.convert`` routes exactly that call to fastattn inside those modules (a
@@ -67,7 +73,8 @@ def fastattn_attention_forward(
             refused: ``head_mask``, ``softcap``, ``s_aux`` (attention sinks).
 
     Without a mask, the causal diagonal is aligned bottom-right: the Lq queries are the last Lq
-    positions of the S keys, which is what a KV cache holds.
+    positions of the S keys, which is what a KV cache holds. Decoding steps (0 < Lq <= 16,
+    Lq < S) run the KV-cache kernel; see the module docstring.
 
     Returns:
         (attn_output (B, Lq, H, D) contiguous, None): no attention weights, as sdpa.
@@ -82,6 +89,25 @@ def fastattn_attention_forward(
     if kwargs.get("output_attentions", False):
         _warn_once("attn_implementation='fastattn' returns no attention weights "
                    "(output_attentions=True gives None); use attn_implementation='eager' for them")
+    sliding_window = kwargs.get("sliding_window")
+    if _decoding_step(query, key, value, dropout, sliding_window):
+        # a step of a few new queries against the cache: the split-K decoding kernel reads the
+        # cache once for all the query heads of a kv head. Without a mask every sequence holds
+        # all S keys; with one, it must say where each sequence starts and ends in the cache.
+        B, S = query.shape[0], key.shape[2]
+        layout = (None if attention_mask is None
+                  else _cache_layout(attention_mask, B, query.shape[2], S))
+        if attention_mask is None or layout is not None:
+            if layout is None:
+                seqlens = torch.full((B,), S, dtype=torch.int32, device=query.device)
+                causal = kwargs.get("is_causal")
+                leftpad, causal = None, bool(getattr(module, "is_causal", True)
+                                             if causal is None else causal)
+            else:
+                seqlens, leftpad, causal = layout
+            out = fastattn.attention_with_kvcache(query, key, value, seqlens, scale=scaling,
+                                                  causal=causal, cache_leftpad=leftpad)
+            return out.transpose(1, 2).contiguous(), None
     if attention_mask is not None:
         if attention_mask.ndim == 4:
             attention_mask = attention_mask[:, :, :, : key.shape[-2]]
@@ -90,15 +116,6 @@ def fastattn_attention_forward(
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
-    sliding_window = kwargs.get("sliding_window")
-    if _decoding_step(query, key, value, attention_mask, dropout, sliding_window):
-        # a decoding step against the cache: the split-K kernel reads the cache once for all the
-        # query heads of a kv head (no mask, so every sequence holds all S keys)
-        seqlens = torch.full((query.shape[0],), key.shape[2], dtype=torch.int32,
-                             device=query.device)
-        out = fastattn.attention_with_kvcache(query, key, value, seqlens, scale=scaling,
-                                              causal=bool(is_causal))
-        return out.transpose(1, 2).contiguous(), None
     window = None
     if sliding_window is not None and attention_mask is None:
         # a mask, when given, already holds the window (in the cache's own positions, which a
@@ -116,18 +133,49 @@ def fastattn_attention_forward(
 DECODE_MAX_QUERIES = 16
 
 
-def _decoding_step(query, key, value, attention_mask, dropout, sliding_window) -> bool:
-    """Whether this call is an inference step of a few new queries against a longer cache that
-    ``attention_with_kvcache`` computes exactly: no mask (transformers passes one for padding and
-    for static caches, whose tail is empty), no window inside the cache, no dropout, no
-    gradient."""
+def _decoding_step(query, key, value, dropout, sliding_window) -> bool:
+    """Whether this call can be an inference step of a few new queries against a longer cache
+    for ``attention_with_kvcache``: no window inside the cache, no dropout, no gradient, not
+    under torch.compile (the decoding op checks its lengths on the host for CPU tensors)."""
     Lq, S = query.shape[2], key.shape[2]
-    return (attention_mask is None and 0 < Lq < S and Lq <= DECODE_MAX_QUERIES
+    return (0 < Lq < S and Lq <= DECODE_MAX_QUERIES
             and not dropout
             and (sliding_window is None or int(sliding_window) >= S)
             and key.dtype == query.dtype and value.dtype == query.dtype
+            and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled()
                      and (query.requires_grad or key.requires_grad or value.requires_grad)))
+
+
+def _cache_layout(mask: torch.Tensor, B: int, Lq: int, S: int):
+    """(cache_seqlens, cache_leftpad, causal) when ``mask`` (bool, (B or 1, 1, Lq, >= S), True =
+    attend) is exactly what a decoding step of sequences held in cache positions [lp_b, end_b)
+    looks like: left padding before lp_b, empty static-cache slots from end_b, the Lq queries the
+    last positions (causal, bottom-right, or all seeing the whole sequence). Else None.
+
+    Every layer of a step gets the same mask object: the answer is kept on it, so the check (one
+    host synchronisation) runs once per step."""
+    memo = mask.__dict__.get("_fastattn_layout")
+    if memo is not None and memo[0] == (mask._version, B, Lq, S):
+        return memo[1]
+    layout = None
+    if (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1
+            and mask.shape[2] == Lq and mask.shape[3] >= S and mask.shape[0] in (1, B)):
+        m = mask[:, 0, :, :S].expand(B, Lq, S)
+        last = m[:, -1].to(torch.int8)  # the last query sees the whole sequence
+        seen = last.any(-1)
+        first = torch.where(seen, last.argmax(-1), 0)
+        end = torch.where(seen, S - last.flip(-1).argmax(-1), 0)
+        j = torch.arange(S, device=mask.device)
+        i = torch.arange(Lq, device=mask.device)
+        inside = j >= first[:, None, None]
+        causal = inside & (j <= (end[:, None] - Lq + i)[:, :, None])
+        if torch.equal(m, causal):
+            layout = (end.to(torch.int32), first.to(torch.int32), True)
+        elif torch.equal(m, (inside & (j < end[:, None, None])).expand(B, Lq, S)):
+            layout = (end.to(torch.int32), first.to(torch.int32), False)
+    mask.__dict__["_fastattn_layout"] = ((mask._version, B, Lq, S), layout)
+    return layout
 
 
 def register(name: str = NAME) -> None:

@@ -184,10 +184,12 @@ def triton_attention_bwd(
 def triton_attention_kvcache(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     k_new: torch.Tensor | None, v_new: torch.Tensor | None, scale: float, causal: bool,
+    cache_leftpad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     from fastattn.triton.attention import attention_kvcache
 
-    return attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal)
+    return attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal,
+                             cache_leftpad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +215,8 @@ def _bwd_fake(grad_out, q, k, v, out, lse, grad_lse, attn_mask, scale, window_le
     return dq, dk, dv, dmask
 
 
-def _kvcache_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal):
+def _kvcache_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal,
+                  cache_leftpad=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -330,6 +333,7 @@ def attention_with_kvcache(
     *,
     scale: float | None = None,
     causal: bool = True,
+    cache_leftpad: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Decoding attention against a KV cache (flash-decoding on GPU).
@@ -340,6 +344,8 @@ def attention_with_kvcache(
         cache_seqlens: int32 (B,), tokens already in the cache per sequence.
         k_new, v_new: (B, Hkv, Lq, E) or None; written at positions [cache_seqlens[b], +Lq).
         causal: the new queries are the last Lq positions (bottom-right causal).
+        cache_leftpad: int32 (B,) or None: sequence b starts at cache position cache_leftpad[b]
+            (left-padded batches, as ``generate()`` pads them); the keys before it are not seen.
 
     Returns:
         (B, H, Lq, E) in q's dtype.
@@ -377,6 +383,12 @@ def attention_with_kvcache(
                                  f"{tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
             if t.dtype != q.dtype or t.device != q.device:
                 raise TypeError(f"{name} must be {q.dtype} on {q.device}")
+    if cache_leftpad is not None:
+        if not isinstance(cache_leftpad, torch.Tensor) or cache_leftpad.dtype != torch.int32:
+            raise TypeError("cache_leftpad must be None or an int32 tensor of shape (B,)")
+        if cache_leftpad.shape != (B,) or cache_leftpad.device != q.device:
+            raise ValueError(f"cache_leftpad must have shape ({B},) on {q.device}, got "
+                             f"{tuple(cache_leftpad.shape)} on {cache_leftpad.device}")
     scale = _check_scale(scale, E)
     if q.device.type == "cpu" and B > 0:
         # bounds of cache_seqlens checked on the host only where that is free (CPU tensors);
@@ -386,11 +398,15 @@ def attention_with_kvcache(
         if lo < 0 or hi + extra > cap:
             raise ValueError(f"cache_seqlens must lie in [0, capacity - new tokens] = "
                              f"[0, {cap - extra}], got values in [{lo}, {hi}]")
+        if cache_leftpad is not None and (bool((cache_leftpad < 0).any())
+                                          or bool((cache_leftpad > cache_seqlens + extra).any())):
+            raise ValueError("cache_leftpad must lie in [0, cache_seqlens (+ new tokens)]")
     chosen = _choose("attention_with_kvcache", q.device, backend, q.dtype,
                      max(E, v_cache.shape[-1]))
     if chosen == "reference" or q.numel() == 0:
         return reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                                scale=scale, causal=causal)
+                                                scale=scale, causal=causal,
+                                                cache_leftpad=cache_leftpad)
     op = (torch.ops.fastattn.triton_attention_kvcache if chosen == "triton"
           else torch.ops.fastattn.attention_kvcache)
-    return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal)
+    return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal, cache_leftpad)

@@ -827,12 +827,12 @@ def _kvcache_append_kernel(
 
 @triton.autotune(
     configs=_tuning_configs(_DECODE_TUNING, interpret=(None, 16, 4, 1)),
-    key=["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "capacity_key", "SPLIT", "CAUSAL"],
+    key=["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "capacity_key", "SPLIT", "CAUSAL", "HAS_LEFTPAD"],
     prune_configs_by={"early_config_prune": _prune_decode},
 )
 @triton.jit
 def _kvcache_split_kernel(
-    Q, KCache, VCache, SeqLens, Out, OutPartial, LsePartial,
+    Q, KCache, VCache, SeqLens, LeftPad, Out, OutPartial, LsePartial,
     qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
@@ -842,12 +842,13 @@ def _kvcache_split_kernel(
     head_dim, head_dim_v,
     capacity_key,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
-    CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
+    CAUSAL: tl.constexpr, SPLIT: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Flash-decoding over one chunk of the cache for all query rows of one kv group: the
     Lq * (H / Hkv) rows form the M tile, so each K/V byte is read once per chunk. The chunk
-    length is derived on the device from seqlens[b], so splits follow the real sequence length.
+    length is derived on the device from seqlens[b] (and leftpad[b], the first visible key, with
+    HAS_LEFTPAD), so splits follow the real sequence.
     SPLIT: write normalised partial out (fp32) and lse per split for the combine kernel;
     otherwise write the final output. Grid: (num_splits, cdiv(Lq * group, BLOCK_M), B * Hkv)."""
     pid_s = tl.program_id(0)
@@ -858,8 +859,12 @@ def _kvcache_split_kernel(
 
     total = tl.load(SeqLens + b) + num_new  # keys visible to the last query row
     total = tl.minimum(tl.maximum(total, 0), capacity)
-    chunk = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
-    start = pid_s * chunk
+    if HAS_LEFTPAD:  # keys before the first real token of a left-padded sequence are not seen
+        first = tl.minimum(tl.maximum(tl.load(LeftPad + b), 0), total)
+    else:
+        first = 0
+    chunk = tl.cdiv(tl.cdiv(total - first, num_splits), BLOCK_N) * BLOCK_N
+    start = first + pid_s * chunk
     end = tl.minimum(start + chunk, total)
 
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row r = (g, i): head hk*group + g, query i
@@ -1113,13 +1118,14 @@ def kvcache_num_splits(batch: int, kv_heads: int, m_blocks: int, capacity: int,
 def attention_kvcache(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     k_new: torch.Tensor | None, v_new: torch.Tensor | None, scale: float, causal: bool,
-    *, num_splits: int | None = None,
+    cache_leftpad: torch.Tensor | None = None, *, num_splits: int | None = None,
 ) -> torch.Tensor:
     """Decoding attention; appends k_new/v_new to the caches in place first.
 
     q (B, H, Lq, E); k_cache (B, Hkv, capacity, E), v_cache (B, Hkv, capacity, Ev); cache_seqlens
-    int32 (B,); k_new (B, Hkv, Lq, E), v_new (B, Hkv, Lq, Ev) or None. Query i of batch b sees keys
-    [0, total_b - Lq + i] (causal) or [0, total_b), total_b = seqlens[b] (+ Lq with k_new).
+    int32 (B,); k_new (B, Hkv, Lq, E), v_new (B, Hkv, Lq, Ev) or None; cache_leftpad int32 (B,) or
+    None. Query i of batch b sees keys [lp_b, total_b - Lq + i] (causal) or [lp_b, total_b),
+    total_b = seqlens[b] (+ Lq with k_new), lp_b = cache_leftpad[b] (0 without).
     num_splits overrides the split-K heuristic (1 = no combine pass). Returns (B, H, Lq, Ev)
     contiguous in q's dtype.
     """
@@ -1152,13 +1158,16 @@ def attention_kvcache(
     else:
         out_partial = lse_partial = out  # unused
     _kvcache_split_kernel[(num_splits, m_blocks, B * Hkv)](
-        q, k_cache, v_cache, seqlens, out, out_partial, lse_partial,
+        q, k_cache, v_cache, seqlens,
+        seqlens if cache_leftpad is None else cache_leftpad.to(torch.int32).contiguous(),
+        out, out_partial, lse_partial,
         scale * math.log2(math.e),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         H, Hkv, Lq, group, cap, Lq if k_new is not None else 0, num_splits, E, Ev,
         _seq_key(cap),
         HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev), BLOCK_M=block_m,
-        CAUSAL=bool(causal), SPLIT=split, **_dot_args(q.dtype, dev),
+        CAUSAL=bool(causal), SPLIT=split, HAS_LEFTPAD=cache_leftpad is not None,
+        **_dot_args(q.dtype, dev),
     )
     if split:
         _kvcache_combine_kernel[(B * H * Lq,)](

@@ -161,15 +161,16 @@ int fa_emu_attention_fwd(int dtype, const void* q, const void* k, const void* v,
 // st: q(b,h,l) kc(b,h,s) vc(b,h,s) kn(b,h,l) vn(b,h,l) out(b,h,l); sz: B H Hkv Lq cap E
 // Returns the number of splits used in *splits_out. Workspaces are allocated here.
 int fa_emu_attention_kvcache(int dtype, const void* q, void* k_cache, void* v_cache,
-                             const int32_t* seqlens, const void* k_new, const void* v_new,
-                             void* out, const int64_t* st, const int* sz, float scale, int causal,
-                             int num_sms, int* splits_out) {
+                             const int32_t* seqlens, const int32_t* leftpad, const void* k_new,
+                             const void* v_new, void* out, const int64_t* st, const int* sz,
+                             float scale, int causal, int num_sms, int* splits_out) {
   fa_emu::clear_error();
   fc::KvcacheParams p;
   p.q = q;
   p.k_cache = k_cache;
   p.v_cache = v_cache;
   p.seqlens = seqlens;
+  p.leftpad = leftpad;
   p.k_new = k_new;
   p.v_new = v_new;
   p.out = out;
