@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fastattn.bench import attention, decode, harness, int8, layer_norm, model
+from fastattn.bench import attention, decode, generate, harness, int8, layer_norm, model
 
 # op -> (case generator, public functions it needs, time-budget weight)
 OPS = {
@@ -32,6 +32,7 @@ OPS = {
     "int8_gemm": (int8.gemm_cases, int8.GEMM_FUNCTIONS, 0.08),
     "int8_linear": (int8.linear_cases, int8.LINEAR_FUNCTIONS, 0.12),
     "model": (model.cases, model.FUNCTIONS, 0.2),
+    "generate": (generate.cases, generate.FUNCTIONS, 0.1),
 }
 
 
