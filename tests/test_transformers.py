@@ -185,6 +185,24 @@ def test_generate_decodes_with_the_kvcache_kernel(name, padded, cache):
         assert counts.get("fastattn::attention_kvcache") == 5 * layers, counts
 
 
+@pytest.mark.parametrize("name", ["bert", "llama_gqa"])
+def test_compile_converted_model_without_graph_breaks(name):
+    """torch.compile of a converted model (padding mask included) traces as one graph, and the
+    compiled model gives the eager model's output."""
+    _, _, ours = _models(name)
+    kw = _batch(name)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(ours)(**kw)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, \
+            [r.reason for r in explained.break_reasons]
+        want = ours(**kw)
+        got = torch.compile(ours, fullgraph=True, backend="aot_eager")(**kw)
+    key = "last_hidden_state" if name == "bert" else "logits"
+    valid = kw["attention_mask"].bool()
+    torch.testing.assert_close(got[key][valid], want[key][valid], atol=1e-5, rtol=1e-5)
+
+
 def test_conversion_report_and_settings():
     _, _, llama = _models("llama_gqa")
     assert llama.config._attn_implementation == "fastattn"

@@ -20,6 +20,9 @@ the earlier ones. Inside ``with KVCache(decoder):`` it does:
   projected again);
 * the output of each call equals the last positions of the full-prefix decoder output.
 
+For an ``nn.Transformer``, run ``model.encoder`` once and call ``model.decoder`` per step inside
+the cache (calling the whole model re-encodes the source, which then is a new memory).
+
 Decoding with a cache is inference: with gradients required it raises instead of silently
 dropping them. Self-attention under a cache takes no ``tgt_key_padding_mask`` and no masks other
 than the causal one (padded prompts: decode them in separate batches, or without a cache).
