@@ -65,6 +65,8 @@ enum class Isa : int { kScalar = 0, kVnni = 1, kAmx = 2 };
 #define FA_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 #define FA_TARGET_AMX \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,amx-tile,amx-int8")))
+#define FA_TARGET_AMX_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,amx-tile,amx-bf16")))
 
 bool cpu_has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -88,6 +90,17 @@ bool cpu_has_amx() {
     if (!tile || !int8) return false;
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+// AMX-BF16 (tdpbf16ps), with the tile permission that cpu_has_amx() requests.
+bool cpu_has_amx_bf16() {
+  static const bool ok = [] {
+    if (!cpu_has_amx()) return false;
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    return ((edx >> 22) & 1u) != 0;
   }();
   return ok;
 }
@@ -575,6 +588,9 @@ FA_TARGET_AMX void amx_begin() {
     cfg.colsb[i] = 64;
     cfg.rows[i] = 16;
   }
+  // GCC 12 does not see _tile_loadconfig read cfg and drops the stores above as dead (the config
+  // loaded is then whatever the stack held): the empty asm makes cfg's contents observable.
+  asm volatile("" : : "r"(&cfg) : "memory");
   _tile_loadconfig(&cfg);
 }
 
@@ -799,6 +815,332 @@ FA_TARGET_AVX512 void wo_micro(int mr, int nr, const float* x, int64_t ldx, cons
     default: wo_kernel_nr<kWoM>(nr, x, ldx, w, ldw, K, dots); break;
   }
 }
+
+// ------------------------------------------------------------------------------------------------
+// weight-only linear, large M: a GEMM over dequantized panels of w.
+//
+// The dot-product kernel above converts every int8 weight inside its inner loop, once per 4 rows
+// of x; with many rows that conversion (and the horizontal sums) dominates and the op ran at
+// 0.3-0.4x of F.linear on the float weight. Here each task converts a panel of w once into the
+// layout a register-blocked micro-kernel reads (a conversion only: int8 values are exact in
+// float32 and bfloat16, w_scale is applied in the epilogue), and runs every row of x against it:
+//   fp32   (x float32, or float16 / bfloat16 x converted to float32 rows): w panel packed as
+//          float32 [k][48 columns], an 8 x 48 FMA micro-kernel (24 zmm accumulators) reading x
+//          rows directly, K blocked so that the 48 x kWpKC panel block stays in L1.
+//   amx    (x bfloat16, AMX-BF16): w panel packed as bfloat16 pairs in the VNNI layout (one
+//          64-byte B tile row = 16 columns x 2 k), 32 x 32 blocks of _tile_dpbf16ps reading x
+//          rows in place (or from a zero-padded copy at the K and M tails).
+// float16 x does not take the bfloat16 tiles: float16 values are not exact in bfloat16.
+// ------------------------------------------------------------------------------------------------
+constexpr int kWpMR = 8;          // rows of x per fp32 micro-kernel
+constexpr int kWpNR = 48;         // columns (3 zmm) per fp32 micro-kernel and per packed panel
+constexpr int64_t kWpKC = 192;    // K block of the fp32 path: 48 x 192 floats = 36 KB (L1d 48 KB)
+constexpr int64_t kWpMC = 256;    // rows of x packed at a time (256 x 192 floats = 192 KB, L2)
+constexpr int64_t kWaNB = 64;     // columns of w per AMX task panel (two 32-column blocks)
+
+// Largest M that keeps the dot-product kernel: below it the panels' conversion is not amortized
+// (each converted weight would be used by fewer rows than the dot kernel's own reuse). Measured
+// on one Sapphire Rapids core, K in {768, 4096}: the dot kernel wins up to M ~ 8-12 against the
+// fp32 panels, and up to M ~ 4-8 against the AMX tiles.
+constexpr int64_t kWpMinM = 16;
+
+struct WoArgs {
+  const int8_t* w;
+  int64_t ldw;
+  const float* scale;
+  const float* bias;
+  void* out;
+  int64_t ldo;
+  at::ScalarType dtype;
+  int64_t M, N, K;
+};
+
+// Epilogue of 16 float32 dot products (columns n0..n0+count-1 of row m): * scale + bias, stored
+// in the output dtype; two roundings (no FMA), as the reference computes them.
+FA_TARGET_AVX512 inline void wo_store16(const WoArgs& a, int64_t m, int64_t n0, int64_t count,
+                                        __m512 v) {
+  const __mmask16 mask = tail_mask16(count);
+  v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, a.scale + n0));
+  if (a.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, a.bias + n0));
+  const int64_t off = m * a.ldo + n0;
+  if (a.dtype == at::kFloat) {
+    _mm512_mask_storeu_ps(static_cast<float*>(a.out) + off, mask, v);
+  } else if (a.dtype == at::kBFloat16) {
+    _mm256_mask_storeu_epi16(static_cast<at::BFloat16*>(a.out) + off, mask, cvt_f32_bf16(v));
+  } else {
+    const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(static_cast<at::Half*>(a.out) + off, mask, h);
+  }
+}
+
+// 16 int8 weights of row `row` (zeros when absent) as float32.
+FA_TARGET_AVX512 inline __m512i load_w16_f32(const int8_t* row, __mmask16 mask) {
+  return _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, row))));
+}
+
+// Packs w rows [n0, n0 + 48) x k [k0, k0 + kc) as float32 dst[kk][48] (zero beyond N): 16 rows x
+// 16 k converted and transposed in registers at a time.
+FA_TARGET_AVX512 void pack_w_f32(const WoArgs& a, int64_t n0, int64_t k0, int64_t kc, float* dst) {
+  __m512i r[16];
+  for (int sub = 0; sub < kWpNR / 16; ++sub) {
+    const int64_t nb = n0 + sub * 16;
+    const int64_t rows = std::clamp<int64_t>(a.N - nb, 0, 16);
+    for (int64_t kk = 0; kk < kc; kk += 16) {
+      const __mmask16 mask = tail_mask16(kc - kk);
+      FA_UNROLL for (int j = 0; j < 16; ++j)
+        r[j] = j < rows ? load_w16_f32(a.w + (nb + j) * a.ldw + k0 + kk, mask) : _mm512_setzero_si512();
+      transpose16x16_epi32(r);
+      const int64_t n = std::min<int64_t>(16, kc - kk);
+      for (int64_t q = 0; q < n; ++q)
+        _mm512_store_si512(dst + (kk + q) * kWpNR + sub * 16, r[q]);
+    }
+  }
+}
+
+// c[i][0..48) (+)= sum_k xp[k][i] * bp[k][0..48), i < MR (xp: packed rows of x, kWpMR per k).
+template <int MR>
+FA_TARGET_AVX512 void wp_f32_kernel(const float* xp, const float* bp, int64_t kc, float* c,
+                                    bool accumulate) {
+  __m512 acc[MR][3];
+  FA_UNROLL for (int i = 0; i < MR; ++i)
+    FA_UNROLL for (int j = 0; j < 3; ++j)
+      acc[i][j] = accumulate ? _mm512_load_ps(c + i * kWpNR + j * 16) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_load_ps(bp + k * kWpNR);
+    const __m512 b1 = _mm512_load_ps(bp + k * kWpNR + 16);
+    const __m512 b2 = _mm512_load_ps(bp + k * kWpNR + 32);
+    FA_UNROLL for (int i = 0; i < MR; ++i) {
+      const __m512 xv = _mm512_set1_ps(xp[k * kWpMR + i]);
+      acc[i][0] = _mm512_fmadd_ps(xv, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(xv, b1, acc[i][1]);
+      acc[i][2] = _mm512_fmadd_ps(xv, b2, acc[i][2]);
+    }
+  }
+  FA_UNROLL for (int i = 0; i < MR; ++i)
+    FA_UNROLL for (int j = 0; j < 3; ++j) _mm512_store_ps(c + i * kWpNR + j * 16, acc[i][j]);
+}
+
+FA_TARGET_AVX512 void wp_f32_micro(int mr, const float* xp, const float* bp, int64_t kc, float* c,
+                                   bool accumulate) {
+  switch (mr) {
+    case 1: wp_f32_kernel<1>(xp, bp, kc, c, accumulate); break;
+    case 2: wp_f32_kernel<2>(xp, bp, kc, c, accumulate); break;
+    case 3: wp_f32_kernel<3>(xp, bp, kc, c, accumulate); break;
+    case 4: wp_f32_kernel<4>(xp, bp, kc, c, accumulate); break;
+    case 5: wp_f32_kernel<5>(xp, bp, kc, c, accumulate); break;
+    case 6: wp_f32_kernel<6>(xp, bp, kc, c, accumulate); break;
+    case 7: wp_f32_kernel<7>(xp, bp, kc, c, accumulate); break;
+    default: wp_f32_kernel<kWpMR>(xp, bp, kc, c, accumulate); break;
+  }
+}
+
+// Packs x rows [m0, m1) x k [k0, k0 + kc) as float32 [(m - m0) / 8][kk][8] (zero rows past m1):
+// the micro-kernel's broadcasts then read 32 contiguous bytes per k, whatever x's row stride
+// and dtype. 8 rows x 16 k are converted and transposed in registers at a time.
+template <typename T>
+FA_TARGET_AVX512 void pack_x_f32(const T* x, int64_t ldx, int64_t m0, int64_t m1, int64_t k0,
+                                 int64_t kc, float* dst) {
+  __m512i r[16];
+  for (int64_t m = m0; m < m1; m += kWpMR) {
+    const int64_t rows = std::min<int64_t>(kWpMR, m1 - m);
+    float* d = dst + (m - m0) * kc;
+    for (int64_t kk = 0; kk < kc; kk += 16) {
+      const __mmask16 mask = tail_mask16(kc - kk);
+      FA_UNROLL for (int j = 0; j < 16; ++j)
+        r[j] = j < rows ? _mm512_castps_si512(load_f32x16(x + (m + j) * ldx + k0 + kk, mask))
+                        : _mm512_setzero_si512();
+      transpose16x16_epi32(r);
+      const int64_t n = std::min<int64_t>(16, kc - kk);
+      for (int64_t q = 0; q < n; ++q)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(d + (kk + q) * kWpMR),
+                           _mm512_castsi512_si256(r[q]));
+    }
+  }
+}
+
+// Splits M into chunks when there are too few column panels to keep every thread busy.
+inline int64_t m_chunk_rows(int64_t M, int64_t panels, int64_t align) {
+  const int64_t threads = at::get_num_threads();
+  if (panels >= 4 * threads) return M;
+  const int64_t chunks = std::min(ceil_div(M, align), ceil_div(4 * threads, panels));
+  return round_up(ceil_div(M, chunks), align);
+}
+
+// Tasks [t0, t1) of wo_gemm_f32: task t = (row chunk t / panels, 48-column panel t % panels).
+// A thread takes its run of panels one K block at a time (GotoBLAS order): it converts the
+// block of every panel once (kc x 48 floats each, in L1 while it is used), then packs x rows
+// kWpMC at a time (in L2 while every panel passes over them) and runs the micro-kernel over
+// them. The partial sums live in acc ([panel][M][48] float32). Reading x rows in place instead
+// of packed was measured 0.7-0.8x at K >= 3072 (row strides of 12-16 KB: TLB misses).
+template <typename T>
+FA_TARGET_AVX512 void wo_f32_tasks(int64_t t0, int64_t t1, const T* x, int64_t ldx,
+                                   const WoArgs& a, int64_t mc, int64_t panels, float* acc) {
+  Scratch wscratch, xscratch;
+  float* xp = xscratch.get<float>(kWpMC * kWpKC);
+  while (t0 < t1) {
+    // the run of tasks in one row chunk
+    const int64_t chunk = t0 / panels, p_begin = t0 % panels;
+    const int64_t p_end = std::min(panels, p_begin + (t1 - t0));
+    const int64_t m_begin = chunk * mc, m_end = std::min(a.M, m_begin + mc);
+    float* bp = wscratch.get<float>((p_end - p_begin) * kWpKC * kWpNR);
+    for (int64_t k0 = 0; k0 < a.K; k0 += kWpKC) {
+      const int64_t kc = std::min(kWpKC, a.K - k0);
+      for (int64_t p = p_begin; p < p_end; ++p)
+        pack_w_f32(a, p * kWpNR, k0, kc, bp + (p - p_begin) * kWpKC * kWpNR);
+      for (int64_t mb = m_begin; mb < m_end; mb += kWpMC) {
+        const int64_t mb_end = std::min(m_end, mb + kWpMC);
+        pack_x_f32(x, ldx, mb, mb_end, k0, kc, xp);
+        for (int64_t p = p_begin; p < p_end; ++p) {
+          const float* bpp = bp + (p - p_begin) * kWpKC * kWpNR;
+          float* c = acc + p * a.M * kWpNR;
+          for (int64_t m = mb; m < mb_end; m += kWpMR) {
+            const int mr = static_cast<int>(std::min<int64_t>(kWpMR, mb_end - m));
+            wp_f32_micro(mr, xp + (m - mb) * kc, bpp, kc, c + m * kWpNR, k0 > 0);
+          }
+        }
+      }
+    }
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const int64_t n0 = p * kWpNR, cols = std::min<int64_t>(kWpNR, a.N - n0);
+      const float* c = acc + p * a.M * kWpNR;
+      for (int64_t m = m_begin; m < m_end; ++m)
+        for (int64_t j = 0; j < cols; j += 16)
+          wo_store16(a, m, n0 + j, cols - j, _mm512_load_ps(c + m * kWpNR + j));
+    }
+    t0 += p_end - p_begin;
+  }
+}
+
+// x rows (ldx) of float32, bfloat16 or float16 (exact in float32), every column of out.
+template <typename T>
+void wo_gemm_f32(const T* x, int64_t ldx, const WoArgs& a) {
+  const int64_t panels = ceil_div(a.N, kWpNR);
+  const int64_t mc = m_chunk_rows(a.M, panels, kWpMR), mchunks = ceil_div(a.M, mc);
+  at::Tensor acc_t = at::empty({panels * a.M * kWpNR + 16}, at::kFloat);
+  float* acc = acc_t.data_ptr<float>();
+  acc += (16 - (reinterpret_cast<uintptr_t>(acc) / sizeof(float)) % 16) % 16;  // 64-byte aligned
+  at::parallel_for(0, panels * mchunks, 1, [&](int64_t t0, int64_t t1) {
+    wo_f32_tasks<T>(t0, t1, x, ldx, a, mc, panels, acc);
+  });
+}
+
+// 32 int8 weights (zeros where masked off) as 32 bfloat16: exact, |w| <= 128 has at most 8
+// significant bits, so the top half of the float32 is the value.
+FA_TARGET_AVX512 inline __m512i load_w32_bf16(const int8_t* row, __mmask32 mask) {
+  const __m256i b = _mm256_maskz_loadu_epi8(mask, row);
+  const __m512i lo = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b))));
+  const __m512i hi = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1))));
+  const __m256i l16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(lo, 16));
+  const __m256i h16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(hi, 16));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(l16), h16, 1);
+}
+
+// Packs w rows [n0, n0 + 16) (zero beyond N, zero k beyond K) as one bfloat16 VNNI group:
+// dst[p][j] = the pair (w[n0 + j][2p], w[n0 + j][2p + 1]), p < kp / 2, one 32-bit word each. A
+// row of 32 converted k is 16 such words, so a 16 x 16 word transpose makes 16 B-tile rows.
+FA_TARGET_AVX512 void pack_w_bf16_group(const WoArgs& a, int64_t n0, int64_t kp, uint16_t* dst) {
+  const int64_t rows = std::clamp<int64_t>(a.N - n0, 0, 16);
+  __m512i r[16];
+  for (int64_t k0 = 0; k0 < kp; k0 += 32) {
+    const int64_t valid = std::clamp<int64_t>(a.K - k0, 0, 32);
+    const __mmask32 mask = valid >= 32 ? ~__mmask32(0) : ((__mmask32(1) << valid) - 1);
+    FA_UNROLL for (int j = 0; j < 16; ++j)
+      r[j] = j < rows ? load_w32_bf16(a.w + (n0 + j) * a.ldw + k0, mask) : _mm512_setzero_si512();
+    transpose16x16_epi32(r);
+    FA_UNROLL for (int q = 0; q < 16; ++q) _mm512_store_si512(dst + (k0 / 2 + q) * 32, r[q]);
+  }
+}
+
+// Copies rows [m0, m0 + 32) of x (zero rows beyond M, zero beyond K) to buf (ld elements).
+FA_TARGET_AVX512 void copy_x_bf16(const uint16_t* x, int64_t ldx, int64_t m0, int64_t M, int64_t K,
+                                  int64_t kp, uint16_t* buf, int64_t ld) {
+  for (int64_t i = 0; i < 32; ++i) {
+    uint16_t* dst = buf + i * ld;
+    for (int64_t k = 0; k < kp; k += 32) {
+      const int64_t valid = m0 + i < M ? std::clamp<int64_t>(K - k, 0, 32) : 0;
+      const __mmask32 mask = valid >= 32 ? ~__mmask32(0) : ((__mmask32(1) << valid) - 1);
+      _mm512_storeu_si512(dst + k, _mm512_maskz_loadu_epi16(mask, x + (m0 + i) * ldx + k));
+    }
+  }
+}
+
+// One 32 x 32 float32 block c = x rows (32 x kp bfloat16, row stride ldx_bytes) @ two packed
+// groups: tiles 0-3 accumulate, 4-5 hold 16 rows of x each, 6-7 one group's 16 k-pair rows.
+FA_TARGET_AMX_BF16 void amx_block_bf16(const uint16_t* x, int64_t ldx_bytes, const uint16_t* g0,
+                                       const uint16_t* g1, int64_t chunks, float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const char* r0 = reinterpret_cast<const char*>(x);
+  const char* r1 = r0 + 16 * ldx_bytes;
+  for (int64_t i = 0; i < chunks; ++i) {
+    _tile_loadd(4, r0 + i * 64, ldx_bytes);
+    _tile_loadd(6, g0 + i * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, g1 + i * 512, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, r1 + i * 64, ldx_bytes);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, 128);
+  _tile_stored(1, c + 16, 128);
+  _tile_stored(2, c + 16 * 32, 128);
+  _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+
+// Tasks [t0, t1) of wo_gemm_amx: task t = (64-column panel t / mchunks, row chunk t % mchunks).
+FA_TARGET_AMX_BF16 void wo_amx_tasks(int64_t t0, int64_t t1, const uint16_t* x, int64_t ldx,
+                                     const WoArgs& a, int64_t mc, int64_t mchunks) {
+  const int64_t kp = round_up(a.K, 32), ldbuf = kp + 32;  // + 64 bytes: rows off one 4 KB set
+  Scratch scratch;
+  uint16_t* wpk = scratch.get<uint16_t>(kWaNB * kp + 32 * ldbuf + 2 * 32 * 32);
+  uint16_t* xbuf = wpk + kWaNB * kp;
+  float* c = reinterpret_cast<float*>(xbuf + 32 * ldbuf);
+  const bool direct = a.K % 32 == 0;  // x rows are tile-loadable in place
+  const int64_t chunks = kp / 32, ldg = kp * 16;  // elements of one packed group
+  int64_t packed = -1;
+  amx_begin();
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t panel = t / mchunks, n_begin = panel * kWaNB;
+    const int64_t n_end = std::min(a.N, n_begin + kWaNB);
+    if (panel != packed) {
+      for (int64_t g = 0; g < ceil_div(n_end - n_begin, 32) * 2; ++g)
+        pack_w_bf16_group(a, n_begin + g * 16, kp, wpk + g * ldg);
+      packed = panel;
+    }
+    const int64_t m_begin = (t % mchunks) * mc, m_end = std::min(a.M, m_begin + mc);
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += 32) {
+      const uint16_t* xb = x + m0 * ldx;
+      int64_t ldb = ldx;
+      if (!direct || m0 + 32 > a.M) {
+        copy_x_bf16(x, ldx, m0, a.M, a.K, kp, xbuf, ldbuf);
+        xb = xbuf;
+        ldb = ldbuf;
+      }
+      const int64_t rows = std::min<int64_t>(32, m_end - m0);
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += 32) {
+        const uint16_t* g0 = wpk + ((n0 - n_begin) / 16) * ldg;
+        amx_block_bf16(xb, ldb * 2, g0, g0 + ldg, chunks, c);
+        const int64_t cols = std::min<int64_t>(32, n_end - n0);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < cols; j += 16)
+            wo_store16(a, m0 + i, n0 + j, cols - j, _mm512_load_ps(c + i * 32 + j));
+      }
+    }
+  }
+  amx_end();
+}
+
+// x bfloat16 rows (ldx), every column of out.
+void wo_gemm_amx(const at::BFloat16* x, int64_t ldx, const WoArgs& a) {
+  const int64_t panels = ceil_div(a.N, kWaNB);
+  const int64_t mc = m_chunk_rows(a.M, panels, 32), mchunks = ceil_div(a.M, mc);
+  at::parallel_for(0, panels * mchunks, 1, [&](int64_t t0, int64_t t1) {
+    wo_amx_tasks(t0, t1, reinterpret_cast<const uint16_t*>(x), ldx, a, mc, mchunks);
+  });
+}
 #endif  // FASTATTN_X86
 
 // ------------------------------------------------------------------------------------------------
@@ -949,6 +1291,22 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_in, const at::Tensor&
   at::Tensor out = at::empty({M, N}, x_in.options());
   if (M == 0 || N == 0) return out;
   const at::Tensor w = rows_contiguous(w_in);
+#ifdef FASTATTN_X86
+  if (M >= kWpMinM && K > 0 && use_avx512()) {
+    const at::Tensor xr = rows_contiguous(x_in);
+    const WoArgs args{w.const_data_ptr<int8_t>(), w.stride(0), w_scale.const_data_ptr<float>(),
+                      bias.defined() ? bias.const_data_ptr<float>() : nullptr, out.data_ptr(), N,
+                      dt, M, N, K};
+    if (dt == at::kBFloat16 && best_isa() == Isa::kAmx && cpu_has_amx_bf16()) {
+      wo_gemm_amx(xr.const_data_ptr<at::BFloat16>(), xr.stride(0), args);
+    } else {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "int8_weight_only_linear", [&] {
+        wo_gemm_f32(xr.const_data_ptr<scalar_t>(), xr.stride(0), args);
+      });
+    }
+    return out;
+  }
+#endif
   const at::Tensor xf = rows_contiguous(x_in).to(at::kFloat);  // float32 rows: x is small here
   const float* xp = xf.const_data_ptr<float>();
   const int8_t* wp = w.const_data_ptr<int8_t>();
