@@ -834,7 +834,7 @@ FA_TARGET_AVX512 void wo_micro(int mr, int nr, const float* x, int64_t ldx, cons
 // ------------------------------------------------------------------------------------------------
 constexpr int kWpMR = 8;          // rows of x per fp32 micro-kernel
 constexpr int kWpNR = 48;         // columns (3 zmm) per fp32 micro-kernel and per packed panel
-constexpr int64_t kWpKC = 192;    // K block of the fp32 path: 48 x 192 floats = 36 KB (L1d 48 KB)
+constexpr int64_t kWpKC = 256;    // K block of the fp32 path: 48 x 192 floats = 36 KB (L1d 48 KB)
 constexpr int64_t kWpMC = 256;    // rows of x packed at a time (256 x 192 floats = 192 KB, L2)
 constexpr int64_t kWaNB = 64;     // columns of w per AMX task panel (two 32-column blocks)
 
@@ -898,13 +898,19 @@ FA_TARGET_AVX512 void pack_w_f32(const WoArgs& a, int64_t n0, int64_t k0, int64_
 }
 
 // c[i][0..48) (+)= sum_k xp[k][i] * bp[k][0..48), i < MR (xp: packed rows of x, kWpMR per k).
+// With `last` (the final K block) the sums leave through the epilogue to out rows m.., columns
+// n0.. instead of going back to c: acc is never read again, and no separate epilogue pass.
 template <int MR>
 FA_TARGET_AVX512 void wp_f32_kernel(const float* xp, const float* bp, int64_t kc, float* c,
-                                    bool accumulate) {
+                                    bool accumulate, bool last, const WoArgs& a, int64_t m,
+                                    int64_t n0) {
   __m512 acc[MR][3];
   FA_UNROLL for (int i = 0; i < MR; ++i)
     FA_UNROLL for (int j = 0; j < 3; ++j)
       acc[i][j] = accumulate ? _mm512_load_ps(c + i * kWpNR + j * 16) : _mm512_setzero_ps();
+  // the next call's partial sums (usually out of L2: acc spans every panel) arrive meanwhile
+  FA_UNROLL for (int l = 0; l < MR * 3; ++l)
+    _mm_prefetch(reinterpret_cast<const char*>(c + kWpMR * kWpNR + l * 16), _MM_HINT_T0);
   for (int64_t k = 0; k < kc; ++k) {
     const __m512 b0 = _mm512_load_ps(bp + k * kWpNR);
     const __m512 b1 = _mm512_load_ps(bp + k * kWpNR + 16);
@@ -916,21 +922,29 @@ FA_TARGET_AVX512 void wp_f32_kernel(const float* xp, const float* bp, int64_t kc
       acc[i][2] = _mm512_fmadd_ps(xv, b2, acc[i][2]);
     }
   }
+  if (last) {
+    const int64_t cols = std::min<int64_t>(kWpNR, a.N - n0);
+    FA_UNROLL for (int i = 0; i < MR; ++i)
+      FA_UNROLL for (int j = 0; j < 3; ++j)
+        if (j * 16 < cols) wo_store16(a, m + i, n0 + j * 16, cols - j * 16, acc[i][j]);
+    return;
+  }
   FA_UNROLL for (int i = 0; i < MR; ++i)
     FA_UNROLL for (int j = 0; j < 3; ++j) _mm512_store_ps(c + i * kWpNR + j * 16, acc[i][j]);
 }
 
 FA_TARGET_AVX512 void wp_f32_micro(int mr, const float* xp, const float* bp, int64_t kc, float* c,
-                                   bool accumulate) {
+                                   bool accumulate, bool last, const WoArgs& a, int64_t m,
+                                   int64_t n0) {
   switch (mr) {
-    case 1: wp_f32_kernel<1>(xp, bp, kc, c, accumulate); break;
-    case 2: wp_f32_kernel<2>(xp, bp, kc, c, accumulate); break;
-    case 3: wp_f32_kernel<3>(xp, bp, kc, c, accumulate); break;
-    case 4: wp_f32_kernel<4>(xp, bp, kc, c, accumulate); break;
-    case 5: wp_f32_kernel<5>(xp, bp, kc, c, accumulate); break;
-    case 6: wp_f32_kernel<6>(xp, bp, kc, c, accumulate); break;
-    case 7: wp_f32_kernel<7>(xp, bp, kc, c, accumulate); break;
-    default: wp_f32_kernel<kWpMR>(xp, bp, kc, c, accumulate); break;
+    case 1: wp_f32_kernel<1>(xp, bp, kc, c, accumulate, last, a, m, n0); break;
+    case 2: wp_f32_kernel<2>(xp, bp, kc, c, accumulate, last, a, m, n0); break;
+    case 3: wp_f32_kernel<3>(xp, bp, kc, c, accumulate, last, a, m, n0); break;
+    case 4: wp_f32_kernel<4>(xp, bp, kc, c, accumulate, last, a, m, n0); break;
+    case 5: wp_f32_kernel<5>(xp, bp, kc, c, accumulate, last, a, m, n0); break;
+    case 6: wp_f32_kernel<6>(xp, bp, kc, c, accumulate, last, a, m, n0); break;
+    case 7: wp_f32_kernel<7>(xp, bp, kc, c, accumulate, last, a, m, n0); break;
+    default: wp_f32_kernel<kWpMR>(xp, bp, kc, c, accumulate, last, a, m, n0); break;
   }
 }
 
@@ -995,17 +1009,11 @@ FA_TARGET_AVX512 void wo_f32_tasks(int64_t t0, int64_t t1, const T* x, int64_t l
           float* c = acc + p * a.M * kWpNR;
           for (int64_t m = mb; m < mb_end; m += kWpMR) {
             const int mr = static_cast<int>(std::min<int64_t>(kWpMR, mb_end - m));
-            wp_f32_micro(mr, xp + (m - mb) * kc, bpp, kc, c + m * kWpNR, k0 > 0);
+            wp_f32_micro(mr, xp + (m - mb) * kc, bpp, kc, c + m * kWpNR, k0 > 0,
+                         k0 + kc >= a.K, a, m, p * kWpNR);
           }
         }
       }
-    }
-    for (int64_t p = p_begin; p < p_end; ++p) {
-      const int64_t n0 = p * kWpNR, cols = std::min<int64_t>(kWpNR, a.N - n0);
-      const float* c = acc + p * a.M * kWpNR;
-      for (int64_t m = m_begin; m < m_end; ++m)
-        for (int64_t j = 0; j < cols; j += 16)
-          wo_store16(a, m, n0 + j, cols - j, _mm512_load_ps(c + m * kWpNR + j));
     }
     t0 += p_end - p_begin;
   }
@@ -1016,7 +1024,7 @@ template <typename T>
 void wo_gemm_f32(const T* x, int64_t ldx, const WoArgs& a) {
   const int64_t panels = ceil_div(a.N, kWpNR);
   const int64_t mc = m_chunk_rows(a.M, panels, kWpMR), mchunks = ceil_div(a.M, mc);
-  at::Tensor acc_t = at::empty({panels * a.M * kWpNR + 16}, at::kFloat);
+  at::Tensor acc_t = at::empty({a.K > kWpKC ? panels * a.M * kWpNR + 16 : 16}, at::kFloat);
   float* acc = acc_t.data_ptr<float>();
   acc += (16 - (reinterpret_cast<uintptr_t>(acc) / sizeof(float)) % 16) % 16;  // 64-byte aligned
   at::parallel_for(0, panels * mchunks, 1, [&](int64_t t0, int64_t t1) {
