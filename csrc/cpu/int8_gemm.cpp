@@ -834,15 +834,17 @@ FA_TARGET_AVX512 void wo_micro(int mr, int nr, const float* x, int64_t ldx, cons
 // ------------------------------------------------------------------------------------------------
 constexpr int kWpMR = 8;          // rows of x per fp32 micro-kernel
 constexpr int kWpNR = 48;         // columns (3 zmm) per fp32 micro-kernel and per packed panel
-constexpr int64_t kWpKC = 256;    // K block of the fp32 path: 48 x 192 floats = 36 KB (L1d 48 KB)
-constexpr int64_t kWpMC = 256;    // rows of x packed at a time (256 x 192 floats = 192 KB, L2)
+constexpr int64_t kWpKC = 192;    // K block of the fp32 path: 48 x 192 floats = 36 KB (L1d 48 KB)
+constexpr int64_t kWpMC = 512;    // rows of x packed at a time (512 x 192 floats = 384 KB, L2)
 constexpr int64_t kWaNB = 64;     // columns of w per AMX task panel (two 32-column blocks)
 
-// Largest M that keeps the dot-product kernel: below it the panels' conversion is not amortized
-// (each converted weight would be used by fewer rows than the dot kernel's own reuse). Measured
-// on one Sapphire Rapids core, K in {768, 4096}: the dot kernel wins up to M ~ 8-12 against the
-// fp32 panels, and up to M ~ 4-8 against the AMX tiles.
+// Smallest M for the panel paths. Below it the dot-product kernel wins: converting a panel costs
+// about as much as that kernel's whole pass over w, and the panel paths recover it only across
+// enough rows of x. Measured on one Sapphire Rapids core, K x N = 768 x 3072 and 4096 x 4096: the
+// AMX path is ahead from M ~ 8-12 (1.5x at 12), the float32 panels from M ~ 16 (tie at 16, 1.2x
+// at 24, 1.5x at 48).
 constexpr int64_t kWpMinM = 16;
+constexpr int64_t kWaMinM = 12;
 
 struct WoArgs {
   const int8_t* w;
@@ -981,36 +983,37 @@ inline int64_t m_chunk_rows(int64_t M, int64_t panels, int64_t align) {
 }
 
 // Tasks [t0, t1) of wo_gemm_f32: task t = (row chunk t / panels, 48-column panel t % panels).
-// A thread takes its run of panels one K block at a time (GotoBLAS order): it converts the
-// block of every panel once (kc x 48 floats each, in L1 while it is used), then packs x rows
-// kWpMC at a time (in L2 while every panel passes over them) and runs the micro-kernel over
-// them. The partial sums live in acc ([panel][M][48] float32). Reading x rows in place instead
-// of packed was measured 0.7-0.8x at K >= 3072 (row strides of 12-16 KB: TLB misses).
+// A thread takes its run of panels one K block at a time (GotoBLAS order): it packs x rows
+// kWpMC at a time (in L2 while every panel passes over them), and for each panel converts the
+// K block of w (kc x 48 floats, written to and read from L1) and runs the micro-kernel over those
+// rows. The partial sums live in acc ([panel][M][48] float32) between K blocks. Measured
+// alternatives: x rows read in place instead of packed, 0.7-0.8x at K >= 3072 (row strides of
+// 12-16 KB: TLB misses); all of a thread's panels converted once per K block into one buffer
+// (MBs, written to L3), a fixed cost of ~1.5 cycles per weight.
 template <typename T>
 FA_TARGET_AVX512 void wo_f32_tasks(int64_t t0, int64_t t1, const T* x, int64_t ldx,
                                    const WoArgs& a, int64_t mc, int64_t panels, float* acc) {
   Scratch wscratch, xscratch;
+  float* bp = wscratch.get<float>(kWpKC * kWpNR);
   float* xp = xscratch.get<float>(kWpMC * kWpKC);
   while (t0 < t1) {
     // the run of tasks in one row chunk
     const int64_t chunk = t0 / panels, p_begin = t0 % panels;
     const int64_t p_end = std::min(panels, p_begin + (t1 - t0));
     const int64_t m_begin = chunk * mc, m_end = std::min(a.M, m_begin + mc);
-    float* bp = wscratch.get<float>((p_end - p_begin) * kWpKC * kWpNR);
     for (int64_t k0 = 0; k0 < a.K; k0 += kWpKC) {
       const int64_t kc = std::min(kWpKC, a.K - k0);
-      for (int64_t p = p_begin; p < p_end; ++p)
-        pack_w_f32(a, p * kWpNR, k0, kc, bp + (p - p_begin) * kWpKC * kWpNR);
+      const bool first = k0 == 0, last = k0 + kc >= a.K;
       for (int64_t mb = m_begin; mb < m_end; mb += kWpMC) {
         const int64_t mb_end = std::min(m_end, mb + kWpMC);
         pack_x_f32(x, ldx, mb, mb_end, k0, kc, xp);
         for (int64_t p = p_begin; p < p_end; ++p) {
-          const float* bpp = bp + (p - p_begin) * kWpKC * kWpNR;
+          pack_w_f32(a, p * kWpNR, k0, kc, bp);
           float* c = acc + p * a.M * kWpNR;
           for (int64_t m = mb; m < mb_end; m += kWpMR) {
             const int mr = static_cast<int>(std::min<int64_t>(kWpMR, mb_end - m));
-            wp_f32_micro(mr, xp + (m - mb) * kc, bpp, kc, c + m * kWpNR, k0 > 0,
-                         k0 + kc >= a.K, a, m, p * kWpNR);
+            wp_f32_micro(mr, xp + (m - mb) * kc, bp, kc, c + m * kWpNR, !first, last, a, m,
+                         p * kWpNR);
           }
         }
       }
@@ -1300,12 +1303,14 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_in, const at::Tensor&
   if (M == 0 || N == 0) return out;
   const at::Tensor w = rows_contiguous(w_in);
 #ifdef FASTATTN_X86
-  if (M >= kWpMinM && K > 0 && use_avx512()) {
+  const bool amx = dt == at::kBFloat16 && M >= kWaMinM && K > 0 && best_isa() == Isa::kAmx &&
+                   cpu_has_amx_bf16();
+  if (amx || (M >= kWpMinM && K > 0 && use_avx512())) {
     const at::Tensor xr = rows_contiguous(x_in);
     const WoArgs args{w.const_data_ptr<int8_t>(), w.stride(0), w_scale.const_data_ptr<float>(),
                       bias.defined() ? bias.const_data_ptr<float>() : nullptr, out.data_ptr(), N,
                       dt, M, N, K};
-    if (dt == at::kBFloat16 && best_isa() == Isa::kAmx && cpu_has_amx_bf16()) {
+    if (amx) {
       wo_gemm_amx(xr.const_data_ptr<at::BFloat16>(), xr.stride(0), args);
     } else {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "int8_weight_only_linear", [&] {
