@@ -65,6 +65,8 @@ enum class Isa : int { kScalar = 0, kVnni = 1, kAmx = 2 };
 #define FA_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 #define FA_TARGET_AMX \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,amx-tile,amx-int8")))
+#define FA_TARGET_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
 #define FA_TARGET_AMX_BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,amx-tile,amx-bf16")))
 
@@ -91,6 +93,11 @@ bool cpu_has_amx() {
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
+  return ok;
+}
+
+bool cpu_has_avx512_bf16() {
+  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
   return ok;
 }
 
@@ -982,59 +989,6 @@ inline int64_t m_chunk_rows(int64_t M, int64_t panels, int64_t align) {
   return round_up(ceil_div(M, chunks), align);
 }
 
-// Tasks [t0, t1) of wo_gemm_f32: task t = (row chunk t / panels, 48-column panel t % panels).
-// A thread takes its run of panels one K block at a time (GotoBLAS order): it packs x rows
-// kWpMC at a time (in L2 while every panel passes over them), and for each panel converts the
-// K block of w (kc x 48 floats, written to and read from L1) and runs the micro-kernel over those
-// rows. The partial sums live in acc ([panel][M][48] float32) between K blocks. Measured
-// alternatives: x rows read in place instead of packed, 0.7-0.8x at K >= 3072 (row strides of
-// 12-16 KB: TLB misses); all of a thread's panels converted once per K block into one buffer
-// (MBs, written to L3), a fixed cost of ~1.5 cycles per weight.
-template <typename T>
-FA_TARGET_AVX512 void wo_f32_tasks(int64_t t0, int64_t t1, const T* x, int64_t ldx,
-                                   const WoArgs& a, int64_t mc, int64_t panels, float* acc) {
-  Scratch wscratch, xscratch;
-  float* bp = wscratch.get<float>(kWpKC * kWpNR);
-  float* xp = xscratch.get<float>(kWpMC * kWpKC);
-  while (t0 < t1) {
-    // the run of tasks in one row chunk
-    const int64_t chunk = t0 / panels, p_begin = t0 % panels;
-    const int64_t p_end = std::min(panels, p_begin + (t1 - t0));
-    const int64_t m_begin = chunk * mc, m_end = std::min(a.M, m_begin + mc);
-    for (int64_t k0 = 0; k0 < a.K; k0 += kWpKC) {
-      const int64_t kc = std::min(kWpKC, a.K - k0);
-      const bool first = k0 == 0, last = k0 + kc >= a.K;
-      for (int64_t mb = m_begin; mb < m_end; mb += kWpMC) {
-        const int64_t mb_end = std::min(m_end, mb + kWpMC);
-        pack_x_f32(x, ldx, mb, mb_end, k0, kc, xp);
-        for (int64_t p = p_begin; p < p_end; ++p) {
-          pack_w_f32(a, p * kWpNR, k0, kc, bp);
-          float* c = acc + p * a.M * kWpNR;
-          for (int64_t m = mb; m < mb_end; m += kWpMR) {
-            const int mr = static_cast<int>(std::min<int64_t>(kWpMR, mb_end - m));
-            wp_f32_micro(mr, xp + (m - mb) * kc, bp, kc, c + m * kWpNR, !first, last, a, m,
-                         p * kWpNR);
-          }
-        }
-      }
-    }
-    t0 += p_end - p_begin;
-  }
-}
-
-// x rows (ldx) of float32, bfloat16 or float16 (exact in float32), every column of out.
-template <typename T>
-void wo_gemm_f32(const T* x, int64_t ldx, const WoArgs& a) {
-  const int64_t panels = ceil_div(a.N, kWpNR);
-  const int64_t mc = m_chunk_rows(a.M, panels, kWpMR), mchunks = ceil_div(a.M, mc);
-  at::Tensor acc_t = at::empty({a.K > kWpKC ? panels * a.M * kWpNR + 16 : 16}, at::kFloat);
-  float* acc = acc_t.data_ptr<float>();
-  acc += (16 - (reinterpret_cast<uintptr_t>(acc) / sizeof(float)) % 16) % 16;  // 64-byte aligned
-  at::parallel_for(0, panels * mchunks, 1, [&](int64_t t0, int64_t t1) {
-    wo_f32_tasks<T>(t0, t1, x, ldx, a, mc, panels, acc);
-  });
-}
-
 // 32 int8 weights (zeros where masked off) as 32 bfloat16: exact, |w| <= 128 has at most 8
 // significant bits, so the top half of the float32 is the value.
 FA_TARGET_AVX512 inline __m512i load_w32_bf16(const int8_t* row, __mmask32 mask) {
@@ -1046,19 +1000,22 @@ FA_TARGET_AVX512 inline __m512i load_w32_bf16(const int8_t* row, __mmask32 mask)
   return _mm512_inserti64x4(_mm512_castsi256_si512(l16), h16, 1);
 }
 
-// Packs w rows [n0, n0 + 16) (zero beyond N, zero k beyond K) as one bfloat16 VNNI group:
-// dst[p][j] = the pair (w[n0 + j][2p], w[n0 + j][2p + 1]), p < kp / 2, one 32-bit word each. A
-// row of 32 converted k is 16 such words, so a 16 x 16 word transpose makes 16 B-tile rows.
-FA_TARGET_AVX512 void pack_w_bf16_group(const WoArgs& a, int64_t n0, int64_t kp, uint16_t* dst) {
+// Packs w rows [n0, n0 + 16) x k [k0, k0 + kc) (kc a multiple of 32; zero beyond N and K) as
+// one bfloat16 VNNI group: row p of dst (ld elements apart) holds the 16 pairs
+// (w[n0 + j][k0 + 2p], w[n0 + j][k0 + 2p + 1]), one 32-bit word each. A row of 32 converted k is
+// 16 such words, so a 16 x 16 word transpose makes 16 rows: AMX B tile rows (ld 32), or one of
+// the three zmm per k pair of a vdpbf16ps panel (ld 96).
+FA_TARGET_AVX512 void pack_w_bf16_group(const WoArgs& a, int64_t n0, int64_t k0, int64_t kc,
+                                        uint16_t* dst, int64_t ld) {
   const int64_t rows = std::clamp<int64_t>(a.N - n0, 0, 16);
   __m512i r[16];
-  for (int64_t k0 = 0; k0 < kp; k0 += 32) {
-    const int64_t valid = std::clamp<int64_t>(a.K - k0, 0, 32);
+  for (int64_t kk = 0; kk < kc; kk += 32) {
+    const int64_t valid = std::clamp<int64_t>(a.K - k0 - kk, 0, 32);
     const __mmask32 mask = valid >= 32 ? ~__mmask32(0) : ((__mmask32(1) << valid) - 1);
     FA_UNROLL for (int j = 0; j < 16; ++j)
-      r[j] = j < rows ? load_w32_bf16(a.w + (n0 + j) * a.ldw + k0, mask) : _mm512_setzero_si512();
+      r[j] = j < rows ? load_w32_bf16(a.w + (n0 + j) * a.ldw + k0 + kk, mask) : _mm512_setzero_si512();
     transpose16x16_epi32(r);
-    FA_UNROLL for (int q = 0; q < 16; ++q) _mm512_store_si512(dst + (k0 / 2 + q) * 32, r[q]);
+    FA_UNROLL for (int q = 0; q < 16; ++q) _mm512_storeu_si512(dst + (kk / 2 + q) * ld, r[q]);
   }
 }
 
@@ -1118,7 +1075,7 @@ FA_TARGET_AMX_BF16 void wo_amx_tasks(int64_t t0, int64_t t1, const uint16_t* x, 
     const int64_t n_end = std::min(a.N, n_begin + kWaNB);
     if (panel != packed) {
       for (int64_t g = 0; g < ceil_div(n_end - n_begin, 32) * 2; ++g)
-        pack_w_bf16_group(a, n_begin + g * 16, kp, wpk + g * ldg);
+        pack_w_bf16_group(a, n_begin + g * 16, 0, kp, wpk + g * ldg, 32);
       packed = panel;
     }
     const int64_t m_begin = (t % mchunks) * mc, m_end = std::min(a.M, m_begin + mc);
@@ -1150,6 +1107,155 @@ void wo_gemm_amx(const at::BFloat16* x, int64_t ldx, const WoArgs& a) {
   const int64_t mc = m_chunk_rows(a.M, panels, 32), mchunks = ceil_div(a.M, mc);
   at::parallel_for(0, panels * mchunks, 1, [&](int64_t t0, int64_t t1) {
     wo_amx_tasks(t0, t1, reinterpret_cast<const uint16_t*>(x), ldx, a, mc, mchunks);
+  });
+}
+
+// ---- vdpbf16ps panels (bfloat16 x without AMX) ----
+
+// Packs x rows [m0, m1) x k [k0, k0 + kc) of bfloat16 as k pairs, [(m - m0) / 8][p][8] 32-bit
+// words (the second of an odd kc's last pair, and rows past m1, zero).
+FA_TARGET_AVX512 void pack_x_pairs(const at::BFloat16* x, int64_t ldx, int64_t m0, int64_t m1,
+                                   int64_t k0, int64_t kc, uint32_t* dst) {
+  const int64_t np = ceil_div(kc, 2);
+  __m512i r[16];
+  for (int64_t m = m0; m < m1; m += kWpMR) {
+    const int64_t rows = std::min<int64_t>(kWpMR, m1 - m);
+    uint32_t* d = dst + (m - m0) * np;
+    for (int64_t kk = 0; kk < kc; kk += 32) {
+      const int64_t valid = std::min<int64_t>(32, kc - kk);
+      const __mmask32 mask = valid >= 32 ? ~__mmask32(0) : ((__mmask32(1) << valid) - 1);
+      FA_UNROLL for (int j = 0; j < 16; ++j)
+        r[j] = j < rows ? _mm512_maskz_loadu_epi16(mask, x + (m + j) * ldx + k0 + kk)
+                        : _mm512_setzero_si512();
+      transpose16x16_epi32(r);
+      const int64_t n = std::min<int64_t>(16, np - kk / 2);
+      for (int64_t q = 0; q < n; ++q)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(d + (kk / 2 + q) * kWpMR),
+                           _mm512_castsi512_si256(r[q]));
+    }
+  }
+}
+
+// c[i][0..48) (+)= sum_p xp[p][i] . bp[p][0..48) over np k pairs (vdpbf16ps: two products per
+// float32 lane and instruction); the epilogue with `last` as in wp_f32_kernel.
+template <int MR>
+FA_TARGET_BF16 void wp_bf16_kernel(const uint32_t* xp, const uint16_t* bp, int64_t np, float* c,
+                                   bool accumulate, bool last, const WoArgs& a, int64_t m,
+                                   int64_t n0) {
+  __m512 acc[MR][3];
+  FA_UNROLL for (int i = 0; i < MR; ++i)
+    FA_UNROLL for (int j = 0; j < 3; ++j)
+      acc[i][j] = accumulate ? _mm512_load_ps(c + i * kWpNR + j * 16) : _mm512_setzero_ps();
+  FA_UNROLL for (int l = 0; l < MR * 3; ++l)
+    _mm_prefetch(reinterpret_cast<const char*>(c + kWpMR * kWpNR + l * 16), _MM_HINT_T0);
+  for (int64_t p = 0; p < np; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(bp + p * 2 * kWpNR);
+    const __m512bh b1 = (__m512bh)_mm512_load_si512(bp + p * 2 * kWpNR + 32);
+    const __m512bh b2 = (__m512bh)_mm512_load_si512(bp + p * 2 * kWpNR + 64);
+    FA_UNROLL for (int i = 0; i < MR; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[p * kWpMR + i]));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xv, b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, b1);
+      acc[i][2] = _mm512_dpbf16_ps(acc[i][2], xv, b2);
+    }
+  }
+  if (last) {
+    const int64_t cols = std::min<int64_t>(kWpNR, a.N - n0);
+    FA_UNROLL for (int i = 0; i < MR; ++i)
+      FA_UNROLL for (int j = 0; j < 3; ++j)
+        if (j * 16 < cols) wo_store16(a, m + i, n0 + j * 16, cols - j * 16, acc[i][j]);
+    return;
+  }
+  FA_UNROLL for (int i = 0; i < MR; ++i)
+    FA_UNROLL for (int j = 0; j < 3; ++j) _mm512_store_ps(c + i * kWpNR + j * 16, acc[i][j]);
+}
+
+FA_TARGET_BF16 void wp_bf16_micro(int mr, const uint32_t* xp, const uint16_t* bp, int64_t np,
+                                  float* c, bool accumulate, bool last, const WoArgs& a, int64_t m,
+                                  int64_t n0) {
+  switch (mr) {
+    case 1: wp_bf16_kernel<1>(xp, bp, np, c, accumulate, last, a, m, n0); break;
+    case 2: wp_bf16_kernel<2>(xp, bp, np, c, accumulate, last, a, m, n0); break;
+    case 3: wp_bf16_kernel<3>(xp, bp, np, c, accumulate, last, a, m, n0); break;
+    case 4: wp_bf16_kernel<4>(xp, bp, np, c, accumulate, last, a, m, n0); break;
+    case 5: wp_bf16_kernel<5>(xp, bp, np, c, accumulate, last, a, m, n0); break;
+    case 6: wp_bf16_kernel<6>(xp, bp, np, c, accumulate, last, a, m, n0); break;
+    case 7: wp_bf16_kernel<7>(xp, bp, np, c, accumulate, last, a, m, n0); break;
+    default: wp_bf16_kernel<kWpMR>(xp, bp, np, c, accumulate, last, a, m, n0); break;
+  }
+}
+
+// ---- the panel task loop shared by the float32 and vdpbf16ps micro-kernels ----
+
+// Tasks [t0, t1) of wo_gemm_panels: task t = (row chunk t / panels, 48-column panel t % panels).
+// A thread takes its run of panels one K block at a time (GotoBLAS order): it packs x rows
+// kWpMC at a time (in L2 while every panel passes over them), and for each panel converts the
+// K block of w (36 KB, written to and read from L1) and runs the micro-kernel over those rows.
+// The partial sums live in acc ([panel][M][48] float32) between K blocks. Measured alternatives:
+// x rows read in place instead of packed, 0.7-0.8x at K >= 3072 (row strides of 12-16 KB: TLB
+// misses); all of a thread's panels converted once per K block into one buffer (MBs, written to
+// L3), a fixed cost of ~1.5 cycles per weight.
+// kPairs: bfloat16 x, vdpbf16ps on k pairs (K block kWpKC * 2); else float32 FMA.
+template <bool kPairs, typename T>
+FA_TARGET_AVX512 void wo_panel_tasks(int64_t t0, int64_t t1, const T* x, int64_t ldx,
+                                     const WoArgs& a, int64_t mc, int64_t panels, float* acc) {
+  constexpr int64_t kKC = kPairs ? 2 * kWpKC : kWpKC;
+  Scratch wscratch, xscratch;
+  void* bp = wscratch.get<float>(kWpKC * kWpNR);  // 36 KB either way
+  void* xp = xscratch.get<float>(kWpMC * kWpKC);
+  while (t0 < t1) {
+    // the run of tasks in one row chunk
+    const int64_t chunk = t0 / panels, p_begin = t0 % panels;
+    const int64_t p_end = std::min(panels, p_begin + (t1 - t0));
+    const int64_t m_begin = chunk * mc, m_end = std::min(a.M, m_begin + mc);
+    for (int64_t k0 = 0; k0 < a.K; k0 += kKC) {
+      const int64_t kc = std::min(kKC, a.K - k0);
+      const bool first = k0 == 0, last = k0 + kc >= a.K;
+      for (int64_t mb = m_begin; mb < m_end; mb += kWpMC) {
+        const int64_t mb_end = std::min(m_end, mb + kWpMC);
+        if constexpr (kPairs) pack_x_pairs(x, ldx, mb, mb_end, k0, kc, static_cast<uint32_t*>(xp));
+        else pack_x_f32(x, ldx, mb, mb_end, k0, kc, static_cast<float*>(xp));
+        for (int64_t p = p_begin; p < p_end; ++p) {
+          const int64_t n0 = p * kWpNR;
+          float* c = acc + p * a.M * kWpNR;
+          if constexpr (kPairs) {
+            auto* w16 = static_cast<uint16_t*>(bp);
+            for (int g = 0; g < 3; ++g)
+              pack_w_bf16_group(a, n0 + g * 16, k0, round_up(kc, 32), w16 + g * 32, 2 * kWpNR);
+            const int64_t np = ceil_div(kc, 2);
+            for (int64_t m = mb; m < mb_end; m += kWpMR) {
+              const int mr = static_cast<int>(std::min<int64_t>(kWpMR, mb_end - m));
+              wp_bf16_micro(mr, static_cast<const uint32_t*>(xp) + (m - mb) * np, w16, np,
+                            c + m * kWpNR, !first, last, a, m, n0);
+            }
+          } else {
+            pack_w_f32(a, n0, k0, kc, static_cast<float*>(bp));
+            for (int64_t m = mb; m < mb_end; m += kWpMR) {
+              const int mr = static_cast<int>(std::min<int64_t>(kWpMR, mb_end - m));
+              wp_f32_micro(mr, static_cast<const float*>(xp) + (m - mb) * kc,
+                           static_cast<const float*>(bp), kc, c + m * kWpNR, !first, last, a, m,
+                           n0);
+            }
+          }
+        }
+      }
+    }
+    t0 += p_end - p_begin;
+  }
+}
+
+// x rows (ldx), every column of out: float32 FMA on float32, bfloat16 or float16 x (all exact in
+// float32), or with kPairs vdpbf16ps on bfloat16 x.
+template <bool kPairs, typename T>
+void wo_gemm_panels(const T* x, int64_t ldx, const WoArgs& a) {
+  const int64_t panels = ceil_div(a.N, kWpNR);
+  const int64_t mc = m_chunk_rows(a.M, panels, kWpMR), mchunks = ceil_div(a.M, mc);
+  const int64_t kc = kPairs ? 2 * kWpKC : kWpKC;
+  at::Tensor acc_t = at::empty({a.K > kc ? panels * a.M * kWpNR + 16 : 16}, at::kFloat);
+  float* acc = acc_t.data_ptr<float>();
+  acc += (16 - (reinterpret_cast<uintptr_t>(acc) / sizeof(float)) % 16) % 16;  // 64-byte aligned
+  at::parallel_for(0, panels * mchunks, 1, [&](int64_t t0, int64_t t1) {
+    wo_panel_tasks<kPairs, T>(t0, t1, x, ldx, a, mc, panels, acc);
   });
 }
 #endif  // FASTATTN_X86
@@ -1312,9 +1418,11 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_in, const at::Tensor&
                       dt, M, N, K};
     if (amx) {
       wo_gemm_amx(xr.const_data_ptr<at::BFloat16>(), xr.stride(0), args);
+    } else if (dt == at::kBFloat16 && cpu_has_avx512_bf16()) {
+      wo_gemm_panels<true>(xr.const_data_ptr<at::BFloat16>(), xr.stride(0), args);
     } else {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "int8_weight_only_linear", [&] {
-        wo_gemm_f32(xr.const_data_ptr<scalar_t>(), xr.stride(0), args);
+        wo_gemm_panels<false>(xr.const_data_ptr<scalar_t>(), xr.stride(0), args);
       });
     }
     return out;
