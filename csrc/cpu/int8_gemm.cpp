@@ -19,6 +19,15 @@
 // The dequantizing epilogue (acc * a_scale[m] * b_scale[n] + bias[n], float32, then cast) runs on
 // the int32 tile right after it is computed, in the same order of float operations as
 // fastattn.reference.int8_gemm (no FMA contraction), so its float32 output is bit-identical.
+//
+// int8_weight_only_linear (float x, int8 w, float32 accumulation) takes, with AVX-512:
+//   M < 12-16  a dot-product kernel converting w as it streams it (decoding: bandwidth-bound);
+//   larger M   a GEMM over panels of w converted once per call into the micro-kernel's layout and
+//              reused by every row of x: AMX-BF16 tiles for bfloat16 x, vdpbf16ps for bfloat16 x
+//              on CPUs with AVX512-BF16 but no AMX, float32 FMA otherwise (see "weight-only
+//              linear, large M" below).
+// Under FASTATTN_INT8_CPU_ISA the AMX tiles need "amx", every other AVX-512 path runs at "vnni"
+// and below, and "scalar" is the portable loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -831,13 +840,18 @@ FA_TARGET_AVX512 void wo_micro(int mr, int nr, const float* x, int64_t ldx, cons
 // 0.3-0.4x of F.linear on the float weight. Here each task converts a panel of w once into the
 // layout a register-blocked micro-kernel reads (a conversion only: int8 values are exact in
 // float32 and bfloat16, w_scale is applied in the epilogue), and runs every row of x against it:
-//   fp32   (x float32, or float16 / bfloat16 x converted to float32 rows): w panel packed as
-//          float32 [k][48 columns], an 8 x 48 FMA micro-kernel (24 zmm accumulators) reading x
-//          rows directly, K blocked so that the 48 x kWpKC panel block stays in L1.
+//   fp32   (x float32, or float16 / bfloat16 without bfloat16 units): w panel blocks packed as
+//          float32 [k][48 columns], x rows packed as float32 [k][8 rows] (converted on the
+//          way), an 8 x 48 FMA micro-kernel (24 zmm accumulators), K blocked so that the
+//          48 x kWpKC panel block stays in L1; the epilogue runs in the last K block.
 //   amx    (x bfloat16, AMX-BF16): w panel packed as bfloat16 pairs in the VNNI layout (one
 //          64-byte B tile row = 16 columns x 2 k), 32 x 32 blocks of _tile_dpbf16ps reading x
 //          rows in place (or from a zero-padded copy at the K and M tails).
-// float16 x does not take the bfloat16 tiles: float16 values are not exact in bfloat16.
+//   vdpbf16ps (x bfloat16, AVX512-BF16 without AMX): the fp32 scheme on k pairs (w rows of
+//          3 x 16 columns x 2 k, x packed as 32-bit pairs), 8 x 48 accumulators.
+// float16 x does not take the bfloat16 instructions: float16 values are not exact in bfloat16.
+// vdpbf16ps runs at ~1/4 of the FMA rate on Sapphire Rapids (see attention.cpp), so it is only
+// chosen without AMX (Zen 4, Cooper Lake, where it is the fast instruction).
 // ------------------------------------------------------------------------------------------------
 constexpr int kWpMR = 8;          // rows of x per fp32 micro-kernel
 constexpr int kWpNR = 48;         // columns (3 zmm) per fp32 micro-kernel and per packed panel
