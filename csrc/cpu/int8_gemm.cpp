@@ -898,7 +898,8 @@ FA_TARGET_AVX512 inline void wo_store16(const WoArgs& a, int64_t m, int64_t n0, 
 
 // 16 int8 weights of row `row` (zeros when absent) as float32.
 FA_TARGET_AVX512 inline __m512i load_w16_f32(const int8_t* row, __mmask16 mask) {
-  return _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, row))));
+  const __m512i v = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, row));
+  return _mm512_castps_si512(_mm512_cvtepi32_ps(v));
 }
 
 // Packs w rows [n0, n0 + 48) x k [k0, k0 + kc) as float32 dst[kk][48] (zero beyond N): 16 rows x
@@ -911,7 +912,8 @@ FA_TARGET_AVX512 void pack_w_f32(const WoArgs& a, int64_t n0, int64_t k0, int64_
     for (int64_t kk = 0; kk < kc; kk += 16) {
       const __mmask16 mask = tail_mask16(kc - kk);
       FA_UNROLL for (int j = 0; j < 16; ++j)
-        r[j] = j < rows ? load_w16_f32(a.w + (nb + j) * a.ldw + k0 + kk, mask) : _mm512_setzero_si512();
+        r[j] = j < rows ? load_w16_f32(a.w + (nb + j) * a.ldw + k0 + kk, mask)
+                        : _mm512_setzero_si512();
       transpose16x16_epi32(r);
       const int64_t n = std::min<int64_t>(16, kc - kk);
       for (int64_t q = 0; q < n; ++q)
@@ -1007,10 +1009,10 @@ inline int64_t m_chunk_rows(int64_t M, int64_t panels, int64_t align) {
 // significant bits, so the top half of the float32 is the value.
 FA_TARGET_AVX512 inline __m512i load_w32_bf16(const int8_t* row, __mmask32 mask) {
   const __m256i b = _mm256_maskz_loadu_epi8(mask, row);
-  const __m512i lo = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b))));
-  const __m512i hi = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1))));
-  const __m256i l16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(lo, 16));
-  const __m256i h16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(hi, 16));
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+  const __m256i l16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(lo), 16));
+  const __m256i h16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(hi), 16));
   return _mm512_inserti64x4(_mm512_castsi256_si512(l16), h16, 1);
 }
 
@@ -1027,7 +1029,8 @@ FA_TARGET_AVX512 void pack_w_bf16_group(const WoArgs& a, int64_t n0, int64_t k0,
     const int64_t valid = std::clamp<int64_t>(a.K - k0 - kk, 0, 32);
     const __mmask32 mask = valid >= 32 ? ~__mmask32(0) : ((__mmask32(1) << valid) - 1);
     FA_UNROLL for (int j = 0; j < 16; ++j)
-      r[j] = j < rows ? load_w32_bf16(a.w + (n0 + j) * a.ldw + k0 + kk, mask) : _mm512_setzero_si512();
+      r[j] = j < rows ? load_w32_bf16(a.w + (n0 + j) * a.ldw + k0 + kk, mask)
+                      : _mm512_setzero_si512();
     transpose16x16_epi32(r);
     FA_UNROLL for (int q = 0; q < 16; ++q) _mm512_storeu_si512(dst + (kk / 2 + q) * ld, r[q]);
   }
