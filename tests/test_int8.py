@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_rule, skip_unless_backend
+from helpers import assert_close_rule, nan_padded, skip_unless_backend
 from torch import nn
 
 import fastattn
@@ -245,6 +245,34 @@ def test_int8_weight_only_linear(kernel, dtype):
         ref_hi = reference.int8_weight_only_linear(x.double(), w_int8, w_scale.double(),
                                                    None if b is None else b.double())
         # plain PyTorch in the kernel's dtype: F.linear on the dequantized weight
+        w_lp = (w_int8.float() * w_scale[:, None]).to(dtype)
+        assert_close_rule(out, ref_hi, F.linear(x, w_lp, b), name=f"out {M}x{K}x{N}")
+
+
+# M from 12 up takes the CPU kernel's GEMM path (w converted panel by panel; AMX tiles for
+# bfloat16 x): odd N and K (column, K-block and tile tails), K over one K block (192), M over one
+# row block (512), several row chunks (few column panels), x rows strided inside NaN padding,
+# raw int8 weights including -128.
+WO_LARGE_M = [(12, 64, 48), (16, 129, 77), (48, 77, 129), (67, 400, 77), (130, 256, 100),
+              (530, 200, 50)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_int8_weight_only_linear_large_m(kernel, dtype):
+    shapes = [(20, 40, 17)] if _is_triton(kernel) else WO_LARGE_M
+    for i, (M, K, N) in enumerate(shapes):
+        x, w_int8, w_scale, b = _linear_operands(M, K, N, dtype, bias=i % 2 == 0)
+        if i == 1:
+            w_int8 = _randint8(N, K)
+            w_scale = torch.rand(N) * 1e-2 + 1e-3
+        if i == 2:  # non-finite inputs reach their rows only (inf * 0 weights: NaN)
+            x[3, 5], x[7, 0], x[M - 1, K - 1] = float("inf"), float("nan"), float("-inf")
+            w_int8[:, 5] = 0
+        x = nan_padded(x)  # strided rows; a read past a row's K values sees NaN
+        out = fastattn.int8_weight_only_linear(x, w_int8, w_scale, b, backend=kernel)
+        assert out.dtype == dtype and out.shape == (M, N)
+        ref_hi = reference.int8_weight_only_linear(x.double(), w_int8, w_scale.double(),
+                                                   None if b is None else b.double())
         w_lp = (w_int8.float() * w_scale[:, None]).to(dtype)
         assert_close_rule(out, ref_hi, F.linear(x, w_lp, b), name=f"out {M}x{K}x{N}")
 

@@ -19,6 +19,15 @@
 // The dequantizing epilogue (acc * a_scale[m] * b_scale[n] + bias[n], float32, then cast) runs on
 // the int32 tile right after it is computed, in the same order of float operations as
 // fastattn.reference.int8_gemm (no FMA contraction), so its float32 output is bit-identical.
+//
+// int8_weight_only_linear (float x, int8 w, float32 accumulation) takes, with AVX-512:
+//   M < 12-16  a dot-product kernel converting w as it streams it (decoding: bandwidth-bound);
+//   larger M   a GEMM over panels of w converted once per call into the micro-kernel's layout and
+//              reused by every row of x: AMX-BF16 tiles for bfloat16 x, vdpbf16ps for bfloat16 x
+//              on CPUs with AVX512-BF16 but no AMX, float32 FMA otherwise (see "weight-only
+//              linear, large M" below).
+// Under FASTATTN_INT8_CPU_ISA the AMX tiles need "amx", every other AVX-512 path runs at "vnni"
+// and below, and "scalar" is the portable loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -65,6 +74,10 @@ enum class Isa : int { kScalar = 0, kVnni = 1, kAmx = 2 };
 #define FA_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 #define FA_TARGET_AMX \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,amx-tile,amx-int8")))
+#define FA_TARGET_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
+#define FA_TARGET_AMX_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,amx-tile,amx-bf16")))
 
 bool cpu_has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -88,6 +101,22 @@ bool cpu_has_amx() {
     if (!tile || !int8) return false;
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+bool cpu_has_avx512_bf16() {
+  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+// AMX-BF16 (tdpbf16ps), with the tile permission that cpu_has_amx() requests.
+bool cpu_has_amx_bf16() {
+  static const bool ok = [] {
+    if (!cpu_has_amx()) return false;
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    return ((edx >> 22) & 1u) != 0;
   }();
   return ok;
 }
@@ -575,6 +604,9 @@ FA_TARGET_AMX void amx_begin() {
     cfg.colsb[i] = 64;
     cfg.rows[i] = 16;
   }
+  // GCC 12 does not see _tile_loadconfig read cfg and drops the stores above as dead (the config
+  // loaded is then whatever the stack held): the empty asm makes cfg's contents observable.
+  asm volatile("" : : "r"(&cfg) : "memory");
   _tile_loadconfig(&cfg);
 }
 
@@ -799,6 +831,450 @@ FA_TARGET_AVX512 void wo_micro(int mr, int nr, const float* x, int64_t ldx, cons
     default: wo_kernel_nr<kWoM>(nr, x, ldx, w, ldw, K, dots); break;
   }
 }
+
+// ------------------------------------------------------------------------------------------------
+// weight-only linear, large M: a GEMM over dequantized panels of w.
+//
+// The dot-product kernel above converts every int8 weight inside its inner loop, once per 4 rows
+// of x; with many rows that conversion (and the horizontal sums) dominates and the op ran at
+// 0.3-0.4x of F.linear on the float weight. Here each task converts a panel of w once into the
+// layout a register-blocked micro-kernel reads (a conversion only: int8 values are exact in
+// float32 and bfloat16, w_scale is applied in the epilogue), and runs every row of x against it:
+//   fp32   (x float32, or float16 / bfloat16 without bfloat16 units): w panel blocks packed as
+//          float32 [k][48 columns], x rows packed as float32 [k][8 rows] (converted on the
+//          way), an 8 x 48 FMA micro-kernel (24 zmm accumulators), K blocked so that the
+//          48 x kWpKC panel block stays in L1; the epilogue runs in the last K block.
+//   amx    (x bfloat16, AMX-BF16): w panel packed as bfloat16 pairs in the VNNI layout (one
+//          64-byte B tile row = 16 columns x 2 k), 32 x 32 blocks of _tile_dpbf16ps reading x
+//          rows in place (or from a zero-padded copy at the K and M tails).
+//   vdpbf16ps (x bfloat16, AVX512-BF16 without AMX): the fp32 scheme on k pairs (w rows of
+//          3 x 16 columns x 2 k, x packed as 32-bit pairs), 8 x 48 accumulators.
+// float16 x does not take the bfloat16 instructions: float16 values are not exact in bfloat16.
+// vdpbf16ps runs at ~1/4 of the FMA rate on Sapphire Rapids (see attention.cpp), so it is only
+// chosen without AMX (Zen 4, Cooper Lake, where it is the fast instruction).
+// ------------------------------------------------------------------------------------------------
+constexpr int kWpMR = 8;          // rows of x per fp32 micro-kernel
+constexpr int kWpNR = 48;         // columns (3 zmm) per fp32 micro-kernel and per packed panel
+constexpr int64_t kWpKC = 192;    // K block of the fp32 path: 48 x 192 floats = 36 KB (L1d 48 KB)
+constexpr int64_t kWpMC = 512;    // rows of x packed at a time (512 x 192 floats = 384 KB, L2)
+constexpr int64_t kWaNB = 64;     // columns of w per AMX task panel (two 32-column blocks)
+
+// Smallest M for the panel paths. Below it the dot-product kernel wins: converting a panel costs
+// about as much as that kernel's whole pass over w, and the panel paths recover it only across
+// enough rows of x. Measured on one Sapphire Rapids core, K x N = 768 x 3072 and 4096 x 4096: the
+// AMX path is ahead from M ~ 8-12 (1.5x at 12), the float32 panels from M ~ 16 (tie at 16, 1.2x
+// at 24, 1.5x at 48).
+constexpr int64_t kWpMinM = 16;
+constexpr int64_t kWaMinM = 12;
+
+struct WoArgs {
+  const int8_t* w;
+  int64_t ldw;
+  const float* scale;
+  const float* bias;
+  void* out;
+  int64_t ldo;
+  at::ScalarType dtype;
+  int64_t M, N, K;
+};
+
+// Epilogue of 16 float32 dot products (columns n0..n0+count-1 of row m): * scale + bias, stored
+// in the output dtype; two roundings (no FMA), as the reference computes them.
+FA_TARGET_AVX512 inline void wo_store16(const WoArgs& a, int64_t m, int64_t n0, int64_t count,
+                                        __m512 v) {
+  const __mmask16 mask = tail_mask16(count);
+  v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, a.scale + n0));
+  if (a.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, a.bias + n0));
+  const int64_t off = m * a.ldo + n0;
+  if (a.dtype == at::kFloat) {
+    _mm512_mask_storeu_ps(static_cast<float*>(a.out) + off, mask, v);
+  } else if (a.dtype == at::kBFloat16) {
+    _mm256_mask_storeu_epi16(static_cast<at::BFloat16*>(a.out) + off, mask, cvt_f32_bf16(v));
+  } else {
+    const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(static_cast<at::Half*>(a.out) + off, mask, h);
+  }
+}
+
+// 16 int8 weights of row `row` (zeros when absent) as float32.
+FA_TARGET_AVX512 inline __m512i load_w16_f32(const int8_t* row, __mmask16 mask) {
+  const __m512i v = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, row));
+  return _mm512_castps_si512(_mm512_cvtepi32_ps(v));
+}
+
+// Packs w rows [n0, n0 + 48) x k [k0, k0 + kc) as float32 dst[kk][48] (zero beyond N): 16 rows x
+// 16 k converted and transposed in registers at a time.
+FA_TARGET_AVX512 void pack_w_f32(const WoArgs& a, int64_t n0, int64_t k0, int64_t kc, float* dst) {
+  __m512i r[16];
+  for (int sub = 0; sub < kWpNR / 16; ++sub) {
+    const int64_t nb = n0 + sub * 16;
+    const int64_t rows = std::clamp<int64_t>(a.N - nb, 0, 16);
+    for (int64_t kk = 0; kk < kc; kk += 16) {
+      const __mmask16 mask = tail_mask16(kc - kk);
+      FA_UNROLL for (int j = 0; j < 16; ++j)
+        r[j] = j < rows ? load_w16_f32(a.w + (nb + j) * a.ldw + k0 + kk, mask)
+                        : _mm512_setzero_si512();
+      transpose16x16_epi32(r);
+      const int64_t n = std::min<int64_t>(16, kc - kk);
+      for (int64_t q = 0; q < n; ++q)
+        _mm512_store_si512(dst + (kk + q) * kWpNR + sub * 16, r[q]);
+    }
+  }
+}
+
+// c[i][0..48) (+)= sum_k xp[k][i] * bp[k][0..48), i < MR (xp: packed rows of x, kWpMR per k).
+// With `last` (the final K block) the sums leave through the epilogue to out rows m.., columns
+// n0.. instead of going back to c: acc is never read again, and no separate epilogue pass.
+template <int MR>
+FA_TARGET_AVX512 void wp_f32_kernel(const float* xp, const float* bp, int64_t kc, float* c,
+                                    bool accumulate, bool last, const WoArgs& a, int64_t m,
+                                    int64_t n0) {
+  __m512 acc[MR][3];
+  FA_UNROLL for (int i = 0; i < MR; ++i)
+    FA_UNROLL for (int j = 0; j < 3; ++j)
+      acc[i][j] = accumulate ? _mm512_load_ps(c + i * kWpNR + j * 16) : _mm512_setzero_ps();
+  // the next call's partial sums (usually out of L2: acc spans every panel) arrive meanwhile
+  FA_UNROLL for (int l = 0; l < MR * 3; ++l)
+    _mm_prefetch(reinterpret_cast<const char*>(c + kWpMR * kWpNR + l * 16), _MM_HINT_T0);
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_load_ps(bp + k * kWpNR);
+    const __m512 b1 = _mm512_load_ps(bp + k * kWpNR + 16);
+    const __m512 b2 = _mm512_load_ps(bp + k * kWpNR + 32);
+    FA_UNROLL for (int i = 0; i < MR; ++i) {
+      const __m512 xv = _mm512_set1_ps(xp[k * kWpMR + i]);
+      acc[i][0] = _mm512_fmadd_ps(xv, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(xv, b1, acc[i][1]);
+      acc[i][2] = _mm512_fmadd_ps(xv, b2, acc[i][2]);
+    }
+  }
+  if (last) {
+    const int64_t cols = std::min<int64_t>(kWpNR, a.N - n0);
+    FA_UNROLL for (int i = 0; i < MR; ++i)
+      FA_UNROLL for (int j = 0; j < 3; ++j)
+        if (j * 16 < cols) wo_store16(a, m + i, n0 + j * 16, cols - j * 16, acc[i][j]);
+    return;
+  }
+  FA_UNROLL for (int i = 0; i < MR; ++i)
+    FA_UNROLL for (int j = 0; j < 3; ++j) _mm512_store_ps(c + i * kWpNR + j * 16, acc[i][j]);
+}
+
+FA_TARGET_AVX512 void wp_f32_micro(int mr, const float* xp, const float* bp, int64_t kc, float* c,
+                                   bool accumulate, bool last, const WoArgs& a, int64_t m,
+                                   int64_t n0) {
+  switch (mr) {
+    case 1: wp_f32_kernel<1>(xp, bp, kc, c, accumulate, last, a, m, n0); break;
+    case 2: wp_f32_kernel<2>(xp, bp, kc, c, accumulate, last, a, m, n0); break;
+    case 3: wp_f32_kernel<3>(xp, bp, kc, c, accumulate, last, a, m, n0); break;
+    case 4: wp_f32_kernel<4>(xp, bp, kc, c, accumulate, last, a, m, n0); break;
+    case 5: wp_f32_kernel<5>(xp, bp, kc, c, accumulate, last, a, m, n0); break;
+    case 6: wp_f32_kernel<6>(xp, bp, kc, c, accumulate, last, a, m, n0); break;
+    case 7: wp_f32_kernel<7>(xp, bp, kc, c, accumulate, last, a, m, n0); break;
+    default: wp_f32_kernel<kWpMR>(xp, bp, kc, c, accumulate, last, a, m, n0); break;
+  }
+}
+
+// Packs x rows [m0, m1) x k [k0, k0 + kc) as float32 [(m - m0) / 8][kk][8] (zero rows past m1):
+// the micro-kernel's broadcasts then read 32 contiguous bytes per k, whatever x's row stride
+// and dtype. 8 rows x 16 k are converted and transposed in registers at a time.
+template <typename T>
+FA_TARGET_AVX512 void pack_x_f32(const T* x, int64_t ldx, int64_t m0, int64_t m1, int64_t k0,
+                                 int64_t kc, float* dst) {
+  __m512i r[16];
+  for (int64_t m = m0; m < m1; m += kWpMR) {
+    const int64_t rows = std::min<int64_t>(kWpMR, m1 - m);
+    float* d = dst + (m - m0) * kc;
+    for (int64_t kk = 0; kk < kc; kk += 16) {
+      const __mmask16 mask = tail_mask16(kc - kk);
+      FA_UNROLL for (int j = 0; j < 16; ++j)
+        r[j] = j < rows ? _mm512_castps_si512(load_f32x16(x + (m + j) * ldx + k0 + kk, mask))
+                        : _mm512_setzero_si512();
+      transpose16x16_epi32(r);
+      const int64_t n = std::min<int64_t>(16, kc - kk);
+      for (int64_t q = 0; q < n; ++q)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(d + (kk + q) * kWpMR),
+                           _mm512_castsi512_si256(r[q]));
+    }
+  }
+}
+
+// Splits M into chunks when there are too few column panels to keep every thread busy.
+inline int64_t m_chunk_rows(int64_t M, int64_t panels, int64_t align) {
+  const int64_t threads = at::get_num_threads();
+  if (panels >= 4 * threads) return M;
+  const int64_t chunks = std::min(ceil_div(M, align), ceil_div(4 * threads, panels));
+  return round_up(ceil_div(M, chunks), align);
+}
+
+// 32 int8 weights (zeros where masked off) as 32 bfloat16: exact, |w| <= 128 has at most 8
+// significant bits, so the top half of the float32 is the value.
+FA_TARGET_AVX512 inline __m512i load_w32_bf16(const int8_t* row, __mmask32 mask) {
+  const __m256i b = _mm256_maskz_loadu_epi8(mask, row);
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+  const __m256i l16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(lo), 16));
+  const __m256i h16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(hi), 16));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(l16), h16, 1);
+}
+
+// Packs w rows [n0, n0 + 16) x k [k0, k0 + kc) (kc a multiple of 32; zero beyond N and K) as
+// one bfloat16 VNNI group: row p of dst (ld elements apart) holds the 16 pairs
+// (w[n0 + j][k0 + 2p], w[n0 + j][k0 + 2p + 1]), one 32-bit word each. A row of 32 converted k is
+// 16 such words, so a 16 x 16 word transpose makes 16 rows: AMX B tile rows (ld 32), or one of
+// the three zmm per k pair of a vdpbf16ps panel (ld 96).
+FA_TARGET_AVX512 void pack_w_bf16_group(const WoArgs& a, int64_t n0, int64_t k0, int64_t kc,
+                                        uint16_t* dst, int64_t ld) {
+  const int64_t rows = std::clamp<int64_t>(a.N - n0, 0, 16);
+  __m512i r[16];
+  for (int64_t kk = 0; kk < kc; kk += 32) {
+    const int64_t valid = std::clamp<int64_t>(a.K - k0 - kk, 0, 32);
+    const __mmask32 mask = valid >= 32 ? ~__mmask32(0) : ((__mmask32(1) << valid) - 1);
+    FA_UNROLL for (int j = 0; j < 16; ++j)
+      r[j] = j < rows ? load_w32_bf16(a.w + (n0 + j) * a.ldw + k0 + kk, mask)
+                      : _mm512_setzero_si512();
+    transpose16x16_epi32(r);
+    FA_UNROLL for (int q = 0; q < 16; ++q) _mm512_storeu_si512(dst + (kk / 2 + q) * ld, r[q]);
+  }
+}
+
+// Copies rows [m0, m0 + 32) of x (zero rows beyond M, zero beyond K) to buf (ld elements).
+FA_TARGET_AVX512 void copy_x_bf16(const uint16_t* x, int64_t ldx, int64_t m0, int64_t M, int64_t K,
+                                  int64_t kp, uint16_t* buf, int64_t ld) {
+  for (int64_t i = 0; i < 32; ++i) {
+    uint16_t* dst = buf + i * ld;
+    for (int64_t k = 0; k < kp; k += 32) {
+      const int64_t valid = m0 + i < M ? std::clamp<int64_t>(K - k, 0, 32) : 0;
+      const __mmask32 mask = valid >= 32 ? ~__mmask32(0) : ((__mmask32(1) << valid) - 1);
+      _mm512_storeu_si512(dst + k, _mm512_maskz_loadu_epi16(mask, x + (m0 + i) * ldx + k));
+    }
+  }
+}
+
+// One 32 x 32 float32 block c = x rows (32 x kp bfloat16, row stride ldx_bytes) @ two packed
+// groups: tiles 0-3 accumulate, 4-5 hold 16 rows of x each, 6-7 one group's 16 k-pair rows.
+FA_TARGET_AMX_BF16 void amx_block_bf16(const uint16_t* x, int64_t ldx_bytes, const uint16_t* g0,
+                                       const uint16_t* g1, int64_t chunks, float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const char* r0 = reinterpret_cast<const char*>(x);
+  const char* r1 = r0 + 16 * ldx_bytes;
+  for (int64_t i = 0; i < chunks; ++i) {
+    _tile_loadd(4, r0 + i * 64, ldx_bytes);
+    _tile_loadd(6, g0 + i * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, g1 + i * 512, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, r1 + i * 64, ldx_bytes);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, 128);
+  _tile_stored(1, c + 16, 128);
+  _tile_stored(2, c + 16 * 32, 128);
+  _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+
+// Tasks [t0, t1) of wo_gemm_amx: task t = (64-column panel t / mchunks, row chunk t % mchunks).
+FA_TARGET_AMX_BF16 void wo_amx_tasks(int64_t t0, int64_t t1, const uint16_t* x, int64_t ldx,
+                                     const WoArgs& a, int64_t mc, int64_t mchunks) {
+  const int64_t kp = round_up(a.K, 32), ldbuf = kp + 32;  // + 64 bytes: rows off one 4 KB set
+  Scratch scratch;
+  uint16_t* wpk = scratch.get<uint16_t>(kWaNB * kp + 32 * ldbuf + 2 * 32 * 32);
+  uint16_t* xbuf = wpk + kWaNB * kp;
+  float* c = reinterpret_cast<float*>(xbuf + 32 * ldbuf);
+  const bool direct = a.K % 32 == 0;  // x rows are tile-loadable in place
+  const int64_t chunks = kp / 32, ldg = kp * 16;  // elements of one packed group
+  int64_t packed = -1;
+  amx_begin();
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t panel = t / mchunks, n_begin = panel * kWaNB;
+    const int64_t n_end = std::min(a.N, n_begin + kWaNB);
+    if (panel != packed) {
+      for (int64_t g = 0; g < ceil_div(n_end - n_begin, 32) * 2; ++g)
+        pack_w_bf16_group(a, n_begin + g * 16, 0, kp, wpk + g * ldg, 32);
+      packed = panel;
+    }
+    const int64_t m_begin = (t % mchunks) * mc, m_end = std::min(a.M, m_begin + mc);
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += 32) {
+      const uint16_t* xb = x + m0 * ldx;
+      int64_t ldb = ldx;
+      if (!direct || m0 + 32 > a.M) {
+        copy_x_bf16(x, ldx, m0, a.M, a.K, kp, xbuf, ldbuf);
+        xb = xbuf;
+        ldb = ldbuf;
+      }
+      const int64_t rows = std::min<int64_t>(32, m_end - m0);
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += 32) {
+        const uint16_t* g0 = wpk + ((n0 - n_begin) / 16) * ldg;
+        amx_block_bf16(xb, ldb * 2, g0, g0 + ldg, chunks, c);
+        const int64_t cols = std::min<int64_t>(32, n_end - n0);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < cols; j += 16)
+            wo_store16(a, m0 + i, n0 + j, cols - j, _mm512_load_ps(c + i * 32 + j));
+      }
+    }
+  }
+  amx_end();
+}
+
+// x bfloat16 rows (ldx), every column of out.
+void wo_gemm_amx(const at::BFloat16* x, int64_t ldx, const WoArgs& a) {
+  const int64_t panels = ceil_div(a.N, kWaNB);
+  const int64_t mc = m_chunk_rows(a.M, panels, 32), mchunks = ceil_div(a.M, mc);
+  at::parallel_for(0, panels * mchunks, 1, [&](int64_t t0, int64_t t1) {
+    wo_amx_tasks(t0, t1, reinterpret_cast<const uint16_t*>(x), ldx, a, mc, mchunks);
+  });
+}
+
+// ---- vdpbf16ps panels (bfloat16 x without AMX) ----
+
+// Packs x rows [m0, m1) x k [k0, k0 + kc) of bfloat16 as k pairs, [(m - m0) / 8][p][8] 32-bit
+// words (the second of an odd kc's last pair, and rows past m1, zero).
+FA_TARGET_AVX512 void pack_x_pairs(const at::BFloat16* x, int64_t ldx, int64_t m0, int64_t m1,
+                                   int64_t k0, int64_t kc, uint32_t* dst) {
+  const int64_t np = ceil_div(kc, 2);
+  __m512i r[16];
+  for (int64_t m = m0; m < m1; m += kWpMR) {
+    const int64_t rows = std::min<int64_t>(kWpMR, m1 - m);
+    uint32_t* d = dst + (m - m0) * np;
+    for (int64_t kk = 0; kk < kc; kk += 32) {
+      const int64_t valid = std::min<int64_t>(32, kc - kk);
+      const __mmask32 mask = valid >= 32 ? ~__mmask32(0) : ((__mmask32(1) << valid) - 1);
+      FA_UNROLL for (int j = 0; j < 16; ++j)
+        r[j] = j < rows ? _mm512_maskz_loadu_epi16(mask, x + (m + j) * ldx + k0 + kk)
+                        : _mm512_setzero_si512();
+      transpose16x16_epi32(r);
+      const int64_t n = std::min<int64_t>(16, np - kk / 2);
+      for (int64_t q = 0; q < n; ++q)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(d + (kk / 2 + q) * kWpMR),
+                           _mm512_castsi512_si256(r[q]));
+    }
+  }
+}
+
+// c[i][0..48) (+)= sum_p xp[p][i] . bp[p][0..48) over np k pairs (vdpbf16ps: two products per
+// float32 lane and instruction); the epilogue with `last` as in wp_f32_kernel.
+template <int MR>
+FA_TARGET_BF16 void wp_bf16_kernel(const uint32_t* xp, const uint16_t* bp, int64_t np, float* c,
+                                   bool accumulate, bool last, const WoArgs& a, int64_t m,
+                                   int64_t n0) {
+  __m512 acc[MR][3];
+  FA_UNROLL for (int i = 0; i < MR; ++i)
+    FA_UNROLL for (int j = 0; j < 3; ++j)
+      acc[i][j] = accumulate ? _mm512_load_ps(c + i * kWpNR + j * 16) : _mm512_setzero_ps();
+  FA_UNROLL for (int l = 0; l < MR * 3; ++l)
+    _mm_prefetch(reinterpret_cast<const char*>(c + kWpMR * kWpNR + l * 16), _MM_HINT_T0);
+  for (int64_t p = 0; p < np; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(bp + p * 2 * kWpNR);
+    const __m512bh b1 = (__m512bh)_mm512_load_si512(bp + p * 2 * kWpNR + 32);
+    const __m512bh b2 = (__m512bh)_mm512_load_si512(bp + p * 2 * kWpNR + 64);
+    FA_UNROLL for (int i = 0; i < MR; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[p * kWpMR + i]));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xv, b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, b1);
+      acc[i][2] = _mm512_dpbf16_ps(acc[i][2], xv, b2);
+    }
+  }
+  if (last) {
+    const int64_t cols = std::min<int64_t>(kWpNR, a.N - n0);
+    FA_UNROLL for (int i = 0; i < MR; ++i)
+      FA_UNROLL for (int j = 0; j < 3; ++j)
+        if (j * 16 < cols) wo_store16(a, m + i, n0 + j * 16, cols - j * 16, acc[i][j]);
+    return;
+  }
+  FA_UNROLL for (int i = 0; i < MR; ++i)
+    FA_UNROLL for (int j = 0; j < 3; ++j) _mm512_store_ps(c + i * kWpNR + j * 16, acc[i][j]);
+}
+
+FA_TARGET_BF16 void wp_bf16_micro(int mr, const uint32_t* xp, const uint16_t* bp, int64_t np,
+                                  float* c, bool accumulate, bool last, const WoArgs& a, int64_t m,
+                                  int64_t n0) {
+  switch (mr) {
+    case 1: wp_bf16_kernel<1>(xp, bp, np, c, accumulate, last, a, m, n0); break;
+    case 2: wp_bf16_kernel<2>(xp, bp, np, c, accumulate, last, a, m, n0); break;
+    case 3: wp_bf16_kernel<3>(xp, bp, np, c, accumulate, last, a, m, n0); break;
+    case 4: wp_bf16_kernel<4>(xp, bp, np, c, accumulate, last, a, m, n0); break;
+    case 5: wp_bf16_kernel<5>(xp, bp, np, c, accumulate, last, a, m, n0); break;
+    case 6: wp_bf16_kernel<6>(xp, bp, np, c, accumulate, last, a, m, n0); break;
+    case 7: wp_bf16_kernel<7>(xp, bp, np, c, accumulate, last, a, m, n0); break;
+    default: wp_bf16_kernel<kWpMR>(xp, bp, np, c, accumulate, last, a, m, n0); break;
+  }
+}
+
+// ---- the panel task loop shared by the float32 and vdpbf16ps micro-kernels ----
+
+// Tasks [t0, t1) of wo_gemm_panels: task t = (row chunk t / panels, 48-column panel t % panels).
+// A thread takes its run of panels one K block at a time (GotoBLAS order): it packs x rows
+// kWpMC at a time (in L2 while every panel passes over them), and for each panel converts the
+// K block of w (36 KB, written to and read from L1) and runs the micro-kernel over those rows.
+// The partial sums live in acc ([panel][M][48] float32) between K blocks. Measured alternatives:
+// x rows read in place instead of packed, 0.7-0.8x at K >= 3072 (row strides of 12-16 KB: TLB
+// misses); all of a thread's panels converted once per K block into one buffer (MBs, written to
+// L3), a fixed cost of ~1.5 cycles per weight.
+// kPairs: bfloat16 x, vdpbf16ps on k pairs (K block kWpKC * 2); else float32 FMA.
+template <bool kPairs, typename T>
+FA_TARGET_AVX512 void wo_panel_tasks(int64_t t0, int64_t t1, const T* x, int64_t ldx,
+                                     const WoArgs& a, int64_t mc, int64_t panels, float* acc) {
+  constexpr int64_t kKC = kPairs ? 2 * kWpKC : kWpKC;
+  Scratch wscratch, xscratch;
+  void* bp = wscratch.get<float>(kWpKC * kWpNR);  // 36 KB either way
+  void* xp = xscratch.get<float>(kWpMC * kWpKC);
+  while (t0 < t1) {
+    // the run of tasks in one row chunk
+    const int64_t chunk = t0 / panels, p_begin = t0 % panels;
+    const int64_t p_end = std::min(panels, p_begin + (t1 - t0));
+    const int64_t m_begin = chunk * mc, m_end = std::min(a.M, m_begin + mc);
+    for (int64_t k0 = 0; k0 < a.K; k0 += kKC) {
+      const int64_t kc = std::min(kKC, a.K - k0);
+      const bool first = k0 == 0, last = k0 + kc >= a.K;
+      for (int64_t mb = m_begin; mb < m_end; mb += kWpMC) {
+        const int64_t mb_end = std::min(m_end, mb + kWpMC);
+        if constexpr (kPairs) pack_x_pairs(x, ldx, mb, mb_end, k0, kc, static_cast<uint32_t*>(xp));
+        else pack_x_f32(x, ldx, mb, mb_end, k0, kc, static_cast<float*>(xp));
+        for (int64_t p = p_begin; p < p_end; ++p) {
+          const int64_t n0 = p * kWpNR;
+          float* c = acc + p * a.M * kWpNR;
+          if constexpr (kPairs) {
+            auto* w16 = static_cast<uint16_t*>(bp);
+            for (int g = 0; g < 3; ++g)
+              pack_w_bf16_group(a, n0 + g * 16, k0, round_up(kc, 32), w16 + g * 32, 2 * kWpNR);
+            const int64_t np = ceil_div(kc, 2);
+            for (int64_t m = mb; m < mb_end; m += kWpMR) {
+              const int mr = static_cast<int>(std::min<int64_t>(kWpMR, mb_end - m));
+              wp_bf16_micro(mr, static_cast<const uint32_t*>(xp) + (m - mb) * np, w16, np,
+                            c + m * kWpNR, !first, last, a, m, n0);
+            }
+          } else {
+            pack_w_f32(a, n0, k0, kc, static_cast<float*>(bp));
+            for (int64_t m = mb; m < mb_end; m += kWpMR) {
+              const int mr = static_cast<int>(std::min<int64_t>(kWpMR, mb_end - m));
+              wp_f32_micro(mr, static_cast<const float*>(xp) + (m - mb) * kc,
+                           static_cast<const float*>(bp), kc, c + m * kWpNR, !first, last, a, m,
+                           n0);
+            }
+          }
+        }
+      }
+    }
+    t0 += p_end - p_begin;
+  }
+}
+
+// x rows (ldx), every column of out: float32 FMA on float32, bfloat16 or float16 x (all exact in
+// float32), or with kPairs vdpbf16ps on bfloat16 x.
+template <bool kPairs, typename T>
+void wo_gemm_panels(const T* x, int64_t ldx, const WoArgs& a) {
+  const int64_t panels = ceil_div(a.N, kWpNR);
+  const int64_t mc = m_chunk_rows(a.M, panels, kWpMR), mchunks = ceil_div(a.M, mc);
+  const int64_t kc = kPairs ? 2 * kWpKC : kWpKC;
+  at::Tensor acc_t = at::empty({a.K > kc ? panels * a.M * kWpNR + 16 : 16}, at::kFloat);
+  float* acc = acc_t.data_ptr<float>();
+  acc += (16 - (reinterpret_cast<uintptr_t>(acc) / sizeof(float)) % 16) % 16;  // 64-byte aligned
+  at::parallel_for(0, panels * mchunks, 1, [&](int64_t t0, int64_t t1) {
+    wo_panel_tasks<kPairs, T>(t0, t1, x, ldx, a, mc, panels, acc);
+  });
+}
 #endif  // FASTATTN_X86
 
 // ------------------------------------------------------------------------------------------------
@@ -949,6 +1425,26 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_in, const at::Tensor&
   at::Tensor out = at::empty({M, N}, x_in.options());
   if (M == 0 || N == 0) return out;
   const at::Tensor w = rows_contiguous(w_in);
+#ifdef FASTATTN_X86
+  const bool amx = dt == at::kBFloat16 && M >= kWaMinM && K > 0 && best_isa() == Isa::kAmx &&
+                   cpu_has_amx_bf16();
+  if (amx || (M >= kWpMinM && K > 0 && use_avx512())) {
+    const at::Tensor xr = rows_contiguous(x_in);
+    const WoArgs args{w.const_data_ptr<int8_t>(), w.stride(0), w_scale.const_data_ptr<float>(),
+                      bias.defined() ? bias.const_data_ptr<float>() : nullptr, out.data_ptr(), N,
+                      dt, M, N, K};
+    if (amx) {
+      wo_gemm_amx(xr.const_data_ptr<at::BFloat16>(), xr.stride(0), args);
+    } else if (dt == at::kBFloat16 && cpu_has_avx512_bf16()) {
+      wo_gemm_panels<true>(xr.const_data_ptr<at::BFloat16>(), xr.stride(0), args);
+    } else {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "int8_weight_only_linear", [&] {
+        wo_gemm_panels<false>(xr.const_data_ptr<scalar_t>(), xr.stride(0), args);
+      });
+    }
+    return out;
+  }
+#endif
   const at::Tensor xf = rows_contiguous(x_in).to(at::kFloat);  // float32 rows: x is small here
   const float* xp = xf.const_data_ptr<float>();
   const int8_t* wp = w.const_data_ptr<int8_t>();
