@@ -81,14 +81,42 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+def _hooked(m: nn.Module) -> bool:
+    """Whether forward hooks (the module's or global ones) would see m's inputs/outputs."""
+    from torch.nn.modules import module as _module
+
+    return bool(m._forward_hooks or m._forward_pre_hooks or _module._global_forward_hooks
+                or _module._global_forward_pre_hooks)
+
+
 class ConvertedTransformerEncoderLayer(nn.TransformerEncoderLayer):
     """nn.TransformerEncoderLayer that always runs its submodules.
 
     torch's forward takes a fused inference path (eval mode, no grad, batch_first, ...) that calls
     torch._transformer_encoder_layer_fwd with the raw weights, bypassing ``self_attn``, the norms
-    and the linears. This forward is torch's other branch, unchanged; masks are passed through as
-    given (fastattn.nn.MultiheadAttention takes bool and float masks alike).
+    and the linears. This forward is torch's other branch, with the same results and two fusions
+    of its own: each residual add runs inside the LayerNorm kernel that follows it (norm(x + y)
+    and x + y in one pass, when the norm is a fastattn norm without hooks), and a ReLU after
+    ``linear1`` is applied in place (when no hook sees linear1's output). Masks are passed through
+    as given (fastattn.nn.MultiheadAttention takes bool and float masks alike).
     """
+
+    def _add_norm(self, norm: nn.Module, y: torch.Tensor, x: torch.Tensor):
+        """(norm(x + y), x + y)."""
+        from fastattn.nn.norm import LayerNorm, RMSNorm
+
+        if isinstance(norm, (LayerNorm, RMSNorm)) and not _hooked(norm):
+            return norm(y, residual=x)  # the kernel rounds x + y to x's dtype, as eager does
+        s = x + y
+        return norm(s), s
+
+    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear1(x)
+        if getattr(self, "activation_relu_or_gelu", 0) == 1 and not _hooked(self.linear1):
+            h = torch.relu_(h)  # a fresh tensor; relu's backward needs only its output
+        else:
+            h = self.activation(h)
+        return self.dropout2(self.linear2(self.dropout(h)))
 
     def forward(
         self,
@@ -99,11 +127,13 @@ class ConvertedTransformerEncoderLayer(nn.TransformerEncoderLayer):
     ) -> torch.Tensor:
         x = src
         if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
-            x = x + self._ff_block(self.norm2(x))
+            sa = self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+            h, x = self._add_norm(self.norm2, sa, x)
+            x = x + self._ff_block(h)
         else:
-            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
-            x = self.norm2(x + self._ff_block(x))
+            sa = self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal)
+            x, _ = self._add_norm(self.norm1, sa, x)
+            x, _ = self._add_norm(self.norm2, self._ff_block(x), x)
         return x
 
 

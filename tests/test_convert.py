@@ -191,6 +191,37 @@ def test_profiler_shows_fastattn_kernels(kind):
     assert counts.get(op) == len(mhas), counts
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_encoder_layer_fuses_residual_adds_into_the_norms(norm_first):
+    """Each residual add of a converted encoder layer runs inside the LayerNorm kernel (no eager
+    add is left) and the ReLU is in place; with a hook on the norm, the layer falls back to the
+    eager add so that the hook sees the norm's real input. Outputs equal in all cases."""
+    _fast_attention_backend()
+    model = fastattn.convert(_make("encoder", True, norm_first, dtype=torch.float32)).eval()
+    x = _seq(S, True, torch.float32)
+
+    def ops():
+        with torch.no_grad(), torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = model(x)
+        return out, {e.key: e.count for e in prof.key_averages()}
+
+    fused, counts = ops()
+    # pre-norm keeps the add after the feed-forward block (nothing normalises it in the layer)
+    assert counts.get("aten::add", 0) == (2 if norm_first else 0), counts
+    assert counts.get("aten::relu_") == 2 and "aten::relu" not in counts, counts
+    seen = []
+    norm = model.layers[0].norm2
+    handle = norm.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    try:
+        unfused, counts = ops()
+    finally:
+        handle.remove()
+    assert counts.get("aten::add", 0) == (3 if norm_first else 1), counts
+    assert len(seen) == 1 and seen[0].shape == x.shape
+    torch.testing.assert_close(fused, unfused, rtol=0, atol=0)
+
+
 def test_report_filter_and_log(caplog):
     model = _make("encoder", True, False, dtype=torch.float32)
     skip = "layers.1.self_attn"
