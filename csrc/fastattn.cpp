@@ -19,7 +19,8 @@ TORCH_LIBRARY(fastattn, m) {
   //   (window_right < 0 || j <= i + diag_offset + window_right)
   // (diag_offset = 0 for top-left alignment, S - L for bottom-right; causal is window_right = 0).
   // H % Hkv == 0; head h reads kv head h / (H / Hkv). Rows with no visible key give out = 0 and
-  // lse = -inf. out (B, H, L, Ev) in q's dtype, contiguous; lse (B, H, L) float32.
+  // lse = -inf. out (B, H, L, Ev) in q's dtype, stored token-major: strides of
+  // (B, L, H, Ev).transpose(1, 2), so out.transpose(1, 2) is contiguous; lse (B, H, L) float32.
   // dropout_p > 0: keep-probability 1 - dropout_p from a counter-based RNG keyed by seed.
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale, "

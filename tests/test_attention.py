@@ -496,6 +496,18 @@ def test_bad_input(backend, name, override, exc, match):
         fastattn.scaled_dot_product_attention(**args, backend=backend)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_output_is_token_major(backend):
+    """The kernels store out (B, H, L, Ev) as (B, L, H, Ev) memory, as FlashAttention and torch's
+    CPU flash attention do: the (B, L, H * Ev) rows an output projection reads are a view."""
+    need(backend)
+    q, k, v = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 8)
+    out = fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend=backend)
+    assert out.shape == (2, 4, 5, 8) and out.transpose(1, 2).is_contiguous()
+    rows = out.transpose(1, 2).reshape(2, 5, 32)
+    assert rows.data_ptr() == out.data_ptr()  # no copy
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_kvcache_input(backend):
     need(backend, op="attention_kvcache")

@@ -83,6 +83,7 @@ struct AttnArgs {
   const void*
       mask;  // additive, q's dtype, (B, H, L, S) by strides (0 on broadcast dims); nullptr if none
   int64_t sq[4], sk[4], sv[4], sm[4];  // element strides
+  int64_t so[3];  // out strides over (b, h, l); its last dim is contiguous
   float scale;
   int64_t wl, wr, off;  // window_left, window_right (-1: unbounded), diag_offset
   Dropout drop;
@@ -285,9 +286,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  double scale, int64_t window_left,
                                                  int64_t window_right, int64_t diag_offset,
                                                  double dropout_p, int64_t seed) {
-  const AttnArgs a =
+  AttnArgs a =
       make_args(q, k, v, attn_mask, scale, window_left, window_right, diag_offset, dropout_p, seed);
-  at::Tensor out = at::empty({a.B, a.H, a.L, a.Ev}, q.options());
+  // (B, H, L, Ev) stored token-major, as (B, L, H, Ev): the (B, L, H * Ev) rows the output
+  // projection reads are then a view (torch's CPU flash attention returns the same layout)
+  at::Tensor out = at::empty({a.B, a.L, a.H, a.Ev}, q.options()).transpose(1, 2);
+  for (int d = 0; d < 3; ++d) a.so[d] = out.stride(d);
   at::Tensor lse = at::empty({a.B, a.H, a.L}, q.options().dtype(at::kFloat));
   if (a.B * a.H * a.L == 0) return {out, lse};
   if (a.S == 0) {  // no key at all: every row is empty
@@ -490,6 +494,7 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
       a.sk[d] = k_cache.stride(d);
       a.sv[d] = v_cache.stride(d);
     }
+    for (int d = 0; d < 3; ++d) a.so[d] = out.stride(d);
     a.scale = static_cast<float>(scale);
     a.wl = -1;
     a.wr = -1;

@@ -984,7 +984,7 @@ inline void pack_q_bf16(const AttnArgs& a, const QBlock& qb, int64_t Ep, uint32_
 }
 #endif
 
-// O^T [Ev][bm] / l -> out (B, H, L, Ev) contiguous; lse
+// O^T [Ev][bm] / l -> out (B, H, L, Ev) at strides a.so (last dim contiguous); lse
 template <typename T>
 void write_out(const AttnArgs& a, const QBlock& qb, const float* ot, const float* m2,
                const float* l, T* out, float* lse) {
@@ -992,6 +992,7 @@ void write_out(const AttnArgs& a, const QBlock& qb, const float* ot, const float
   for (int64_t i = 0; i < qb.bm; ++i) inv[i] = l[i] > 0.f ? 1.f / l[i] : 0.f;
   const int64_t row0 = (qb.b * a.H + qb.h) * a.L + qb.q0;
   for (int64_t i = 0; i < qb.nq; ++i) lse[row0 + i] = l[i] > 0.f ? m2[i] + std::log(l[i]) : kNegInf;
+  T* out0 = out + qb.b * a.so[0] + qb.h * a.so[1] + qb.q0 * a.so[2];  // row q0 of this (b, h)
 #ifdef FA_AVX512
   // 16 x 16 blocks: rows e (queries in lanes) -> transposed -> rows of out
   for (int64_t q0 = 0; q0 < qb.nq; q0 += 16) {
@@ -1005,12 +1006,12 @@ void write_out(const AttnArgs& a, const QBlock& qb, const float* ot, const float
                       : _mm512_setzero_si512();
       transpose16x16(r);
       for (int64_t i = 0; i < std::min<int64_t>(16, qb.nq - q0); ++i)
-        store_as<T>(out + (row0 + q0 + i) * a.Ev + e0, _mm512_castsi512_ps(r[i]), ne);
+        store_as<T>(out0 + (q0 + i) * a.so[2] + e0, _mm512_castsi512_ps(r[i]), ne);
     }
   }
 #else
   for (int64_t i = 0; i < qb.nq; ++i) {
-    T* o = out + (row0 + i) * a.Ev;
+    T* o = out0 + i * a.so[2];
     for (int64_t e = 0; e < a.Ev; ++e) o[e] = static_cast<T>(ot[e * qb.bm + i] * inv[i]);
   }
 #endif

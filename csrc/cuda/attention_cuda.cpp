@@ -66,7 +66,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   const int64_t B = q_in.size(0), H = q_in.size(1), L = q_in.size(2), E = q_in.size(3);
   const int64_t Hkv = k_in.size(1), S = k_in.size(2), Ev = v_in.size(3);
   check_mask(attn_mask, q_in, S, op);
-  auto out = at::empty({B, H, L, Ev}, q_in.options());
+  // (B, H, L, Ev) stored token-major, as (B, L, H, Ev), like the CPU kernels (see there)
+  auto out = at::empty({B, L, H, Ev}, q_in.options()).transpose(1, 2);
   auto lse = at::empty({B, H, L}, q_in.options().dtype(at::kFloat));
   if (B * H * L == 0 || S == 0) {  // no key: out = 0, lse = -inf (as the reference)
     out.zero_();

@@ -197,7 +197,7 @@ def triton_attention_kvcache(
 # ---------------------------------------------------------------------------------------------
 def _fwd_fake(q, k, v, attn_mask, scale, window_left, window_right, diag_offset, dropout_p, seed):
     B, H, L, _ = q.shape
-    out = q.new_empty((B, H, L, v.shape[-1]))
+    out = q.new_empty((B, L, H, v.shape[-1])).transpose(1, 2)  # token-major, as the kernels
     lse = q.new_empty((B, H, L), dtype=torch.float32)
     return out, lse
 
@@ -298,7 +298,9 @@ def scaled_dot_product_attention(
     Set ``torch.use_deterministic_algorithms(True)`` for a bitwise-repeatable backward.
 
     Returns:
-        out (B, H, L, Ev) in query's dtype; (out, lse) when return_lse.
+        out (B, H, L, Ev) in query's dtype; (out, lse) when return_lse. The kernels store out
+        token-major ((B, L, H, Ev) memory, as FlashAttention and torch's CPU flash attention), so
+        ``out.transpose(1, 2).reshape(B, L, H * Ev)`` is a view.
     """
     _check_qkv(query, key, value, enable_gqa)
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:

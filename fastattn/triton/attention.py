@@ -994,12 +994,13 @@ def attention_fwd(
 
     q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) in one float dtype, any strides;
     attn_mask None or additive (B, H, L, S) in q's dtype (stride 0 on broadcast dims).
-    Returns out (B, H, L, Ev) contiguous in q's dtype and lse (B, H, L) float32 (natural log,
-    -inf on rows with no visible key).
+    Returns out (B, H, L, Ev) in q's dtype, stored token-major ((B, L, H, Ev) memory, so that
+    out.transpose(1, 2) is contiguous), and lse (B, H, L) float32 (natural log, -inf on rows
+    with no visible key).
     """
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
-    out = torch.empty((B, H, L, Ev), dtype=q.dtype, device=q.device)
+    out = torch.empty((B, L, H, Ev), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or lse.numel() == 0 or S == 0:
         out.zero_()
