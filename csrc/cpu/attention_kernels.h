@@ -1173,7 +1173,10 @@ void attention_fwd_impl(const AttnArgs& a, T* out, float* lse) {
   // -20% time per key at d = 64 and 128), 64 for the FMA kernels (their scratch stays in L1)
   const int bm = P == Path::amx ? (a.L <= 32 ? 32 : 64) : (a.L <= 16 ? 16 : (a.L <= 32 ? 32 : 64));
   const int NV = bm / 16;
-  const int64_t bn = P == Path::amx ? 256 : 64;
+  // (a shorter sequence takes one block of its own length, rounded to the 32-key AMX tile pair:
+  // packing and the P @ V tiles then skip the padding of a 256-key block)
+  const int64_t bn =
+      P == Path::amx ? std::min<int64_t>(256, round_up(std::max<int64_t>(a.S, 1), 32)) : 64;
   const int64_t nqb = (a.L + bm - 1) / bm;
 
   KVOperands kv;
