@@ -138,9 +138,9 @@ class MultiheadAttention(nn.MultiheadAttention):
             if self_attention:
                 qkv = F.linear(query, w, b).unflatten(-1, (3, H, D))  # (B, L, 3, H, D)
                 return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-            w_q, w_kv = w.split([E, 2 * E])
-            b_q, b_kv = (None, None) if b is None else b.split([E, 2 * E])
-            q = F.linear(query, w_q, b_q).unflatten(-1, (H, D))  # (B, L, H, D)
+            q = self._project_query(query)
+            w_kv = w[E:]
+            b_kv = None if b is None else b[E:]
             if kv_shared:
                 kv = F.linear(key, w_kv, b_kv).unflatten(-1, (2, H, D))  # (B, S, 2, H, D)
                 return q, kv[:, :, 0], kv[:, :, 1]
@@ -149,11 +149,42 @@ class MultiheadAttention(nn.MultiheadAttention):
             k = F.linear(key, w_k, b_k).unflatten(-1, (H, D))
             v = F.linear(value, w_v, b_v).unflatten(-1, (H, D))
             return q, k, v
-        b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
-        q = F.linear(query, self.q_proj_weight, b_q).unflatten(-1, (H, D))
+        _, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
+        q = self._project_query(query)
         k = F.linear(key, self.k_proj_weight, b_k).unflatten(-1, (H, D))
         v = F.linear(value, self.v_proj_weight, b_v).unflatten(-1, (H, D))
         return q, k, v
+
+    def _project_query(self, query):
+        """The query projection alone: (B, L, E) -> q (B, L, H, D)."""
+        E = self.embed_dim
+        w = self.in_proj_weight[:E] if self._qkv_same_embed_dim else self.q_proj_weight
+        b = None if self.in_proj_bias is None else self.in_proj_bias[:E]
+        return F.linear(query, w, b).unflatten(-1, (self.num_heads, self.head_dim))
+
+    def _batch_first(self, query, key, value, key_padding_mask=None, attn_mask=None):
+        """Check the inputs as torch does and view them as (B, T, E) (key_padding_mask (B, S));
+        returns them and whether the input was batched."""
+        batched = _check_inputs(self, query, key, value, key_padding_mask, attn_mask)
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            # (L, B, E) -> (B, L, E) views
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        return query, key, value, key_padding_mask, batched
+
+    def _output(self, out, batched):
+        """Attention output (B, H, L, D) -> out_proj, in the caller's layout."""
+        B, H, L, D = out.shape
+        # token-major rows (a view of the kernels' output), then one out-projection GEMM
+        if batched and not self.batch_first:
+            out = out.permute(2, 0, 1, 3).reshape(L, B, H * D)  # (L, B, E)
+        else:
+            out = out.permute(0, 2, 1, 3).reshape(B, L, H * D)  # (B, L, E)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        return out if batched else out.squeeze(0)
 
     def _sdpa_mask(self, attn_mask, key_padding_mask, is_causal, B, L, S, extra, dtype, device):
         """torch.nn.MultiheadAttention masks -> (mask for SDPA or None, causal flag).
@@ -246,14 +277,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         # identities decide the fused projections: take them before any reshape
         self_attention = query is key and key is value
         kv_shared = key is value
-        batched = _check_inputs(self, query, key, value, key_padding_mask, attn_mask)
-        if not batched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:
-            # (L, B, E) -> (B, L, E) views
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        query, key, value, key_padding_mask, batched = self._batch_first(
+            query, key, value, key_padding_mask, attn_mask)
         B, L, E = query.shape
         S = key.shape[1]
         if key.shape[0] != B:
@@ -291,14 +316,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
                 backend=self._backend)
 
-        # (B, H, L, D) -> token-major rows in the caller's layout, then one out-projection GEMM
-        if batched and not self.batch_first:
-            out = out.permute(2, 0, 1, 3).reshape(L, B, E)  # (L, B, E)
-        else:
-            out = out.permute(0, 2, 1, 3).reshape(B, L, E)  # (B, L, E)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
-        if not batched:
-            out = out.squeeze(0)
+        out = self._output(out, batched)
         if weights is not None:
             if average_attn_weights:
                 weights = weights.mean(dim=1)  # (B, L, S), averaged before rounding

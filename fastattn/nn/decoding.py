@@ -38,29 +38,6 @@ __all__ = ["KVCache"]
 _ATTR = "_fastattn_kv"
 
 
-def _to_batch_first(mha, query, key, value):
-    """(query, key, value) as (B, T, E), and whether the input was batched."""
-    from fastattn.nn.attention import _check_inputs
-
-    batched = _check_inputs(mha, query, key, value, None, None)
-    if not batched:
-        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-    elif not mha.batch_first:
-        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-    return query, key, value, batched
-
-
-def _out_projection(mha, out, batched):
-    """(B, H, L, D) attention output -> the module's output layout, after out_proj."""
-    B, H, L, D = out.shape
-    if batched and not mha.batch_first:
-        out = out.permute(2, 0, 1, 3).reshape(L, B, H * D)
-    else:
-        out = out.permute(0, 2, 1, 3).reshape(B, L, H * D)
-    out = nn.functional.linear(out, mha.out_proj.weight, mha.out_proj.bias)
-    return out if batched else out.squeeze(0)
-
-
 def _refuse_common(mha, need_weights):
     if need_weights:
         raise NotImplementedError(
@@ -134,7 +111,7 @@ class _SelfAttentionCache:
             raise NotImplementedError(
                 "fastattn.nn.KVCache: with a KV cache, self-attention takes no attn_mask other "
                 "than the causal mask (pass is_causal=True / tgt_is_causal=True with it)")
-        query, _, _, batched = _to_batch_first(mha, query, query, query)
+        query, _, _, _, batched = mha._batch_first(query, query, query)
         B, L, _ = query.shape
         H, D = mha.num_heads, mha.head_dim
         q, k_new, v_new = mha._project(query, query, query, True, True)  # (B, L, H, D) views
@@ -145,7 +122,7 @@ class _SelfAttentionCache:
             q.transpose(1, 2), self.k, self.v, seqlens, k_new.transpose(1, 2),
             v_new.transpose(1, 2), causal=bool(is_causal), backend=mha._backend)
         self.seqlen += L
-        return _out_projection(mha, out, batched), None
+        return mha._output(out, batched), None
 
 
 class _StaticKVCache:
@@ -169,18 +146,17 @@ class _StaticKVCache:
         kv_shared = key is value
         # what identifies the memory: the tensors themselves and their in-place version counters
         source = (key, value, key._version, value._version, tuple(key.shape), tuple(value.shape))
-        query, key, value, batched = _to_batch_first(mha, query, key, value)
+        query, key, value, key_padding_mask, batched = mha._batch_first(
+            query, key, value, key_padding_mask, attn_mask)
         B, L, _ = query.shape
         S = key.shape[1]
         if key.shape[0] != B:
             raise AssertionError(f"query batch size {B} != key batch size {key.shape[0]}")
-        hit = self.source is not None and len(source) == len(self.source) and all(
-            a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(source, self.source, strict=True))
+        hit = self.source is not None and all(
+            a is b if isinstance(a, torch.Tensor) else a == b
+            for a, b in zip(source, self.source, strict=True))
         if hit:  # only the query projection
-            H, D, E = mha.num_heads, mha.head_dim, mha.embed_dim
-            b = mha.in_proj_bias
-            w_q = mha.in_proj_weight[:E] if mha._qkv_same_embed_dim else mha.q_proj_weight
-            q = nn.functional.linear(query, w_q, None if b is None else b[:E]).unflatten(-1, (H, D))
+            q = mha._project_query(query)
             k, v = self.kv
         else:
             q, k, v = mha._project(query, key, value, False, kv_shared)
@@ -191,7 +167,7 @@ class _StaticKVCache:
         out = fastattn.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
             is_causal=causal, backend=mha._backend)
-        return _out_projection(mha, out, batched), None
+        return mha._output(out, batched), None
 
 
 class KVCache:
