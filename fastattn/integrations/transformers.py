@@ -89,6 +89,9 @@ def fastattn_attention_forward(
     if kwargs.get("output_attentions", False):
         _warn_once("attn_implementation='fastattn' returns no attention weights "
                    "(output_attentions=True gives None); use attn_implementation='eager' for them")
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
     sliding_window = kwargs.get("sliding_window")
     if _decoding_step(query, key, value, dropout, sliding_window):
         # a step of a few new queries against the cache: the split-K decoding kernel reads the
@@ -100,9 +103,7 @@ def fastattn_attention_forward(
         if attention_mask is None or layout is not None:
             if layout is None:
                 seqlens = torch.full((B,), S, dtype=torch.int32, device=query.device)
-                causal = kwargs.get("is_causal")
-                leftpad, causal = None, bool(getattr(module, "is_causal", True)
-                                             if causal is None else causal)
+                leftpad, causal = None, bool(is_causal)
             else:
                 seqlens, leftpad, causal = layout
             out = fastattn.attention_with_kvcache(query, key, value, seqlens, scale=scaling,
@@ -113,9 +114,6 @@ def fastattn_attention_forward(
             attention_mask = attention_mask[:, :, :, : key.shape[-2]]
         if attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
             attention_mask = attention_mask.to(query.dtype)
-    is_causal = kwargs.get("is_causal")
-    if is_causal is None:
-        is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
     window = None
     if sliding_window is not None and attention_mask is None:
         # a mask, when given, already holds the window (in the cache's own positions, which a

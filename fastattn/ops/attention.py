@@ -400,8 +400,8 @@ def attention_with_kvcache(
         if lo < 0 or hi + extra > cap:
             raise ValueError(f"cache_seqlens must lie in [0, capacity - new tokens] = "
                              f"[0, {cap - extra}], got values in [{lo}, {hi}]")
-        if cache_leftpad is not None and (bool((cache_leftpad < 0).any())
-                                          or bool((cache_leftpad > cache_seqlens + extra).any())):
+        if cache_leftpad is not None and bool(
+                ((cache_leftpad < 0) | (cache_leftpad > cache_seqlens + extra)).any()):
             raise ValueError("cache_leftpad must lie in [0, cache_seqlens (+ new tokens)]")
     chosen = _choose("attention_with_kvcache", q.device, backend, q.dtype,
                      max(E, v_cache.shape[-1]))
