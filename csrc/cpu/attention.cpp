@@ -477,28 +477,10 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
       });
     }
     if (out.numel() == 0) return;
-    AttnArgs a{};
-    a.B = B;
-    a.H = H;
-    a.Hkv = Hkv;
-    a.L = Lq;
-    a.S = cap;
-    a.E = E;
-    a.Ev = Ev;
-    a.q = q.data_ptr();
-    a.k = k_cache.data_ptr();
-    a.v = v_cache.data_ptr();
-    a.mask = nullptr;
-    for (int d = 0; d < 4; ++d) {
-      a.sq[d] = q.stride(d);
-      a.sk[d] = k_cache.stride(d);
-      a.sv[d] = v_cache.stride(d);
-    }
+    // the whole cache as keys (S = capacity, no mask/window/dropout); the per-sequence lengths
+    // are passed to the kernels separately
+    AttnArgs a = make_args(q, k_cache, v_cache, std::nullopt, scale, -1, -1, 0, 0.0, 0);
     for (int d = 0; d < 3; ++d) a.so[d] = out.stride(d);
-    a.scale = static_cast<float>(scale);
-    a.wl = -1;
-    a.wr = -1;
-    a.off = 0;
     T* op = static_cast<T*>(out.data_ptr());
     const Isa isa = cpu_isa();
     if ((H / Hkv) * Lq <= 16) {
