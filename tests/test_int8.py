@@ -25,9 +25,10 @@ from fastattn.smoothquant import collect_act_scales, smooth_layer_norm_linear
 
 # (backend, FASTATTN_INT8_CPU_ISA): the CPU kernels on each path, Triton interpreted
 KERNELS = [
-    ("cpu", "amx"), ("cpu", "vnni"), ("cpu", "scalar"), ("triton", None), ("reference", None),
+    ("cpu", "amx"), ("cpu", "vnni"), ("cpu", "avx2"), ("cpu", "scalar"), ("triton", None),
+    ("reference", None),
 ]
-KERNEL_IDS = ["cpu-amx", "cpu-vnni", "cpu-scalar", "triton", "reference"]
+KERNEL_IDS = ["cpu-amx", "cpu-vnni", "cpu-avx2", "cpu-scalar", "triton", "reference"]
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -245,6 +246,30 @@ def test_int8_weight_only_linear(kernel, dtype):
         ref_hi = reference.int8_weight_only_linear(x.double(), w_int8, w_scale.double(),
                                                    None if b is None else b.double())
         # plain PyTorch in the kernel's dtype: F.linear on the dequantized weight
+        w_lp = (w_int8.float() * w_scale[:, None]).to(dtype)
+        assert_close_rule(out, ref_hi, F.linear(x, w_lp, b), name=f"out {M}x{K}x{N}")
+
+
+# M from 1 to 17: the dot-product kernels (x rows in blocks of 1-4; on AVX2 CPUs every M) with K
+# tails under each vector width (8, 16, 32 and 64 k), N off the 4- and 16-row blocks of w, x rows
+# strided inside NaN padding, raw int8 weights including -128.
+WO_SMALL_M_KN = [(7, 5), (45, 19), (131, 37), (300, 18)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_int8_weight_only_linear_small_m(kernel, dtype):
+    ms = [1, 5] if _is_triton(kernel) else range(1, 18)
+    for M in ms:
+        K, N = WO_SMALL_M_KN[M % len(WO_SMALL_M_KN)]
+        x, _, _, b = _linear_operands(M, K, N, dtype, bias=M % 2 == 1)
+        w_int8 = _randint8(N, K)
+        w_int8[:, -1] = -128
+        w_scale = torch.rand(N) * 1e-2 + 1e-3
+        x = nan_padded(x)
+        out = fastattn.int8_weight_only_linear(x, w_int8, w_scale, b, backend=kernel)
+        assert out.dtype == dtype and out.shape == (M, N)
+        ref_hi = reference.int8_weight_only_linear(x.double(), w_int8, w_scale.double(),
+                                                   None if b is None else b.double())
         w_lp = (w_int8.float() * w_scale[:, None]).to(dtype)
         assert_close_rule(out, ref_hi, F.linear(x, w_lp, b), name=f"out {M}x{K}x{N}")
 

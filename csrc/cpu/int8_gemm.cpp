@@ -7,8 +7,8 @@
 //   scalar portable C++ (any CPU).
 // With AMX or VNNI, decode-sized M (a row or two; up to 8 rows without AMX) takes a dot-product
 // kernel instead that streams b as it lies in memory (dpbusd, 64 k per instruction, no packing).
-// FASTATTN_INT8_CPU_ISA=amx|vnni|scalar caps the choice (the best available one at or below it is
-// used), which is how the tests exercise every path on one machine.
+// FASTATTN_INT8_CPU_ISA=amx|vnni|avx2|scalar caps the choice (the best available one at or below
+// it is used), which is how the tests exercise every path on one machine.
 //
 // Both SIMD paths read the second operand from the same packed "VNNI layout": groups of 16 rows
 // of the (rows, K) int8 matrix, each group stored as (K/4, 16, 4) bytes, i.e. for every 4
@@ -26,8 +26,11 @@
 //              reused by every row of x: AMX-BF16 tiles for bfloat16 x, vdpbf16ps for bfloat16 x
 //              on CPUs with AVX512-BF16 but no AMX, float32 FMA otherwise (see "weight-only
 //              linear, large M" below).
-// Under FASTATTN_INT8_CPU_ISA the AMX tiles need "amx", every other AVX-512 path runs at "vnni"
-// and below, and "scalar" is the portable loop.
+// Without AVX-512, AVX2 + FMA CPUs run every M through an AVX2 dot-product kernel (see "weight-only
+// linear (AVX2)" below). Under FASTATTN_INT8_CPU_ISA the AMX tiles need "amx", every other
+// AVX-512 path runs at "vnni", the AVX2 kernel at "avx2" and above (int8_gemm and
+// quantize_per_token have no AVX2 path: "avx2" runs them portably), and "scalar" is the portable
+// loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -63,7 +66,7 @@ namespace {
 // ------------------------------------------------------------------------------------------------
 // instruction-set choice
 // ------------------------------------------------------------------------------------------------
-enum class Isa : int { kScalar = 0, kVnni = 1, kAmx = 2 };
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kVnni = 2, kAmx = 3 };
 
 #ifdef FASTATTN_X86
 // Loops over register-blocked accumulators are unrolled before GCC decides where arrays of
@@ -127,9 +130,11 @@ Isa isa_cap() {
   const char* env = std::getenv("FASTATTN_INT8_CPU_ISA");
   if (env == nullptr || *env == '\0') return Isa::kAmx;
   const std::string v(env);
-  TORCH_CHECK(v == "amx" || v == "vnni" || v == "scalar",
-              "FASTATTN_INT8_CPU_ISA must be 'amx', 'vnni' or 'scalar', got '", v, "'");
-  return v == "amx" ? Isa::kAmx : (v == "vnni" ? Isa::kVnni : Isa::kScalar);
+  TORCH_CHECK(v == "amx" || v == "vnni" || v == "avx2" || v == "scalar",
+              "FASTATTN_INT8_CPU_ISA must be 'amx', 'vnni', 'avx2' or 'scalar', got '", v, "'");
+  if (v == "amx") return Isa::kAmx;
+  if (v == "vnni") return Isa::kVnni;
+  return v == "avx2" ? Isa::kAvx2 : Isa::kScalar;
 }
 
 Isa best_isa() {
@@ -144,7 +149,7 @@ Isa best_isa() {
 
 bool use_avx512() {
 #ifdef FASTATTN_X86
-  return isa_cap() != Isa::kScalar && cpu_has_avx512();
+  return isa_cap() >= Isa::kVnni && cpu_has_avx512();
 #else
   return false;
 #endif
@@ -833,6 +838,108 @@ FA_TARGET_AVX512 void wo_micro(int mr, int nr, const float* x, int64_t ldx, cons
 }
 
 // ------------------------------------------------------------------------------------------------
+// weight-only linear (AVX2 + FMA, CPUs without AVX-512): the same dot products, 8 k per ymm.
+// Per 8 weights the loop issues one sign-extending load (vpmovsxbd), one vcvtdq2ps and one FMA;
+// at M = 1 those three vector ops bound it (measured on Zen 3, K = 576: ~22 GB/s of w from L3
+// against ~35 GB/s for a memcpy of the same bytes; a pshufb / shift expansion adds a fourth op
+// and ran at 15-17 GB/s). This path also takes
+// large M (no AVX2 panel GEMM): 2 rows of x x 4 rows of w reached ~60 GFLOP/s there, 4 x 4
+// spilled the 16 ymm registers (~50 GFLOP/s).
+// ------------------------------------------------------------------------------------------------
+#define FA_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+// The AVX2 kernel runs where no AVX-512 one does, unless FASTATTN_INT8_CPU_ISA is "scalar".
+bool use_avx2_wo() { return isa_cap() >= Isa::kAvx2 && cpu_has_avx2_fma(); }
+
+FA_TARGET_AVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// dots[i * NR + j] = sum_k x[i][k] * w[j][k]. With MR * NR <= 4 accumulators the 4-cycle FMA
+// latency would bound the loop: K then alternates between two accumulator banks (M = 1, 4 rows of
+// w: 22 against 20 GB/s). The K tail (< 8) reads w bytewise and x under a mask, so nothing past K
+// is read (rows of x may be padded with NaN).
+template <int MR, int NR>
+FA_TARGET_AVX2 void wo_kernel_avx2(const float* x, int64_t ldx, const int8_t* w, int64_t ldw,
+                                   int64_t K, float* dots) {
+  constexpr int kBanks = MR * NR <= 4 ? 2 : 1;
+  __m256 acc[kBanks][MR][NR];
+  FA_UNROLL for (int u = 0; u < kBanks; ++u)
+    FA_UNROLL for (int i = 0; i < MR; ++i)
+      FA_UNROLL for (int j = 0; j < NR; ++j) acc[u][i][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 * kBanks <= K; k += 8 * kBanks) {
+    FA_UNROLL for (int u = 0; u < kBanks; ++u) {
+      const int64_t kk = k + 8 * u;
+      __m256 wv[NR];
+      FA_UNROLL for (int j = 0; j < NR; ++j)
+        wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + j * ldw + kk))));
+      FA_UNROLL for (int i = 0; i < MR; ++i) {
+        const __m256 xv = _mm256_loadu_ps(x + i * ldx + kk);
+        FA_UNROLL for (int j = 0; j < NR; ++j)
+          acc[u][i][j] = _mm256_fmadd_ps(xv, wv[j], acc[u][i][j]);
+      }
+    }
+  }
+  for (; k < K; k += 8) {
+    const int64_t count = std::min<int64_t>(8, K - k);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 wv[NR];
+    FA_UNROLL for (int j = 0; j < NR; ++j) {
+      int64_t bytes = 0;
+      std::memcpy(&bytes, w + j * ldw + k, static_cast<size_t>(count));
+      wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(bytes)));
+    }
+    FA_UNROLL for (int i = 0; i < MR; ++i) {
+      const __m256 xv = _mm256_maskload_ps(x + i * ldx + k, mask);
+      FA_UNROLL for (int j = 0; j < NR; ++j)
+        acc[0][i][j] = _mm256_fmadd_ps(xv, wv[j], acc[0][i][j]);
+    }
+  }
+  FA_UNROLL for (int i = 0; i < MR; ++i)
+    FA_UNROLL for (int j = 0; j < NR; ++j) {
+      __m256 v = acc[0][i][j];
+      if constexpr (kBanks == 2) v = _mm256_add_ps(v, acc[1][i][j]);
+      dots[i * NR + j] = hsum8(v);
+    }
+}
+
+template <int MR>
+FA_TARGET_AVX2 void wo_kernel_avx2_nr(int nr, const float* x, int64_t ldx, const int8_t* w,
+                                      int64_t ldw, int64_t K, float* dots) {
+  switch (nr) {
+    case 1: wo_kernel_avx2<MR, 1>(x, ldx, w, ldw, K, dots); break;
+    case 2: wo_kernel_avx2<MR, 2>(x, ldx, w, ldw, K, dots); break;
+    case 3: wo_kernel_avx2<MR, 3>(x, ldx, w, ldw, K, dots); break;
+    default: wo_kernel_avx2<MR, kWoN>(x, ldx, w, ldw, K, dots); break;
+  }
+}
+
+// The (mr, nr) block of wo_micro, dots[i * nr + j]; 3-4 rows of x run as 2 + 1 or 2 + 2 (their
+// dots rows are contiguous), each pass converting the 4 rows of w again from L1.
+FA_TARGET_AVX2 void wo_micro_avx2(int mr, int nr, const float* x, int64_t ldx, const int8_t* w,
+                                  int64_t ldw, int64_t K, float* dots) {
+  for (int i = 0; i < mr; i += 2) {
+    float* d = dots + i * nr;
+    if (mr - i == 1) {
+      wo_kernel_avx2_nr<1>(nr, x + i * ldx, ldx, w, ldw, K, d);
+    } else {
+      wo_kernel_avx2_nr<2>(nr, x + i * ldx, ldx, w, ldw, K, d);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // weight-only linear, large M: a GEMM over dequantized panels of w.
 //
 // The dot-product kernel above converts every int8 weight inside its inner loop, once per 4 rows
@@ -1458,6 +1565,11 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_in, const at::Tensor&
   constexpr int64_t kNB = 16;  // rows of w per task
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kNB * K));
   const bool simd = use_avx512();
+#ifdef FASTATTN_X86
+  const bool avx2 = !simd && use_avx2_wo();
+#else
+  const bool avx2 = false;
+#endif
   at::parallel_for(0, ceil_div(N, kNB), grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n_end = std::min(N, (t + 1) * kNB);
@@ -1469,6 +1581,8 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_in, const at::Tensor&
 #ifdef FASTATTN_X86
           if (simd) {
             wo_micro(mr, nr, xp + m * ldx, ldx, wp + n * ldw, ldw, K, dots);
+          } else if (avx2) {
+            wo_micro_avx2(mr, nr, xp + m * ldx, ldx, wp + n * ldw, ldw, K, dots);
           } else
 #endif
           {
@@ -1491,6 +1605,7 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_in, const at::Tensor&
     }
   });
   (void)simd;
+  (void)avx2;
   if (dt != at::kFloat) out.copy_(acc);
   return out;
 }
