@@ -236,18 +236,24 @@ def _linear_operands(M, K, N, dtype, bias=True):
     return x, w_int8, w_scale, b
 
 
+def _check_weight_only(kernel, x, w_int8, w_scale, b):
+    """The op against the float64 reference, with plain PyTorch in x's dtype (F.linear on the
+    dequantized weight) setting the tolerance."""
+    (M, K), N = x.shape, w_int8.shape[0]
+    out = fastattn.int8_weight_only_linear(x, w_int8, w_scale, b, backend=kernel)
+    assert out.dtype == x.dtype and out.shape == (M, N)
+    ref_hi = reference.int8_weight_only_linear(x.double(), w_int8, w_scale.double(),
+                                               None if b is None else b.double())
+    w_lp = (w_int8.float() * w_scale[:, None]).to(x.dtype)
+    assert_close_rule(out, ref_hi, F.linear(x, w_lp, b), name=f"out {M}x{K}x{N}")
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_int8_weight_only_linear(kernel, dtype):
     shapes = [(1, 33, 17), (3, 64, 40)] if _is_triton(kernel) else [(1, 1, 1), (1, 127, 33), (3, 256, 70), (17, 1000, 129)]
     for M, K, N in shapes:
         x, w_int8, w_scale, b = _linear_operands(M, K, N, dtype, bias=N % 2 == 1)
-        out = fastattn.int8_weight_only_linear(x, w_int8, w_scale, b, backend=kernel)
-        assert out.dtype == dtype and out.shape == (M, N)
-        ref_hi = reference.int8_weight_only_linear(x.double(), w_int8, w_scale.double(),
-                                                   None if b is None else b.double())
-        # plain PyTorch in the kernel's dtype: F.linear on the dequantized weight
-        w_lp = (w_int8.float() * w_scale[:, None]).to(dtype)
-        assert_close_rule(out, ref_hi, F.linear(x, w_lp, b), name=f"out {M}x{K}x{N}")
+        _check_weight_only(kernel, x, w_int8, w_scale, b)
 
 
 # M from 1 to 17: the dot-product kernels (x rows in blocks of 1-4; on AVX2 CPUs every M) with K
@@ -266,12 +272,7 @@ def test_int8_weight_only_linear_small_m(kernel, dtype):
         w_int8[:, -1] = -128
         w_scale = torch.rand(N) * 1e-2 + 1e-3
         x = nan_padded(x)
-        out = fastattn.int8_weight_only_linear(x, w_int8, w_scale, b, backend=kernel)
-        assert out.dtype == dtype and out.shape == (M, N)
-        ref_hi = reference.int8_weight_only_linear(x.double(), w_int8, w_scale.double(),
-                                                   None if b is None else b.double())
-        w_lp = (w_int8.float() * w_scale[:, None]).to(dtype)
-        assert_close_rule(out, ref_hi, F.linear(x, w_lp, b), name=f"out {M}x{K}x{N}")
+        _check_weight_only(kernel, x, w_int8, w_scale, b)
 
 
 # M from 12 up takes the CPU kernel's GEMM path (w converted panel by panel; AMX tiles for
@@ -294,12 +295,7 @@ def test_int8_weight_only_linear_large_m(kernel, dtype):
             x[3, 5], x[7, 0], x[M - 1, K - 1] = float("inf"), float("nan"), float("-inf")
             w_int8[:, 5] = 0
         x = nan_padded(x)  # strided rows; a read past a row's K values sees NaN
-        out = fastattn.int8_weight_only_linear(x, w_int8, w_scale, b, backend=kernel)
-        assert out.dtype == dtype and out.shape == (M, N)
-        ref_hi = reference.int8_weight_only_linear(x.double(), w_int8, w_scale.double(),
-                                                   None if b is None else b.double())
-        w_lp = (w_int8.float() * w_scale[:, None]).to(dtype)
-        assert_close_rule(out, ref_hi, F.linear(x, w_lp, b), name=f"out {M}x{K}x{N}")
+        _check_weight_only(kernel, x, w_int8, w_scale, b)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
