@@ -478,8 +478,11 @@ def test_cpp_op_checks():
         torch.ops.fastattn.int8_gemm(a, b, torch.ones(4), None, None, torch.int8)
     with pytest.raises(RuntimeError, match="quantize_per_token: x must be float32"):
         torch.ops.fastattn.quantize_per_token(torch.ones(2, 3, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="w_int8 must be a 2-D int8"):
+    # the weight-only op takes the public function's arguments and rules (csrc/checks.cpp)
+    with pytest.raises(TypeError, match="int8_weight_only_linear: w_int8 must be an int8 tensor"):
         torch.ops.fastattn.int8_weight_only_linear(torch.randn(2, 8), b.float(), torch.ones(5), None)
+    with pytest.raises(ValueError, match=r"x.shape\[-1\] \(9\) must equal w_int8.shape\[1\]"):
+        torch.ops.fastattn.int8_weight_only_linear(torch.randn(2, 3, 9), b, torch.ones(5), None)
 
 
 def test_isa_env_is_checked(monkeypatch):

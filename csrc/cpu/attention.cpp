@@ -21,6 +21,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -385,72 +387,22 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
                              const std::optional<at::Tensor>& k_new,
                              const std::optional<at::Tensor>& v_new, double scale, bool causal,
                              const std::optional<at::Tensor>& cache_leftpad) {
-  check_float_cpu(q, "q", 4);
+  checks::check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad);
+  check_float_cpu(q, "q", 4);  // the CPU kernels' dtypes and device
   check_float_cpu(k_cache, "k_cache", 4);
   check_float_cpu(v_cache, "v_cache", 4);
-  check_same_dtype(k_cache, q, "k_cache");
-  check_same_dtype(v_cache, q, "v_cache");
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), E = q.size(3);
-  const int64_t Hkv = k_cache.size(1), cap = k_cache.size(2), Ev = v_cache.size(3);
-  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == E,
-              "fastattn::attention_kvcache (cpu): k_cache must be (B=", B, ", Hkv, capacity, E=", E,
-              "), got ", k_cache.sizes());
-  TORCH_CHECK(
-      v_cache.size(0) == B && v_cache.size(1) == Hkv && v_cache.size(2) == cap,
-      "fastattn::attention_kvcache (cpu): v_cache must be (B, Hkv, capacity, Ev) like k_cache ",
-      k_cache.sizes(), ", got ", v_cache.sizes());
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "fastattn::attention_kvcache (cpu): q heads (", H,
-              ") must be a multiple of cache heads (", Hkv, ")");
-  TORCH_CHECK(std::isfinite(scale), "fastattn::attention_kvcache (cpu): scale must be finite, got ",
-              scale);
-  TORCH_CHECK(
-      cache_seqlens.device().is_cpu() && cache_seqlens.scalar_type() == at::kInt &&
-          cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B,
-      "fastattn::attention_kvcache (cpu): cache_seqlens must be an int32 CPU tensor of shape (", B,
-      ",), got ", cache_seqlens.scalar_type(), " ", cache_seqlens.sizes(), " on ",
-      cache_seqlens.device());
-  const bool has_new = k_new.has_value() && k_new->defined();
-  TORCH_CHECK(has_new == (v_new.has_value() && v_new->defined()),
-              "fastattn::attention_kvcache (cpu): k_new and v_new must be given together");
-  if (has_new) {
-    check_float_cpu(*k_new, "k_new", 4);
-    check_float_cpu(*v_new, "v_new", 4);
-    check_same_dtype(*k_new, q, "k_new");
-    check_same_dtype(*v_new, q, "v_new");
-    const std::vector<int64_t> ks{B, Hkv, Lq, E}, vs{B, Hkv, Lq, Ev};
-    TORCH_CHECK(k_new->sizes() == ks,
-                "fastattn::attention_kvcache (cpu): k_new must be (B, Hkv, Lq, E) = ", ks, ", got ",
-                k_new->sizes());
-    TORCH_CHECK(v_new->sizes() == vs,
-                "fastattn::attention_kvcache (cpu): v_new must be (B, Hkv, Lq, Ev) = ", vs,
-                ", got ", v_new->sizes());
-  }
+  const int64_t Hkv = k_cache.size(1), Ev = v_cache.size(3);
+  const bool has_new = k_new.has_value();
+  // visible keys of sequence b: [begin[b], total[b]) (check_kvcache checked the ranges)
   const at::Tensor sl = cache_seqlens.contiguous();
   const int32_t* slp = sl.data_ptr<int32_t>();
-  std::vector<int64_t> total(static_cast<size_t>(B));
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t n = slp[b], extra = has_new ? Lq : 0;
-    TORCH_CHECK(n >= 0 && n + extra <= cap, "fastattn::attention_kvcache (cpu): cache_seqlens[", b,
-                "] = ", n, " must lie in [0, capacity - new tokens] = [0, ", cap - extra, "]");
-    total[static_cast<size_t>(b)] = n + extra;
-  }
-  // first visible key per sequence (left-padded batches)
-  std::vector<int64_t> begin(static_cast<size_t>(B), 0);
-  if (cache_leftpad.has_value() && cache_leftpad->defined()) {
-    const at::Tensor& lp_in = *cache_leftpad;
-    TORCH_CHECK(lp_in.device().is_cpu() && lp_in.scalar_type() == at::kInt && lp_in.dim() == 1 &&
-                    lp_in.size(0) == B,
-                "fastattn::attention_kvcache (cpu): cache_leftpad must be an int32 CPU tensor of "
-                "shape (", B, ",), got ", lp_in.scalar_type(), " ", lp_in.sizes(), " on ",
-                lp_in.device());
-    const at::Tensor lp = lp_in.contiguous();
+  std::vector<int64_t> total(static_cast<size_t>(B)), begin(static_cast<size_t>(B), 0);
+  for (int64_t b = 0; b < B; ++b) total[static_cast<size_t>(b)] = slp[b] + (has_new ? Lq : 0);
+  if (cache_leftpad.has_value()) {
+    const at::Tensor lp = cache_leftpad->contiguous();
     const int32_t* lpp = lp.data_ptr<int32_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(lpp[b] >= 0 && lpp[b] <= total[static_cast<size_t>(b)],
-                  "fastattn::attention_kvcache (cpu): cache_leftpad[", b, "] = ", lpp[b],
-                  " must lie in [0, cached + new tokens] = [0, ", total[static_cast<size_t>(b)], "]");
-      begin[static_cast<size_t>(b)] = lpp[b];
-    }
+    for (int64_t b = 0; b < B; ++b) begin[static_cast<size_t>(b)] = lpp[b];
   }
   at::Tensor out = at::empty({B, H, Lq, Ev}, q.options());
   if (out.numel() == 0 && !has_new) return out;

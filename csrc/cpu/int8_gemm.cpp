@@ -34,6 +34,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -1406,23 +1408,22 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in,
   return out;
 }
 
-at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
+at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_nd, const at::Tensor& w_in,
                                        const at::Tensor& w_scale_in,
                                        const std::optional<at::Tensor>& bias_in) {
   constexpr const char* op = "int8_weight_only_linear";
-  TORCH_CHECK(x_in.dim() == 2, op, ": x must be 2-D (M, K), got ", x_in.sizes());
-  const auto dt = x_in.scalar_type();
+  fastattn::checks::check_int8_linear("fastattn.int8_weight_only_linear", x_nd, w_in, w_scale_in, bias_in);
+  const auto dt = x_nd.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
               ": x must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(w_in.dim() == 2 && w_in.scalar_type() == at::kChar, op,
-              ": w_int8 must be a 2-D int8 tensor (N, K), got ", w_in.scalar_type(), " ", w_in.sizes());
-  TORCH_CHECK(w_in.size(1) == x_in.size(1), op, ": x.shape[1] (", x_in.size(1),
-              ") must equal w_int8.shape[1] (", w_in.size(1), ")");
-  TORCH_CHECK(x_in.device().is_cpu() && w_in.device().is_cpu(), op, ": CPU tensors expected");
+  TORCH_CHECK(x_nd.device().is_cpu() && w_in.device().is_cpu(), op, ": CPU tensors expected");
+  const at::Tensor x_in = fastattn::checks::as_rows(x_nd, 1, x_nd.size(-1));  // (M, K)
   const int64_t M = x_in.size(0), K = x_in.size(1), N = w_in.size(0);
   const at::Tensor w_scale = float_vector(w_scale_in, N, op, "w_scale");
   const at::Tensor bias = float_vector(bias_in, N, op, "bias");
-  at::Tensor out = at::empty({M, N}, x_in.options());
+  std::vector<int64_t> out_shape(x_nd.sizes().begin(), x_nd.sizes().end());
+  out_shape.back() = N;
+  at::Tensor out = at::empty(out_shape, x_in.options());
   if (M == 0 || N == 0) return out;
   const at::Tensor w = rows_contiguous(w_in);
 #ifdef FASTATTN_X86
@@ -1453,7 +1454,8 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_in, const at::Tensor&
   const int64_t ldx = xf.stride(0), ldw = w.stride(0);
   // out (M, N) float32, then one cast: rows of w are the parallel axis (each is read once per
   // 4 rows of x, from L1)
-  at::Tensor acc = dt == at::kFloat ? out : at::empty({M, N}, x_in.options().dtype(at::kFloat));
+  at::Tensor acc =
+      dt == at::kFloat ? out.view({M, N}) : at::empty({M, N}, x_in.options().dtype(at::kFloat));
   float* op_ = acc.data_ptr<float>();
   constexpr int64_t kNB = 16;  // rows of w per task
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kNB * K));
@@ -1491,7 +1493,7 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_in, const at::Tensor&
     }
   });
   (void)simd;
-  if (dt != at::kFloat) out.copy_(acc);
+  if (dt != at::kFloat) out.view({M, N}).copy_(acc);
   return out;
 }
 

@@ -18,6 +18,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "../checks.h"
 #include "layer_norm_kernel.h"  // the generic build
 
 namespace fastattn::cpu::layer_norm {
@@ -101,30 +102,34 @@ at::Tensor affine_f32(const std::optional<at::Tensor>& t, const char* name, int6
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
-    const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, double eps,
-    bool rms) {
-  TORCH_CHECK(input.dim() == 2, "fastattn::layer_norm: input must be 2-D (M, N), got shape ",
-              input.sizes());
-  check_float_dtype(input, "input");
-  const int64_t M = input.size(0), N = input.size(1);
+    const at::Tensor& input_in, at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
+    const std::optional<at::Tensor>& residual_in, double eps, bool rms) {
+  const int64_t N = checks::check_norm(rms, input_in, normalized_shape, weight_in, bias_in,
+                                       residual_in, eps);
+  check_float_dtype(input_in, "input");
+  const int64_t nd = static_cast<int64_t>(normalized_shape.size());
+  const at::Tensor input = checks::as_rows(input_in, nd, N);  // (M, N)
+  const int64_t M = input.size(0);
   const auto dtype = input.scalar_type();
   check_rows(input, "input", M, N, dtype);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0,
-              "fastattn::layer_norm: eps must be finite and >= 0, got ", eps);
-  TORCH_CHECK(!(rms && bias.has_value()), "fastattn::layer_norm: rms norm takes no bias");
-  if (residual.has_value()) check_rows(*residual, "residual", M, N, dtype);
-  const at::Tensor w = affine_f32(weight, "weight", N, 1.f);
-  const at::Tensor b = affine_f32(bias, "bias", N, 0.f);
+  std::optional<at::Tensor> residual;
+  if (residual_in.has_value()) residual = checks::as_rows(*residual_in, nd, N);
+  auto flat = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+    if (!t.has_value()) return std::nullopt;
+    return t->reshape({N});
+  };
+  const at::Tensor w = affine_f32(flat(weight_in), "weight", N, 1.f);
+  const at::Tensor b = affine_f32(flat(bias_in), "bias", N, 0.f);
 
   // outputs are written in full by the kernel: at::empty, never zeros (one less pass)
   at::Tensor out = at::empty({M, N}, input.options());
-  at::Tensor residual_out =
-      residual.has_value() ? at::empty({M, N}, input.options()) : at::empty({0}, input.options());
+  at::Tensor residual_out = residual.has_value() ? at::empty(input_in.sizes(), input.options())
+                                                 : at::empty({0}, input.options());
   at::Tensor mean = rms ? at::zeros({M}, input.options().dtype(at::kFloat))
                         : at::empty({M}, input.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({M}, input.options().dtype(at::kFloat));
-  if (M == 0) return {out, residual_out, mean, rstd};
+  if (M == 0) return {out.view(input_in.sizes()), residual_out, mean, rstd};
   advise_huge_pages(out);
   if (residual.has_value()) advise_huge_pages(residual_out);
 
@@ -146,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
   p.dtype = dtype;
   const FwdFn fwd = kernels().fwd;
   at::parallel_for(0, M, grain_rows(N), [&](int64_t begin, int64_t end) { fwd(p, begin, end); });
-  return {out, residual_out, mean, rstd};
+  return {out.view(input_in.sizes()), residual_out, mean, rstd};
 }
 
 // Rows are split into a number of blocks that depends on (M, N) only, never on the thread

@@ -5,6 +5,7 @@
 #include <tuple>
 
 #include "attention.h"
+#include "../checks.h"
 #include "binding_utils.h"
 
 namespace fastattn::cuda {
@@ -211,6 +212,7 @@ at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, a
                                   const std::optional<at::Tensor>& v_new, double scale,
                                   bool causal, const std::optional<at::Tensor>& cache_leftpad) {
   constexpr const char* op = "attention_kvcache";
+  checks::check_kvcache(q_in, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad);
   check_cuda_tensor(q_in, q_in, op, "q");
   check_cuda_tensor(k_cache, q_in, op, "k_cache");
   check_cuda_tensor(v_cache, q_in, op, "v_cache");
