@@ -74,15 +74,6 @@ inline VisibleRange visible_range(int64_t window_left, int64_t window_right, int
   return {int(lo), int(hi)};
 }
 
-FA_DEVICE void store_u32(void* p, uint32_t v) {
-#if defined(FASTATTN_EMULATE)
-  ::fa_emu::check_align(p, 4, "4-byte store");
-  std::memcpy(p, &v, 4);
-#else
-  *static_cast<uint32_t*>(p) = v;
-#endif
-}
-
 // Copies a kRows x kCols tile of a row-major matrix (row stride `stride` elements; the first
 // rows_valid rows and cols_valid columns are real) into shared memory with row pitch kPitch,
 // zero-filling the rest. cp.async in 16-byte chunks when the source is 16-byte aligned (a partial
