@@ -13,12 +13,10 @@
 namespace fastattn::cuda {
 namespace detail {
 
-struct BwdArgs {
+struct BwdArgs : AttnArgs {
   AttnBwdParams p;
-  int lo_rel, hi_rel;
-  float scale_log2;
-  bool vec_q, vec_k, vec_v, vec_do;  // 16-byte loads
-  bool vec_dq, vec_dk, vec_dv;       // 16-byte stores
+  bool vec_do;                  // 16-byte loads
+  bool vec_dq, vec_dk, vec_dv;  // 16-byte stores
   float* delta;                      // (B, H, L)
   float* lse2;                       // (B, H, L), base-2 lse, +inf on empty rows
 };
@@ -677,37 +675,22 @@ cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
 cudaError_t attention_bwd(const AttnBwdParams& p, DType dtype, cudaStream_t stream) {
   // empty problems write nothing: the caller returns zero gradients for them
   if (p.batch <= 0 || p.heads <= 0 || p.len_q <= 0 || p.len_k <= 0) return cudaSuccess;
-  if (p.kv_heads <= 0 || p.heads % p.kv_heads != 0 || p.batch > 65535 || p.heads > 65535 ||
-      p.len_q < 0 || p.len_k < 0 || p.len_q >= (1 << 30) || p.len_k >= (1 << 30) ||
-      p.workspace == nullptr) {
-    return cudaErrorInvalidValue;
-  }
+  if (!attn_sizes_ok(p) || p.workspace == nullptr) return cudaErrorInvalidValue;
   detail::BwdArgs args;
+  static_cast<AttnArgs&>(args) = attn_args(p, dtype);
   args.p = p;
-  const VisibleRange vr =
-      visible_range(p.window_left, p.window_right, p.diag_offset, p.len_q, p.len_k);
-  args.lo_rel = vr.lo_rel;
-  args.hi_rel = vr.hi_rel;
-  args.scale_log2 = p.scale * kLog2e;
-  const int es = dtype == DType::kFloat32 ? 4 : 2;
-  args.vec_q = vec_ok(p.q, es, p.q_stride_b, p.q_stride_h, p.q_stride_l);
-  args.vec_k = vec_ok(p.k, es, p.k_stride_b, p.k_stride_h, p.k_stride_s);
-  args.vec_v = vec_ok(p.v, es, p.v_stride_b, p.v_stride_h, p.v_stride_s);
+  const int es = dtype_bytes(dtype);
   args.vec_do = vec_ok(p.grad_out, es, p.do_stride_b, p.do_stride_h, p.do_stride_l);
-  args.vec_dq =
-      vec_ok(p.dq, es, p.dq_stride_b, p.dq_stride_h, p.dq_stride_l) && p.head_dim % (16 / es) == 0;
-  args.vec_dk =
-      vec_ok(p.dk, es, p.dk_stride_b, p.dk_stride_h, p.dk_stride_s) && p.head_dim % (16 / es) == 0;
-  args.vec_dv = vec_ok(p.dv, es, p.dv_stride_b, p.dv_stride_h, p.dv_stride_s) &&
-                p.head_dim_v % (16 / es) == 0;
+  args.vec_dq = vec_store_ok(p.dq, es, p.dq_stride_b, p.dq_stride_h, p.dq_stride_l, p.head_dim);
+  args.vec_dk = vec_store_ok(p.dk, es, p.dk_stride_b, p.dk_stride_h, p.dk_stride_s, p.head_dim);
+  args.vec_dv =
+      vec_store_ok(p.dv, es, p.dv_stride_b, p.dv_stride_h, p.dv_stride_s, p.head_dim_v);
   const int64_t rows = int64_t(p.batch) * p.heads * p.len_q;
   args.delta = p.workspace;
   args.lse2 = p.workspace + rows;
   const int dim = p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v;
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    return dispatch_head_dim(
-        dim, [&](auto hd) { return detail::launch_bwd<T, decltype(hd)::value>(args, stream); });
+  return dispatch_dtype_head_dim(dtype, dim, [&](auto tag, auto hd) {
+    return detail::launch_bwd<typename decltype(tag)::type, decltype(hd)::value>(args, stream);
   });
 }
 
