@@ -27,6 +27,15 @@ FA_DEVICE void query_range(const BwdArgs& a, int k_first, int k_last, int* lo, i
   *hi = min_i(a.p.len_q, k_last - a.lo_rel + 1);
 }
 
+template <int kTiles>
+FA_DEVICE void zero_tiles(float (&acc)[kTiles][4]) {
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] = 0.0f;
+  }
+}
+
 // ---- 1. row statistics -------------------------------------------------------------------------
 template <class T>
 __global__ void __launch_bounds__(128) attention_bwd_rowstats_kernel(const BwdArgs args) {
@@ -208,11 +217,8 @@ __global__ void __launch_bounds__(32 * attn_bwd_dkdv_tile().n_warps)
   };
 
   float acc_dk[kDTiles][4], acc_dv[kDTiles][4];
-#pragma unroll
-  for (int dt = 0; dt < kDTiles; ++dt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_dk[dt][e] = acc_dv[dt][e] = 0.0f;
-  }
+  zero_tiles(acc_dk);
+  zero_tiles(acc_dv);
   const int key_a = n0 + warp * 16 + g;  // keys of this thread's accumulator rows: key_a, +8
 
   if (n_iter > 0) issue(0, 0);
@@ -234,11 +240,7 @@ __global__ void __launch_bounds__(32 * attn_bwd_dkdv_tile().n_warps)
 
     // S^T = K Q^T (keys x queries), then P^T
     float acc_p[kMT][4];
-#pragma unroll
-    for (int nt = 0; nt < kMT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_p[nt][e] = 0.0f;
-    }
+    zero_tiles(acc_p);
     mma_rows_x_rows<T, kMT, Tr::kKSteps, kPitch>(acc_p, sK + warp * 16 * kPitch, sQ, ln);
 #pragma unroll
     for (int nt = 0; nt < kMT; ++nt) {
@@ -261,11 +263,7 @@ __global__ void __launch_bounds__(32 * attn_bwd_dkdv_tile().n_warps)
     mma_acc_x_tile<T, kBlockM, kDTiles, kPitch>(acc_dv, acc_p, sdO, ln);
     // dP^T = V dO^T, dS^T = P^T (dP^T - delta)
     float acc_ds[kMT][4];
-#pragma unroll
-    for (int nt = 0; nt < kMT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_ds[nt][e] = 0.0f;
-    }
+    zero_tiles(acc_ds);
     mma_rows_x_rows<T, kMT, Tr::kKSteps, kPitch>(acc_ds, sV + warp * 16 * kPitch, sdO, ln);
 #pragma unroll
     for (int nt = 0; nt < kMT; ++nt) {
@@ -356,11 +354,7 @@ __global__ void __launch_bounds__(32 * attn_bwd_dq_tile().n_warps)
     delta[r] = row < p.len_q ? args.delta[idx] : 0.0f;
   }
   float acc_dq[kDTiles][4];
-#pragma unroll
-  for (int dt = 0; dt < kDTiles; ++dt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_dq[dt][e] = 0.0f;
-  }
+  zero_tiles(acc_dq);
 
   if (n_blocks > 0) issue(0, 0);
   cp_async_commit();  // Q, dO and the first K, V
@@ -373,11 +367,7 @@ __global__ void __launch_bounds__(32 * attn_bwd_dq_tile().n_warps)
     __syncthreads();
     // S = Q K^T, P
     float acc_p[kNT][4];
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_p[nt][e] = 0.0f;
-    }
+    zero_tiles(acc_p);
     mma_rows_x_rows<T, kNT, Tr::kKSteps, kPitch>(acc_p, sQ + warp * 16 * kPitch, sK(stage), ln);
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
@@ -398,11 +388,7 @@ __global__ void __launch_bounds__(32 * attn_bwd_dq_tile().n_warps)
     }
     // dP = dO V^T, dS = P (dP - delta)
     float acc_ds[kNT][4];
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_ds[nt][e] = 0.0f;
-    }
+    zero_tiles(acc_ds);
     mma_rows_x_rows<T, kNT, Tr::kKSteps, kPitch>(acc_ds, sdO + warp * 16 * kPitch, sV(stage), ln);
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {

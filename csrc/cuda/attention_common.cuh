@@ -119,6 +119,23 @@ inline cudaError_t dispatch_dtype_head_dim(DType dtype, int head_dim, F&& f) {
   });
 }
 
+// One key chunk of the online softmax of a row whose scores (base 2, -inf where not visible) lie
+// a key per lane, as in the SIMT kernels: updates the running max and sum, rescales the row's
+// accumulator and returns this lane's probability against the new max, for P V.
+template <int kCols>
+FA_DEVICE float online_softmax_chunk(float s, float& row_max, float& row_sum,
+                                     float (&acc)[kCols]) {
+  const float mx = max_f(row_max, warp_max(s));
+  const float m_use = mx == kNegInf ? 0.0f : mx;  // no visible key yet: keep 2^(-inf - 0) = 0
+  const float alpha = exp2_approx(row_max - m_use);
+  const float pr = exp2_approx(s - m_use);
+  row_max = mx;
+  row_sum = row_sum * alpha + warp_sum(pr);
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) acc[c] *= alpha;
+  return pr;
+}
+
 // Copies a kRows x kCols tile of a row-major matrix (row stride `stride` elements; the first
 // rows_valid rows and cols_valid columns are real) into shared memory with row pitch kPitch,
 // zero-filling the rest. cp.async in 16-byte chunks when the source is 16-byte aligned (a partial

@@ -364,15 +364,7 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
       if (vis && mask != nullptr) {
         s += mask[int64_t(row) * p.mask_stride_l + int64_t(key) * p.mask_stride_s] * kLog2e;
       }
-      s = vis ? s : kNegInf;
-      const float mx = max_f(row_max[r], warp_max(s));
-      const float m_use = mx == kNegInf ? 0.0f : mx;
-      const float alpha = exp2_approx(row_max[r] - m_use);
-      const float pr = exp2_approx(s - m_use);
-      row_max[r] = mx;
-      row_sum[r] = row_sum[r] * alpha + warp_sum(pr);
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) acc[r][c] *= alpha;
+      const float pr = online_softmax_chunk(vis ? s : kNegInf, row_max[r], row_sum[r], acc[r]);
       for (int j = 0; j < kChunk; ++j) {
         const float pj = __shfl_sync(0xffffffffu, pr, j);
 #pragma unroll

@@ -146,14 +146,7 @@ __global__ void __launch_bounds__(32 * kvcache_tile().n_warps)
     for (int r = 0; r < kRowsPerWarp; ++r) {
       if (row0 + warp + kTile.n_warps * r >= rows_total) continue;  // warp-uniform
       const float sr = key < limit[r] && key < s1 ? s[r] : kNegInf;
-      const float mx = max_f(row_max[r], warp_max(sr));
-      const float m_use = mx == kNegInf ? 0.0f : mx;
-      const float alpha = exp2_approx(row_max[r] - m_use);
-      const float pr = exp2_approx(sr - m_use);
-      row_max[r] = mx;
-      row_sum[r] = row_sum[r] * alpha + warp_sum(pr);
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) acc[r][c] *= alpha;
+      const float pr = online_softmax_chunk(sr, row_max[r], row_sum[r], acc[r]);
       for (int j = 0; j < kChunk; ++j) {
         const float pj = __shfl_sync(0xffffffffu, pr, j);
 #pragma unroll
