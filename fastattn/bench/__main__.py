@@ -14,7 +14,6 @@ available"), 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fastattn.bench import attention, decode, generate, harness, int8, layer_norm, model
+from fastattn.triton import _interpret
 
 # op -> (case generator, public functions it needs, time-budget weight)
 OPS = {
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
             return 2
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        if _interpret.interpret():
             print("error: TRITON_INTERPRET=1 would time the Triton interpreter; unset it",
                   file=sys.stderr)
             return 2
