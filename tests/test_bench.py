@@ -234,6 +234,31 @@ def test_cli_each_op(op, tmp_path):
     assert (tmp_path / "results.md").exists()
 
 
+def test_overhead_rows(tmp_path):
+    """Every tiny call in both grad modes, fastattn's time per call next to PyTorch's and their
+    ratio, from the same run."""
+    rc = main(["--op", "overhead", *SMOKE, "--no-plots", "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    _check_document(doc, ["overhead"])
+    assert {(c["params"]["call"], c["params"]["grad"]) for c in doc["cases"]} == {
+        (call, grad) for call in ("layer_norm", "rms_norm", "decode", "int8_weight_only_linear")
+        for grad in ("no_grad", "autograd")}
+    md = (tmp_path / "results.md").read_text()
+    assert "| fastattn / baseline |" in md and "### Speed-up of fastattn" not in md
+    for case in doc["cases"]:
+        assert case["ratio"] == "time" and case["timing_mode"] == "wall"
+        by_name = {r["impl"]: r for r in case["results"]}
+        fast = by_name["fastattn[cpu]"]
+        if fast["status"] != "ok":  # the C++ extension is not built here
+            continue
+        assert fast["max_abs_diff"] is not None and fast["max_abs_diff"] < 1e-3, case["label"]
+        (s,) = [s for s in case["speedups"] if s["fastattn"] == "fastattn[cpu]"]
+        base = by_name[s["baseline"]]
+        ratio = fast["timing"]["median_s"] / base["timing"]["median_s"]
+        assert f"| {case['label']} | fastattn[cpu] | " in md and f"| {ratio:.3g}x |" in md
+
+
 def test_missing_function_is_not_available(monkeypatch, tmp_path):
     monkeypatch.delattr(fastattn, "scaled_dot_product_attention")
     rc = main(["--op", "attention", *SMOKE, "--no-plots", "--out", str(tmp_path)])

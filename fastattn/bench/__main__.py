@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fastattn.bench import (
-    attention, cases, decode, generate, harness, int8, layer_norm, model, report, timing,
+    attention, cases, decode, generate, harness, int8, layer_norm, model, overhead, report, timing,
 )
 from fastattn.triton import _interpret
 
@@ -35,6 +35,7 @@ OPS = {
     "int8_linear": (int8.linear_cases, int8.LINEAR_FUNCTIONS, 0.12),
     "model": (model.cases, model.FUNCTIONS, 0.2),
     "generate": (generate.cases, generate.FUNCTIONS, 0.1),
+    "overhead": (overhead.cases, overhead.FUNCTIONS, 0.05),
 }
 
 

@@ -118,6 +118,9 @@ class Case:
     x: str | None = None  # the param on the x axis of the plots
     series: tuple[str, ...] = ()  # the params that identify one subplot
     timing: str = "kernel"  # "kernel" (device time of the call) | "wall" (host clock, synced)
+    # how fastattn is compared with a baseline in the reports: "speedup" (baseline / fastattn)
+    # or "time" (fastattn / baseline: the cost of a call, where lower is better)
+    ratio: str = "speedup"
     # the output fastattn's is compared with: an impl name (the first of a tuple that ran) or a
     # function computing it
     check: str | tuple[str, ...] | Callable[[], Any] | None = None

@@ -108,7 +108,7 @@ def case_record(case: Case) -> dict:
         "flops": case.flops, "bytes": case.bytes, "bound": case.bound,
         "ceiling": case.ceiling_key, "metric": metric, "timing_mode": case.timing,
         "x": case.x, "series": list(case.series), "status": "ok", "reason": None,
-        "check_against": None,
+        "check_against": None, "ratio": case.ratio,
         "results": [], "speedups": [], "elapsed_s": 0.0,
     }
 

@@ -145,7 +145,7 @@ CASE_SCHEMA = {
         "timing_mode": {"enum": ["kernel", "wall"]}, "x": _STR_OR_NULL,
         "series": {"type": "array", "items": {"type": "string"}},
         "status": {"enum": ["ok", "skipped", "error"]}, "reason": _STR_OR_NULL,
-        "check_against": _STR_OR_NULL,
+        "check_against": _STR_OR_NULL, "ratio": {"enum": ["speedup", "time"]},
         "results": {"type": "array", "items": RESULT_SCHEMA},
         "speedups": {"type": "array", "items": SPEEDUP_SCHEMA},
         "elapsed_s": {"type": "number", "minimum": 0},
@@ -324,7 +324,10 @@ def format_case(rec: dict) -> str:
         lines.append(f"  {res['impl']:<38} {fmt_time(t['median_s']):>10} {spread:>21} "
                      f"{_fmt_num(_metric_value(res, rec)):>9} {frac_s:>7}")
     for s in rec["speedups"]:
-        lines.append(f"  speed-up {s['fastattn']} vs {s['baseline']}: {s['speedup']:.3g}x")
+        if rec.get("ratio") == "time":
+            lines.append(f"  time {s['fastattn']} / {s['baseline']}: {1 / s['speedup']:.3g}x")
+        else:
+            lines.append(f"  speed-up {s['fastattn']} vs {s['baseline']}: {s['speedup']:.3g}x")
     if rec["status"] != "ok":
         lines.append(f"  {rec['status']}: {rec['reason']}")
     return "\n".join(lines)
@@ -391,7 +394,9 @@ def write_markdown(doc: dict, out_dir: Path) -> Path:
                 if r["kind"] != "fastattn" and r["impl"] not in bases:
                     bases.append(r["impl"])
         fast_rows = [(c, r) for c in cases for r in c["results"] if r["kind"] == "fastattn"]
-        if fast_rows and bases:
+        if cases and all(c.get("ratio") == "time" for c in cases):
+            lines += _time_ratio_table(cases)
+        elif fast_rows and bases:
             lines += ["### Speed-up of fastattn", "",
                       "| case | fastattn | " + " | ".join(f"vs {_md_escape(b)}" for b in bases) + " |",
                       "|---|---|" + "---|" * len(bases)]
@@ -447,6 +452,26 @@ def write_markdown(doc: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _time_ratio_table(cases: list[dict]) -> list[str]:
+    """Per fastattn implementation and baseline of each case: both times per call and their
+    ratio, for ops where the cost of a call is the figure (lower is better)."""
+    lines = ["### Time per call, fastattn / PyTorch", "",
+             "| case | fastattn | per call | baseline | per call | fastattn / baseline |",
+             "|---|---|---|---|---|---|"]
+    for c in cases:
+        by_name = {r["impl"]: r for r in c["results"]}
+        for s in c["speedups"]:
+            fa, base = by_name[s["fastattn"]], by_name[s["baseline"]]
+            lines.append(f"| {_md_escape(c['label'])} | {_md_escape(s['fastattn'])} | "
+                         f"{fmt_time(fa['timing']['median_s'])} | {_md_escape(s['baseline'])} | "
+                         f"{fmt_time(base['timing']['median_s'])} | {1 / s['speedup']:.3g}x |")
+        for r in c["results"]:
+            if r["kind"] == "fastattn" and r["status"] != "ok":
+                lines.append(f"| {_md_escape(c['label'])} | {_md_escape(r['impl'])} | "
+                             f"{r['status']} | | | |")
+    return lines + [""]
 
 
 def write_plots(doc: dict, out_dir: Path) -> tuple[list[Path], str | None]:
