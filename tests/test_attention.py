@@ -657,7 +657,7 @@ kernels = [
      P("Q", "KCache", "VCache", "Out", SeqLens="*i32", LeftPad="*i32", OutPartial="*fp32",
        LsePartial="*fp32")),
     (A._kvcache_combine_kernel, (None, None, 4, 1),
-     dict(HEAD_DIM_V=D, BLOCK_SPLITS=16, INTERP_BF16=False),
+     dict(HEAD_DIM_V=D, BLOCK_SPLITS=16),
      P("Out", OutPartial="*fp32", LsePartial="*fp32")),
 ]
 for fn, (bm, bn, warps, stages), const, ptrs in kernels:

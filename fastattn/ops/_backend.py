@@ -84,7 +84,7 @@ def _load_triton() -> tuple[bool, str]:
 
 def triton_interpret() -> bool:
     """True when Triton kernels run on CPU tensors through the interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return importlib.import_module("fastattn.triton._interpret").interpret()
 
 
 def extension_has_kernel(op: str, dispatch_key: str) -> bool:
