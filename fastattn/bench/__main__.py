@@ -22,7 +22,17 @@ from pathlib import Path
 import torch
 
 from fastattn.bench import (
-    attention, cases, decode, generate, harness, int8, layer_norm, model, overhead, report, timing,
+    attention,
+    cases,
+    decode,
+    generate,
+    harness,
+    int8,
+    layer_norm,
+    model,
+    overhead,
+    report,
+    timing,
 )
 from fastattn.triton import _interpret
 

@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from fastattn.bench.cases import (
-    DTYPES, Case, Impl, RunConfig, attention_flops, compile_fn, fastattn_impls,
+    DTYPES,
+    Case,
+    Impl,
+    RunConfig,
+    attention_flops,
+    compile_fn,
+    fastattn_impls,
 )
 
 OP = "attention"

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 
 from fastattn.bench.attention import sdpa_backends
 from fastattn.bench.cases import (
-    DTYPES, Case, Impl, RunConfig, attention_flops, decode_bytes, fastattn_impls,
+    DTYPES,
+    Case,
+    Impl,
+    RunConfig,
+    attention_flops,
+    decode_bytes,
+    fastattn_impls,
 )
 
 OP = "decode"

@@ -18,6 +18,7 @@ import torch
 from fastattn.bench.cases import Case, Impl, RunConfig
 from fastattn.bench.timing import Timer, release, speedups, summarize
 
+
 class _FallbackLog(logging.Handler):
     """Collects fastattn's debug lines about backend choices that fell back to the reference."""
 

@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from fastattn.bench.cases import (
-    DTYPES, Case, Impl, RunConfig, compile_fn, fastattn_impls, layer_norm_bytes,
+    DTYPES,
+    Case,
+    Impl,
+    RunConfig,
+    compile_fn,
+    fastattn_impls,
+    layer_norm_bytes,
 )
 
 OP = "layer_norm"

@@ -27,6 +27,7 @@ import torch
 
 from fastattn.bench.cases import DTYPES, RunConfig, copy_bytes, gemm_flops
 
+
 # ---------------------------------------------------------------------------------------------
 # statistics and ratios
 # ---------------------------------------------------------------------------------------------

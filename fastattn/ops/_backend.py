@@ -21,11 +21,12 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import os
 import warnings
 from collections.abc import Callable
 
 import torch
+
+from fastattn.triton._interpret import interpret as triton_interpret  # noqa: F401
 
 log = logging.getLogger("fastattn")
 
@@ -80,11 +81,6 @@ def _load_triton() -> tuple[bool, str]:
     except ImportError as e:
         return False, f"triton is not installed ({e})"
     return True, ""
-
-
-def triton_interpret() -> bool:
-    """True when Triton kernels run on CPU tensors through the interpreter."""
-    return importlib.import_module("fastattn.triton._interpret").interpret()
 
 
 def extension_has_kernel(op: str, dispatch_key: str) -> bool:
