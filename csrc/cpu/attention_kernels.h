@@ -61,10 +61,24 @@ FA_INLINE vm vu_ge(vi a, vi b) { return _mm512_cmpge_epu32_mask(a, b); }
 FA_INLINE bool vm_all(vm m) { return m == static_cast<vm>(0xffff); }
 FA_INLINE bool vm_none(vm m) { return m == 0; }
 
+// 2^f for f in [-0.5, 0.5], degree 5 with the constant term exactly 1 (minimax fit):
+// 1.7e-7 relative error in fp32 (~1.4 ulp), and exactly 1 at f = 0. The bf16 paths use it for
+// the probabilities, whose sum is the softmax denominator saved as lse: the backward recomputes
+// P = exp(y - lse) with the accurate exp, so the sum has to be accurate too. The degree 3 it
+// replaces (7.5e-5, and 0.99992806 at f = 0) was far below the bf16 rounding of P but left the
+// lse up to 7.2e-5 too low, and dQ/dK/dV that much too large.
+FA_INLINE vf vexp2_poly5(vf f) {
+  vf p = _mm512_set1_ps(1.3264728477224708e-03f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6715129911899570e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507335811853410e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022242426872253e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314700365066530e-01f));
+  return _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+}
 // 2^x = 2^round(x) * poly(x - round(x)) with vreduceps giving x - round(x) directly; exact 0
 // for -inf (vreduceps(-inf) = 0, vscalefps(1, -inf) = 0), exact 1 for 0, NaN stays NaN.
-// DEG 6 is ~1 ulp (fp32 paths, lse); DEG 3 has 7.5e-5 relative error, far below the bf16
-// rounding (3.9e-3) of the probabilities that feed the bf16 P.V product.
+// DEG 6 is ~1 ulp (fp32 paths, backward, decode); DEG 5 (vexp2_poly5) saves one FMA for the
+// bf16 forward's softmax.
 template <int DEG>
 FA_INLINE vf vexp2(vf x) {
   const vf n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -79,15 +93,13 @@ FA_INLINE vf vexp2(vf x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718246459960e-01f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   } else {
-    p = _mm512_set1_ps(5.517154186964035e-02f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4261118471622467e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.932610273361206e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999280571937561e-01f));
+    static_assert(DEG == 5, "vexp2: degree 5 or 6");
+    p = vexp2_poly5(f);
   }
   return _mm512_scalef_ps(p, n);
 }
-// 2^x for finite x (clamped at -126, so tiny results are 2^-126 instead of 0), degree-3
-// polynomial: the hot loop of the bf16 paths, where no logit is masked. vrndscaleps / vreduceps
+// 2^x for finite x (clamped at -126, so tiny results are 2^-126 instead of 0), vexp2_poly5:
+// the hot loop of the bf16 paths, where no logit is masked. vrndscaleps / vreduceps
 // are 2 uops each on port 0; the magic-number rounding and the exponent add below use single-uop
 // instructions that also issue on port 5 (~2x the softmax throughput measured).
 FA_INLINE vf vexp2_unmasked(vf x) {
@@ -95,10 +107,7 @@ FA_INLINE vf vexp2_unmasked(vf x) {
   const vf xc = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
   const vf t = _mm512_add_ps(xc, magic);
   const vf f = _mm512_sub_ps(xc, _mm512_sub_ps(t, magic));
-  vf p = _mm512_set1_ps(5.517154186964035e-02f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4261118471622467e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.932610273361206e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999280571937561e-01f));
+  const vf p = vexp2_poly5(f);
   // the low mantissa bits of t hold round(x); shifted into the exponent field they scale p
   return _mm512_castsi512_ps(
       _mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(_mm512_castps_si512(t), 23)));
@@ -233,7 +242,7 @@ FA_INLINE vf vexp2(vf a) {
   FA_LANES a.x[t_] = std::exp2(a.x[t_]);
   return a;
 }
-FA_INLINE vf vexp2_unmasked(vf a) { return vexp2<3>(a); }
+FA_INLINE vf vexp2_unmasked(vf a) { return vexp2<5>(a); }
 #undef FA_LANES
 #endif
 
@@ -779,7 +788,7 @@ template <bool BF16OUT, bool PRECISE, int G>
 bool softmax_group(const AttnArgs& a, const QBlock& qb, int qv0, int64_t n0, int64_t nk,
                    int64_t nkp, float* s, const float* mk, bool full, const int32_t* rlo,
                    const int32_t* rhi, float* m, float* l, float* alpha, void* out) {
-  constexpr int DEG = PRECISE ? 6 : 3;
+  constexpr int DEG = PRECISE ? 6 : 5;
   const int bm = qb.bm;
   const vf sc = vset1(a.scale);
   const vf c = vset1(a.scale * kLog2e);
