@@ -442,10 +442,17 @@ def test_bad_input_raises_naming_the_argument():
 
 
 def test_bad_instruction_set_cap_raises(monkeypatch):
+    # one variable caps every CPU family (attention, int8, LayerNorm); a bad value lists the good ones
     monkeypatch.setenv("FASTATTN_CPU_ISA", "sse9")
     q = torch.randn(1, 1, 4, 8)
-    with pytest.raises(RuntimeError, match="FASTATTN_CPU_ISA must be one of"):
+    msg = "FASTATTN_CPU_ISA must be one of portable, avx2, avx512, avx512_vnni, avx512_bf16, amx"
+    with pytest.raises(RuntimeError, match=msg):
         fastattn.scaled_dot_product_attention(q, q, q, backend="cpu")
+    with pytest.raises(RuntimeError, match=msg):
+        fastattn.layer_norm(torch.randn(2, 8), 8, backend="cpu")
+    a = torch.randint(-128, 128, (2, 4), dtype=torch.int8)
+    with pytest.raises(RuntimeError, match=msg):
+        fastattn.int8_gemm(a, a, backend="cpu")
 
 
 # ---- long sequences in little memory ---------------------------------------------------------------
