@@ -3,7 +3,7 @@
 //
 // Flash-style: per (batch, head, block of queries) an online softmax over blocks of keys, in
 // per-thread scratch of a few block x block tiles; the L x S score matrix never exists.
-// The kernels live in attention_kernels.h, compiled twice: portable, and with AVX-512 enabled
+// The kernels live in attention/*.h, compiled twice: portable, and with AVX-512 enabled
 // through a target pragma on that region only (the rest of the file, and any CPU without
 // AVX-512, stays on the baseline ISA). The instruction set is chosen at run time:
 //   amx          bf16 Q.K^T and P.V on AMX tiles (fp32 accumulation)
@@ -90,7 +90,7 @@ struct AttnArgs {
 enum class Path { f32, dpbf16, amx };
 
 namespace portable {
-#include "attention_kernels.h"
+#include "attention/kernels.h"
 }  // namespace portable
 
 #ifdef FASTATTN_X86_KERNELS
@@ -104,7 +104,7 @@ namespace portable {
 #pragma GCC diagnostic ignored "-Warray-bounds"
 namespace avx512 {
 #define FA_AVX512
-#include "attention_kernels.h"
+#include "attention/kernels.h"
 #undef FA_AVX512
 }  // namespace avx512
 #pragma GCC diagnostic pop
