@@ -18,9 +18,6 @@
 namespace fastattn::cpu {
 namespace {
 
-constexpr Isa kLevels[] = {Isa::portable,    Isa::avx2,        Isa::avx512,
-                           Isa::avx512_vnni, Isa::avx512_bf16, Isa::amx};
-
 Isa detect() {
 #ifdef FASTATTN_CPUID
   __builtin_cpu_init();
@@ -53,21 +50,9 @@ Isa detect() {
 }  // namespace
 
 const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::portable:
-      return "portable";
-    case Isa::avx2:
-      return "avx2";
-    case Isa::avx512:
-      return "avx512";
-    case Isa::avx512_vnni:
-      return "avx512_vnni";
-    case Isa::avx512_bf16:
-      return "avx512_bf16";
-    case Isa::amx:
-      return "amx";
-  }
-  return "?";
+  constexpr const char* kNames[] = {"portable",    "avx2",        "avx512",
+                                    "avx512_vnni", "avx512_bf16", "amx"};
+  return kNames[static_cast<int>(isa)];
 }
 
 Isa hardware_isa() {
@@ -78,8 +63,8 @@ Isa hardware_isa() {
 Isa isa_cap() {
   const char* env = std::getenv("FASTATTN_CPU_ISA");
   if (env == nullptr || *env == '\0') return Isa::amx;
-  for (const Isa level : kLevels)
-    if (std::strcmp(env, isa_name(level)) == 0) return level;
+  for (int i = 0; i <= static_cast<int>(Isa::amx); ++i)
+    if (std::strcmp(env, isa_name(static_cast<Isa>(i))) == 0) return static_cast<Isa>(i);
   TORCH_CHECK(false,
               "FASTATTN_CPU_ISA must be one of portable, avx2, avx512, avx512_vnni, avx512_bf16, "
               "amx (or unset); got '",
