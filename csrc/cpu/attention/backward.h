@@ -6,31 +6,84 @@
 // threads: pass 1 owns dK/dV of one key block (summed over the heads of its GQA group and all
 // queries), pass 2 owns dQ (and dmask) of one query block. P is recomputed from lse each time.
 // ---------------------------------------------------------------------------------------------
-// P^T and the dropout-scaled dP^T of one key block, queries along lanes, as both row-block passes
-// of the backward recompute them: fn(j, p, dp) for each key j < nk of queries qv .. qv + 15, in
-// key order. s and dpb hold the raw scores and dO.V^T as [nk][bm], mk the block's mask (nullptr
-// for none), l2 each lane's lse (-inf: the row sees nothing, p = 0).
+// The backward's row-block passes (the fp32 statistics sweep, pass 2) work per query block, with
+// queries along lanes. Their scratch: Q^T [E][bm], dO^T [Ev][bm], S^T, dP^T and the mask block
+// [bn][bm], lse and each lane's key window [bm], then the pass's own `extra` floats.
+struct RowBlock {
+  int bm, NV;
+  float *qt, *dot, *sb, *db, *mk, *l2, *extra;
+  int32_t *rlo, *rhi;
+};
+
+FA_INLINE RowBlock row_block(const AttnArgs& a, Scratch& scratch, int bm, int64_t bn,
+                             size_t n_extra) {
+  const size_t n_qt = static_cast<size_t>(a.E * bm), n_dot = static_cast<size_t>(a.Ev * bm);
+  const size_t n_blk = static_cast<size_t>(bn * bm);
+  RowBlock w;
+  w.bm = bm;
+  w.NV = bm / 16;
+  w.qt = scratch.get(n_qt + n_dot + 3 * n_blk + 3 * static_cast<size_t>(bm) + n_extra);
+  w.dot = w.qt + n_qt;
+  w.sb = w.dot + n_dot;
+  w.db = w.sb + n_blk;
+  w.mk = w.db + n_blk;
+  w.l2 = w.mk + n_blk;
+  w.rlo = reinterpret_cast<int32_t*>(w.l2 + bm);
+  w.rhi = w.rlo + bm;
+  w.extra = reinterpret_cast<float*>(w.rhi + bm);
+  return w;
+}
+
+struct BwdRows {  // float views of the backward's operands
+  F32Rows Q, DO, K, V;
+};
+
+// Packs Q^T, dO^T and lse of query block qb into w, then for each key block it sees computes
+// S^T = K.Q^T into w.sb and dP^T = V.dO^T into w.db (with the block's mask and lane windows) and
+// calls block(n0, nk, full).
+template <typename T, class F>
+void for_each_key_block(const AttnArgs& a, const QBlock& qb, int64_t bn, const BwdRows& x,
+                        const float* lse, const RowBlock& w, F&& block) {
+  const int bm = w.bm;
+  const int64_t b = qb.b, h = qb.h, kvh = h / (a.H / a.Hkv);
+  pack_t(x.Q.at(b, h, qb.q0), x.Q.s2, x.Q.s3, qb.nq, a.E, bm, bm, w.qt);
+  pack_t(x.DO.at(b, h, qb.q0), x.DO.s2, x.DO.s3, qb.nq, a.Ev, bm, bm, w.dot);
+  for (int i = 0; i < bm; ++i) w.l2[i] = i < qb.nq ? lse[(b * a.H + h) * a.L + qb.q0 + i] : kNegInf;
+  for (int64_t kb = qb.klo / bn; kb <= qb.khi / bn; ++kb) {
+    const int64_t n0 = kb * bn, nk = std::min<int64_t>(bn, a.S - n0);
+    const bool full = block_window(a, qb, n0, nk, w.rlo, w.rhi);
+    if (a.mask) pack_mask_t<T>(a, qb, n0, nk, w.mk);
+    gemm_bcast<OpF32>(nk, w.NV, a.E, x.K.at(b, kvh, n0), x.K.s2, x.K.s3, w.qt, bm, w.sb, bm,
+                      CInit::zero);
+    gemm_bcast<OpF32>(nk, w.NV, a.Ev, x.V.at(b, kvh, n0), x.V.s2, x.V.s3, w.dot, bm, w.db, bm,
+                      CInit::zero);
+    block(n0, nk, full);
+  }
+}
+
+// P^T and the dropout-scaled dP^T of key block [n0, n0 + nk) as both row-block passes recompute
+// them from w: fn(j, p, dp) for each key j < nk of queries qv .. qv + 15, in key order (a row
+// whose lse is -inf sees nothing: p = 0).
 template <class F>
-FA_INLINE void recompute_p_t(const AttnArgs& a, const QBlock& qb, int qv, int64_t n0, int64_t nk,
-                             const float* s, const float* dpb, const float* mk, bool full,
-                             const int32_t* rlo, const int32_t* rhi, const float* l2,
-                             uint32_t dkey, F&& fn) {
-  const int bm = qb.bm;
+FA_INLINE void recompute_p_t(const AttnArgs& a, const QBlock& qb, const RowBlock& w, int qv,
+                             int64_t n0, int64_t nk, bool full, uint32_t dkey, F&& fn) {
+  const int bm = w.bm;
+  const float* mk = a.mask ? w.mk : nullptr;
   const vf sc = vset1(a.scale);
-  const vf vl2 = vload(l2 + qv);
+  const vf vl2 = vload(w.l2 + qv);
   const vm live = vcmp_neq(vl2, vset1(kNegInf));
-  const vi vlo = viload(rlo + qv), vhi = viload(rhi + qv);
+  const vi vlo = viload(w.rlo + qv), vhi = viload(w.rhi + qv);
   vi drow{};
   if (a.drop.on) drow = drop_rows(dkey, qb.q0 + qv);
   for (int64_t j = 0; j < nk; ++j) {
-    const vf y = logits(vload(s + j * bm + qv), sc, mk ? mk + j * bm + qv : nullptr);
+    const vf y = logits(vload(w.sb + j * bm + qv), sc, mk ? mk + j * bm + qv : nullptr);
     vm vis = live;
     if (!full) {
       const vi vj = viset1(static_cast<int32_t>(j));
       vis = vis & vi_le(vlo, vj) & vi_lt(vj, vhi);
     }
     const vf p = vmaskz(vis, exp_from(y, vl2));
-    vf dp = vload(dpb + j * bm + qv);
+    vf dp = vload(w.db + j * bm + qv);
     if (a.drop.on) dp = drop_apply(a.drop, drop_keep(a.drop, drow, drop_col(n0 + j)), dp);
     fn(j, p, dp);
   }
@@ -49,6 +102,7 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
   const F32Rows DO = f32_rows<T>(dout, sdo, B, H, L, Ev, dobuf);
   const F32Rows K = f32_rows<T>(static_cast<const T*>(a.k), a.sk, B, Hkv, S, E, kbuf);
   const F32Rows V = f32_rows<T>(static_cast<const T*>(a.v), a.sv, B, Hkv, S, Ev, vbuf);
+  const BwdRows x{Q, DO, K, V};
 
   // delta = rowsum(dO * O) - grad_lse
   std::vector<float> delta(static_cast<size_t>(B * H * L), 0.f);
@@ -83,42 +137,21 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
   if constexpr (std::is_same_v<T, float>) {
     lse_ref.assign(lse, lse + B * H * L);
     const int bm = L <= 16 ? 16 : (L <= 32 ? 32 : 64);
-    const int NV = bm / 16;
     constexpr int64_t bn = 64;
     const int64_t nqb = (L + bm - 1) / bm;
-    const size_t n_qt = static_cast<size_t>(E * bm), n_dot = static_cast<size_t>(Ev * bm);
-    const size_t n_blk = static_cast<size_t>(bn * bm);
     run_tasks(B * H * nqb, [&](int64_t t, Scratch& scratch) {
-      const int64_t qbi = t % nqb, h = (t / nqb) % H, b = t / (nqb * H), kvh = h / G;
+      const int64_t qbi = t % nqb, h = (t / nqb) % H, b = t / (nqb * H);
       const QBlock qb = make_qblock(a, b, h, qbi * bm, bm);
       if (qb.klo > qb.khi) return;
-      float* qt = scratch.get(n_qt + n_dot + 3 * n_blk + 5 * static_cast<size_t>(bm));
-      float* dot = qt + n_qt;
-      float* sb = dot + n_dot;
-      float* db = sb + n_blk;
-      float* mk = db + n_blk;
-      float* l2 = mk + n_blk;
-      float* rs = l2 + bm;
+      const RowBlock w = row_block(a, scratch, bm, bn, 2 * static_cast<size_t>(bm));
+      float* rs = w.extra;
       float* us = rs + bm;
-      int32_t* rlo = reinterpret_cast<int32_t*>(us + bm);
-      int32_t* rhi = rlo + bm;
-      pack_t(Q.at(b, h, qb.q0), Q.s2, Q.s3, qb.nq, E, bm, bm, qt);
-      pack_t(DO.at(b, h, qb.q0), DO.s2, DO.s3, qb.nq, Ev, bm, bm, dot);
-      for (int i = 0; i < bm; ++i) {
-        l2[i] = i < qb.nq ? lse[(b * H + h) * L + qb.q0 + i] : kNegInf;
-        rs[i] = 0.f;
-        us[i] = 0.f;
-      }
+      std::fill(rs, rs + 2 * bm, 0.f);
       const uint32_t dkey = a.drop.on ? a.drop.key(b * H + h) : 0;
-      for (int64_t kb = qb.klo / bn; kb <= qb.khi / bn; ++kb) {
-        const int64_t n0 = kb * bn, nk = std::min<int64_t>(bn, S - n0);
-        const bool full = block_window(a, qb, n0, nk, rlo, rhi);
-        if (a.mask) pack_mask_t<T>(a, qb, n0, nk, mk);
-        gemm_bcast<OpF32>(nk, NV, E, K.at(b, kvh, n0), K.s2, K.s3, qt, bm, sb, bm, CInit::zero);
-        gemm_bcast<OpF32>(nk, NV, Ev, V.at(b, kvh, n0), V.s2, V.s3, dot, bm, db, bm, CInit::zero);
+      for_each_key_block<T>(a, qb, bn, x, lse, w, [&](int64_t n0, int64_t nk, bool full) {
         for (int qv = 0; qv < bm; qv += 16) {
           vf racc = vload(rs + qv), uacc = vload(us + qv);
-          recompute_p_t(a, qb, qv, n0, nk, sb, db, a.mask ? mk : nullptr, full, rlo, rhi, l2, dkey,
+          recompute_p_t(a, qb, w, qv, n0, nk, full, dkey,
                         [&](int64_t, vf p, vf dp) FA_INLINE_LAMBDA {
                           racc = vadd(racc, p);
                           uacc = vfma(p, dp, uacc);
@@ -126,7 +159,7 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
           vstore(rs + qv, racc);
           vstore(us + qv, uacc);
         }
-      }
+      });
       for (int64_t i = 0; i < qb.nq; ++i) {
         const int64_t row = (b * H + h) * L + qb.q0 + i;
         if (rs[i] > 0.f) {
@@ -243,7 +276,6 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
   // ---- pass 2: dQ (and dmask) per (b, head, query block) ------------------------------------
   {
     const int bm = L <= 16 ? 16 : (L <= 32 ? 32 : 64);
-    const int NV = bm / 16;
     constexpr int64_t bn = 64;
     const int64_t nqb = (L + bm - 1) / bm;
     const int64_t ntask = B * H * nqb;
@@ -253,55 +285,36 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
       cost[t] = std::max<int64_t>(0, qb.khi - qb.klo + 1) + 1;
     }
     const std::vector<int64_t> order = order_by_cost(cost);
-    const size_t n_qt = static_cast<size_t>(E * bm), n_dot = static_cast<size_t>(Ev * bm);
-    const size_t n_blk = static_cast<size_t>(bn * bm);
     run_tasks(ntask, [&](int64_t task, Scratch& scratch) {
       const int64_t t = order[task];
       const int64_t qbi = t % nqb, h = (t / nqb) % H, b = t / (nqb * H), kvh = h / G;
       const QBlock qb = make_qblock(a, b, h, qbi * bm, bm);
-      float* qt = scratch.get(2 * n_qt + n_dot + 3 * n_blk + 2 * static_cast<size_t>(bm) +
-                              2 * static_cast<size_t>(bm));
-      float* dqt = qt + n_qt;
-      float* dot = dqt + n_qt;
-      float* sb = dot + n_dot;
-      float* db = sb + n_blk;
-      float* mk = db + n_blk;
-      float* l2 = mk + n_blk;
-      float* del = l2 + bm;
-      int32_t* rlo = reinterpret_cast<int32_t*>(del + bm);
-      int32_t* rhi = rlo + bm;
-      std::fill(dqt, dqt + n_qt, 0.f);
+      const RowBlock w = row_block(a, scratch, bm, bn, static_cast<size_t>(E * bm + bm));
+      float* dqt = w.extra;
+      float* del = dqt + E * bm;
+      std::fill(dqt, dqt + E * bm, 0.f);
       if (qb.klo <= qb.khi) {
-        pack_t(Q.at(b, h, qb.q0), Q.s2, Q.s3, qb.nq, E, bm, bm, qt);
-        pack_t(DO.at(b, h, qb.q0), DO.s2, DO.s3, qb.nq, Ev, bm, bm, dot);
-        for (int i = 0; i < bm; ++i) {
-          const size_t row = static_cast<size_t>((b * H + h) * L + qb.q0 + i);
-          l2[i] = i < qb.nq ? lse[row] : kNegInf;
-          del[i] = i < qb.nq ? delta[row] : 0.f;
-        }
+        for (int i = 0; i < bm; ++i)
+          del[i] = i < qb.nq ? delta[static_cast<size_t>((b * H + h) * L + qb.q0 + i)] : 0.f;
         const uint32_t dkey = a.drop.on ? a.drop.key(b * H + h) : 0;
-        for (int64_t kb = qb.klo / bn; kb <= qb.khi / bn; ++kb) {
-          const int64_t n0 = kb * bn, nk = std::min<int64_t>(bn, S - n0);
-          const bool full = block_window(a, qb, n0, nk, rlo, rhi);
-          if (a.mask) pack_mask_t<T>(a, qb, n0, nk, mk);
-          gemm_bcast<OpF32>(nk, NV, E, K.at(b, kvh, n0), K.s2, K.s3, qt, bm, sb, bm, CInit::zero);
-          gemm_bcast<OpF32>(nk, NV, Ev, V.at(b, kvh, n0), V.s2, V.s3, dot, bm, db, bm, CInit::zero);
+        for_each_key_block<T>(a, qb, bn, x, lse, w, [&](int64_t n0, int64_t nk, bool full) {
           for (int qv = 0; qv < bm; qv += 16) {
             const vf vdel = vload(del + qv);
-            recompute_p_t(a, qb, qv, n0, nk, sb, db, a.mask ? mk : nullptr, full, rlo, rhi, l2,
-                          dkey, [&](int64_t j, vf p, vf dp) FA_INLINE_LAMBDA {
-                            vstore(db + j * bm + qv, vmul(p, vsub(dp, vdel)));  // dS^T
+            recompute_p_t(a, qb, w, qv, n0, nk, full, dkey,
+                          [&](int64_t j, vf p, vf dp) FA_INLINE_LAMBDA {
+                            vstore(w.db + j * bm + qv, vmul(p, vsub(dp, vdel)));  // dS^T
                           });
           }
           if (dmask) {
             for (int64_t i = 0; i < qb.nq; ++i) {
               T* dm = dmask + ((b * H + h) * L + qb.q0 + i) * S + n0;
-              for (int64_t j = 0; j < nk; ++j) dm[j] = static_cast<T>(db[j * bm + i]);
+              for (int64_t j = 0; j < nk; ++j) dm[j] = static_cast<T>(w.db[j * bm + i]);
             }
           }
           // dQ^T[e][i] += sum_j K[j][e] dS^T[j][i]
-          gemm_bcast<OpF32>(E, NV, nk, K.at(b, kvh, n0), K.s3, K.s2, db, bm, dqt, bm, CInit::load);
-        }
+          gemm_bcast<OpF32>(E, w.NV, nk, K.at(b, kvh, n0), K.s3, K.s2, w.db, bm, dqt, bm,
+                            CInit::load);
+        });
       }
       for (int64_t i = 0; i < qb.nq; ++i) {
         T* dqr = dq + ((b * H + h) * L + qb.q0 + i) * E;

@@ -187,7 +187,7 @@ bool softmax_group(const AttnArgs& a, const QBlock& qb, int qv0, int64_t n0, int
     sum[g] = vzero();
   }
   // pass 2: probabilities
-  vi drow[G];
+  vi drow[G] = {};  // set under dropout only; zeroed, else GCC 12 warns (maybe-uninitialized)
   if (a.drop.on) {
     const uint32_t dkey = a.drop.key(qb.b * a.H + qb.h);
     for (int g = 0; g < G; ++g) drow[g] = drop_rows(dkey, qb.q0 + qv0 + 16 * g);
