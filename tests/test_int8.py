@@ -4,7 +4,7 @@ int8_linear, Int8Linear and SmoothQuant.
 int8 results are exact: int32 GEMM outputs equal the reference (and torch._int_mm) bit for bit,
 quantization equals fastattn.reference.quantize_per_token bit for bit. Dequantized outputs are
 held to the float reference of the same quantized operands. The C++ CPU kernels are run on every
-instruction-set path the machine has (FASTATTN_INT8_CPU_ISA caps the choice); Triton runs under
+instruction-set path the machine has (FASTATTN_CPU_ISA caps the choice); Triton runs under
 the interpreter on small shapes.
 """
 
@@ -23,11 +23,15 @@ from fastattn import reference
 from fastattn.nn import Int8Linear
 from fastattn.smoothquant import collect_act_scales, smooth_layer_norm_linear
 
-# (backend, FASTATTN_INT8_CPU_ISA): the CPU kernels on each path, Triton interpreted
+# (backend, FASTATTN_CPU_ISA): the CPU kernels on each path (amx: AMX tiles; avx512_bf16: vpdpbusd,
+# and vdpbf16ps for bf16 weight-only linear; avx512_vnni: vpdpbusd and fp32 panels; portable:
+# scalar loops), Triton interpreted
 KERNELS = [
-    ("cpu", "amx"), ("cpu", "vnni"), ("cpu", "scalar"), ("triton", None), ("reference", None),
+    ("cpu", "amx"), ("cpu", "avx512_bf16"), ("cpu", "avx512_vnni"), ("cpu", "portable"),
+    ("triton", None), ("reference", None),
 ]
-KERNEL_IDS = ["cpu-amx", "cpu-vnni", "cpu-scalar", "triton", "reference"]
+KERNEL_IDS = ["cpu-amx", "cpu-avx512_bf16", "cpu-avx512_vnni", "cpu-portable", "triton",
+              "reference"]
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -36,7 +40,7 @@ def kernel(request, monkeypatch):
     backend, isa = request.param
     skip_unless_backend(backend)
     if isa is not None:
-        monkeypatch.setenv("FASTATTN_INT8_CPU_ISA", isa)
+        monkeypatch.setenv("FASTATTN_CPU_ISA", isa)
     return backend
 
 
@@ -487,8 +491,9 @@ def test_cpp_op_checks():
 
 def test_isa_env_is_checked(monkeypatch):
     skip_unless_backend("cpu")
-    monkeypatch.setenv("FASTATTN_INT8_CPU_ISA", "avx9000")
-    with pytest.raises(RuntimeError, match="FASTATTN_INT8_CPU_ISA must be"):
+    monkeypatch.setenv("FASTATTN_CPU_ISA", "avx9000")
+    with pytest.raises(RuntimeError, match="FASTATTN_CPU_ISA must be one of portable, avx2, avx512, "
+                                           "avx512_vnni, avx512_bf16, amx"):
         fastattn.int8_gemm(_randint8(2, 4), _randint8(2, 4), backend="cpu")
 
 

@@ -3,14 +3,14 @@
 //
 // Flash-style: per (batch, head, block of queries) an online softmax over blocks of keys, in
 // per-thread scratch of a few block x block tiles; the L x S score matrix never exists.
-// The kernels live in attention_kernels.h, compiled twice: portable, and with AVX-512 enabled
+// The kernels live in attention/*.h, compiled twice: portable, and with AVX-512 enabled
 // through a target pragma on that region only (the rest of the file, and any CPU without
 // AVX-512, stays on the baseline ISA). The instruction set is chosen at run time:
 //   amx          bf16 Q.K^T and P.V on AMX tiles (fp32 accumulation)
 //   avx512_bf16  bf16 Q.K^T and P.V with vdpbf16ps (fp32 accumulation)
 //   avx512       fp32 FMA micro-kernels (fp32, fp16 converted to fp32, bf16 without bf16 units)
 //   portable     plain loops
-// FASTATTN_CPU_ISA=<one of those> caps the choice (for testing every path on one machine).
+// FASTATTN_CPU_ISA caps the choice (cpu_features.h; for testing every path on one machine).
 // Measured on the Sapphire Rapids-class CPU this was tuned on: vdpbf16ps runs at ~1/4 of the
 // fp32 FMA throughput there (25-35 vs 100-150 GFLOP/s per core in a register-only loop), while
 // AMX tiles reach ~1.5 TFLOP/s per core, so bf16 prefers AMX and falls back to vdpbf16ps only
@@ -35,13 +35,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_features.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTATTN_X86_KERNELS 1
 #include <immintrin.h>
-#if defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 #endif
 
 namespace fastattn::cpu {
@@ -94,7 +92,7 @@ struct AttnArgs {
 enum class Path { f32, dpbf16, amx };
 
 namespace portable {
-#include "attention_kernels.h"
+#include "attention/kernels.h"
 }  // namespace portable
 
 #ifdef FASTATTN_X86_KERNELS
@@ -108,7 +106,7 @@ namespace portable {
 #pragma GCC diagnostic ignored "-Warray-bounds"
 namespace avx512 {
 #define FA_AVX512
-#include "attention_kernels.h"
+#include "attention/kernels.h"
 #undef FA_AVX512
 }  // namespace avx512
 #pragma GCC diagnostic pop
@@ -116,54 +114,6 @@ namespace avx512 {
 #endif
 
 namespace {
-
-enum class Isa { portable = 0, avx512 = 1, avx512_bf16 = 2, amx = 3 };
-
-Isa hardware_isa() {
-#ifdef FASTATTN_X86_KERNELS
-  __builtin_cpu_init();
-  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
-        __builtin_cpu_supports("bmi2")))
-    return Isa::portable;
-  if (!__builtin_cpu_supports("avx512bf16")) return Isa::avx512;
-#if defined(__linux__)
-  if (__builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16")) {
-    // Linux hands out the 8 KiB AMX tile state only on request (ARCH_REQ_XCOMP_PERM for
-    // XFEATURE_XTILEDATA); the permission covers the whole process.
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0) return Isa::amx;
-  }
-#endif
-  return Isa::avx512_bf16;
-#else
-  return Isa::portable;
-#endif
-}
-
-Isa cpu_isa() {
-  static const Isa hw = hardware_isa();
-  Isa isa = hw;
-  if (const char* env = std::getenv("FASTATTN_CPU_ISA")) {
-    const std::string s(env);
-    Isa cap = hw;
-    if (s == "portable")
-      cap = Isa::portable;
-    else if (s == "avx512")
-      cap = Isa::avx512;
-    else if (s == "avx512_bf16")
-      cap = Isa::avx512_bf16;
-    else if (s == "amx")
-      cap = Isa::amx;
-    else
-      TORCH_CHECK(s.empty(),
-                  "FASTATTN_CPU_ISA must be one of portable, avx512, avx512_bf16, amx; got '", s,
-                  "'");
-    isa = std::min(hw, cap);
-  }
-  return isa;
-}
 
 // ---- argument checks -------------------------------------------------------------------------
 void check_float_cpu(const at::Tensor& t, const char* name, int64_t dim) {
@@ -255,8 +205,8 @@ void fwd_dispatch(const AttnArgs& a, T* out, float* lse) {
   const Isa isa = cpu_isa();
 #ifdef FASTATTN_X86_KERNELS
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (isa == Isa::amx) return avx512::attention_fwd_impl<T, Path::amx>(a, out, lse);
-    if (isa == Isa::avx512_bf16) return avx512::attention_fwd_impl<T, Path::dpbf16>(a, out, lse);
+    if (isa >= Isa::amx) return avx512::attention_fwd_impl<T, Path::amx>(a, out, lse);
+    if (isa >= Isa::avx512_bf16) return avx512::attention_fwd_impl<T, Path::dpbf16>(a, out, lse);
   }
   if (isa >= Isa::avx512) return avx512::attention_fwd_impl<T, Path::f32>(a, out, lse);
 #endif

@@ -7,8 +7,8 @@
 //   scalar portable C++ (any CPU).
 // With AMX or VNNI, decode-sized M (a row or two; up to 8 rows without AMX) takes a dot-product
 // kernel instead that streams b as it lies in memory (dpbusd, 64 k per instruction, no packing).
-// FASTATTN_INT8_CPU_ISA=amx|vnni|scalar caps the choice (the best available one at or below it is
-// used), which is how the tests exercise every path on one machine.
+// FASTATTN_CPU_ISA caps the choice (cpu_features.h: amx, avx512_vnni, portable; the best path at
+// or below the cap is used), which is how the tests exercise every path on one machine.
 //
 // Both SIMD paths read the second operand from the same packed "VNNI layout": groups of 16 rows
 // of the (rows, K) int8 matrix, each group stored as (K/4, 16, 4) bytes, i.e. for every 4
@@ -26,8 +26,8 @@
 //              reused by every row of x: AMX-BF16 tiles for bfloat16 x, vdpbf16ps for bfloat16 x
 //              on CPUs with AVX512-BF16 but no AMX, float32 FMA otherwise (see "weight-only
 //              linear, large M" below).
-// Under FASTATTN_INT8_CPU_ISA the AMX tiles need "amx", every other AVX-512 path runs at "vnni"
-// and below, and "scalar" is the portable loop.
+// Under FASTATTN_CPU_ISA the AMX tiles need "amx", vdpbf16ps "avx512_bf16", the fp32 panels and
+// dot products "avx512"; "avx2" and "portable" run the portable loops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -45,12 +45,11 @@
 #include <string>
 #include <vector>
 
+#include "cpu_features.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTATTN_NO_SIMD)
 #define FASTATTN_X86 1
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #endif
 
 // GCC 12 reports the intrinsics' own `_mm512_undefined_*()` placeholders as uninitialised when
@@ -65,7 +64,30 @@ namespace {
 // ------------------------------------------------------------------------------------------------
 // instruction-set choice
 // ------------------------------------------------------------------------------------------------
-enum class Isa : int { kScalar = 0, kVnni = 1, kAmx = 2 };
+using fastattn::cpu::cpu_isa;
+using fastattn::cpu::Isa;
+
+// The int8 GEMM's kernels: AMX-INT8 tiles at level amx, vpdpbusd at avx512_vnni, else scalar.
+enum class GemmPath : int { kScalar = 0, kVnni = 1, kAmx = 2 };
+
+GemmPath gemm_path(Isa isa) {
+#ifdef FASTATTN_X86
+  if (isa >= Isa::amx) return GemmPath::kAmx;
+  if (isa >= Isa::avx512_vnni) return GemmPath::kVnni;
+#endif
+  (void)isa;
+  return GemmPath::kScalar;
+}
+
+// The AVX-512 kernels other than the GEMM's (quantization, weight-only linear's fp32 panels).
+bool use_avx512(Isa isa) {
+#ifdef FASTATTN_X86
+  return isa >= Isa::avx512;
+#else
+  (void)isa;
+  return false;
+#endif
+}
 
 #ifdef FASTATTN_X86
 // Loops over register-blocked accumulators are unrolled before GCC decides where arrays of
@@ -81,76 +103,7 @@ enum class Isa : int { kScalar = 0, kVnni = 1, kAmx = 2 };
 #define FA_TARGET_AMX_BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,amx-tile,amx-bf16")))
 
-bool cpu_has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return ok;
-}
-
-bool cpu_has_vnni() {
-  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
-  return ok;
-}
-
-// AMX needs the CPU feature bits and the kernel's permission to use the tile state
-// (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), Linux >= 5.16), once per process.
-bool cpu_has_amx() {
-  static const bool ok = [] {
-    if (!cpu_has_vnni()) return false;
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    const bool tile = (edx >> 24) & 1u, int8 = (edx >> 25) & 1u;
-    if (!tile || !int8) return false;
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-
-bool cpu_has_avx512_bf16() {
-  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
-
-// AMX-BF16 (tdpbf16ps), with the tile permission that cpu_has_amx() requests.
-bool cpu_has_amx_bf16() {
-  static const bool ok = [] {
-    if (!cpu_has_amx()) return false;
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    return ((edx >> 22) & 1u) != 0;
-  }();
-  return ok;
-}
 #endif
-
-// The cap set by FASTATTN_INT8_CPU_ISA (read per call: a getenv is cheap next to a GEMM).
-Isa isa_cap() {
-  const char* env = std::getenv("FASTATTN_INT8_CPU_ISA");
-  if (env == nullptr || *env == '\0') return Isa::kAmx;
-  const std::string v(env);
-  TORCH_CHECK(v == "amx" || v == "vnni" || v == "scalar",
-              "FASTATTN_INT8_CPU_ISA must be 'amx', 'vnni' or 'scalar', got '", v, "'");
-  return v == "amx" ? Isa::kAmx : (v == "vnni" ? Isa::kVnni : Isa::kScalar);
-}
-
-Isa best_isa() {
-  const Isa cap = isa_cap();
-  (void)cap;
-#ifdef FASTATTN_X86
-  if (cap >= Isa::kAmx && cpu_has_amx()) return Isa::kAmx;
-  if (cap >= Isa::kVnni && cpu_has_vnni()) return Isa::kVnni;
-#endif
-  return Isa::kScalar;
-}
-
-bool use_avx512() {
-#ifdef FASTATTN_X86
-  return isa_cap() != Isa::kScalar && cpu_has_avx512();
-#else
-  return false;
-#endif
-}
 
 // weight-only linear blocking: 4 rows of w x 4 rows of x per micro-kernel (16 accumulators)
 constexpr int kWoN = 4;
@@ -434,8 +387,8 @@ constexpr int kDotNR = 4;          // rows of b per micro-kernel
 // Largest M for which the dot-product kernel beats the tile kernels (measured, K = N = 4096 and
 // K = 768, N = 3072, one core): up to 8 rows against the VNNI tiles; against AMX only for one
 // row, or two when K is long enough (>= 2048) for the streaming to dominate.
-inline int64_t dot_max_m(Isa isa, int64_t K) {
-  if (isa == Isa::kVnni) return 8;
+inline int64_t dot_max_m(GemmPath path, int64_t K) {
+  if (path == GemmPath::kVnni) return 8;
   return K >= 2048 ? 2 : 1;
 }
 
@@ -1316,7 +1269,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x_in
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "quantize_per_token", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
 #ifdef FASTATTN_X86
-    if (use_avx512()) {
+    if (use_avx512(cpu_isa())) {
       at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
         quantize_rows_avx512<scalar_t>(xp, ldx, m0, m1, K, qp, sp);
       });
@@ -1387,23 +1340,23 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in,
   ep.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   const int8_t* ap = a.const_data_ptr<int8_t>();
   const int8_t* bp = b.const_data_ptr<int8_t>();
-  const Isa isa = K == 0 ? Isa::kScalar : best_isa();
+  const GemmPath path = K == 0 ? GemmPath::kScalar : gemm_path(cpu_isa());
 #ifdef FASTATTN_X86
-  const int64_t dot_max = dot_max_m(isa, K);
-  if (isa != Isa::kScalar && M <= dot_max) {
+  const int64_t dot_max = dot_max_m(path, K);
+  if (path != GemmPath::kScalar && M <= dot_max) {
     gemm_dot(ap, a.stride(0), bp, b.stride(0), M, N, K, ep);
     return out;
   }
-  if (isa == Isa::kAmx) {
+  if (path == GemmPath::kAmx) {
     gemm_amx(ap, a.stride(0), bp, b.stride(0), M, N, K, ep);
     return out;
   }
-  if (isa == Isa::kVnni) {
+  if (path == GemmPath::kVnni) {
     gemm_vnni(ap, a.stride(0), bp, b.stride(0), M, N, K, ep);
     return out;
   }
 #endif
-  (void)isa;
+  (void)path;
   gemm_scalar(ap, a.stride(0), bp, b.stride(0), M, N, K, ep);
   return out;
 }
@@ -1426,17 +1379,17 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_nd, const at::Tensor&
   at::Tensor out = at::empty(out_shape, x_in.options());
   if (M == 0 || N == 0) return out;
   const at::Tensor w = rows_contiguous(w_in);
+  const Isa isa = cpu_isa();
 #ifdef FASTATTN_X86
-  const bool amx = dt == at::kBFloat16 && M >= kWaMinM && K > 0 && best_isa() == Isa::kAmx &&
-                   cpu_has_amx_bf16();
-  if (amx || (M >= kWpMinM && K > 0 && use_avx512())) {
+  const bool amx = dt == at::kBFloat16 && M >= kWaMinM && K > 0 && isa >= Isa::amx;
+  if (amx || (M >= kWpMinM && K > 0 && use_avx512(isa))) {
     const at::Tensor xr = rows_contiguous(x_in);
     const WoArgs args{w.const_data_ptr<int8_t>(), w.stride(0), w_scale.const_data_ptr<float>(),
                       bias.defined() ? bias.const_data_ptr<float>() : nullptr, out.data_ptr(), N,
                       dt, M, N, K};
     if (amx) {
       wo_gemm_amx(xr.const_data_ptr<at::BFloat16>(), xr.stride(0), args);
-    } else if (dt == at::kBFloat16 && cpu_has_avx512_bf16()) {
+    } else if (dt == at::kBFloat16 && isa >= Isa::avx512_bf16) {
       wo_gemm_panels<true>(xr.const_data_ptr<at::BFloat16>(), xr.stride(0), args);
     } else {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "int8_weight_only_linear", [&] {
@@ -1459,7 +1412,7 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_nd, const at::Tensor&
   float* op_ = acc.data_ptr<float>();
   constexpr int64_t kNB = 16;  // rows of w per task
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kNB * K));
-  const bool simd = use_avx512();
+  const bool simd = use_avx512(isa);
   at::parallel_for(0, ceil_div(N, kNB), grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n_end = std::min(N, (t + 1) * kNB);

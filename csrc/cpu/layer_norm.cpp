@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "cpu_features.h"
 #include "layer_norm_kernel.h"  // the generic build
 
 namespace fastattn::cpu::layer_norm {
@@ -30,18 +31,23 @@ struct Kernels {
   const char* isa;
 };
 
-// Picked once, from the capability ATen itself runs at (so ATEN_CPU_CAPABILITY=default or avx2
-// also selects the matching build here, which is how the fallbacks are tested).
+// The best build at or below both FASTATTN_CPU_ISA (cpu_features.h; read per call) and the
+// capability ATen itself runs at, which the builds' vectorised helpers share (so
+// ATEN_CPU_CAPABILITY=default or avx2 also selects the matching build here).
 const Kernels& kernels() {
-  static const Kernels k = [] {
+  static const Kernels generic_k{generic::fwd_rows, generic::bwd_rows, "generic"};
 #ifdef FASTATTN_LN_HAVE_X86_BUILDS
+  static const Kernels avx512_k{avx512::fwd_rows, avx512::bwd_rows, "avx512"};
+  static const Kernels avx2_k{avx2::fwd_rows, avx2::bwd_rows, "avx2"};
+  static const Isa aten = [] {
     const std::string cap = at::get_cpu_capability();
-    if (cap == "AVX512") return Kernels{avx512::fwd_rows, avx512::bwd_rows, "avx512"};
-    if (cap == "AVX2") return Kernels{avx2::fwd_rows, avx2::bwd_rows, "avx2"};
-#endif
-    return Kernels{generic::fwd_rows, generic::bwd_rows, "generic"};
+    return cap == "AVX512" ? Isa::avx512 : (cap == "AVX2" ? Isa::avx2 : Isa::portable);
   }();
-  return k;
+  const Isa isa = std::min(cpu_isa(), aten);
+  if (isa >= Isa::avx512) return avx512_k;
+  if (isa >= Isa::avx2) return avx2_k;
+#endif
+  return generic_k;
 }
 
 // Rows per parallel_for task: ~32K elements of work per task keeps the scheduling overhead
