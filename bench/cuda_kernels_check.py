@@ -1,7 +1,7 @@
 """Checks and times the CUDA kernels of fastattn._C on a GPU (run by bench/gpu_check_cuda.sh).
 
 Every op with a CUDA kernel in csrc/cuda runs through ``torch.ops.fastattn`` on CUDA tensors and
-is compared with ``fastattn.reference`` in float64 by DESIGN's rule (max|out - ref| <=
+is compared with ``fastattn.reference`` in float64 by the correctness rule (docs/design.md) (max|out - ref| <=
 2 * max|torch_lowp - ref| + eps, 3x for gradients; int8 results exact), then timed against its
 PyTorch baseline with torch.cuda.Event (interleaved rounds, median). Each case is recorded as
 ok / FAIL / ERROR and the run goes on. Results: <out>/cuda_kernels_check.json and .md, written

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (DESIGN.md "GPU checks"). Run from the repository root on the GPU
+# The one prepared GPU check (docs/design.md, "GPU checks"). Run from the repository root on the GPU
 # machine (no network, no pip installs):
 #
 #     bash bench/gpu_check.sh

@@ -1,14 +1,8 @@
 // fastattn._C: the op schemas. Each backend adds its kernels under its dispatch key
-// (csrc/cpu/*.cpp: CPU, csrc/cuda/*.cpp: CUDA); fake tensors and autograd are registered from
-// Python (fastattn/ops/). Importing the module is what registers everything.
-#include <Python.h>
+// (csrc/cpu/*.cpp: CPU, csrc/cuda/*.cpp: CUDA), csrc/autograd.cpp their autograd; fake tensors
+// are registered from Python (fastattn/ops/). The Python module itself (the fast entry points and
+// the argument checks) is csrc/python.cpp. Importing the module is what registers everything.
 #include <torch/library.h>
-
-
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 TORCH_LIBRARY(fastattn, m) {
   // ---- attention ---------------------------------------------------------------------------
@@ -44,15 +38,19 @@ TORCH_LIBRARY(fastattn, m) {
       "Tensor? k_new, Tensor? v_new, float scale, bool causal, Tensor? cache_leftpad=None) "
       "-> Tensor");
   // ---- layer norm / rms norm -------------------------------------------------------------------
-  // input (M, N) with stride(1) == 1 (any row stride); residual the same shape; weight/bias (N,).
+  // input (*, *normalized_shape), any strides: rows of N = prod(normalized_shape) elements, read
+  // in place when each row is contiguous, else copied once. residual the same shape and dtype;
+  // weight/bias normalized_shape-shaped. Argument rules: fastattn::checks::check_norm.
   // rms: out = x * rstd * weight with rstd = 1/sqrt(mean(x^2) + eps), mean returned as zeros.
   // Statistics in float32. With residual, x = input + residual is rounded to input's dtype,
-  // returned as residual_out and normalised; without, residual_out is an empty tensor.
-  // out (M, N) in input's dtype; mean, rstd float32 (M,).
+  // returned as residual_out (input's shape) and normalised; without, residual_out is an empty
+  // tensor. out in input's shape and dtype (contiguous); mean, rstd float32 (M,), M rows.
   m.def(
-      "layer_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, float eps, "
-      "bool rms) -> (Tensor out, Tensor residual_out, Tensor mean, Tensor rstd)");
-  // x is what was normalised (residual_out when fused, else input). grad_input = dL/dx
+      "layer_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, "
+      "Tensor? residual, float eps, bool rms) "
+      "-> (Tensor out, Tensor residual_out, Tensor mean, Tensor rstd)");
+  // On the (M, N) rows: x is what was normalised (residual_out when fused, else input), with
+  // stride(1) == 1; weight/bias (N,). grad_input = dL/dx
   // (+ grad_residual_out when given); it is the gradient of both input and residual.
   // grad_weight/grad_bias (N,) in weight/bias dtype, reduced deterministically; empty when the
   // corresponding tensor is None.
@@ -71,8 +69,9 @@ TORCH_LIBRARY(fastattn, m) {
   m.def(
       "int8_gemm(Tensor a, Tensor b, Tensor? a_scale, Tensor? b_scale, Tensor? bias, "
       "ScalarType? out_dtype) -> Tensor");
-  // Weight-only int8 for small M (decoding): x (M, K) float, w int8 (N, K), w_scale float32 (N,):
-  // out = (x @ w.T) * w_scale + bias, accumulated in float32, in x's dtype.
+  // Weight-only int8 for small M (decoding): x (..., K) float, w int8 (N, K), w_scale float32 (N,):
+  // out (..., N) = (x @ w.T) * w_scale + bias, accumulated in float32, in x's dtype. Argument
+  // rules: fastattn::checks::check_int8_linear.
   m.def(
       "int8_weight_only_linear(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias) -> Tensor");
 }

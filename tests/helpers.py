@@ -1,4 +1,4 @@
-"""The correctness rule of DESIGN.md as one assertion, plus small shared test utilities.
+"""The correctness rule of docs/design.md as one assertion, plus small shared test utilities.
 
     max|out - ref_hi| <= factor * max|out_torch_lowp - ref_hi| + eps
 

@@ -1,7 +1,7 @@
 """Attention semantics suite, shared by every backend ("reference", "cpu", "triton").
 
 Each case runs ``fastattn.scaled_dot_product_attention`` / ``attention_with_kvcache`` with an
-explicit backend and holds out, lse and the gradients (q, k, v, float mask) to DESIGN's rule
+explicit backend and holds out, lse and the gradients (q, k, v, float mask) to the correctness rule (docs/design.md)
 against ``fastattn.reference`` in float64 (factor 2 for outputs, 3 for gradients), with plain
 PyTorch in the kernel's dtype as the low-precision baseline. Backends that cannot run here skip
 with the reason (the C++ extension not built, triton not in interpreter mode on CPU...).
@@ -657,7 +657,7 @@ kernels = [
      P("Q", "KCache", "VCache", "Out", SeqLens="*i32", LeftPad="*i32", OutPartial="*fp32",
        LsePartial="*fp32")),
     (A._kvcache_combine_kernel, (None, None, 4, 1),
-     dict(HEAD_DIM_V=D, BLOCK_SPLITS=16, INTERP_BF16=False),
+     dict(HEAD_DIM_V=D, BLOCK_SPLITS=16),
      P("Out", OutPartial="*fp32", LsePartial="*fp32")),
 ]
 for fn, (bm, bn, warps, stages), const, ptrs in kernels:

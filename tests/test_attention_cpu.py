@@ -154,6 +154,26 @@ def test_every_instruction_set(isa, dtype):
     check_attention(q, k, v, mask, mask_grad=True)
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_lse_is_float32_accurate(isa, dtype):
+    # lse is a float32 output for every dtype, and the backward recomputes P = exp(y - lse) from
+    # it: it must be the logsumexp of the given (rounded) inputs to float32 precision, whatever the
+    # rounding of P itself. A softmax sum of approximate exps shows as a constant offset, worst
+    # where a row has one key (causal first rows, a single key): 7.2e-5 there from a degree-3 exp.
+    B, H, L, E = 1, 2, 339, 80
+    q, k, v = _rand((B, H, L, E), dtype), _rand((B, H, L, E), dtype), _rand((B, H, L, E), dtype)
+    for n_keys, kw in ((L, {}), (L, {"is_causal": True}), (1, {})):
+        kk, vv = k[:, :, :n_keys], v[:, :, :n_keys]
+        _, lse = fastattn.scaled_dot_product_attention(q, kk, vv, return_lse=True, backend="cpu",
+                                                       **kw)
+        _, ref = reference.scaled_dot_product_attention(q.double(), kk.double(), vv.double(),
+                                                        return_lse=True, **kw)
+        err = (lse.double() - ref).abs() / ref.abs().clamp_min(1.0)
+        assert err.max() <= 1e-5, (f"{n_keys} keys {kw}: lse off by up to {err.max():.2e} "
+                                   f"(mean {(lse.double() - ref).mean():+.2e})")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["blhd", "nan"])
 def test_strided_inputs(dtype, layout):
@@ -422,10 +442,17 @@ def test_bad_input_raises_naming_the_argument():
 
 
 def test_bad_instruction_set_cap_raises(monkeypatch):
+    # one variable caps every CPU family (attention, int8, LayerNorm); a bad value lists the good ones
     monkeypatch.setenv("FASTATTN_CPU_ISA", "sse9")
     q = torch.randn(1, 1, 4, 8)
-    with pytest.raises(RuntimeError, match="FASTATTN_CPU_ISA must be one of"):
+    msg = "FASTATTN_CPU_ISA must be one of portable, avx2, avx512, avx512_vnni, avx512_bf16, amx"
+    with pytest.raises(RuntimeError, match=msg):
         fastattn.scaled_dot_product_attention(q, q, q, backend="cpu")
+    with pytest.raises(RuntimeError, match=msg):
+        fastattn.layer_norm(torch.randn(2, 8), 8, backend="cpu")
+    a = torch.randint(-128, 128, (2, 4), dtype=torch.int8)
+    with pytest.raises(RuntimeError, match=msg):
+        fastattn.int8_gemm(a, a, backend="cpu")
 
 
 # ---- long sequences in little memory ---------------------------------------------------------------

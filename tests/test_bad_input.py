@@ -10,7 +10,7 @@ with a message naming the argument: wrong rank, mismatched sizes, unsupported or
 a second device ("meta"), empty tensors where invalid, non-finite scales and eps, wrong mask
 shape/dtype, negative sizes, out-of-range window/dropout/cache_seqlens, bad backend strings.
 
-Valid edge cases: defined behaviour, checked against the float64 reference with DESIGN's rule
+Valid edge cases: defined behaviour, checked against the float64 reference with the correctness rule (docs/design.md)
 (non-finite entries must match the reference's exactly, so no NaN where the reference has none):
 
     ============================  ================================================================

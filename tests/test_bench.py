@@ -1,4 +1,4 @@
-"""The benchmark CLI (python -m fastattn.bench) and its harness: work formulas, statistics and
+"""The benchmark CLI (python -m fastattn.bench) and its modules: work formulas, statistics and
 speed-ups, the results schema, "not available" reporting, and smoke runs of every op."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastattn
-from fastattn.bench import harness
+from fastattn.bench import cases, harness, report, timing
 from fastattn.bench.__main__ import OPS, main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,38 +25,38 @@ SMOKE = ["--smoke", "--device", "cpu", "--backends", "cpu,reference", "--no-prog
 # ---------------------------------------------------------------------------------------------
 def test_attention_flops():
     # 4 * B * H * L * S * E = 4 * 1 * 12 * 1024 * 1024 * 64
-    assert harness.attention_flops(1, 12, 1024, 1024, 64) == 3_221_225_472
-    assert harness.attention_flops(1, 12, 1024, 1024, 64, causal=True) == 1_610_612_736
+    assert cases.attention_flops(1, 12, 1024, 1024, 64) == 3_221_225_472
+    assert cases.attention_flops(1, 12, 1024, 1024, 64, causal=True) == 1_610_612_736
     # backward 2.5x, forward+backward 3.5x the forward
-    assert harness.attention_flops(1, 12, 1024, 1024, 64, mode="bwd") == 8_053_063_680
-    assert harness.attention_flops(1, 12, 1024, 1024, 64, mode="fwd+bwd") == 11_274_289_152
-    assert harness.attention_flops(2, 16, 4096, 4096, 128, causal=True, mode="fwd+bwd") == (
+    assert cases.attention_flops(1, 12, 1024, 1024, 64, mode="bwd") == 8_053_063_680
+    assert cases.attention_flops(1, 12, 1024, 1024, 64, mode="fwd+bwd") == 11_274_289_152
+    assert cases.attention_flops(2, 16, 4096, 4096, 128, causal=True, mode="fwd+bwd") == (
         481_036_337_152)  # 4*2*16*4096^2*128 = 274_877_906_944; / 2 * 3.5
     # L != S, Ev != E: 2*B*H*L*S*(E + Ev) = 2*1*1*2*3*(4 + 5)
-    assert harness.attention_flops(1, 1, 2, 3, 4, Ev=5) == 108
+    assert cases.attention_flops(1, 1, 2, 3, 4, Ev=5) == 108
     with pytest.raises(ValueError, match="mode"):
-        harness.attention_flops(1, 1, 1, 1, 1, mode="backward")
+        cases.attention_flops(1, 1, 1, 1, 1, mode="backward")
 
 
 def test_gemm_and_model_flops():
-    assert harness.gemm_flops(512, 3072, 768) == 2_415_919_104  # 2*512*3072*768
-    assert harness.gemm_flops(1, 4096, 4096) == 33_554_432
+    assert cases.gemm_flops(512, 3072, 768) == 2_415_919_104  # 2*512*3072*768
+    assert cases.gemm_flops(1, 4096, 4096) == 33_554_432
     # 1 layer, B=1, L=2, d=4, ff=8: 2*1*2*(4*16 + 2*4*8) + 4*1*2*2*4 = 512 + 64
-    assert harness.encoder_flops(1, 2, 4, 8, 1) == 576
-    assert harness.encoder_flops(1, 2, 4, 8, 3) == 3 * 576
+    assert cases.encoder_flops(1, 2, 4, 8, 1) == 576
+    assert cases.encoder_flops(1, 2, 4, 8, 3) == 3 * 576
 
 
 def test_memory_bytes():
     # fp32 (8192, 768): read x + write out = 2 * 8192*768*4, plus weight and bias 2 * 768*4
-    assert harness.layer_norm_bytes(8192, 768, 4) == 50_331_648 + 6_144
+    assert cases.layer_norm_bytes(8192, 768, 4) == 50_331_648 + 6_144
     # bf16 (4096, 4096) fused residual: read x, r; write out, x + r; weight + bias
-    assert harness.layer_norm_bytes(4096, 4096, 2, residual=True) == 134_217_728 + 16_384
+    assert cases.layer_norm_bytes(4096, 4096, 2, residual=True) == 134_217_728 + 16_384
     # RMSNorm has a weight only
-    assert harness.layer_norm_bytes(4096, 4096, 2, n_params=1) == 67_108_864 + 8_192
+    assert cases.layer_norm_bytes(4096, 4096, 2, n_params=1) == 67_108_864 + 8_192
     # decode: K and V of (B=1, Hkv=32, S=4096, E=128) in bf16 = 64 MiB
-    assert harness.decode_bytes(1, 32, 4096, 128, 2) == 67_108_864
-    assert harness.decode_bytes(8, 8, 32768, 128, 2) == 1_073_741_824
-    assert harness.copy_bytes(1 << 20, 4) == 8 << 20
+    assert cases.decode_bytes(1, 32, 4096, 128, 2) == 67_108_864
+    assert cases.decode_bytes(8, 8, 32768, 128, 2) == 1_073_741_824
+    assert cases.copy_bytes(1 << 20, 4) == 8 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,17 +64,17 @@ def test_memory_bytes():
 # ---------------------------------------------------------------------------------------------
 def _synthetic(name, kind, samples=None, status="ok"):
     res = {"impl": name, "kind": kind, "status": status, "reason": None if samples else "n/a",
-           "timing": harness.summarize(samples) if samples else None}
+           "timing": timing.summarize(samples) if samples else None}
     return res
 
 
 def test_summarize_quantiles():
-    t = harness.summarize([4.0, 1.0, 3.0, 2.0], inner=5)
+    t = timing.summarize([4.0, 1.0, 3.0, 2.0], inner=5)
     assert t["median_s"] == 2.5
     assert t["p25_s"] == pytest.approx(1.75) and t["p75_s"] == pytest.approx(3.25)
     assert (t["min_s"], t["max_s"], t["reps"], t["inner"]) == (1.0, 4.0, 4, 5)
     assert t["samples_s"] == [4.0, 1.0, 3.0, 2.0]  # in measurement order
-    assert harness.summarize([7.0])["p25_s"] == 7.0
+    assert timing.summarize([7.0])["p25_s"] == 7.0
 
 
 def test_speedups_are_ratios_of_medians():
@@ -86,11 +86,11 @@ def test_speedups_are_ratios_of_medians():
         _synthetic("copy (bound)", "bound", [2.0, 2.0]),  # median 2
         _synthetic("broken", "baseline", status="error"),
     ]
-    got = {(s["fastattn"], s["baseline"]): s["speedup"] for s in harness.speedups(results)}
+    got = {(s["fastattn"], s["baseline"]): s["speedup"] for s in timing.speedups(results)}
     assert got == {("fastattn[cpu]", "torch.sdpa"): 2.0,
                    ("fastattn[cpu]", "slow"): 10.0,
                    ("fastattn[cpu]", "copy (bound)"): pytest.approx(2 / 3)}
-    kinds = {s["baseline"]: s["baseline_kind"] for s in harness.speedups(results)}
+    kinds = {s["baseline"]: s["baseline_kind"] for s in timing.speedups(results)}
     assert kinds["copy (bound)"] == "bound"
 
 
@@ -107,20 +107,20 @@ def _crashes():
 
 def test_run_case_classifies_and_checks():
     x = torch.arange(8.0)
-    case = harness.Case(
+    case = cases.Case(
         op="synthetic", params={"n": 8}, dtype="fp32", bytes=64, bound="memory", x="n",
         check="base",
         build=lambda: [
-            harness.Impl("fastattn[ok]", "fastattn", fn=lambda: x + 0.5),
-            harness.Impl("fastattn[declines]", "fastattn", fn=_declines),
-            harness.Impl("fastattn[crashes]", "fastattn", fn=_crashes),
-            harness.Impl("fastattn[missing]", "fastattn", unavailable="not in this build"),
-            harness.Impl("base", "baseline", fn=lambda: x * 1.0),
-            harness.Impl("base[unsupported]", "baseline", fn=_crashes),
+            cases.Impl("fastattn[ok]", "fastattn", fn=lambda: x + 0.5),
+            cases.Impl("fastattn[declines]", "fastattn", fn=_declines),
+            cases.Impl("fastattn[crashes]", "fastattn", fn=_crashes),
+            cases.Impl("fastattn[missing]", "fastattn", unavailable="not in this build"),
+            cases.Impl("base", "baseline", fn=lambda: x * 1.0),
+            cases.Impl("base[unsupported]", "baseline", fn=_crashes),
         ])
-    cfg = harness.RunConfig(smoke=True, quick=True,
-                            ceilings={"copy": {"value": 1.0, "status": "ok"}})
-    rec = harness.run_case(case, cfg, harness.Timer("cpu"))
+    cfg = cases.RunConfig(smoke=True, quick=True,
+                          ceilings={"copy": {"value": 1.0, "status": "ok"}})
+    rec = harness.run_case(case, cfg, timing.Timer("cpu"))
     res = {r["impl"]: r for r in rec["results"]}
     assert res["fastattn[ok]"]["status"] == "ok"
     assert res["fastattn[ok]"]["max_abs_diff"] == 0.5
@@ -145,11 +145,11 @@ def test_run_case_classifies_and_checks():
 
 
 def test_resolve_reports_missing_functions():
-    func, why = harness.resolve("scaled_dot_product_attention")
+    func, why = cases.resolve("scaled_dot_product_attention")
     assert func is fastattn.scaled_dot_product_attention and why is None
-    func, why = harness.resolve("no_such_op")
+    func, why = cases.resolve("no_such_op")
     assert func is None and "fastattn.no_such_op" in why
-    func, why = harness.resolve("nn.NoSuchModule.from_float")
+    func, why = cases.resolve("nn.NoSuchModule.from_float")
     assert func is None and "fastattn.nn.NoSuchModule" in why
 
 
@@ -170,7 +170,7 @@ def test_cli_rejects_meaningless_requests():
 # the CLI end to end
 # ---------------------------------------------------------------------------------------------
 def _check_document(doc: dict, ops: list[str]) -> None:
-    assert harness.validate_results(doc) == []
+    assert report.validate_results(doc) == []
     assert doc["complete"] is True
     assert list(doc["ops"]) == ops
     assert {c["op"] for c in doc["cases"]} == set(ops)
@@ -234,12 +234,37 @@ def test_cli_each_op(op, tmp_path):
     assert (tmp_path / "results.md").exists()
 
 
+def test_overhead_rows(tmp_path):
+    """Every tiny call in both grad modes, fastattn's time per call next to PyTorch's and their
+    ratio, from the same run."""
+    rc = main(["--op", "overhead", *SMOKE, "--no-plots", "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    _check_document(doc, ["overhead"])
+    assert {(c["params"]["call"], c["params"]["grad"]) for c in doc["cases"]} == {
+        (call, grad) for call in ("layer_norm", "rms_norm", "decode", "int8_weight_only_linear")
+        for grad in ("no_grad", "autograd")}
+    md = (tmp_path / "results.md").read_text()
+    assert "| fastattn / baseline |" in md and "### Speed-up of fastattn" not in md
+    for case in doc["cases"]:
+        assert case["ratio"] == "time" and case["timing_mode"] == "wall"
+        by_name = {r["impl"]: r for r in case["results"]}
+        fast = by_name["fastattn[cpu]"]
+        if fast["status"] != "ok":  # the C++ extension is not built here
+            continue
+        assert fast["max_abs_diff"] is not None and fast["max_abs_diff"] < 1e-3, case["label"]
+        (s,) = [s for s in case["speedups"] if s["fastattn"] == "fastattn[cpu]"]
+        base = by_name[s["baseline"]]
+        ratio = fast["timing"]["median_s"] / base["timing"]["median_s"]
+        assert f"| {case['label']} | fastattn[cpu] | " in md and f"| {ratio:.3g}x |" in md
+
+
 def test_missing_function_is_not_available(monkeypatch, tmp_path):
     monkeypatch.delattr(fastattn, "scaled_dot_product_attention")
     rc = main(["--op", "attention", *SMOKE, "--no-plots", "--out", str(tmp_path)])
     assert rc == 0
     doc = json.loads((tmp_path / "results.json").read_text())
-    assert harness.validate_results(doc) == []
+    assert report.validate_results(doc) == []
     assert doc["ops"]["attention"]["status"] == "not available"
     assert "scaled_dot_product_attention" in doc["ops"]["attention"]["functions"][
         "scaled_dot_product_attention"]
@@ -260,27 +285,27 @@ def test_validator_catches_bad_documents(tmp_path):
                str(tmp_path)])
     assert rc == 0
     doc = json.loads((tmp_path / "results.json").read_text())
-    assert harness.validate_results(doc) == []
+    assert report.validate_results(doc) == []
 
     bad = json.loads(json.dumps(doc))
     del bad["env"]["torch"]
-    assert any("missing 'torch'" in e for e in harness.validate_results(bad))
+    assert any("missing 'torch'" in e for e in report.validate_results(bad))
 
     bad = json.loads(json.dumps(doc))
     bad["cases"][0]["results"][0]["status"] = "fast"
-    assert any("not one of" in e for e in harness.validate_results(bad))
+    assert any("not one of" in e for e in report.validate_results(bad))
 
     # a number where nothing ran (fastattn[cpu] is not available in some builds: forge one)
     bad = json.loads(json.dumps(doc))
     res = bad["cases"][0]["results"][0]
     res.update(status="not available", reason="forged", tflops=1.0, timing=None)
-    assert any("but tflops is set" in e for e in harness.validate_results(bad))
+    assert any("but tflops is set" in e for e in report.validate_results(bad))
 
     # a speed-up that is not the ratio of the medians
     bad = json.loads(json.dumps(doc))
     case = next(c for c in bad["cases"] if c["speedups"])
     case["speedups"][0]["speedup"] *= 1.5
-    assert any("ratio of medians" in e for e in harness.validate_results(bad))
+    assert any("ratio of medians" in e for e in report.validate_results(bad))
 
 
 def test_time_budget_skips_instead_of_running(tmp_path):
@@ -288,7 +313,7 @@ def test_time_budget_skips_instead_of_running(tmp_path):
                "--out", str(tmp_path)])
     assert rc == 0
     doc = json.loads((tmp_path / "results.json").read_text())
-    assert harness.validate_results(doc) == []
+    assert report.validate_results(doc) == []
     assert doc["cases"] and all(c["status"] == "skipped" and c["results"] == []
                                 for c in doc["cases"])
     assert "time budget" in (tmp_path / "results.md").read_text()

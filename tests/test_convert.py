@@ -1,6 +1,6 @@
 """fastattn.convert on torch Transformer stacks.
 
-Outputs and gradients of ``convert(copy.deepcopy(model))`` are held to DESIGN's rule against the
+Outputs and gradients of ``convert(copy.deepcopy(model))`` are held to the correctness rule (docs/design.md) against the
 original model (reference: the original in float64; low precision: the original in the test
 dtype); state_dicts load both ways; in eval mode under no_grad, where torch bypasses
 nn.MultiheadAttention.forward with its fused fast path, the converted model still runs fastattn.

@@ -10,7 +10,7 @@
 3. The same kernel sources are compiled for the host emulator in csrc/cuda/emulation (a fiber
    per CUDA thread, the PTX fragment layouts of mma.sync / ldmatrix, deferred cp.async,
    warp-by-warp scheduling that exposes missing barriers) and run through ctypes against
-   fastattn.reference with DESIGN's rule, launch planning included.
+   fastattn.reference with the correctness rule (docs/design.md), launch planning included.
 
 Each compile job is cached in build/cuda_check/ under the hash of its inputs (its sources, the
 headers, flags and compiler versions); FASTATTN_CUDA_CHECK_NO_CACHE=1 rebuilds everything.

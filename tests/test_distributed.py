@@ -4,7 +4,7 @@ DDP: two processes (gloo, CPU, started as subprocesses sharing a file store) eac
 small ``nn.TransformerEncoder`` converted by ``fastattn.convert`` and the same unconverted model
 in ``DistributedDataParallel``, feed a different batch per rank (causal float mask, padding
 mask), and take one training step. The converted model's loss and its all-reduced gradients
-are held to DESIGN's rule against the unconverted model in float64 (the oracle) with the
+are held to the correctness rule (docs/design.md) against the unconverted model in float64 (the oracle) with the
 unconverted float32 model as the low-precision baseline, and both ranks must hold identical
 gradients. It runs with ``backend="auto"`` (what a user gets) and, where it runs here, with the
 Triton kernels.

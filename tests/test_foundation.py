@@ -87,10 +87,17 @@ def test_auto_fallback_warns_once_per_reason():
 
 def test_explicit_backend_unavailable_or_unsupported_raises(monkeypatch):
     pytest.importorskip("triton", reason="needs triton installed")
+    from fastattn.triton import _interpret
+
+    # the variable is read once and cached: refresh after each change, and have monkeypatch
+    # put the cached value back with the variable
+    monkeypatch.setattr(_interpret, "_interpreting", _interpret.interpret())
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _interpret.refresh()
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         _backend.choose("demo_op", torch.device("cpu"), "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _interpret.refresh()
     assert _backend.choose("demo_op", torch.device("cpu"), "triton") == "triton"
     with pytest.raises(RuntimeError, match="cannot run this call: nope"):
         _backend.choose("demo_op", torch.device("cpu"), "triton", lambda b: "nope")

@@ -4,7 +4,7 @@ int8_linear, Int8Linear and SmoothQuant.
 int8 results are exact: int32 GEMM outputs equal the reference (and torch._int_mm) bit for bit,
 quantization equals fastattn.reference.quantize_per_token bit for bit. Dequantized outputs are
 held to the float reference of the same quantized operands. The C++ CPU kernels are run on every
-instruction-set path the machine has (FASTATTN_INT8_CPU_ISA caps the choice); Triton runs under
+instruction-set path the machine has (FASTATTN_CPU_ISA caps the choice); Triton runs under
 the interpreter on small shapes.
 """
 
@@ -23,12 +23,15 @@ from fastattn import reference
 from fastattn.nn import Int8Linear
 from fastattn.smoothquant import collect_act_scales, smooth_layer_norm_linear
 
-# (backend, FASTATTN_INT8_CPU_ISA): the CPU kernels on each path, Triton interpreted
+# (backend, FASTATTN_CPU_ISA): the CPU kernels on each path (amx: AMX tiles; avx512_bf16: vpdpbusd,
+# and vdpbf16ps for bf16 weight-only linear; avx512_vnni: vpdpbusd and fp32 panels; avx2: the
+# AVX2 weight-only kernel; portable: scalar loops), Triton interpreted
 KERNELS = [
-    ("cpu", "amx"), ("cpu", "vnni"), ("cpu", "avx2"), ("cpu", "scalar"), ("triton", None),
-    ("reference", None),
+    ("cpu", "amx"), ("cpu", "avx512_bf16"), ("cpu", "avx512_vnni"), ("cpu", "avx2"),
+    ("cpu", "portable"), ("triton", None), ("reference", None),
 ]
-KERNEL_IDS = ["cpu-amx", "cpu-vnni", "cpu-avx2", "cpu-scalar", "triton", "reference"]
+KERNEL_IDS = ["cpu-amx", "cpu-avx512_bf16", "cpu-avx512_vnni", "cpu-avx2", "cpu-portable",
+              "triton", "reference"]
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -37,7 +40,7 @@ def kernel(request, monkeypatch):
     backend, isa = request.param
     skip_unless_backend(backend)
     if isa is not None:
-        monkeypatch.setenv("FASTATTN_INT8_CPU_ISA", isa)
+        monkeypatch.setenv("FASTATTN_CPU_ISA", isa)
     return backend
 
 
@@ -499,14 +502,18 @@ def test_cpp_op_checks():
         torch.ops.fastattn.int8_gemm(a, b, torch.ones(4), None, None, torch.int8)
     with pytest.raises(RuntimeError, match="quantize_per_token: x must be float32"):
         torch.ops.fastattn.quantize_per_token(torch.ones(2, 3, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="w_int8 must be a 2-D int8"):
+    # the weight-only op takes the public function's arguments and rules (csrc/checks.cpp)
+    with pytest.raises(TypeError, match="int8_weight_only_linear: w_int8 must be an int8 tensor"):
         torch.ops.fastattn.int8_weight_only_linear(torch.randn(2, 8), b.float(), torch.ones(5), None)
+    with pytest.raises(ValueError, match=r"x.shape\[-1\] \(9\) must equal w_int8.shape\[1\]"):
+        torch.ops.fastattn.int8_weight_only_linear(torch.randn(2, 3, 9), b, torch.ones(5), None)
 
 
 def test_isa_env_is_checked(monkeypatch):
     skip_unless_backend("cpu")
-    monkeypatch.setenv("FASTATTN_INT8_CPU_ISA", "avx9000")
-    with pytest.raises(RuntimeError, match="FASTATTN_INT8_CPU_ISA must be"):
+    monkeypatch.setenv("FASTATTN_CPU_ISA", "avx9000")
+    with pytest.raises(RuntimeError, match="FASTATTN_CPU_ISA must be one of portable, avx2, avx512, "
+                                           "avx512_vnni, avx512_bf16, amx"):
         fastattn.int8_gemm(_randint8(2, 4), _randint8(2, 4), backend="cpu")
 
 

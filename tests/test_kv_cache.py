@@ -2,7 +2,7 @@
 
 Feeding a prompt and then a few tokens at a time through a converted decoder under a cache must
 give, for each call, the last positions of the original decoder run over the whole prefix with a
-causal mask: DESIGN's rule with the original in float64 as the reference and the original in the
+causal mask: the correctness rule (docs/design.md) with the original in float64 as the reference and the original in the
 test dtype as the low-precision result. The profiler proves the KV-cache kernel ran.
 """
 

@@ -1,5 +1,5 @@
 """fastattn.layer_norm / fastattn.rms_norm on every backend, forward and backward, against the
-float64 reference by DESIGN's rule (outputs 2x, gradients 3x PyTorch's own low-precision error).
+float64 reference by the correctness rule (docs/design.md) (outputs 2x, gradients 3x PyTorch's own low-precision error).
 
 Row counts stay tiny (the Triton interpreter runs numpy per program, one program per row) while
 the normalized sizes cover the register-resident Triton path, its column loop (> 16K in the
@@ -19,7 +19,6 @@ import torch.nn.functional as F
 import fastattn
 from fastattn import reference
 from fastattn.ops import _backend
-from fastattn.ops import layer_norm as layer_norm_ops
 from tests.helpers import (
     BACKENDS_UNDER_TEST,
     assert_close_rule,
@@ -257,12 +256,12 @@ def test_residual_sum_is_rounded():
 # torch.library / torch.compile
 # ---------------------------------------------------------------------------------------------
 def _op_args(residual, weight, bias, rms, dtype=torch.float32):
-    M, N = 5, 40
-    x = torch.randn(M, N, dtype=dtype, requires_grad=True)
-    return (x,
+    shape, N = (2, 3, 40), 40  # rows of N = 40, M = 6
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    return (x, [N],
             torch.randn(N, dtype=dtype, requires_grad=True) if weight else None,
             torch.randn(N, dtype=dtype, requires_grad=True) if bias else None,
-            torch.randn(M, N, dtype=dtype, requires_grad=True) if residual else None,
+            torch.randn(shape, dtype=dtype, requires_grad=True) if residual else None,
             1e-5, rms)
 
 
@@ -283,10 +282,10 @@ def test_opcheck(backend, case):
     torch.library.opcheck(fwd, args)
     with torch.no_grad():
         out, res_out, mean, rstd = fwd(*args)
-    # the backward op has no autograd of its own (no double backward): plain tensors
-    w, b = (t.detach() if t is not None else None for t in args[1:3])
-    x = res_out if residual else args[0].detach()
-    bwd_args = (torch.randn_like(out), torch.randn_like(out) if residual else None, x, w, b,
+    # the backward op has no autograd of its own (no double backward): plain tensors, on rows
+    w, b = (t.detach() if t is not None else None for t in args[2:4])
+    x = (res_out if residual else args[0].detach()).reshape(-1, 40)
+    bwd_args = (torch.randn_like(x), torch.randn_like(x) if residual else None, x, w, b,
                 mean, rstd, rms)
     torch.library.opcheck(bwd, bwd_args)
 
@@ -397,7 +396,7 @@ def test_backends_lists_the_ops():
 
 def test_float64_falls_back_to_reference_with_warning():
     _backend._warn_fallback.cache_clear()
-    layer_norm_ops._choose_cached.cache_clear()
+    _backend._CHOICES.clear()
     x = torch.randn(3, 10, dtype=torch.float64)
     with pytest.warns(UserWarning, match="layer_norm"):
         out = fastattn.layer_norm(x, 10)
@@ -557,7 +556,7 @@ class TestGPU:
 
     @staticmethod
     def _check_gpu(backend, rms, dtype, M, N, residual):
-        """As _check, with the float32 reference on the GPU as the oracle (DESIGN)."""
+        """As _check, with the float32 reference on the GPU as the oracle (docs/design.md)."""
         skip_unless_backend(backend, "cuda")
         g = torch.Generator(device="cuda").manual_seed(0)
         x = (torch.randn(M, N, device="cuda", generator=g) * 2 + 3).to(dtype)

@@ -1,6 +1,6 @@
 """fastattn.nn.MultiheadAttention against torch.nn.MultiheadAttention.
 
-DESIGN's rule per case: the reference is torch's module in float64, the low-precision baseline is
+the correctness rule (docs/design.md) per case: the reference is torch's module in float64, the low-precision baseline is
 torch's module in the test dtype, fastattn's module runs in the test dtype on the same weights.
 Outputs (and returned weights) within 2x torch's own error, gradients (inputs and parameters)
 within 3x.

@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis): random shapes, strides, dtypes, masks and options for every
-op family on every backend that runs here, held to DESIGN's rule against the float64 reference
+op family on every backend that runs here, held to the correctness rule (docs/design.md) against the float64 reference
 (int8: bit-exact, or the float reference of the same quantized operands).
 
 Examples are derandomized (the same ones on every run, so CI is reproducible) and few per op and

@@ -4,7 +4,7 @@ Long sequences: the CPU attention kernel runs L = S = 32768 (B = H = 1, E = 64, 
 in a subprocess whose address space is capped (``RLIMIT_AS``) at what it has mapped after a
 small warm-up call plus 1.5 GiB, and whose peak RSS may grow by at most 512 MiB during the call:
 an L x S float32 score matrix (4 GiB) or even a bf16 one (2 GiB) cannot be allocated. A few
-rows of the output are held to DESIGN's rule against the float64 reference of those rows. The
+rows of the output are held to the correctness rule (docs/design.md) against the float64 reference of those rows. The
 premise is tested too: the reference, which does materialise L x S, fails under the same cap.
 
 64-bit offsets, without allocating 2^31 elements: every tensor argument is a view whose batch

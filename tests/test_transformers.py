@@ -1,7 +1,7 @@
 """transformers integration: attn_implementation="fastattn" and fastattn.convert on HF models.
 
 Small models from configs with random weights (BERT, GPT-2, Llama with GQA, Mistral with a
-sliding window, T5 with its relative position bias) are held to DESIGN's rule: reference = the
+sliding window, T5 with its relative position bias) are held to the correctness rule (docs/design.md): reference = the
 model in float64 with its default attention (sdpa; eager for T5, which has no other: float64
 eager Llama overflows finfo.min + score to -inf on padded rows and spreads NaN), low precision =
 the same in float32, ours = fastattn.convert of the float32 model. Greedy generate()
@@ -258,7 +258,7 @@ def _qkv(Lq, S, H=4, Hkv=2, Dh=8):
 
 
 def _check(out, q, k, v, visible):
-    """DESIGN's rule against F.sdpa (float64 reference, float32 baseline) with repeated kv heads
+    """the correctness rule (docs/design.md) against F.sdpa (float64 reference, float32 baseline) with repeated kv heads
     and an explicit bool mask (True = attend), in the (B, Lq, H, D) layout."""
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)

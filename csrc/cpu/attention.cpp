@@ -3,14 +3,14 @@
 //
 // Flash-style: per (batch, head, block of queries) an online softmax over blocks of keys, in
 // per-thread scratch of a few block x block tiles; the L x S score matrix never exists.
-// The kernels live in attention_kernels.h, compiled twice: portable, and with AVX-512 enabled
+// The kernels live in attention/*.h, compiled twice: portable, and with AVX-512 enabled
 // through a target pragma on that region only (the rest of the file, and any CPU without
 // AVX-512, stays on the baseline ISA). The instruction set is chosen at run time:
 //   amx          bf16 Q.K^T and P.V on AMX tiles (fp32 accumulation)
 //   avx512_bf16  bf16 Q.K^T and P.V with vdpbf16ps (fp32 accumulation)
 //   avx512       fp32 FMA micro-kernels (fp32, fp16 converted to fp32, bf16 without bf16 units)
 //   portable     plain loops
-// FASTATTN_CPU_ISA=<one of those> caps the choice (for testing every path on one machine).
+// FASTATTN_CPU_ISA caps the choice (cpu_features.h; for testing every path on one machine).
 // Measured on the Sapphire Rapids-class CPU this was tuned on: vdpbf16ps runs at ~1/4 of the
 // fp32 FMA throughput there (25-35 vs 100-150 GFLOP/s per core in a register-only loop), while
 // AMX tiles reach ~1.5 TFLOP/s per core, so bf16 prefers AMX and falls back to vdpbf16ps only
@@ -20,6 +20,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include "../checks.h"
 
 #include <algorithm>
 #include <atomic>
@@ -33,13 +35,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_features.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTATTN_X86_KERNELS 1
 #include <immintrin.h>
-#if defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 #endif
 
 namespace fastattn::cpu {
@@ -92,7 +92,7 @@ struct AttnArgs {
 enum class Path { f32, dpbf16, amx };
 
 namespace portable {
-#include "attention_kernels.h"
+#include "attention/kernels.h"
 }  // namespace portable
 
 #ifdef FASTATTN_X86_KERNELS
@@ -106,7 +106,7 @@ namespace portable {
 #pragma GCC diagnostic ignored "-Warray-bounds"
 namespace avx512 {
 #define FA_AVX512
-#include "attention_kernels.h"
+#include "attention/kernels.h"
 #undef FA_AVX512
 }  // namespace avx512
 #pragma GCC diagnostic pop
@@ -114,54 +114,6 @@ namespace avx512 {
 #endif
 
 namespace {
-
-enum class Isa { portable = 0, avx512 = 1, avx512_bf16 = 2, amx = 3 };
-
-Isa hardware_isa() {
-#ifdef FASTATTN_X86_KERNELS
-  __builtin_cpu_init();
-  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
-        __builtin_cpu_supports("bmi2")))
-    return Isa::portable;
-  if (!__builtin_cpu_supports("avx512bf16")) return Isa::avx512;
-#if defined(__linux__)
-  if (__builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16")) {
-    // Linux hands out the 8 KiB AMX tile state only on request (ARCH_REQ_XCOMP_PERM for
-    // XFEATURE_XTILEDATA); the permission covers the whole process.
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0) return Isa::amx;
-  }
-#endif
-  return Isa::avx512_bf16;
-#else
-  return Isa::portable;
-#endif
-}
-
-Isa cpu_isa() {
-  static const Isa hw = hardware_isa();
-  Isa isa = hw;
-  if (const char* env = std::getenv("FASTATTN_CPU_ISA")) {
-    const std::string s(env);
-    Isa cap = hw;
-    if (s == "portable")
-      cap = Isa::portable;
-    else if (s == "avx512")
-      cap = Isa::avx512;
-    else if (s == "avx512_bf16")
-      cap = Isa::avx512_bf16;
-    else if (s == "amx")
-      cap = Isa::amx;
-    else
-      TORCH_CHECK(s.empty(),
-                  "FASTATTN_CPU_ISA must be one of portable, avx512, avx512_bf16, amx; got '", s,
-                  "'");
-    isa = std::min(hw, cap);
-  }
-  return isa;
-}
 
 // ---- argument checks -------------------------------------------------------------------------
 void check_float_cpu(const at::Tensor& t, const char* name, int64_t dim) {
@@ -253,8 +205,8 @@ void fwd_dispatch(const AttnArgs& a, T* out, float* lse) {
   const Isa isa = cpu_isa();
 #ifdef FASTATTN_X86_KERNELS
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (isa == Isa::amx) return avx512::attention_fwd_impl<T, Path::amx>(a, out, lse);
-    if (isa == Isa::avx512_bf16) return avx512::attention_fwd_impl<T, Path::dpbf16>(a, out, lse);
+    if (isa >= Isa::amx) return avx512::attention_fwd_impl<T, Path::amx>(a, out, lse);
+    if (isa >= Isa::avx512_bf16) return avx512::attention_fwd_impl<T, Path::dpbf16>(a, out, lse);
   }
   if (isa >= Isa::avx512) return avx512::attention_fwd_impl<T, Path::f32>(a, out, lse);
 #endif
@@ -385,72 +337,22 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
                              const std::optional<at::Tensor>& k_new,
                              const std::optional<at::Tensor>& v_new, double scale, bool causal,
                              const std::optional<at::Tensor>& cache_leftpad) {
-  check_float_cpu(q, "q", 4);
+  checks::check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad);
+  check_float_cpu(q, "q", 4);  // the CPU kernels' dtypes and device
   check_float_cpu(k_cache, "k_cache", 4);
   check_float_cpu(v_cache, "v_cache", 4);
-  check_same_dtype(k_cache, q, "k_cache");
-  check_same_dtype(v_cache, q, "v_cache");
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), E = q.size(3);
-  const int64_t Hkv = k_cache.size(1), cap = k_cache.size(2), Ev = v_cache.size(3);
-  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == E,
-              "fastattn::attention_kvcache (cpu): k_cache must be (B=", B, ", Hkv, capacity, E=", E,
-              "), got ", k_cache.sizes());
-  TORCH_CHECK(
-      v_cache.size(0) == B && v_cache.size(1) == Hkv && v_cache.size(2) == cap,
-      "fastattn::attention_kvcache (cpu): v_cache must be (B, Hkv, capacity, Ev) like k_cache ",
-      k_cache.sizes(), ", got ", v_cache.sizes());
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "fastattn::attention_kvcache (cpu): q heads (", H,
-              ") must be a multiple of cache heads (", Hkv, ")");
-  TORCH_CHECK(std::isfinite(scale), "fastattn::attention_kvcache (cpu): scale must be finite, got ",
-              scale);
-  TORCH_CHECK(
-      cache_seqlens.device().is_cpu() && cache_seqlens.scalar_type() == at::kInt &&
-          cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B,
-      "fastattn::attention_kvcache (cpu): cache_seqlens must be an int32 CPU tensor of shape (", B,
-      ",), got ", cache_seqlens.scalar_type(), " ", cache_seqlens.sizes(), " on ",
-      cache_seqlens.device());
-  const bool has_new = k_new.has_value() && k_new->defined();
-  TORCH_CHECK(has_new == (v_new.has_value() && v_new->defined()),
-              "fastattn::attention_kvcache (cpu): k_new and v_new must be given together");
-  if (has_new) {
-    check_float_cpu(*k_new, "k_new", 4);
-    check_float_cpu(*v_new, "v_new", 4);
-    check_same_dtype(*k_new, q, "k_new");
-    check_same_dtype(*v_new, q, "v_new");
-    const std::vector<int64_t> ks{B, Hkv, Lq, E}, vs{B, Hkv, Lq, Ev};
-    TORCH_CHECK(k_new->sizes() == ks,
-                "fastattn::attention_kvcache (cpu): k_new must be (B, Hkv, Lq, E) = ", ks, ", got ",
-                k_new->sizes());
-    TORCH_CHECK(v_new->sizes() == vs,
-                "fastattn::attention_kvcache (cpu): v_new must be (B, Hkv, Lq, Ev) = ", vs,
-                ", got ", v_new->sizes());
-  }
+  const int64_t Hkv = k_cache.size(1), Ev = v_cache.size(3);
+  const bool has_new = k_new.has_value();
+  // visible keys of sequence b: [begin[b], total[b]) (check_kvcache checked the ranges)
   const at::Tensor sl = cache_seqlens.contiguous();
   const int32_t* slp = sl.data_ptr<int32_t>();
-  std::vector<int64_t> total(static_cast<size_t>(B));
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t n = slp[b], extra = has_new ? Lq : 0;
-    TORCH_CHECK(n >= 0 && n + extra <= cap, "fastattn::attention_kvcache (cpu): cache_seqlens[", b,
-                "] = ", n, " must lie in [0, capacity - new tokens] = [0, ", cap - extra, "]");
-    total[static_cast<size_t>(b)] = n + extra;
-  }
-  // first visible key per sequence (left-padded batches)
-  std::vector<int64_t> begin(static_cast<size_t>(B), 0);
-  if (cache_leftpad.has_value() && cache_leftpad->defined()) {
-    const at::Tensor& lp_in = *cache_leftpad;
-    TORCH_CHECK(lp_in.device().is_cpu() && lp_in.scalar_type() == at::kInt && lp_in.dim() == 1 &&
-                    lp_in.size(0) == B,
-                "fastattn::attention_kvcache (cpu): cache_leftpad must be an int32 CPU tensor of "
-                "shape (", B, ",), got ", lp_in.scalar_type(), " ", lp_in.sizes(), " on ",
-                lp_in.device());
-    const at::Tensor lp = lp_in.contiguous();
+  std::vector<int64_t> total(static_cast<size_t>(B)), begin(static_cast<size_t>(B), 0);
+  for (int64_t b = 0; b < B; ++b) total[static_cast<size_t>(b)] = slp[b] + (has_new ? Lq : 0);
+  if (cache_leftpad.has_value()) {
+    const at::Tensor lp = cache_leftpad->contiguous();
     const int32_t* lpp = lp.data_ptr<int32_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(lpp[b] >= 0 && lpp[b] <= total[static_cast<size_t>(b)],
-                  "fastattn::attention_kvcache (cpu): cache_leftpad[", b, "] = ", lpp[b],
-                  " must lie in [0, cached + new tokens] = [0, ", total[static_cast<size_t>(b)], "]");
-      begin[static_cast<size_t>(b)] = lpp[b];
-    }
+    for (int64_t b = 0; b < B; ++b) begin[static_cast<size_t>(b)] = lpp[b];
   }
   at::Tensor out = at::empty({B, H, Lq, Ev}, q.options());
   if (out.numel() == 0 && !has_new) return out;

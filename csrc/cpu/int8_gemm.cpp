@@ -7,8 +7,8 @@
 //   scalar portable C++ (any CPU).
 // With AMX or VNNI, decode-sized M (a row or two; up to 8 rows without AMX) takes a dot-product
 // kernel instead that streams b as it lies in memory (dpbusd, 64 k per instruction, no packing).
-// FASTATTN_INT8_CPU_ISA=amx|vnni|avx2|scalar caps the choice (the best available one at or below
-// it is used), which is how the tests exercise every path on one machine.
+// FASTATTN_CPU_ISA caps the choice (cpu_features.h: amx, avx512_vnni, portable; the best path at
+// or below the cap is used), which is how the tests exercise every path on one machine.
 //
 // Both SIMD paths read the second operand from the same packed "VNNI layout": groups of 16 rows
 // of the (rows, K) int8 matrix, each group stored as (K/4, 16, 4) bytes, i.e. for every 4
@@ -27,15 +27,17 @@
 //              on CPUs with AVX512-BF16 but no AMX, float32 FMA otherwise (see "weight-only
 //              linear, large M" below).
 // Without AVX-512, AVX2 + FMA CPUs run every M through an AVX2 dot-product kernel (see "weight-only
-// linear (AVX2)" below). Under FASTATTN_INT8_CPU_ISA the AMX tiles need "amx", every other
-// AVX-512 path runs at "vnni", the AVX2 kernel at "avx2" and above (int8_gemm and
-// quantize_per_token have no AVX2 path: "avx2" runs them portably), and "scalar" is the portable
-// loop.
+// linear (AVX2)" below). Under FASTATTN_CPU_ISA the AMX tiles need "amx", vdpbf16ps "avx512_bf16",
+// the fp32 panels and dot products "avx512", the AVX2 weight-only kernel "avx2" (int8_gemm and
+// quantize_per_token have no AVX2 path: they run portably there); "portable" runs the portable
+// loops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include "../checks.h"
 
 #include <algorithm>
 #include <cmath>
@@ -46,12 +48,11 @@
 #include <string>
 #include <vector>
 
+#include "cpu_features.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTATTN_NO_SIMD)
 #define FASTATTN_X86 1
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #endif
 
 // GCC 12 reports the intrinsics' own `_mm512_undefined_*()` placeholders as uninitialised when
@@ -66,7 +67,30 @@ namespace {
 // ------------------------------------------------------------------------------------------------
 // instruction-set choice
 // ------------------------------------------------------------------------------------------------
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kVnni = 2, kAmx = 3 };
+using fastattn::cpu::cpu_isa;
+using fastattn::cpu::Isa;
+
+// The int8 GEMM's kernels: AMX-INT8 tiles at level amx, vpdpbusd at avx512_vnni, else scalar.
+enum class GemmPath : int { kScalar = 0, kVnni = 1, kAmx = 2 };
+
+GemmPath gemm_path(Isa isa) {
+#ifdef FASTATTN_X86
+  if (isa >= Isa::amx) return GemmPath::kAmx;
+  if (isa >= Isa::avx512_vnni) return GemmPath::kVnni;
+#endif
+  (void)isa;
+  return GemmPath::kScalar;
+}
+
+// The AVX-512 kernels other than the GEMM's (quantization, weight-only linear's fp32 panels).
+bool use_avx512(Isa isa) {
+#ifdef FASTATTN_X86
+  return isa >= Isa::avx512;
+#else
+  (void)isa;
+  return false;
+#endif
+}
 
 #ifdef FASTATTN_X86
 // Loops over register-blocked accumulators are unrolled before GCC decides where arrays of
@@ -82,78 +106,7 @@ enum class Isa : int { kScalar = 0, kAvx2 = 1, kVnni = 2, kAmx = 3 };
 #define FA_TARGET_AMX_BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,amx-tile,amx-bf16")))
 
-bool cpu_has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return ok;
-}
-
-bool cpu_has_vnni() {
-  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
-  return ok;
-}
-
-// AMX needs the CPU feature bits and the kernel's permission to use the tile state
-// (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), Linux >= 5.16), once per process.
-bool cpu_has_amx() {
-  static const bool ok = [] {
-    if (!cpu_has_vnni()) return false;
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    const bool tile = (edx >> 24) & 1u, int8 = (edx >> 25) & 1u;
-    if (!tile || !int8) return false;
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-
-bool cpu_has_avx512_bf16() {
-  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
-
-// AMX-BF16 (tdpbf16ps), with the tile permission that cpu_has_amx() requests.
-bool cpu_has_amx_bf16() {
-  static const bool ok = [] {
-    if (!cpu_has_amx()) return false;
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    return ((edx >> 22) & 1u) != 0;
-  }();
-  return ok;
-}
 #endif
-
-// The cap set by FASTATTN_INT8_CPU_ISA (read per call: a getenv is cheap next to a GEMM).
-Isa isa_cap() {
-  const char* env = std::getenv("FASTATTN_INT8_CPU_ISA");
-  if (env == nullptr || *env == '\0') return Isa::kAmx;
-  const std::string v(env);
-  TORCH_CHECK(v == "amx" || v == "vnni" || v == "avx2" || v == "scalar",
-              "FASTATTN_INT8_CPU_ISA must be 'amx', 'vnni', 'avx2' or 'scalar', got '", v, "'");
-  if (v == "amx") return Isa::kAmx;
-  if (v == "vnni") return Isa::kVnni;
-  return v == "avx2" ? Isa::kAvx2 : Isa::kScalar;
-}
-
-Isa best_isa() {
-  const Isa cap = isa_cap();
-  (void)cap;
-#ifdef FASTATTN_X86
-  if (cap >= Isa::kAmx && cpu_has_amx()) return Isa::kAmx;
-  if (cap >= Isa::kVnni && cpu_has_vnni()) return Isa::kVnni;
-#endif
-  return Isa::kScalar;
-}
-
-bool use_avx512() {
-#ifdef FASTATTN_X86
-  return isa_cap() >= Isa::kVnni && cpu_has_avx512();
-#else
-  return false;
-#endif
-}
 
 // weight-only linear blocking: 4 rows of w x 4 rows of x per micro-kernel (16 accumulators)
 constexpr int kWoN = 4;
@@ -437,8 +390,8 @@ constexpr int kDotNR = 4;          // rows of b per micro-kernel
 // Largest M for which the dot-product kernel beats the tile kernels (measured, K = N = 4096 and
 // K = 768, N = 3072, one core): up to 8 rows against the VNNI tiles; against AMX only for one
 // row, or two when K is long enough (>= 2048) for the streaming to dominate.
-inline int64_t dot_max_m(Isa isa, int64_t K) {
-  if (isa == Isa::kVnni) return 8;
+inline int64_t dot_max_m(GemmPath path, int64_t K) {
+  if (path == GemmPath::kVnni) return 8;
   return K >= 2048 ? 2 : 1;
 }
 
@@ -847,15 +800,6 @@ FA_TARGET_AVX512 void wo_micro(int mr, int nr, const float* x, int64_t ldx, cons
 // spilled the 16 ymm registers (~50 GFLOP/s).
 // ------------------------------------------------------------------------------------------------
 #define FA_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-
-bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-}
-
-// The AVX2 kernel runs where no AVX-512 one does, unless FASTATTN_INT8_CPU_ISA is "scalar".
-bool use_avx2_wo() { return isa_cap() >= Isa::kAvx2 && cpu_has_avx2_fma(); }
 
 FA_TARGET_AVX2 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -1426,7 +1370,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x_in
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "quantize_per_token", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
 #ifdef FASTATTN_X86
-    if (use_avx512()) {
+    if (use_avx512(cpu_isa())) {
       at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
         quantize_rows_avx512<scalar_t>(xp, ldx, m0, m1, K, qp, sp);
       });
@@ -1497,57 +1441,56 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in,
   ep.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   const int8_t* ap = a.const_data_ptr<int8_t>();
   const int8_t* bp = b.const_data_ptr<int8_t>();
-  const Isa isa = K == 0 ? Isa::kScalar : best_isa();
+  const GemmPath path = K == 0 ? GemmPath::kScalar : gemm_path(cpu_isa());
 #ifdef FASTATTN_X86
-  const int64_t dot_max = dot_max_m(isa, K);
-  if (isa != Isa::kScalar && M <= dot_max) {
+  const int64_t dot_max = dot_max_m(path, K);
+  if (path != GemmPath::kScalar && M <= dot_max) {
     gemm_dot(ap, a.stride(0), bp, b.stride(0), M, N, K, ep);
     return out;
   }
-  if (isa == Isa::kAmx) {
+  if (path == GemmPath::kAmx) {
     gemm_amx(ap, a.stride(0), bp, b.stride(0), M, N, K, ep);
     return out;
   }
-  if (isa == Isa::kVnni) {
+  if (path == GemmPath::kVnni) {
     gemm_vnni(ap, a.stride(0), bp, b.stride(0), M, N, K, ep);
     return out;
   }
 #endif
-  (void)isa;
+  (void)path;
   gemm_scalar(ap, a.stride(0), bp, b.stride(0), M, N, K, ep);
   return out;
 }
 
-at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
+at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_nd, const at::Tensor& w_in,
                                        const at::Tensor& w_scale_in,
                                        const std::optional<at::Tensor>& bias_in) {
   constexpr const char* op = "int8_weight_only_linear";
-  TORCH_CHECK(x_in.dim() == 2, op, ": x must be 2-D (M, K), got ", x_in.sizes());
-  const auto dt = x_in.scalar_type();
+  fastattn::checks::check_int8_linear("fastattn.int8_weight_only_linear", x_nd, w_in, w_scale_in, bias_in);
+  const auto dt = x_nd.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
               ": x must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(w_in.dim() == 2 && w_in.scalar_type() == at::kChar, op,
-              ": w_int8 must be a 2-D int8 tensor (N, K), got ", w_in.scalar_type(), " ", w_in.sizes());
-  TORCH_CHECK(w_in.size(1) == x_in.size(1), op, ": x.shape[1] (", x_in.size(1),
-              ") must equal w_int8.shape[1] (", w_in.size(1), ")");
-  TORCH_CHECK(x_in.device().is_cpu() && w_in.device().is_cpu(), op, ": CPU tensors expected");
+  TORCH_CHECK(x_nd.device().is_cpu() && w_in.device().is_cpu(), op, ": CPU tensors expected");
+  const at::Tensor x_in = fastattn::checks::as_rows(x_nd, 1, x_nd.size(-1));  // (M, K)
   const int64_t M = x_in.size(0), K = x_in.size(1), N = w_in.size(0);
   const at::Tensor w_scale = float_vector(w_scale_in, N, op, "w_scale");
   const at::Tensor bias = float_vector(bias_in, N, op, "bias");
-  at::Tensor out = at::empty({M, N}, x_in.options());
+  std::vector<int64_t> out_shape(x_nd.sizes().begin(), x_nd.sizes().end());
+  out_shape.back() = N;
+  at::Tensor out = at::empty(out_shape, x_in.options());
   if (M == 0 || N == 0) return out;
   const at::Tensor w = rows_contiguous(w_in);
+  const Isa isa = cpu_isa();
 #ifdef FASTATTN_X86
-  const bool amx = dt == at::kBFloat16 && M >= kWaMinM && K > 0 && best_isa() == Isa::kAmx &&
-                   cpu_has_amx_bf16();
-  if (amx || (M >= kWpMinM && K > 0 && use_avx512())) {
+  const bool amx = dt == at::kBFloat16 && M >= kWaMinM && K > 0 && isa >= Isa::amx;
+  if (amx || (M >= kWpMinM && K > 0 && use_avx512(isa))) {
     const at::Tensor xr = rows_contiguous(x_in);
     const WoArgs args{w.const_data_ptr<int8_t>(), w.stride(0), w_scale.const_data_ptr<float>(),
                       bias.defined() ? bias.const_data_ptr<float>() : nullptr, out.data_ptr(), N,
                       dt, M, N, K};
     if (amx) {
       wo_gemm_amx(xr.const_data_ptr<at::BFloat16>(), xr.stride(0), args);
-    } else if (dt == at::kBFloat16 && cpu_has_avx512_bf16()) {
+    } else if (dt == at::kBFloat16 && isa >= Isa::avx512_bf16) {
       wo_gemm_panels<true>(xr.const_data_ptr<at::BFloat16>(), xr.stride(0), args);
     } else {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "int8_weight_only_linear", [&] {
@@ -1565,13 +1508,14 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_in, const at::Tensor&
   const int64_t ldx = xf.stride(0), ldw = w.stride(0);
   // out (M, N) float32, then one cast: rows of w are the parallel axis (each is read once per
   // 4 rows of x, from L1)
-  at::Tensor acc = dt == at::kFloat ? out : at::empty({M, N}, x_in.options().dtype(at::kFloat));
+  at::Tensor acc =
+      dt == at::kFloat ? out.view({M, N}) : at::empty({M, N}, x_in.options().dtype(at::kFloat));
   float* op_ = acc.data_ptr<float>();
   constexpr int64_t kNB = 16;  // rows of w per task
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kNB * K));
-  const bool simd = use_avx512();
+  const bool simd = use_avx512(isa);
 #ifdef FASTATTN_X86
-  const bool avx2 = !simd && use_avx2_wo();
+  const bool avx2 = !simd && isa >= Isa::avx2;
 #else
   const bool avx2 = false;
 #endif
@@ -1611,7 +1555,7 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_in, const at::Tensor&
   });
   (void)simd;
   (void)avx2;
-  if (dt != at::kFloat) out.copy_(acc);
+  if (dt != at::kFloat) out.view({M, N}).copy_(acc);
   return out;
 }
 

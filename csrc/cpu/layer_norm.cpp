@@ -18,6 +18,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+#include "cpu_features.h"
 #include "layer_norm_kernel.h"  // the generic build
 
 namespace fastattn::cpu::layer_norm {
@@ -29,18 +31,23 @@ struct Kernels {
   const char* isa;
 };
 
-// Picked once, from the capability ATen itself runs at (so ATEN_CPU_CAPABILITY=default or avx2
-// also selects the matching build here, which is how the fallbacks are tested).
+// The best build at or below both FASTATTN_CPU_ISA (cpu_features.h; read per call) and the
+// capability ATen itself runs at, which the builds' vectorised helpers share (so
+// ATEN_CPU_CAPABILITY=default or avx2 also selects the matching build here).
 const Kernels& kernels() {
-  static const Kernels k = [] {
+  static const Kernels generic_k{generic::fwd_rows, generic::bwd_rows, "generic"};
 #ifdef FASTATTN_LN_HAVE_X86_BUILDS
+  static const Kernels avx512_k{avx512::fwd_rows, avx512::bwd_rows, "avx512"};
+  static const Kernels avx2_k{avx2::fwd_rows, avx2::bwd_rows, "avx2"};
+  static const Isa aten = [] {
     const std::string cap = at::get_cpu_capability();
-    if (cap == "AVX512") return Kernels{avx512::fwd_rows, avx512::bwd_rows, "avx512"};
-    if (cap == "AVX2") return Kernels{avx2::fwd_rows, avx2::bwd_rows, "avx2"};
-#endif
-    return Kernels{generic::fwd_rows, generic::bwd_rows, "generic"};
+    return cap == "AVX512" ? Isa::avx512 : (cap == "AVX2" ? Isa::avx2 : Isa::portable);
   }();
-  return k;
+  const Isa isa = std::min(cpu_isa(), aten);
+  if (isa >= Isa::avx512) return avx512_k;
+  if (isa >= Isa::avx2) return avx2_k;
+#endif
+  return generic_k;
 }
 
 // Rows per parallel_for task: ~32K elements of work per task keeps the scheduling overhead
@@ -101,30 +108,34 @@ at::Tensor affine_f32(const std::optional<at::Tensor>& t, const char* name, int6
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
-    const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, double eps,
-    bool rms) {
-  TORCH_CHECK(input.dim() == 2, "fastattn::layer_norm: input must be 2-D (M, N), got shape ",
-              input.sizes());
-  check_float_dtype(input, "input");
-  const int64_t M = input.size(0), N = input.size(1);
+    const at::Tensor& input_in, at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
+    const std::optional<at::Tensor>& residual_in, double eps, bool rms) {
+  const int64_t N = checks::check_norm(rms, input_in, normalized_shape, weight_in, bias_in,
+                                       residual_in, eps);
+  check_float_dtype(input_in, "input");
+  const int64_t nd = static_cast<int64_t>(normalized_shape.size());
+  const at::Tensor input = checks::as_rows(input_in, nd, N);  // (M, N)
+  const int64_t M = input.size(0);
   const auto dtype = input.scalar_type();
   check_rows(input, "input", M, N, dtype);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0,
-              "fastattn::layer_norm: eps must be finite and >= 0, got ", eps);
-  TORCH_CHECK(!(rms && bias.has_value()), "fastattn::layer_norm: rms norm takes no bias");
-  if (residual.has_value()) check_rows(*residual, "residual", M, N, dtype);
-  const at::Tensor w = affine_f32(weight, "weight", N, 1.f);
-  const at::Tensor b = affine_f32(bias, "bias", N, 0.f);
+  std::optional<at::Tensor> residual;
+  if (residual_in.has_value()) residual = checks::as_rows(*residual_in, nd, N);
+  auto flat = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+    if (!t.has_value()) return std::nullopt;
+    return t->reshape({N});
+  };
+  const at::Tensor w = affine_f32(flat(weight_in), "weight", N, 1.f);
+  const at::Tensor b = affine_f32(flat(bias_in), "bias", N, 0.f);
 
   // outputs are written in full by the kernel: at::empty, never zeros (one less pass)
   at::Tensor out = at::empty({M, N}, input.options());
-  at::Tensor residual_out =
-      residual.has_value() ? at::empty({M, N}, input.options()) : at::empty({0}, input.options());
+  at::Tensor residual_out = residual.has_value() ? at::empty(input_in.sizes(), input.options())
+                                                 : at::empty({0}, input.options());
   at::Tensor mean = rms ? at::zeros({M}, input.options().dtype(at::kFloat))
                         : at::empty({M}, input.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({M}, input.options().dtype(at::kFloat));
-  if (M == 0) return {out, residual_out, mean, rstd};
+  if (M == 0) return {out.view(input_in.sizes()), residual_out, mean, rstd};
   advise_huge_pages(out);
   if (residual.has_value()) advise_huge_pages(residual_out);
 
@@ -146,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
   p.dtype = dtype;
   const FwdFn fwd = kernels().fwd;
   at::parallel_for(0, M, grain_rows(N), [&](int64_t begin, int64_t end) { fwd(p, begin, end); });
-  return {out, residual_out, mean, rstd};
+  return {out.view(input_in.sizes()), residual_out, mean, rstd};
 }
 
 // Rows are split into a number of blocks that depends on (M, N) only, never on the thread

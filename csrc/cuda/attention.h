@@ -11,25 +11,30 @@
 
 namespace fastattn::cuda {
 
-// Query i may see key j iff j - i lies in [diag_offset - window_left, diag_offset + window_right]
-// (a negative window side is unbounded) and j < len_k. The last dimension of q/k/v/out is
-// contiguous; every other stride is free (broadcast dims of the mask may have stride 0).
-struct AttnFwdParams {
+// What forward and backward share: q, k, v, the optional additive mask, the sizes, the scale
+// and the visibility window. Query i may see key j iff j - i lies in
+// [diag_offset - window_left, diag_offset + window_right] (a negative window side is unbounded)
+// and j < len_k. The last dimension of q/k/v/out is contiguous; every other stride is free
+// (broadcast dims of the mask may have stride 0).
+struct AttnProblem {
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
   const void* mask = nullptr;  // additive, q's dtype, (B, H, L, S) by strides; may be null
-  void* out = nullptr;         // (B, H, L, Ev), q's dtype
-  float* lse = nullptr;        // (B, H, L)
   int64_t q_stride_b = 0, q_stride_h = 0, q_stride_l = 0;
   int64_t k_stride_b = 0, k_stride_h = 0, k_stride_s = 0;
   int64_t v_stride_b = 0, v_stride_h = 0, v_stride_s = 0;
   int64_t mask_stride_b = 0, mask_stride_h = 0, mask_stride_l = 0, mask_stride_s = 0;
-  int64_t out_stride_b = 0, out_stride_h = 0, out_stride_l = 0;
-  int64_t lse_stride_b = 0, lse_stride_h = 0;
   int batch = 0, heads = 0, kv_heads = 0, len_q = 0, len_k = 0, head_dim = 0, head_dim_v = 0;
   float scale = 1.0f;
   int64_t window_left = -1, window_right = -1, diag_offset = 0;
+};
+
+struct AttnFwdParams : AttnProblem {
+  void* out = nullptr;   // (B, H, L, Ev), q's dtype
+  float* lse = nullptr;  // (B, H, L)
+  int64_t out_stride_b = 0, out_stride_h = 0, out_stride_l = 0;
+  int64_t lse_stride_b = 0, lse_stride_h = 0;
 };
 
 cudaError_t attention_fwd(const AttnFwdParams& p, DType dtype, cudaStream_t stream);
@@ -40,35 +45,24 @@ cudaError_t attention_fwd(const AttnFwdParams& p, DType dtype, cudaStream_t stre
 // (dmask must be zero-initialised: blocks outside the window are not visited). `workspace` is a
 // float32 buffer of 2 * B * H * L elements (delta and the base-2 lse per row). Deterministic: no
 // atomics anywhere (dK/dV and dQ are computed by separate kernels).
-struct AttnBwdParams {
+struct AttnBwdParams : AttnProblem {
   const void* grad_out = nullptr;
-  const void* q = nullptr;
-  const void* k = nullptr;
-  const void* v = nullptr;
   const void* out = nullptr;
   const float* lse = nullptr;
   const float* grad_lse = nullptr;  // may be null
-  const void* mask = nullptr;       // may be null
   void* dq = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;
   void* dmask = nullptr;  // may be null
   float* workspace = nullptr;
   int64_t do_stride_b = 0, do_stride_h = 0, do_stride_l = 0;
-  int64_t q_stride_b = 0, q_stride_h = 0, q_stride_l = 0;
-  int64_t k_stride_b = 0, k_stride_h = 0, k_stride_s = 0;
-  int64_t v_stride_b = 0, v_stride_h = 0, v_stride_s = 0;
   int64_t o_stride_b = 0, o_stride_h = 0, o_stride_l = 0;
   int64_t lse_stride_b = 0, lse_stride_h = 0;
   int64_t glse_stride_b = 0, glse_stride_h = 0;
-  int64_t mask_stride_b = 0, mask_stride_h = 0, mask_stride_l = 0, mask_stride_s = 0;
   int64_t dq_stride_b = 0, dq_stride_h = 0, dq_stride_l = 0;
   int64_t dk_stride_b = 0, dk_stride_h = 0, dk_stride_s = 0;
   int64_t dv_stride_b = 0, dv_stride_h = 0, dv_stride_s = 0;
   int64_t dmask_stride_b = 0, dmask_stride_h = 0, dmask_stride_l = 0, dmask_stride_s = 0;
-  int batch = 0, heads = 0, kv_heads = 0, len_q = 0, len_k = 0, head_dim = 0, head_dim_v = 0;
-  float scale = 1.0f;
-  int64_t window_left = -1, window_right = -1, diag_offset = 0;
 };
 
 cudaError_t attention_bwd(const AttnBwdParams& p, DType dtype, cudaStream_t stream);

@@ -13,12 +13,10 @@
 namespace fastattn::cuda {
 namespace detail {
 
-struct BwdArgs {
+struct BwdArgs : AttnArgs {
   AttnBwdParams p;
-  int lo_rel, hi_rel;
-  float scale_log2;
-  bool vec_q, vec_k, vec_v, vec_do;  // 16-byte loads
-  bool vec_dq, vec_dk, vec_dv;       // 16-byte stores
+  bool vec_do;                  // 16-byte loads
+  bool vec_dq, vec_dk, vec_dv;  // 16-byte stores
   float* delta;                      // (B, H, L)
   float* lse2;                       // (B, H, L), base-2 lse, +inf on empty rows
 };
@@ -27,6 +25,15 @@ struct BwdArgs {
 FA_DEVICE void query_range(const BwdArgs& a, int k_first, int k_last, int* lo, int* hi) {
   *lo = max_i(0, k_first - a.hi_rel);
   *hi = min_i(a.p.len_q, k_last - a.lo_rel + 1);
+}
+
+template <int kTiles>
+FA_DEVICE void zero_tiles(float (&acc)[kTiles][4]) {
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] = 0.0f;
+  }
 }
 
 // ---- 1. row statistics -------------------------------------------------------------------------
@@ -210,11 +217,8 @@ __global__ void __launch_bounds__(32 * attn_bwd_dkdv_tile().n_warps)
   };
 
   float acc_dk[kDTiles][4], acc_dv[kDTiles][4];
-#pragma unroll
-  for (int dt = 0; dt < kDTiles; ++dt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_dk[dt][e] = acc_dv[dt][e] = 0.0f;
-  }
+  zero_tiles(acc_dk);
+  zero_tiles(acc_dv);
   const int key_a = n0 + warp * 16 + g;  // keys of this thread's accumulator rows: key_a, +8
 
   if (n_iter > 0) issue(0, 0);
@@ -236,11 +240,7 @@ __global__ void __launch_bounds__(32 * attn_bwd_dkdv_tile().n_warps)
 
     // S^T = K Q^T (keys x queries), then P^T
     float acc_p[kMT][4];
-#pragma unroll
-    for (int nt = 0; nt < kMT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_p[nt][e] = 0.0f;
-    }
+    zero_tiles(acc_p);
     mma_rows_x_rows<T, kMT, Tr::kKSteps, kPitch>(acc_p, sK + warp * 16 * kPitch, sQ, ln);
 #pragma unroll
     for (int nt = 0; nt < kMT; ++nt) {
@@ -263,11 +263,7 @@ __global__ void __launch_bounds__(32 * attn_bwd_dkdv_tile().n_warps)
     mma_acc_x_tile<T, kBlockM, kDTiles, kPitch>(acc_dv, acc_p, sdO, ln);
     // dP^T = V dO^T, dS^T = P^T (dP^T - delta)
     float acc_ds[kMT][4];
-#pragma unroll
-    for (int nt = 0; nt < kMT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_ds[nt][e] = 0.0f;
-    }
+    zero_tiles(acc_ds);
     mma_rows_x_rows<T, kMT, Tr::kKSteps, kPitch>(acc_ds, sV + warp * 16 * kPitch, sdO, ln);
 #pragma unroll
     for (int nt = 0; nt < kMT; ++nt) {
@@ -358,11 +354,7 @@ __global__ void __launch_bounds__(32 * attn_bwd_dq_tile().n_warps)
     delta[r] = row < p.len_q ? args.delta[idx] : 0.0f;
   }
   float acc_dq[kDTiles][4];
-#pragma unroll
-  for (int dt = 0; dt < kDTiles; ++dt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_dq[dt][e] = 0.0f;
-  }
+  zero_tiles(acc_dq);
 
   if (n_blocks > 0) issue(0, 0);
   cp_async_commit();  // Q, dO and the first K, V
@@ -375,11 +367,7 @@ __global__ void __launch_bounds__(32 * attn_bwd_dq_tile().n_warps)
     __syncthreads();
     // S = Q K^T, P
     float acc_p[kNT][4];
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_p[nt][e] = 0.0f;
-    }
+    zero_tiles(acc_p);
     mma_rows_x_rows<T, kNT, Tr::kKSteps, kPitch>(acc_p, sQ + warp * 16 * kPitch, sK(stage), ln);
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
@@ -400,11 +388,7 @@ __global__ void __launch_bounds__(32 * attn_bwd_dq_tile().n_warps)
     }
     // dP = dO V^T, dS = P (dP - delta)
     float acc_ds[kNT][4];
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_ds[nt][e] = 0.0f;
-    }
+    zero_tiles(acc_ds);
     mma_rows_x_rows<T, kNT, Tr::kKSteps, kPitch>(acc_ds, sdO + warp * 16 * kPitch, sV(stage), ln);
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
@@ -677,37 +661,22 @@ cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
 cudaError_t attention_bwd(const AttnBwdParams& p, DType dtype, cudaStream_t stream) {
   // empty problems write nothing: the caller returns zero gradients for them
   if (p.batch <= 0 || p.heads <= 0 || p.len_q <= 0 || p.len_k <= 0) return cudaSuccess;
-  if (p.kv_heads <= 0 || p.heads % p.kv_heads != 0 || p.batch > 65535 || p.heads > 65535 ||
-      p.len_q < 0 || p.len_k < 0 || p.len_q >= (1 << 30) || p.len_k >= (1 << 30) ||
-      p.workspace == nullptr) {
-    return cudaErrorInvalidValue;
-  }
+  if (!attn_sizes_ok(p) || p.workspace == nullptr) return cudaErrorInvalidValue;
   detail::BwdArgs args;
+  static_cast<AttnArgs&>(args) = attn_args(p, dtype);
   args.p = p;
-  const VisibleRange vr =
-      visible_range(p.window_left, p.window_right, p.diag_offset, p.len_q, p.len_k);
-  args.lo_rel = vr.lo_rel;
-  args.hi_rel = vr.hi_rel;
-  args.scale_log2 = p.scale * kLog2e;
-  const int es = dtype == DType::kFloat32 ? 4 : 2;
-  args.vec_q = vec_ok(p.q, es, p.q_stride_b, p.q_stride_h, p.q_stride_l);
-  args.vec_k = vec_ok(p.k, es, p.k_stride_b, p.k_stride_h, p.k_stride_s);
-  args.vec_v = vec_ok(p.v, es, p.v_stride_b, p.v_stride_h, p.v_stride_s);
+  const int es = dtype_bytes(dtype);
   args.vec_do = vec_ok(p.grad_out, es, p.do_stride_b, p.do_stride_h, p.do_stride_l);
-  args.vec_dq =
-      vec_ok(p.dq, es, p.dq_stride_b, p.dq_stride_h, p.dq_stride_l) && p.head_dim % (16 / es) == 0;
-  args.vec_dk =
-      vec_ok(p.dk, es, p.dk_stride_b, p.dk_stride_h, p.dk_stride_s) && p.head_dim % (16 / es) == 0;
-  args.vec_dv = vec_ok(p.dv, es, p.dv_stride_b, p.dv_stride_h, p.dv_stride_s) &&
-                p.head_dim_v % (16 / es) == 0;
+  args.vec_dq = vec_store_ok(p.dq, es, p.dq_stride_b, p.dq_stride_h, p.dq_stride_l, p.head_dim);
+  args.vec_dk = vec_store_ok(p.dk, es, p.dk_stride_b, p.dk_stride_h, p.dk_stride_s, p.head_dim);
+  args.vec_dv =
+      vec_store_ok(p.dv, es, p.dv_stride_b, p.dv_stride_h, p.dv_stride_s, p.head_dim_v);
   const int64_t rows = int64_t(p.batch) * p.heads * p.len_q;
   args.delta = p.workspace;
   args.lse2 = p.workspace + rows;
   const int dim = p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v;
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    return dispatch_head_dim(
-        dim, [&](auto hd) { return detail::launch_bwd<T, decltype(hd)::value>(args, stream); });
+  return dispatch_dtype_head_dim(dtype, dim, [&](auto tag, auto hd) {
+    return detail::launch_bwd<typename decltype(tag)::type, decltype(hd)::value>(args, stream);
   });
 }
 

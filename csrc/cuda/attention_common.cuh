@@ -74,13 +74,66 @@ inline VisibleRange visible_range(int64_t window_left, int64_t window_right, int
   return {int(lo), int(hi)};
 }
 
-FA_DEVICE void store_u32(void* p, uint32_t v) {
-#if defined(FASTATTN_EMULATE)
-  ::fa_emu::check_align(p, 4, "4-byte store");
-  std::memcpy(p, &v, 4);
-#else
-  *static_cast<uint32_t*>(p) = v;
-#endif
+// Sizes every attention launcher refuses (grid dims y/z are limited to 65535 blocks, and the
+// kernels index rows and keys in int32 with headroom); empty problems are handled before.
+inline bool attn_sizes_ok(const AttnProblem& p) {
+  return p.kv_heads > 0 && p.heads % p.kv_heads == 0 && p.batch <= 65535 && p.heads <= 65535 &&
+         p.len_q >= 0 && p.len_q < (1 << 30) && p.len_k >= 0 && p.len_k < (1 << 30);
+}
+
+// What the forward and backward kernels derive from AttnProblem on the host: the visibility
+// range, the scale in base 2 (their softmax runs in base 2) and whether q, k, v can be read in
+// 16-byte chunks.
+struct AttnArgs {
+  int lo_rel, hi_rel;  // visibility, see VisibleRange
+  float scale_log2;
+  bool vec_q, vec_k, vec_v;
+};
+
+inline AttnArgs attn_args(const AttnProblem& p, DType dtype) {
+  const VisibleRange vr =
+      visible_range(p.window_left, p.window_right, p.diag_offset, p.len_q, p.len_k);
+  const int es = dtype_bytes(dtype);
+  AttnArgs a;
+  a.lo_rel = vr.lo_rel;
+  a.hi_rel = vr.hi_rel;
+  a.scale_log2 = p.scale * kLog2e;
+  a.vec_q = vec_ok(p.q, es, p.q_stride_b, p.q_stride_h, p.q_stride_l);
+  a.vec_k = vec_ok(p.k, es, p.k_stride_b, p.k_stride_h, p.k_stride_s);
+  a.vec_v = vec_ok(p.v, es, p.v_stride_b, p.v_stride_h, p.v_stride_s);
+  return a;
+}
+
+// An output written in 16-byte chunks also needs rows of whole chunks (cols elements each).
+inline bool vec_store_ok(const void* base, int elem_bytes, int64_t s0, int64_t s1, int64_t s2,
+                         int cols) {
+  return vec_ok(base, elem_bytes, s0, s1, s2) && cols % (16 / elem_bytes) == 0;
+}
+
+// f(TypeTag<T>, std::integral_constant<int, D>) for the element type of dtype and the bucket D
+// of head_dim.
+template <class F>
+inline cudaError_t dispatch_dtype_head_dim(DType dtype, int head_dim, F&& f) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return dispatch_head_dim(head_dim, [&](auto hd) { return f(tag, hd); });
+  });
+}
+
+// One key chunk of the online softmax of a row whose scores (base 2, -inf where not visible) lie
+// a key per lane, as in the SIMT kernels: updates the running max and sum, rescales the row's
+// accumulator and returns this lane's probability against the new max, for P V.
+template <int kCols>
+FA_DEVICE float online_softmax_chunk(float s, float& row_max, float& row_sum,
+                                     float (&acc)[kCols]) {
+  const float mx = max_f(row_max, warp_max(s));
+  const float m_use = mx == kNegInf ? 0.0f : mx;  // no visible key yet: keep 2^(-inf - 0) = 0
+  const float alpha = exp2_approx(row_max - m_use);
+  const float pr = exp2_approx(s - m_use);
+  row_max = mx;
+  row_sum = row_sum * alpha + warp_sum(pr);
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) acc[c] *= alpha;
+  return pr;
 }
 
 // Copies a kRows x kCols tile of a row-major matrix (row stride `stride` elements; the first

@@ -5,6 +5,8 @@
 #include <tuple>
 
 #include "attention.h"
+#include "../checks.h"
+#include "attention_params.h"
 #include "binding_utils.h"
 
 namespace fastattn::cuda {
@@ -77,30 +79,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
                    v = last_dim_contiguous(v_in);
   DeviceGuard guard(q.device());
-  AttnFwdParams p;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.q_stride_b = stride_or_zero(q, 0), p.q_stride_h = stride_or_zero(q, 1);
-  p.q_stride_l = stride_or_zero(q, 2);
-  p.k_stride_b = stride_or_zero(k, 0), p.k_stride_h = stride_or_zero(k, 1);
-  p.k_stride_s = stride_or_zero(k, 2);
-  p.v_stride_b = stride_or_zero(v, 0), p.v_stride_h = stride_or_zero(v, 1);
-  p.v_stride_s = stride_or_zero(v, 2);
-  if (attn_mask.has_value()) {
-    const at::Tensor& m = *attn_mask;
-    p.mask = m.data_ptr();
-    p.mask_stride_b = m.stride(0), p.mask_stride_h = m.stride(1);
-    p.mask_stride_l = m.stride(2), p.mask_stride_s = m.stride(3);
-  }
-  p.out_stride_b = out.stride(0), p.out_stride_h = out.stride(1), p.out_stride_l = out.stride(2);
-  p.lse_stride_b = lse.stride(0), p.lse_stride_h = lse.stride(1);
-  p.batch = int(B), p.heads = int(H), p.kv_heads = int(Hkv), p.len_q = int(L), p.len_k = int(S);
-  p.head_dim = int(E), p.head_dim_v = int(Ev);
-  p.scale = float(scale);
-  p.window_left = window_left, p.window_right = window_right, p.diag_offset = diag_offset;
+  const AttnFwdParams p = attn_fwd_params(
+      {B, H, Hkv, L, S, E, Ev}, float(scale), {window_left, window_right, diag_offset},
+      attn_operand(q), attn_operand(k), attn_operand(v), attn_operand(attn_mask),
+      attn_operand(out), attn_operand(lse));
   check_launch(attention_fwd(p, dtype_of(q, op, "q"), current_stream()), op);
   return {out, lse};
 }
@@ -159,48 +141,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
                    out = last_dim_contiguous(out_in);
   auto workspace = at::empty({2 * B * H * L}, q_in.options().dtype(at::kFloat));
   DeviceGuard guard(q.device());
-  AttnBwdParams p;
-  p.grad_out = grad_out.data_ptr();
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.grad_lse = glse.has_value() ? glse->data_ptr<float>() : nullptr;
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.workspace = workspace.data_ptr<float>();
-  p.do_stride_b = stride_or_zero(grad_out, 0), p.do_stride_h = stride_or_zero(grad_out, 1);
-  p.do_stride_l = stride_or_zero(grad_out, 2);
-  p.q_stride_b = stride_or_zero(q, 0), p.q_stride_h = stride_or_zero(q, 1);
-  p.q_stride_l = stride_or_zero(q, 2);
-  p.k_stride_b = stride_or_zero(k, 0), p.k_stride_h = stride_or_zero(k, 1);
-  p.k_stride_s = stride_or_zero(k, 2);
-  p.v_stride_b = stride_or_zero(v, 0), p.v_stride_h = stride_or_zero(v, 1);
-  p.v_stride_s = stride_or_zero(v, 2);
-  p.o_stride_b = stride_or_zero(out, 0), p.o_stride_h = stride_or_zero(out, 1);
-  p.o_stride_l = stride_or_zero(out, 2);
-  p.lse_stride_b = lse.stride(0), p.lse_stride_h = lse.stride(1);
-  if (glse.has_value()) p.glse_stride_b = glse->stride(0), p.glse_stride_h = glse->stride(1);
-  if (attn_mask.has_value()) {
-    const at::Tensor& m = *attn_mask;
-    p.mask = m.data_ptr();
-    p.mask_stride_b = m.stride(0), p.mask_stride_h = m.stride(1);
-    p.mask_stride_l = m.stride(2), p.mask_stride_s = m.stride(3);
-  }
-  if (want_dmask) {
-    p.dmask = dmask.data_ptr();
-    p.dmask_stride_b = dmask.stride(0), p.dmask_stride_h = dmask.stride(1);
-    p.dmask_stride_l = dmask.stride(2), p.dmask_stride_s = dmask.stride(3);
-  }
-  p.dq_stride_b = dq.stride(0), p.dq_stride_h = dq.stride(1), p.dq_stride_l = dq.stride(2);
-  p.dk_stride_b = dk.stride(0), p.dk_stride_h = dk.stride(1), p.dk_stride_s = dk.stride(2);
-  p.dv_stride_b = dv.stride(0), p.dv_stride_h = dv.stride(1), p.dv_stride_s = dv.stride(2);
-  p.batch = int(B), p.heads = int(H), p.kv_heads = int(Hkv), p.len_q = int(L), p.len_k = int(S);
-  p.head_dim = int(E), p.head_dim_v = int(Ev);
-  p.scale = float(scale);
-  p.window_left = window_left, p.window_right = window_right, p.diag_offset = diag_offset;
+  const AttnBwdParams p = attn_bwd_params(
+      {B, H, Hkv, L, S, E, Ev}, float(scale), {window_left, window_right, diag_offset},
+      attn_operand(q), attn_operand(k), attn_operand(v), attn_operand(attn_mask),
+      attn_operand(grad_out), attn_operand(out), attn_operand(lse), attn_operand(glse),
+      attn_operand(dq), attn_operand(dk), attn_operand(dv),
+      want_dmask ? attn_operand(dmask) : AttnOperand{}, workspace.data_ptr<float>());
   check_launch(attention_bwd(p, dtype_of(q, op, "q"), current_stream()), op);
   return {dq, dk, dv, dmask};
 }
@@ -211,6 +157,7 @@ at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, a
                                   const std::optional<at::Tensor>& v_new, double scale,
                                   bool causal, const std::optional<at::Tensor>& cache_leftpad) {
   constexpr const char* op = "attention_kvcache";
+  checks::check_kvcache(q_in, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad);
   check_cuda_tensor(q_in, q_in, op, "q");
   check_cuda_tensor(k_cache, q_in, op, "k_cache");
   check_cuda_tensor(v_cache, q_in, op, "v_cache");
@@ -268,32 +215,10 @@ at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, a
   const at::Tensor q = last_dim_contiguous(q_in);
   const at::Tensor seqlens = cache_seqlens.contiguous();
   DeviceGuard guard(q.device());
-  KvcacheParams p;
-  p.q = q.data_ptr();
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  p.seqlens = seqlens.data_ptr<int32_t>();
-  p.leftpad = leftpad.defined() ? leftpad.data_ptr<int32_t>() : nullptr;
-  p.out = out.data_ptr();
-  p.q_stride_b = stride_or_zero(q, 0), p.q_stride_h = stride_or_zero(q, 1);
-  p.q_stride_l = stride_or_zero(q, 2);
-  p.kc_stride_b = stride_or_zero(k_cache, 0), p.kc_stride_h = stride_or_zero(k_cache, 1);
-  p.kc_stride_s = stride_or_zero(k_cache, 2);
-  p.vc_stride_b = stride_or_zero(v_cache, 0), p.vc_stride_h = stride_or_zero(v_cache, 1);
-  p.vc_stride_s = stride_or_zero(v_cache, 2);
-  if (kn.has_value()) {
-    p.k_new = kn->data_ptr();
-    p.v_new = vn->data_ptr();
-    p.kn_stride_b = stride_or_zero(*kn, 0), p.kn_stride_h = stride_or_zero(*kn, 1);
-    p.kn_stride_l = stride_or_zero(*kn, 2);
-    p.vn_stride_b = stride_or_zero(*vn, 0), p.vn_stride_h = stride_or_zero(*vn, 1);
-    p.vn_stride_l = stride_or_zero(*vn, 2);
-  }
-  p.out_stride_b = out.stride(0), p.out_stride_h = out.stride(1), p.out_stride_l = out.stride(2);
-  p.batch = int(B), p.heads = int(H), p.kv_heads = int(Hkv), p.len_q = int(Lq);
-  p.capacity = int(cap), p.head_dim = int(E);
-  p.scale = float(scale);
-  p.causal = causal;
+  KvcacheParams p = kvcache_params(
+      {B, H, Hkv, Lq, cap, E, E}, float(scale), causal, attn_operand(q), attn_operand(k_cache),
+      attn_operand(v_cache), attn_operand(kn), attn_operand(vn), attn_operand(out),
+      seqlens.data_ptr<int32_t>(), leftpad.defined() ? leftpad.data_ptr<int32_t>() : nullptr);
   const KvcacheWorkspace ws = kvcache_plan(p, sm_count());
   at::Tensor partial_out, partial_lse;
   if (p.num_splits > 1) {

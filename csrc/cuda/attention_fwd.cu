@@ -10,11 +10,9 @@
 namespace fastattn::cuda {
 namespace detail {
 
-struct FwdArgs {
+struct FwdArgs : AttnArgs {
   AttnFwdParams p;
-  int lo_rel, hi_rel;  // visibility, see VisibleRange
-  float scale_log2;    // scale * log2(e): the softmax runs in base 2
-  bool vec_q, vec_k, vec_v, vec_out;
+  bool vec_out;
 };
 
 template <int kHeadDim>
@@ -366,15 +364,7 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
       if (vis && mask != nullptr) {
         s += mask[int64_t(row) * p.mask_stride_l + int64_t(key) * p.mask_stride_s] * kLog2e;
       }
-      s = vis ? s : kNegInf;
-      const float mx = max_f(row_max[r], warp_max(s));
-      const float m_use = mx == kNegInf ? 0.0f : mx;
-      const float alpha = exp2_approx(row_max[r] - m_use);
-      const float pr = exp2_approx(s - m_use);
-      row_max[r] = mx;
-      row_sum[r] = row_sum[r] * alpha + warp_sum(pr);
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) acc[r][c] *= alpha;
+      const float pr = online_softmax_chunk(vis ? s : kNegInf, row_max[r], row_sum[r], acc[r]);
       for (int j = 0; j < kChunk; ++j) {
         const float pj = __shfl_sync(0xffffffffu, pr, j);
 #pragma unroll
@@ -427,28 +417,15 @@ cudaError_t launch_fwd(const FwdArgs& args, cudaStream_t stream) {
 
 cudaError_t attention_fwd(const AttnFwdParams& p, DType dtype, cudaStream_t stream) {
   if (p.batch <= 0 || p.heads <= 0 || p.len_q <= 0) return cudaSuccess;
-  if (p.kv_heads <= 0 || p.heads % p.kv_heads != 0 || p.batch > 65535 || p.heads > 65535 ||
-      p.len_q >= (1 << 30) || p.len_k >= (1 << 30) || p.len_k < 0) {
-    return cudaErrorInvalidValue;
-  }
+  if (!attn_sizes_ok(p)) return cudaErrorInvalidValue;
   detail::FwdArgs args;
+  static_cast<AttnArgs&>(args) = attn_args(p, dtype);
   args.p = p;
-  const VisibleRange vr =
-      visible_range(p.window_left, p.window_right, p.diag_offset, p.len_q, p.len_k);
-  args.lo_rel = vr.lo_rel;
-  args.hi_rel = vr.hi_rel;
-  args.scale_log2 = p.scale * kLog2e;
-  const int es = dtype == DType::kFloat32 ? 4 : 2;
-  args.vec_q = vec_ok(p.q, es, p.q_stride_b, p.q_stride_h, p.q_stride_l);
-  args.vec_k = vec_ok(p.k, es, p.k_stride_b, p.k_stride_h, p.k_stride_s);
-  args.vec_v = vec_ok(p.v, es, p.v_stride_b, p.v_stride_h, p.v_stride_s);
-  args.vec_out = vec_ok(p.out, es, p.out_stride_b, p.out_stride_h, p.out_stride_l) &&
-                 p.head_dim_v % (16 / es) == 0;
+  args.vec_out = vec_store_ok(p.out, dtype_bytes(dtype), p.out_stride_b, p.out_stride_h,
+                              p.out_stride_l, p.head_dim_v);
   const int dim = p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v;
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    return dispatch_head_dim(
-        dim, [&](auto hd) { return detail::launch_fwd<T, decltype(hd)::value>(args, stream); });
+  return dispatch_dtype_head_dim(dtype, dim, [&](auto tag, auto hd) {
+    return detail::launch_fwd<typename decltype(tag)::type, decltype(hd)::value>(args, stream);
   });
 }
 

@@ -146,14 +146,7 @@ __global__ void __launch_bounds__(32 * kvcache_tile().n_warps)
     for (int r = 0; r < kRowsPerWarp; ++r) {
       if (row0 + warp + kTile.n_warps * r >= rows_total) continue;  // warp-uniform
       const float sr = key < limit[r] && key < s1 ? s[r] : kNegInf;
-      const float mx = max_f(row_max[r], warp_max(sr));
-      const float m_use = mx == kNegInf ? 0.0f : mx;
-      const float alpha = exp2_approx(row_max[r] - m_use);
-      const float pr = exp2_approx(sr - m_use);
-      row_max[r] = mx;
-      row_sum[r] = row_sum[r] * alpha + warp_sum(pr);
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) acc[r][c] *= alpha;
+      const float pr = online_softmax_chunk(sr, row_max[r], row_sum[r], acc[r]);
       for (int j = 0; j < kChunk; ++j) {
         const float pj = __shfl_sync(0xffffffffu, pr, j);
 #pragma unroll
@@ -249,9 +242,8 @@ cudaError_t launch_kvcache(const KvArgs& args, cudaStream_t stream) {
 }  // namespace detail
 
 KvcacheWorkspace kvcache_plan(KvcacheParams& p, int num_sms) {
-  const int gqa = p.kv_heads > 0 ? p.heads / p.kv_heads : 1;
-  const int64_t row_groups = ceil_div64(int64_t(gqa) * p.len_q, kvcache_tile().rows);
-  const int64_t blocks = int64_t(p.batch) * p.kv_heads * row_groups;
+  const int64_t blocks =
+      int64_t(p.batch) * p.kv_heads * kvcache_row_groups(p.heads, p.kv_heads, p.len_q);
   // the cache length is only known on the device: plan for a full cache
   const KvcacheSplit s = kvcache_split(blocks, p.capacity, num_sms);
   p.num_splits = s.num_splits;
@@ -271,16 +263,13 @@ cudaError_t attention_kvcache(const KvcacheParams& p, DType dtype, cudaStream_t 
   detail::KvArgs args;
   args.p = p;
   args.scale_log2 = p.scale * kLog2e;
-  args.row_groups = int(ceil_div64(int64_t(p.heads / p.kv_heads) * p.len_q, kvcache_tile().rows));
+  args.row_groups = int(kvcache_row_groups(p.heads, p.kv_heads, p.len_q));
   if (int64_t(p.kv_heads) * args.row_groups > 65535) return cudaErrorInvalidValue;
-  const int es = dtype == DType::kFloat32 ? 4 : 2;
+  const int es = dtype_bytes(dtype);
   args.vec_k = vec_ok(p.k_cache, es, p.kc_stride_b, p.kc_stride_h, p.kc_stride_s);
   args.vec_v = vec_ok(p.v_cache, es, p.vc_stride_b, p.vc_stride_h, p.vc_stride_s);
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    return dispatch_head_dim(p.head_dim, [&](auto hd) {
-      return detail::launch_kvcache<T, decltype(hd)::value>(args, stream);
-    });
+  return dispatch_dtype_head_dim(dtype, p.head_dim, [&](auto tag, auto hd) {
+    return detail::launch_kvcache<typename decltype(tag)::type, decltype(hd)::value>(args, stream);
   });
 }
 

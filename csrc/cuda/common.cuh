@@ -1,10 +1,11 @@
-// Device-side building blocks shared by the fastattn CUDA kernels: element types, the PTX
-// instructions the kernels are built on (cp.async, ldmatrix, mma.sync), warp reductions and
-// the launch macro. Torch-free.
+// Building blocks shared by the fastattn CUDA kernels: element types, the PTX instructions the
+// kernels are built on (cp.async, ldmatrix, mma.sync), warp reductions and the launch macro.
+// Torch-free.
 //
-// With FASTATTN_EMULATE the same kernels compile as host C++ against emulation/emulator.h,
-// which executes them on the CPU (tests/test_cuda_build.py); every PTX wrapper below therefore
-// has an emulated twin with the same fragment layout.
+// The hardware layer below (launch, fast math, vector memory access, cp.async, ldmatrix,
+// mma.sync) is the only part that cannot run on a CPU. With FASTATTN_EMULATE the kernels compile
+// as host C++ (tests/test_cuda_build.py) and emulation/seams.cuh supplies all of that layer
+// instead, with the same names and fragment layouts; everything after it is shared as written.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -16,46 +17,134 @@
 
 #include "dtype.h"
 
-#if defined(FASTATTN_EMULATE)
-#include <driver_types.h>
+namespace fastattn::cuda {
+using bf16 = __nv_bfloat16;
+using fp16 = __half;
+}  // namespace fastattn::cuda
 
-#include "emulation/emulator.h"
-#define FA_DEVICE inline
-#define FA_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  ((void)(stream), ::fa_emu::launch(kernel, grid, block, smem, __VA_ARGS__))
+#if defined(FASTATTN_EMULATE)
+#include "emulation/seams.cuh"
 #else
 #include <cuda_runtime.h>
+
 #define FA_DEVICE __device__ __forceinline__
 #define FA_LAUNCH(kernel, grid, block, smem, stream, ...) \
   kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
-#endif
 
 namespace fastattn::cuda {
 
-using bf16 = __nv_bfloat16;
-using fp16 = __half;
-
-// ---- launch helpers (host) -------------------------------------------------------------------
-inline cudaError_t launch_status() {
-#if defined(FASTATTN_EMULATE)
-  return ::fa_emu::last_error().empty() ? cudaSuccess : cudaErrorLaunchFailure;
-#else
-  return cudaGetLastError();
-#endif
-}
+// ---- launch (host) ---------------------------------------------------------------------------
+inline cudaError_t launch_status() { return cudaGetLastError(); }
 
 // Kernels above the default 48 KB of dynamic shared memory must opt in once per function.
 template <class Kernel>
 inline cudaError_t allow_smem(Kernel kernel, size_t bytes) {
-#if defined(FASTATTN_EMULATE)
-  (void)kernel;
-  return bytes <= 227 * 1024 ? cudaSuccess : cudaErrorInvalidValue;
-#else
   if (bytes <= 48 * 1024) return cudaSuccess;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-#endif
 }
 
+// ---- math ------------------------------------------------------------------------------------
+FA_DEVICE float exp2_approx(float x) {  // 2^x; 2^-inf = 0 (softmax numerators)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+FA_DEVICE float log_f(float x) { return logf(x); }
+
+FA_DEVICE float rsqrt_approx(float x) { return rsqrtf(x); }
+
+// IEEE round-to-nearest division and product, whatever --use_fast_math says (quantization must
+// match the reference bit for bit, subnormals included).
+FA_DEVICE float div_rn(float a, float b) {
+  float r;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+FA_DEVICE float mul_rn(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+// Round half to even and convert (saturating, NaN -> 0), like cvt.rni.s32.f32.
+FA_DEVICE int round_to_int(float x) { return __float2int_rn(x); }
+
+// ---- memory ----------------------------------------------------------------------------------
+FA_DEVICE char* smem_base() {
+  extern __shared__ __align__(16) char fastattn_smem[];
+  return fastattn_smem;
+}
+
+// 16-byte global/shared vector access (callers guarantee 16-byte alignment).
+FA_DEVICE uint4 load16(const void* p) { return *static_cast<const uint4*>(p); }
+FA_DEVICE void store16(void* p, const uint4& v) { *static_cast<uint4*>(p) = v; }
+// 4-byte store (callers guarantee 4-byte alignment).
+FA_DEVICE void store_u32(void* p, uint32_t v) { *static_cast<uint32_t*>(p) = v; }
+
+FA_DEVICE uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// cp.async.cg (L2 only, 16 bytes): copies src_bytes (0..16) from global, zero-fills the rest.
+FA_DEVICE void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
+               "r"(src_bytes)
+               : "memory");
+}
+FA_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+FA_DEVICE void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// ldmatrix .x4: lanes 8i..8i+7 pass the 16-byte row addresses of 8x8 matrix i; register i of
+// lane l receives row l/4, columns 2(l%4)..+1 of matrix i (transposed with .trans).
+FA_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(row_addr)));
+}
+FA_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(row_addr)));
+}
+
+// d += a * b on tensor cores, m16n8k16, fp32 accumulation.
+template <class T>
+FA_DEVICE void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+template <>
+FA_DEVICE void mma_16816<bf16>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+FA_DEVICE void mma_16816<fp16>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// d += a * b, m16n8k32 int8 x int8 -> int32.
+FA_DEVICE void mma_16832_s8(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+}  // namespace fastattn::cuda
+#endif  // FASTATTN_EMULATE
+
+namespace fastattn::cuda {
+
+// ---- launch helpers (host) -------------------------------------------------------------------
 inline unsigned ceil_div(int64_t a, int64_t b) { return unsigned((a + b - 1) / b); }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -142,66 +231,6 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -__builtin_huge_valf();
 constexpr float kInf = __builtin_huge_valf();
 
-FA_DEVICE float exp2_approx(float x) {  // 2^x; 2^-inf = 0 (softmax numerators)
-#if defined(FASTATTN_EMULATE)
-  return std::exp2(x);
-#else
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#endif
-}
-
-FA_DEVICE float log_f(float x) {
-#if defined(FASTATTN_EMULATE)
-  return std::log(x);
-#else
-  return logf(x);
-#endif
-}
-
-FA_DEVICE float rsqrt_approx(float x) {
-#if defined(FASTATTN_EMULATE)
-  return 1.0f / std::sqrt(x);
-#else
-  return rsqrtf(x);
-#endif
-}
-
-// IEEE round-to-nearest division and product, whatever --use_fast_math says (quantization must
-// match the reference bit for bit, subnormals included).
-FA_DEVICE float div_rn(float a, float b) {
-#if defined(FASTATTN_EMULATE)
-  volatile float r = a / b;
-  return r;
-#else
-  float r;
-  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-#endif
-}
-FA_DEVICE float mul_rn(float a, float b) {
-#if defined(FASTATTN_EMULATE)
-  volatile float r = a * b;
-  return r;
-#else
-  float r;
-  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-#endif
-}
-// Round half to even and convert (saturating, NaN -> 0), like cvt.rni.s32.f32.
-FA_DEVICE int round_to_int(float x) {
-#if defined(FASTATTN_EMULATE)
-  if (x != x) return 0;
-  if (x >= 2147483647.0f) return 2147483647;
-  if (x <= -2147483648.0f) return -2147483647 - 1;
-  return int(std::nearbyint(x));
-#else
-  return __float2int_rn(x);
-#endif
-}
-
 FA_DEVICE float max_f(float a, float b) { return a > b ? a : b; }
 FA_DEVICE int min_i(int a, int b) { return a < b ? a : b; }
 FA_DEVICE int max_i(int a, int b) { return a > b ? a : b; }
@@ -235,130 +264,6 @@ FA_DEVICE float quad_max(float v) {
   v = max_f(v, __shfl_xor_sync(0xffffffffu, v, 1));
   v = max_f(v, __shfl_xor_sync(0xffffffffu, v, 2));
   return v;
-}
-
-// ---- memory ----------------------------------------------------------------------------------
-FA_DEVICE char* smem_base() {
-#if defined(FASTATTN_EMULATE)
-  return ::fa_emu::smem_base();
-#else
-  extern __shared__ __align__(16) char fastattn_smem[];
-  return fastattn_smem;
-#endif
-}
-
-// 16-byte global/shared vector access (callers guarantee 16-byte alignment).
-FA_DEVICE uint4 load16(const void* p) {
-#if defined(FASTATTN_EMULATE)
-  ::fa_emu::check_align(p, 16, "16-byte load");
-  uint4 v;
-  std::memcpy(&v, p, 16);
-  return v;
-#else
-  return *static_cast<const uint4*>(p);
-#endif
-}
-FA_DEVICE void store16(void* p, const uint4& v) {
-#if defined(FASTATTN_EMULATE)
-  ::fa_emu::check_align(p, 16, "16-byte store");
-  std::memcpy(p, &v, 16);
-#else
-  *static_cast<uint4*>(p) = v;
-#endif
-}
-
-#if !defined(FASTATTN_EMULATE)
-FA_DEVICE uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-#endif
-
-// cp.async.cg (L2 only, 16 bytes): copies src_bytes (0..16) from global, zero-fills the rest.
-FA_DEVICE void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-#if defined(FASTATTN_EMULATE)
-  ::fa_emu::cp_async_16(smem, gmem, src_bytes);
-#else
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
-               "r"(src_bytes)
-               : "memory");
-#endif
-}
-FA_DEVICE void cp_async_commit() {
-#if defined(FASTATTN_EMULATE)
-  ::fa_emu::cp_async_commit();
-#else
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-template <int N>
-FA_DEVICE void cp_async_wait() {
-#if defined(FASTATTN_EMULATE)
-  ::fa_emu::cp_async_wait(N);
-#else
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
-
-// ldmatrix .x4: lanes 8i..8i+7 pass the 16-byte row addresses of 8x8 matrix i; register i of
-// lane l receives row l/4, columns 2(l%4)..+1 of matrix i (transposed with .trans).
-FA_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
-#if defined(FASTATTN_EMULATE)
-  ::fa_emu::ldmatrix_x4(r, row_addr, false);
-#else
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(row_addr)));
-#endif
-}
-FA_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_addr) {
-#if defined(FASTATTN_EMULATE)
-  ::fa_emu::ldmatrix_x4(r, row_addr, true);
-#else
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(row_addr)));
-#endif
-}
-
-// d += a * b on tensor cores, m16n8k16, fp32 accumulation.
-template <class T>
-FA_DEVICE void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
-template <>
-FA_DEVICE void mma_16816<bf16>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(FASTATTN_EMULATE)
-  ::fa_emu::mma_16816<true>(d, a, b);
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-template <>
-FA_DEVICE void mma_16816<fp16>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(FASTATTN_EMULATE)
-  ::fa_emu::mma_16816<false>(d, a, b);
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
-// d += a * b, m16n8k32 int8 x int8 -> int32.
-FA_DEVICE void mma_16832_s8(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(FASTATTN_EMULATE)
-  ::fa_emu::mma_16832_s8(d, a, b);
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
 }
 
 }  // namespace fastattn::cuda

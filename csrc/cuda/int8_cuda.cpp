@@ -2,7 +2,9 @@
 // checks, output allocation and the call into the torch-free launchers (int8_kernels.cu).
 #include <optional>
 #include <tuple>
+#include <vector>
 
+#include "../checks.h"
 #include "binding_utils.h"
 #include "int8.h"
 
@@ -100,23 +102,20 @@ at::Tensor int8_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
   return final_dtype == out.scalar_type() ? out : out.to(final_dtype);
 }
 
-at::Tensor int8_weight_only_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
+at::Tensor int8_weight_only_linear_cuda(const at::Tensor& x_nd, const at::Tensor& w_in,
                                         const at::Tensor& w_scale,
                                         const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "int8_weight_only_linear";
-  check_cuda_tensor(x_in, x_in, op, "x");
-  check_cuda_tensor(w_in, x_in, op, "w_int8");
-  TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 2 && x_in.size(1) == w_in.size(1),
-              "fastattn.int8_weight_only_linear (CUDA): x must be (M, K) and w_int8 (N, K), got ",
-              x_in.sizes(), " and ", w_in.sizes());
-  TORCH_CHECK(w_in.scalar_type() == at::kChar,
-              "fastattn.int8_weight_only_linear (CUDA): w_int8 must be int8, got ",
-              w_in.scalar_type());
+  checks::check_int8_linear("fastattn.int8_weight_only_linear", x_nd, w_in, w_scale, bias);
+  check_cuda_tensor(x_nd, x_nd, op, "x");
+  const at::Tensor x_in = checks::as_rows(x_nd, 1, x_nd.size(-1));  // (M, K)
   const DType dtype = dtype_of(x_in, op, "x");
   const int64_t M = x_in.size(0), K = x_in.size(1), N = w_in.size(0);
   const auto s = float_vector(std::optional<at::Tensor>(w_scale), N, x_in, op, "w_scale");
   const auto bb = float_vector(bias, N, x_in, op, "bias");
-  auto out = at::empty({M, N}, x_in.options());
+  std::vector<int64_t> out_shape(x_nd.sizes().begin(), x_nd.sizes().end());
+  out_shape.back() = N;
+  auto out = at::empty(out_shape, x_in.options());
   if (out.numel() == 0) return out;
   const at::Tensor x = last_dim_contiguous(x_in), w = last_dim_contiguous(w_in);
   DeviceGuard guard(x.device());
@@ -128,7 +127,7 @@ at::Tensor int8_weight_only_linear_cuda(const at::Tensor& x_in, const at::Tensor
   p.out = out.data_ptr();
   p.m = M, p.n = N, p.k = K;
   p.x_stride = stride_or_zero(x, 0), p.w_stride = stride_or_zero(w, 0);
-  p.out_stride = stride_or_zero(out, 0);
+  p.out_stride = N;
   check_launch(int8_weight_only_linear(p, dtype, current_stream()), op);
   return out;
 }

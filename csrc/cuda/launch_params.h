@@ -96,6 +96,13 @@ struct KvcacheTile {
 };
 constexpr KvcacheTile kvcache_tile() { return {8, 16, 32, 2}; }
 
+// Blocks per (batch, kv head): the query rows of a GQA group (heads / kv_heads query heads
+// times len_q new tokens) in blocks of kvcache_tile().rows.
+constexpr int64_t kvcache_row_groups(int heads, int kv_heads, int len_q) {
+  const int64_t group = kv_heads > 0 ? heads / kv_heads : 1;
+  return ceil_div64(group * len_q, kvcache_tile().rows);
+}
+
 template <class T>
 constexpr size_t kvcache_smem_bytes(int head_dim) {
   return size_t(kvcache_tile().rows) * head_dim * 4 +

@@ -3,6 +3,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../checks.h"
 #include "binding_utils.h"
 #include "layer_norm.h"
 
@@ -41,29 +42,31 @@ Params normalize_params(const std::optional<at::Tensor>& weight,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
-    const at::Tensor& input_in, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual_in, double eps,
-    bool rms) {
+    const at::Tensor& x_in, at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
+    const std::optional<at::Tensor>& residual_x, double eps, bool rms) {
   constexpr const char* op = "layer_norm_fwd";
-  check_cuda_tensor(input_in, input_in, op, "input");
-  TORCH_CHECK(input_in.dim() == 2, "fastattn.layer_norm_fwd (CUDA): input must be (M, N), got ",
-              input_in.sizes());
-  const DType dtype = dtype_of(input_in, op, "input");
-  const int64_t M = input_in.size(0), N = input_in.size(1);
-  if (residual_in.has_value()) {
-    check_cuda_tensor(*residual_in, input_in, op, "residual");
-    TORCH_CHECK(residual_in->sizes() == input_in.sizes() &&
-                    residual_in->scalar_type() == input_in.scalar_type(),
-                "fastattn.layer_norm_fwd (CUDA): residual must match input's shape and dtype, got ",
-                residual_in->sizes(), " ", residual_in->scalar_type());
-  }
+  const int64_t N =
+      checks::check_norm(rms, x_in, normalized_shape, weight_in, bias_in, residual_x, eps);
+  check_cuda_tensor(x_in, x_in, op, "input");
+  const DType dtype = dtype_of(x_in, op, "input");
+  const int64_t nd = static_cast<int64_t>(normalized_shape.size());
+  const at::Tensor input_in = checks::as_rows(x_in, nd, N);  // (M, N)
+  const int64_t M = input_in.size(0);
+  std::optional<at::Tensor> residual_in;
+  if (residual_x.has_value()) residual_in = checks::as_rows(*residual_x, nd, N);
+  auto flat = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+    if (!t.has_value()) return std::nullopt;
+    return t->reshape({N});
+  };
+  const std::optional<at::Tensor> weight = flat(weight_in), bias = flat(bias_in);
   const Params prm = normalize_params(weight, bias, input_in, N, op);
   auto out = at::empty({M, N}, input_in.options());
-  auto residual_out = residual_in.has_value() ? at::empty({M, N}, input_in.options())
+  auto residual_out = residual_in.has_value() ? at::empty(x_in.sizes(), input_in.options())
                                               : at::empty({0}, input_in.options());
   auto mean = at::empty({M}, input_in.options().dtype(at::kFloat));
   auto rstd = at::empty({M}, input_in.options().dtype(at::kFloat));
-  if (M == 0) return {out, residual_out, mean, rstd};
+  if (M == 0) return {out.view(x_in.sizes()), residual_out, mean, rstd};
   TORCH_CHECK(N > 0, "fastattn.layer_norm_fwd (CUDA): input must have at least one column");
   const at::Tensor input = last_dim_contiguous(input_in);
   std::optional<at::Tensor> residual;
@@ -83,12 +86,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
   p.input_stride = stride_or_zero(input, 0);
   p.residual_stride = residual.has_value() ? stride_or_zero(*residual, 0) : 0;
   p.out_stride = stride_or_zero(out, 0);
-  p.residual_out_stride = residual.has_value() ? stride_or_zero(residual_out, 0) : 0;
+  p.residual_out_stride = residual.has_value() ? N : 0;
   p.eps = float(eps);
   p.rms = rms;
   p.param_float32 = prm.float32;
   check_launch(layer_norm_fwd(p, dtype, current_stream()), op);
-  return {out, residual_out, mean, rstd};
+  return {out.view(x_in.sizes()), residual_out, mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(

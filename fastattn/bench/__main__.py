@@ -4,7 +4,7 @@
     python -m fastattn.bench --op attention --device cuda --dtype bf16 --out bench/results/h200
 
 Writes DIR/results.json (every figure, the environment, validated against the schema in
-harness.py), DIR/results.md (the tables, speed-ups first) and DIR/plots/<op>.png, and prints a
+report.py), DIR/results.md (the tables, speed-ups first) and DIR/plots/<op>.png, and prints a
 table per case as it goes, with a progress bar on stderr. The JSON/Markdown are rewritten after
 every case, so a run that is interrupted (or runs out of --time-budget) keeps what it measured.
 Exit status: 0, or 1 when a fastattn implementation failed with an error (not merely "not
@@ -14,7 +14,6 @@ available"), 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -22,7 +21,20 @@ from pathlib import Path
 
 import torch
 
-from fastattn.bench import attention, decode, generate, harness, int8, layer_norm, model
+from fastattn.bench import (
+    attention,
+    cases,
+    decode,
+    generate,
+    harness,
+    int8,
+    layer_norm,
+    model,
+    overhead,
+    report,
+    timing,
+)
+from fastattn.triton import _interpret
 
 # op -> (case generator, public functions it needs, time-budget weight)
 OPS = {
@@ -33,6 +45,7 @@ OPS = {
     "int8_linear": (int8.linear_cases, int8.LINEAR_FUNCTIONS, 0.12),
     "model": (model.cases, model.FUNCTIONS, 0.2),
     "generate": (generate.cases, generate.FUNCTIONS, 0.1),
+    "overhead": (overhead.cases, overhead.FUNCTIONS, 0.05),
 }
 
 
@@ -80,11 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.ops = list(dict.fromkeys(ops))
     args.dtypes = _split(args.dtype)
     if args.dtypes is not None:
-        bad = [d for d in args.dtypes if d not in harness.DTYPES]
+        bad = [d for d in args.dtypes if d not in cases.DTYPES]
         if bad:
-            p.error(f"--dtype: unknown {bad}; choose from {', '.join(harness.DTYPES)}")
+            p.error(f"--dtype: unknown {bad}; choose from {', '.join(cases.DTYPES)}")
         args.dtypes = list(dict.fromkeys(args.dtypes))
-    backends = _split([args.backends]) if args.backends else list(harness.FAST_BACKENDS[args.device])
+    backends = _split([args.backends]) if args.backends else list(cases.FAST_BACKENDS[args.device])
     for be in backends:
         if be not in ("triton", "cuda", "cpu", "reference"):
             p.error(f"--backends: unknown backend {be!r}")
@@ -102,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _op_info(functions: tuple[str, ...]) -> dict:
-    return {f: harness.resolve(f)[1] for f in functions}
+    return {f: cases.resolve(f)[1] for f in functions}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
             return 2
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        if _interpret.interpret():
             print("error: TRITON_INTERPRET=1 would time the Triton interpreter; unset it",
                   file=sys.stderr)
             return 2
 
-    cfg = harness.RunConfig(device=args.device, quick=args.quick or args.smoke, smoke=args.smoke,
-                            dtypes=args.dtypes, backends=tuple(args.backends),
-                            compile=not args.no_compile, reps=args.reps)
+    cfg = cases.RunConfig(device=args.device, quick=args.quick or args.smoke, smoke=args.smoke,
+                          dtypes=args.dtypes, backends=tuple(args.backends),
+                          compile=not args.no_compile, reps=args.reps)
     out_dir: Path = args.out
     t_start = time.monotonic()
 
@@ -128,14 +141,14 @@ def main(argv: list[str] | None = None) -> int:
 
     old_handler = signal.signal(signal.SIGTERM, _terminate)
     doc = {
-        "schema_version": harness.SCHEMA_VERSION,
+        "schema_version": report.SCHEMA_VERSION,
         "tool": "fastattn.bench",
         "complete": False,
         "config": {"device": args.device, "ops": args.ops, "dtypes": args.dtypes,
                    "quick": cfg.quick, "smoke": cfg.smoke, "backends": args.backends,
                    "argv": list(sys.argv[1:] if argv is None else argv),
                    "time_budget_s": args.time_budget, "compile": cfg.compile},
-        "env": harness.environment(args.device),
+        "env": report.environment(args.device),
         "ceilings": {},
         "ops": {},
         "cases": [],
@@ -143,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     progress = None
     try:
-        timer = harness.Timer(args.device)
-        cfg.ceilings = harness.measure_ceilings(cfg, timer)
+        timer = timing.Timer(args.device)
+        cfg.ceilings = timing.measure_ceilings(cfg, timer)
         doc["ceilings"] = cfg.ceilings
         ceil_line = ", ".join(f"{k} {c['value']:.4g} {c['unit']}" if c["status"] == "ok"
                               else f"{k} error" for k, c in cfg.ceilings.items())
@@ -153,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(op, OPS[op][0](cfg)) for op in args.ops]
         progress = harness.Progress(sum(len(cs) for _, cs in plan),
                                     enabled=not args.no_progress)
-        for i, (op, cases) in enumerate(plan):
+        for i, (op, op_cases) in enumerate(plan):
             t_op = time.monotonic()
             functions = _op_info(OPS[op][1])
-            info = {"status": "ok", "functions": functions, "n_cases": len(cases),
+            info = {"status": "ok", "functions": functions, "n_cases": len(op_cases),
                     "elapsed_s": 0.0}
             if all(why is not None for why in functions.values()):
                 info["status"] = "not available"
@@ -170,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 share = max(left * OPS[op][2] / weight_left, 0.03 * args.time_budget)
                 cfg.deadline = time.monotonic() + share
             n_skipped = 0
-            for case in cases:
+            for case in op_cases:
                 progress.start(f"{op} {case.label}")
                 if cfg.deadline is not None and time.monotonic() > cfg.deadline:
                     rec = harness.skipped_case(case, "time budget exhausted")
@@ -181,12 +194,12 @@ def main(argv: list[str] | None = None) -> int:
                 failed |= any(r["status"] == "error" and r["kind"] == "fastattn"
                               for r in rec["results"])
                 progress.advance()
-                progress.write(harness.format_case(rec))
+                progress.write(report.format_case(rec))
                 info["elapsed_s"] = time.monotonic() - t_op
-                harness.write_json(doc, out_dir)
+                report.write_json(doc, out_dir)
             if n_skipped and info["status"] == "ok":
-                info["status"] = "skipped" if n_skipped == len(cases) else "partial"
-            progress.write(f"== {op}: {len(cases)} cases in {info['elapsed_s']:.1f} s ==")
+                info["status"] = "skipped" if n_skipped == len(op_cases) else "partial"
+            progress.write(f"== {op}: {len(op_cases)} cases in {info['elapsed_s']:.1f} s ==")
         doc["complete"] = True
     except KeyboardInterrupt as e:
         print(f"\ninterrupted ({e}): writing what was measured", file=sys.stderr)
@@ -196,10 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         if progress is not None:
             progress.close()
         doc["elapsed_s"] = time.monotonic() - t_start
-        harness.write_json(doc, out_dir)
-        md = harness.write_markdown(doc, out_dir)
-        plots, why = ([], "plots disabled") if args.no_plots else harness.write_plots(doc, out_dir)
-        errors = harness.validate_results(doc)
+        report.write_json(doc, out_dir)
+        md = report.write_markdown(doc, out_dir)
+        plots, why = ([], "plots disabled") if args.no_plots else report.write_plots(doc, out_dir)
+        errors = report.validate_results(doc)
     print(f"wrote {out_dir / 'results.json'}, {md}" + (f", {len(plots)} plots" if plots else "")
           + (f" ({why})" if why and not plots else "") + f" in {doc['elapsed_s']:.1f} s")
     if errors:

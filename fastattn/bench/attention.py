@@ -8,8 +8,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastattn.bench import harness
-from fastattn.bench.harness import Case, Impl, RunConfig
+from fastattn.bench.cases import (
+    DTYPES,
+    Case,
+    Impl,
+    RunConfig,
+    attention_flops,
+    compile_fn,
+    fastattn_impls,
+)
 
 OP = "attention"
 FUNCTIONS = ("scaled_dot_product_attention",)
@@ -82,7 +89,7 @@ def _builder(cfg: RunConfig, shape: dict, dtype: torch.dtype):
             # autograd.grad instead of .backward(): no accumulation into .grad between calls
             return lambda: torch.autograd.grad(fwd(), (q, k, v), grad)
 
-        impls = harness.fastattn_impls(
+        impls = fastattn_impls(
             cfg, "scaled_dot_product_attention",
             lambda f, be: timed(lambda: f(q, k, v, is_causal=causal, backend=be)))
         scores_bytes = B * H * L * S * 4
@@ -113,7 +120,7 @@ def _builder(cfg: RunConfig, shape: dict, dtype: torch.dtype):
                 def prepare():
                     from fastattn import reference
 
-                    compiled = harness.compile_fn(reference.scaled_dot_product_attention)
+                    compiled = compile_fn(reference.scaled_dot_product_attention)
                     return timed(lambda: compiled(q, k, v, is_causal=causal))
 
                 impls.append(Impl(name, "baseline", prepare=prepare))
@@ -130,9 +137,9 @@ def cases(cfg: RunConfig) -> list[Case]:
             B, H, L, S, d = (shape[k] for k in ("B", "H", "L", "S", "d"))
             out.append(Case(
                 op=OP, params=params, dtype=dtype,
-                build=_builder(cfg, shape, harness.DTYPES[dtype]),
-                flops=harness.attention_flops(B, H, L, S, d, causal=shape["causal"],
-                                              mode=shape["mode"]),
+                build=_builder(cfg, shape, DTYPES[dtype]),
+                flops=attention_flops(B, H, L, S, d, causal=shape["causal"],
+                                      mode=shape["mode"]),
                 bound="compute", x="L", series=("d", "causal", "mode"),
                 # CUDA: math is skipped at long L; flash has the same bf16 rounding class
                 check=("torch.sdpa[flash]", "torch.sdpa[efficient]", "torch.sdpa[cudnn]",

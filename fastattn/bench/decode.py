@@ -7,9 +7,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastattn.bench import harness
 from fastattn.bench.attention import sdpa_backends
-from fastattn.bench.harness import Case, Impl, RunConfig
+from fastattn.bench.cases import (
+    DTYPES,
+    Case,
+    Impl,
+    RunConfig,
+    attention_flops,
+    decode_bytes,
+    fastattn_impls,
+)
 
 OP = "decode"
 FUNCTIONS = ("attention_with_kvcache",)
@@ -39,7 +46,7 @@ def _builder(cfg: RunConfig, shape: dict, dtype: torch.dtype):
         k_cache = torch.randn(B, Hkv, S, d, dtype=dtype, device=dev)
         v_cache = torch.randn(B, Hkv, S, d, dtype=dtype, device=dev)
         seqlens = torch.full((B,), S, dtype=torch.int32, device=dev)
-        impls = harness.fastattn_impls(
+        impls = fastattn_impls(
             cfg, "attention_with_kvcache",
             lambda f, be: lambda: f(q, k_cache, v_cache, seqlens, backend=be))
         if not cfg.cuda:
@@ -62,13 +69,13 @@ def _builder(cfg: RunConfig, shape: dict, dtype: torch.dtype):
 def cases(cfg: RunConfig) -> list[Case]:
     out = []
     for dtype in cfg.dtypes_for(DEFAULT_DTYPES[cfg.device]):
-        elem = harness.DTYPES[dtype].itemsize
+        elem = DTYPES[dtype].itemsize
         for shape in _shapes(cfg):
             B, H, Hkv, S, d = (shape[k] for k in ("B", "H", "Hkv", "S", "d"))
             out.append(Case(
-                op=OP, params=dict(shape), dtype=dtype, build=_builder(cfg, shape, harness.DTYPES[dtype]),
-                flops=harness.attention_flops(B, H, 1, S, d),
-                bytes=harness.decode_bytes(B, Hkv, S, d, elem),
+                op=OP, params=dict(shape), dtype=dtype, build=_builder(cfg, shape, DTYPES[dtype]),
+                flops=attention_flops(B, H, 1, S, d),
+                bytes=decode_bytes(B, Hkv, S, d, elem),
                 bound="memory", x="S", series=("B", "H", "Hkv", "d"),
                 check=("torch.sdpa[math]", "torch.sdpa[flash]", "torch.sdpa[efficient]")
                 if cfg.cuda else "torch.sdpa"))

@@ -18,8 +18,7 @@ import copy
 import torch
 from torch import nn
 
-from fastattn.bench import harness
-from fastattn.bench.harness import Case, Impl, RunConfig
+from fastattn.bench.cases import DTYPES, Case, Impl, RunConfig, resolve
 
 OP = "generate"
 FUNCTIONS = ("convert", "attention_with_kvcache")
@@ -109,7 +108,7 @@ def _builder(cfg: RunConfig, conf: dict, dtype: torch.dtype):
     dev = cfg.device
 
     def build() -> list[Impl]:
-        convert, why = harness.resolve("convert")
+        convert, why = resolve("convert")
         if conf["model"] == "hf_llama":
             try:
                 model, run = _hf_llama(conf, dtype, dev)
@@ -122,7 +121,7 @@ def _builder(cfg: RunConfig, conf: dict, dtype: torch.dtype):
                          prepare=lambda: run(convert(copy.deepcopy(model)))))
             return [fast, Impl("transformers sdpa", "baseline", fn=run(model))]
         model, full_prefix, cached = _nn_decoder(conf, dtype, dev)
-        kv, why_kv = harness.resolve("nn.KVCache")
+        kv, why_kv = resolve("nn.KVCache")
         name = "fastattn.convert + nn.KVCache"
         if convert is None or kv is None:
             fast = Impl(name, "fastattn", unavailable=why or why_kv)
@@ -141,7 +140,7 @@ def cases(cfg: RunConfig) -> list[Case]:
             check = ("transformers sdpa" if conf["model"] == "hf_llama"
                      else "nn.TransformerDecoder (no cache: re-run per token)")
             out.append(Case(op=OP, params=dict(conf), dtype=dtype,
-                            build=_builder(cfg, conf, harness.DTYPES[dtype]),
+                            build=_builder(cfg, conf, DTYPES[dtype]),
                             bound="compute", x="L", series=("model",), timing="wall",
                             check=check))
     return out

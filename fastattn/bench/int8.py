@@ -17,8 +17,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from fastattn.bench import harness
-from fastattn.bench.harness import Case, Impl, RunConfig
+from fastattn.bench.cases import DTYPES, Case, Impl, RunConfig, fastattn_impls, gemm_flops, resolve
 
 GEMM_OP = "int8_gemm"
 GEMM_FUNCTIONS = ("int8_gemm",)
@@ -46,7 +45,7 @@ def _exact_int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # operands only (untimed): fastattn's quantizer when present, else the reference, whose
     # output is the bit-exact contract of every backend
-    func, _ = harness.resolve("quantize_per_channel")
+    func, _ = resolve("quantize_per_channel")
     if func is None:
         from fastattn import reference
 
@@ -61,7 +60,7 @@ def _gemm_builder(cfg: RunConfig, shape: dict):
     def build() -> list[Impl]:
         a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=dev)
         b = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=dev)
-        impls = harness.fastattn_impls(cfg, "int8_gemm", lambda f, be: lambda: f(a, b, backend=be))
+        impls = fastattn_impls(cfg, "int8_gemm", lambda f, be: lambda: f(a, b, backend=be))
         # b.t() is a view: (K, N) column-major, the layout cuBLASLt's int8 path wants
         impls.append(Impl("torch._int_mm", "baseline", fn=lambda: torch._int_mm(a, b.t())))
         if cfg.cuda:
@@ -79,7 +78,7 @@ def gemm_cases(cfg: RunConfig) -> list[Case]:
         x = "M" if cfg.cuda else "shape"
         params = dict(shape) if cfg.cuda else dict(shape, shape=f"{M}x{K}x{N}")
         out.append(Case(op=GEMM_OP, params=params, dtype="int8", build=_gemm_builder(cfg, shape),
-                        flops=harness.gemm_flops(M, N, K), bound="compute", ceiling="gemm_int8",
+                        flops=gemm_flops(M, N, K), bound="compute", ceiling="gemm_int8",
                         x=x, series=("K",) if cfg.cuda else ()))
     return out
 
@@ -93,7 +92,7 @@ def _linear_builder(cfg: RunConfig, shape: dict, dtype: torch.dtype):
         linear = torch.nn.Linear(K, N, bias=False, device=dev, dtype=dtype).eval()
         w = linear.weight.detach()
         w_int8, w_scale = _quantize_weight(w)
-        impls = harness.fastattn_impls(
+        impls = fastattn_impls(
             cfg, "int8_linear", lambda f, be: lambda: f(x, w_int8, w_scale, backend=be))
 
         def check():
@@ -105,7 +104,7 @@ def _linear_builder(cfg: RunConfig, shape: dict, dtype: torch.dtype):
             return acc * x_scale.double()[:, None] * w_scale.double()[None, :]
 
         def prepare_module():
-            from_float, why = harness.resolve("nn.Int8Linear.from_float")
+            from_float, why = resolve("nn.Int8Linear.from_float")
             if from_float is None:
                 raise NotImplementedError(why)
             module = from_float(copy.deepcopy(linear)).eval()
@@ -160,9 +159,9 @@ def linear_cases(cfg: RunConfig) -> list[Case]:
             M, K, N = shape["M"], shape["K"], shape["N"]
             x = "M" if cfg.cuda else "shape"
             params = dict(shape) if cfg.cuda else dict(shape, shape=f"{M}x{K}x{N}")
-            tdtype = harness.DTYPES[dtype]
+            tdtype = DTYPES[dtype]
             out.append(Case(
                 op=LINEAR_OP, params=params, dtype=dtype, build=_linear_builder(cfg, shape, tdtype),
-                flops=harness.gemm_flops(M, N, K), bound="compute", ceiling="gemm_int8",
+                flops=gemm_flops(M, N, K), bound="compute", ceiling="gemm_int8",
                 x=x, series=("K",) if cfg.cuda else ()))
     return out

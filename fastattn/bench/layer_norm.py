@@ -9,8 +9,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastattn.bench import harness
-from fastattn.bench.harness import Case, Impl, RunConfig
+from fastattn.bench.cases import (
+    DTYPES,
+    Case,
+    Impl,
+    RunConfig,
+    compile_fn,
+    fastattn_impls,
+    layer_norm_bytes,
+)
 
 OP = "layer_norm"
 FUNCTIONS = ("layer_norm", "rms_norm")
@@ -47,10 +54,10 @@ def _builder(cfg: RunConfig, shape: dict, dtype: torch.dtype):
         w = torch.randn(N, dtype=dtype, device=dev)
         b = None if rms else torch.randn(N, dtype=dtype, device=dev)
         if rms:
-            impls = harness.fastattn_impls(
+            impls = fastattn_impls(
                 cfg, "rms_norm", lambda f, be: lambda: f(x, (N,), w, residual=r, backend=be))
         else:
-            impls = harness.fastattn_impls(
+            impls = fastattn_impls(
                 cfg, "layer_norm", lambda f, be: lambda: f(x, (N,), w, b, residual=r, backend=be))
 
         def eager_norm(h):
@@ -73,9 +80,9 @@ def _builder(cfg: RunConfig, shape: dict, dtype: torch.dtype):
                 from fastattn import reference
 
                 if rms:
-                    compiled = harness.compile_fn(reference.rms_norm)
+                    compiled = compile_fn(reference.rms_norm)
                     return lambda: compiled(x, (N,), w, residual=r)
-                compiled = harness.compile_fn(reference.layer_norm)
+                compiled = compile_fn(reference.layer_norm)
                 return lambda: compiled(x, (N,), w, b, residual=r)
 
             impls.append(Impl("torch.compile(reference)", "baseline", prepare=prepare))
@@ -95,14 +102,14 @@ def _builder(cfg: RunConfig, shape: dict, dtype: torch.dtype):
 def cases(cfg: RunConfig) -> list[Case]:
     out = []
     for dtype in cfg.dtypes_for(DEFAULT_DTYPES[cfg.device]):
-        elem = harness.DTYPES[dtype].itemsize
+        elem = DTYPES[dtype].itemsize
         for shape in _shapes(cfg, dtype):
             M, N, variant = shape["M"], shape["N"], shape["variant"]
             params = {k: v for k, v in shape.items() if k != "compile"}
             out.append(Case(
-                op=OP, params=params, dtype=dtype, build=_builder(cfg, shape, harness.DTYPES[dtype]),
-                bytes=harness.layer_norm_bytes(M, N, elem, residual="+residual" in variant,
-                                               n_params=1 if variant.startswith("rms") else 2),
+                op=OP, params=params, dtype=dtype, build=_builder(cfg, shape, DTYPES[dtype]),
+                bytes=layer_norm_bytes(M, N, elem, residual="+residual" in variant,
+                                       n_params=1 if variant.startswith("rms") else 2),
                 bound="memory", x="N", series=("variant",),
                 check="F.rms_norm(x + r)" if variant == "rms_norm+residual" else
                 "F.layer_norm(x + r)" if variant == "layer_norm+residual" else

@@ -11,8 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from fastattn.bench import harness
-from fastattn.bench.harness import Case, Impl, RunConfig
+from fastattn.bench.cases import DTYPES, Case, Impl, RunConfig, compile_fn, encoder_flops, resolve
 
 OP = "model"
 FUNCTIONS = ("convert",)
@@ -50,7 +49,7 @@ def _builder(cfg: RunConfig, conf: dict, dtype: torch.dtype, compile_here: bool)
 
             return run
 
-        convert, why = harness.resolve("convert")
+        convert, why = resolve("convert")
         impls = []
         for name, kwargs in (("fastattn.convert", {}), ("fastattn.convert(int8=True)",
                                                          {"int8": True})):
@@ -62,7 +61,7 @@ def _builder(cfg: RunConfig, conf: dict, dtype: torch.dtype, compile_here: bool)
         impls.append(Impl("nn.TransformerEncoder", "baseline", fn=forward(model)))
         if compile_here:
             impls.append(Impl("torch.compile(nn.TransformerEncoder)", "baseline",
-                              prepare=lambda: forward(harness.compile_fn(model))))
+                              prepare=lambda: forward(compile_fn(model))))
         return impls
 
     return build
@@ -76,9 +75,9 @@ def cases(cfg: RunConfig) -> list[Case]:
             compile_here = cfg.cuda and cfg.compile and (not cfg.quick or dtype == "bf16")
             out.append(Case(
                 op=OP, params=dict(conf), dtype=dtype,
-                build=_builder(cfg, conf, harness.DTYPES[dtype], compile_here),
-                flops=harness.encoder_flops(conf["B"], conf["L"], conf["d"], conf["ff"],
-                                            conf["layers"]),
+                build=_builder(cfg, conf, DTYPES[dtype], compile_here),
+                flops=encoder_flops(conf["B"], conf["L"], conf["d"], conf["ff"],
+                                    conf["layers"]),
                 bound="compute", x="L", series=("B",), timing="wall",
                 check="nn.TransformerEncoder"))
     return out

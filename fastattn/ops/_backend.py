@@ -1,10 +1,19 @@
-"""Backend availability and choice.
+"""The op families' shared dispatch: dtype tables, backend availability and choice, the C++
+extension's fast entry points and argument checks, and the registration of fakes and autograd.
 
 A backend is one of ``"triton"``, ``"cuda"``, ``"cpu"``, ``"reference"``. ``backend="auto"`` walks
 the preference list of the op for the tensor's device and takes the first backend that is
-available *and* supports the call; if none does it falls back to ``"reference"`` and warns once
-per (op, reason). An explicitly requested backend that is unavailable or does not support the
-call raises instead: nothing is swapped silently.
+available *and* supports the call (each family's ``supports(backend, device, key)`` says why
+not, xformers-style); if none does it falls back to ``"reference"`` and warns once per
+(op, reason). An explicitly requested backend that is unavailable or does not support the call
+raises instead: nothing is swapped silently. The choice depends only on static properties of
+the call (``key``), so it is cached per key (:func:`pick`).
+
+Per-call cost: a public function first offers the call to the extension's entry point
+(``NATIVE``), which checks the arguments, runs the CPU kernel through the dispatcher and
+returns its result, or returns None when the call is not the CPU kernel's; only then does the
+Python path (:func:`pick`, the Triton ops, the reference) run. Under ``torch.compile`` the
+Python path is traced instead (the op is then one node of the graph).
 """
 
 from __future__ import annotations
@@ -12,15 +21,19 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import os
 import warnings
 from collections.abc import Callable
 
 import torch
 
+from fastattn.triton._interpret import interpret as triton_interpret  # noqa: F401
+
 log = logging.getLogger("fastattn")
 
 BACKENDS = ("triton", "cuda", "cpu", "reference")
+
+# the float dtypes the kernels take; float64 runs on the reference only
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # "auto" preference per op and device type. Ops not listed use _DEFAULT_ORDER.
 _DEFAULT_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
@@ -45,6 +58,22 @@ def _load_extension() -> tuple[bool, str]:
     return True, ""
 
 
+def _native_module():
+    ok, _ = _load_extension()
+    return importlib.import_module("fastattn._C") if ok else None
+
+
+def check_backend(backend) -> None:
+    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
+# True when a call may take the extension's fast entry point: eager mode (torch.compile traces the
+# Python path, whose ops it can put in a graph) and a backend the entry point may run
+def fast_path(backend: str) -> bool:
+    return (backend == "auto" or backend == "cpu") and not torch.compiler.is_compiling()
+
+
 @functools.cache
 def _load_triton() -> tuple[bool, str]:
     try:
@@ -52,11 +81,6 @@ def _load_triton() -> tuple[bool, str]:
     except ImportError as e:
         return False, f"triton is not installed ({e})"
     return True, ""
-
-
-def triton_interpret() -> bool:
-    """True when Triton kernels run on CPU tensors through the interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def extension_has_kernel(op: str, dispatch_key: str) -> bool:
@@ -114,8 +138,7 @@ def choose(
     ``supports(backend)`` returns None when the kernel handles this particular call (dtype,
     options...) or a reason why not.
     """
-    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if backend != "auto":
         why = availability(backend, device.type, cpp_op)
         if why is None and supports is not None and backend != "reference":
@@ -137,6 +160,42 @@ def choose(
     _warn_fallback(op, reason)
     log.debug("fastattn.%s: backend=auto fell back to 'reference' (%s)", op, reason)
     return "reference"
+
+
+_CHOICES: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def pick(op: str, device: torch.device, backend: str, key: tuple,
+         supports: Callable[[str, torch.device, tuple], str | None]) -> str:
+    """The backend of one call: :func:`choose` with ``supports(backend, device, key)``, cached
+    per (op, device, backend, key). ``key`` holds the static properties of the call that
+    ``supports`` reads (dtypes, head dim...). Under torch.compile it runs once while tracing (it
+    imports modules and reads dispatcher tables, which dynamo cannot trace) and the answer is a
+    constant of the graph."""
+    ck = (op, device, backend, key, triton_interpret())
+    chosen = _CHOICES.get(ck)
+    if chosen is None:
+        chosen = choose(op, device, backend, lambda b: supports(b, device, key), OPS.get(op))
+        _CHOICES[ck] = chosen
+    return chosen
+
+
+def register_family(fakes: dict[str, Callable], autograd: dict[str, tuple[Callable, Callable]],
+                    triton_ops: tuple[str, ...]) -> None:
+    """Registers a family's fake functions (for its C++ op ``fastattn::NAME`` when the extension
+    has it, and for the Triton custom op ``fastattn::triton_NAME``) and the Python autograd of its
+    Triton ops: ``autograd[NAME] = (backward, setup_context)``. The C++ ops' autograd is in
+    csrc/autograd.cpp."""
+    has_cpp = _load_extension()[0]
+    for name, fake in fakes.items():
+        if name in triton_ops:
+            torch.library.register_fake(f"fastattn::triton_{name}")(fake)
+        if has_cpp and hasattr(torch.ops.fastattn, name):
+            torch.library.register_fake(f"fastattn::{name}")(fake)
+    for name, (backward, setup_context) in autograd.items():
+        torch.library.register_autograd(f"fastattn::triton_{name}", backward,
+                                        setup_context=setup_context)
 
 
 def backends() -> dict:
@@ -169,3 +228,7 @@ def backends() -> dict:
         "torch": torch.__version__,
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+# the extension module (fast entry points and argument checks), or None when it is not built
+NATIVE = _native_module()

@@ -15,7 +15,6 @@ import torch
 from fastattn import reference
 from fastattn.ops import _backend
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 
 _backend.register_op("scaled_dot_product_attention", "attention_fwd")
@@ -115,6 +114,18 @@ def _check_scale(scale, E) -> float:
     return scale
 
 
+def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
+                   cache_leftpad) -> float:
+    """attention_with_kvcache's argument rules (csrc/checks.cpp, shared with the kernels: the
+    values of cache_seqlens / cache_leftpad are checked where they are on the host) -> the scale
+    resolved. While torch.compile traces, the op's fake function runs the same checks; without
+    the extension only the scale is resolved."""
+    if _backend.NATIVE is not None and not torch.compiler.is_compiling():
+        return _backend.NATIVE.check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                                             scale, cache_leftpad)
+    return _check_scale(scale, q.shape[-1])
+
+
 def _draw_seed(dropout_p: float) -> int:
     if dropout_p == 0.0:
         return 0
@@ -125,10 +136,12 @@ def _draw_seed(dropout_p: float) -> int:
 # ---------------------------------------------------------------------------------------------
 # backend support predicates
 # ---------------------------------------------------------------------------------------------
-def _supports(backend: str, dtype: torch.dtype, device: torch.device, head_dim: int) -> str | None:
-    """None when ``backend``'s kernels handle a call with these properties, else the reason
-    (shown by "auto"'s fallback warning and by the error of an explicit backend)."""
-    if dtype not in _FLOAT_DTYPES:
+def _supports(backend: str, device: torch.device, key: tuple) -> str | None:
+    """None when ``backend``'s kernels handle a call with these properties (key = (dtype,
+    head_dim)), else the reason (shown by "auto"'s fallback warning and by the error of an
+    explicit backend)."""
+    dtype, head_dim = key
+    if dtype not in _backend.FLOAT_DTYPES:
         return f"dtype {dtype}"
     if head_dim > _MAX_HEAD_DIM:
         return f"head dim {head_dim} > {_MAX_HEAD_DIM}"
@@ -142,14 +155,8 @@ def _supports(backend: str, dtype: torch.dtype, device: torch.device, head_dim: 
     return None
 
 
-@torch.compiler.assume_constant_result
 def _choose(op: str, device: torch.device, backend: str, dtype: torch.dtype, head_dim: int) -> str:
-    """The backend of one call. It depends only on these static properties, so torch.compile runs
-    it once while tracing (it imports modules and reads dispatcher tables, which dynamo cannot
-    trace) and keeps the answer as a constant."""
-    cpp_op = "attention_fwd" if op == "scaled_dot_product_attention" else "attention_kvcache"
-    return _backend.choose(op, device, backend, lambda b: _supports(b, dtype, device, head_dim),
-                           cpp_op=cpp_op)
+    return _backend.pick(op, device, backend, (dtype, head_dim), _supports)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +224,7 @@ def _bwd_fake(grad_out, q, k, v, out, lse, grad_lse, attn_mask, scale, window_le
 
 def _kvcache_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal,
                   cache_leftpad=None):
+    _check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -352,57 +360,15 @@ def attention_with_kvcache(
     Returns:
         (B, H, Lq, E) in q's dtype.
     """
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES + (torch.float64,):
-            raise TypeError(f"{name} must be float16/bfloat16/float32, got {t.dtype}")
-        if t.device != q.device:
-            raise RuntimeError(f"{name} must be on {q.device}, got {t.device}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"k_cache/v_cache dtype must match q ({q.dtype})")
-    B, H, Lq, E = q.shape
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
-    if k_cache.shape[0] != B or k_cache.shape[3] != E:
-        raise ValueError(f"k_cache must be (B={B}, Hkv, capacity, E={E}), got {tuple(k_cache.shape)}")
-    Hkv, cap = k_cache.shape[1], k_cache.shape[2]
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"q heads ({H}) must be a multiple of cache heads ({Hkv})")
-    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32:
-        raise TypeError("cache_seqlens must be an int32 tensor of shape (B,)")
-    if cache_seqlens.shape != (B,) or cache_seqlens.device != q.device:
-        raise ValueError(f"cache_seqlens must have shape ({B},) on {q.device}, got "
-                         f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
-    if (k_new is None) != (v_new is None):
-        raise ValueError("k_new and v_new must be given together")
-    if k_new is not None:
-        for name, t in (("k_new", k_new), ("v_new", v_new)):
-            if not isinstance(t, torch.Tensor) or t.shape != (B, Hkv, Lq, E):
-                raise ValueError(f"{name} must have shape {(B, Hkv, Lq, E)}, got "
-                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
-            if t.dtype != q.dtype or t.device != q.device:
-                raise TypeError(f"{name} must be {q.dtype} on {q.device}")
-    if cache_leftpad is not None:
-        if not isinstance(cache_leftpad, torch.Tensor) or cache_leftpad.dtype != torch.int32:
-            raise TypeError("cache_leftpad must be None or an int32 tensor of shape (B,)")
-        if cache_leftpad.shape != (B,) or cache_leftpad.device != q.device:
-            raise ValueError(f"cache_leftpad must have shape ({B},) on {q.device}, got "
-                             f"{tuple(cache_leftpad.shape)} on {cache_leftpad.device}")
-    scale = _check_scale(scale, E)
-    if q.device.type == "cpu" and B > 0:
-        # bounds of cache_seqlens checked on the host only where that is free (CPU tensors);
-        # CUDA kernels clamp instead of synchronising.
-        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
-        extra = Lq if k_new is not None else 0
-        if lo < 0 or hi + extra > cap:
-            raise ValueError(f"cache_seqlens must lie in [0, capacity - new tokens] = "
-                             f"[0, {cap - extra}], got values in [{lo}, {hi}]")
-        if cache_leftpad is not None and bool(
-                ((cache_leftpad < 0) | (cache_leftpad > cache_seqlens + extra)).any()):
-            raise ValueError("cache_leftpad must lie in [0, cache_seqlens (+ new tokens)]")
+    if _backend.fast_path(backend) and _backend.NATIVE is not None:
+        out = _backend.NATIVE.kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
+                                      causal, cache_leftpad)
+        if out is not None:
+            return out
+    _backend.check_backend(backend)
+    scale = _check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
+                           cache_leftpad)
+    E = q.shape[-1]
     chosen = _choose("attention_with_kvcache", q.device, backend, q.dtype,
                      max(E, v_cache.shape[-1]))
     if chosen == "reference" or q.numel() == 0:

@@ -22,8 +22,6 @@ import torch
 from fastattn import reference
 from fastattn.ops import _backend
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 # int8_linear takes the weight-only path (float activations times int8 weights dequantized on
 # the fly) for M <= this many rows, and W8A8 (per-token quantization + int8 GEMM) above.
 # cpu: never. Measured on 2 Sapphire Rapids cores, one thread, K = N = 4096 and K = 768,
@@ -52,7 +50,7 @@ def _check_tensor(name: str, t) -> None:
 
 def _check_float(name: str, t, allow_float64: bool = True) -> None:
     _check_tensor(name, t)
-    ok = _FLOAT_DTYPES + ((torch.float64,) if allow_float64 else ())
+    ok = _backend.FLOAT_DTYPES + ((torch.float64,) if allow_float64 else ())
     if t.dtype not in ok:
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
 
@@ -97,18 +95,15 @@ def _check_same_device(**tensors) -> torch.device:
     return device
 
 
-def _supports_dtype(dtype: torch.dtype | None) -> str | None:
-    return None if dtype is None or dtype in _FLOAT_DTYPES else f"dtype {dtype}"
+def _supports(backend: str, device: torch.device, key: tuple) -> str | None:
+    """key = (the float dtype the kernels must handle: x's, or the GEMM's out_dtype; None for
+    int32,)."""
+    (dtype,) = key
+    return None if dtype is None or dtype in _backend.FLOAT_DTYPES else f"dtype {dtype}"
 
 
-@torch.compiler.assume_constant_result
-def _choose(op: str, device: torch.device, backend: str, dtype: torch.dtype | None,
-            cpp_op: str) -> str:
-    """The backend of one call. ``dtype`` is the float dtype the kernels must handle (x's, or the
-    GEMM's out_dtype; None for int32). The answer depends only on these static properties, so
-    torch.compile runs it once while tracing (it imports modules and reads dispatcher tables,
-    which dynamo cannot trace) and keeps it as a constant."""
-    return _backend.choose(op, device, backend, lambda b: _supports_dtype(dtype), cpp_op=cpp_op)
+def _choose(op: str, device: torch.device, backend: str, dtype: torch.dtype | None) -> str:
+    return _backend.pick(op, device, backend, (dtype,), _supports)
 
 
 def _flatten_rows(x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +137,8 @@ def triton_int8_weight_only_linear(
 ) -> torch.Tensor:
     from fastattn.triton.int8_gemm import int8_weight_only_linear as launch
 
-    return launch(x, w_int8, w_scale, bias)
+    out = launch(_flatten_rows(x), w_int8, w_scale, bias)  # (M, N)
+    return out.view(*x.shape[:-1], w_int8.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +156,8 @@ def _gemm_fake(a, b, a_scale, b_scale, bias, out_dtype):
 
 
 def _weight_only_fake(x, w_int8, w_scale, bias):
-    return x.new_empty((x.shape[0], w_int8.shape[0]))
+    _check_linear_args("int8_weight_only_linear", x, w_int8, w_scale, bias)
+    return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
 
 
 def _inference_only(name: str):
@@ -176,28 +173,12 @@ def _no_context(ctx, inputs, output) -> None:
     return None
 
 
-_FAKES = {
-    "quantize_per_token": _quantize_fake,
-    "int8_gemm": _gemm_fake,
-    "int8_weight_only_linear": _weight_only_fake,
-}
-
-for _name, _fake in _FAKES.items():
-    torch.library.register_fake(f"fastattn::triton_{_name}")(_fake)
-    torch.library.register_autograd(f"fastattn::triton_{_name}", _inference_only(_name),
-                                    setup_context=_no_context)
-
-
-def _register_cpp() -> None:
-    if not _backend._load_extension()[0]:
-        return
-    for name, fake in _FAKES.items():
-        torch.library.register_fake(f"fastattn::{name}")(fake)
-        torch.library.register_autograd(f"fastattn::{name}", _inference_only(name),
-                                        setup_context=_no_context)
-
-
-_register_cpp()
+_backend.register_family(
+    fakes={"quantize_per_token": _quantize_fake, "int8_gemm": _gemm_fake,
+           "int8_weight_only_linear": _weight_only_fake},
+    autograd={name: (_inference_only(name), _no_context)
+              for name in ("quantize_per_token", "int8_gemm", "int8_weight_only_linear")},
+    triton_ops=("quantize_per_token", "int8_gemm", "int8_weight_only_linear"))
 
 
 def _op(chosen: str, name: str):
@@ -208,7 +189,7 @@ def _op(chosen: str, name: str):
 # public functions
 # ---------------------------------------------------------------------------------------------
 def _quantize_rows(op_name: str, x: torch.Tensor, backend: str):
-    chosen = _choose(op_name, x.device, backend, x.dtype, "quantize_per_token")
+    chosen = _choose(op_name, x.device, backend, x.dtype)
     x2 = _flatten_rows(x)  # (M, K)
     if chosen == "reference":
         q, scale = reference.quantize_per_token(x2)
@@ -260,6 +241,7 @@ def int8_gemm(
     b_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    *,
     backend: str = "auto",
 ) -> torch.Tensor:
     """int8 matrix product a @ b.T with an optional fused dequantizing epilogue.
@@ -296,7 +278,7 @@ def int8_gemm(
     if dequant:
         if out_dtype is None:
             out_dtype = torch.float32
-        if out_dtype not in _FLOAT_DTYPES + (torch.float64,):
+        if out_dtype not in _backend.FLOAT_DTYPES + (torch.float64,):
             raise TypeError(f"out_dtype must be torch.float32, torch.float16 or torch.bfloat16, "
                             f"got {out_dtype}")
     else:
@@ -309,38 +291,25 @@ def int8_gemm(
         out_dtype = None
     _check_finite("a_scale", a_scale)
     _check_finite("b_scale", b_scale)
-    chosen = _choose("int8_gemm", device, backend, out_dtype, "int8_gemm")
+    chosen = _choose("int8_gemm", device, backend, out_dtype)
     if chosen == "reference":
         return reference.int8_gemm(a, b, a_scale, b_scale, bias, out_dtype)
     return _op(chosen, "int8_gemm")(a, b, a_scale, b_scale, bias, out_dtype)
 
 
-def _check_linear_args(x, w_int8, w_scale, bias) -> torch.device:
-    _check_float("x", x)
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., K)")
-    _check_int8_matrix("w_int8", w_int8)
-    if x.shape[-1] != w_int8.shape[1]:
-        raise ValueError(f"x.shape[-1] ({x.shape[-1]}) must equal w_int8.shape[1] "
-                         f"({w_int8.shape[1]}): w_int8 is (N, K)")
-    device = _check_same_device(x=x, w_int8=w_int8)
-    N = w_int8.shape[0]
-    if w_scale is None:
-        raise TypeError("w_scale is required: the float32 (N,) per-channel scale of w_int8")
-    _check_vector("w_scale", w_scale, N, device, "one scale per output channel")
-    _check_vector("bias", bias, N, device, "one value per output channel")
-    _check_finite("w_scale", w_scale)
-    return device
+def _check_linear_args(fn: str, x, w_int8, w_scale, bias) -> None:
+    """The argument rules of int8_linear / int8_weight_only_linear (csrc/checks.cpp, shared with
+    the kernels). Without the extension there are no kernels but the reference, which raises
+    PyTorch's own errors. While torch.compile traces, the op's fake function runs them."""
+    if _backend.NATIVE is not None and not torch.compiler.is_compiling():
+        _backend.NATIVE.check_int8_linear(f"fastattn.{fn}", x, w_int8, w_scale, bias)
 
 
 def _weight_only(x, w_int8, w_scale, bias, backend: str) -> torch.Tensor:
-    chosen = _choose("int8_weight_only_linear", x.device, backend, x.dtype,
-                     "int8_weight_only_linear")
-    x2 = _flatten_rows(x)  # (M, K)
-    if chosen == "reference":
-        out = reference.int8_weight_only_linear(x2, w_int8, w_scale, bias)
-    else:
-        out = _op(chosen, "int8_weight_only_linear")(x2, w_int8, w_scale, bias)
+    chosen = _choose("int8_weight_only_linear", x.device, backend, x.dtype)
+    if chosen != "reference":
+        return _op(chosen, "int8_weight_only_linear")(x, w_int8, w_scale, bias)
+    out = reference.int8_weight_only_linear(_flatten_rows(x), w_int8, w_scale, bias)
     return out.reshape(*x.shape[:-1], w_int8.shape[0])
 
 
@@ -349,6 +318,7 @@ def int8_weight_only_linear(
     w_int8: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
+    *,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Weight-only int8 linear: x (..., K) float times int8 weights dequantized on the fly.
@@ -360,7 +330,12 @@ def int8_weight_only_linear(
     Returns:
         (x @ (w_int8 * w_scale[:, None]).T + bias) (..., N) in x's dtype, float32 accumulation.
     """
-    _check_linear_args(x, w_int8, w_scale, bias)
+    if _backend.fast_path(backend) and _backend.NATIVE is not None:
+        out = _backend.NATIVE.int8_weight_only_linear(x, w_int8, w_scale, bias)
+        if out is not None:
+            return out
+    _backend.check_backend(backend)
+    _check_linear_args("int8_weight_only_linear", x, w_int8, w_scale, bias)
     return _weight_only(x, w_int8, w_scale, bias, backend)
 
 
@@ -369,6 +344,7 @@ def int8_linear(
     w_int8: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
+    *,
     backend: str = "auto",
 ) -> torch.Tensor:
     """W8A8 int8 linear layer: quantize x per token, int8 GEMM, dequantize (+ bias) in one epilogue.
@@ -389,11 +365,13 @@ def int8_linear(
     Returns:
         (..., N) in x's dtype.
     """
-    device = _check_linear_args(x, w_int8, w_scale, bias)
+    _backend.check_backend(backend)
+    _check_linear_args("int8_linear", x, w_int8, w_scale, bias)
+    device = x.device
     M = math.prod(x.shape[:-1])
     if M <= WEIGHT_ONLY_MAX_M.get(device.type, 0):
         return _weight_only(x, w_int8, w_scale, bias, backend)
-    chosen = _choose("int8_linear", device, backend, x.dtype, "int8_gemm")
+    chosen = _choose("int8_linear", device, backend, x.dtype)
     x2 = _flatten_rows(x)  # (M, K)
     if chosen == "reference":
         out = reference.int8_linear(x2, w_int8, w_scale, bias)

@@ -25,7 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastattn.ops._backend import triton_interpret
+from fastattn.triton._interpret import interpret as triton_interpret
+from fastattn.triton._interpret import prepare
+
+prepare()
 
 _LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -184,25 +187,6 @@ _FWD_KEYS = ["HEAD_DIM", "HEAD_DIM_V", "seqlen_q_key", "seqlen_k_key", "HAS_MASK
 # shared device helpers
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _round_bf16(x):
-    """fp32 -> the nearest bfloat16 value (ties to even), kept in fp32. The interpreter converts
-    fp32 to bf16 by truncation, a bias of half an ulp on every rounded P and output that the
-    hardware (round to nearest even) does not have; this restores the hardware's rounding."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """x.to(dtype) with the hardware's rounding also under the interpreter (see _round_bf16)."""
-    if INTERP_BF16:
-        if dtype == tl.bfloat16:
-            x = _round_bf16(x)
-    return x.to(dtype)
-
-
-@triton.jit
 def _key_band(m_start, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -349,7 +333,7 @@ def _attention_fwd_loop(
         # P rounded to the input precision for the tensor-core product, as FlashAttention
         if INTERP_BF16:
             v = v.to(tl.float32)
-            p = _round_bf16(p)
+            p = p.to(tl.bfloat16).to(tl.float32)
         else:
             p = p.to(V.dtype.element_ty)
         acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
@@ -435,7 +419,7 @@ def _attention_fwd_kernel(
     if DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m64[:, None] * stride_om + offs_dv[None, :] * stride_ok
-    tl.store(o_ptrs, _cast(out, Out.dtype.element_ty, INTERP_BF16),
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
     tl.store(Lse + pid_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
@@ -535,12 +519,12 @@ def _attention_bwd_dkdv_loop(
         dsT = pT * (dpT - delta[None, :])  # d loss / d (score + mask)
         if STORE_DMASK:
             tl.store(dmask_cols + offs_m64[None, :] * stride_dmm,
-                     _cast(dsT, dmask_cols.dtype.element_ty, INTERP_BF16),
+                     dsT.to(dmask_cols.dtype.element_ty),
                      mask=n_ok[:, None] & m_ok[None, :])
         # operands of the gradient products rounded to the input precision
         if INTERP_BF16:
-            pdT = _round_bf16(pdT)
-            dsT = _round_bf16(dsT)
+            pdT = pdT.to(tl.bfloat16).to(tl.float32)
+            dsT = dsT.to(tl.bfloat16).to(tl.float32)
         else:
             pdT = pdT.to(Q.dtype.element_ty)
             dsT = dsT.to(Q.dtype.element_ty)
@@ -641,10 +625,10 @@ def _attention_bwd_dkdv_kernel(
 
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n64[:, None] * stride_dkn
-             + offs_d[None, :] * stride_dkk, _cast(dk, DK.dtype.element_ty, INTERP_BF16),
+             + offs_d[None, :] * stride_dkk, dk.to(DK.dtype.element_ty),
              mask=n_ok[:, None] & d_ok[None, :])
     tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n64[:, None] * stride_dvn
-             + offs_dv[None, :] * stride_dvk, _cast(dv, DV.dtype.element_ty, INTERP_BF16),
+             + offs_dv[None, :] * stride_dvk, dv.to(DV.dtype.element_ty),
              mask=n_ok[:, None] & dv_ok[None, :])
 
 
@@ -696,7 +680,7 @@ def _attention_bwd_dq_loop(
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         if INTERP_BF16:
-            ds = _round_bf16(ds)
+            ds = ds.to(tl.bfloat16).to(tl.float32)
         else:
             ds = ds.to(K.dtype.element_ty)
         dq = tl.dot(ds, tl.trans(kT), dq, input_precision=DOT_PRECISION)
@@ -782,7 +766,7 @@ def _attention_bwd_dq_kernel(
         BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, True, DOT_PRECISION, INTERP_BF16)
 
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m64[:, None] * stride_dqm
-             + offs_d[None, :] * stride_dqk, _cast(dq * sm_scale, DQ.dtype.element_ty, INTERP_BF16),
+             + offs_d[None, :] * stride_dqk, (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -909,7 +893,7 @@ def _kvcache_split_kernel(
                     mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         if INTERP_BF16:
             v = v.to(tl.float32)
-            p = _round_bf16(p)
+            p = p.to(tl.bfloat16).to(tl.float32)
         else:
             p = p.to(VCache.dtype.element_ty)
         acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -926,7 +910,7 @@ def _kvcache_split_kernel(
         tl.store(LsePartial + slot, lse, mask=r_ok)
     else:
         tl.store(Out + b * stride_ob + h[:, None] * stride_oh + i.to(tl.int64)[:, None] * stride_om
-                 + offs_dv[None, :] * stride_ok, _cast(out, Out.dtype.element_ty, INTERP_BF16),
+                 + offs_dv[None, :] * stride_ok, out.to(Out.dtype.element_ty),
                  mask=r_ok[:, None] & dv_ok[None, :])
 
 
@@ -934,7 +918,7 @@ def _kvcache_split_kernel(
 def _kvcache_combine_kernel(
     OutPartial, LsePartial, Out,
     num_splits, head_dim_v,
-    HEAD_DIM_V: tl.constexpr, BLOCK_SPLITS: tl.constexpr, INTERP_BF16: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
 ):
     """out[row] = sum_s exp(lse_s - lse) * out_s over the splits of one (b, h, i) row; splits
     that saw no key carry lse = -inf and weigh 0. Grid: (B * H * Lq,)."""
@@ -950,7 +934,7 @@ def _kvcache_combine_kernel(
                 mask=s_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
     den = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(den == 0.0, 1.0, den)
-    tl.store(Out + row * head_dim_v + offs_dv, _cast(out, Out.dtype.element_ty, INTERP_BF16),
+    tl.store(Out + row * head_dim_v + offs_dv, out.to(Out.dtype.element_ty),
              mask=offs_dv < head_dim_v)
 
 
@@ -973,10 +957,11 @@ def _dot_args(dtype: torch.dtype, device: torch.device) -> dict:
         # the "2x PyTorch's error" rule; "ieee" lowers to FMA loops that spill tens of KB per
         # thread at these tile sizes); ignored for fp16/bf16 and by the interpreter
         "DOT_PRECISION": "tf32x3" if dtype == torch.float32 else "tf32",
-        # bfloat16 under the interpreter, whose dot multiplies bf16 as its raw uint16 storage and
-        # whose fp32 -> bf16 cast truncates: dot operands are widened to fp32 after loading
-        # (bf16 x bf16 products are exact in fp32, so the result is what the tensor cores give)
-        # and casts to bf16 round to nearest even by hand. Compiled kernels keep bf16 operands.
+        # bfloat16 under the interpreter, whose dot multiplies bf16 as its raw uint16 storage: dot
+        # operands are widened to fp32 after loading (bf16 x bf16 products are exact in fp32, so
+        # the result is what the tensor cores give), and a P or dS meant for a bf16 product is
+        # rounded through bf16 and widened back (fastattn.triton._interpret makes that cast round
+        # to nearest even, as the hardware's). Compiled kernels keep bf16 operands.
         "INTERP_BF16": device.type != "cuda" and dtype == torch.bfloat16,
     }
 
@@ -1174,6 +1159,5 @@ def attention_kvcache(
         _kvcache_combine_kernel[(B * H * Lq,)](
             out_partial, lse_partial, out, num_splits, Ev,
             HEAD_DIM_V=_head_block(Ev), BLOCK_SPLITS=triton.next_power_of_2(num_splits),
-            INTERP_BF16=_dot_args(q.dtype, dev)["INTERP_BF16"],
         )
     return out

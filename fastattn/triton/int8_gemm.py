@@ -21,34 +21,19 @@ The launchers take and return exactly what the C++ ops ``fastattn::quantize_per_
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from fastattn.triton._interpret import interpret, prepare
+
+prepare()
 
 # 1.5 * 2**23: for |y| < 2**22, (y + C) - C is y rounded to an integer, ties to even (float32).
 _RNE_MAGIC = tl.constexpr(12582912.0)
 # Rows up to this length are quantized from registers in one pass; longer rows are read twice.
 _QUANT_ONE_PASS_MAX = 8192
 _QUANT_LOOP_BLOCK = 2048
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@triton.jit
-def _to_out(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """float32 -> dtype, rounding to nearest even. Under the interpreter, whose float32 ->
-    bfloat16 cast truncates, bfloat16 is rounded by hand on the bits first (the hardware cast
-    rounds to nearest even, as torch does)."""
-    if INTERP_BF16:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +102,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q, scale
     one_pass = K <= _QUANT_ONE_PASS_MAX
     block = triton.next_power_of_2(max(K, 16)) if one_pass else _QUANT_LOOP_BLOCK
-    num_warps = 1 if _interpret() else min(16, max(1, block // 512))
+    num_warps = 1 if interpret() else min(16, max(1, block // 512))
     _quantize_per_token_kernel[(M,)](
         x, q, scale, K, x.stride(0), q.stride(0),
         BLOCK_K=block, ONE_PASS=one_pass, num_warps=num_warps, enable_fp_fusion=False,
@@ -134,7 +119,7 @@ def _m_bucket(M: int) -> int:
 
 
 def _gemm_configs() -> list[triton.Config]:
-    if _interpret():  # the interpreter runs numpy per program: one small config, no tuning
+    if interpret():  # the interpreter runs numpy per program: one small config, no tuning
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
                               num_warps=4, num_stages=1)]
     configs = []
@@ -177,7 +162,7 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_gemm_configs(),
-    key=["M_BUCKET", "N", "K", "HAS_A_SCALE", "HAS_B_SCALE", "HAS_BIAS", "DEQUANT", "INTERP_BF16"],
+    key=["M_BUCKET", "N", "K", "HAS_A_SCALE", "HAS_B_SCALE", "HAS_BIAS", "DEQUANT"],
     prune_configs_by={"early_config_prune": _prune_gemm_configs},
 )
 @triton.jit
@@ -190,7 +175,7 @@ def _int8_gemm_kernel(
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
     # meta-parameters
     HAS_A_SCALE: tl.constexpr, HAS_B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DEQUANT: tl.constexpr, INTERP_BF16: tl.constexpr,
+    DEQUANT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C (M, N) = A (M, K) int8 @ B (N, K).T int8: int32, or dequantized (* AScale[m] * BScale[n]
@@ -236,7 +221,7 @@ def _int8_gemm_kernel(
             out = out * tl.load(BScale + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             out = out + tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(c_ptrs, _to_out(out, C.dtype.element_ty, INTERP_BF16), mask=c_mask)
+        tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=c_mask)
     else:
         tl.store(c_ptrs, acc, mask=c_mask)
 
@@ -279,8 +264,7 @@ def int8_gemm(
         M, N, K, _m_bucket(M),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         HAS_A_SCALE=a_scale is not None, HAS_B_SCALE=b_scale is not None,
-        HAS_BIAS=bias is not None, DEQUANT=dequant,
-        INTERP_BF16=_interpret() and dtype == torch.bfloat16, enable_fp_fusion=False,
+        HAS_BIAS=bias is not None, DEQUANT=dequant, enable_fp_fusion=False,
     )
     return c
 
@@ -289,7 +273,7 @@ def int8_gemm(
 # weight-only int8 linear (small M)
 # ---------------------------------------------------------------------------------------------
 def _weight_only_configs() -> list[triton.Config]:
-    if _interpret():
+    if interpret():
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
     # decoding reads N * K int8 bytes once: many programs along N (132 SMs on H100/H200) and long
     # K tiles keep enough loads in flight for HBM bandwidth (16-bit x: tensor-core dot)
@@ -363,7 +347,7 @@ def _int8_weight_only_kernel(
         out = out + tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     o_ptrs = (Out + offs_m[:, None].to(tl.int64) * stride_om
               + offs_n[None, :].to(tl.int64) * stride_on)
-    tl.store(o_ptrs, _to_out(out, Out.dtype.element_ty, INTERP_BF16),
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
@@ -389,6 +373,6 @@ def int8_weight_only_linear(
         x.stride(0), x.stride(1), w_int8.stride(0), w_int8.stride(1),
         out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, FP32=x.dtype == torch.float32,
-        INTERP_BF16=_interpret() and x.dtype == torch.bfloat16, BLOCK_M=block_m,
+        INTERP_BF16=interpret() and x.dtype == torch.bfloat16, BLOCK_M=block_m,
     )
     return out

@@ -23,6 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fastattn.triton import _interpret
+
+_interpret.prepare()
+
 # Largest row kept in registers in one block; longer rows loop over _LOOP_BLOCK columns. Sized
 # from ptxas on sm_90 (offline compile, fp32 and bf16, residual + weight + bias): the forward at
 # 16K elements and 16 warps takes 128 registers/thread, no spills, but 32K spills 336 bytes even
@@ -48,38 +52,6 @@ def _num_warps_bwd(block_n: int) -> int:
     """Backward: twice the forward's threads (5 live values per element instead of 2): 48-99
     registers/thread from 1K to 4K elements, 64 at 8K over 32 warps (sm_90, no spills)."""
     return min(32, 2 * _num_warps(block_n))
-
-
-def _interpreter_bf16_round_to_nearest() -> None:
-    """Compiled kernels round float32 -> bfloat16 to nearest-even (cvt.rn.bf16.f32), Triton 3.6's
-    interpreter truncates: a full bf16 ulp of error instead of half of one, which alone breaks
-    the 2x accuracy rule under TRITON_INTERPRET=1. Make the interpreter round like the GPU."""
-    try:
-        import numpy as np
-        from triton.runtime import interpreter
-    except ImportError:  # no interpreter here (it needs numpy): nothing to fix
-        return
-    builder = getattr(interpreter, "InterpreterBuilder", None)
-    original = getattr(builder, "cast_impl", None)
-    if original is None or getattr(original, "_bf16_rne", False):
-        return
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            f = np.ascontiguousarray(src.data, dtype=np.float32)
-            u = f.view(np.uint32)
-            # add 0x7fff plus the lowest kept bit, then drop the low half: ties go to even
-            out = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-            nan = np.isnan(f)
-            out[nan] = ((u[nan] >> 16) | np.uint32(0x40)).astype(np.uint16)  # stay a (quiet) NaN
-            return interpreter.TensorHandle(out, dst_type.scalar)
-        return original(self, src, dst_type)
-
-    cast_impl._bf16_rne = True
-    builder.cast_impl = cast_impl
-
-
-_interpreter_bf16_round_to_nearest()
 
 
 @triton.jit

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "../attention.h"
+#include "../attention_params.h"
 #include "../common.cuh"
 #include "../int8.h"
 #include "../launch_params.h"
@@ -137,24 +138,11 @@ int fa_emu_attention_fwd(int dtype, const void* q, const void* k, const void* v,
                          void* out, float* lse, const int64_t* st, const int* sz, float scale,
                          int64_t wl, int64_t wr, int64_t diag) {
   fa_emu::clear_error();
-  fc::AttnFwdParams p;
-  p.q = q;
-  p.k = k;
-  p.v = v;
-  p.mask = mask;
-  p.out = out;
-  p.lse = lse;
-  p.q_stride_b = st[0], p.q_stride_h = st[1], p.q_stride_l = st[2];
-  p.k_stride_b = st[3], p.k_stride_h = st[4], p.k_stride_s = st[5];
-  p.v_stride_b = st[6], p.v_stride_h = st[7], p.v_stride_s = st[8];
-  p.mask_stride_b = st[9], p.mask_stride_h = st[10], p.mask_stride_l = st[11];
-  p.mask_stride_s = st[12];
-  p.out_stride_b = st[13], p.out_stride_h = st[14], p.out_stride_l = st[15];
-  p.lse_stride_b = st[16], p.lse_stride_h = st[17];
-  p.batch = sz[0], p.heads = sz[1], p.kv_heads = sz[2], p.len_q = sz[3], p.len_k = sz[4];
-  p.head_dim = sz[5], p.head_dim_v = sz[6];
-  p.scale = scale;
-  p.window_left = wl, p.window_right = wr, p.diag_offset = diag;
+  const fc::AttnShape shape{sz[0], sz[1], sz[2], sz[3], sz[4], sz[5], sz[6]};
+  const fc::AttnFwdParams p = fc::attn_fwd_params(
+      shape, scale, {wl, wr, diag}, {q, st[0], st[1], st[2]}, {k, st[3], st[4], st[5]},
+      {v, st[6], st[7], st[8]}, {mask, st[9], st[10], st[11], st[12]},
+      {out, st[13], st[14], st[15]}, {lse, st[16], st[17]});
   return finish(fc::attention_fwd(p, dtype_of(dtype), nullptr));
 }
 
@@ -165,25 +153,11 @@ int fa_emu_attention_kvcache(int dtype, const void* q, void* k_cache, void* v_ca
                              const void* v_new, void* out, const int64_t* st, const int* sz,
                              float scale, int causal, int num_sms, int* splits_out) {
   fa_emu::clear_error();
-  fc::KvcacheParams p;
-  p.q = q;
-  p.k_cache = k_cache;
-  p.v_cache = v_cache;
-  p.seqlens = seqlens;
-  p.leftpad = leftpad;
-  p.k_new = k_new;
-  p.v_new = v_new;
-  p.out = out;
-  p.q_stride_b = st[0], p.q_stride_h = st[1], p.q_stride_l = st[2];
-  p.kc_stride_b = st[3], p.kc_stride_h = st[4], p.kc_stride_s = st[5];
-  p.vc_stride_b = st[6], p.vc_stride_h = st[7], p.vc_stride_s = st[8];
-  p.kn_stride_b = st[9], p.kn_stride_h = st[10], p.kn_stride_l = st[11];
-  p.vn_stride_b = st[12], p.vn_stride_h = st[13], p.vn_stride_l = st[14];
-  p.out_stride_b = st[15], p.out_stride_h = st[16], p.out_stride_l = st[17];
-  p.batch = sz[0], p.heads = sz[1], p.kv_heads = sz[2], p.len_q = sz[3], p.capacity = sz[4];
-  p.head_dim = sz[5];
-  p.scale = scale;
-  p.causal = causal != 0;
+  const fc::AttnShape shape{sz[0], sz[1], sz[2], sz[3], sz[4], sz[5], sz[5]};
+  fc::KvcacheParams p = fc::kvcache_params(
+      shape, scale, causal != 0, {q, st[0], st[1], st[2]}, {k_cache, st[3], st[4], st[5]},
+      {v_cache, st[6], st[7], st[8]}, {k_new, st[9], st[10], st[11]},
+      {v_new, st[12], st[13], st[14]}, {out, st[15], st[16], st[17]}, seqlens, leftpad);
   const fc::KvcacheWorkspace ws = fc::kvcache_plan(p, num_sms);
   std::vector<float> partial_out(size_t(ws.partial_out_floats) + 1, 0.0f);
   std::vector<float> partial_lse(size_t(ws.partial_lse_floats) + 1, 0.0f);
@@ -203,36 +177,15 @@ int fa_emu_attention_bwd(int dtype, const void* grad_out, const void* q, const v
                          const int64_t* st, const int* sz, float scale, int64_t wl, int64_t wr,
                          int64_t diag) {
   fa_emu::clear_error();
-  fc::AttnBwdParams p;
-  p.grad_out = grad_out;
-  p.q = q;
-  p.k = k;
-  p.v = v;
-  p.out = out;
-  p.lse = lse;
-  p.grad_lse = grad_lse;
-  p.mask = mask;
-  p.dq = dq;
-  p.dk = dk;
-  p.dv = dv;
-  p.dmask = dmask;
-  int i = 0;
-  int64_t* fields[] = {&p.do_stride_b,    &p.do_stride_h,    &p.do_stride_l,    &p.q_stride_b,
-                       &p.q_stride_h,     &p.q_stride_l,     &p.k_stride_b,     &p.k_stride_h,
-                       &p.k_stride_s,     &p.v_stride_b,     &p.v_stride_h,     &p.v_stride_s,
-                       &p.o_stride_b,     &p.o_stride_h,     &p.o_stride_l,     &p.lse_stride_b,
-                       &p.lse_stride_h,   &p.glse_stride_b,  &p.glse_stride_h,  &p.mask_stride_b,
-                       &p.mask_stride_h,  &p.mask_stride_l,  &p.mask_stride_s,  &p.dq_stride_b,
-                       &p.dq_stride_h,    &p.dq_stride_l,    &p.dk_stride_b,    &p.dk_stride_h,
-                       &p.dk_stride_s,    &p.dv_stride_b,    &p.dv_stride_h,    &p.dv_stride_s,
-                       &p.dmask_stride_b, &p.dmask_stride_h, &p.dmask_stride_l, &p.dmask_stride_s};
-  for (int64_t* f : fields) *f = st[i++];
-  p.batch = sz[0], p.heads = sz[1], p.kv_heads = sz[2], p.len_q = sz[3], p.len_k = sz[4];
-  p.head_dim = sz[5], p.head_dim_v = sz[6];
-  p.scale = scale;
-  p.window_left = wl, p.window_right = wr, p.diag_offset = diag;
-  std::vector<float> workspace(size_t(2) * size_t(p.batch) * p.heads * p.len_q + 1, 0.0f);
-  p.workspace = workspace.data();
+  const fc::AttnShape shape{sz[0], sz[1], sz[2], sz[3], sz[4], sz[5], sz[6]};
+  std::vector<float> workspace(size_t(2) * size_t(shape.batch * shape.heads * shape.len_q) + 1,
+                               0.0f);
+  const fc::AttnBwdParams p = fc::attn_bwd_params(
+      shape, scale, {wl, wr, diag}, {q, st[3], st[4], st[5]}, {k, st[6], st[7], st[8]},
+      {v, st[9], st[10], st[11]}, {mask, st[19], st[20], st[21], st[22]},
+      {grad_out, st[0], st[1], st[2]}, {out, st[12], st[13], st[14]}, {lse, st[15], st[16]},
+      {grad_lse, st[17], st[18]}, {dq, st[23], st[24], st[25]}, {dk, st[26], st[27], st[28]},
+      {dv, st[29], st[30], st[31]}, {dmask, st[32], st[33], st[34], st[35]}, workspace.data());
   return finish(fc::attention_bwd(p, dtype_of(dtype), nullptr));
 }
 

@@ -277,6 +277,25 @@ inline void ldmatrix_x4(uint32_t (&regs)[4], const void* row_addr, bool trans) {
   for (int i = 0; i < 4; ++i) regs[i] = o.r[i];
 }
 
+// The C/D fragment of the m16n8 mma shapes (f32 or s32 elements): lane l = 4g + t holds
+// C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1].
+template <class Acc>
+inline void acc_fragment_in(Acc (&C)[16][8], int lane, const Acc (&c)[4]) {
+  const int g = lane >> 2, t = lane & 3;
+  C[g][2 * t] = c[0];
+  C[g][2 * t + 1] = c[1];
+  C[g + 8][2 * t] = c[2];
+  C[g + 8][2 * t + 1] = c[3];
+}
+template <class Acc>
+inline void acc_fragment_out(const Acc (&D)[16][8], int lane, Acc (&d)[4]) {
+  const int g = lane >> 2, t = lane & 3;
+  d[0] = D[g][2 * t];
+  d[1] = D[g][2 * t + 1];
+  d[2] = D[g + 8][2 * t];
+  d[3] = D[g + 8][2 * t + 1];
+}
+
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32, PTX ISA fragment layouts:
 // groupID g = lane >> 2, t = lane % 4.
 //   A (16x16): reg0 = A[g][2t..2t+1], reg1 = A[g+8][2t..], reg2 = A[g][2t+8..], reg3 =
@@ -319,10 +338,7 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
       B[2 * t + 1][g] = to_f(uint16_t(ins[l].b[0] >> 16));
       B[2 * t + 8][g] = to_f(uint16_t(ins[l].b[1] & 0xffff));
       B[2 * t + 9][g] = to_f(uint16_t(ins[l].b[1] >> 16));
-      C[g][2 * t] = ins[l].c[0];
-      C[g][2 * t + 1] = ins[l].c[1];
-      C[g + 8][2 * t] = ins[l].c[2];
-      C[g + 8][2 * t + 1] = ins[l].c[3];
+      acc_fragment_in(C, l, ins[l].c);
     }
     float D[16][8];
     for (int m = 0; m < 16; ++m) {
@@ -332,13 +348,7 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
         D[m][n] = acc;
       }
     }
-    for (int l = 0; l < 32; ++l) {
-      const int g = l >> 2, t = l & 3;
-      outs[l].d[0] = D[g][2 * t];
-      outs[l].d[1] = D[g][2 * t + 1];
-      outs[l].d[2] = D[g + 8][2 * t];
-      outs[l].d[3] = D[g + 8][2 * t + 1];
-    }
+    for (int l = 0; l < 32; ++l) acc_fragment_out(D, l, outs[l].d);
   });
   for (int i = 0; i < 4; ++i) d[i] = o.d[i];
 }
@@ -373,10 +383,7 @@ inline void mma_16832_s8(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t
         B[4 * t + i][g] = byte(ins[l].b[0], i);
         B[4 * t + 16 + i][g] = byte(ins[l].b[1], i);
       }
-      C[g][2 * t] = ins[l].c[0];
-      C[g][2 * t + 1] = ins[l].c[1];
-      C[g + 8][2 * t] = ins[l].c[2];
-      C[g + 8][2 * t + 1] = ins[l].c[3];
+      acc_fragment_in(C, l, ins[l].c);
     }
     int D[16][8];
     for (int m = 0; m < 16; ++m) {
@@ -386,13 +393,7 @@ inline void mma_16832_s8(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t
         D[m][n] = int32_t(acc);
       }
     }
-    for (int l = 0; l < 32; ++l) {
-      const int g = l >> 2, t = l & 3;
-      outs[l].d[0] = D[g][2 * t];
-      outs[l].d[1] = D[g][2 * t + 1];
-      outs[l].d[2] = D[g + 8][2 * t];
-      outs[l].d[3] = D[g + 8][2 * t + 1];
-    }
+    for (int l = 0; l < 32; ++l) acc_fragment_out(D, l, outs[l].d);
   });
   for (int i = 0; i < 4; ++i) d[i] = o.d[i];
 }

@@ -1,0 +1,210 @@
+// The public ops' argument rules (see checks.h for who calls them and why they live here).
+#include "checks.h"
+
+#include <c10/core/DispatchKey.h>
+#include <c10/core/SymInt.h>
+#include <ATen/Dispatch.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace fastattn::checks {
+namespace {
+
+bool accepted_float(c10::ScalarType dt) { return kernel_dtype(dt) || dt == at::kDouble; }
+
+// A tensor whose values can be read here: a real CPU tensor, not a fake, meta or functional
+// one seen while torch.compile traces.
+bool host_readable(const at::Tensor& t) {
+  return t.is_cpu() && !t.unsafeGetTensorImpl()->is_python_dispatch() &&
+         !t.key_set().has(c10::DispatchKey::Functionalize);
+}
+
+void check_float(const char* fn, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(accepted_float(t.scalar_type()), fn, ": ", name,
+                   " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+}
+
+void check_device(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                  const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), fn, ": ", name, " must be on ", ref_name, "'s device (",
+              ref.device(), "), got ", t.device());
+}
+
+void check_finite(const char* fn, const char* name, const at::Tensor& t) {
+  // Non-finite scales turn whole rows or columns into NaN. Read only where that is free (host
+  // tensors); a GPU check would synchronise.
+  if (!host_readable(t) || t.numel() == 0) return;
+  const at::Tensor c = t.contiguous();
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "check_finite", [&] {
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < c.numel(); ++i) ok &= std::isfinite(static_cast<double>(p[i]));
+  });
+  TORCH_CHECK_VALUE(ok, fn, ": ", name, " has non-finite values");
+}
+
+// (n,) float vector, e.g. a per-channel scale or a bias; name "what" it holds for the message.
+void check_vector(const char* fn, const char* name, const at::Tensor& t, const c10::SymInt& n,
+                  const at::Tensor& ref, const char* ref_name, const char* what) {
+  TORCH_CHECK_TYPE(t.is_floating_point(), fn, ": ", name, " must be a floating-point tensor, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.sym_size(0) == n, fn, ": ", name, " must have shape (", n,
+                    ",) (", what, "), got ", t.sym_sizes());
+  check_device(fn, name, t, ref, ref_name);
+}
+
+}  // namespace
+
+bool kernel_dtype(c10::ScalarType dt) {
+  return dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf;
+}
+
+int64_t check_norm(bool rms, const at::Tensor& input, c10::IntArrayRef normalized_shape,
+                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                   const std::optional<at::Tensor>& residual, double eps) {
+  const char* fn = rms ? "fastattn.rms_norm" : "fastattn.layer_norm";
+  TORCH_CHECK_TYPE(input.is_floating_point(), fn, ": input must be a floating-point tensor, got ",
+                   input.scalar_type());
+  check_float(fn, "input", input);
+  const int64_t nd = static_cast<int64_t>(normalized_shape.size());
+  TORCH_CHECK_VALUE(nd > 0, fn, ": normalized_shape must have at least one dimension");
+  int64_t n = 1;
+  for (const int64_t s : normalized_shape) {
+    TORCH_CHECK_VALUE(s >= 0, fn, ": normalized_shape must not hold a negative size, got ",
+                      normalized_shape);
+    n *= s;
+  }
+  const auto shape = input.sym_sizes();
+  bool match = nd <= input.dim();
+  for (int64_t i = 0; match && i < nd; ++i)
+    match = shape[input.dim() - nd + i] == normalized_shape[i];
+  TORCH_CHECK_VALUE(match, fn, ": normalized_shape=", normalized_shape,
+                    " must match the trailing dimensions of input, got input of shape ", shape);
+  for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", &bias}}) {
+    if (!t->has_value()) continue;
+    const at::Tensor& p = **t;
+    TORCH_CHECK_TYPE(p.is_floating_point(), fn, ": ", name, " must be a floating-point tensor, got ",
+                     p.scalar_type());
+    check_float(fn, name, p);
+    TORCH_CHECK_VALUE(p.sym_sizes() == c10::fromIntArrayRefSlow(normalized_shape), fn, ": ", name,
+                      " must have shape ", normalized_shape, ", got ", p.sym_sizes());
+    check_device(fn, name, p, input, "input");
+  }
+  TORCH_CHECK_VALUE(!(rms && bias.has_value()), fn, ": takes no bias");
+  if (residual.has_value()) {
+    const at::Tensor& r = *residual;
+    TORCH_CHECK_VALUE(r.sym_sizes() == shape, fn, ": residual must have input's shape ", shape,
+                      ", got ", r.sym_sizes());
+    TORCH_CHECK_TYPE(r.scalar_type() == input.scalar_type(), fn,
+                     ": residual must have input's dtype (", input.scalar_type(), "), got ",
+                     r.scalar_type());
+    check_device(fn, "residual", r, input, "input");
+  }
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, fn, ": eps must be finite and >= 0, got ",
+                    eps);
+  return n;
+}
+
+void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+                   const std::optional<at::Tensor>& v_new, double scale,
+                   const std::optional<at::Tensor>& cache_leftpad) {
+  constexpr const char* fn = "fastattn.attention_with_kvcache";
+  for (const auto& [name, t] : {std::pair{"q", &q}, std::pair{"k_cache", &k_cache},
+                                std::pair{"v_cache", &v_cache}}) {
+    TORCH_CHECK_VALUE(t->dim() == 4, fn, ": ", name, " must be 4-D, got shape ", t->sym_sizes());
+    check_float(fn, name, *t);
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), fn, ": ", name, " must have q's dtype (",
+                     q.scalar_type(), "), got ", t->scalar_type());
+    check_device(fn, name, *t, q, "q");
+  }
+  const auto qs = q.sym_sizes(), ks = k_cache.sym_sizes(), vs = v_cache.sym_sizes();
+  TORCH_CHECK_VALUE(ks[0] == qs[0] && ks[3] == qs[3], fn, ": k_cache must be (B=", qs[0],
+                    ", Hkv, capacity, E=", qs[3], "), got ", ks);
+  TORCH_CHECK_VALUE(vs[0] == ks[0] && vs[1] == ks[1] && vs[2] == ks[2], fn,
+                    ": v_cache must be (B, Hkv, capacity, Ev) like k_cache ", ks, ", got ", vs);
+  TORCH_CHECK_VALUE(ks[1] != 0 && qs[1] % ks[1] == 0, fn, ": q heads (", qs[1],
+                    ") must be a multiple of the cache heads (", ks[1], ")");
+  TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, fn,
+                   ": cache_seqlens must be an int32 tensor of shape (B,), got ",
+                   cache_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.sym_size(0) == qs[0], fn,
+                    ": cache_seqlens must have shape (", qs[0], ",), got ",
+                    cache_seqlens.sym_sizes());
+  check_device(fn, "cache_seqlens", cache_seqlens, q, "q");
+  TORCH_CHECK_VALUE(k_new.has_value() == v_new.has_value(), fn,
+                    ": k_new and v_new must be given together");
+  if (k_new.has_value()) {
+    for (const auto& [name, t, e] : {std::tuple{"k_new", &*k_new, qs[3]},
+                                     std::tuple{"v_new", &*v_new, vs[3]}}) {
+      const std::vector<c10::SymInt> want{qs[0], ks[1], qs[2], e};
+      TORCH_CHECK_VALUE(t->sym_sizes() == c10::SymIntArrayRef(want), fn, ": ", name,
+                        " must have shape (B, Hkv, Lq, E) = ", c10::SymIntArrayRef(want), ", got ",
+                        t->sym_sizes());
+      TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), fn, ": ", name,
+                       " must have q's dtype (", q.scalar_type(), "), got ", t->scalar_type());
+      check_device(fn, name, *t, q, "q");
+    }
+  }
+  if (cache_leftpad.has_value()) {
+    const at::Tensor& lp = *cache_leftpad;
+    TORCH_CHECK_TYPE(lp.scalar_type() == at::kInt, fn,
+                     ": cache_leftpad must be None or an int32 tensor of shape (B,), got ",
+                     lp.scalar_type());
+    TORCH_CHECK_VALUE(lp.dim() == 1 && lp.sym_size(0) == qs[0], fn,
+                      ": cache_leftpad must have shape (", qs[0], ",), got ", lp.sym_sizes());
+    check_device(fn, "cache_leftpad", lp, q, "q");
+  }
+  TORCH_CHECK_VALUE(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
+  if (!host_readable(cache_seqlens)) return;
+  // the values, where they are on the host already
+  const int64_t B = q.size(0), cap = k_cache.size(2), extra = k_new.has_value() ? q.size(2) : 0;
+  const at::Tensor sl = cache_seqlens.contiguous();
+  const int32_t* slp = sl.const_data_ptr<int32_t>();
+  int64_t lo = 0, hi = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    lo = b == 0 ? slp[b] : std::min<int64_t>(lo, slp[b]);
+    hi = b == 0 ? slp[b] : std::max<int64_t>(hi, slp[b]);
+  }
+  TORCH_CHECK_VALUE(B == 0 || (lo >= 0 && hi + extra <= cap), fn,
+                    ": cache_seqlens must lie in [0, capacity - new tokens] = [0, ", cap - extra,
+                    "], got values in [", lo, ", ", hi, "]");
+  if (!cache_leftpad.has_value() || !host_readable(*cache_leftpad)) return;
+  const at::Tensor lp = cache_leftpad->contiguous();
+  const int32_t* lpp = lp.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK_VALUE(lpp[b] >= 0 && lpp[b] <= slp[b] + extra, fn, ": cache_leftpad[", b, "] = ",
+                      lpp[b], " must lie in [0, cache_seqlens[", b, "] + new tokens] = [0, ",
+                      slp[b] + extra, "]");
+}
+
+void check_int8_linear(const char* fn, const at::Tensor& x, const at::Tensor& w_int8,
+                       const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_TYPE(x.is_floating_point(), fn, ": x must be a floating-point tensor, got ",
+                   x.scalar_type());
+  check_float(fn, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, fn, ": x must have at least one dimension (..., K)");
+  TORCH_CHECK_TYPE(w_int8.scalar_type() == at::kChar, fn, ": w_int8 must be an int8 tensor, got ",
+                   w_int8.scalar_type());
+  TORCH_CHECK_VALUE(w_int8.dim() == 2, fn, ": w_int8 must be 2-D (N, K), got shape ",
+                    w_int8.sym_sizes());
+  TORCH_CHECK_VALUE(x.sym_size(-1) == w_int8.sym_size(1), fn, ": x.shape[-1] (", x.sym_size(-1),
+                    ") must equal w_int8.shape[1] (", w_int8.sym_size(1), "): w_int8 is (N, K)");
+  check_device(fn, "w_int8", w_int8, x, "x");
+  const c10::SymInt n = w_int8.sym_size(0);
+  check_vector(fn, "w_scale", w_scale, n, x, "x", "one scale per output channel");
+  if (bias.has_value()) check_vector(fn, "bias", *bias, n, x, "x", "one value per output channel");
+  check_finite(fn, "w_scale", w_scale);
+}
+
+at::Tensor as_rows(const at::Tensor& t, int64_t trailing_dims, int64_t n) {
+  int64_t m = 1;
+  for (int64_t d = 0; d < t.dim() - trailing_dims; ++d) m *= t.size(d);
+  at::Tensor rows = t.reshape({m, n});
+  return n > 1 && rows.stride(1) != 1 ? rows.contiguous() : rows;
+}
+
+}  // namespace fastattn::checks

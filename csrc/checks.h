@@ -1,0 +1,46 @@
+// The argument rules of the public ops, written once. The CPU and CUDA kernels call them, and the
+// Python layer calls them (fastattn._C.check_*) in the fake functions and before the Triton and
+// reference paths, so every backend raises the same error, worded in the public API's terms
+// ("fastattn.layer_norm: weight must have shape [576], got [575]"), for the same bad call.
+//
+// Error kinds follow Python's: TypeError for a wrong type or dtype, ValueError for a wrong shape
+// or value, RuntimeError for a device mismatch. Sizes are read as SymInts, so the checks also run
+// on the symbolic shapes torch.compile traces. Nothing here reads tensor data: the data-dependent
+// rules (cache_seqlens within the capacity) are checked by the CPU kernel, where the data is on the
+// host; CUDA kernels clamp instead of synchronising.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace fastattn::checks {
+
+// True for the float dtypes the kernels take (float16, bfloat16, float32). float64 passes the
+// checks below (the reference runs it) but no kernel takes it.
+bool kernel_dtype(c10::ScalarType dt);
+
+// fastattn.layer_norm / rms_norm (rms: no bias). Returns N = prod(normalized_shape).
+int64_t check_norm(bool rms, const at::Tensor& input, c10::IntArrayRef normalized_shape,
+                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                   const std::optional<at::Tensor>& residual, double eps);
+
+// fastattn.attention_with_kvcache (shapes, dtypes, devices, scale; not the cache_seqlens values).
+void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+                   const std::optional<at::Tensor>& v_new, double scale,
+                   const std::optional<at::Tensor>& cache_leftpad);
+
+// fastattn.int8_weight_only_linear / int8_linear: x (..., K), w_int8 (N, K), w_scale (N,),
+// bias (N,) or None.
+void check_int8_linear(const char* fn, const at::Tensor& x, const at::Tensor& w_int8,
+                       const at::Tensor& w_scale, const std::optional<at::Tensor>& bias);
+
+// (*, <trailing dims>) -> (M, N) rows with unit column stride, N = the trailing dims' product:
+// a view when each row's N elements are contiguous and the rows evenly spaced (any row stride),
+// else a copy. The layout every row kernel (norms, int8) takes.
+at::Tensor as_rows(const at::Tensor& t, int64_t trailing_dims, int64_t n);
+
+}  // namespace fastattn::checks

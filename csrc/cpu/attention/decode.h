@@ -1,0 +1,230 @@
+// CPU attention kernels: decoding against a KV cache (flash-decoding over cache chunks).
+// No include guard: kernels.h includes it once per instruction-set build.
+
+// ---------------------------------------------------------------------------------------------
+// decoding: few query rows (G heads x Lq tokens <= 16 per kv head) against a long cache. Memory
+// bound: every (b, kv head) reads its cache slice once for all its query rows, split along the
+// cache length into chunks (flash-decoding) so that B * Hkv small still fills the threads; the
+// chunks' partial (max, sum, output) are combined in a fixed order.
+// ---------------------------------------------------------------------------------------------
+#ifdef FA_AVX512
+// 16 elements from p (first n valid, zeros after) as float, without reading past n
+template <typename T>
+FA_INLINE __m512 load_cvt(const T* p, __mmask16 m) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  } else {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  }
+}
+
+// One query row against keys [n_begin, n_end) of one kv head, everything in registers: q and
+// the output accumulators are NC vectors each (E, Ev <= 16 * NC), K/V rows contiguous. Writes the
+// unnormalised output, max and sum to part (layout of attention_decode_impl's partials).
+template <typename T, int NC>
+void decode_row(const AttnArgs& a, const T* qr, const T* kbase, const T* vbase, int64_t n_begin,
+                int64_t n_end, int64_t hi, float* part_row, int64_t Ev16) {
+  __m512 q[NC], o[NC];
+  __mmask16 mk[NC], mv[NC];
+  for (int c = 0; c < NC; ++c) {
+    const int64_t ne = std::clamp<int64_t>(a.E - 16 * c, 0, 16),
+                  nv = std::clamp<int64_t>(a.Ev - 16 * c, 0, 16);
+    mk[c] = static_cast<__mmask16>((1u << ne) - 1u);
+    mv[c] = static_cast<__mmask16>((1u << nv) - 1u);
+    q[c] = _mm512_mul_ps(load_cvt(qr + 16 * c, mk[c]), _mm512_set1_ps(a.scale));
+    o[c] = _mm512_setzero_ps();
+  }
+  float m = kNegInf, l = 0.f;
+  alignas(64) float sc[16];
+  const int64_t kl = std::max<int64_t>(1, a.E * static_cast<int64_t>(sizeof(T)) / 64);
+  const int64_t vl = std::max<int64_t>(1, a.Ev * static_cast<int64_t>(sizeof(T)) / 64);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += 16) {
+    const int64_t nk = std::min<int64_t>(16, n_end - n0);
+    for (int64_t j = n0 + 48; j < std::min(n0 + 64, n_end); ++j) {
+      const char* kp = reinterpret_cast<const char*>(kbase + j * a.sk[2]);
+      const char* vp = reinterpret_cast<const char*>(vbase + j * a.sv[2]);
+      for (int64_t x = 0; x < kl; ++x) _mm_prefetch(kp + 64 * x, _MM_HINT_T0);
+      for (int64_t x = 0; x < vl; ++x) _mm_prefetch(vp + 64 * x, _MM_HINT_T0);
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      const T* kr = kbase + (n0 + j) * a.sk[2];
+      __m512 acc = _mm512_mul_ps(q[0], load_cvt(kr, mk[0]));
+      for (int c = 1; c < NC; ++c) acc = _mm512_fmadd_ps(q[c], load_cvt(kr + 16 * c, mk[c]), acc);
+      sc[j] = _mm512_reduce_add_ps(acc);
+    }
+    // keys > hi (causal) and past the group are invisible
+    const int64_t nvis = std::clamp<int64_t>(hi - n0 + 1, 0, nk);
+    const __m512 s = _mm512_mask_blend_ps(static_cast<__mmask16>((1u << nvis) - 1u),
+                                          _mm512_set1_ps(kNegInf), _mm512_load_ps(sc));
+    const float mnew = std::max(m, _mm512_reduce_max_ps(s));
+    if (mnew == kNegInf) continue;
+    const __m512 p = exp_from(s, _mm512_set1_ps(mnew));
+    const float al = std::exp(m - mnew);
+    l = l * al + _mm512_reduce_add_ps(p);
+    m = mnew;
+    _mm512_store_ps(sc, p);
+    for (int c = 0; c < NC; ++c) o[c] = _mm512_mul_ps(o[c], _mm512_set1_ps(al));
+    for (int64_t j = 0; j < nvis; ++j) {
+      const T* vr = vbase + (n0 + j) * a.sv[2];
+      const __m512 pj = _mm512_set1_ps(sc[j]);
+      for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(pj, load_cvt(vr + 16 * c, mv[c]), o[c]);
+    }
+  }
+  for (int c = 0; c < NC && 16 * c < Ev16; ++c) _mm512_storeu_ps(part_row + 16 * c, o[c]);
+  part_row[Ev16] = m;
+  part_row[Ev16 + 1] = l;
+}
+#endif
+
+template <typename T>
+void attention_decode_impl(const AttnArgs& a, const int64_t* begin, const int64_t* total,
+                           int64_t Lq, bool causal, T* out) {
+  const int64_t B = a.B, H = a.H, Hkv = a.Hkv, E = a.E, Ev = a.Ev;
+  const int64_t G = H / Hkv, R = G * Lq;
+  const int64_t E16 = round_up(E, 16), Ev16 = round_up(Ev, 16);
+  int64_t max_total = 0;
+  for (int64_t b = 0; b < B; ++b) max_total = std::max(max_total, total[b]);
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t want = std::max<int64_t>(1, (4 * nthreads + B * Hkv - 1) / (B * Hkv));
+  const int64_t csz = round_up(std::max<int64_t>(256, (max_total + want - 1) / want), 64);
+  const int64_t nchunk = std::max<int64_t>(1, (max_total + csz - 1) / csz);
+  const int64_t pstride = R * (Ev16 + 2);
+  std::vector<float> part(static_cast<size_t>(B * Hkv * nchunk * pstride));
+  const float qscale = a.scale;
+
+  run_tasks(B * Hkv * nchunk, [&](int64_t t, Scratch& scratch) {
+    const int64_t ch = t % nchunk, kvh = (t / nchunk) % Hkv, b = t / (nchunk * Hkv);
+#ifdef FA_AVX512
+    // one query row per kv head (MHA decoding, the common case): registers only
+    if (R == 1 && a.sk[3] == 1 && a.sv[3] == 1 && a.sq[3] == 1 && std::max(E, Ev) <= 256) {
+      const T* qr = static_cast<const T*>(a.q) + b * a.sq[0] + kvh * a.sq[1];
+      const T* kb = static_cast<const T*>(a.k) + b * a.sk[0] + kvh * a.sk[1];
+      const T* vb = static_cast<const T*>(a.v) + b * a.sv[0] + kvh * a.sv[1];
+      const int64_t n_begin = std::max(ch * csz, begin[b]), n_stop = std::min(total[b], (ch + 1) * csz);
+      const int64_t hi = total[b] - 1;  // Lq = 1: the query is the last position and sees every key
+      float* pr = part.data() + t * pstride;
+      const int64_t nc = (std::max(E, Ev) + 15) / 16;
+      if (nc <= 2)
+        decode_row<T, 2>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+      else if (nc <= 4)
+        decode_row<T, 4>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+      else if (nc <= 8)
+        decode_row<T, 8>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+      else
+        decode_row<T, 16>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+      return;
+    }
+#endif
+    float* qs = scratch.get(
+        static_cast<size_t>(R * E16 + R * Ev16 + 16 * E16 + 16 * Ev16 + 4 * R * 16 + 64));
+    float* o = qs + R * E16;
+    float* kr = o + R * Ev16;
+    float* vr = kr + 16 * E16;
+    float* sc = vr + 16 * Ev16;  // [R][16] scores, then probabilities
+    float* m2 = sc + R * 16;
+    float* l = m2 + R;
+    float* al = l + R;
+    const int64_t n_end = std::min(total[b], (ch + 1) * csz);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t g = r / Lq, i = r % Lq;
+      const T* qr =
+          static_cast<const T*>(a.q) + b * a.sq[0] + (kvh * G + g) * a.sq[1] + i * a.sq[2];
+      load_f32(qr, a.sq[3], E, qs + r * E16);
+      for (int64_t e = 0; e < E16; ++e) qs[r * E16 + e] = e < E ? qs[r * E16 + e] * qscale : 0.f;
+      m2[r] = kNegInf;
+      l[r] = 0.f;
+    }
+    std::fill(o, o + R * Ev16, 0.f);
+    std::fill(kr, kr + 16 * E16, 0.f);
+    std::fill(vr, vr + 16 * Ev16, 0.f);
+    const T* kbase = static_cast<const T*>(a.k) + b * a.sk[0] + kvh * a.sk[1];
+    const T* vbase = static_cast<const T*>(a.v) + b * a.sv[0] + kvh * a.sv[1];
+    // memory bound: keep a few KiB of K and V rows in flight ahead of the loads (the row loads
+    // were ~70% of the time waiting on L3/DRAM before)
+    const int64_t kline = std::max<int64_t>(1, E * static_cast<int64_t>(sizeof(T)) / 64);
+    const int64_t vline = std::max<int64_t>(1, Ev * static_cast<int64_t>(sizeof(T)) / 64);
+    const bool pf_rows = a.sk[3] == 1 && a.sv[3] == 1;
+    for (int64_t n0 = std::max(ch * csz, begin[b]); n0 < n_end; n0 += 16) {
+      const int64_t nk = std::min<int64_t>(16, n_end - n0);
+      if (pf_rows) {
+        for (int64_t j = n0 + 48; j < std::min(n0 + 64, n_end); ++j) {
+          const char* kp = reinterpret_cast<const char*>(kbase + j * a.sk[2]);
+          const char* vp = reinterpret_cast<const char*>(vbase + j * a.sv[2]);
+          for (int64_t x = 0; x < kline; ++x) __builtin_prefetch(kp + 64 * x, 0, 3);
+          for (int64_t x = 0; x < vline; ++x) __builtin_prefetch(vp + 64 * x, 0, 3);
+        }
+      }
+      for (int64_t j = 0; j < nk; ++j)
+        load_f32(kbase + (n0 + j) * a.sk[2], a.sk[3], E, kr + j * E16);
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t j = 0; j < nk; ++j) {
+          vf acc = vzero();
+          for (int64_t e = 0; e < E16; e += 16)
+            acc = vfma(vload(qs + r * E16 + e), vload(kr + j * E16 + e), acc);
+          sc[r * 16 + j] = vhsum(acc);
+        }
+        // causal: query i of Lq sees keys [0, total - Lq + i]
+        const int64_t hi = causal ? total[b] - Lq + r % Lq : total[b] - 1;
+        const int64_t nvis = std::clamp<int64_t>(hi - n0 + 1, 0, nk);
+        for (int64_t j = nvis; j < 16; ++j) sc[r * 16 + j] = kNegInf;
+        const vf s = vload(sc + r * 16);
+        const float mnew = std::max(m2[r], vhmax(s));
+        if (mnew == kNegInf) {
+          vstore(sc + r * 16, vzero());
+          al[r] = 1.f;
+          continue;
+        }
+        const vf p = exp_from(s, vset1(mnew));
+        al[r] = std::exp(m2[r] - mnew);  // 0 when m2 was -inf
+        l[r] = l[r] * al[r] + vhsum(p);
+        m2[r] = mnew;
+        vstore(sc + r * 16, p);
+      }
+      for (int64_t j = 0; j < nk; ++j)
+        load_f32(vbase + (n0 + j) * a.sv[2], a.sv[3], Ev, vr + j * Ev16);
+      for (int64_t r = 0; r < R; ++r) {
+        const float* pr = sc + r * 16;
+        for (int64_t e = 0; e < Ev16; e += 16) {
+          vf acc = vmul(vload(o + r * Ev16 + e), vset1(al[r]));
+          for (int64_t j = 0; j < nk; ++j) acc = vfma(vset1(pr[j]), vload(vr + j * Ev16 + e), acc);
+          vstore(o + r * Ev16 + e, acc);
+        }
+      }
+    }
+    float* pt = part.data() + t * pstride;
+    for (int64_t r = 0; r < R; ++r) {
+      std::copy(o + r * Ev16, o + (r + 1) * Ev16, pt + r * (Ev16 + 2));
+      pt[r * (Ev16 + 2) + Ev16] = m2[r];
+      pt[r * (Ev16 + 2) + Ev16 + 1] = l[r];
+    }
+  });
+
+  // combine the chunks in order
+  at::parallel_for(0, B * Hkv * R, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> acc(static_cast<size_t>(Ev));
+    for (int64_t x = r0; x < r1; ++x) {
+      const int64_t r = x % R, kvh = (x / R) % Hkv, b = x / (R * Hkv);
+      const float* p0 = part.data() + ((b * Hkv + kvh) * nchunk) * pstride + r * (Ev16 + 2);
+      float M = kNegInf;
+      for (int64_t ch = 0; ch < nchunk; ++ch) M = std::max(M, p0[ch * pstride + Ev16]);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float lsum = 0.f;
+      if (M != kNegInf) {
+        for (int64_t ch = 0; ch < nchunk; ++ch) {
+          const float* pc = p0 + ch * pstride;
+          if (pc[Ev16] == kNegInf) continue;
+          const float w = std::exp(pc[Ev16] - M);
+          lsum += pc[Ev16 + 1] * w;
+          for (int64_t e = 0; e < Ev; ++e) acc[e] += pc[e] * w;
+        }
+      }
+      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+      const int64_t g = r / Lq, i = r % Lq;
+      T* orow = out + ((b * H + kvh * G + g) * Lq + i) * Ev;
+      for (int64_t e = 0; e < Ev; ++e) orow[e] = static_cast<T>(acc[e] * inv);
+    }
+  });
+}
