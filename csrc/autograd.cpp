@@ -96,10 +96,19 @@ class LayerNormFn : public torch::autograd::Function<LayerNormFn> {
   }
 };
 
-Tensors4 layer_norm_fwd_autograd(const at::Tensor& input, at::IntArrayRef normalized_shape,
+Tensors4 layer_norm_fwd_autograd(c10::DispatchKeySet ks, const at::Tensor& input,
+                                 at::IntArrayRef normalized_shape,
                                  const std::optional<at::Tensor>& weight,
                                  const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& residual, double eps, bool rms) {
+  auto recorded = [](const std::optional<at::Tensor>& t) { return t && t->requires_grad(); };
+  if (!at::GradMode::is_enabled() ||
+      !(input.requires_grad() || recorded(weight) || recorded(bias) || recorded(residual))) {
+    // nothing to record (inference, or frozen weights on an input without grad): straight to
+    // the kernel, as ATen's generated autograd kernels do; a Function costs ~1 us even then
+    return layer_norm_fwd_op().redispatch(ks & c10::after_ADInplaceOrView_keyset, input,
+                                          normalized_shape, weight, bias, residual, eps, rms);
+  }
   auto r = LayerNormFn::apply(input, normalized_shape, weight, bias, residual, eps, rms);
   return {r[0], r[1], r[2], r[3]};
 }

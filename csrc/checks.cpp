@@ -4,6 +4,7 @@
 #include <c10/core/DispatchKey.h>
 #include <c10/core/SymInt.h>
 #include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -29,8 +30,8 @@ void check_float(const char* fn, const char* name, const at::Tensor& t) {
 
 void check_device(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& ref,
                   const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), fn, ": ", name, " must be on ", ref_name, "'s device (",
-              ref.device(), "), got ", t.device());
+  TORCH_CHECK(t.device() == ref.device(), fn, ": ", name, " must be on the same device as ",
+              ref_name, " (", ref.device(), "), got ", t.device());
 }
 
 void check_finite(const char* fn, const char* name, const at::Tensor& t) {
@@ -201,10 +202,14 @@ void check_int8_linear(const char* fn, const at::Tensor& x, const at::Tensor& w_
 }
 
 at::Tensor as_rows(const at::Tensor& t, int64_t trailing_dims, int64_t n) {
+  if (t.dim() == 2 && trailing_dims == 1 && (n <= 1 || t.stride(1) == 1)) return t;
   int64_t m = 1;
   for (int64_t d = 0; d < t.dim() - trailing_dims; ++d) m *= t.size(d);
   at::Tensor rows = t.reshape({m, n});
-  return n > 1 && rows.stride(1) != 1 ? rows.contiguous() : rows;
+  if (n <= 1 || rows.stride(1) == 1) return rows;
+  // an empty tensor counts as contiguous whatever its strides (an expanded gradient of zero
+  // rows): a fresh one has unit column stride
+  return rows.numel() == 0 ? at::empty({m, n}, t.options()) : rows.contiguous();
 }
 
 }  // namespace fastattn::checks

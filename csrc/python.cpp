@@ -170,9 +170,11 @@ KvArgs kv_args(py::handle q, py::handle k_cache, py::handle v_cache, py::handle 
 }
 
 py::object kvcache(py::handle q, py::handle k_cache, py::handle v_cache, py::handle cache_seqlens,
-                   py::handle k_new, py::handle v_new, py::handle scale, bool causal,
+                   py::handle k_new, py::handle v_new, py::handle scale, py::handle causal,
                    py::handle cache_leftpad) {
   HANDLE_TH_ERRORS
+  const int is_causal = PyObject_IsTrue(causal.ptr());  // any truthy value, as in Python
+  if (is_causal < 0) throw py::error_already_set();
   KvArgs a = kv_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad);
   checks::check_kvcache(a.q, a.k_cache, a.v_cache, a.cache_seqlens, a.k_new, a.v_new, a.scale,
                         a.cache_leftpad);
@@ -186,7 +188,7 @@ py::object kvcache(py::handle q, py::handle k_cache, py::handle v_cache, py::han
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                             double, bool, const std::optional<at::Tensor>&)>();
   return wrap(op.call(a.q, a.k_cache, a.v_cache, a.cache_seqlens, a.k_new, a.v_new, a.scale,
-                      causal, a.cache_leftpad));
+                      is_causal == 1, a.cache_leftpad));
   END_HANDLE_TH_ERRORS_PYBIND
 }
 

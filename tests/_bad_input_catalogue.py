@@ -128,12 +128,15 @@ def sdpa(backend, q=None, k=None, v=None, **kw):
     return fastattn.scaled_dot_product_attention(q, k, v, backend=backend, **kw)
 
 
-bad("sdpa_query_3d", SDPA, ValueError, "query")(lambda b: sdpa(b, q=rn(2, 8, 16)))
-bad("sdpa_key_5d", SDPA, ValueError, "key")(lambda b: sdpa(b, k=rn(1, 1, 2, 8, 16)))
+# F.scaled_dot_product_attention takes any (..., L, E) of rank >= 3 and raises RuntimeError
+# otherwise, and for a rank or dtype mismatch: the drop-in raises the same kind
+bad("sdpa_query_2d", SDPA, RuntimeError, "query")(lambda b: sdpa(b, q=rn(8, 16)))
+bad("sdpa_query_3d_key_4d", SDPA, RuntimeError, "dimensions")(lambda b: sdpa(b, q=rn(2, 8, 16)))
+bad("sdpa_key_5d", SDPA, RuntimeError, "dimensions")(lambda b: sdpa(b, k=rn(1, 1, 2, 8, 16)))
 bad("sdpa_value_not_tensor", SDPA, TypeError, "value")(lambda b: sdpa(b, v=[[1.0]]))
 bad("sdpa_query_int", SDPA, TypeError, "query")(
     lambda b: sdpa(b, q=torch.ones(1, 2, 8, 16, dtype=torch.int64)))
-bad("sdpa_mixed_dtypes", SDPA, TypeError, "key.dtype")(
+bad("sdpa_mixed_dtypes", SDPA, RuntimeError, "key.dtype")(
     lambda b: sdpa(b, k=rn(1, 2, 8, 16, dtype=torch.float16)))
 bad("sdpa_key_on_other_device", SDPA, RuntimeError, "key")(
     lambda b: sdpa(b, k=rn(1, 2, 8, 16, device=META)))

@@ -457,7 +457,9 @@ def test_torch_compile_fullgraph(backend):
 def _bad_cases():
     q, k, v = make_qkv(1, 4, 2, 5, 6, 8)
     return [
-        ("rank", dict(query=q[0]), ValueError, "query must be 4-D"),
+        ("rank", dict(query=q[0]), RuntimeError, "same number of dimensions"),
+        ("rank_2d", dict(query=q[0, 0], key=k[0, 0], value=v[0, 0]), RuntimeError,
+         "at least 3 dimensions"),
         ("head_dims", dict(key=torch.randn(1, 2, 6, 9)), ValueError, "head dims"),
         ("gqa_flag", dict(enable_gqa=False), ValueError, "enable_gqa"),
         ("gqa_multiple", dict(key=torch.randn(1, 3, 6, 8), value=torch.randn(1, 3, 6, 8)),
@@ -466,7 +468,7 @@ def _bad_cases():
          "attn_mask"),
         ("mask_dtype", dict(attn_mask=torch.zeros(5, 6, dtype=torch.float64)), TypeError,
          "attn_mask"),
-        ("dtype_mix", dict(value=v.half()), TypeError, "dtype"),
+        ("dtype_mix", dict(value=v.half()), RuntimeError, "dtype"),
         ("device_mix", dict(key=k.to("meta")), RuntimeError, "same device"),
         ("mask_device", dict(attn_mask=torch.ones(5, 6, dtype=torch.bool, device="meta")),
          RuntimeError, "attn_mask"),
@@ -494,6 +496,25 @@ def test_bad_input(backend, name, override, exc, match):
     args.update(override)
     with pytest.raises(exc, match=match):
         fastattn.scaled_dot_product_attention(**args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", [(), (2,), (2, 3)], ids=["3d", "4d", "5d"])
+def test_any_rank_like_sdpa(backend, batch):
+    """(..., H, L, E) inputs of any rank >= 3, as F.scaled_dot_product_attention takes them: the
+    leading dims are batch dims (GQA over the dim before L), masks broadcast over them, and the
+    kernels see (B, H, L, E) views of the inputs."""
+    need(backend)
+    q = torch.randn(*batch, 4, 5, 16)
+    k, v = torch.randn(*batch, 2, 7, 16), torch.randn(*batch, 2, 7, 8)
+    mask = torch.rand(*batch[-1:], 1, 5, 7) > 0.3  # broadcast over the leading batch dim
+    out, lse = fastattn.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True,
+                                                     return_lse=True, backend=backend)
+    hi = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), mask, enable_gqa=True)
+    lo = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
+    assert out.shape == (*batch, 4, 5, 8) and lse.shape == (*batch, 4, 5)
+    assert_close_rule(out, hi, lo)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])

@@ -337,6 +337,7 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
                              const std::optional<at::Tensor>& k_new,
                              const std::optional<at::Tensor>& v_new, double scale, bool causal,
                              const std::optional<at::Tensor>& cache_leftpad) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal tensors need no tracking
   checks::check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad);
   check_float_cpu(q, "q", 4);  // the CPU kernels' dtypes and device
   check_float_cpu(k_cache, "k_cache", 4);

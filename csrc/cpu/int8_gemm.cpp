@@ -1466,6 +1466,7 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_nd, const at::Tensor&
                                        const at::Tensor& w_scale_in,
                                        const std::optional<at::Tensor>& bias_in) {
   constexpr const char* op = "int8_weight_only_linear";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal tensors need no tracking
   fastattn::checks::check_int8_linear("fastattn.int8_weight_only_linear", x_nd, w_in, w_scale_in, bias_in);
   const auto dt = x_nd.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,

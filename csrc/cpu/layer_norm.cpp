@@ -101,9 +101,10 @@ at::Tensor affine_f32(const std::optional<at::Tensor>& t, const char* name, int6
   }
   TORCH_CHECK(t->device().is_cpu(), "fastattn::layer_norm (cpu): ", name,
               " must be a CPU tensor, got ", t->device());
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == N, "fastattn::layer_norm: ", name,
-              " must have shape (", N, ",), got ", t->sizes());
+  TORCH_CHECK(t->numel() == N, "fastattn::layer_norm: ", name, " must have ", N,
+              " elements, got shape ", t->sizes());
   check_float_dtype(*t, name);
+  if (t->scalar_type() == at::kFloat && t->is_contiguous()) return *t;  // the common case
   return t->to(at::kFloat).contiguous();
 }
 
@@ -111,6 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
     const at::Tensor& input_in, at::IntArrayRef normalized_shape,
     const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
     const std::optional<at::Tensor>& residual_in, double eps, bool rms) {
+  // the views and allocations below need no autograd tracking (~0.3 us each otherwise)
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t N = checks::check_norm(rms, input_in, normalized_shape, weight_in, bias_in,
                                        residual_in, eps);
   check_float_dtype(input_in, "input");
@@ -121,21 +124,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
   check_rows(input, "input", M, N, dtype);
   std::optional<at::Tensor> residual;
   if (residual_in.has_value()) residual = checks::as_rows(*residual_in, nd, N);
-  auto flat = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
-    if (!t.has_value()) return std::nullopt;
-    return t->reshape({N});
-  };
-  const at::Tensor w = affine_f32(flat(weight_in), "weight", N, 1.f);
-  const at::Tensor b = affine_f32(flat(bias_in), "bias", N, 0.f);
+  // weight/bias are normalized_shape-shaped (check_norm): their N elements are the (N,) row
+  const at::Tensor w = affine_f32(weight_in, "weight", N, 1.f);
+  const at::Tensor b = affine_f32(bias_in, "bias", N, 0.f);
 
-  // outputs are written in full by the kernel: at::empty, never zeros (one less pass)
-  at::Tensor out = at::empty({M, N}, input.options());
+  // outputs are written in full by the kernel: at::empty, never zeros (one less pass); out has
+  // input's shape, contiguous, so its rows are N apart
+  at::Tensor out = at::empty(input_in.sizes(), input.options());
   at::Tensor residual_out = residual.has_value() ? at::empty(input_in.sizes(), input.options())
                                                  : at::empty({0}, input.options());
   at::Tensor mean = rms ? at::zeros({M}, input.options().dtype(at::kFloat))
                         : at::empty({M}, input.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({M}, input.options().dtype(at::kFloat));
-  if (M == 0) return {out.view(input_in.sizes()), residual_out, mean, rstd};
+  if (M == 0) return {out, residual_out, mean, rstd};
   advise_huge_pages(out);
   if (residual.has_value()) advise_huge_pages(residual_out);
 
@@ -157,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
   p.dtype = dtype;
   const FwdFn fwd = kernels().fwd;
   at::parallel_for(0, M, grain_rows(N), [&](int64_t begin, int64_t end) { fwd(p, begin, end); });
-  return {out.view(input_in.sizes()), residual_out, mean, rstd};
+  return {out, residual_out, mean, rstd};
 }
 
 // Rows are split into a number of blocks that depends on (M, N) only, never on the thread

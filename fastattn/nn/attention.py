@@ -35,6 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastattn.ops._backend import BACKENDS
+from fastattn.ops.attention import scaled_dot_product_attention
+
 
 def _check_inputs(mha: nn.MultiheadAttention, query, key, value, key_padding_mask, attn_mask) -> bool:
     """Raise the errors torch.nn.MultiheadAttention raises (same exception types), naming the
@@ -77,8 +80,6 @@ def _check_inputs(mha: nn.MultiheadAttention, query, key, value, key_padding_mas
 
 
 def _check_backend(backend) -> str:
-    from fastattn.ops._backend import BACKENDS
-
     if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     return backend
@@ -268,8 +269,6 @@ class MultiheadAttention(nn.MultiheadAttention):
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """See ``torch.nn.MultiheadAttention.forward``; same arguments, shapes and mask polarity."""
-        import fastattn
-
         cache = getattr(self, "_fastattn_kv", None)
         if cache is not None:  # decoding inside fastattn.nn.KVCache (fastattn/nn/decoding.py)
             return cache.forward(self, query, key, value, key_padding_mask, need_weights,
@@ -312,7 +311,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                 weights = F.dropout(weights, p=dropout_p)
             out = torch.matmul(weights.to(v.dtype), v)
         else:
-            out = fastattn.scaled_dot_product_attention(
+            out = scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
                 backend=self._backend)
 

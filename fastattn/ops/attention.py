@@ -25,16 +25,19 @@ _backend.register_op("attention_with_kvcache", "attention_kvcache")
 # argument checking and normalisation
 # ---------------------------------------------------------------------------------------------
 def _check_qkv(query, key, value, enable_gqa: bool) -> None:
+    # the error kinds of F.scaled_dot_product_attention where it rejects the same call
+    # (RuntimeError for a rank or a dtype mismatch), with the argument named
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, L, E), got shape {tuple(t.shape)}")
+            raise RuntimeError(f"{name} must be 4-D (B, H, L, E) here, got shape "
+                               f"{tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if not (query.dtype == key.dtype == value.dtype):
-        raise TypeError(f"query, key and value must have the same dtype, got query.dtype="
-                        f"{query.dtype}, key.dtype={key.dtype}, value.dtype={value.dtype}")
+        raise RuntimeError(f"query, key and value must have the same dtype, got query.dtype="
+                           f"{query.dtype}, key.dtype={key.dtype}, value.dtype={value.dtype}")
     if not (query.device == key.device == value.device):
         raise RuntimeError(f"query, key and value must be on the same device, got query on "
                            f"{query.device}, key on {key.device}, value on {value.device}")
@@ -310,6 +313,11 @@ def scaled_dot_product_attention(
         token-major ((B, L, H, Ev) memory, as FlashAttention and torch's CPU flash attention), so
         ``out.transpose(1, 2).reshape(B, L, H * Ev)`` is a view.
     """
+    if all(isinstance(t, torch.Tensor) for t in (query, key, value)) and (
+            query.dim() != 4 or key.dim() != 4 or value.dim() != 4):
+        return _sdpa_any_rank(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                              enable_gqa, window=window, causal_alignment=causal_alignment,
+                              return_lse=return_lse, backend=backend)
     _check_qkv(query, key, value, enable_gqa)
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
@@ -331,6 +339,42 @@ def scaled_dot_product_attention(
           else torch.ops.fastattn.attention_fwd)
     out, lse = op(query, key, value, mask, scale, wl, wr, off, dropout_p, _draw_seed(dropout_p))
     return (out, lse) if return_lse else out
+
+
+def _sdpa_any_rank(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *,
+                   window, causal_alignment, return_lse, backend):
+    """F.scaled_dot_product_attention's (..., L, E) inputs of rank 3 or more: the leading dims are
+    batch dims (the one before L the heads, for GQA), run as (B, H, L, E) views of them."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() < 3:
+            raise RuntimeError(f"{name} must have at least 3 dimensions (..., L, E), got shape "
+                               f"{tuple(t.shape)}")
+    if not query.dim() == key.dim() == value.dim():
+        raise RuntimeError(f"query, key and value must have the same number of dimensions, got "
+                           f"query {tuple(query.shape)}, key {tuple(key.shape)}, value "
+                           f"{tuple(value.shape)}")
+    batch = query.shape[:-3]  # the dims before (H, L, E)
+
+    def as4d(t: torch.Tensor) -> torch.Tensor:  # (..., H, L, E) -> (B, H, L, E), a view if it can
+        return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:]) if t.dim() > 3 else t[None]
+
+    mask = attn_mask
+    if isinstance(mask, torch.Tensor) and mask.dim() > 2:
+        # broadcast over the batch dims first, then fold them as the inputs are folded
+        full = (*batch, query.shape[-3], query.shape[-2], key.shape[-2])
+        try:
+            mask = mask.expand(full)
+        except RuntimeError as e:
+            raise ValueError(f"attn_mask of shape {tuple(mask.shape)} is not broadcastable to "
+                             f"{full}") from e
+        mask = as4d(mask)
+    out = scaled_dot_product_attention(
+        as4d(query), as4d(key), as4d(value), mask, dropout_p, is_causal, scale, enable_gqa,
+        window=window, causal_alignment=causal_alignment, return_lse=return_lse, backend=backend)
+    if return_lse:
+        out, lse = out
+        return out.reshape(*query.shape[:-1], out.shape[-1]), lse.reshape(query.shape[:-1])
+    return out.reshape(*query.shape[:-1], out.shape[-1])
 
 
 def attention_with_kvcache(
@@ -377,4 +421,5 @@ def attention_with_kvcache(
                                                 cache_leftpad=cache_leftpad)
     op = (torch.ops.fastattn.triton_attention_kvcache if chosen == "triton"
           else torch.ops.fastattn.attention_kvcache)
-    return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal, cache_leftpad)
+    return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, bool(causal),
+              cache_leftpad)
