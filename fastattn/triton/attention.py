@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from fastattn.ops._backend import triton_interpret
+from fastattn.triton._launch import device_guard, folded_id, grid_folded
 
 _LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -371,7 +372,7 @@ def _attention_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vk,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_ok,
-    num_heads, seqlen_q, seqlen_k, group_size, head_dim, head_dim_v,
+    num_heads, num_bh, seqlen_q, seqlen_k, group_size, head_dim, head_dim_v,
     window_left, window_right, diag_offset,
     seqlen_q_key, seqlen_k_key,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -380,14 +381,16 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out (B, H, L, Ev), lse (B, H, L) from q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev).
-    Grid: (cdiv(L, BLOCK_M), B * H); the Q tile stays in registers."""
+    Grid: grid_folded(cdiv(L, BLOCK_M), B * H); the Q tile stays in registers."""
     pid_m = tl.program_id(0)
     if HAS_RIGHT:
         if not HAS_LEFT:
             # causal: the last query blocks see the most keys; start them first so the
             # short ones fill the tail of the launch
             pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+    pid_bh = folded_id()
+    if pid_bh >= num_bh:
+        return
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     hk = h // group_size  # GQA: query head h reads kv head h // (H / Hkv)
@@ -449,12 +452,15 @@ def _attention_bwd_preprocess_kernel(
     Out, DO, GradLse, Delta,
     stride_ob, stride_oh, stride_om, stride_ok,
     stride_dob, stride_doh, stride_dom, stride_dok,
-    num_heads, seqlen_q, head_dim_v,
+    num_heads, num_bh, seqlen_q, head_dim_v,
     HEAD_DIM_V: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """delta (B, H, L) = rowsum(dO * O) - grad_lse, float32. Grid: (cdiv(L, BLOCK_M), B * H)."""
+    """delta (B, H, L) = rowsum(dO * O) - grad_lse, float32.
+    Grid: grid_folded(cdiv(L, BLOCK_M), B * H)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = folded_id()
+    if pid_bh >= num_bh:
+        return
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -572,7 +578,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkk,
     stride_dvb, stride_dvh, stride_dvn, stride_dvk,
     stride_dmb, stride_dmh, stride_dmm, stride_dmn,
-    num_heads, num_kv_heads, seqlen_q, seqlen_k, group_size, head_dim, head_dim_v,
+    num_heads, num_kv_heads, num_bhk, seqlen_q, seqlen_k, group_size, head_dim, head_dim_v,
     window_left, window_right, diag_offset,
     seqlen_q_key, seqlen_k_key,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -583,9 +589,12 @@ def _attention_bwd_dkdv_kernel(
 ):
     """dk (B, Hkv, S, E), dv (B, Hkv, S, Ev) of one key block, summed over the query heads of
     its kv group inside the program (no atomics for dK/dV); dq (B, H, L, E) float32 by atomic
-    adds when ATOMIC_DQ; dmask (B, H, L, S) when STORE_DMASK. Grid: (cdiv(S, BLOCK_N), B * Hkv)."""
+    adds when ATOMIC_DQ; dmask (B, H, L, S) when STORE_DMASK.
+    Grid: grid_folded(cdiv(S, BLOCK_N), B * Hkv)."""
     pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
+    pid_bhk = folded_id()
+    if pid_bhk >= num_bhk:
+        return
     b = (pid_bhk // num_kv_heads).to(tl.int64)
     hk = (pid_bhk % num_kv_heads).to(tl.int64)
 
@@ -718,7 +727,7 @@ def _attention_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom, stride_dok,
     stride_dqb, stride_dqh, stride_dqm, stride_dqk,
-    num_heads, seqlen_q, seqlen_k, group_size, head_dim, head_dim_v,
+    num_heads, num_bh, seqlen_q, seqlen_k, group_size, head_dim, head_dim_v,
     window_left, window_right, diag_offset,
     seqlen_q_key, seqlen_k_key,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -727,14 +736,16 @@ def _attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq (B, H, L, E) without atomics (deterministic backward): one program per query block
-    loops over its key band. Grid: (cdiv(L, BLOCK_M), B * H)."""
+    loops over its key band. Grid: grid_folded(cdiv(L, BLOCK_M), B * H)."""
     pid_m = tl.program_id(0)
     if HAS_RIGHT:
         if not HAS_LEFT:
             # causal: the last query blocks see the most keys; start them first so the
             # short ones fill the tail of the launch
             pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+    pid_bh = folded_id()
+    if pid_bh >= num_bh:
+        return
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     hk = h // group_size
@@ -796,14 +807,16 @@ def _kvcache_append_kernel(
     stride_vnb, stride_vnh, stride_vnm, stride_vnk,
     stride_kcb, stride_kch, stride_kcn, stride_kck,
     stride_vcb, stride_vch, stride_vcn, stride_vck,
-    num_kv_heads, seqlen_new, capacity, head_dim, head_dim_v,
+    num_kv_heads, num_bhk, seqlen_new, capacity, head_dim, head_dim_v,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """cache[b, h, seqlens[b] + i] = new[b, h, i] for i < Lq. The position is read on the device;
     rows that would land outside [0, capacity) are dropped (never written out of bounds).
-    Grid: (cdiv(Lq, BLOCK_L), B * Hkv)."""
+    Grid: grid_folded(cdiv(Lq, BLOCK_L), B * Hkv)."""
     pid_l = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = folded_id()
+    if pid_bh >= num_bhk:
+        return
     b = (pid_bh // num_kv_heads).to(tl.int64)
     h = (pid_bh % num_kv_heads).to(tl.int64)
     start = tl.load(SeqLens + b).to(tl.int64)
@@ -838,7 +851,7 @@ def _kvcache_split_kernel(
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
     stride_ob, stride_oh, stride_om, stride_ok,
-    num_heads, num_kv_heads, seqlen_q, group_size, capacity, num_new, num_splits,
+    num_heads, num_kv_heads, num_bhk, seqlen_q, group_size, capacity, num_new, num_splits,
     head_dim, head_dim_v,
     capacity_key,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -850,10 +863,13 @@ def _kvcache_split_kernel(
     length is derived on the device from seqlens[b] (and leftpad[b], the first visible key, with
     HAS_LEFTPAD), so splits follow the real sequence.
     SPLIT: write normalised partial out (fp32) and lse per split for the combine kernel;
-    otherwise write the final output. Grid: (num_splits, cdiv(Lq * group, BLOCK_M), B * Hkv)."""
-    pid_s = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_bh = tl.program_id(2)
+    otherwise write the final output. Grid: grid_folded(num_splits * cdiv(Lq * group, BLOCK_M),
+    B * Hkv), split index fastest."""
+    pid_s = tl.program_id(0) % num_splits
+    pid_m = tl.program_id(0) // num_splits
+    pid_bh = folded_id()
+    if pid_bh >= num_bhk:
+        return
     b = (pid_bh // num_kv_heads).to(tl.int64)
     hk = (pid_bh % num_kv_heads).to(tl.int64)
 
@@ -985,6 +1001,7 @@ def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
 
 
+@device_guard
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
     scale: float, window_left: int, window_right: int, diag_offset: int,
@@ -1007,21 +1024,23 @@ def attention_fwd(
         lse.fill_(float("-inf"))
         return out, lse
     mask = attn_mask if attn_mask is not None else q  # dummy pointer, never read
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)
+    grid = lambda meta: grid_folded(triton.cdiv(L, meta["BLOCK_M"]), B * H)
     _attention_fwd_kernel[grid](
         q, k, v, mask, out, lse,
         scale * math.log2(math.e), dropout_p, seed,
         *q.stride(), *k.stride(), *v.stride(), *_strides4(attn_mask), *out.stride(),
-        H, L, S, H // Hkv, E, Ev,
+        H, B * H, L, S, H // Hkv, E, Ev,
         window_left, window_right, diag_offset,
         _seq_key(L), _seq_key(S),
         HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev),
-        HAS_MASK=attn_mask is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-        DROPOUT=dropout_p > 0.0, **_dot_args(q.dtype, q.device),
+        HAS_MASK=attn_mask is not None, HAS_LEFT=window_left >= 0,
+        HAS_RIGHT=window_right >= 0, DROPOUT=dropout_p > 0.0,
+        **_dot_args(q.dtype, q.device),
     )
     return out, lse
 
 
+@device_guard
 def attention_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor | None,
@@ -1052,17 +1071,17 @@ def attention_bwd(
     has_grad_lse = grad_lse is not None
     grad_lse_c = grad_lse.contiguous() if has_grad_lse else delta
     block_m = 32 if Ev <= 128 else 16
-    _attention_bwd_preprocess_kernel[(triton.cdiv(L, block_m), B * H)](
-        out, grad_out, grad_lse_c, delta,
-        *out.stride(), *grad_out.stride(),
-        H, L, Ev,
-        HEAD_DIM_V=_head_block(Ev), HAS_GRAD_LSE=has_grad_lse, BLOCK_M=block_m,
-    )
-
     if deterministic:
         dq = torch.empty((B, H, L, E), dtype=q.dtype, device=dev)
     else:
         dq = torch.zeros((B, H, L, E), dtype=torch.float32, device=dev)
+    _attention_bwd_preprocess_kernel[grid_folded(triton.cdiv(L, block_m), B * H)](
+        out, grad_out, grad_lse_c, delta,
+        *out.stride(), *grad_out.stride(),
+        H, B * H, L, Ev,
+        HEAD_DIM_V=_head_block(Ev), HAS_GRAD_LSE=has_grad_lse, BLOCK_M=block_m,
+    )
+
     mask = attn_mask if attn_mask is not None else q
     dmask_arg = dmask if want_dmask else q
     common = dict(
@@ -1071,25 +1090,25 @@ def attention_bwd(
         DROPOUT=dropout_p > 0.0, **_dot_args(q.dtype, dev),
     )
     qk_scale = scale * math.log2(math.e)
-    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)
+    grid = lambda meta: grid_folded(triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)
     _attention_bwd_dkdv_kernel[grid](
         q, k, v, mask, grad_out, lse, delta, dq, dk, dv, dmask_arg,
         scale, qk_scale, dropout_p, seed,
         *q.stride(), *k.stride(), *v.stride(), *_strides4(attn_mask), *grad_out.stride(),
         *dq.stride(), *dk.stride(), *dv.stride(), *_strides4(dmask if want_dmask else None),
-        H, Hkv, L, S, H // Hkv, E, Ev,
+        H, Hkv, B * Hkv, L, S, H // Hkv, E, Ev,
         window_left, window_right, diag_offset,
         _seq_key(L), _seq_key(S),
         ATOMIC_DQ=not deterministic, STORE_DMASK=want_dmask, **common,
     )
     if deterministic:
-        grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)
+        grid = lambda meta: grid_folded(triton.cdiv(L, meta["BLOCK_M"]), B * H)
         _attention_bwd_dq_kernel[grid](
             q, k, v, mask, grad_out, lse, delta, dq,
             scale, qk_scale, dropout_p, seed,
             *q.stride(), *k.stride(), *v.stride(), *_strides4(attn_mask), *grad_out.stride(),
             *dq.stride(),
-            H, L, S, H // Hkv, E, Ev,
+            H, B * H, L, S, H // Hkv, E, Ev,
             window_left, window_right, diag_offset,
             _seq_key(L), _seq_key(S),
             **common,
@@ -1116,6 +1135,7 @@ def kvcache_num_splits(batch: int, kv_heads: int, m_blocks: int, capacity: int,
     return max(1, min(want, triton.cdiv(capacity, 256), 128))
 
 
+@device_guard
 def attention_kvcache(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     k_new: torch.Tensor | None, v_new: torch.Tensor | None, scale: float, causal: bool,
@@ -1138,10 +1158,10 @@ def attention_kvcache(
     out = torch.empty((B, H, Lq, Ev), dtype=q.dtype, device=dev)
     if k_new is not None and k_new.numel() > 0:
         block_l = min(16, triton.next_power_of_2(Lq))
-        _kvcache_append_kernel[(triton.cdiv(Lq, block_l), B * Hkv)](
+        _kvcache_append_kernel[grid_folded(triton.cdiv(Lq, block_l), B * Hkv)](
             k_new, v_new, k_cache, v_cache, seqlens,
             *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
-            Hkv, Lq, cap, E, Ev,
+            Hkv, B * Hkv, Lq, cap, E, Ev,
             HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev), BLOCK_L=block_l,
         )
     if out.numel() == 0:
@@ -1158,13 +1178,13 @@ def attention_kvcache(
         lse_partial = torch.empty((B * H * Lq, num_splits), dtype=torch.float32, device=dev)
     else:
         out_partial = lse_partial = out  # unused
-    _kvcache_split_kernel[(num_splits, m_blocks, B * Hkv)](
+    _kvcache_split_kernel[grid_folded(num_splits * m_blocks, B * Hkv)](
         q, k_cache, v_cache, seqlens,
         seqlens if cache_leftpad is None else cache_leftpad.to(torch.int32).contiguous(),
         out, out_partial, lse_partial,
         scale * math.log2(math.e),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        H, Hkv, Lq, group, cap, Lq if k_new is not None else 0, num_splits, E, Ev,
+        H, Hkv, B * Hkv, Lq, group, cap, Lq if k_new is not None else 0, num_splits, E, Ev,
         _seq_key(cap),
         HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev), BLOCK_M=block_m,
         CAUSAL=bool(causal), SPLIT=split, HAS_LEFTPAD=cache_leftpad is not None,

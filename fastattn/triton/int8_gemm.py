@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastattn.triton._launch import device_guard, folded_id, grid_folded
+
 # 1.5 * 2**23: for |y| < 2**22, (y + C) - C is y rounded to an integer, ties to even (float32).
 _RNE_MAGIC = tl.constexpr(12582912.0)
 # Rows up to this length are quantized from registers in one pass; longer rows are read twice.
@@ -106,6 +108,7 @@ def _quantize_per_token_kernel(
             tl.store(q_ptr + k0 + cols, _quantize_row(x, inv), mask=mask)
 
 
+@device_guard
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) float16/bfloat16/float32 -> (q int8 (M, K), scale float32 (M,))."""
     if x.stride(-1) != 1:
@@ -247,6 +250,7 @@ def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
+@device_guard
 def int8_gemm(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -337,7 +341,9 @@ def _int8_weight_only_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Out (M, N) = (X (M, K) @ float(W (N, K)).T) * WScale[n] + Bias[n], float32 accumulation."""
-    pid_m = tl.program_id(1)
+    pid_m = folded_id()  # grid_folded(cdiv(N, BLOCK_N), cdiv(M, BLOCK_M))
+    if pid_m * BLOCK_M >= M:
+        return
     pid_n = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -367,6 +373,7 @@ def _int8_weight_only_kernel(
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+@device_guard
 def int8_weight_only_linear(
     x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -382,7 +389,7 @@ def int8_weight_only_linear(
         K = 1
     w_scale, bias = _vector(w_scale), _vector(bias)
     block_m = 16 if M <= 16 else 32  # tl.dot needs >= 16 rows; small M is the target
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))
+    grid = lambda meta: grid_folded(triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))
     _int8_weight_only_kernel[grid](
         x, w_int8, w_scale, bias if bias is not None else w_scale, out,
         M, N, K, _m_bucket(M),

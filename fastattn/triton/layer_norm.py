@@ -16,12 +16,13 @@ The launchers take and return exactly what the C++ op ``fastattn::layer_norm_fwd
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from fastattn.triton._launch import on_device as _on_device
 
 # Largest row kept in registers in one block; longer rows loop over _LOOP_BLOCK columns. Sized
 # from ptxas on sm_90 (offline compile, fp32 and bf16, residual + weight + bias): the forward at
@@ -320,11 +321,6 @@ def _num_groups(device_index: int | None, device_type: str) -> int:
         # small (groups x N float32) and the final sum short
         return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
     return 8  # the interpreter runs programs one after another: few long programs are cheapest
-
-
-def _on_device(t: torch.Tensor):
-    # Triton launches on the current CUDA device, not necessarily the tensors' one
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _check_rows(t: torch.Tensor, name: str) -> None:
