@@ -125,13 +125,16 @@ def _draw_seed(dropout_p: float) -> int:
 # ---------------------------------------------------------------------------------------------
 # backend support predicates
 # ---------------------------------------------------------------------------------------------
-def _supports(backend: str, dtype: torch.dtype, device: torch.device, head_dim: int) -> str | None:
+def _supports(backend: str, dtype: torch.dtype, device: torch.device, head_dim: int,
+              dropout: bool = False) -> str | None:
     """None when ``backend``'s kernels handle a call with these properties, else the reason
     (shown by "auto"'s fallback warning and by the error of an explicit backend)."""
     if dtype not in _FLOAT_DTYPES:
         return f"dtype {dtype}"
     if head_dim > _MAX_HEAD_DIM:
         return f"head dim {head_dim} > {_MAX_HEAD_DIM}"
+    if backend == "cuda" and dropout:
+        return "dropout_p > 0 is not implemented by the CUDA kernels"
     if backend == "triton" and device.type == "cuda":
         # Triton's tensor-core paths need Volta+ (sm_70) and bfloat16 needs Ampere (sm_80)
         major, minor = torch.cuda.get_device_capability(device)
@@ -139,17 +142,21 @@ def _supports(backend: str, dtype: torch.dtype, device: torch.device, head_dim: 
             return f"compute capability {major}.{minor} < 7.0"
         if dtype == torch.bfloat16 and major < 8:
             return f"bfloat16 needs compute capability >= 8.0, got {major}.{minor}"
+        from fastattn.triton.attention import attention_unsupported_reason
+
+        return attention_unsupported_reason(dtype, head_dim, device)
     return None
 
 
 @torch.compiler.assume_constant_result
-def _choose(op: str, device: torch.device, backend: str, dtype: torch.dtype, head_dim: int) -> str:
+def _choose(op: str, device: torch.device, backend: str, dtype: torch.dtype, head_dim: int,
+            dropout: bool = False) -> str:
     """The backend of one call. It depends only on these static properties, so torch.compile runs
     it once while tracing (it imports modules and reads dispatcher tables, which dynamo cannot
     trace) and keeps the answer as a constant."""
     cpp_op = "attention_fwd" if op == "scaled_dot_product_attention" else "attention_kvcache"
-    return _backend.choose(op, device, backend, lambda b: _supports(b, dtype, device, head_dim),
-                           cpp_op=cpp_op)
+    return _backend.choose(op, device, backend,
+                           lambda b: _supports(b, dtype, device, head_dim, dropout), cpp_op=cpp_op)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +320,7 @@ def scaled_dot_product_attention(
     mask = _normalize_mask(attn_mask, query, key)
 
     chosen = _choose("scaled_dot_product_attention", query.device, backend, query.dtype,
-                     max(E, value.shape[-1]))
+                     max(E, value.shape[-1]), dropout_p > 0.0)
     if chosen == "reference" or query.numel() == 0 or value.numel() == 0:
         out, lse = reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
@@ -12,6 +13,13 @@ import triton.language as tl
 
 # CUDA caps grid dimensions y and z at 65,535 programs (x at 2**31 - 1)
 MAX_GRID_YZ = 65535
+
+
+def autotune_enabled() -> bool:
+    """FASTATTN_TRITON_AUTOTUNE=0 pins every autotuned kernel to the first candidate of its list
+    that fits the device (the lists are in order of preference): one compile per kernel instead
+    of one per candidate, for short checks on a fresh machine."""
+    return os.environ.get("FASTATTN_TRITON_AUTOTUNE", "1") != "0"
 
 
 def on_device(t: torch.Tensor):

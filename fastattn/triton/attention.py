@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from fastattn.ops._backend import triton_interpret
-from fastattn.triton._launch import device_guard, folded_id, grid_folded
+from fastattn.triton._launch import autotune_enabled, device_guard, folded_id, grid_folded
 
 _LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -37,10 +37,15 @@ _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # ---------------------------------------------------------------------------------------------
 # Candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture family and head-dim class
 # (the padded max(E, Ev) rounded up to 64/128/256), 1-3 per case: every candidate is a separate
-# compile for each new autotune key. Each was compiled for sm_90a / sm_80 with triton 3.6 and
-# checked with `ptxas -v` (bf16, causal): no register spills. "_mask" lists serve calls with an
-# additive mask (and fp32 inputs): the mask tile and its pointers cost ~60 registers a thread,
-# which spilled every 64-key-wide Hopper tile at d=128, so they use 32-key tiles.
+# compile for each new autotune key; the first is the one FASTATTN_TRITON_AUTOTUNE=0 pins.
+# tests/test_triton_resources.py compiles every candidate for sm_90a / sm_80 with every feature
+# on and holds it to the shared-memory, register and spill limits. "_mask" lists serve 16-bit
+# calls with an additive mask: the mask tile and its pointers cost ~60 registers a thread, which
+# spilled every 64-key-wide Hopper tile at d=128, so they use 32-key tiles. "_fp32" lists serve
+# float32 calls: 3xTF32 keeps Q (or K/V) twice in shared memory and triples the products, so
+# the 16-bit tiles needed 188-270 KB or spilled 2-24 KB a thread; their small tiles spill at
+# most ~270 B with mask, dropout and windows all on. There is none above E = 128 (the largest
+# fitting tiles spilled 22 KB): such calls are refused for Triton and go to the CUDA kernels.
 # Hopper wants 128-row M tiles (wgmma works on 64-row warpgroup tiles) and deep cp.async rings;
 # Ampere has 164 KB of shared memory. The dK/dV kernel works on transposed tiles (keys on rows):
 # its BLOCK_N is the MMA's M, and its dK + dV accumulators (BLOCK_N x 2 x head dim, fp32) bound
@@ -58,6 +63,10 @@ _FWD_TUNING = {
     "ampere_mask": {64: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2)],
                     128: [(128, 32, 8, 2), (64, 32, 4, 3)],
                     256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
+    "hopper_fp32": {64: [(128, 32, 8, 2), (64, 32, 4, 2)],
+                    128: [(32, 32, 4, 2)]},
+    "ampere_fp32": {64: [(128, 32, 8, 2), (64, 32, 4, 2)],
+                    128: [(32, 32, 4, 2)]},
 }
 _DKDV_TUNING = {
     "hopper": {64: [(32, 128, 8, 2), (16, 128, 8, 3)],
@@ -72,6 +81,10 @@ _DKDV_TUNING = {
     "ampere_mask": {64: [(32, 64, 8, 3)],
                     128: [(16, 32, 8, 2)],
                     256: [(16, 32, 8, 2)]},
+    "hopper_fp32": {64: [(16, 32, 4, 2)],
+                    128: [(16, 32, 8, 1)]},
+    "ampere_fp32": {64: [(16, 32, 4, 2)],
+                    128: [(16, 32, 8, 1)]},
 }
 _DQ_TUNING = {
     "hopper": {64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4)],
@@ -86,6 +99,10 @@ _DQ_TUNING = {
     "ampere_mask": {64: [(64, 32, 4, 3)],
                     128: [(64, 64, 8, 2), (64, 32, 4, 3)],
                     256: [(32, 32, 4, 2)]},
+    "hopper_fp32": {64: [(32, 32, 4, 2)],
+                    128: [(16, 32, 4, 2)]},
+    "ampere_fp32": {64: [(32, 32, 4, 2)],
+                    128: [(16, 32, 4, 2)]},
 }
 # Decoding streams the cache: BLOCK_M is fixed by the query rows of a kv group, only the key tile
 # and the depth of the load ring matter (a deep ring keeps enough bytes in flight for HBM).
@@ -96,6 +113,10 @@ _DECODE_TUNING = {
     "ampere": {64: [(None, 64, 4, 3), (None, 128, 4, 3)],
                128: [(None, 64, 4, 3), (None, 128, 8, 2)],
                256: [(None, 32, 4, 3), (None, 64, 4, 2)]},
+    "hopper_fp32": {64: [(None, 32, 4, 2), (None, 16, 4, 2)],
+                    128: [(None, 16, 4, 2)]},
+    "ampere_fp32": {64: [(None, 32, 4, 2), (None, 16, 4, 2)],
+                    128: [(None, 16, 4, 2)]},
 }
 
 
@@ -108,6 +129,10 @@ def _config(bm, bn, warps, stages) -> triton.Config:
     return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
+def _key(c: triton.Config) -> tuple:
+    return c.kwargs.get("BLOCK_M"), c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
 def _tuning_configs(table: dict, interpret: tuple) -> list[triton.Config]:
     """Every candidate of a tuning table once; one small config under the interpreter, where
     autotuning would only run the same numpy code several times."""
@@ -115,6 +140,23 @@ def _tuning_configs(table: dict, interpret: tuple) -> list[triton.Config]:
         return [_config(*interpret)]
     seen = dict.fromkeys(c for arch in table.values() for cands in arch.values() for c in cands)
     return [_config(*c) for c in seen]
+
+
+def tuning_variants(fp32: bool) -> tuple[tuple[str, bool], ...]:
+    """(list variant, has mask) of the tuning lists that serve calls in float32 (one list, mask
+    or not) or in a 16-bit dtype (one list without a mask, one with)."""
+    return (("_fp32", True),) if fp32 else (("", False), ("_mask", True))
+
+
+def tuning_list(table: dict, major: int, variant: str) -> dict[int, list[tuple]]:
+    """{head-dim class: candidates} of ``table`` for compute capability ``major`` and a variant
+    of tuning_variants; a table without the variant serves it from its plain list."""
+    family = "hopper" if major >= 9 else "ampere"
+    return table.get(family + variant, table[family])
+
+
+def _dclass(d: int, dv: int) -> int:
+    return 64 if max(d, dv) <= 64 else 128 if max(d, dv) <= 128 else 256
 
 
 @functools.cache
@@ -125,57 +167,106 @@ def _device_limits(index: int) -> tuple[int, int, int]:
     return props.major, smem, props.multi_processor_count
 
 
-def _fits(cfg: triton.Config, smem: int, elem: int, smem_tiles: int, acc_regs: int) -> bool:
-    """The pipelined tiles (smem_tiles elements) fit in shared memory and the fp32 accumulators
-    (acc_regs values) leave a thread ~60 of its 255 registers for operands and addresses (the
-    tuned lists peak at 160 accumulator values a thread): spills cost far more than a smaller
-    tile."""
-    return smem_tiles * elem <= smem and acc_regs <= 192 * cfg.num_warps * 32
+def _fits(cfg: tuple, smem: int, smem_bytes: int, acc_regs: int) -> bool:
+    """The kernel's shared memory (smem_bytes) fits the device's per-block limit and the fp32
+    accumulators (acc_regs values) leave a thread ~60 of its 255 registers for operands and
+    addresses (the tuned lists peak at 160 accumulator values a thread): spills cost far more
+    than a smaller tile."""
+    return smem_bytes <= smem and acc_regs <= 192 * cfg[2] * 32
 
 
-def _make_prune(table: dict, footprint):
-    """early_config_prune for a kernel: keep the table's candidates for this device family and
-    head-dim class that pass _fits; ``footprint(bm, bn, stages, d, dv) -> (smem_tiles, acc)``."""
+class _Kernel:
+    """The tuning of one autotuned kernel: its table and its resource model
+    ``footprint(bm, bn, stages, d, dv, fp32) -> (shared-memory elements, accumulator values)``.
+    The shared-memory model is checked against the compiler's figures for every listed candidate
+    (tests/test_triton_resources.py): never below them."""
 
-    def prune(configs, named_args, **kwargs):
+    def __init__(self, name: str, table: dict, footprint):
+        self.name, self.table, self.footprint = name, table, footprint
+
+    def smem_bytes(self, bm: int, bn: int, stages: int, d: int, dv: int, elem: int,
+                   has_mask: bool) -> int:
+        tiles, _ = self.footprint(bm, bn, max(stages, 1), d, dv, elem == 4)
+        # the mask tile is loaded beside the scores (its pipelined copy)
+        return elem * (tiles + (bm * bn if has_mask else 0))
+
+    def fitting(self, major: int, smem: int, elem: int, variant: str, d: int, dv: int,
+                block_m: int | None = None) -> list[tuple]:
+        """The candidates for this call's list that fit the device, in order of preference."""
+        keep = []
+        for c in tuning_list(self.table, major, variant).get(_dclass(d, dv), []):
+            bm = c[0] if c[0] is not None else block_m
+            _, acc = self.footprint(bm, c[1], max(c[3], 1), d, dv, elem == 4)
+            need = self.smem_bytes(bm, c[1], c[3], d, dv, elem, variant != "")
+            if _fits(c, smem, need, acc):
+                keep.append(c)
+        return keep
+
+    def prune(self, configs, named_args, **kwargs):
+        """early_config_prune: the fitting candidates of this call's list (the first one only
+        when autotuning is off). None fitting is refused up front by _supports
+        (attention_unsupported_reason); reaching here without one is a bug, raised as such
+        rather than launched into OutOfResources."""
         args = {**named_args, **kwargs}
         q = args["Q"]
         if q.device.type != "cuda":
             return configs[:1]
         major, smem, _ = _device_limits(q.device.index or 0)
-        d, dv = args["HEAD_DIM"], args["HEAD_DIM_V"]
-        dclass = 64 if max(d, dv) <= 64 else 128 if max(d, dv) <= 128 else 256
-        family = "hopper" if major >= 9 else "ampere"
-        if args.get("HAS_MASK") or q.element_size() == 4:
-            family = family + "_mask" if family + "_mask" in table else family
-        cands = set(table[family][dclass])
-        keep = []
-        for c in configs:
-            bm = c.kwargs.get("BLOCK_M", args.get("BLOCK_M"))
-            key = (c.kwargs.get("BLOCK_M"), c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-            tiles, acc = footprint(bm, c.kwargs["BLOCK_N"], max(c.num_stages, 1), d, dv)
-            if key in cands and _fits(c, smem, q.element_size(), tiles, acc):
-                keep.append(c)
-        if not keep:  # a small device: the leanest candidate
-            keep = [min(configs, key=lambda c: footprint(
-                c.kwargs.get("BLOCK_M", args.get("BLOCK_M")), c.kwargs["BLOCK_N"],
-                max(c.num_stages, 1), d, dv)[0])]
-        return keep
-
-    return prune
+        fp32 = q.element_size() == 4
+        variant = "_fp32" if fp32 else "_mask" if args.get("HAS_MASK") else ""
+        want = self.fitting(major, smem, q.element_size(), variant, args["HEAD_DIM"],
+                            args["HEAD_DIM_V"], args.get("BLOCK_M"))
+        keep = [c for c in configs if _key(c) in want]
+        if not keep:
+            raise RuntimeError(f"fastattn: no {self.name} tile fits (compute capability "
+                               f"{major}, {smem} B of shared memory) for "
+                               f"{'float32' if fp32 else '16-bit'} inputs at head dim "
+                               f"{args['HEAD_DIM']}/{args['HEAD_DIM_V']}")
+        return keep if autotune_enabled() else keep[:1]
 
 
-# forward: Q tile resident + K/V ring; acc (BM, Dv) + score tile (BM, BN) in fp32
-_prune_fwd = _make_prune(_FWD_TUNING, lambda bm, bn, st, d, dv: (
-    bm * d + st * bn * (d + dv), bm * dv + bm * bn))
-# dK/dV: K/V tile resident + Q/dO ring; dK, dV accumulators + P, dP tiles
-_prune_bwd_dkdv = _make_prune(_DKDV_TUNING, lambda bm, bn, st, d, dv: (
-    bn * (d + dv) + st * bm * (d + dv), bn * (d + dv) + 2 * bm * bn))
-# dQ: Q/dO resident + K/V ring; dQ accumulator + P, dP tiles
-_prune_bwd_dq = _make_prune(_DQ_TUNING, lambda bm, bn, st, d, dv: (
-    bm * (d + dv) + st * bn * (d + dv), bm * d + 2 * bm * bn))
-_prune_decode = _make_prune(_DECODE_TUNING, lambda bm, bn, st, d, dv: (
-    bm * d + st * bn * (d + dv), bm * dv + bm * bn))
+# Shared-memory models, in elements, fitted to triton 3.6's allocations on sm_80/sm_90a. fp32
+# inputs run the products as 3xTF32: an operand kept for several products is held in shared
+# memory as its big and small TF32 halves (twice its fp32 size).
+# forward: Q tile (twice in fp32) + K/V ring; acc (BM, Dv) + score tile (BM, BN) in fp32
+# registers
+_FWD = _Kernel("forward", _FWD_TUNING, lambda bm, bn, st, d, dv, f32: (
+    bm * d * (1 + f32) + st * bn * (d + dv), bm * dv + bm * bn))
+# dK/dV: K/V tile resident + Q/dO ring + the P, dS tiles (all twice in fp32) + 512 values of
+# row statistics; dK, dV accumulators + P, dP tiles
+_DKDV = _Kernel("dK/dV", _DKDV_TUNING, lambda bm, bn, st, d, dv, f32: (
+    (bn * (d + dv) + st * bm * (d + dv) + 2 * bm * bn) * (1 + f32) + 512,
+    bn * (d + dv) + 2 * bm * bn))
+# dQ: Q/dO resident (Q twice in fp32) + K/V ring + the P, dS tiles; dQ accumulator + P, dP
+_DQ = _Kernel("dQ", _DQ_TUNING, lambda bm, bn, st, d, dv, f32: (
+    bm * (d + dv) + f32 * bm * d + st * bn * (d + dv) + 2 * bm * bn, bm * d + 2 * bm * bn))
+_DECODE = _Kernel("decoding", _DECODE_TUNING, lambda bm, bn, st, d, dv, f32: (
+    bm * d * (1 + f32) + st * bn * (d + dv), bm * dv + bm * bn))
+_prune_fwd, _prune_bwd_dkdv = _FWD.prune, _DKDV.prune
+_prune_bwd_dq, _prune_decode = _DQ.prune, _DECODE.prune
+
+
+def attention_unsupported_reason(dtype: torch.dtype, head_dim: int,
+                                 device: torch.device) -> str | None:
+    """None when every attention kernel (forward, both backward kernels, decoding) has a tile
+    for ``dtype`` at head dim ``head_dim`` (max(E, Ev)) that fits ``device``, else the reason:
+    the op layer then refuses the call for this backend up front (``auto`` moves on to the next
+    one) instead of launching a kernel into OutOfResources. Masked and unmasked calls are both
+    checked (the caller does not know which it will be), decoding at its largest M tile."""
+    if device.type != "cuda":
+        return None  # the interpreter has no resource limits
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, smem, _ = _device_limits(index)
+    elem = torch.empty((), dtype=dtype).element_size()
+    d = _head_block(head_dim)  # the kernels' padded tile width
+    for kernel in (_FWD, _DKDV, _DQ, _DECODE):
+        for variant, has_mask in tuning_variants(dtype == torch.float32):
+            if not kernel.fitting(major, smem, elem, variant, d, d, block_m=64):
+                return (f"no Triton {kernel.name} tile for {dtype} at head dim {head_dim}"
+                        f"{' with a mask' if has_mask and elem == 2 else ''} fits compute "
+                        f"capability {major}.x with {smem} B of shared memory per block")
+    return None
+
 
 _FWD_KEYS = ["HEAD_DIM", "HEAD_DIM_V", "seqlen_q_key", "seqlen_k_key", "HAS_MASK", "HAS_LEFT",
              "HAS_RIGHT", "DROPOUT"]
@@ -983,12 +1074,16 @@ def _seq_key(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _dot_precision(fp32: bool) -> str:
+    return "tf32x3" if fp32 else "tf32"
+
+
 def _dot_args(dtype: torch.dtype, device: torch.device) -> dict:
     return {
         # fp32 inputs: 3xTF32 keeps fp32 accuracy on the tensor cores (plain TF32 would break
         # the "2x PyTorch's error" rule; "ieee" lowers to FMA loops that spill tens of KB per
         # thread at these tile sizes); ignored for fp16/bf16 and by the interpreter
-        "DOT_PRECISION": "tf32x3" if dtype == torch.float32 else "tf32",
+        "DOT_PRECISION": _dot_precision(dtype == torch.float32),
         # bfloat16 under the interpreter, whose dot multiplies bf16 as its raw uint16 storage and
         # whose fp32 -> bf16 cast truncates: dot operands are widened to fp32 after loading
         # (bf16 x bf16 products are exact in fp32, so the result is what the tensor cores give)
