@@ -102,7 +102,8 @@ def test_triton_accepted_calls_have_a_fitting_tile(monkeypatch, major, smem):
             configs = A._tuning_configs(table, interpret=None)
             for has_mask in (False, True):
                 args = dict(HEAD_DIM=A._head_block(E), HEAD_DIM_V=A._head_block(E),
-                            HAS_MASK=has_mask, BLOCK_M=64)
+                            HAS_MASK=has_mask,
+                            BLOCK_M=A._decode_max_block_m(elem == 4, A._head_block(E)))
                 if why is None:
                     assert kernel(configs, {"Q": q}, **args), (dtype, E, has_mask)
                 else:

@@ -89,13 +89,13 @@ _DKDV_TUNING = {
 _DQ_TUNING = {
     "hopper": {64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4)],
                128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
-               256: [(64, 32, 8, 2), (32, 32, 4, 3)]},
+               256: [(16, 32, 4, 2), (32, 32, 8, 2)]},
     "hopper_mask": {64: [(128, 64, 8, 3)],
                     128: [(128, 32, 8, 3)],
-                    256: [(64, 32, 8, 2), (32, 32, 4, 3)]},
+                    256: [(32, 32, 4, 3)]},
     "ampere": {64: [(128, 32, 8, 3), (64, 32, 4, 3)],
-               128: [(64, 64, 8, 2), (64, 32, 4, 3), (64, 32, 4, 2)],
-               256: [(32, 32, 4, 2)]},
+               128: [(64, 64, 8, 2)],
+               256: [(16, 32, 4, 2), (32, 32, 8, 2)]},
     "ampere_mask": {64: [(64, 32, 4, 3)],
                     128: [(64, 64, 8, 2), (64, 32, 4, 3)],
                     256: [(32, 32, 4, 2)]},
@@ -106,13 +106,20 @@ _DQ_TUNING = {
 }
 # Decoding streams the cache: BLOCK_M is fixed by the query rows of a kv group, only the key tile
 # and the depth of the load ring matter (a deep ring keeps enough bytes in flight for HBM).
+# the query rows of a kv group per program: up to 64, 32 in float32 (3xTF32 at 64 rows spilled
+# 0.3-1.3 KB a thread even with 16-key tiles) and at head dims above 128 (64 rows spilled
+# 0.8-3 KB with every 256-wide tile)
+def _decode_max_block_m(fp32: bool, head_dim: int) -> int:
+    return 32 if fp32 or head_dim > 128 else 64
+
+
 _DECODE_TUNING = {
     "hopper": {64: [(None, 64, 4, 3), (None, 128, 4, 4), (None, 128, 8, 3)],
-               128: [(None, 64, 4, 4), (None, 128, 8, 3), (None, 64, 4, 3)],
+               128: [(None, 128, 8, 3)],
                256: [(None, 32, 4, 3), (None, 64, 8, 2), (None, 64, 4, 3)]},
     "ampere": {64: [(None, 64, 4, 3), (None, 128, 4, 3)],
-               128: [(None, 64, 4, 3), (None, 128, 8, 2)],
-               256: [(None, 32, 4, 3), (None, 64, 4, 2)]},
+               128: [(None, 128, 8, 2)],
+               256: [(None, 32, 4, 3)]},
     "hopper_fp32": {64: [(None, 32, 4, 2), (None, 16, 4, 2)],
                     128: [(None, 16, 4, 2)]},
     "ampere_fp32": {64: [(None, 32, 4, 2), (None, 16, 4, 2)],
@@ -261,7 +268,8 @@ def attention_unsupported_reason(dtype: torch.dtype, head_dim: int,
     d = _head_block(head_dim)  # the kernels' padded tile width
     for kernel in (_FWD, _DKDV, _DQ, _DECODE):
         for variant, has_mask in tuning_variants(dtype == torch.float32):
-            if not kernel.fitting(major, smem, elem, variant, d, d, block_m=64):
+            block_m = _decode_max_block_m(elem == 4, d)
+            if not kernel.fitting(major, smem, elem, variant, d, d, block_m=block_m):
                 return (f"no Triton {kernel.name} tile for {dtype} at head dim {head_dim}"
                         f"{' with a mask' if has_mask and elem == 2 else ''} fits compute "
                         f"capability {major}.x with {smem} B of shared memory per block")
@@ -1262,7 +1270,8 @@ def attention_kvcache(
     if out.numel() == 0:
         return out
     rows = Lq * group
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    block_m = min(_decode_max_block_m(q.dtype == torch.float32, max(E, Ev)),
+                  max(16, triton.next_power_of_2(rows)))
     m_blocks = triton.cdiv(rows, block_m)
     if num_splits is None:
         num_splits = kvcache_num_splits(B, Hkv, m_blocks, cap, dev)
