@@ -115,10 +115,10 @@ def test_registers_and_spills_within_bounds(compiled):
     assert not bad, f"more than {SPILL_BOUND} B spilled a thread:\n" + _table(bad)
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(reason=(
     "int8 GEMM / weight-only: ptxas keeps 32 registers and spills 3-15 KB a thread with the "
     "dequantizing epilogue for most 4-warp tiles and BLOCK_K=256 (e.g. 32x64x256 on sm_80: "
-    "5,308 B); not yet fixed"))
+    "5,308 B; outside the CI set's tiles, seen with FASTATTN_AOT_ALL=1); not yet fixed"))
 def test_int8_registers_and_spills_within_bounds(compiled):
     bad = _spilling([r for r in compiled if r["kernel"].startswith("_int8_")])
     assert not bad, f"more than {SPILL_BOUND} B spilled a thread:\n" + _table(bad)
@@ -148,9 +148,10 @@ def test_pruning_estimates_bound_the_compiler(compiled):
             est = G._weight_only_smem_kw(c, r["stages"], 4 if c["FP32"] else 2)
         else:
             continue
-        # the int8 models count every pipeline stage; Triton often allocates fewer for the
-        # deep (4-5 stage) rings, so they are only held to the lower bound
-        cap = 4 * r["shared"] + 16384 if r["kernel"] in models else est
+        # the decoding and int8 models count every pipeline stage; Triton often allocates
+        # fewer for their deep (3-5 stage) rings, so they are only held to the lower bound
+        calibrated = r["kernel"] in models and r["kernel"] != "_kvcache_split_kernel"
+        cap = 4 * r["shared"] + 16384 if calibrated else est
         if not r["shared"] <= est <= cap:
             bad.append(f"  sm_{r['arch']} {r['kernel']} [{r['label']}] {c.get('BLOCK_M')}x"
                        f"{c.get('BLOCK_N')} s{r['stages']}: estimate {est} B, compiler "

@@ -239,10 +239,11 @@ class _Kernel:
 # registers
 _FWD = _Kernel("forward", _FWD_TUNING, lambda bm, bn, st, d, dv, f32: (
     bm * d * (1 + f32) + st * bn * (d + dv), bm * dv + bm * bn))
-# dK/dV: K/V tile resident + Q/dO ring + the P, dS tiles (all twice in fp32) + 512 values of
-# row statistics; dK, dV accumulators + P, dP tiles
+# dK/dV: K/V tile resident + a second K for the atomic dQ product (wgmma reads it in another
+# layout) + Q/dO ring + the P, dS tiles (all twice in fp32) + 512 values of row statistics;
+# dK, dV accumulators + P, dP tiles
 _DKDV = _Kernel("dK/dV", _DKDV_TUNING, lambda bm, bn, st, d, dv, f32: (
-    (bn * (d + dv) + st * bm * (d + dv) + 2 * bm * bn) * (1 + f32) + 512,
+    (bn * (2 * d + dv) + st * bm * (d + dv) + 2 * bm * bn) * (1 + f32) + 512,
     bn * (d + dv) + 2 * bm * bn))
 # dQ: Q/dO resident (Q twice in fp32) + K/V ring + the P, dS tiles; dQ accumulator + P, dP
 _DQ = _Kernel("dQ", _DQ_TUNING, lambda bm, bn, st, d, dv, f32: (

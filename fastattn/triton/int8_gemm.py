@@ -354,8 +354,10 @@ def _weight_only_configs() -> list[triton.Config]:
 
 
 def _weight_only_smem_kw(kw: dict, stages: int, x_bytes: int) -> int:
-    """num_stages buffers of the x tile (BLOCK_M <= 32 rows) and the int8 weight tile."""
-    return stages * kw["BLOCK_K"] * (32 * x_bytes + kw["BLOCK_N"])
+    """num_stages buffers of the x tile (BLOCK_M <= 32 rows) and the int8 weight tile, plus
+    for float32 x the weight tile converted to float32 for the FMA product."""
+    fp32_w = kw["BLOCK_K"] * kw["BLOCK_N"] * 4 if x_bytes == 4 else 0
+    return stages * kw["BLOCK_K"] * (32 * x_bytes + kw["BLOCK_N"]) + fp32_w
 
 
 def _weight_only_smem(c: triton.Config, x_bytes: int) -> int:
