@@ -8,7 +8,7 @@ TRITON_VERSION ?= 3.6.0
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: test bench build setup lint test-asan clean
+.PHONY: test bench build setup lint test-asan check-cuda-build clean
 
 # A torch that is already importable (e.g. a CUDA build on a GPU machine) is reused through
 # --system-site-packages; otherwise the CPU wheel is installed into the venv.
@@ -54,6 +54,31 @@ test-asan: setup
 	rm -f fastattn/_C*.so; \
 	$(PY) setup.py -q build_ext --inplace || status=1; \
 	exit $$status
+
+# The full CUDA build of fastattn._C (every source, sm_80 and sm_90a) against a CUDA build of
+# torch, in its own venv and build directory (the CPU build in build/ and fastattn/ is not
+# touched); then the library is loaded and each CUDA binding must be registered. No GPU needed:
+# nvcc on PATH, the CUDA headers from the nvidia wheels that torch pulls in.
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH_VERSION ?= 2.14.1
+CUDA_ARCHS ?= 8.0;9.0a
+CUDA_PY := $(CUDA_VENV)/bin/python
+# the toolkit of the nvcc on PATH (it may be a wrapper script): torch links its libcudart
+CUDA_HOME ?= $(shell nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | \
+	sed -n 's|.*_HERE_=\([^ ]*\)/bin$$|\1|p' | head -n 1)
+$(CUDA_VENV)/.ready: Makefile
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_PY) -m pip install -q torch==$(CUDA_TORCH_VERSION) setuptools wheel ninja
+	touch $@
+
+check-cuda-build: $(CUDA_VENV)/.ready
+	@inc=$$($(CUDA_PY) -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))"); \
+	set -e; t0=$$(date +%s); \
+	CUDA_HOME="$(CUDA_HOME)" CPATH="$$inc$${CPATH:+:$$CPATH}" TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" \
+	  $(CUDA_PY) setup.py -q build_ext --build-temp build/cuda-check/temp \
+	  --build-lib build/cuda-check/lib; \
+	$(CUDA_PY) tests/_check_cuda_build.py build/cuda-check/lib; \
+	echo "check-cuda-build: $$(( $$(date +%s) - t0 )) s"
 
 lint: setup
 	$(VENV)/bin/ruff check fastattn tests bench || $(PIP) install -q ruff && $(VENV)/bin/ruff check fastattn tests bench

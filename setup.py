@@ -17,6 +17,14 @@ def _with_cuda() -> bool:
     return torch.version.cuda is not None and (CUDA_HOME is not None or shutil.which("nvcc"))
 
 
+def _default_arch_list() -> None:
+    """torch's extension builder takes the architectures from TORCH_CUDA_ARCH_LIST, else from
+    the visible GPUs; with neither it stops with an IndexError. A GPU-less build box builds
+    for the targets of this package: A100 (8.0) and H100/H200 (9.0a, for wgmma)."""
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
+
+
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fvisibility=hidden"]
@@ -28,6 +36,7 @@ def _extension():
     if not _with_cuda():
         return CppExtension("fastattn._C", sources, extra_compile_args={"cxx": cxx},
                             extra_link_args=link)
+    _default_arch_list()
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     nvcc = ["-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
     return CUDAExtension("fastattn._C", sources, define_macros=[("FASTATTN_WITH_CUDA", None)],

@@ -141,13 +141,15 @@ def _draw_seed(dropout_p: float) -> int:
 # ---------------------------------------------------------------------------------------------
 def _supports(backend: str, device: torch.device, key: tuple) -> str | None:
     """None when ``backend``'s kernels handle a call with these properties (key = (dtype,
-    head_dim)), else the reason (shown by "auto"'s fallback warning and by the error of an
-    explicit backend)."""
-    dtype, head_dim = key
+    head_dim, dropout)), else the reason (shown by "auto"'s fallback warning and by the error of
+    an explicit backend)."""
+    dtype, head_dim, dropout = key
     if dtype not in _backend.FLOAT_DTYPES:
         return f"dtype {dtype}"
     if head_dim > _MAX_HEAD_DIM:
         return f"head dim {head_dim} > {_MAX_HEAD_DIM}"
+    if backend == "cuda" and dropout:
+        return "dropout_p > 0 is not implemented by the CUDA kernels"
     if backend == "triton" and device.type == "cuda":
         # Triton's tensor-core paths need Volta+ (sm_70) and bfloat16 needs Ampere (sm_80)
         major, minor = torch.cuda.get_device_capability(device)
@@ -155,11 +157,15 @@ def _supports(backend: str, device: torch.device, key: tuple) -> str | None:
             return f"compute capability {major}.{minor} < 7.0"
         if dtype == torch.bfloat16 and major < 8:
             return f"bfloat16 needs compute capability >= 8.0, got {major}.{minor}"
+        from fastattn.triton.attention import attention_unsupported_reason
+
+        return attention_unsupported_reason(dtype, head_dim, device)
     return None
 
 
-def _choose(op: str, device: torch.device, backend: str, dtype: torch.dtype, head_dim: int) -> str:
-    return _backend.pick(op, device, backend, (dtype, head_dim), _supports)
+def _choose(op: str, device: torch.device, backend: str, dtype: torch.dtype, head_dim: int,
+            dropout: bool = False) -> str:
+    return _backend.pick(op, device, backend, (dtype, head_dim, dropout), _supports)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +335,7 @@ def scaled_dot_product_attention(
     mask = _normalize_mask(attn_mask, query, key)
 
     chosen = _choose("scaled_dot_product_attention", query.device, backend, query.dtype,
-                     max(E, value.shape[-1]))
+                     max(E, value.shape[-1]), dropout_p > 0.0)
     if chosen == "reference" or query.numel() == 0 or value.numel() == 0:
         out, lse = reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,

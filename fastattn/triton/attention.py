@@ -27,6 +27,7 @@ import triton.language as tl
 
 from fastattn.triton._interpret import interpret as triton_interpret
 from fastattn.triton._interpret import prepare
+from fastattn.triton._launch import autotune_enabled, device_guard, folded_id, grid_folded
 
 prepare()
 
@@ -39,10 +40,15 @@ _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # ---------------------------------------------------------------------------------------------
 # Candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture family and head-dim class
 # (the padded max(E, Ev) rounded up to 64/128/256), 1-3 per case: every candidate is a separate
-# compile for each new autotune key. Each was compiled for sm_90a / sm_80 with triton 3.6 and
-# checked with `ptxas -v` (bf16, causal): no register spills. "_mask" lists serve calls with an
-# additive mask (and fp32 inputs): the mask tile and its pointers cost ~60 registers a thread,
-# which spilled every 64-key-wide Hopper tile at d=128, so they use 32-key tiles.
+# compile for each new autotune key; the first is the one FASTATTN_TRITON_AUTOTUNE=0 pins.
+# tests/test_triton_resources.py compiles every candidate for sm_90a / sm_80 with every feature
+# on and holds it to the shared-memory, register and spill limits. "_mask" lists serve 16-bit
+# calls with an additive mask: the mask tile and its pointers cost ~60 registers a thread, which
+# spilled every 64-key-wide Hopper tile at d=128, so they use 32-key tiles. "_fp32" lists serve
+# float32 calls: 3xTF32 keeps Q (or K/V) twice in shared memory and triples the products, so
+# the 16-bit tiles needed 188-270 KB or spilled 2-24 KB a thread; their small tiles spill at
+# most ~270 B with mask, dropout and windows all on. There is none above E = 128 (the largest
+# fitting tiles spilled 22 KB): such calls are refused for Triton and go to the CUDA kernels.
 # Hopper wants 128-row M tiles (wgmma works on 64-row warpgroup tiles) and deep cp.async rings;
 # Ampere has 164 KB of shared memory. The dK/dV kernel works on transposed tiles (keys on rows):
 # its BLOCK_N is the MMA's M, and its dK + dV accumulators (BLOCK_N x 2 x head dim, fp32) bound
@@ -60,6 +66,10 @@ _FWD_TUNING = {
     "ampere_mask": {64: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2)],
                     128: [(128, 32, 8, 2), (64, 32, 4, 3)],
                     256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
+    "hopper_fp32": {64: [(128, 32, 8, 2), (64, 32, 4, 2)],
+                    128: [(32, 32, 4, 2)]},
+    "ampere_fp32": {64: [(128, 32, 8, 2), (64, 32, 4, 2)],
+                    128: [(32, 32, 4, 2)]},
 }
 _DKDV_TUNING = {
     "hopper": {64: [(32, 128, 8, 2), (16, 128, 8, 3)],
@@ -74,30 +84,49 @@ _DKDV_TUNING = {
     "ampere_mask": {64: [(32, 64, 8, 3)],
                     128: [(16, 32, 8, 2)],
                     256: [(16, 32, 8, 2)]},
+    "hopper_fp32": {64: [(16, 32, 4, 2)],
+                    128: [(16, 32, 8, 1)]},
+    "ampere_fp32": {64: [(16, 32, 4, 2)],
+                    128: [(16, 32, 8, 1)]},
 }
 _DQ_TUNING = {
     "hopper": {64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4)],
                128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
-               256: [(64, 32, 8, 2), (32, 32, 4, 3)]},
+               256: [(16, 32, 4, 2), (32, 32, 8, 2)]},
     "hopper_mask": {64: [(128, 64, 8, 3)],
                     128: [(128, 32, 8, 3)],
-                    256: [(64, 32, 8, 2), (32, 32, 4, 3)]},
+                    256: [(32, 32, 4, 3)]},
     "ampere": {64: [(128, 32, 8, 3), (64, 32, 4, 3)],
-               128: [(64, 64, 8, 2), (64, 32, 4, 3), (64, 32, 4, 2)],
-               256: [(32, 32, 4, 2)]},
+               128: [(64, 64, 8, 2)],
+               256: [(16, 32, 4, 2), (32, 32, 8, 2)]},
     "ampere_mask": {64: [(64, 32, 4, 3)],
                     128: [(64, 64, 8, 2), (64, 32, 4, 3)],
                     256: [(32, 32, 4, 2)]},
+    "hopper_fp32": {64: [(32, 32, 4, 2)],
+                    128: [(16, 32, 4, 2)]},
+    "ampere_fp32": {64: [(32, 32, 4, 2)],
+                    128: [(16, 32, 4, 2)]},
 }
 # Decoding streams the cache: BLOCK_M is fixed by the query rows of a kv group, only the key tile
 # and the depth of the load ring matter (a deep ring keeps enough bytes in flight for HBM).
+# the query rows of a kv group per program: up to 64, 32 in float32 (3xTF32 at 64 rows spilled
+# 0.3-1.3 KB a thread even with 16-key tiles) and at head dims above 128 (64 rows spilled
+# 0.8-3 KB with every 256-wide tile)
+def _decode_max_block_m(fp32: bool, head_dim: int) -> int:
+    return 32 if fp32 or head_dim > 128 else 64
+
+
 _DECODE_TUNING = {
     "hopper": {64: [(None, 64, 4, 3), (None, 128, 4, 4), (None, 128, 8, 3)],
-               128: [(None, 64, 4, 4), (None, 128, 8, 3), (None, 64, 4, 3)],
+               128: [(None, 128, 8, 3)],
                256: [(None, 32, 4, 3), (None, 64, 8, 2), (None, 64, 4, 3)]},
     "ampere": {64: [(None, 64, 4, 3), (None, 128, 4, 3)],
-               128: [(None, 64, 4, 3), (None, 128, 8, 2)],
-               256: [(None, 32, 4, 3), (None, 64, 4, 2)]},
+               128: [(None, 128, 8, 2)],
+               256: [(None, 32, 4, 3)]},
+    "hopper_fp32": {64: [(None, 32, 4, 2), (None, 16, 4, 2)],
+                    128: [(None, 16, 4, 2)]},
+    "ampere_fp32": {64: [(None, 32, 4, 2), (None, 16, 4, 2)],
+                    128: [(None, 16, 4, 2)]},
 }
 
 
@@ -110,6 +139,10 @@ def _config(bm, bn, warps, stages) -> triton.Config:
     return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
+def _key(c: triton.Config) -> tuple:
+    return c.kwargs.get("BLOCK_M"), c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
 def _tuning_configs(table: dict, interpret: tuple) -> list[triton.Config]:
     """Every candidate of a tuning table once; one small config under the interpreter, where
     autotuning would only run the same numpy code several times."""
@@ -117,6 +150,23 @@ def _tuning_configs(table: dict, interpret: tuple) -> list[triton.Config]:
         return [_config(*interpret)]
     seen = dict.fromkeys(c for arch in table.values() for cands in arch.values() for c in cands)
     return [_config(*c) for c in seen]
+
+
+def tuning_variants(fp32: bool) -> tuple[tuple[str, bool], ...]:
+    """(list variant, has mask) of the tuning lists that serve calls in float32 (one list, mask
+    or not) or in a 16-bit dtype (one list without a mask, one with)."""
+    return (("_fp32", True),) if fp32 else (("", False), ("_mask", True))
+
+
+def tuning_list(table: dict, major: int, variant: str) -> dict[int, list[tuple]]:
+    """{head-dim class: candidates} of ``table`` for compute capability ``major`` and a variant
+    of tuning_variants; a table without the variant serves it from its plain list."""
+    family = "hopper" if major >= 9 else "ampere"
+    return table.get(family + variant, table[family])
+
+
+def _dclass(d: int, dv: int) -> int:
+    return 64 if max(d, dv) <= 64 else 128 if max(d, dv) <= 128 else 256
 
 
 @functools.cache
@@ -127,57 +177,108 @@ def _device_limits(index: int) -> tuple[int, int, int]:
     return props.major, smem, props.multi_processor_count
 
 
-def _fits(cfg: triton.Config, smem: int, elem: int, smem_tiles: int, acc_regs: int) -> bool:
-    """The pipelined tiles (smem_tiles elements) fit in shared memory and the fp32 accumulators
-    (acc_regs values) leave a thread ~60 of its 255 registers for operands and addresses (the
-    tuned lists peak at 160 accumulator values a thread): spills cost far more than a smaller
-    tile."""
-    return smem_tiles * elem <= smem and acc_regs <= 192 * cfg.num_warps * 32
+def _fits(cfg: tuple, smem: int, smem_bytes: int, acc_regs: int) -> bool:
+    """The kernel's shared memory (smem_bytes) fits the device's per-block limit and the fp32
+    accumulators (acc_regs values) leave a thread ~60 of its 255 registers for operands and
+    addresses (the tuned lists peak at 160 accumulator values a thread): spills cost far more
+    than a smaller tile."""
+    return smem_bytes <= smem and acc_regs <= 192 * cfg[2] * 32
 
 
-def _make_prune(table: dict, footprint):
-    """early_config_prune for a kernel: keep the table's candidates for this device family and
-    head-dim class that pass _fits; ``footprint(bm, bn, stages, d, dv) -> (smem_tiles, acc)``."""
+class _Kernel:
+    """The tuning of one autotuned kernel: its table and its resource model
+    ``footprint(bm, bn, stages, d, dv, fp32) -> (shared-memory elements, accumulator values)``.
+    The shared-memory model is checked against the compiler's figures for every listed candidate
+    (tests/test_triton_resources.py): never below them."""
 
-    def prune(configs, named_args, **kwargs):
+    def __init__(self, name: str, table: dict, footprint):
+        self.name, self.table, self.footprint = name, table, footprint
+
+    def smem_bytes(self, bm: int, bn: int, stages: int, d: int, dv: int, elem: int,
+                   has_mask: bool) -> int:
+        tiles, _ = self.footprint(bm, bn, max(stages, 1), d, dv, elem == 4)
+        # the mask tile is loaded beside the scores (its pipelined copy)
+        return elem * (tiles + (bm * bn if has_mask else 0))
+
+    def fitting(self, major: int, smem: int, elem: int, variant: str, d: int, dv: int,
+                block_m: int | None = None) -> list[tuple]:
+        """The candidates for this call's list that fit the device, in order of preference."""
+        keep = []
+        for c in tuning_list(self.table, major, variant).get(_dclass(d, dv), []):
+            bm = c[0] if c[0] is not None else block_m
+            _, acc = self.footprint(bm, c[1], max(c[3], 1), d, dv, elem == 4)
+            need = self.smem_bytes(bm, c[1], c[3], d, dv, elem, variant != "")
+            if _fits(c, smem, need, acc):
+                keep.append(c)
+        return keep
+
+    def prune(self, configs, named_args, **kwargs):
+        """early_config_prune: the fitting candidates of this call's list (the first one only
+        when autotuning is off). None fitting is refused up front by _supports
+        (attention_unsupported_reason); reaching here without one is a bug, raised as such
+        rather than launched into OutOfResources."""
         args = {**named_args, **kwargs}
         q = args["Q"]
         if q.device.type != "cuda":
             return configs[:1]
         major, smem, _ = _device_limits(q.device.index or 0)
-        d, dv = args["HEAD_DIM"], args["HEAD_DIM_V"]
-        dclass = 64 if max(d, dv) <= 64 else 128 if max(d, dv) <= 128 else 256
-        family = "hopper" if major >= 9 else "ampere"
-        if args.get("HAS_MASK") or q.element_size() == 4:
-            family = family + "_mask" if family + "_mask" in table else family
-        cands = set(table[family][dclass])
-        keep = []
-        for c in configs:
-            bm = c.kwargs.get("BLOCK_M", args.get("BLOCK_M"))
-            key = (c.kwargs.get("BLOCK_M"), c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-            tiles, acc = footprint(bm, c.kwargs["BLOCK_N"], max(c.num_stages, 1), d, dv)
-            if key in cands and _fits(c, smem, q.element_size(), tiles, acc):
-                keep.append(c)
-        if not keep:  # a small device: the leanest candidate
-            keep = [min(configs, key=lambda c: footprint(
-                c.kwargs.get("BLOCK_M", args.get("BLOCK_M")), c.kwargs["BLOCK_N"],
-                max(c.num_stages, 1), d, dv)[0])]
-        return keep
-
-    return prune
+        fp32 = q.element_size() == 4
+        variant = "_fp32" if fp32 else "_mask" if args.get("HAS_MASK") else ""
+        want = self.fitting(major, smem, q.element_size(), variant, args["HEAD_DIM"],
+                            args["HEAD_DIM_V"], args.get("BLOCK_M"))
+        keep = [c for c in configs if _key(c) in want]
+        if not keep:
+            raise RuntimeError(f"fastattn: no {self.name} tile fits (compute capability "
+                               f"{major}, {smem} B of shared memory) for "
+                               f"{'float32' if fp32 else '16-bit'} inputs at head dim "
+                               f"{args['HEAD_DIM']}/{args['HEAD_DIM_V']}")
+        return keep if autotune_enabled() else keep[:1]
 
 
-# forward: Q tile resident + K/V ring; acc (BM, Dv) + score tile (BM, BN) in fp32
-_prune_fwd = _make_prune(_FWD_TUNING, lambda bm, bn, st, d, dv: (
-    bm * d + st * bn * (d + dv), bm * dv + bm * bn))
-# dK/dV: K/V tile resident + Q/dO ring; dK, dV accumulators + P, dP tiles
-_prune_bwd_dkdv = _make_prune(_DKDV_TUNING, lambda bm, bn, st, d, dv: (
-    bn * (d + dv) + st * bm * (d + dv), bn * (d + dv) + 2 * bm * bn))
-# dQ: Q/dO resident + K/V ring; dQ accumulator + P, dP tiles
-_prune_bwd_dq = _make_prune(_DQ_TUNING, lambda bm, bn, st, d, dv: (
-    bm * (d + dv) + st * bn * (d + dv), bm * d + 2 * bm * bn))
-_prune_decode = _make_prune(_DECODE_TUNING, lambda bm, bn, st, d, dv: (
-    bm * d + st * bn * (d + dv), bm * dv + bm * bn))
+# Shared-memory models, in elements, fitted to triton 3.6's allocations on sm_80/sm_90a. fp32
+# inputs run the products as 3xTF32: an operand kept for several products is held in shared
+# memory as its big and small TF32 halves (twice its fp32 size).
+# forward: Q tile (twice in fp32) + K/V ring; acc (BM, Dv) + score tile (BM, BN) in fp32
+# registers
+_FWD = _Kernel("forward", _FWD_TUNING, lambda bm, bn, st, d, dv, f32: (
+    bm * d * (1 + f32) + st * bn * (d + dv), bm * dv + bm * bn))
+# dK/dV: K/V tile resident + a second K for the atomic dQ product (wgmma reads it in another
+# layout) + Q/dO ring + the P, dS tiles (all twice in fp32) + 512 values of row statistics;
+# dK, dV accumulators + P, dP tiles
+_DKDV = _Kernel("dK/dV", _DKDV_TUNING, lambda bm, bn, st, d, dv, f32: (
+    (bn * (2 * d + dv) + st * bm * (d + dv) + 2 * bm * bn) * (1 + f32) + 512,
+    bn * (d + dv) + 2 * bm * bn))
+# dQ: Q/dO resident (Q twice in fp32) + K/V ring + the P, dS tiles; dQ accumulator + P, dP
+_DQ = _Kernel("dQ", _DQ_TUNING, lambda bm, bn, st, d, dv, f32: (
+    bm * (d + dv) + f32 * bm * d + st * bn * (d + dv) + 2 * bm * bn, bm * d + 2 * bm * bn))
+_DECODE = _Kernel("decoding", _DECODE_TUNING, lambda bm, bn, st, d, dv, f32: (
+    bm * d * (1 + f32) + st * bn * (d + dv), bm * dv + bm * bn))
+_prune_fwd, _prune_bwd_dkdv = _FWD.prune, _DKDV.prune
+_prune_bwd_dq, _prune_decode = _DQ.prune, _DECODE.prune
+
+
+def attention_unsupported_reason(dtype: torch.dtype, head_dim: int,
+                                 device: torch.device) -> str | None:
+    """None when every attention kernel (forward, both backward kernels, decoding) has a tile
+    for ``dtype`` at head dim ``head_dim`` (max(E, Ev)) that fits ``device``, else the reason:
+    the op layer then refuses the call for this backend up front (``auto`` moves on to the next
+    one) instead of launching a kernel into OutOfResources. Masked and unmasked calls are both
+    checked (the caller does not know which it will be), decoding at its largest M tile."""
+    if device.type != "cuda":
+        return None  # the interpreter has no resource limits
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, smem, _ = _device_limits(index)
+    elem = torch.empty((), dtype=dtype).element_size()
+    d = _head_block(head_dim)  # the kernels' padded tile width
+    for kernel in (_FWD, _DKDV, _DQ, _DECODE):
+        for variant, has_mask in tuning_variants(dtype == torch.float32):
+            block_m = _decode_max_block_m(elem == 4, d)
+            if not kernel.fitting(major, smem, elem, variant, d, d, block_m=block_m):
+                return (f"no Triton {kernel.name} tile for {dtype} at head dim {head_dim}"
+                        f"{' with a mask' if has_mask and elem == 2 else ''} fits compute "
+                        f"capability {major}.x with {smem} B of shared memory per block")
+    return None
+
 
 _FWD_KEYS = ["HEAD_DIM", "HEAD_DIM_V", "seqlen_q_key", "seqlen_k_key", "HAS_MASK", "HAS_LEFT",
              "HAS_RIGHT", "DROPOUT"]
@@ -355,7 +456,7 @@ def _attention_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vk,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_ok,
-    num_heads, seqlen_q, seqlen_k, group_size, head_dim, head_dim_v,
+    num_heads, num_bh, seqlen_q, seqlen_k, group_size, head_dim, head_dim_v,
     window_left, window_right, diag_offset,
     seqlen_q_key, seqlen_k_key,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -364,14 +465,16 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out (B, H, L, Ev), lse (B, H, L) from q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev).
-    Grid: (cdiv(L, BLOCK_M), B * H); the Q tile stays in registers."""
+    Grid: grid_folded(cdiv(L, BLOCK_M), B * H); the Q tile stays in registers."""
     pid_m = tl.program_id(0)
     if HAS_RIGHT:
         if not HAS_LEFT:
             # causal: the last query blocks see the most keys; start them first so the
             # short ones fill the tail of the launch
             pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+    pid_bh = folded_id()
+    if pid_bh >= num_bh:
+        return
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     hk = h // group_size  # GQA: query head h reads kv head h // (H / Hkv)
@@ -433,12 +536,15 @@ def _attention_bwd_preprocess_kernel(
     Out, DO, GradLse, Delta,
     stride_ob, stride_oh, stride_om, stride_ok,
     stride_dob, stride_doh, stride_dom, stride_dok,
-    num_heads, seqlen_q, head_dim_v,
+    num_heads, num_bh, seqlen_q, head_dim_v,
     HEAD_DIM_V: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """delta (B, H, L) = rowsum(dO * O) - grad_lse, float32. Grid: (cdiv(L, BLOCK_M), B * H)."""
+    """delta (B, H, L) = rowsum(dO * O) - grad_lse, float32.
+    Grid: grid_folded(cdiv(L, BLOCK_M), B * H)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = folded_id()
+    if pid_bh >= num_bh:
+        return
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -556,7 +662,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkk,
     stride_dvb, stride_dvh, stride_dvn, stride_dvk,
     stride_dmb, stride_dmh, stride_dmm, stride_dmn,
-    num_heads, num_kv_heads, seqlen_q, seqlen_k, group_size, head_dim, head_dim_v,
+    num_heads, num_kv_heads, num_bhk, seqlen_q, seqlen_k, group_size, head_dim, head_dim_v,
     window_left, window_right, diag_offset,
     seqlen_q_key, seqlen_k_key,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -567,9 +673,12 @@ def _attention_bwd_dkdv_kernel(
 ):
     """dk (B, Hkv, S, E), dv (B, Hkv, S, Ev) of one key block, summed over the query heads of
     its kv group inside the program (no atomics for dK/dV); dq (B, H, L, E) float32 by atomic
-    adds when ATOMIC_DQ; dmask (B, H, L, S) when STORE_DMASK. Grid: (cdiv(S, BLOCK_N), B * Hkv)."""
+    adds when ATOMIC_DQ; dmask (B, H, L, S) when STORE_DMASK.
+    Grid: grid_folded(cdiv(S, BLOCK_N), B * Hkv)."""
     pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
+    pid_bhk = folded_id()
+    if pid_bhk >= num_bhk:
+        return
     b = (pid_bhk // num_kv_heads).to(tl.int64)
     hk = (pid_bhk % num_kv_heads).to(tl.int64)
 
@@ -702,7 +811,7 @@ def _attention_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom, stride_dok,
     stride_dqb, stride_dqh, stride_dqm, stride_dqk,
-    num_heads, seqlen_q, seqlen_k, group_size, head_dim, head_dim_v,
+    num_heads, num_bh, seqlen_q, seqlen_k, group_size, head_dim, head_dim_v,
     window_left, window_right, diag_offset,
     seqlen_q_key, seqlen_k_key,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -711,14 +820,16 @@ def _attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq (B, H, L, E) without atomics (deterministic backward): one program per query block
-    loops over its key band. Grid: (cdiv(L, BLOCK_M), B * H)."""
+    loops over its key band. Grid: grid_folded(cdiv(L, BLOCK_M), B * H)."""
     pid_m = tl.program_id(0)
     if HAS_RIGHT:
         if not HAS_LEFT:
             # causal: the last query blocks see the most keys; start them first so the
             # short ones fill the tail of the launch
             pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+    pid_bh = folded_id()
+    if pid_bh >= num_bh:
+        return
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     hk = h // group_size
@@ -780,14 +891,16 @@ def _kvcache_append_kernel(
     stride_vnb, stride_vnh, stride_vnm, stride_vnk,
     stride_kcb, stride_kch, stride_kcn, stride_kck,
     stride_vcb, stride_vch, stride_vcn, stride_vck,
-    num_kv_heads, seqlen_new, capacity, head_dim, head_dim_v,
+    num_kv_heads, num_bhk, seqlen_new, capacity, head_dim, head_dim_v,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """cache[b, h, seqlens[b] + i] = new[b, h, i] for i < Lq. The position is read on the device;
     rows that would land outside [0, capacity) are dropped (never written out of bounds).
-    Grid: (cdiv(Lq, BLOCK_L), B * Hkv)."""
+    Grid: grid_folded(cdiv(Lq, BLOCK_L), B * Hkv)."""
     pid_l = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = folded_id()
+    if pid_bh >= num_bhk:
+        return
     b = (pid_bh // num_kv_heads).to(tl.int64)
     h = (pid_bh % num_kv_heads).to(tl.int64)
     start = tl.load(SeqLens + b).to(tl.int64)
@@ -822,7 +935,7 @@ def _kvcache_split_kernel(
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
     stride_ob, stride_oh, stride_om, stride_ok,
-    num_heads, num_kv_heads, seqlen_q, group_size, capacity, num_new, num_splits,
+    num_heads, num_kv_heads, num_bhk, seqlen_q, group_size, capacity, num_new, num_splits,
     head_dim, head_dim_v,
     capacity_key,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -834,10 +947,13 @@ def _kvcache_split_kernel(
     length is derived on the device from seqlens[b] (and leftpad[b], the first visible key, with
     HAS_LEFTPAD), so splits follow the real sequence.
     SPLIT: write normalised partial out (fp32) and lse per split for the combine kernel;
-    otherwise write the final output. Grid: (num_splits, cdiv(Lq * group, BLOCK_M), B * Hkv)."""
-    pid_s = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_bh = tl.program_id(2)
+    otherwise write the final output. Grid: grid_folded(num_splits * cdiv(Lq * group, BLOCK_M),
+    B * Hkv), split index fastest."""
+    pid_s = tl.program_id(0) % num_splits
+    pid_m = tl.program_id(0) // num_splits
+    pid_bh = folded_id()
+    if pid_bh >= num_bhk:
+        return
     b = (pid_bh // num_kv_heads).to(tl.int64)
     hk = (pid_bh % num_kv_heads).to(tl.int64)
 
@@ -951,12 +1067,16 @@ def _seq_key(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _dot_precision(fp32: bool) -> str:
+    return "tf32x3" if fp32 else "tf32"
+
+
 def _dot_args(dtype: torch.dtype, device: torch.device) -> dict:
     return {
         # fp32 inputs: 3xTF32 keeps fp32 accuracy on the tensor cores (plain TF32 would break
         # the "2x PyTorch's error" rule; "ieee" lowers to FMA loops that spill tens of KB per
         # thread at these tile sizes); ignored for fp16/bf16 and by the interpreter
-        "DOT_PRECISION": "tf32x3" if dtype == torch.float32 else "tf32",
+        "DOT_PRECISION": _dot_precision(dtype == torch.float32),
         # bfloat16 under the interpreter, whose dot multiplies bf16 as its raw uint16 storage: dot
         # operands are widened to fp32 after loading (bf16 x bf16 products are exact in fp32, so
         # the result is what the tensor cores give), and a P or dS meant for a bf16 product is
@@ -970,6 +1090,7 @@ def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
 
 
+@device_guard
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
     scale: float, window_left: int, window_right: int, diag_offset: int,
@@ -992,21 +1113,23 @@ def attention_fwd(
         lse.fill_(float("-inf"))
         return out, lse
     mask = attn_mask if attn_mask is not None else q  # dummy pointer, never read
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)
+    grid = lambda meta: grid_folded(triton.cdiv(L, meta["BLOCK_M"]), B * H)
     _attention_fwd_kernel[grid](
         q, k, v, mask, out, lse,
         scale * math.log2(math.e), dropout_p, seed,
         *q.stride(), *k.stride(), *v.stride(), *_strides4(attn_mask), *out.stride(),
-        H, L, S, H // Hkv, E, Ev,
+        H, B * H, L, S, H // Hkv, E, Ev,
         window_left, window_right, diag_offset,
         _seq_key(L), _seq_key(S),
         HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev),
-        HAS_MASK=attn_mask is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-        DROPOUT=dropout_p > 0.0, **_dot_args(q.dtype, q.device),
+        HAS_MASK=attn_mask is not None, HAS_LEFT=window_left >= 0,
+        HAS_RIGHT=window_right >= 0, DROPOUT=dropout_p > 0.0,
+        **_dot_args(q.dtype, q.device),
     )
     return out, lse
 
 
+@device_guard
 def attention_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor | None,
@@ -1037,17 +1160,17 @@ def attention_bwd(
     has_grad_lse = grad_lse is not None
     grad_lse_c = grad_lse.contiguous() if has_grad_lse else delta
     block_m = 32 if Ev <= 128 else 16
-    _attention_bwd_preprocess_kernel[(triton.cdiv(L, block_m), B * H)](
-        out, grad_out, grad_lse_c, delta,
-        *out.stride(), *grad_out.stride(),
-        H, L, Ev,
-        HEAD_DIM_V=_head_block(Ev), HAS_GRAD_LSE=has_grad_lse, BLOCK_M=block_m,
-    )
-
     if deterministic:
         dq = torch.empty((B, H, L, E), dtype=q.dtype, device=dev)
     else:
         dq = torch.zeros((B, H, L, E), dtype=torch.float32, device=dev)
+    _attention_bwd_preprocess_kernel[grid_folded(triton.cdiv(L, block_m), B * H)](
+        out, grad_out, grad_lse_c, delta,
+        *out.stride(), *grad_out.stride(),
+        H, B * H, L, Ev,
+        HEAD_DIM_V=_head_block(Ev), HAS_GRAD_LSE=has_grad_lse, BLOCK_M=block_m,
+    )
+
     mask = attn_mask if attn_mask is not None else q
     dmask_arg = dmask if want_dmask else q
     common = dict(
@@ -1056,25 +1179,25 @@ def attention_bwd(
         DROPOUT=dropout_p > 0.0, **_dot_args(q.dtype, dev),
     )
     qk_scale = scale * math.log2(math.e)
-    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)
+    grid = lambda meta: grid_folded(triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)
     _attention_bwd_dkdv_kernel[grid](
         q, k, v, mask, grad_out, lse, delta, dq, dk, dv, dmask_arg,
         scale, qk_scale, dropout_p, seed,
         *q.stride(), *k.stride(), *v.stride(), *_strides4(attn_mask), *grad_out.stride(),
         *dq.stride(), *dk.stride(), *dv.stride(), *_strides4(dmask if want_dmask else None),
-        H, Hkv, L, S, H // Hkv, E, Ev,
+        H, Hkv, B * Hkv, L, S, H // Hkv, E, Ev,
         window_left, window_right, diag_offset,
         _seq_key(L), _seq_key(S),
         ATOMIC_DQ=not deterministic, STORE_DMASK=want_dmask, **common,
     )
     if deterministic:
-        grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)
+        grid = lambda meta: grid_folded(triton.cdiv(L, meta["BLOCK_M"]), B * H)
         _attention_bwd_dq_kernel[grid](
             q, k, v, mask, grad_out, lse, delta, dq,
             scale, qk_scale, dropout_p, seed,
             *q.stride(), *k.stride(), *v.stride(), *_strides4(attn_mask), *grad_out.stride(),
             *dq.stride(),
-            H, L, S, H // Hkv, E, Ev,
+            H, B * H, L, S, H // Hkv, E, Ev,
             window_left, window_right, diag_offset,
             _seq_key(L), _seq_key(S),
             **common,
@@ -1101,6 +1224,7 @@ def kvcache_num_splits(batch: int, kv_heads: int, m_blocks: int, capacity: int,
     return max(1, min(want, triton.cdiv(capacity, 256), 128))
 
 
+@device_guard
 def attention_kvcache(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     k_new: torch.Tensor | None, v_new: torch.Tensor | None, scale: float, causal: bool,
@@ -1123,16 +1247,17 @@ def attention_kvcache(
     out = torch.empty((B, H, Lq, Ev), dtype=q.dtype, device=dev)
     if k_new is not None and k_new.numel() > 0:
         block_l = min(16, triton.next_power_of_2(Lq))
-        _kvcache_append_kernel[(triton.cdiv(Lq, block_l), B * Hkv)](
+        _kvcache_append_kernel[grid_folded(triton.cdiv(Lq, block_l), B * Hkv)](
             k_new, v_new, k_cache, v_cache, seqlens,
             *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
-            Hkv, Lq, cap, E, Ev,
+            Hkv, B * Hkv, Lq, cap, E, Ev,
             HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev), BLOCK_L=block_l,
         )
     if out.numel() == 0:
         return out
     rows = Lq * group
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    block_m = min(_decode_max_block_m(q.dtype == torch.float32, max(E, Ev)),
+                  max(16, triton.next_power_of_2(rows)))
     m_blocks = triton.cdiv(rows, block_m)
     if num_splits is None:
         num_splits = kvcache_num_splits(B, Hkv, m_blocks, cap, dev)
@@ -1143,13 +1268,13 @@ def attention_kvcache(
         lse_partial = torch.empty((B * H * Lq, num_splits), dtype=torch.float32, device=dev)
     else:
         out_partial = lse_partial = out  # unused
-    _kvcache_split_kernel[(num_splits, m_blocks, B * Hkv)](
+    _kvcache_split_kernel[grid_folded(num_splits * m_blocks, B * Hkv)](
         q, k_cache, v_cache, seqlens,
         seqlens if cache_leftpad is None else cache_leftpad.to(torch.int32).contiguous(),
         out, out_partial, lse_partial,
         scale * math.log2(math.e),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        H, Hkv, Lq, group, cap, Lq if k_new is not None else 0, num_splits, E, Ev,
+        H, Hkv, B * Hkv, Lq, group, cap, Lq if k_new is not None else 0, num_splits, E, Ev,
         _seq_key(cap),
         HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev), BLOCK_M=block_m,
         CAUSAL=bool(causal), SPLIT=split, HAS_LEFTPAD=cache_leftpad is not None,

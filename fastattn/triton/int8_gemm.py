@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from fastattn.triton._interpret import interpret, prepare
+from fastattn.triton._launch import autotune_enabled, device_guard, folded_id, grid_folded
 
 prepare()
 
@@ -91,6 +92,11 @@ def _quantize_per_token_kernel(
             tl.store(q_ptr + k0 + cols, _quantize_row(x, inv), mask=mask)
 
 
+def _quant_warps(block: int) -> int:
+    return min(16, max(1, block // 512))
+
+
+@device_guard
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) float16/bfloat16/float32 -> (q int8 (M, K), scale float32 (M,))."""
     if x.stride(-1) != 1:
@@ -102,7 +108,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q, scale
     one_pass = K <= _QUANT_ONE_PASS_MAX
     block = triton.next_power_of_2(max(K, 16)) if one_pass else _QUANT_LOOP_BLOCK
-    num_warps = 1 if interpret() else min(16, max(1, block // 512))
+    num_warps = 1 if interpret() else _quant_warps(block)
     _quantize_per_token_kernel[(M,)](
         x, q, scale, K, x.stride(0), q.stride(0),
         BLOCK_K=block, ONE_PASS=one_pass, num_warps=num_warps, enable_fp_fusion=False,
@@ -142,13 +148,44 @@ def _gemm_configs() -> list[triton.Config]:
     return configs
 
 
+# Opt-in shared memory per block by compute capability major (CUDA C Programming Guide): 163 KB
+# on sm_80 (A100), 227 KB on sm_90 (H100/H200); the device's own figure is used when it is known.
+_SMEM_OPTIN = {8: 166_912, 9: 232_448}
+
+
+def _smem_limit(t: torch.Tensor) -> int:
+    if not t.is_cuda:
+        return 1 << 30  # the interpreter: no limit
+    props = torch.cuda.get_device_properties(t.device)
+    return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+
+
+def _gemm_smem_kw(kw: dict, stages: int) -> int:
+    """Shared memory of the int8 GEMM: num_stages buffers of the A and B int8 tiles (the
+    epilogue reuses them)."""
+    return stages * kw["BLOCK_K"] * (kw["BLOCK_M"] + kw["BLOCK_N"])
+
+
+def _gemm_smem(c: triton.Config) -> int:
+    return _gemm_smem_kw(c.kwargs, c.num_stages)
+
+
+def gemm_candidates(major: int) -> list[triton.Config]:
+    """The int8 GEMM configs that can run on compute capability ``major`` (8 or 9)."""
+    return [c for c in _gemm_configs() if _gemm_smem(c) <= _SMEM_OPTIN[major]]
+
+
 def _prune_gemm_configs(configs, named_args, **kwargs):
-    """Keep tiles that fit the problem: BLOCK_M no larger than the M regime needs (a 128-row tile
-    for 16 tokens wastes 7/8 of the tensor-core work), and for M > 64 only the prefill tiles."""
+    """Keep tiles that fit the device and the problem: BLOCK_M no larger than the M regime needs
+    (a 128-row tile for 16 tokens wastes 7/8 of the tensor-core work), and for M > 64 only the
+    prefill tiles."""
     m_bucket = named_args["M_BUCKET"]
     K = named_args["K"]
+    smem = _smem_limit(named_args["A"])
     kept = []
     for c in configs:
+        if _gemm_smem(c) > smem:
+            continue
         bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
         if bm > max(16, m_bucket):
             continue
@@ -157,7 +194,9 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
         if bk > max(32, triton.next_power_of_2(K)):
             continue
         kept.append(c)
-    return kept or configs[:1]
+    if not kept:
+        kept = [min(configs, key=_gemm_smem)]
+    return kept if autotune_enabled() else kept[:1]
 
 
 @triton.autotune(
@@ -232,6 +271,7 @@ def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
+@device_guard
 def int8_gemm(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -296,11 +336,35 @@ def _weight_only_configs() -> list[triton.Config]:
     return configs
 
 
+def _weight_only_smem_kw(kw: dict, stages: int, x_bytes: int) -> int:
+    """num_stages buffers of the x tile (BLOCK_M <= 32 rows) and the int8 weight tile, plus
+    for float32 x the weight tile converted to float32 for the FMA product."""
+    fp32_w = kw["BLOCK_K"] * kw["BLOCK_N"] * 4 if x_bytes == 4 else 0
+    return stages * kw["BLOCK_K"] * (32 * x_bytes + kw["BLOCK_N"]) + fp32_w
+
+
+def _weight_only_smem(c: triton.Config, x_bytes: int) -> int:
+    return _weight_only_smem_kw(c.kwargs, c.num_stages, x_bytes)
+
+
+def weight_only_candidates(major: int, fp32: bool) -> list[triton.Config]:
+    """The weight-only configs that serve x in float32 (or 16-bit) on compute capability major."""
+    x_bytes = 4 if fp32 else 2
+    return [c for c in _weight_only_configs() if (c.kwargs["BLOCK_K"] <= 64) == fp32
+            and _weight_only_smem(c, x_bytes) <= _SMEM_OPTIN[major]]
+
+
 def _prune_weight_only_configs(configs, named_args, **kwargs):
-    """float32 x takes the short-K FMA tiles, 16-bit x the long-K tensor-core tiles."""
+    """float32 x takes the short-K FMA tiles, 16-bit x the long-K tensor-core tiles; tiles that
+    do not fit the device's shared memory are dropped."""
     fp32 = named_args["FP32"]
-    kept = [c for c in configs if (c.kwargs["BLOCK_K"] <= 64) == fp32]
-    return kept or configs[:1]
+    smem = _smem_limit(named_args["X"])
+    x_bytes = named_args["X"].element_size()
+    kept = [c for c in configs if (c.kwargs["BLOCK_K"] <= 64) == fp32
+            and _weight_only_smem(c, x_bytes) <= smem]
+    if not kept:
+        kept = [min(configs, key=lambda c: _weight_only_smem(c, x_bytes))]
+    return kept if autotune_enabled() else kept[:1]
 
 
 @triton.autotune(
@@ -321,7 +385,9 @@ def _int8_weight_only_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Out (M, N) = (X (M, K) @ float(W (N, K)).T) * WScale[n] + Bias[n], float32 accumulation."""
-    pid_m = tl.program_id(1)
+    pid_m = folded_id()  # grid_folded(cdiv(N, BLOCK_N), cdiv(M, BLOCK_M))
+    if pid_m * BLOCK_M >= M:
+        return
     pid_n = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -351,6 +417,7 @@ def _int8_weight_only_kernel(
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+@device_guard
 def int8_weight_only_linear(
     x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -366,7 +433,7 @@ def int8_weight_only_linear(
         K = 1
     w_scale, bias = _vector(w_scale), _vector(bias)
     block_m = 16 if M <= 16 else 32  # tl.dot needs >= 16 rows; small M is the target
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))
+    grid = lambda meta: grid_folded(triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))
     _int8_weight_only_kernel[grid](
         x, w_int8, w_scale, bias if bias is not None else w_scale, out,
         M, N, K, _m_bucket(M),

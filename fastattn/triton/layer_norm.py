@@ -16,7 +16,6 @@ The launchers take and return exactly what the C++ op ``fastattn::layer_norm_fwd
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -24,6 +23,7 @@ import triton
 import triton.language as tl
 
 from fastattn.triton import _interpret
+from fastattn.triton._launch import on_device as _on_device
 
 _interpret.prepare()
 
@@ -292,11 +292,6 @@ def _num_groups(device_index: int | None, device_type: str) -> int:
         # small (groups x N float32) and the final sum short
         return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
     return 8  # the interpreter runs programs one after another: few long programs are cheapest
-
-
-def _on_device(t: torch.Tensor):
-    # Triton launches on the current CUDA device, not necessarily the tensors' one
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _check_rows(t: torch.Tensor, name: str) -> None:

@@ -1,0 +1,171 @@
+"""What ``_supports`` accepts, the kernels run: the option grid of attention (dtypes, head dims,
+mask, causal, window, dropout, GQA, lse) walked through each backend's support predicate, and
+every accepted call run on tiny shapes through the Triton interpreter and the CUDA host emulator
+(csrc/cuda/emulation, built by tests/test_cuda_build.py). A call that a predicate accepts and a
+kernel then rejects would raise under an explicit backend, and under ``backend="auto"`` would
+fail where the next backend would have run."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastattn.ops import attention as ops_attention
+from fastattn.ops import int8 as ops_int8
+from fastattn.ops import layer_norm as ops_layer_norm
+from tests import test_cuda_build as cb
+from tests.test_cuda_build import builds, emu  # noqa: F401  (the emulator's fixtures)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# head dims from every CUDA bucket the emulator builds (64, 96, 128, 256) and past the maximum
+HEAD_DIMS = (40, 64, 80, 128, 256, 320)
+# (mask, causal, window, gqa, lse): rotated over the grid so that each option is on and off for
+# every dtype (one run per accepted point keeps the interpreter and the emulator fast)
+OPTIONS = [(True, True, False, True, False), (False, False, True, False, True),
+           (True, False, True, True, True), (False, True, False, False, False)]
+GRID = list(itertools.product(DTYPES, HEAD_DIMS, (False, True)))
+CUDA_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+
+
+def _options(i: int) -> dict:
+    return dict(zip(("mask", "causal", "window", "gqa", "lse"), OPTIONS[i % len(OPTIONS)],
+                    strict=True))
+
+
+def _inputs(dtype, E, opt, B=1, H=2, L=5, S=7):
+    Hkv = 1 if opt["gqa"] else H
+    q = torch.randn(B, H, L, E).to(dtype)
+    k = torch.randn(B, Hkv, S, E).to(dtype)
+    v = torch.randn(B, Hkv, S, E).to(dtype)
+    mask = torch.randn(B, H, L, S).to(dtype) if opt["mask"] else None
+    return q, k, v, mask
+
+
+def _accepted(backend, dtype, E, dropout, device):
+    return ops_attention._supports(backend, torch.device(device), (dtype, E, dropout)) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: the interpreter runs what is accepted for CPU tensors; on a (pretend) A100 / H100 what
+# is accepted has a tile that fits, for every kernel, masked or not
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("i", range(len(GRID)))
+def test_triton_accepted_calls_run(i):
+    pytest.importorskip("triton", reason="needs triton installed")
+    from fastattn.triton.attention import _interpret
+
+    if not _interpret():
+        pytest.skip("runs the kernels under TRITON_INTERPRET=1")
+    dtype, E, dropout = GRID[i]
+    if not _accepted("triton", dtype, E, dropout, "cpu"):
+        assert E > ops_attention._MAX_HEAD_DIM
+        return
+    opt = _options(i)
+    q, k, v, mask = _inputs(dtype, E, opt)
+    q.requires_grad_()
+    out = ops_attention.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=0.25 if dropout else 0.0, is_causal=opt["causal"],
+        window=(2, 1) if opt["window"] else None, enable_gqa=opt["gqa"],
+        return_lse=opt["lse"], backend="triton")
+    out, lse = out if opt["lse"] else (out, None)
+    loss = out.float().sum() + (lse[torch.isfinite(lse)].sum() if lse is not None else 0)
+    (dq,) = torch.autograd.grad(loss, (q,))
+    assert torch.isfinite(out.float()).all() and torch.isfinite(dq.float()).all()
+
+
+@pytest.mark.parametrize("major,smem", [(8, 166_912), (9, 232_448), (8, 101_376)])
+def test_triton_accepted_calls_have_a_fitting_tile(monkeypatch, major, smem):
+    """On an A100, an H100 and a 99 KB consumer part: whenever _supports accepts a CUDA call,
+    every kernel's pruning keeps a candidate for it, masked or not (and every candidate of the
+    lists is compiled within the limits by test_triton_resources.py). When none fits, the call
+    is refused with the reason, never launched."""
+    pytest.importorskip("triton", reason="needs triton installed")
+    from fastattn.triton import attention as A
+
+    monkeypatch.setattr(A, "_interpret", lambda: False)
+    monkeypatch.setattr(A, "_device_limits", lambda index: (major, smem, 100))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cuda = torch.device("cuda", 0)
+    for dtype, E in itertools.product(DTYPES, (16, 40, 64, 80, 128, 200, 256)):
+        why = ops_attention._supports("triton", cuda, (dtype, E, False))
+        elem = torch.empty((), dtype=dtype).element_size()
+        q = types.SimpleNamespace(device=cuda, element_size=lambda e=elem: e, dtype=dtype)
+        for kernel, table in ((A._prune_fwd, A._FWD_TUNING), (A._prune_bwd_dkdv, A._DKDV_TUNING),
+                              (A._prune_bwd_dq, A._DQ_TUNING),
+                              (A._prune_decode, A._DECODE_TUNING)):
+            configs = A._tuning_configs(table, interpret=None)
+            for has_mask in (False, True):
+                args = dict(HEAD_DIM=A._head_block(E), HEAD_DIM_V=A._head_block(E),
+                            HAS_MASK=has_mask,
+                            BLOCK_M=A._decode_max_block_m(elem == 4, A._head_block(E)))
+                if why is None:
+                    assert kernel(configs, {"Q": q}, **args), (dtype, E, has_mask)
+                else:
+                    assert "fits" in why
+        if why is not None:
+            print(f"refused on sm_{major}x/{smem} B: {why}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: the host emulator runs what is accepted (the bindings of csrc/cuda take what the kernels
+# take, and reject dropout: check_no_dropout)
+# ---------------------------------------------------------------------------------------------
+def test_cuda_refuses_what_the_binding_rejects():
+    binding = (CUDA_DIR / "attention_cuda.cpp").read_text()
+    if "check_no_dropout(dropout_p, op)" in binding:
+        for dtype, E in itertools.product(DTYPES, HEAD_DIMS):
+            assert not _accepted("cuda", dtype, E, True, "cuda"), (dtype, E)
+
+
+@pytest.mark.parametrize("i", range(len(GRID)))
+def test_cuda_accepted_calls_run_on_the_emulator(i, request):
+    dtype, E, dropout = GRID[i]
+    if not _accepted("cuda", dtype, E, dropout, "cuda"):
+        return
+    if cb.NVCC is None:
+        pytest.skip("nvcc is not on PATH")
+    emulator = request.getfixturevalue("emu")
+    assert not dropout  # the kernels take no dropout argument: accepted dropout cannot run
+    opt = _options(i)
+    q, k, v, mask = _inputs(dtype, E, opt)
+    L, S = q.shape[2], k.shape[2]
+    wl, wr, diag = cb.window_args(L, S, opt["causal"], (2, 1) if opt["window"] else None,
+                                  "top_left")
+    scale = 1.0 / math.sqrt(E)
+    out, lse = cb.attention_fwd(emulator, q, k, v, mask, scale, wl, wr, diag)
+    glse = torch.randn(lse.shape) if opt["lse"] else None
+    dq, dk, dv, _ = cb.attention_bwd(emulator, torch.randn_like(out), q, k, v, out, lse, glse, mask,
+                                     scale, wl, wr, diag, opt["mask"])
+    for t in (out, dq, dk, dv):
+        assert torch.isfinite(t.float()).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the other ops: each float dtype accepted by both GPU backends runs under the interpreter
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_norm_and_int8_accepted_dtypes_run(dtype):
+    pytest.importorskip("triton", reason="needs triton installed")
+    from fastattn.triton import int8_gemm as G
+    from fastattn.triton import layer_norm as LN
+    from fastattn.triton.attention import _interpret
+
+    if not _interpret():
+        pytest.skip("runs the kernels under TRITON_INTERPRET=1")
+    cpu = torch.device("cpu")
+    x = torch.randn(3, 40).to(dtype)
+    w = torch.ones(40, dtype=dtype)
+    for backend in ("triton", "cuda"):
+        assert ops_layer_norm._supports(backend, cpu, (dtype, dtype, dtype)) is None
+        assert ops_int8._supports_dtype(dtype) is None
+    y, _, mean, rstd = LN.layer_norm_fwd(x, w, w, None, 1e-5, False)
+    LN.layer_norm_bwd(y, None, x, w, w, mean, rstd, False)
+    xq, xs = G.quantize_per_token(x)
+    assert torch.isfinite(G.int8_gemm(xq, xq, xs, xs, None, dtype).float()).all()
+    assert torch.isfinite(G.int8_weight_only_linear(x, xq, xs, None).float()).all()
