@@ -163,7 +163,7 @@ def test_norm_and_int8_accepted_dtypes_run(dtype):
     w = torch.ones(40, dtype=dtype)
     for backend in ("triton", "cuda"):
         assert ops_layer_norm._supports(backend, cpu, (dtype, dtype, dtype)) is None
-        assert ops_int8._supports_dtype(dtype) is None
+        assert ops_int8._supports(backend, cpu, (dtype,)) is None
     y, _, mean, rstd = LN.layer_norm_fwd(x, w, w, None, 1e-5, False)
     LN.layer_norm_bwd(y, None, x, w, w, mean, rstd, False)
     xq, xs = G.quantize_per_token(x)
