@@ -117,7 +117,7 @@ def attention_jobs() -> list[Job]:
                              dict(HEAD_DIM=256, HEAD_DIM_V=256, BLOCK_L=16), dt, 4, 1,
                              f"append {dt}", SeqLens="*i32"))
             jobs.append(_job("fastattn.triton.attention", "_kvcache_combine_kernel", arch,
-                             dict(HEAD_DIM_V=256, BLOCK_SPLITS=128, INTERP_BF16=False), dt, 4, 1,
+                             dict(HEAD_DIM_V=256, BLOCK_SPLITS=128), dt, 4, 1,
                              f"combine {dt}", OutPartial="*fp32", LsePartial="*fp32"))
     return jobs
 
@@ -131,7 +131,7 @@ def int8_jobs() -> list[Job]:
     for arch in ARCHES:
         for c in G.gemm_candidates(arch // 10):
             const = dict(HAS_A_SCALE=True, HAS_B_SCALE=True, HAS_BIAS=True, DEQUANT=True,
-                         INTERP_BF16=False, **c.kwargs)
+                         **c.kwargs)
             jobs.append(_job("fastattn.triton.int8_gemm", "_int8_gemm_kernel", arch, const, "i8",
                              c.num_warps, c.num_stages, "gemm", C="*bf16", AScale="*fp32",
                              BScale="*fp32", Bias="*fp32"))

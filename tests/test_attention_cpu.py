@@ -433,11 +433,12 @@ def test_bad_input_raises_naming_the_argument():
         fwd(q.double(), k.double(), v.double(), None, *rest)
     qc, kc, vc, sl, kn, vn = _kv_args()
     kvc = torch.ops.fastattn.attention_kvcache
-    with pytest.raises(RuntimeError, match=r"cache_seqlens\[2\]"):
+    # the op takes the public function's rules (csrc/checks.cpp)
+    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[0, capacity - new tokens\]"):
         kvc(qc, kc, vc, sl + 5, kn, vn, 0.2, True)
-    with pytest.raises(RuntimeError, match="cache_seqlens must be an int32"):
+    with pytest.raises(TypeError, match="cache_seqlens must be an int32"):
         kvc(qc, kc, vc, sl.long(), kn, vn, 0.2, True)
-    with pytest.raises(RuntimeError, match="k_new and v_new must be given together"):
+    with pytest.raises(ValueError, match="k_new and v_new must be given together"):
         kvc(qc, kc, vc, sl, kn, None, 0.2, True)
 
 

@@ -195,7 +195,8 @@ def test_opcheck_recorded_ops(op, backend):
     assert calls, f"{op}/{backend} dispatched no fastattn op"
     seen = set()
     for func, args, kwargs in calls:
-        key = (str(func), tuple(a.shape if isinstance(a, torch.Tensor) else a for a in args))
+        key = (str(func), tuple(a.shape if isinstance(a, torch.Tensor)
+                                else tuple(a) if isinstance(a, list) else a for a in args))
         if key in seen:
             continue
         seen.add(key)

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fastattn
 from fastattn.ops._backend import BACKENDS
-from fastattn.ops.attention import scaled_dot_product_attention
 
 
 def _check_inputs(mha: nn.MultiheadAttention, query, key, value, key_padding_mask, attn_mask) -> bool:
@@ -311,7 +311,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                 weights = F.dropout(weights, p=dropout_p)
             out = torch.matmul(weights.to(v.dtype), v)
         else:
-            out = scaled_dot_product_attention(
+            out = fastattn.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
                 backend=self._backend)
 
