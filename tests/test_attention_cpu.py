@@ -24,7 +24,7 @@ from tests.helpers import assert_close_rule, nan_padded, skip_unless_backend
 
 pytestmark = pytest.mark.usefixtures("_needs_cpu_backend")
 
-ISAS = ("amx", "avx512_bf16", "avx512", "portable")
+ISAS = ("amx", "avx512_bf16", "avx512", "avx2", "portable")
 
 
 @pytest.fixture
@@ -380,7 +380,7 @@ def test_attention_with_kvcache(dtype, Lq, G, E, new, causal):
     assert_close_rule(out, hi, lowp)
 
 
-@pytest.mark.parametrize("isa", ["avx512", "portable"], indirect=True)
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"], indirect=True)
 def test_kvcache_instruction_sets(isa):
     B, Hkv, G, cap, E = 2, 2, 2, 300, 72
     for Lq in (1, 12):

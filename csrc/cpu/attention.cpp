@@ -96,6 +96,18 @@ namespace portable {
 }  // namespace portable
 
 #ifdef FASTATTN_X86_KERNELS
+// The portable loops once more, vectorised for AVX2 + FMA: CPUs without AVX-512 run these.
+// Measured on a 2-core AVX2 EPYC, decoding (9 heads over 3 KV heads, E = 64, 1,000 keys): the
+// baseline (SSE2) build reached half of F.scaled_dot_product_attention's rate.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#include "attention/kernels.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+#ifdef FASTATTN_X86_KERNELS
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,bmi2,avx512bf16,amx-tile,amx-bf16")
 // GCC 12 reports its own _mm512_undefined_*() placeholders inside the intrinsics as uninitialised,
@@ -209,6 +221,7 @@ void fwd_dispatch(const AttnArgs& a, T* out, float* lse) {
     if (isa >= Isa::avx512_bf16) return avx512::attention_fwd_impl<T, Path::dpbf16>(a, out, lse);
   }
   if (isa >= Isa::avx512) return avx512::attention_fwd_impl<T, Path::f32>(a, out, lse);
+  if (isa >= Isa::avx2) return avx2::attention_fwd_impl<T, Path::f32>(a, out, lse);
 #endif
   (void)isa;
   portable::attention_fwd_impl<T, Path::f32>(a, out, lse);
@@ -323,6 +336,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                                     static_cast<T*>(dv.data_ptr()), dmp);
       return;
     }
+    if (isa >= Isa::avx2) {
+      avx2::attention_bwd_impl<T>(a, go, sdo, op, so, lse_c.data_ptr<float>(), gl,
+                                  static_cast<T*>(dq.data_ptr()), static_cast<T*>(dk.data_ptr()),
+                                  static_cast<T*>(dv.data_ptr()), dmp);
+      return;
+    }
 #endif
     (void)isa;
     portable::attention_bwd_impl<T>(a, go, sdo, op, so, lse_c.data_ptr<float>(), gl,
@@ -390,6 +409,8 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
 #ifdef FASTATTN_X86_KERNELS
       if (isa >= Isa::avx512)
         return avx512::attention_decode_impl<T>(a, begin.data(), total.data(), Lq, causal, op);
+      if (isa >= Isa::avx2)
+        return avx2::attention_decode_impl<T>(a, begin.data(), total.data(), Lq, causal, op);
 #endif
       (void)isa;
       return portable::attention_decode_impl<T>(a, begin.data(), total.data(), Lq, causal, op);
