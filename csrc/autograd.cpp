@@ -62,9 +62,9 @@ class LayerNormFn : public torch::autograd::Function<LayerNormFn> {
     const bool fused = residual.has_value();
     ctx->save_for_backward({fused ? residual_out : input, weight.value_or(at::Tensor()),
                             bias.value_or(at::Tensor()), mean, rstd});
-    ctx->saved_data["rms"] = rms;
-    ctx->saved_data["fused"] = fused;
-    ctx->saved_data["nd"] = static_cast<int64_t>(normalized_shape.size());
+    // one entry (a map insertion each): nd << 2 | fused << 1 | rms
+    ctx->saved_data["f"] =
+        static_cast<int64_t>(normalized_shape.size()) << 2 | int64_t{fused} << 1 | int64_t{rms};
     ctx->mark_non_differentiable({mean, rstd});
     return {out, residual_out, mean, rstd};
   }
@@ -73,9 +73,9 @@ class LayerNormFn : public torch::autograd::Function<LayerNormFn> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
     const at::Tensor &weight = saved[1], &bias = saved[2];
-    const bool rms = ctx->saved_data["rms"].toBool();
-    const bool fused = ctx->saved_data["fused"].toBool();
-    const int64_t nd = ctx->saved_data["nd"].toInt();
+    const int64_t flags = ctx->saved_data["f"].toInt();
+    const bool rms = flags & 1, fused = (flags >> 1) & 1;
+    const int64_t nd = flags >> 2;
     int64_t n = 1;
     for (int64_t d = x.dim() - nd; d < x.dim(); ++d) n *= x.size(d);
     const at::Tensor xr = checks::as_rows(x, nd, n);
