@@ -321,3 +321,11 @@ def test_compile_fullgraph(train):
         torch.testing.assert_close(out, eager)
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_script_is_refused_clearly():
+    """TorchScript is deprecated: scripting the drop-in raises a clear error that names the way
+    out, not a failure deep inside TorchScript's compiler."""
+    m = fastattn.nn.MultiheadAttention(16, 4)
+    with pytest.raises(RuntimeError, match="cannot be scripted.*torch.compile"):
+        torch.jit.script(m)

@@ -118,6 +118,14 @@ class MultiheadAttention(nn.MultiheadAttention):
         new.backend = _check_backend(backend)
         return new
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: TorchScript is deprecated and cannot compile the
+        # kernels' Python dispatch, so say so instead of failing deep inside its compiler
+        raise RuntimeError(
+            "fastattn.nn.MultiheadAttention cannot be scripted with torch.jit.script: use "
+            "torch.compile (the fastattn ops are custom ops it traces), or script the original "
+            "torch.nn.MultiheadAttention")
+
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, backend={self._backend!r}"
 
