@@ -3,7 +3,8 @@
 //
 // A fast entry point takes the public function's arguments as Python objects, checks them and,
 // when the CPU kernels run the call, calls the op through the dispatcher (autograd, dispatch
-// modes and fake tensors all apply as for torch.ops.fastattn.*) and returns its result; otherwise
+// modes and fake tensors all apply as for torch.ops.fastattn.*; its kernel checks the arguments)
+// and returns its result; otherwise
 // it returns None and the Python layer takes the call (another backend, or the reference). The op
 // itself is the dispatcher's: this only skips the Python frames and the schema parsing of a
 // torch.ops call, ~8 us of a ~4 us F.layer_norm-sized call (measured on 2 cores).
@@ -15,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <string>
@@ -82,6 +84,18 @@ bool cpu_kernel_dtype(const std::optional<at::Tensor>& t) {
   return !t.has_value() || checks::kernel_dtype(t->scalar_type());
 }
 
+// Every tensor argument on the CPU: the call may go to the dispatcher, whose CPU kernel checks the
+// arguments itself. A tensor on another device would make the dispatcher pick that device's
+// kernel before any check names the argument, so such a call is checked here instead.
+bool all_cpu(std::initializer_list<const at::Tensor*> ts,
+             std::initializer_list<const std::optional<at::Tensor>*> opts = {}) {
+  for (const at::Tensor* t : ts)
+    if (!t->is_cpu()) return false;
+  for (const std::optional<at::Tensor>* t : opts)
+    if (t->has_value() && !(*t)->is_cpu()) return false;
+  return true;
+}
+
 // ---- layer_norm / rms_norm ------------------------------------------------------------------
 struct NormArgs {
   at::Tensor input;
@@ -113,12 +127,12 @@ py::object norm(bool rms, py::handle input, py::handle normalized_shape, py::han
                 py::handle bias, py::handle eps, py::handle residual) {
   HANDLE_TH_ERRORS
   NormArgs a = norm_args(rms, input, normalized_shape, weight, bias, eps, residual);
-  // checked here too, not only by the kernel: a tensor on another device would otherwise make
-  // the dispatcher pick that device's (missing) kernel before any check names the argument
-  checks::check_norm(rms, a.input, a.shape, a.weight, a.bias, a.residual, a.eps);
-  if (!(a.input.is_cpu() && checks::kernel_dtype(a.input.scalar_type()) &&
-        cpu_kernel_dtype(a.weight) && cpu_kernel_dtype(a.bias)))
+  if (!(all_cpu({&a.input}, {&a.weight, &a.bias, &a.residual}) &&
+        checks::kernel_dtype(a.input.scalar_type()) && cpu_kernel_dtype(a.weight) &&
+        cpu_kernel_dtype(a.bias))) {
+    checks::check_norm(rms, a.input, a.shape, a.weight, a.bias, a.residual, a.eps);
     return py::none();
+  }
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fastattn::layer_norm_fwd", "")
@@ -176,11 +190,14 @@ py::object kvcache(py::handle q, py::handle k_cache, py::handle v_cache, py::han
   const int is_causal = PyObject_IsTrue(causal.ptr());  // any truthy value, as in Python
   if (is_causal < 0) throw py::error_already_set();
   KvArgs a = kv_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad);
-  checks::check_kvcache(a.q, a.k_cache, a.v_cache, a.cache_seqlens, a.k_new, a.v_new, a.scale,
-                        a.cache_leftpad);
-  if (!(a.q.is_cpu() && checks::kernel_dtype(a.q.scalar_type()) &&
-        std::max(a.q.size(3), a.v_cache.size(3)) <= kMaxHeadDim))
+  if (!(all_cpu({&a.q, &a.k_cache, &a.v_cache, &a.cache_seqlens},
+                {&a.k_new, &a.v_new, &a.cache_leftpad}) &&
+        checks::kernel_dtype(a.q.scalar_type()) && a.q.dim() == 4 && a.v_cache.dim() == 4 &&
+        std::max(a.q.size(3), a.v_cache.size(3)) <= kMaxHeadDim)) {
+    checks::check_kvcache(a.q, a.k_cache, a.v_cache, a.cache_seqlens, a.k_new, a.v_new, a.scale,
+                          a.cache_leftpad);
     return py::none();
+  }
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fastattn::attention_kvcache", "")
@@ -223,8 +240,11 @@ py::object int8_weight_only_linear(py::handle x, py::handle w_int8, py::handle w
   HANDLE_TH_ERRORS
   const std::string fn = "fastattn.int8_weight_only_linear";
   LinearArgs a = linear_args(fn, x, w_int8, w_scale, bias);
-  checks::check_int8_linear(fn.c_str(), a.x, a.w_int8, a.w_scale, a.bias);
-  if (!(a.x.is_cpu() && checks::kernel_dtype(a.x.scalar_type()))) return py::none();
+  if (!(all_cpu({&a.x, &a.w_int8, &a.w_scale}, {&a.bias}) &&
+        checks::kernel_dtype(a.x.scalar_type()))) {
+    checks::check_int8_linear(fn.c_str(), a.x, a.w_int8, a.w_scale, a.bias);
+    return py::none();
+  }
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fastattn::int8_weight_only_linear", "")

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastattn
-from fastattn.ops._backend import BACKENDS
+from fastattn.ops._backend import check_backend
 
 
 def _check_inputs(mha: nn.MultiheadAttention, query, key, value, key_padding_mask, attn_mask) -> bool:
@@ -80,8 +80,7 @@ def _check_inputs(mha: nn.MultiheadAttention, query, key, value, key_padding_mas
 
 
 def _check_backend(backend) -> str:
-    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    check_backend(backend)
     return backend
 
 

@@ -68,10 +68,12 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
 
-# True when a call may take the extension's fast entry point: eager mode (torch.compile traces the
-# Python path, whose ops it can put in a graph) and a backend the entry point may run
+# True when a call may take the extension's fast entry point (NATIVE): the extension is built, the
+# mode is eager (torch.compile traces the Python path, whose ops it can put in a graph) and the
+# backend is one the entry point may run
 def fast_path(backend: str) -> bool:
-    return (backend == "auto" or backend == "cpu") and not torch.compiler.is_compiling()
+    return ((backend == "auto" or backend == "cpu") and NATIVE is not None
+            and not torch.compiler.is_compiling())
 
 
 @functools.cache

@@ -410,7 +410,7 @@ def attention_with_kvcache(
     Returns:
         (B, H, Lq, E) in q's dtype.
     """
-    if _backend.fast_path(backend) and _backend.NATIVE is not None:
+    if _backend.fast_path(backend):
         out = _backend.NATIVE.kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
                                       causal, cache_leftpad)
         if out is not None:

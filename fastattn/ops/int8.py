@@ -330,7 +330,7 @@ def int8_weight_only_linear(
     Returns:
         (x @ (w_int8 * w_scale[:, None]).T + bias) (..., N) in x's dtype, float32 accumulation.
     """
-    if _backend.fast_path(backend) and _backend.NATIVE is not None:
+    if _backend.fast_path(backend):
         out = _backend.NATIVE.int8_weight_only_linear(x, w_int8, w_scale, bias)
         if out is not None:
             return out

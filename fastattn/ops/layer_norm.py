@@ -195,7 +195,7 @@ def layer_norm(
         out, input-shaped in input's dtype; ``(out, input + residual)`` when residual is given.
         Gradients flow to input, residual, weight and bias.
     """
-    if _backend.fast_path(backend) and _backend.NATIVE is not None:
+    if _backend.fast_path(backend):
         out = _backend.NATIVE.norm(False, input, normalized_shape, weight, bias, eps, residual)
         if out is not None:
             return out
@@ -225,7 +225,7 @@ def rms_norm(
     Returns:
         out, input-shaped in input's dtype; ``(out, input + residual)`` when residual is given.
     """
-    if _backend.fast_path(backend) and _backend.NATIVE is not None:
+    if _backend.fast_path(backend):
         out = _backend.NATIVE.norm(True, input, normalized_shape, weight, None, eps, residual)
         if out is not None:
             return out
