@@ -41,7 +41,7 @@ bench: build
 # exception torch raises. The normal extension is put back whatever the tests returned, and
 # their status is the target's.
 ASAN_TESTS ?= tests/test_attention.py tests/test_layer_norm.py tests/test_int8.py \
-	tests/test_reliability.py tests/test_bad_input.py tests/test_properties.py \
+	tests/test_activation.py tests/test_reliability.py tests/test_bad_input.py tests/test_properties.py \
 	tests/test_concurrency.py tests/test_scale.py
 test-asan: setup
 	rm -f fastattn/_C*.so

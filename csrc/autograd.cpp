@@ -113,6 +113,44 @@ Tensors4 layer_norm_fwd_autograd(c10::DispatchKeySet ks, const at::Tensor& input
   return {r[0], r[1], r[2], r[3]};
 }
 
+const auto& silu_mul_fwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastattn::silu_mul_fwd", "")
+                             .typed<at::Tensor(const at::Tensor&)>();
+  return op;
+}
+
+const auto& silu_mul_bwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastattn::silu_mul_bwd", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op;
+}
+
+// silu_mul_fwd: the gradient of x (both halves) from x alone; nothing else is saved.
+class SiluMulFn : public torch::autograd::Function<SiluMulFn> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor out = silu_mul_fwd_op().call(x);
+    ctx->save_for_backward({x});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    return {silu_mul_bwd_op().call(grads[0], saved[0])};
+  }
+};
+
+at::Tensor silu_mul_fwd_autograd(c10::DispatchKeySet ks, const at::Tensor& x) {
+  if (!at::GradMode::is_enabled() || !x.requires_grad()) {
+    // nothing to record: straight to the kernel (a Function costs ~1 us even then)
+    return silu_mul_fwd_op().redispatch(ks & c10::after_ADInplaceOrView_keyset, x);
+  }
+  return SiluMulFn::apply(x);
+}
+
 // The int8 ops are inference-only: quantization has no gradient. A call that autograd records
 // runs as usual and its float outputs get a node whose backward raises, naming the op (instead of
 // silently returning no gradient); a call that records nothing costs one scan of its arguments.
@@ -169,6 +207,7 @@ void inference_only(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch
 
 TORCH_LIBRARY_IMPL(fastattn, Autograd, m) {
   m.impl("layer_norm_fwd", &fastattn::autograd::layer_norm_fwd_autograd);
+  m.impl("silu_mul_fwd", &fastattn::autograd::silu_mul_fwd_autograd);
   for (const char* op : {"quantize_per_token", "int8_gemm", "int8_weight_only_linear"})
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&fastattn::autograd::inference_only>());
 }

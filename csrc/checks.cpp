@@ -201,6 +201,28 @@ void check_int8_linear(const char* fn, const at::Tensor& x, const at::Tensor& w_
   check_finite(fn, "w_scale", w_scale);
 }
 
+void check_silu_mul(const at::Tensor& x, const std::optional<at::Tensor>& grad) {
+  constexpr const char* fn = "fastattn.silu_mul";
+  TORCH_CHECK_TYPE(x.is_floating_point(), fn, ": x must be a floating-point tensor, got ",
+                   x.scalar_type());
+  check_float(fn, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, fn,
+                    ": x must have at least one dimension (..., 2*I), got a 0-d tensor");
+  const c10::SymInt n = x.sym_size(-1);
+  TORCH_CHECK_VALUE(n > 0 && n % 2 == 0, fn,
+                    ": x.shape[-1] must be even and > 0 (the gate and up halves, 2*I), got ", n);
+  if (!grad.has_value()) return;
+  const at::Tensor& g = *grad;
+  TORCH_CHECK_TYPE(g.scalar_type() == x.scalar_type(), fn, ": grad must have x's dtype (",
+                   x.scalar_type(), "), got ", g.scalar_type());
+  std::vector<c10::SymInt> want(x.sym_sizes().begin(), x.sym_sizes().end());
+  want.back() = n / 2;
+  TORCH_CHECK_VALUE(g.sym_sizes() == c10::SymIntArrayRef(want), fn,
+                    ": grad must have the output's shape ", c10::SymIntArrayRef(want), ", got ",
+                    g.sym_sizes());
+  check_device(fn, "grad", g, x, "x");
+}
+
 at::Tensor as_rows(const at::Tensor& t, int64_t trailing_dims, int64_t n) {
   if (t.dim() == 2 && trailing_dims == 1 && (n <= 1 || t.stride(1) == 1)) return t;
   int64_t m = 1;

@@ -38,6 +38,10 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
 void check_int8_linear(const char* fn, const at::Tensor& x, const at::Tensor& w_int8,
                        const at::Tensor& w_scale, const std::optional<at::Tensor>& bias);
 
+// fastattn.silu_mul: x (..., 2*I) float, the last dim even and > 0. With grad (the backward op):
+// grad (..., I) of x's dtype and device.
+void check_silu_mul(const at::Tensor& x, const std::optional<at::Tensor>& grad = std::nullopt);
+
 // (*, <trailing dims>) -> (M, N) rows with unit column stride, N = the trailing dims' product:
 // a view when each row's N elements are contiguous and the rows evenly spaced (any row stride),
 // else a copy. The layout every row kernel (norms, int8) takes.

@@ -58,6 +58,19 @@ TORCH_LIBRARY(fastattn, m) {
       "layer_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor x, Tensor? weight, "
       "Tensor? bias, Tensor mean, Tensor rstd, bool rms) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // ---- activations -----------------------------------------------------------------------------
+  // Llama-style gated MLP activation (vLLM's silu_and_mul): x (..., 2*I) is the output of one
+  // fused gate/up projection, gate = x[..., :I], up = x[..., I:]. out (..., I) =
+  // silu(gate) * up with silu(g) = g / (1 + exp(-g)), computed in float32 and rounded once to
+  // x's dtype; out is contiguous. x: float16/bfloat16/float32, x.shape[-1] even and > 0, any
+  // leading dims (M rows of 2*I): each row's 2*I elements must be contiguous to be read in place,
+  // rows any (evenly spaced) stride apart, else x is copied once. Argument rules:
+  // fastattn::checks::check_silu_mul.
+  m.def("silu_mul_fwd(Tensor x) -> Tensor");
+  // grad (..., I) of out, x as given to silu_mul_fwd: grad_x (..., 2*I) in x's dtype,
+  // contiguous, with sig = 1 / (1 + exp(-gate)):
+  //   grad_x[..., :I] = grad * up * sig * (1 + gate * (1 - sig)),  grad_x[..., I:] = grad * gate * sig
+  m.def("silu_mul_bwd(Tensor grad, Tensor x) -> Tensor");
   // ---- int8 ------------------------------------------------------------------------------------
   // x (M, K) float16/bfloat16/float32, stride(1) == 1. Per row: absmax in float32,
   // scale = absmax / 127, q = clamp(round_half_even(x * (127 / absmax)), -127, 127), q = 0 where

@@ -262,6 +262,30 @@ void check_int8_linear(const std::string& fn, py::handle x, py::handle w_int8, p
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
+// ---- silu_mul --------------------------------------------------------------------------------
+py::object silu_mul(py::handle x) {
+  HANDLE_TH_ERRORS
+  static const std::string fn = "fastattn.silu_mul";
+  const at::Tensor& t = tensor(x, fn, "x");
+  if (!(t.is_cpu() && checks::kernel_dtype(t.scalar_type()))) {
+    checks::check_silu_mul(t);
+    return py::none();
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastattn::silu_mul_fwd", "")
+                             .typed<at::Tensor(const at::Tensor&)>();
+  return wrap(op.call(t));
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
+// grad: None for the forward's rules, else the backward's (grad (..., I) of x's dtype and device)
+void check_silu_mul(py::handle x, py::handle grad) {
+  HANDLE_TH_ERRORS
+  checks::check_silu_mul(tensor(x, "fastattn.silu_mul", "x"),
+                         optional_tensor(grad, "fastattn.silu_mul", "grad"));
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
 }  // namespace
 }  // namespace fastattn::python
 
@@ -275,4 +299,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("check_kvcache", &check_kvcache);
   m.def("int8_weight_only_linear", &int8_weight_only_linear);
   m.def("check_int8_linear", &check_int8_linear);
+  m.def("silu_mul", &silu_mul);
+  m.def("check_silu_mul", &check_silu_mul, py::arg("x"), py::arg("grad") = py::none());
 }

@@ -1,4 +1,5 @@
-"""fastattn: fused attention, LayerNorm/RMSNorm and int8 GEMM kernels for PyTorch Transformers.
+"""fastattn: fused attention, LayerNorm/RMSNorm, SiLU-and-mul and int8 GEMM kernels for PyTorch
+Transformers.
 
 Importing never fails when the C++ extension (fastattn._C) or triton is missing: those backends
 are then reported unavailable by ``fastattn.backends()`` and ``backend="auto"`` skips them.
@@ -6,6 +7,7 @@ are then reported unavailable by ``fastattn.backends()`` and ``backend="auto"`` 
 
 from fastattn import reference  # noqa: F401
 from fastattn.ops import backends
+from fastattn.ops.activation import silu_mul
 from fastattn.ops.attention import attention_with_kvcache, scaled_dot_product_attention
 from fastattn.ops.int8 import (
     int8_gemm,
@@ -30,6 +32,7 @@ __all__ = [
     "reference",
     "rms_norm",
     "scaled_dot_product_attention",
+    "silu_mul",
 ]
 
 _LAZY = {"nn": "fastattn.nn", "integrations": "fastattn.integrations",

@@ -185,6 +185,20 @@ def rms_norm(
 
 
 # ---------------------------------------------------------------------------------------------
+# activations
+# ---------------------------------------------------------------------------------------------
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """x (..., 2*I) -> silu(x[..., :I]) * x[..., I:], (..., I) in x's dtype (vLLM's
+    silu_and_mul: the output of one fused gate/up projection, gate half first). Differentiable
+    (PyTorch's own silu backward, finite for any finite gate)."""
+    n = x.shape[-1]
+    if n == 0 or n % 2:
+        raise ValueError(f"silu_mul: x.shape[-1] must be even and > 0, got {n}")
+    gate, up = x.split(n // 2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+# ---------------------------------------------------------------------------------------------
 # int8
 # ---------------------------------------------------------------------------------------------
 def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

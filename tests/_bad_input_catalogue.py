@@ -344,6 +344,29 @@ bad("wol_x_3d_k_mismatch", WOL, ValueError, "w_int8.shape[1]")(
 bad("wol_w_scale_int", WOL, TypeError, "w_scale")(
     lambda b: lin(b, s=torch.ones(6, dtype=torch.int64), fn=WOL))
 
+# ---- silu_mul: x (4, 2 * 16) ----------------------------------------------------------------------
+SM = "silu_mul"
+
+
+def sm(backend, x=None):
+    return fastattn.silu_mul(rn(4, 32) if x is None else x, backend=backend)
+
+
+bad("sm_x_not_tensor", SM, TypeError, "x")(lambda b: sm(b, x=[[1.0] * 32] * 4))
+bad("sm_x_int", SM, TypeError, "x must be a floating-point")(
+    lambda b: sm(b, x=torch.ones(4, 32, dtype=torch.int32)))
+bad("sm_x_bool", SM, TypeError, "x must be a floating-point")(
+    lambda b: sm(b, x=torch.ones(4, 32, dtype=torch.bool)))
+bad("sm_x_0d", SM, ValueError, "x must have at least one dimension")(
+    lambda b: sm(b, x=torch.tensor(1.0)))
+bad("sm_x_odd_width", SM, ValueError, "x.shape[-1] must be even")(lambda b: sm(b, x=rn(4, 31)))
+bad("sm_x_zero_width", SM, ValueError, "x.shape[-1] must be even and > 0")(
+    lambda b: sm(b, x=rn(4, 0)))
+bad("sm_bad_backend_string", SM, ValueError, "backend", backends=("reference",))(
+    lambda b: sm("silu"))
+bad("sm_cuda_backend_on_cpu_tensor", SM, RuntimeError, "backend='cuda'", backends=("reference",))(
+    lambda b: sm("cuda"))
+
 # ---- modules and convert -------------------------------------------------------------------------
 MHA, NLN, NRMS, I8L = "nn.MultiheadAttention", "nn.LayerNorm", "nn.RMSNorm", "nn.Int8Linear"
 # torch.nn.MultiheadAttention raises AssertionError for bad shapes; the drop-in raises the same
@@ -716,6 +739,50 @@ def _(b):
     out = lin(b, x=x, bias=bias)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[4], bias)
+
+
+def check_silu_mul(backend, x, grad=True):
+    xl = x.detach().clone().requires_grad_(grad)
+    out = fastattn.silu_mul(xl, backend=backend)
+    hi = x.detach().double().requires_grad_(grad)
+    lo = x.detach().clone().requires_grad_(grad)
+    o_hi, o_lo = reference.silu_mul(hi), reference.silu_mul(lo)
+    assert out.shape == (*x.shape[:-1], x.shape[-1] // 2) and out.dtype == x.dtype
+    assert_close_rule(out, o_hi, o_lo)
+    if grad and out.numel():
+        g = torch.randn(out.shape, dtype=torch.float64)
+        for o in (out, o_hi, o_lo):
+            (o.double() * g).sum().backward()
+        assert_close_rule(xl.grad, hi.grad, lo.grad, factor=3.0, name="dx")
+    return out
+
+
+@edge("sm_zero_rows", SM)
+def _(b):
+    assert check_silu_mul(b, rn(0, 32)).shape == (0, 16)
+    assert check_silu_mul(b, rn(2, 0, 3, 8)).shape == (2, 0, 3, 4)
+
+
+@edge("sm_width_2", SM)
+def _(b):
+    # I = 1: a row shorter than any vector
+    check_silu_mul(b, rn(5, 2))
+
+
+@edge("sm_saturated_gates", SM)
+def _(b):
+    # exp(-g) overflows (g << 0: silu = -0) or underflows (g >> 0: silu = g): finite, as PyTorch
+    for dtype in (torch.float32, torch.bfloat16):
+        gate = torch.tensor([-1e4, -100.0, -88.8, 88.8, 100.0, 1e4])
+        x = torch.cat([gate, rn(6)]).to(dtype).expand(3, 12)
+        out = check_silu_mul(b, x)
+        assert torch.isfinite(out.float()).all()
+
+
+@edge("sm_tiny_inputs_1e-30", SM)
+def _(b):
+    out = check_silu_mul(b, rn(3, 40) * 1e-30)
+    assert torch.isfinite(out).all()
 
 
 # =============================================================================================

@@ -176,8 +176,24 @@ def layer_norm_jobs() -> list[Job]:
     return jobs
 
 
+def activation_jobs() -> list[Job]:
+    """SiLU-and-mul forward and backward at their largest block (no autotuning: the block is
+    min(next_pow2(I), MAX_BLOCK_N), the warps follow from it)."""
+    from fastattn.triton import activation as A
+
+    block, warps = A.block_config(A.MAX_BLOCK_N)
+    jobs = []
+    for arch in ARCHES:
+        for dt in ("bf16", "fp32"):
+            for kernel in ("_silu_mul_fwd_kernel", "_silu_mul_bwd_kernel"):
+                jobs.append(_job("fastattn.triton.activation", kernel, arch,
+                                 dict(BLOCK_N=block), dt, warps, 3,
+                                 f"{kernel[1:-7]} {dt} I<={block}"))
+    return jobs
+
+
 def all_jobs() -> list[Job]:
-    return attention_jobs() + int8_jobs() + layer_norm_jobs()
+    return attention_jobs() + int8_jobs() + layer_norm_jobs() + activation_jobs()
 
 
 def _signature(fn, job: Job) -> tuple[dict, dict, dict]:

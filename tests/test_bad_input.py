@@ -41,6 +41,10 @@ Valid edge cases: defined behaviour, checked against the float64 reference with 
     int8_gemm: K = 1, ±127/-128   exact int32 products
     int8_linear: 0 rows /         empty output / that row equals the bias exactly
     a zero token
+    silu_mul: 0 rows, I = 1       empty output; a row shorter than any vector, as the reference
+    silu_mul: |gate| up to 1e4    finite: silu = -0 where exp(-gate) overflows, gate where it
+                                  underflows (PyTorch's answers), gradients too
+    silu_mul: |x| ~1e-30          finite, as the reference
     ============================  ================================================================
 """
 

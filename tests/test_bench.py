@@ -53,6 +53,9 @@ def test_memory_bytes():
     assert cases.layer_norm_bytes(4096, 4096, 2, residual=True) == 134_217_728 + 16_384
     # RMSNorm has a weight only
     assert cases.layer_norm_bytes(4096, 4096, 2, n_params=1) == 67_108_864 + 8_192
+    # silu_mul: x (M, 2I) read, out (M, I) written; the backward reads grad and x, writes grad_x
+    assert cases.silu_mul_bytes(128, 1536, 2) == 128 * 1536 * 2 * 3
+    assert cases.silu_mul_bytes(1, 1536, 4, mode="fwd+bwd") == 1536 * 4 * 8
     # decode: K and V of (B=1, Hkv=32, S=4096, E=128) in bf16 = 64 MiB
     assert cases.decode_bytes(1, 32, 4096, 128, 2) == 67_108_864
     assert cases.decode_bytes(8, 8, 32768, 128, 2) == 1_073_741_824
@@ -243,7 +246,8 @@ def test_overhead_rows(tmp_path):
     doc = json.loads((tmp_path / "results.json").read_text())
     _check_document(doc, ["overhead"])
     assert {(c["params"]["call"], c["params"]["grad"]) for c in doc["cases"]} == {
-        (call, grad) for call in ("layer_norm", "rms_norm", "decode", "int8_weight_only_linear")
+        (call, grad) for call in ("layer_norm", "rms_norm", "decode", "int8_weight_only_linear",
+                                  "silu_mul")
         for grad in ("no_grad", "autograd")}
     md = (tmp_path / "results.md").read_text()
     assert "| fastattn / baseline |" in md and "### Speed-up of fastattn" not in md

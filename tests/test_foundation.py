@@ -160,3 +160,14 @@ def test_reference_quantize_contract():
     acc = reference.int8_gemm(a, b)
     assert acc.dtype == torch.int32
     assert torch.equal(acc, (a.double() @ b.double().t()).to(torch.int32))
+
+
+def test_reference_silu_mul_contract():
+    x = torch.randn(2, 3, 2 * 7, dtype=torch.float64)
+    torch.testing.assert_close(reference.silu_mul(x), F.silu(x[..., :7]) * x[..., 7:])
+    g = x[..., :7]
+    torch.testing.assert_close(reference.silu_mul(x), g * torch.sigmoid(g) * x[..., 7:])
+    for bad in (torch.randn(3, 7), torch.randn(3, 0)):
+        with pytest.raises(ValueError, match="even"):
+            reference.silu_mul(bad)
+    assert "silu_mul" in fastattn.backends()["auto"]

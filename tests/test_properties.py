@@ -279,6 +279,49 @@ def test_norm_properties(backend, fn):
 
 
 # ---------------------------------------------------------------------------------------------
+# silu_mul
+# ---------------------------------------------------------------------------------------------
+@st.composite
+def silu_mul_calls(draw, backend: str):
+    tiny = backend == "triton"
+    return dict(lead=draw(st.lists(st.integers(0 if not tiny else 1, 5), min_size=0, max_size=3)),
+                I=draw(st.integers(1, 300 if tiny else 5000)), dtype=draw(st.sampled_from(FLOATS)),
+                layout=draw(st.sampled_from(["contiguous", "transposed", "sliced",
+                                             "feature_major"])),
+                scale=draw(st.sampled_from([1.0, 4.0, 30.0, 1e-3])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_silu_mul_properties(backend):
+    need_op("silu_mul", backend)
+
+    @examples(backend, triton_n=12)
+    @given(c=silu_mul_calls(backend))
+    def run(c):
+        g = torch.Generator().manual_seed(c["seed"])
+        shape = (*c["lead"], 2 * c["I"])
+        x = torch.randn(shape, generator=g) * c["scale"]
+        dy = torch.randn((*c["lead"], c["I"]), generator=g, dtype=torch.float64)
+
+        def call(f, dtype, layout="contiguous", **kw):
+            t = relayout(x.to(c["dtype"]).to(dtype, copy=True), layout).requires_grad_(True)
+            return f(t, **kw), t
+
+        out, xt = call(fastattn.silu_mul, c["dtype"], c["layout"], backend=backend)
+        hi, xh = call(reference.silu_mul, torch.float64)
+        lo, xl = call(reference.silu_mul, c["dtype"])
+        assert out.dtype == c["dtype"] and out.shape == dy.shape
+        assert_close_rule(out, hi, lo)
+        for o in (out, hi, lo):
+            (o.double() * dy).sum().backward()
+        assert xt.grad.dtype == c["dtype"] and xt.grad.shape == x.shape
+        assert_close_rule(xt.grad, xh.grad, xl.grad, factor=3.0, name="dx")
+
+    run()
+
+
+# ---------------------------------------------------------------------------------------------
 # int8
 # ---------------------------------------------------------------------------------------------
 @st.composite

@@ -61,6 +61,7 @@ OPS: dict[str, OpInfo] = {
     "int8_weight_only_linear": OpInfo(("int8_weight_only_linear",), "int8_gemm"),
     "int8_linear": OpInfo(("quantize_per_token", "int8_gemm", "int8_weight_only_linear"),
                           "int8_gemm"),
+    "silu_mul": OpInfo(("silu_mul_fwd", "silu_mul_bwd"), "activation"),
 }
 
 
@@ -305,6 +306,17 @@ def make_case(op: str, dtype: torch.dtype = torch.float32, seed: int = 0,
                          for x in (t["x"], t["x_small"]))
 
         return Case(op, make, run)
+    if op == "silu_mul":
+        # I = 37 leaves vector tails; large: rows of 4100 (more than one CPU piece), threaded
+        shape = (4, 9, 2 * 4100) if large else (2, 7, 2 * 37)
+
+        def make():
+            return {"x": _randn(*shape, dtype=dtype, seed=s0 + 1, scale=3.0)}
+
+        def run(t, backend):
+            return (fa.silu_mul(t["x"], backend=backend),)
+
+        return Case(op, make, run, grad=("x",))
     raise KeyError(op)
 
 

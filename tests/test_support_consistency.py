@@ -169,3 +169,30 @@ def test_norm_and_int8_accepted_dtypes_run(dtype):
     xq, xs = G.quantize_per_token(x)
     assert torch.isfinite(G.int8_gemm(xq, xq, xs, xs, None, dtype).float()).all()
     assert torch.isfinite(G.int8_weight_only_linear(x, xq, xs, None).float()).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
+def test_silu_mul_accepted_dtypes_run(dtype):
+    """silu_mul: what _supports accepts for Triton runs under the interpreter; the cuda backend
+    has no kernel and refuses every call (auto then takes Triton on CUDA tensors); float64 is
+    refused by both (the reference runs it)."""
+    from fastattn.ops import activation as ops_activation
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert ops_activation._supports("cuda", cuda, (dtype,)) is not None
+    why = ops_activation._supports("triton", cpu, (dtype,))
+    if dtype == torch.float64:
+        assert why is not None and "dtype" in why
+        return
+    assert why is None
+    pytest.importorskip("triton", reason="needs triton installed")
+    from fastattn.triton import activation as A
+    from fastattn.triton.attention import _interpret
+
+    if not _interpret():
+        pytest.skip("runs the kernels under TRITON_INTERPRET=1")
+    x = torch.randn(3, 2 * 40).to(dtype)
+    out = A.silu_mul_fwd(x)
+    dx = A.silu_mul_bwd(torch.randn(3, 40).to(dtype), x)
+    assert out.shape == (3, 40) and dx.shape == x.shape
+    assert torch.isfinite(out.float()).all() and torch.isfinite(dx.float()).all()

@@ -124,6 +124,20 @@ def test_int8_registers_and_spills_within_bounds(compiled):
     assert not bad, f"more than {SPILL_BOUND} B spilled a thread:\n" + _table(bad)
 
 
+def test_silu_mul_kernels_fit():
+    """The SiLU-and-mul kernels on their own (a few seconds: `-k silu` after changing them):
+    within the shared-memory, register and spill bounds above on sm_80 and sm_90."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas) and shutil.which("ptxas") is None:
+        pytest.skip("triton's bundled ptxas is missing")
+    rows = list(aot.compile_all(aot.activation_jobs()))
+    assert len(rows) == 8
+    over = [r for r in rows if r["shared"] > aot.SMEM_LIMIT[r["arch"]]]
+    assert not over, "shared memory above the per-block limit:\n" + _table(over)
+    bad = [r for r in rows if r["registers"] > aot.MAX_REGISTERS or r["spill_stores"] > 0]
+    assert not bad, "registers or spills:\n" + _table(bad)
+
+
 def test_pruning_estimates_bound_the_compiler(compiled):
     """The pruning keeps a config when its estimate fits the device: the estimate must be at
     least the compiler's figure. It may exceed it (Triton keeps some operands in registers and

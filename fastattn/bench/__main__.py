@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fastattn.bench import (
+    activation,
     attention,
     cases,
     decode,
@@ -44,6 +45,7 @@ OPS = {
     "attention": (attention.cases, attention.FUNCTIONS, 0.35),
     "decode": (decode.cases, decode.FUNCTIONS, 0.1),
     "layer_norm": (layer_norm.cases, layer_norm.FUNCTIONS, 0.15),
+    "silu_mul": (activation.cases, activation.FUNCTIONS, 0.05),
     "int8_gemm": (int8.gemm_cases, int8.GEMM_FUNCTIONS, 0.08),
     "int8_linear": (int8.linear_cases, int8.LINEAR_FUNCTIONS, 0.12),
     "model": (model.cases, model.FUNCTIONS, 0.2),

@@ -61,6 +61,16 @@ def layer_norm_bytes(M: int, N: int, elem_size: int, *, residual: bool = False,
     return M * N * elem_size * streams + n_params * N * param_size
 
 
+def silu_mul_bytes(M: int, inter: int, elem_size: int, *, mode: str = "fwd") -> int:
+    """Minimum DRAM traffic of SiLU-and-mul over M rows, I = inter: the forward reads x (M, 2I)
+    and writes out (M, I); the backward ("fwd+bwd" adds it) reads grad (M, I) and x and writes
+    grad_x (M, 2I)."""
+    if mode not in ("fwd", "fwd+bwd"):
+        raise ValueError(f"mode must be 'fwd' or 'fwd+bwd', got {mode!r}")
+    fwd = 3 * M * inter * elem_size
+    return fwd if mode == "fwd" else fwd + 5 * M * inter * elem_size
+
+
 def decode_bytes(B: int, Hkv: int, S: int, E: int, elem_size: int) -> int:
     """KV-cache bytes one decoding step must read: K and V, (B, Hkv, S, E) each."""
     return 2 * B * Hkv * S * E * elem_size

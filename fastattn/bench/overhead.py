@@ -7,7 +7,9 @@ recording (the inputs and weights a model would train requiring grad), on the ho
   ``F.layer_norm`` / ``F.rms_norm``;
 * ``decode``: one query token, B=1, 9 query heads over 3 KV heads, E=64, 200 tokens in a cache of
   256, ``fastattn.attention_with_kvcache`` against SDPA on the filled part of the cache;
-* ``int8_weight_only_linear``: M=1, 576 -> 1536, against ``F.linear`` with the float weight.
+* ``int8_weight_only_linear``: M=1, 576 -> 1536, against ``F.linear`` with the float weight;
+* ``silu_mul``: one token's fused gate/up output (1, 1, 2 * 1536), against
+  ``F.silu(x[..., :I]) * x[..., I:]``.
 
 The figure is each call's median time (rounds of many back-to-back calls after a warm-up) and
 fastattn's time over PyTorch's, from the same interleaved run.
@@ -24,12 +26,13 @@ import torch.nn.functional as F
 from fastattn.bench.cases import Case, Impl, RunConfig, fastattn_impls
 
 OP = "overhead"
-FUNCTIONS = ("layer_norm", "rms_norm", "attention_with_kvcache", "int8_weight_only_linear")
-CALLS = ("layer_norm", "rms_norm", "decode", "int8_weight_only_linear")
+FUNCTIONS = ("layer_norm", "rms_norm", "attention_with_kvcache", "int8_weight_only_linear",
+             "silu_mul")
+CALLS = ("layer_norm", "rms_norm", "decode", "int8_weight_only_linear", "silu_mul")
 GRAD_MODES = ("no_grad", "autograd")
 N = 576  # hidden size
 H, HKV, E, SEQLEN, CAPACITY = 9, 3, 64, 200, 256  # decoding
-N_OUT = 1536  # int8 linear output features
+N_OUT = 1536  # int8 linear output features; the MLP's intermediate size I for silu_mul
 # calls before the first timed one: lazy imports, caches and dispatch tables warm up
 WARMUP_CALLS = 200
 
@@ -79,6 +82,10 @@ def _calls(call: str, dev: str, grad: bool) -> tuple[Callable, Callable]:
         return (lambda f, be: lambda: f(q, k_cache, v_cache, seqlens, backend=be),
                 lambda: F.scaled_dot_product_attention(
                     q, k_cache[:, :, :SEQLEN], v_cache[:, :, :SEQLEN], enable_gqa=True))
+    if call == "silu_mul":
+        x = rand(1, 1, 2 * N_OUT, requires_grad=True)  # the gate/up linear's output
+        return (lambda f, be: lambda: f(x, backend=be),
+                lambda: F.silu(x[..., :N_OUT]) * x[..., N_OUT:])
     x = rand(1, N, requires_grad=True)
     w = torch.randn(N_OUT, N, generator=g).to(dev)
     w_scale = w.abs().amax(dim=1) / 127
@@ -92,7 +99,8 @@ def _calls(call: str, dev: str, grad: bool) -> tuple[Callable, Callable]:
 def _builder(cfg: RunConfig, call: str, grad: str):
     function = "attention_with_kvcache" if call == "decode" else call
     baseline = {"layer_norm": "F.layer_norm", "rms_norm": "F.rms_norm",
-                "decode": "torch.sdpa", "int8_weight_only_linear": "F.linear"}[call]
+                "decode": "torch.sdpa", "int8_weight_only_linear": "F.linear",
+                "silu_mul": "F.silu(gate) * up"}[call]
     warmup = 2 if cfg.smoke else WARMUP_CALLS
 
     def build() -> list[Impl]:
