@@ -112,7 +112,9 @@ int64_t check_norm(bool rms, const at::Tensor& input, c10::IntArrayRef normalize
 void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
                    const std::optional<at::Tensor>& v_new, double scale,
-                   const std::optional<at::Tensor>& cache_leftpad) {
+                   const std::optional<at::Tensor>& cache_leftpad,
+                   const std::optional<at::Tensor>& rotary_cos,
+                   const std::optional<at::Tensor>& rotary_sin) {
   constexpr const char* fn = "fastattn.attention_with_kvcache";
   for (const auto& [name, t] : {std::pair{"q", &q}, std::pair{"k_cache", &k_cache},
                                 std::pair{"v_cache", &v_cache}}) {
@@ -159,6 +161,38 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                       ": cache_leftpad must have shape (", qs[0], ",), got ", lp.sym_sizes());
     check_device(fn, "cache_leftpad", lp, q, "q");
   }
+  const bool rotary = rotary_cos.has_value() || rotary_sin.has_value();
+  if (rotary) {
+    TORCH_CHECK_VALUE(rotary_cos.has_value() && rotary_sin.has_value(), fn, ": ",
+                      rotary_cos.has_value() ? "rotary_sin" : "rotary_cos",
+                      " is missing: rotary_cos and rotary_sin must be given together");
+    TORCH_CHECK_VALUE(k_new.has_value(), fn,
+                      ": rotary_cos/rotary_sin need k_new and v_new (the new keys are rotated "
+                      "before they are written to the cache, whose keys are already rotated)");
+    for (const auto& [name, t] : {std::pair{"rotary_cos", &*rotary_cos},
+                                  std::pair{"rotary_sin", &*rotary_sin}}) {
+      TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type() || t->scalar_type() == at::kFloat, fn,
+                       ": ", name, " must have q's dtype (", q.scalar_type(),
+                       ") or float32, got ", t->scalar_type());
+      TORCH_CHECK_VALUE(t->dim() == 2, fn, ": ", name,
+                        " must be 2-D (max_pos, rotary_dim / 2), got shape ", t->sym_sizes());
+      check_device(fn, name, *t, q, "q");
+    }
+    TORCH_CHECK_TYPE(rotary_sin->scalar_type() == rotary_cos->scalar_type(), fn,
+                     ": rotary_sin must have rotary_cos's dtype (", rotary_cos->scalar_type(),
+                     "), got ", rotary_sin->scalar_type());
+    const auto cs = rotary_cos->sym_sizes();
+    TORCH_CHECK_VALUE(rotary_sin->sym_sizes() == cs, fn,
+                      ": rotary_sin must have rotary_cos's shape ", cs, ", got ",
+                      rotary_sin->sym_sizes());
+    TORCH_CHECK_VALUE(cs[0] >= 1, fn,
+                      ": rotary_cos must have at least one position (row), got shape ", cs);
+    TORCH_CHECK_VALUE(cs[1] >= 1 && cs[1] * 2 <= qs[3], fn,
+                      ": rotary_cos must have shape (max_pos, rotary_dim / 2) with rotary_dim "
+                      "even and 2 <= rotary_dim <= E = ", qs[3],
+                      " (the first rotary_dim dims of each head are rotated), got shape ", cs,
+                      ", i.e. rotary_dim = ", cs[1] * 2);
+  }
   TORCH_CHECK_VALUE(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
   if (!host_readable(cache_seqlens)) return;
   // the values, where they are on the host already
@@ -173,13 +207,29 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   TORCH_CHECK_VALUE(B == 0 || (lo >= 0 && hi + extra <= cap), fn,
                     ": cache_seqlens must lie in [0, capacity - new tokens] = [0, ", cap - extra,
                     "], got values in [", lo, ", ", hi, "]");
-  if (!cache_leftpad.has_value() || !host_readable(*cache_leftpad)) return;
-  const at::Tensor lp = cache_leftpad->contiguous();
-  const int32_t* lpp = lp.const_data_ptr<int32_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK_VALUE(lpp[b] >= 0 && lpp[b] <= slp[b] + extra, fn, ": cache_leftpad[", b, "] = ",
-                      lpp[b], " must lie in [0, cache_seqlens[", b, "] + new tokens] = [0, ",
-                      slp[b] + extra, "]");
+  at::Tensor lp;
+  const int32_t* lpp = nullptr;
+  if (cache_leftpad.has_value()) {
+    if (!host_readable(*cache_leftpad)) return;
+    lp = cache_leftpad->contiguous();
+    lpp = lp.const_data_ptr<int32_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK_VALUE(lpp[b] >= 0 && lpp[b] <= slp[b] + extra, fn, ": cache_leftpad[", b,
+                        "] = ", lpp[b], " must lie in [0, cache_seqlens[", b,
+                        "] + new tokens] = [0, ", slp[b] + extra, "]");
+  }
+  if (!rotary || extra == 0) return;
+  // the last new token of sequence b is rotated at position seqlens[b] - leftpad[b] + Lq - 1
+  int64_t reach = 0, at_b = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t r = slp[b] - (lpp != nullptr ? lpp[b] : 0) + extra;
+    if (b == 0 || r > reach) reach = r, at_b = b;
+  }
+  TORCH_CHECK_VALUE(B == 0 || rotary_cos->sym_size(0) >= reach, fn, ": rotary_cos has ",
+                    rotary_cos->sym_size(0), " positions (rows) but the new tokens of sequence ",
+                    at_b, " reach position ", reach - 1,
+                    " (cache_seqlens[b] - cache_leftpad[b] + Lq - 1): the tables need at least ",
+                    reach, " rows");
 }
 
 void check_int8_linear(const char* fn, const at::Tensor& x, const at::Tensor& w_int8,

@@ -27,11 +27,14 @@ int64_t check_norm(bool rms, const at::Tensor& input, c10::IntArrayRef normalize
                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                    const std::optional<at::Tensor>& residual, double eps);
 
-// fastattn.attention_with_kvcache (shapes, dtypes, devices, scale; not the cache_seqlens values).
+// fastattn.attention_with_kvcache (shapes, dtypes, devices, scale; the values of cache_seqlens,
+// cache_leftpad and the rotary positions where they are on the host).
 void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
                    const std::optional<at::Tensor>& v_new, double scale,
-                   const std::optional<at::Tensor>& cache_leftpad);
+                   const std::optional<at::Tensor>& cache_leftpad,
+                   const std::optional<at::Tensor>& rotary_cos,
+                   const std::optional<at::Tensor>& rotary_sin);
 
 // fastattn.int8_weight_only_linear / int8_linear: x (..., K), w_int8 (N, K), w_scale (N,),
 // bias (N,) or None.

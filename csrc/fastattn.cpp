@@ -33,9 +33,19 @@ TORCH_LIBRARY(fastattn, m) {
   // batch b: [lp_b, total_b - Lq + i] if causal else [lp_b, total_b), total_b = seqlens[b]
   // (+ Lq with k_new), lp_b = cache_leftpad[b] (int32 (B,), left padding of the sequence; 0 when
   // None). A query that sees no key gives zeros. Returns (B, H, Lq, E).
+  // Rotary embedding (rotary_cos/rotary_sin (max_pos, rotary_dim / 2) in q's dtype or float32,
+  // any strides, both or neither, only with k_new): q token i and k_new token i of sequence b are
+  // rotated at position p = seqlens[b] - lp_b + i (the token's position in its own sequence: the
+  // left padding does not count), p < max_pos. Dims [0, rotary_dim) of each head are rotated,
+  // the rest pass through; pairs (j, j + rotary_dim/2) (GPT-NeoX / Llama halves), or
+  // (2j, 2j + 1) with rotary_interleaved (GPT-J); for a pair (x1, x2), c = cos[p, j],
+  // s = sin[p, j]: (x1 c - x2 s, x2 c + x1 s), computed in float32 and rounded to q's dtype.
+  // k_new is rotated before it is written to k_cache (the cache holds rotated keys); v_new is
+  // not rotated; q and k_new themselves are not modified.
   m.def(
       "attention_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
-      "Tensor? k_new, Tensor? v_new, float scale, bool causal, Tensor? cache_leftpad=None) "
+      "Tensor? k_new, Tensor? v_new, float scale, bool causal, Tensor? cache_leftpad=None, "
+      "Tensor? rotary_cos=None, Tensor? rotary_sin=None, bool rotary_interleaved=False) "
       "-> Tensor");
   // ---- layer norm / rms norm -------------------------------------------------------------------
   // input (*, *normalized_shape), any strides: rows of N = prod(normalized_shape) elements, read

@@ -159,12 +159,13 @@ py::tuple check_norm(bool rms, py::handle input, py::handle normalized_shape, py
 // ---- attention_with_kvcache -----------------------------------------------------------------
 struct KvArgs {
   at::Tensor q, k_cache, v_cache, cache_seqlens;
-  std::optional<at::Tensor> k_new, v_new, cache_leftpad;
+  std::optional<at::Tensor> k_new, v_new, cache_leftpad, rotary_cos, rotary_sin;
   double scale;
 };
 
 KvArgs kv_args(py::handle q, py::handle k_cache, py::handle v_cache, py::handle cache_seqlens,
-               py::handle k_new, py::handle v_new, py::handle scale, py::handle cache_leftpad) {
+               py::handle k_new, py::handle v_new, py::handle scale, py::handle cache_leftpad,
+               py::handle rotary_cos, py::handle rotary_sin) {
   const std::string fn = "fastattn.attention_with_kvcache";
   KvArgs a{tensor(q, fn, "q"),
            tensor(k_cache, fn, "k_cache"),
@@ -173,6 +174,8 @@ KvArgs kv_args(py::handle q, py::handle k_cache, py::handle v_cache, py::handle 
            optional_tensor(k_new, fn, "k_new"),
            optional_tensor(v_new, fn, "v_new"),
            optional_tensor(cache_leftpad, fn, "cache_leftpad"),
+           optional_tensor(rotary_cos, fn, "rotary_cos"),
+           optional_tensor(rotary_sin, fn, "rotary_sin"),
            0.0};
   if (scale.is_none()) {
     const int64_t e = a.q.dim() == 4 ? a.q.size(3) : 0;
@@ -185,17 +188,21 @@ KvArgs kv_args(py::handle q, py::handle k_cache, py::handle v_cache, py::handle 
 
 py::object kvcache(py::handle q, py::handle k_cache, py::handle v_cache, py::handle cache_seqlens,
                    py::handle k_new, py::handle v_new, py::handle scale, py::handle causal,
-                   py::handle cache_leftpad) {
+                   py::handle cache_leftpad, py::handle rotary_cos, py::handle rotary_sin,
+                   py::handle rotary_interleaved) {
   HANDLE_TH_ERRORS
   const int is_causal = PyObject_IsTrue(causal.ptr());  // any truthy value, as in Python
   if (is_causal < 0) throw py::error_already_set();
-  KvArgs a = kv_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad);
+  const int interleaved = PyObject_IsTrue(rotary_interleaved.ptr());
+  if (interleaved < 0) throw py::error_already_set();
+  KvArgs a = kv_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad,
+                     rotary_cos, rotary_sin);
   if (!(all_cpu({&a.q, &a.k_cache, &a.v_cache, &a.cache_seqlens},
-                {&a.k_new, &a.v_new, &a.cache_leftpad}) &&
+                {&a.k_new, &a.v_new, &a.cache_leftpad, &a.rotary_cos, &a.rotary_sin}) &&
         checks::kernel_dtype(a.q.scalar_type()) && a.q.dim() == 4 && a.v_cache.dim() == 4 &&
         std::max(a.q.size(3), a.v_cache.size(3)) <= kMaxHeadDim)) {
     checks::check_kvcache(a.q, a.k_cache, a.v_cache, a.cache_seqlens, a.k_new, a.v_new, a.scale,
-                          a.cache_leftpad);
+                          a.cache_leftpad, a.rotary_cos, a.rotary_sin);
     return py::none();
   }
   static const auto op =
@@ -203,20 +210,25 @@ py::object kvcache(py::handle q, py::handle k_cache, py::handle v_cache, py::han
           .findSchemaOrThrow("fastattn::attention_kvcache", "")
           .typed<at::Tensor(const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                            double, bool, const std::optional<at::Tensor>&)>();
+                            double, bool, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                            bool)>();
   return wrap(op.call(a.q, a.k_cache, a.v_cache, a.cache_seqlens, a.k_new, a.v_new, a.scale,
-                      is_causal == 1, a.cache_leftpad));
+                      is_causal == 1, a.cache_leftpad, a.rotary_cos, a.rotary_sin,
+                      interleaved == 1));
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
 // -> the scale resolved
 double check_kvcache(py::handle q, py::handle k_cache, py::handle v_cache,
                      py::handle cache_seqlens, py::handle k_new, py::handle v_new,
-                     py::handle scale, py::handle cache_leftpad) {
+                     py::handle scale, py::handle cache_leftpad, py::handle rotary_cos,
+                     py::handle rotary_sin) {
   HANDLE_TH_ERRORS
-  KvArgs a = kv_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad);
+  KvArgs a = kv_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad,
+                     rotary_cos, rotary_sin);
   checks::check_kvcache(a.q, a.k_cache, a.v_cache, a.cache_seqlens, a.k_new, a.v_new, a.scale,
-                        a.cache_leftpad);
+                        a.cache_leftpad, a.rotary_cos, a.rotary_sin);
   return a.scale;
   END_HANDLE_TH_ERRORS_PYBIND
 }

@@ -114,26 +114,67 @@ def attention_with_kvcache(
     scale: float | None = None,
     causal: bool = True,
     cache_leftpad: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    rotary_interleaved: bool = False,
 ) -> torch.Tensor:
     """Reference decoding attention; writes k_new/v_new into the caches in place. Sequence b
-    holds cache positions [cache_leftpad[b] (0 without), cache_seqlens[b] (+ Lq with k_new))."""
+    holds cache positions [cache_leftpad[b] (0 without), cache_seqlens[b] (+ Lq with k_new)).
+    With rotary_cos/rotary_sin, q and k_new token i of sequence b are rotated (apply_rotary) at
+    position max(0, cache_seqlens[b] - cache_leftpad[b] + i) before k_new is written."""
     B, H, Lq, E = q.shape
+    rotary = rotary_cos is not None or rotary_sin is not None
+    if rotary and (rotary_cos is None or rotary_sin is None):
+        raise ValueError("fastattn.attention_with_kvcache: rotary_cos and rotary_sin must be "
+                         "given together")
+    if rotary and k_new is None:
+        raise ValueError("fastattn.attention_with_kvcache: rotary_cos/rotary_sin need k_new and "
+                         "v_new")
     if B == 0:
         return q.new_zeros((0, H, Lq, v_cache.shape[-1]))
     outs = []
     for b in range(B):
         n = int(cache_seqlens[b])
+        lp = 0 if cache_leftpad is None else int(cache_leftpad[b])
+        qb = q[b:b + 1]
         if k_new is not None:
-            k_cache[b, :, n:n + Lq] = k_new[b]
+            kb = k_new[b]
+            if rotary:
+                pos = (torch.arange(Lq, device=q.device) + (n - lp)).clamp_min(0)
+                c, s = rotary_cos[pos], rotary_sin[pos]
+                kb = apply_rotary(kb, c, s, rotary_interleaved)
+                qb = apply_rotary(qb, c, s, rotary_interleaved)
+            k_cache[b, :, n:n + Lq] = kb
             v_cache[b, :, n:n + Lq] = v_new[b]
             n += Lq
-        first = 0 if cache_leftpad is None else min(int(cache_leftpad[b]), n)
+        first = min(lp, n)
         k = k_cache[b:b + 1, :, first:n]  # (1, Hkv, n - first, E)
         v = v_cache[b:b + 1, :, first:n]
         outs.append(scaled_dot_product_attention(
-            q[b:b + 1], k.to(q.dtype), v.to(q.dtype), is_causal=causal, scale=scale,
+            qb, k.to(q.dtype), v.to(q.dtype), is_causal=causal, scale=scale,
             enable_gqa=True, causal_alignment="bottom_right"))
     return torch.cat(outs, dim=0)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 interleaved: bool = False) -> torch.Tensor:
+    """Rotary embedding of x (..., L, E) by the table rows cos/sin (L, rotary_dim / 2): dims
+    [0, rotary_dim) rotated in pairs (j, j + rotary_dim/2) (GPT-NeoX / Llama), or (2j, 2j + 1)
+    with interleaved (GPT-J), the rest passed through. For a pair (x1, x2):
+    (x1 cos - x2 sin, x2 cos + x1 sin), computed in float32 (float64 for float64 x) and returned
+    in x's dtype."""
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    half = cos.shape[-1]
+    xf = x.to(cd)
+    c, s = cos.to(cd), sin.to(cd)
+    rot, rest = xf[..., :2 * half], xf[..., 2 * half:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+    y1, y2 = x1 * c - x2 * s, x2 * c + x1 * s
+    y = torch.stack((y1, y2), dim=-1).flatten(-2) if interleaved else torch.cat((y1, y2), dim=-1)
+    return torch.cat((y, rest), dim=-1).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

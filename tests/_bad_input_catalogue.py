@@ -236,6 +236,47 @@ bad("kv_scale_nan", KV, ValueError, "scale")(lambda b: kvc(b, scale=float("nan")
 bad("kv_bad_backend_string", KV, ValueError, "backend", backends=("reference",))(
     lambda b: kvc("gpu"))
 
+
+# rotary embedding: tables (max_pos, rotary_dim / 2), with k_new/v_new (B, Hkv, 1, E)
+def kvr(backend, cos=None, sin=None, E=16, new=True, **kw):
+    half = E // 2
+    cos = rn(16, half) if cos is None else cos
+    sin = rn(*cos.shape) if sin is None else sin
+    nkw = dict(k_new=rn(2, 2, 1, E), v_new=rn(2, 2, 1, E)) if new else {}
+    return kvc(backend, q=rn(2, 2, 1, E), kc=rn(2, 2, 8, E), vc=rn(2, 2, 8, E),
+               rotary_cos=cos, rotary_sin=sin, **nkw, **kw)
+
+
+bad("kv_rotary_cos_1d", KV, ValueError, "rotary_cos")(lambda b: kvr(b, cos=rn(64), sin=rn(64)))
+bad("kv_rotary_sin_shape_differs", KV, ValueError, "rotary_sin")(
+    lambda b: kvr(b, cos=rn(16, 8), sin=rn(16, 4)))
+bad("kv_rotary_without_k_new", KV, ValueError, "k_new")(lambda b: kvr(b, new=False))
+bad("kv_rotary_cos_without_sin", KV, ValueError, "rotary_sin")(
+    lambda b: kvc(b, k_new=rn(2, 2, 1, 16), v_new=rn(2, 2, 1, 16), rotary_cos=rn(16, 8)))
+bad("kv_rotary_sin_without_cos", KV, ValueError, "rotary_cos")(
+    lambda b: kvc(b, k_new=rn(2, 2, 1, 16), v_new=rn(2, 2, 1, 16), rotary_sin=rn(16, 8)))
+# an odd head dim rotated whole: rotary_dim = 2 * 8 = 16 > E = 15
+bad("kv_rotary_odd_rotary_dim", KV, ValueError, "rotary_cos")(
+    lambda b: kvr(b, cos=rn(16, 8), E=15))
+bad("kv_rotary_dim_above_head_dim", KV, ValueError, "rotary_cos")(
+    lambda b: kvr(b, cos=rn(16, 16)))  # transformers' (max_pos, E) table: rotary_dim 2E
+bad("kv_rotary_empty_table", KV, ValueError, "rotary_cos")(lambda b: kvr(b, cos=rn(0, 8)))
+# seqlens [3, 5] + 1 new token: position 5 needs 6 rows
+bad("kv_rotary_position_beyond_max_pos", KV, ValueError, "rotary_cos")(
+    lambda b: kvr(b, cos=rn(5, 8)))
+bad("kv_rotary_cos_int", KV, TypeError, "rotary_cos")(
+    lambda b: kvr(b, cos=torch.ones(16, 8, dtype=torch.int32), sin=rn(16, 8)))
+bad("kv_rotary_cos_float64_for_float32_q", KV, TypeError, "rotary_cos")(
+    lambda b: kvr(b, cos=rn(16, 8, dtype=torch.float64), sin=rn(16, 8, dtype=torch.float64)))
+bad("kv_rotary_sin_dtype_differs", KV, TypeError, "rotary_sin")(
+    lambda b: kvc(b, q=rn(2, 2, 1, 16, dtype=torch.bfloat16),
+                  kc=rn(2, 2, 8, 16, dtype=torch.bfloat16), vc=rn(2, 2, 8, 16, dtype=torch.bfloat16),
+                  k_new=rn(2, 2, 1, 16, dtype=torch.bfloat16),
+                  v_new=rn(2, 2, 1, 16, dtype=torch.bfloat16), rotary_cos=rn(16, 8),
+                  rotary_sin=rn(16, 8, dtype=torch.bfloat16)))
+bad("kv_rotary_cos_on_other_device", KV, RuntimeError, "rotary_cos")(
+    lambda b: kvr(b, cos=rn(16, 8, device=META), sin=rn(16, 8, device=META)))
+
 # ---- layer_norm / rms_norm: x (4, 32) -----------------------------------------------------------
 LN, RMS = "layer_norm", "rms_norm"
 
@@ -567,6 +608,26 @@ def _(b):
     out = kvc(b, q=q, kc=kc, vc=vc, seqlens=seqlens, k_new=kn, v_new=vn)
     assert_close_rule(out, want, lo)
     assert torch.equal(kc.double(), kr) and torch.equal(vc.double(), vr), "cache update differs"
+
+
+@edge("kv_rotary_table_exactly_long_enough", KV)
+def _(b):
+    # seqlens [3, 5] + 1 new token: the last position (5) is the table's last row
+    q, kc, vc, kn, vn = rn(2, 2, 1, 16), rn(2, 2, 8, 16), rn(2, 2, 8, 16), rn(2, 2, 1, 16), rn(
+        2, 2, 1, 16)
+    cos, sin = rn(6, 8), rn(6, 8)
+    seqlens = torch.tensor([3, 5], dtype=torch.int32)
+    kr, vr = kc.double(), vc.double()
+    want = reference.attention_with_kvcache(q.double(), kr, vr, seqlens, kn.double(), vn.double(),
+                                            rotary_cos=cos.double(), rotary_sin=sin.double())
+    klo, vlo = kc.clone(), vc.clone()
+    lo = reference.attention_with_kvcache(q, klo, vlo, seqlens, kn, vn, rotary_cos=cos,
+                                          rotary_sin=sin)
+    out = kvc(b, q=q, kc=kc, vc=vc, seqlens=seqlens, k_new=kn, v_new=vn, rotary_cos=cos,
+              rotary_sin=sin)
+    assert_close_rule(out, want, lo)
+    torch.testing.assert_close(kc, klo, atol=1e-6, rtol=1e-6)
+    assert torch.equal(vc, vlo)
 
 
 @edge("kv_zero_batch", KV)

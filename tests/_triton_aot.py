@@ -113,9 +113,14 @@ def attention_jobs() -> list[Job]:
             jobs.append(_job("fastattn.triton.attention", "_attention_bwd_preprocess_kernel", arch,
                              dict(HEAD_DIM_V=256, HAS_GRAD_LSE=True, BLOCK_M=16), dt, 4, 1,
                              f"preprocess {dt}", GradLse="*fp32", Delta="*fp32"))
-            jobs.append(_job("fastattn.triton.attention", "_kvcache_append_kernel", arch,
-                             dict(HEAD_DIM=256, HEAD_DIM_V=256, BLOCK_L=16), dt, 4, 1,
-                             f"append {dt}", SeqLens="*i32"))
+            # the largest tile with and without the rotary embedding (append_block_l)
+            for rotary in (False, True):
+                jobs.append(_job("fastattn.triton.attention", "_kvcache_append_kernel", arch,
+                                 dict(HEAD_DIM=256, HEAD_DIM_V=256, HAS_LEFTPAD=True,
+                                      BLOCK_L=A.append_block_l(16, 256, rotary), ROTARY=rotary,
+                                      ROTARY_INTERLEAVED=False), dt, 4, 1,
+                                 f"append{' rotary' if rotary else ''} {dt}", SeqLens="*i32",
+                                 LeftPad="*i32", Cos="*fp32", Sin="*fp32"))
             jobs.append(_job("fastattn.triton.attention", "_kvcache_combine_kernel", arch,
                              dict(HEAD_DIM_V=256, BLOCK_SPLITS=128), dt, 4, 1,
                              f"combine {dt}", OutPartial="*fp32", LsePartial="*fp32"))

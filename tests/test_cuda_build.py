@@ -590,11 +590,53 @@ KV_CASES = {
     "bf16-leftpad-splits": (3, 4, 2, 2, 400, 64, torch.bfloat16, [10, 300, 390], True, True, 8,
                             [0, 170, 391]),
 }
+# rotary embedding: case id -> (rotary_dim, interleaved, float32 tables)
+KV_ROTARY = {
+    "bf16-rotary-leftpad-splits": ("bf16-leftpad-splits", 64, False, True),
+    "fp16-rotary-interleaved-partial": ("fp16-splits-lq3", 96, True, False),
+    "fp32-rotary-d40-partial": ("bf16-decode-gqa", 32, False, True),
+}
 
 
-@pytest.mark.parametrize("case", list(KV_CASES))
+def rotary_tables(max_pos, rotary_dim, dtype=torch.float32):
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq)
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def attention_kvcache(emu, q, kc, vc, sl, lp, kn, vn, scale, causal, sms=SMS, rotary_cos=None,
+                      rotary_sin=None, rotary_interleaved=False):
+    """The binding's launch on the emulator: -> (out, number of splits). kc/vc are updated in
+    place; the output buffer is guarded against writes past its end."""
+    B, H, Lq, E = q.shape
+    Hkv, cap = kc.shape[1], kc.shape[2]
+    out, big = guarded((B, H, Lq, E), q.dtype)
+    z = [0, 0, 0]
+    st = [*q.stride()[:3], *kc.stride()[:3], *vc.stride()[:3],
+          *(kn.stride()[:3] if kn is not None else z), *(vn.stride()[:3] if vn is not None else z),
+          *out.stride()[:3]]
+    if rotary_cos is not None:
+        rargs = (_p(rotary_cos), _p(rotary_sin), _i64([*rotary_cos.stride(), *rotary_sin.stride()]),
+                 rotary_cos.shape[0], rotary_cos.shape[1], int(rotary_interleaved),
+                 int(rotary_cos.dtype == torch.float32))
+    else:
+        rargs = (_p(None), _p(None), _i64([0, 0, 0, 0]), 0, 0, 0, 1)
+    splits = ctypes.c_int(0)
+    emu.check(emu.lib.fa_emu_attention_kvcache(
+        DT[q.dtype], _p(q), _p(kc), _p(vc), _p(sl), _p(lp), _p(kn), _p(vn), _p(out), _i64(st),
+        _i32([B, H, Hkv, Lq, cap, E]), ctypes.c_float(scale), int(causal), sms,
+        ctypes.byref(splits), *rargs))
+    check_guard(big)
+    return out, splits.value
+
+
+@pytest.mark.parametrize("case", list(KV_CASES) + list(KV_ROTARY))
 def test_attention_kvcache(emu, case):
-    B, H, Hkv, Lq, cap, E, dtype, seqlens, new, causal, sms, leftpad = KV_CASES[case]
+    rot = KV_ROTARY.get(case)
+    B, H, Hkv, Lq, cap, E, dtype, seqlens, new, causal, sms, leftpad = KV_CASES[
+        rot[0] if rot else case]
+    if case == "fp32-rotary-d40-partial":
+        dtype, E = torch.float32, 40
     q = torch.randn(B, H, Lq, E, dtype=dtype)
     kc = torch.randn(B, Hkv, cap, E, dtype=dtype)
     vc = torch.randn(B, Hkv, cap, E, dtype=dtype)
@@ -603,29 +645,35 @@ def test_attention_kvcache(emu, case):
     sl = torch.tensor(seqlens, dtype=torch.int32)
     lp = None if leftpad is None else torch.tensor(leftpad, dtype=torch.int32)
     k0, v0 = kc.clone(), vc.clone()
-    out, big = guarded((B, H, Lq, E), dtype)
-    z = [0, 0, 0]
-    st = [*q.stride()[:3], *kc.stride()[:3], *vc.stride()[:3],
-          *(kn.stride()[:3] if new else z), *(vn.stride()[:3] if new else z), *out.stride()[:3]]
-    splits = ctypes.c_int(0)
     scale = 1.0 / math.sqrt(E)
-    emu.check(emu.lib.fa_emu_attention_kvcache(
-        DT[dtype], _p(q), _p(kc), _p(vc), _p(sl), _p(lp), _p(kn), _p(vn), _p(out), _i64(st),
-        _i32([B, H, Hkv, Lq, cap, E]), ctypes.c_float(scale), int(causal), sms,
-        ctypes.byref(splits)))
-    check_guard(big)
+    rkw = {}
+    if rot:  # a strided cos table (a column slice), sin contiguous
+        _, rdim, inter, f32 = rot
+        cos, sin = rotary_tables(cap + 1, rdim, torch.float32 if f32 else dtype)
+        cos = torch.cat([cos, cos], dim=1)[:, :rdim // 2]
+        rkw = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=inter)
+    q0, kn0 = q.clone(), None if kn is None else kn.clone()
+    out, splits = attention_kvcache(emu, q, kc, vc, sl, lp, kn, vn, scale, causal, sms, **rkw)
+    assert torch.equal(q, q0) and (kn is None or torch.equal(kn, kn0)), "inputs modified"
     k_ref, v_ref = k0.clone(), v0.clone()
     low = reference.attention_with_kvcache(q, k_ref, v_ref, sl, kn, vn, scale=scale, causal=causal,
-                                           cache_leftpad=lp)
-    assert torch.equal(kc, k_ref) and torch.equal(vc, v_ref), "k_new/v_new written elsewhere"
+                                           cache_leftpad=lp, **rkw)
+    if rot:  # the rotation is computed in float32 by both: equal up to the rounding to dtype
+        torch.testing.assert_close(kc, k_ref, atol=1e-6,
+                                   rtol=2 ** -7 if dtype != torch.float32 else 1e-6)
+        torch.testing.assert_close(vc, v_ref, atol=0, rtol=0)
+    else:
+        assert torch.equal(kc, k_ref) and torch.equal(vc, v_ref), "k_new/v_new written elsewhere"
     hi = reference.attention_with_kvcache(
         q.double(), k0.double(), v0.double(), sl, kn.double() if new else None,
-        vn.double() if new else None, scale=scale, causal=causal, cache_leftpad=lp)
+        vn.double() if new else None, scale=scale, causal=causal, cache_leftpad=lp,
+        **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in rkw.items()})
     assert_close_rule(out, hi, low)
     if lp is not None:  # the row that sees no key is zero, not NaN
         assert torch.equal(out[2, :, 0], torch.zeros_like(out[2, :, 0]))
-    if case in ("fp16-splits-lq3", "bf16-noncausal-splits", "bf16-leftpad-splits"):
-        assert splits.value > 1, "the split-K path was not exercised"
+    if case in ("fp16-splits-lq3", "bf16-noncausal-splits", "bf16-leftpad-splits",
+                "bf16-rotary-leftpad-splits"):
+        assert splits > 1, "the split-K path was not exercised"
 
 
 # ---- layer norm ------------------------------------------------------------------------------

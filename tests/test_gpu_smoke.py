@@ -82,6 +82,37 @@ def test_attention_kvcache(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "gptj"])
+def test_attention_kvcache_rotary(backend, interleaved):
+    """A Llama decoding step: q / k_new / v_new views of one fused qkv projection, float32
+    tables (max_pos, E/2), left-padded batch, the rotary embedding fused into the call."""
+    skip_unless_backend(backend, "cuda")
+    torch.manual_seed(0)
+    B, H, Hkv, cap, E = 3, 8, 2, 4096, 128
+    qkv = _randn(B, 1, (H + 2 * Hkv) * E)
+    heads = qkv.view(B, 1, H + 2 * Hkv, E).transpose(1, 2)
+    q, k_new, v_new = heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:]
+    k_cache, v_cache = _randn(B, Hkv, cap, E), _randn(B, Hkv, cap, E)
+    lens = torch.tensor([1, 1000, 4000], dtype=torch.int32, device="cuda")
+    leftpad = torch.tensor([0, 10, 3000], dtype=torch.int32, device="cuda")
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, E, 2, device="cuda").float() / E))
+    freqs = torch.outer(torch.arange(8192, device="cuda").float(), inv_freq)
+    cos, sin = freqs.cos(), freqs.sin()
+    kc, vc = k_cache.clone(), v_cache.clone()
+    rot = dict(cache_leftpad=leftpad, rotary_cos=cos, rotary_sin=sin,
+               rotary_interleaved=interleaved)
+    out = fastattn.attention_with_kvcache(q, kc, vc, lens, k_new, v_new, backend=backend, **rot)
+    kr, vr = k_cache.float(), v_cache.float()
+    ref = reference.attention_with_kvcache(q.float(), kr, vr, lens, k_new.float(), v_new.float(),
+                                           **rot)
+    kl, vl = k_cache.clone(), v_cache.clone()
+    low = reference.attention_with_kvcache(q, kl, vl, lens, k_new, v_new, **rot)
+    assert_close_rule(out, ref, low)
+    torch.testing.assert_close(kc, kl, atol=1e-6, rtol=2 ** -7)  # one rounding of the same value
+    assert torch.equal(vc, vl)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("N", [4096, 20000])
 def test_norm_forward_backward(backend, rms, N):

@@ -147,6 +147,59 @@ def test_cuda_accepted_calls_run_on_the_emulator(i, request):
 
 
 # ---------------------------------------------------------------------------------------------
+# attention_with_kvcache with the rotary embedding: what _kvcache_supports accepts on each GPU
+# backend runs (Triton under the interpreter, CUDA on the emulator)
+# ---------------------------------------------------------------------------------------------
+KV_GRID = list(itertools.product(DTYPES, HEAD_DIMS))
+
+
+def _kv_inputs(dtype, E, i):
+    B, H, Hkv, Lq, cap = 2, 4, 2 if i % 2 else 4, 1 + i % 3, 24
+    q = torch.randn(B, H, Lq, E).to(dtype)
+    kc, vc = torch.randn(B, Hkv, cap, E).to(dtype), torch.randn(B, Hkv, cap, E).to(dtype)
+    kn, vn = torch.randn(B, Hkv, Lq, E).to(dtype), torch.randn(B, Hkv, Lq, E).to(dtype)
+    sl = torch.tensor([3, 20], dtype=torch.int32)
+    lp = torch.tensor([1, 0], dtype=torch.int32) if i % 2 else None
+    rd = (E // 2) & ~1 if i % 3 == 1 else E & ~1
+    freqs = torch.outer(torch.arange(32).float(), torch.rand(rd // 2))
+    table_dtype = torch.float32 if i % 2 else dtype
+    cos, sin = freqs.cos().to(table_dtype), freqs.sin().to(table_dtype)
+    return q, kc, vc, sl, kn, vn, lp, cos, sin, bool(i % 4 >= 2)
+
+
+@pytest.mark.parametrize("i", range(len(KV_GRID)))
+def test_triton_kvcache_rotary_accepted_calls_run(i):
+    pytest.importorskip("triton", reason="needs triton installed")
+    from fastattn.triton.attention import _interpret
+
+    if not _interpret():
+        pytest.skip("runs the kernels under TRITON_INTERPRET=1")
+    dtype, E = KV_GRID[i]
+    if ops_attention._kvcache_supports("triton", torch.device("cpu"), (dtype, E, True)):
+        assert E > ops_attention._MAX_HEAD_DIM
+        return
+    q, kc, vc, sl, kn, vn, lp, cos, sin, inter = _kv_inputs(dtype, E, i)
+    out = ops_attention.attention_with_kvcache(q, kc, vc, sl, kn, vn, cache_leftpad=lp,
+                                               rotary_cos=cos, rotary_sin=sin,
+                                               rotary_interleaved=inter, backend="triton")
+    assert torch.isfinite(out.float()).all() and torch.isfinite(kc.float()).all()
+
+
+@pytest.mark.parametrize("i", range(len(KV_GRID)))
+def test_cuda_kvcache_rotary_accepted_calls_run_on_the_emulator(i, request):
+    dtype, E = KV_GRID[i]
+    if ops_attention._kvcache_supports("cuda", torch.device("cuda"), (dtype, E, True)):
+        return
+    if cb.NVCC is None:
+        pytest.skip("nvcc is not on PATH")
+    emulator = request.getfixturevalue("emu")
+    q, kc, vc, sl, kn, vn, lp, cos, sin, inter = _kv_inputs(dtype, E, i)
+    out, _ = cb.attention_kvcache(emulator, q, kc, vc, sl, lp, kn, vn, 1.0 / math.sqrt(E), True,
+                                  rotary_cos=cos, rotary_sin=sin, rotary_interleaved=inter)
+    assert torch.isfinite(out.float()).all() and torch.isfinite(kc.float()).all()
+
+
+# ---------------------------------------------------------------------------------------------
 # the other ops: each float dtype accepted by both GPU backends runs under the interpreter
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <string>
 #include <type_traits>
@@ -87,6 +88,27 @@ struct AttnArgs {
   float scale;
   int64_t wl, wr, off;  // window_left, window_right (-1: unbounded), diag_offset
   Dropout drop;
+};
+
+// attention_kvcache's append of k_new / v_new at seqlens[b] (decode.h: kvcache_prepare_impl),
+// with the rotary embedding when half > 0: k_new rotated on its way into the cache, q rotated
+// into qrot ((B, H, Lq, E) contiguous), both at position seqlens[b] - leftpad[b] + i.
+struct KvPrepArgs {
+  int64_t B, H, Hkv, Lq, E, Ev;
+  const void* q;  // read only with rotary
+  const void* kn;  // nullptr: nothing to append
+  const void* vn;
+  void* kc;
+  void* vc;
+  int64_t sq[4], skn[4], svn[4], skc[4], svc[4];  // element strides
+  const int32_t* seqlens;
+  const int32_t* leftpad;  // nullptr: no left padding
+  const void* cos;  // (max_pos, half) tables, float32 or T; half == 0: no rotary
+  const void* sin;
+  int64_t scos[2], ssin[2];
+  int64_t half;
+  bool interleaved;
+  void* qrot;  // nullptr without rotary
 };
 
 enum class Path { f32, dpbf16, amx };
@@ -212,6 +234,17 @@ AttnArgs make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 }
 
 // ---- dispatch --------------------------------------------------------------------------------
+template <typename T, typename C>
+void kvcache_prepare(const KvPrepArgs& a) {
+  const Isa isa = cpu_isa();
+#ifdef FASTATTN_X86_KERNELS
+  if (isa >= Isa::avx512) return avx512::kvcache_prepare_impl<T, C>(a);
+  if (isa >= Isa::avx2) return avx2::kvcache_prepare_impl<T, C>(a);
+#endif
+  (void)isa;
+  portable::kvcache_prepare_impl<T, C>(a);
+}
+
 template <typename T>
 void fwd_dispatch(const AttnArgs& a, T* out, float* lse) {
   const Isa isa = cpu_isa();
@@ -355,9 +388,12 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
                              const at::Tensor& cache_seqlens,
                              const std::optional<at::Tensor>& k_new,
                              const std::optional<at::Tensor>& v_new, double scale, bool causal,
-                             const std::optional<at::Tensor>& cache_leftpad) {
+                             const std::optional<at::Tensor>& cache_leftpad,
+                             const std::optional<at::Tensor>& rotary_cos,
+                             const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal tensors need no tracking
-  checks::check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad);
+  checks::check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad,
+                        rotary_cos, rotary_sin);
   check_float_cpu(q, "q", 4);  // the CPU kernels' dtypes and device
   check_float_cpu(k_cache, "k_cache", 4);
   check_float_cpu(v_cache, "v_cache", 4);
@@ -369,40 +405,57 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
   const int32_t* slp = sl.data_ptr<int32_t>();
   std::vector<int64_t> total(static_cast<size_t>(B)), begin(static_cast<size_t>(B), 0);
   for (int64_t b = 0; b < B; ++b) total[static_cast<size_t>(b)] = slp[b] + (has_new ? Lq : 0);
+  at::Tensor lp;
+  const int32_t* lpp = nullptr;
   if (cache_leftpad.has_value()) {
-    const at::Tensor lp = cache_leftpad->contiguous();
-    const int32_t* lpp = lp.data_ptr<int32_t>();
+    lp = cache_leftpad->contiguous();
+    lpp = lp.data_ptr<int32_t>();
     for (int64_t b = 0; b < B; ++b) begin[static_cast<size_t>(b)] = lpp[b];
   }
   at::Tensor out = at::empty({B, H, Lq, Ev}, q.options());
   if (out.numel() == 0 && !has_new) return out;
+  // check_kvcache: both tables or neither, only with k_new, q's dtype or float32
+  const bool rotary = rotary_cos.has_value() && has_new;
 
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    if (has_new) {  // append in place
-      const T* kn = static_cast<const T*>(k_new->data_ptr());
-      const T* vn = static_cast<const T*>(v_new->data_ptr());
-      T* kc = static_cast<T*>(k_cache.data_ptr());
-      T* vc = static_cast<T*>(v_cache.data_ptr());
-      at::parallel_for(0, B * Hkv * Lq, 64, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t b = r / (Hkv * Lq), h = (r / Lq) % Hkv, i = r % Lq, pos = slp[b] + i;
-          for (int64_t e = 0; e < E; ++e)
-            kc[b * k_cache.stride(0) + h * k_cache.stride(1) + pos * k_cache.stride(2) +
-               e * k_cache.stride(3)] = kn[b * k_new->stride(0) + h * k_new->stride(1) +
-                                           i * k_new->stride(2) + e * k_new->stride(3)];
-          for (int64_t e = 0; e < Ev; ++e)
-            vc[b * v_cache.stride(0) + h * v_cache.stride(1) + pos * v_cache.stride(2) +
-               e * v_cache.stride(3)] = vn[b * v_new->stride(0) + h * v_new->stride(1) +
-                                           i * v_new->stride(2) + e * v_new->stride(3)];
-        }
-      });
+    // the q rows rotated, read by the attention kernels in place of q
+    std::unique_ptr<T[]> qrot(rotary && q.numel() > 0 ? new T[static_cast<size_t>(q.numel())]
+                                                      : nullptr);
+    if (has_new) {  // append in place (rotating k_new), and rotate q
+      KvPrepArgs pa{};
+      pa.B = B, pa.H = H, pa.Hkv = Hkv, pa.Lq = Lq, pa.E = E, pa.Ev = Ev;
+      pa.q = q.data_ptr(), pa.kn = k_new->data_ptr(), pa.vn = v_new->data_ptr();
+      pa.kc = k_cache.data_ptr(), pa.vc = v_cache.data_ptr();
+      for (int d = 0; d < 4; ++d) {
+        pa.sq[d] = q.stride(d), pa.skn[d] = k_new->stride(d), pa.svn[d] = v_new->stride(d);
+        pa.skc[d] = k_cache.stride(d), pa.svc[d] = v_cache.stride(d);
+      }
+      pa.seqlens = slp, pa.leftpad = lpp;
+      bool f32_tables = false;
+      if (rotary) {
+        pa.cos = rotary_cos->data_ptr(), pa.sin = rotary_sin->data_ptr();
+        for (int d = 0; d < 2; ++d)
+          pa.scos[d] = rotary_cos->stride(d), pa.ssin[d] = rotary_sin->stride(d);
+        pa.half = rotary_cos->size(1);
+        pa.interleaved = rotary_interleaved;
+        pa.qrot = qrot.get();
+        f32_tables = rotary_cos->scalar_type() == at::kFloat;
+      }
+      if (f32_tables)
+        kvcache_prepare<T, float>(pa);
+      else
+        kvcache_prepare<T, T>(pa);
     }
     if (out.numel() == 0) return;
     // the whole cache as keys (S = capacity, no mask/window/dropout); the per-sequence lengths
     // are passed to the kernels separately
     AttnArgs a = make_args(q, k_cache, v_cache, std::nullopt, scale, -1, -1, 0, 0.0, 0);
     for (int d = 0; d < 3; ++d) a.so[d] = out.stride(d);
+    if (qrot) {
+      a.q = qrot.get();
+      a.sq[3] = 1, a.sq[2] = E, a.sq[1] = Lq * E, a.sq[0] = H * Lq * E;
+    }
     T* op = static_cast<T*>(out.data_ptr());
     const Isa isa = cpu_isa();
     if ((H / Hkv) * Lq <= 16) {

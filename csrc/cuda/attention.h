@@ -73,6 +73,9 @@ cudaError_t attention_bwd(const AttnBwdParams& p, DType dtype, cudaStream_t stre
 // Query i of batch b sees keys [lp_b, total_b - Lq + i] (causal) or [lp_b, total_b), total_b =
 // seqlens[b] (+ Lq with k_new), lp_b = leftpad[b] (0 when leftpad is null; clamped to
 // [0, total_b]). Last dims contiguous.
+// Rotary embedding (rotary_cos non-null; with k_new): q and k_new token i of batch b rotated at
+// position seqlens[b] - leftpad[b] + i, clamped into [0, max_pos), by the tables' row (see
+// csrc/fastattn.cpp): k_new as it is appended, q as it is loaded (rounded to the dtype).
 struct KvcacheParams {
   const void* q = nullptr;
   void* k_cache = nullptr;
@@ -95,6 +98,12 @@ struct KvcacheParams {
   bool causal = true;
   int num_splits = 1;  // from kvcache_plan
   int64_t split_len = 0;
+  // rotary tables (max_pos, rotary_half), float32 (rotary_f32) or the kernels' dtype; any strides
+  const void* rotary_cos = nullptr;  // null: no rotary embedding
+  const void* rotary_sin = nullptr;
+  int64_t cos_stride_p = 0, cos_stride_j = 0, sin_stride_p = 0, sin_stride_j = 0;
+  int max_pos = 0, rotary_half = 0;
+  bool rotary_interleaved = false, rotary_f32 = true;
 };
 
 // Fills num_splits/split_len; returns the workspace sizes (in floats) the caller allocates.

@@ -155,9 +155,13 @@ at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, a
                                   const at::Tensor& cache_seqlens,
                                   const std::optional<at::Tensor>& k_new,
                                   const std::optional<at::Tensor>& v_new, double scale,
-                                  bool causal, const std::optional<at::Tensor>& cache_leftpad) {
+                                  bool causal, const std::optional<at::Tensor>& cache_leftpad,
+                                  const std::optional<at::Tensor>& rotary_cos,
+                                  const std::optional<at::Tensor>& rotary_sin,
+                                  bool rotary_interleaved) {
   constexpr const char* op = "attention_kvcache";
-  checks::check_kvcache(q_in, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad);
+  checks::check_kvcache(q_in, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad,
+                        rotary_cos, rotary_sin);
   check_cuda_tensor(q_in, q_in, op, "q");
   check_cuda_tensor(k_cache, q_in, op, "k_cache");
   check_cuda_tensor(v_cache, q_in, op, "v_cache");
@@ -219,6 +223,16 @@ at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, a
       {B, H, Hkv, Lq, cap, E, E}, float(scale), causal, attn_operand(q), attn_operand(k_cache),
       attn_operand(v_cache), attn_operand(kn), attn_operand(vn), attn_operand(out),
       seqlens.data_ptr<int32_t>(), leftpad.defined() ? leftpad.data_ptr<int32_t>() : nullptr);
+  if (rotary_cos.has_value() && k_new.has_value()) {
+    // check_kvcache: both tables, 2-D (max_pos >= 1, rotary_half >= 1), one dtype: q's or float32
+    const at::Tensor& c = *rotary_cos;
+    const at::Tensor& s = *rotary_sin;
+    check_cuda_tensor(c, q_in, op, "rotary_cos");
+    check_cuda_tensor(s, q_in, op, "rotary_sin");
+    kvcache_rotary(p, c.data_ptr(), s.data_ptr(), c.stride(0), c.stride(1), s.stride(0),
+                   s.stride(1), c.size(0), c.size(1), rotary_interleaved,
+                   c.scalar_type() == at::kFloat);
+  }
   const KvcacheWorkspace ws = kvcache_plan(p, sm_count());
   at::Tensor partial_out, partial_lse;
   if (p.num_splits > 1) {

@@ -22,6 +22,44 @@ FA_DEVICE int cache_len(const KvcacheParams& p, int b) {
   return n < 0 ? 0 : (n > p.capacity ? p.capacity : n);
 }
 
+// the rotary position of token i of batch b: its position in its own sequence (the left padding
+// does not count), clamped into the table
+FA_DEVICE int64_t rotary_pos(const KvcacheParams& p, int b, int i) {
+  const int64_t pos = int64_t(p.seqlens[b]) - (p.leftpad != nullptr ? p.leftpad[b] : 0) + i;
+  return pos < 0 ? 0 : (pos >= p.max_pos ? p.max_pos - 1 : pos);
+}
+
+template <class T>
+FA_DEVICE float rotary_table(const void* t, bool f32, int64_t idx) {
+  return f32 ? static_cast<const float*>(t)[idx] : to_float(static_cast<const T*>(t)[idx]);
+}
+
+// element e of the row x (unit stride) rotated at position pos, in float32: dims
+// e < 2 * rotary_half pair with e ^ 1 (interleaved, GPT-J) or e +- rotary_half (GPT-NeoX); for
+// a pair (x1, x2) and its table column j: (x1 c - x2 s, x2 c + x1 s). Other dims pass through.
+template <class T>
+FA_DEVICE float rotary_elem(const KvcacheParams& p, const T* x, int e, int64_t pos) {
+  const float xe = to_float(x[e]);
+  if (e >= 2 * p.rotary_half) return xe;
+  int j, partner;
+  float sign;
+  if (p.rotary_interleaved) {
+    j = e >> 1;
+    partner = e ^ 1;
+    sign = (e & 1) ? 1.0f : -1.0f;
+  } else {
+    const bool first = e < p.rotary_half;
+    j = first ? e : e - p.rotary_half;
+    partner = first ? e + p.rotary_half : e - p.rotary_half;
+    sign = first ? -1.0f : 1.0f;
+  }
+  const float c =
+      rotary_table<T>(p.rotary_cos, p.rotary_f32, pos * p.cos_stride_p + j * p.cos_stride_j);
+  const float s =
+      rotary_table<T>(p.rotary_sin, p.rotary_f32, pos * p.sin_stride_p + j * p.sin_stride_j);
+  return xe * c + sign * to_float(x[partner]) * s;
+}
+
 template <class T>
 __global__ void __launch_bounds__(128) kvcache_append_kernel(const KvcacheParams p) {
   const int i = int(blockIdx.x), hk = int(blockIdx.y), b = int(blockIdx.z);
@@ -35,6 +73,14 @@ __global__ void __launch_bounds__(128) kvcache_append_kernel(const KvcacheParams
           int64_t(pos) * p.kc_stride_s;
   T* vc = static_cast<T*>(p.v_cache) + b * p.vc_stride_b + hk * p.vc_stride_h +
           int64_t(pos) * p.vc_stride_s;
+  if (p.rotary_cos != nullptr) {
+    const int64_t rp = rotary_pos(p, b, i);
+    for (int e = int(threadIdx.x); e < p.head_dim; e += int(blockDim.x)) {
+      kc[e] = from_float<T>(rotary_elem(p, kn, e, rp));
+      vc[e] = vn[e];
+    }
+    return;
+  }
   for (int e = int(threadIdx.x); e < p.head_dim; e += int(blockDim.x)) {
     kc[e] = kn[e];
     vc[e] = vn[e];
@@ -72,15 +118,19 @@ __global__ void __launch_bounds__(32 * kvcache_tile().n_warps)
   auto sK = [&](int stage) { return sKV + (stage * 2) * kChunk * kPitch; };
   auto sV = [&](int stage) { return sKV + (stage * 2 + 1) * kChunk * kPitch; };
 
-  // q rows of this block: row R -> head hk * gqa + R / Lq, query R % Lq; scaled to base 2
+  // q rows of this block: row R -> head hk * gqa + R / Lq, query R % Lq; scaled to base 2;
+  // rotated first (rounded to T, as the other backends) with the rotary embedding
+  const bool rotary = p.rotary_cos != nullptr && p.k_new != nullptr;
   for (int c = tid; c < kRows * kHeadDim; c += kThreads) {
     const int r = c / kHeadDim, col = c % kHeadDim, R = row0 + r;
     float x = 0.0f;
     if (R < rows_total && col < p.head_dim) {
       const int h = hk * gqa + R / p.len_q, i = R % p.len_q;
-      x = to_float(static_cast<const T*>(
-              p.q)[b * p.q_stride_b + h * p.q_stride_h + int64_t(i) * p.q_stride_l + col]) *
-          args.scale_log2;
+      const T* qrow = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h +
+                      int64_t(i) * p.q_stride_l;
+      x = rotary ? to_float(from_float<T>(rotary_elem(p, qrow, col, rotary_pos(p, b, i))))
+                 : to_float(qrow[col]);
+      x *= args.scale_log2;
     }
     sQ[r * kHeadDim + col] = x;
   }
@@ -257,7 +307,10 @@ cudaError_t attention_kvcache(const KvcacheParams& p, DType dtype, cudaStream_t 
   if (p.batch <= 0 || p.heads <= 0 || p.len_q <= 0) return cudaSuccess;
   if (p.kv_heads <= 0 || p.heads % p.kv_heads != 0 || p.batch > 65535 || p.len_q > 65535 ||
       p.capacity < 0 || p.capacity >= (1 << 30) || p.num_splits < 1 || p.split_len <= 0 ||
-      (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr))) {
+      (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)) ||
+      (p.rotary_cos != nullptr &&
+       (p.rotary_sin == nullptr || p.max_pos < 1 || p.rotary_half < 1 ||
+        2 * p.rotary_half > p.head_dim))) {
     return cudaErrorInvalidValue;
   }
   detail::KvArgs args;

@@ -138,4 +138,20 @@ inline KvcacheParams kvcache_params(const AttnShape& s, float scale, bool causal
   return p;
 }
 
+// The rotary tables (max_pos, rotary_half) of attention_kvcache, with their element strides.
+inline void kvcache_rotary(KvcacheParams& p, const void* cos, const void* sin, int64_t cos_stride_p,
+                           int64_t cos_stride_j, int64_t sin_stride_p, int64_t sin_stride_j,
+                           int64_t max_pos, int64_t rotary_half, bool interleaved, bool f32) {
+  p.rotary_cos = cos;
+  p.rotary_sin = sin;
+  p.cos_stride_p = cos_stride_p;
+  p.cos_stride_j = cos_stride_j;
+  p.sin_stride_p = sin_stride_p;
+  p.sin_stride_j = sin_stride_j;
+  p.max_pos = int(max_pos);
+  p.rotary_half = int(rotary_half);
+  p.rotary_interleaved = interleaved;
+  p.rotary_f32 = f32;
+}
+
 }  // namespace fastattn::cuda

@@ -118,14 +118,14 @@ def _check_scale(scale, E) -> float:
 
 
 def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
-                   cache_leftpad) -> float:
+                   cache_leftpad, rotary_cos=None, rotary_sin=None) -> float:
     """attention_with_kvcache's argument rules (csrc/checks.cpp, shared with the kernels: the
     values of cache_seqlens / cache_leftpad are checked where they are on the host) -> the scale
     resolved. While torch.compile traces, the op's fake function runs the same checks; without
     the extension only the scale is resolved."""
     if _backend.NATIVE is not None and not torch.compiler.is_compiling():
         return _backend.NATIVE.check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                             scale, cache_leftpad)
+                                             scale, cache_leftpad, rotary_cos, rotary_sin)
     return _check_scale(scale, q.shape[-1])
 
 
@@ -168,6 +168,18 @@ def _choose(op: str, device: torch.device, backend: str, dtype: torch.dtype, hea
     return _backend.pick(op, device, backend, (dtype, head_dim, dropout), _supports)
 
 
+# the backends whose attention_kvcache kernels implement rotary_cos / rotary_sin
+_KVCACHE_ROTARY = ("cpu", "triton", "cuda")
+
+
+def _kvcache_supports(backend: str, device: torch.device, key: tuple) -> str | None:
+    """_supports for attention_with_kvcache: key = (dtype, head_dim, rotary)."""
+    dtype, head_dim, rotary = key
+    if rotary and backend not in _KVCACHE_ROTARY:
+        return f"rotary_cos/rotary_sin are not implemented by the {backend} kernels"
+    return _supports(backend, device, (dtype, head_dim, False))
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton custom ops (the launchers live in fastattn/triton/attention.py)
 # ---------------------------------------------------------------------------------------------
@@ -200,12 +212,13 @@ def triton_attention_bwd(
 def triton_attention_kvcache(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     k_new: torch.Tensor | None, v_new: torch.Tensor | None, scale: float, causal: bool,
-    cache_leftpad: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None, rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None, rotary_interleaved: bool = False,
 ) -> torch.Tensor:
     from fastattn.triton.attention import attention_kvcache
 
     return attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal,
-                             cache_leftpad)
+                             cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,8 +245,9 @@ def _bwd_fake(grad_out, q, k, v, out, lse, grad_lse, attn_mask, scale, window_le
 
 
 def _kvcache_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal,
-                  cache_leftpad=None):
-    _check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad)
+                  cache_leftpad=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=False):
+    _check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad,
+                   rotary_cos, rotary_sin)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -394,6 +408,9 @@ def attention_with_kvcache(
     scale: float | None = None,
     causal: bool = True,
     cache_leftpad: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    rotary_interleaved: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Decoding attention against a KV cache (flash-decoding on GPU).
@@ -406,26 +423,48 @@ def attention_with_kvcache(
         causal: the new queries are the last Lq positions (bottom-right causal).
         cache_leftpad: int32 (B,) or None: sequence b starts at cache position cache_leftpad[b]
             (left-padded batches, as ``generate()`` pads them); the keys before it are not seen.
+        rotary_cos, rotary_sin: (max_pos, rotary_dim / 2) tables in q's dtype or float32, any
+            strides (e.g. ``torch.outer(arange(max_pos), inv_freq).cos()`` for Llama), or None.
+            Requires k_new/v_new. Rotary embedding fused into the call (FlashAttention's
+            ``flash_attn_with_kvcache``): q token i and k_new token i of sequence b are rotated at
+            position ``cache_seqlens[b] - cache_leftpad[b] + i`` (its position in its own
+            sequence: left padding does not count, as transformers' ``position_ids`` of a
+            left-padded batch; padding tokens among the new ones, before cache_leftpad[b], are
+            rotated at position 0 and never attended to), which must be < max_pos. The first
+            rotary_dim dims of each head are rotated, the rest pass through; computed in float32
+            and rounded to q's dtype. k_new is rotated before it is written (the cache holds
+            rotated keys, as transformers' caches do); v_new is not rotated; q and k_new
+            themselves are left unchanged.
+        rotary_interleaved: False: GPT-NeoX / Llama pairs (j, j + rotary_dim/2) (transformers'
+            ``rotate_half``); True: GPT-J pairs (2j, 2j + 1). For a pair (x1, x2), c = cos[p, j],
+            s = sin[p, j]: (x1 c - x2 s, x2 c + x1 s).
+
+    Every tensor may be strided (e.g. q, k_new, v_new as transposed views of a fused qkv
+    projection's (B, Lq, (H + 2 Hkv) E) output); nothing is copied for it on the CPU.
 
     Returns:
         (B, H, Lq, E) in q's dtype.
     """
     if _backend.fast_path(backend):
         out = _backend.NATIVE.kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
-                                      causal, cache_leftpad)
+                                      causal, cache_leftpad, rotary_cos, rotary_sin,
+                                      rotary_interleaved)
         if out is not None:
             return out
     _backend.check_backend(backend)
     scale = _check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
-                           cache_leftpad)
+                           cache_leftpad, rotary_cos, rotary_sin)
     E = q.shape[-1]
-    chosen = _choose("attention_with_kvcache", q.device, backend, q.dtype,
-                     max(E, v_cache.shape[-1]))
+    rotary = rotary_cos is not None or rotary_sin is not None
+    chosen = _backend.pick("attention_with_kvcache", q.device, backend,
+                           (q.dtype, max(E, v_cache.shape[-1]), rotary), _kvcache_supports)
     if chosen == "reference" or q.numel() == 0:
         return reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
                                                 scale=scale, causal=causal,
-                                                cache_leftpad=cache_leftpad)
+                                                cache_leftpad=cache_leftpad,
+                                                rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                                                rotary_interleaved=rotary_interleaved)
     op = (torch.ops.fastattn.triton_attention_kvcache if chosen == "triton"
           else torch.ops.fastattn.attention_kvcache)
     return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, bool(causal),
-              cache_leftpad)
+              cache_leftpad, rotary_cos, rotary_sin, bool(rotary_interleaved))

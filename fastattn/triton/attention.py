@@ -6,7 +6,8 @@
   dropout from a counter-based RNG, empty rows (out 0, lse -inf, zero gradients), gradient into
   lse and into the mask.
 * ``attention_kvcache``: decoding against a KV cache. New keys/values are appended in place by a
-  small kernel (the sequence lengths are read on the device: no host synchronisation), then
+  small kernel (the sequence lengths are read on the device: no host synchronisation; with the
+  rotary embedding it rotates k_new on the way and q into a copy the attention reads), then
   split-K flash-decoding computes partial (out, lse) per chunk of the cache and a combine kernel
   merges them.
 
@@ -885,18 +886,62 @@ def _attention_bwd_dq_kernel(
 # decoding
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _rotary(x, X, offs_partner, x_mask, Cos, Sin, rpos, offs_d,
+            stride_cosp, stride_cosj, stride_sinp, stride_sinj, rotary_half,
+            INTERLEAVED: tl.constexpr):
+    """x [ROWS, HEAD_DIM] (loaded from X + offs_partner's rows, X the same pointer tile with the
+    partner dims' offsets in offs_partner) rotated at positions rpos [ROWS] in float32: dims
+    d < 2 * rotary_half pair with d ^ 1 (INTERLEAVED, GPT-J) or d +- rotary_half (GPT-NeoX);
+    for a pair (x1, x2) and j its table column: (x1 c - x2 s, x2 c + x1 s). The other dims pass
+    through exactly (c = 1, s = 0)."""
+    in_rot = offs_d < 2 * rotary_half
+    if INTERLEAVED:
+        col = offs_d // 2
+        sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+    else:
+        first = offs_d < rotary_half
+        col = tl.where(first, offs_d, offs_d - rotary_half)
+        sign = tl.where(first, -1.0, 1.0)
+    m = x_mask & in_rot[None, :]
+    xp = tl.load(X + offs_partner, mask=m, other=0.0).to(tl.float32)
+    c = tl.load(Cos + rpos[:, None] * stride_cosp + col[None, :] * stride_cosj, mask=m,
+                other=1.0).to(tl.float32)
+    s = tl.load(Sin + rpos[:, None] * stride_sinp + col[None, :] * stride_sinj, mask=m,
+                other=0.0).to(tl.float32)
+    return x.to(tl.float32) * c + sign[None, :] * xp * s
+
+
+@triton.jit
+def _rotary_partner(offs_d, rotary_half, INTERLEAVED: tl.constexpr):
+    """The dim each dim d < 2 * rotary_half is paired with (d itself past the rotated dims)."""
+    if INTERLEAVED:
+        partner = offs_d ^ 1
+    else:
+        partner = tl.where(offs_d < rotary_half, offs_d + rotary_half, offs_d - rotary_half)
+    return tl.where(offs_d < 2 * rotary_half, partner, offs_d)
+
+
+@triton.jit
 def _kvcache_append_kernel(
-    KNew, VNew, KCache, VCache, SeqLens,
+    KNew, VNew, KCache, VCache, SeqLens, LeftPad, Cos, Sin, Q, QRot,
     stride_knb, stride_knh, stride_knm, stride_knk,
     stride_vnb, stride_vnh, stride_vnm, stride_vnk,
     stride_kcb, stride_kch, stride_kcn, stride_kck,
     stride_vcb, stride_vch, stride_vcn, stride_vck,
-    num_kv_heads, num_bhk, seqlen_new, capacity, head_dim, head_dim_v,
+    stride_cosp, stride_cosj, stride_sinp, stride_sinj,
+    stride_qb, stride_qh, stride_qm, stride_qk,
+    num_kv_heads, num_bhk, seqlen_new, capacity, head_dim, head_dim_v, max_pos, rotary_half,
+    group_size,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr, ROTARY: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr,
 ):
     """cache[b, h, seqlens[b] + i] = new[b, h, i] for i < Lq. The position is read on the device;
     rows that would land outside [0, capacity) are dropped (never written out of bounds).
-    Grid: grid_folded(cdiv(Lq, BLOCK_L), B * Hkv)."""
+    ROTARY: k_new rotated first (_rotary) at position seqlens[b] - leftpad[b] + i, clamped into
+    [0, max_pos) (the host checks it where it can), and the q rows of the kv head's group_size
+    query heads rotated at the same positions into QRot ((B, H, Lq, E) contiguous, q's dtype),
+    which the split kernel reads as its q: rotated once, not once per split, and the split
+    kernel's registers stay free for its tiles. Grid: grid_folded(cdiv(Lq, BLOCK_L), B * Hkv)."""
     pid_l = tl.program_id(0)
     pid_bh = folded_id()
     if pid_bh >= num_bhk:
@@ -912,8 +957,29 @@ def _kvcache_append_kernel(
     offs_dv = tl.arange(0, HEAD_DIM_V)
     k_ok = ok[:, None] & (offs_d[None, :] < head_dim)
     v_ok = ok[:, None] & (offs_dv[None, :] < head_dim_v)
-    k = tl.load(KNew + b * stride_knb + h * stride_knh + offs_l64[:, None] * stride_knm
-                + offs_d[None, :] * stride_knk, mask=k_ok)
+    k_row = KNew + b * stride_knb + h * stride_knh + offs_l64[:, None] * stride_knm
+    k = tl.load(k_row + offs_d[None, :] * stride_knk, mask=k_ok)
+    if ROTARY:
+        if HAS_LEFTPAD:
+            pad = tl.load(LeftPad + b).to(tl.int64)
+        else:
+            pad = 0
+        rpos = tl.minimum(tl.maximum(start - pad + offs_l64, 0), max_pos - 1)
+        partner = _rotary_partner(offs_d, rotary_half, ROTARY_INTERLEAVED)
+        k = _rotary(k, k_row, partner[None, :] * stride_knk, k_ok, Cos, Sin, rpos, offs_d,
+                    stride_cosp, stride_cosj, stride_sinp, stride_sinj, rotary_half,
+                    ROTARY_INTERLEAVED).to(KCache.dtype.element_ty)
+        q_ok = (offs_l < seqlen_new)[:, None] & (offs_d[None, :] < head_dim)
+        for g in range(0, group_size):
+            hq = h * group_size + g
+            q_row = Q + b * stride_qb + hq * stride_qh + offs_l64[:, None] * stride_qm
+            q = tl.load(q_row + offs_d[None, :] * stride_qk, mask=q_ok)
+            q = _rotary(q, q_row, partner[None, :] * stride_qk, q_ok, Cos, Sin, rpos, offs_d,
+                        stride_cosp, stride_cosj, stride_sinp, stride_sinj, rotary_half,
+                        ROTARY_INTERLEAVED)
+            tl.store(QRot + ((b * num_kv_heads * group_size + hq) * seqlen_new
+                             + offs_l64[:, None]) * head_dim + offs_d[None, :],
+                     q.to(QRot.dtype.element_ty), mask=q_ok)
     tl.store(KCache + b * stride_kcb + h * stride_kch + pos[:, None] * stride_kcn
              + offs_d[None, :] * stride_kck, k, mask=k_ok)
     v = tl.load(VNew + b * stride_vnb + h * stride_vnh + offs_l64[:, None] * stride_vnm
@@ -947,7 +1013,8 @@ def _kvcache_split_kernel(
     length is derived on the device from seqlens[b] (and leftpad[b], the first visible key, with
     HAS_LEFTPAD), so splits follow the real sequence.
     SPLIT: write normalised partial out (fp32) and lse per split for the combine kernel;
-    otherwise write the final output. Grid: grid_folded(num_splits * cdiv(Lq * group, BLOCK_M),
+    otherwise write the final output. With the rotary embedding, Q is the rotated copy the
+    append kernel wrote. Grid: grid_folded(num_splits * cdiv(Lq * group, BLOCK_M),
     B * Hkv), split index fastest."""
     pid_s = tl.program_id(0) % num_splits
     pid_m = tl.program_id(0) // num_splits
@@ -1214,6 +1281,14 @@ def _sm_count(device: torch.device) -> int:
     return 4  # interpreter: a notional small device
 
 
+def append_block_l(seqlen_new: int, head_dim: int, rotary: bool) -> int:
+    """New tokens per program of the append kernel: up to 16; with the rotary embedding at most
+    1024 elements a tile (4 rows at E = 256), whose rotation keeps the element, its partner and
+    the two table values live (16 rows at E = 256 spill ~1 KB a thread on sm_80/sm_90)."""
+    block = min(16, triton.next_power_of_2(seqlen_new))
+    return min(block, max(1, 1024 // _head_block(head_dim))) if rotary else block
+
+
 def kvcache_num_splits(batch: int, kv_heads: int, m_blocks: int, capacity: int,
                        device: torch.device) -> int:
     """Number of cache chunks per (b, kv head): enough programs for ~4 resident per SM (decoding
@@ -1228,7 +1303,9 @@ def kvcache_num_splits(batch: int, kv_heads: int, m_blocks: int, capacity: int,
 def attention_kvcache(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     k_new: torch.Tensor | None, v_new: torch.Tensor | None, scale: float, causal: bool,
-    cache_leftpad: torch.Tensor | None = None, *, num_splits: int | None = None,
+    cache_leftpad: torch.Tensor | None = None, rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None, rotary_interleaved: bool = False, *,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Decoding attention; appends k_new/v_new to the caches in place first.
 
@@ -1236,7 +1313,9 @@ def attention_kvcache(
     int32 (B,); k_new (B, Hkv, Lq, E), v_new (B, Hkv, Lq, Ev) or None; cache_leftpad int32 (B,) or
     None. Query i of batch b sees keys [lp_b, total_b - Lq + i] (causal) or [lp_b, total_b),
     total_b = seqlens[b] (+ Lq with k_new), lp_b = cache_leftpad[b] (0 without).
-    num_splits overrides the split-K heuristic (1 = no combine pass). Returns (B, H, Lq, Ev)
+    rotary_cos/rotary_sin (max_pos, rotary_dim / 2) (with k_new): q and k_new token i rotated at
+    position seqlens[b] - lp_b + i (csrc/fastattn.cpp), both by the append kernel (q into a
+    rotated copy the split kernel reads). num_splits overrides the split-K heuristic (1 = no combine pass). Returns (B, H, Lq, Ev)
     contiguous in q's dtype.
     """
     B, H, Lq, E = q.shape
@@ -1244,15 +1323,30 @@ def attention_kvcache(
     group = H // Hkv
     dev = q.device
     seqlens = cache_seqlens.to(torch.int32).contiguous()
+    leftpad = seqlens if cache_leftpad is None else cache_leftpad.to(torch.int32).contiguous()
     out = torch.empty((B, H, Lq, Ev), dtype=q.dtype, device=dev)
+    rotary = rotary_cos is not None and k_new is not None and k_new.numel() > 0
+    if rotary:
+        cos, sin = rotary_cos, rotary_sin
+        rot_args = (*cos.stride(), *sin.stride())
+        max_pos, rotary_half = cos.shape[0], cos.shape[1]
+        q_rot = torch.empty((B, H, Lq, E), dtype=q.dtype, device=dev)
+    else:
+        cos = sin = seqlens  # dummy pointers, never read
+        rot_args, max_pos, rotary_half = (0, 0, 0, 0), 1, 0
+        q_rot = q
     if k_new is not None and k_new.numel() > 0:
-        block_l = min(16, triton.next_power_of_2(Lq))
+        block_l = append_block_l(Lq, E, rotary)
         _kvcache_append_kernel[grid_folded(triton.cdiv(Lq, block_l), B * Hkv)](
-            k_new, v_new, k_cache, v_cache, seqlens,
-            *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
-            Hkv, B * Hkv, Lq, cap, E, Ev,
+            k_new, v_new, k_cache, v_cache, seqlens, leftpad, cos, sin, q, q_rot,
+            *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(), *rot_args,
+            *q.stride(),
+            Hkv, B * Hkv, Lq, cap, E, Ev, max_pos, rotary_half, group,
             HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev), BLOCK_L=block_l,
+            HAS_LEFTPAD=cache_leftpad is not None, ROTARY=rotary,
+            ROTARY_INTERLEAVED=bool(rotary_interleaved) and rotary,
         )
+    q = q_rot
     if out.numel() == 0:
         return out
     rows = Lq * group
@@ -1269,8 +1363,7 @@ def attention_kvcache(
     else:
         out_partial = lse_partial = out  # unused
     _kvcache_split_kernel[grid_folded(num_splits * m_blocks, B * Hkv)](
-        q, k_cache, v_cache, seqlens,
-        seqlens if cache_leftpad is None else cache_leftpad.to(torch.int32).contiguous(),
+        q, k_cache, v_cache, seqlens, leftpad,
         out, out_partial, lse_partial,
         scale * math.log2(math.e),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),

@@ -228,3 +228,128 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* begin, const int64_
     }
   });
 }
+
+// ---------------------------------------------------------------------------------------------
+// the in-place append of k_new / v_new at cache_seqlens, with the rotary embedding of k_new and
+// q (attention_kvcache's rotary_cos / rotary_sin): one pass over the new rows before attention
+// ---------------------------------------------------------------------------------------------
+// dst[i * stride] = src[i] rounded to T (nearest even, as c10's conversions), i < n
+template <typename T>
+FA_INLINE void store_f32(const float* src, int64_t n, T* dst, int64_t stride) {
+#ifdef FA_AVX512
+  if (stride == 1) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) store_as(dst + i, _mm512_loadu_ps(src + i), 16);
+    if (i < n) {
+      const int rest = static_cast<int>(n - i);
+      store_as(dst + i, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rest) - 1u), src + i),
+               rest);
+    }
+    return;
+  }
+#endif
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (stride == 1) {  // bit operations the compiler vectorises
+      uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) {
+        uint32_t u;
+        std::memcpy(&u, src + i, sizeof(u));
+        d[i] = src[i] != src[i] ? uint16_t{0x7fc0}
+                                : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+      }
+      return;
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) dst[i * stride] = static_cast<T>(src[i]);
+}
+
+template <typename T>
+FA_INLINE void copy_row(const T* src, int64_t ss, int64_t n, T* dst, int64_t ds) {
+  if (ss == 1 && ds == 1) {
+    std::memcpy(static_cast<void*>(dst), static_cast<const void*>(src),
+                static_cast<size_t>(n) * sizeof(T));
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) dst[i * ds] = src[i * ss];
+}
+
+// dst = the E elements of x (stride xs) with dims [0, 2 * half) rotated by the table rows c / s
+// (strides cst / sst) and the rest passed through; in float32, rounded to T once.
+// buf: 2 * E + 2 * half floats.
+template <typename T, typename C>
+FA_INLINE void rotary_row(const T* x, int64_t xs, int64_t E, const C* c, int64_t cst, const C* s,
+                          int64_t sst, int64_t half, bool interleaved, float* buf, T* dst,
+                          int64_t ds) {
+  float* xf = buf;
+  float* yf = xf + E;
+  float* cf = yf + E;
+  float* sf = cf + half;
+  load_f32(x, xs, E, xf);
+  load_f32(c, cst, half, cf);
+  load_f32(s, sst, half, sf);
+  if (interleaved) {  // GPT-J: pairs (2j, 2j + 1)
+    for (int64_t j = 0; j < half; ++j) {
+      const float x1 = xf[2 * j], x2 = xf[2 * j + 1];
+      yf[2 * j] = x1 * cf[j] - x2 * sf[j];
+      yf[2 * j + 1] = x2 * cf[j] + x1 * sf[j];
+    }
+  } else {  // GPT-NeoX / Llama (rotate_half): pairs (j, j + half)
+    const float* x2p = xf + half;
+    float* y2p = yf + half;
+    for (int64_t j = 0; j < half; ++j) {
+      const float x1 = xf[j], x2 = x2p[j];
+      yf[j] = x1 * cf[j] - x2 * sf[j];
+      y2p[j] = x2 * cf[j] + x1 * sf[j];
+    }
+  }
+  for (int64_t e = 2 * half; e < E; ++e) yf[e] = xf[e];
+  store_f32(yf, E, dst, ds);
+}
+
+// C: the tables' element type (float, or T)
+template <typename T, typename C>
+void kvcache_prepare_impl(const KvPrepArgs& a) {
+  const int64_t E = a.E, Ev = a.Ev, Lq = a.Lq, half = a.half;
+  const int64_t nk = a.kn != nullptr ? a.B * a.Hkv * Lq : 0;  // k_new / v_new rows
+  const int64_t nq = a.qrot != nullptr ? a.B * a.H * Lq : 0;  // q rows (rotary only)
+  const T* kn = static_cast<const T*>(a.kn);
+  const T* vn = static_cast<const T*>(a.vn);
+  const T* q = static_cast<const T*>(a.q);
+  T* kc = static_cast<T*>(a.kc);
+  T* vc = static_cast<T*>(a.vc);
+  T* qrot = static_cast<T*>(a.qrot);
+  const C* cos = static_cast<const C*>(a.cos);
+  const C* sin = static_cast<const C*>(a.sin);
+  // the token's position in its own sequence (left padding does not count); padding tokens among
+  // the new ones (before leftpad[b]) are never attended to and are rotated at position 0
+  auto position = [&](int64_t b, int64_t i) {
+    return std::max<int64_t>(0, a.seqlens[b] - (a.leftpad != nullptr ? a.leftpad[b] : 0) + i);
+  };
+  // a decoding step has a few dozen rows of E elements (~1 us): threads only for many rows
+  at::parallel_for(0, nk + nq, 256, [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(half > 0 ? static_cast<size_t>(2 * E + 2 * half) : 0);
+    for (int64_t r = r0; r < r1; ++r) {
+      if (r < nk) {
+        const int64_t b = r / (a.Hkv * Lq), h = (r / Lq) % a.Hkv, i = r % Lq;
+        const int64_t pos = a.seqlens[b] + i;
+        const T* ks = kn + b * a.skn[0] + h * a.skn[1] + i * a.skn[2];
+        T* kd = kc + b * a.skc[0] + h * a.skc[1] + pos * a.skc[2];
+        if (half > 0) {
+          const int64_t p = position(b, i);
+          rotary_row(ks, a.skn[3], E, cos + p * a.scos[0], a.scos[1], sin + p * a.ssin[0],
+                     a.ssin[1], half, a.interleaved, buf.data(), kd, a.skc[3]);
+        } else {
+          copy_row(ks, a.skn[3], E, kd, a.skc[3]);
+        }
+        copy_row(vn + b * a.svn[0] + h * a.svn[1] + i * a.svn[2], a.svn[3], Ev,
+                 vc + b * a.svc[0] + h * a.svc[1] + pos * a.svc[2], a.svc[3]);
+      } else {
+        const int64_t x = r - nk, b = x / (a.H * Lq), h = (x / Lq) % a.H, i = x % Lq;
+        const int64_t p = position(b, i);
+        rotary_row(q + b * a.sq[0] + h * a.sq[1] + i * a.sq[2], a.sq[3], E, cos + p * a.scos[0],
+                   a.scos[1], sin + p * a.ssin[0], a.ssin[1], half, a.interleaved, buf.data(),
+                   qrot + x * E, int64_t{1});
+      }
+    }
+  });
+}
