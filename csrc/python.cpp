@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/cpu_features.h"
 
 namespace py = pybind11;
 
@@ -313,4 +314,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("check_int8_linear", &check_int8_linear);
   m.def("silu_mul", &silu_mul);
   m.def("check_silu_mul", &check_silu_mul, py::arg("x"), py::arg("grad") = py::none());
+  m.def("cpu_isa", [] { return std::string(fastattn::cpu::isa_name(fastattn::cpu::cpu_isa())); },
+        "The instruction-set level the CPU kernels run at now (FASTATTN_CPU_ISA caps it).");
 }

@@ -12,11 +12,15 @@ What is replaced (exact classes only: a subclass may have changed ``forward``):
                       with ``variance_epsilon``: LlamaRMSNorm, T5LayerNorm, ...) with a 1-D
                       ``weight`` only, whose output matches fastattn.nn.RMSNorm on a random
                       input (so Gemma's ``(1 + weight)`` norm is left alone)
-    int8=True         nn.Linear                     -> fastattn.nn.Int8Linear (weight-only; "w8a8":
-                                                       activations per token too), except the
+    int8=True         nn.Linear                     -> fastattn.nn.Int8Linear ("auto": weight-only
+                                                       or W8A8 per call; see convert), except the
                       out_proj of a MultiheadAttention (read as a weight by its forward) and
-                      linears whose weight is tied to another module (e.g. an lm_head tied to
-                      the embeddings)
+                      linears whose weight is tied to another linear; a linear tied to an
+                      nn.Embedding (an lm_head) gets an int8 copy, the embedding keeps its weight
+    attention=True,   Llama-style transformers decoder layers (fastattn.integrations.decoder):
+    transformers      one GEMM for q/k/v and one for gate/up, rotary + KV-cache append +
+                      attention in one kernel call per decoding step, SiLU*mul fused, the
+                      residual add in the RMSNorm; same modules and state_dict
 
 The walk is post-order (children first, then the module itself, the root included), keeps each
 module's device, dtype and train/eval mode, and replaces a module shared at several places by one
@@ -197,6 +201,8 @@ class _Converter:
         # parameters used by several modules (tied weights) are not quantized
         self.param_uses = Counter(id(p) for m in model.modules()
                                   for p in m._parameters.values() if p is not None)
+        self.embedding_weights = {id(m.weight) for m in model.modules()
+                                  if type(m) is nn.Embedding}
         hf = sys.modules.get("transformers")
         self.hf_pretrained = getattr(hf, "PreTrainedModel", None) if hf is not None else None
 
@@ -294,14 +300,23 @@ class _Converter:
     def _replace_linear(self, module, fqn, parent):
         if isinstance(parent, nn.MultiheadAttention):
             return module  # out_proj: its weight is read directly by the attention forward
-        if self.param_uses[id(module.weight)] > 1:
+        tied_to_embedding = id(module.weight) in self.embedding_weights
+        if self.param_uses[id(module.weight)] > 1 and not tied_to_embedding:
             self.report.kept.append((fqn, "weight is tied to another module"))
             return module
         cls = self._load("Int8Linear")
         if cls is None or not self._allowed(module, fqn):
             return module
-        activations = "int8" if self.int8 == "w8a8" else "float"
-        return self._swap(module, cls.from_float(module, activations=activations), fqn)
+        activations = {"w8a8": "int8", "weight_only": "float", "auto": "auto"}[self.int8]
+        new = self._swap(module, cls.from_float(module, activations=activations), fqn)
+        if tied_to_embedding:
+            # an output projection tied to the input embedding (lm_head): the embedding keeps
+            # its float weight (a lookup reads one row per token), the projection, which reads
+            # the whole matrix per token, gets an int8 copy
+            self.report.notes.append(f"{fqn}: weight tied to an nn.Embedding; quantized as a "
+                                     "copy (the embedding keeps its float weight, the tie is "
+                                     "not kept)")
+        return new
 
     # -----------------------------------------------------------------------------------------
     def finish_transformers(self, root: nn.Module) -> None:
@@ -320,6 +335,19 @@ class _Converter:
             if note:
                 self.report.notes.append(f"{fqn or '<root>'}: {note}")
 
+    def finish_decoders(self, root: nn.Module) -> None:
+        """Llama-style transformers decoder layers: fused projections and decoding step."""
+        if not self.attention or self.hf_pretrained is None:
+            return
+        from fastattn.integrations.decoder import fuse_decoder_layers
+
+        allowed = self.filter_fn or (lambda m, fqn: True)
+        fused, kept = fuse_decoder_layers(root, allowed)
+        for fqn in fused:
+            self.report._add("decoder layer -> fused decoder layer (q/k/v and gate/up GEMMs, "
+                             "rotary + KV-cache attention, SiLU*mul)", fqn)
+        self.report.kept += kept
+
 
 def convert(
     model: nn.Module,
@@ -336,11 +364,14 @@ def convert(
         model: any nn.Module: torch Transformer layers, a transformers PreTrainedModel, ...
         attention: replace nn.MultiheadAttention; route transformers models' attention to fastattn.
         layer_norm: replace nn.LayerNorm, nn.RMSNorm and transformers-style *RMSNorm modules.
-        int8: replace nn.Linear by fastattn.nn.Int8Linear (inference). ``True`` or
-            ``"weight_only"``: int8 weights, float activations (accuracy first: activation
-            outliers of post-LN encoders such as BERT cost per-token W8A8 ~1% cosine on
-            all-MiniLM-L6-v2 embeddings; weight-only keeps 0.998). ``"w8a8"``: activations
-            quantized per token too (int8 GEMM; fastest on large inputs).
+        int8: replace nn.Linear by fastattn.nn.Int8Linear (inference). ``True`` or ``"auto"``:
+            int8 weights, the activations' handling chosen per call (``activations="auto"``):
+            weight-only kernel up to 16 rows (decoding), above it W8A8 with LLM.int8()'s outlier
+            decomposition where the int8 GEMM is fast (VNNI/AMX CPUs, CUDA), else weight-only.
+            ``"weight_only"``: float activations at every size. ``"w8a8"``: activations
+            quantized per token at every size above WEIGHT_ONLY_MAX_M, no outlier decomposition
+            (activation outliers of post-LN encoders such as BERT then cost ~1% cosine on
+            all-MiniLM-L6-v2 embeddings).
         filter_fn: ``filter_fn(module, fqn) -> bool``; only candidates it returns True for are
             replaced ("" is the fqn of the root).
 
@@ -350,12 +381,14 @@ def convert(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable(module, fqn) -> bool, got {filter_fn!r}")
-    if int8 not in (False, True, "weight_only", "w8a8"):
-        raise ValueError(f"int8 must be False, True, 'weight_only' or 'w8a8', got {int8!r}")
-    int8 = "weight_only" if int8 is True else int8
+    if int8 not in (False, True, "auto", "weight_only", "w8a8"):
+        raise ValueError(
+            f"int8 must be False, True, 'auto', 'weight_only' or 'w8a8', got {int8!r}")
+    int8 = "auto" if int8 is True else int8
     conv = _Converter(model, bool(attention), bool(layer_norm), int8, filter_fn)
     new_root = conv.walk(model, "", None)
     conv.finish_transformers(new_root)
+    conv.finish_decoders(new_root)
     new_root.fastattn_report = conv.report
     log.info("%s", conv.report)
     return new_root

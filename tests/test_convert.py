@@ -344,14 +344,25 @@ def test_int8_linears():
     linear_mod = pytest.importorskip("fastattn.nn.linear", reason="fastattn.nn.linear not merged yet")
     emb = nn.Embedding(50, D_MODEL)
     head = nn.Linear(D_MODEL, 50, bias=False)
-    head.weight = emb.weight  # tied: left alone
+    head.weight = emb.weight  # tied to the embedding: quantized as a copy
+    a, b = nn.Linear(D_MODEL, D_MODEL), nn.Linear(D_MODEL, D_MODEL)
+    b.weight = a.weight  # tied between linears: left alone
     model = nn.ModuleDict({"emb": emb, "mha": nn.MultiheadAttention(D_MODEL, NHEAD),
-                           "ff": nn.Linear(D_MODEL, 64), "head": head})
+                           "ff": nn.Linear(D_MODEL, 64), "head": head, "a": a, "b": b})
+    x = torch.randn(3, D_MODEL)
+    with torch.no_grad():
+        want = head(x)
     converted = fastattn.convert(model, int8=True)
     assert isinstance(converted["ff"], linear_mod.Int8Linear)
-    assert type(converted["head"]) is nn.Linear
+    assert isinstance(converted["head"], linear_mod.Int8Linear)
+    assert converted["emb"].weight.dtype == torch.float32  # the lookup keeps its float weight
+    assert any(n.startswith("head: weight tied to an nn.Embedding")
+               for n in converted.fastattn_report.notes)
+    with torch.no_grad():
+        torch.testing.assert_close(converted["head"](x), want, atol=0.05, rtol=0.05)
     assert type(converted["mha"].out_proj) is not linear_mod.Int8Linear
-    assert ("head", "weight is tied to another module") in converted.fastattn_report.kept
+    assert type(converted["a"]) is nn.Linear and type(converted["b"]) is nn.Linear
+    assert ("a", "weight is tied to another module") in converted.fastattn_report.kept
 
 
 def test_compile_fullgraph_converted_encoder():

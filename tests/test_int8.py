@@ -331,6 +331,69 @@ def test_int8_linear_small_m_dispatch(kernel, monkeypatch):
         assert not torch.equal(out, other)  # the two paths round differently: it took `path`
 
 
+def _with_outlier_columns(M, K, N, dtype, cols=(3, 17)):
+    x, w_int8, w_scale, b = _linear_operands(M, K, N, dtype)
+    x = x.float()
+    x[:, list(cols)] *= 40.0  # feature columns far above the rest, as LayerNorm outputs have
+    return x.to(dtype), w_int8, w_scale, b
+
+
+def test_int8_linear_outlier_decomposition(kernel):
+    """LLM.int8(): columns above the threshold multiply the dequantized weight in float, the rest
+    is quantized per token without them; the result is exactly that sum."""
+    M, K, N = 40, 64, 24
+    for dtype in FLOAT_DTYPES:
+        x, w_int8, w_scale, b = _with_outlier_columns(M, K, N, dtype)
+        out = fastattn.int8_linear(x, w_int8, w_scale, b, backend=kernel, outlier_threshold=6.0)
+        cols = (x.float().abs().amax(0) > 6.0)
+        assert cols.sum() == 2
+        x_in = x.masked_fill(cols, 0)
+        w_deq = w_int8.double() * w_scale.double()[:, None]
+        want = (reference.int8_linear(x_in, w_int8, w_scale, b).double()
+                + x.double()[:, cols] @ w_deq[:, cols].T)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol * want.abs().max())
+        # far closer to the float product than per-token W8A8 without the split
+        exact = x.double() @ w_deq.T + b.double()
+        plain = fastattn.int8_linear(x, w_int8, w_scale, b, backend=kernel)
+        assert sqnr_db(exact, out) > sqnr_db(exact, plain) + 6
+    # no column above the threshold: the plain W8A8 result, bit for bit
+    x, w_int8, w_scale, b = _linear_operands(M, K, N, torch.float32)
+    assert torch.equal(
+        fastattn.int8_linear(x, w_int8, w_scale, b, backend=kernel, outlier_threshold=1e9),
+        fastattn.int8_linear(x, w_int8, w_scale, b, backend=kernel))
+    with pytest.raises(ValueError, match="outlier_threshold must be > 0"):
+        fastattn.int8_linear(x, w_int8, w_scale, b, backend=kernel, outlier_threshold=0.0)
+
+
+def test_int8linear_auto_chooses_per_call(monkeypatch):
+    """activations="auto": weight-only up to 16 rows; above, W8A8 with the outlier split where
+    the int8 GEMM is fast (VNNI/AMX), weight-only where it is not (FASTATTN_CPU_ISA=avx2)."""
+    skip_unless_backend("cpu")
+    calls = []
+    import fastattn.nn.linear as linear_mod
+
+    real_wo, real_w8 = linear_mod.int8_weight_only_linear, linear_mod.int8_linear
+    monkeypatch.setattr(linear_mod, "int8_weight_only_linear",
+                        lambda *a, **k: calls.append("weight_only") or real_wo(*a, **k))
+    monkeypatch.setattr(linear_mod, "int8_linear",
+                        lambda *a, **k: calls.append(("w8a8", k["outlier_threshold"]))
+                        or real_w8(*a, **k))
+    q = Int8Linear.from_float(nn.Linear(64, 32), activations="auto")
+    fast = fastattn._C.cpu_isa() in ("avx512_vnni", "avx512_bf16", "amx")
+    with torch.no_grad():
+        for M, want in [(1, "weight_only"), (16, "weight_only"),
+                        (17, ("w8a8", 6.0) if fast else "weight_only")]:
+            calls.clear()
+            q(torch.randn(M, 64))
+            assert calls == [want], (M, calls)
+        monkeypatch.setenv("FASTATTN_CPU_ISA", "avx2")
+        assert fastattn._C.cpu_isa() == "avx2"
+        calls.clear()
+        q(torch.randn(64, 64))
+        assert calls == ["weight_only"]
+
+
 @pytest.mark.parametrize("M", [1, 64])
 def test_int8_linear_sqnr_vs_float(M):
     K, N = 512, 384

@@ -9,6 +9,12 @@ The weight is quantized once (``Int8Linear.from_float``). Two activation modes:
   weight is dequantized on the fly inside the kernel (:func:`fastattn.int8_weight_only_linear`).
   Slower for large inputs, but immune to activation outliers: on the all-MiniLM-L6-v2 encoder the
   sentence embeddings keep cosine 0.998 to fp32 where per-token W8A8 gives 0.989.
+- ``activations="auto"`` (what ``fastattn.convert(model, int8=True)`` uses): chosen per call from
+  the number of rows M. Up to ``AUTO_WEIGHT_ONLY_MAX_M`` rows (decoding: reading the weight is the
+  cost) the weight-only kernel; above it, where the GEMM is bound by compute, W8A8 on the int8
+  GEMM with LLM.int8()'s outlier decomposition (``outlier_threshold``: activation columns above it
+  stay in float) when the device has a fast int8 GEMM (CUDA; CPUs with VNNI or AMX), else
+  weight-only. Under torch.compile "auto" runs weight-only at every M.
 """
 
 from __future__ import annotations
@@ -16,9 +22,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastattn.ops.int8 import int8_linear, int8_weight_only_linear, quantize_per_channel
+from fastattn.ops.int8 import (
+    fast_int8_gemm,
+    int8_linear,
+    int8_weight_only_linear,
+    quantize_per_channel,
+)
 
-ACTIVATION_MODES = ("int8", "float")
+ACTIVATION_MODES = ("int8", "float", "auto")
+# "auto": rows up to which the weight-only kernel runs (decoding, speculative steps, small batches)
+AUTO_WEIGHT_ONLY_MAX_M = 16
+# "auto": LLM.int8()'s default threshold (bitsandbytes' Linear8bitLt threshold=6.0)
+OUTLIER_THRESHOLD = 6.0
 
 
 def _check_activations(activations) -> str:
@@ -70,10 +85,18 @@ class Int8Linear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.activations == "float":
+        mode = self.activations
+        if mode == "auto":
+            mode = ("float" if (input.numel() <= AUTO_WEIGHT_ONLY_MAX_M * self.in_features
+                                or torch.compiler.is_compiling()
+                                or not fast_int8_gemm(input.device))
+                    else "outliers")
+        if mode == "float":
             return int8_weight_only_linear(input, self.weight, self.weight_scale, self.bias,
                                            backend=self.backend)
-        return int8_linear(input, self.weight, self.weight_scale, self.bias, backend=self.backend)
+        threshold = OUTLIER_THRESHOLD if mode == "outliers" else None
+        return int8_linear(input, self.weight, self.weight_scale, self.bias, backend=self.backend,
+                           outlier_threshold=threshold)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, *, backend: str = "auto",

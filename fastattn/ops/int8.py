@@ -346,6 +346,7 @@ def int8_linear(
     bias: torch.Tensor | None = None,
     *,
     backend: str = "auto",
+    outlier_threshold: float | None = None,
 ) -> torch.Tensor:
     """W8A8 int8 linear layer: quantize x per token, int8 GEMM, dequantize (+ bias) in one epilogue.
 
@@ -355,6 +356,12 @@ def int8_linear(
         w_scale: float (N,) per-output-channel scale.
         bias: float (N,) or None.
         backend: "auto" | "triton" | "cuda" | "cpu" | "reference".
+        outlier_threshold: LLM.int8()'s mixed-precision decomposition (Dettmers et al., 2022;
+            bitsandbytes' ``threshold``): the columns k of x with max |x[:, k]| above it stay in
+            float and multiply the dequantized weight columns; the other columns are quantized
+            per token without them (an outlier feature would otherwise set every token's scale
+            and wash out the rest). None: no decomposition. Eager only: under torch.compile
+            (data-dependent column count) a call with a threshold takes the weight-only path.
 
     When x has at most ``WEIGHT_ONLY_MAX_M[device type]`` rows (decoding), the weight-only path
     is taken instead, on every backend alike: x stays in float and multiplies the dequantized int8
@@ -371,11 +378,43 @@ def int8_linear(
     M = math.prod(x.shape[:-1])
     if M <= WEIGHT_ONLY_MAX_M.get(device.type, 0):
         return _weight_only(x, w_int8, w_scale, bias, backend)
+    if outlier_threshold is not None:
+        if not outlier_threshold > 0:
+            raise ValueError("fastattn.int8_linear: outlier_threshold must be > 0 or None, got "
+                             f"{outlier_threshold!r}")
+        if torch.compiler.is_compiling():
+            return _weight_only(x, w_int8, w_scale, bias, backend)
     chosen = _choose("int8_linear", device, backend, x.dtype)
     x2 = _flatten_rows(x)  # (M, K)
+    outliers = None
+    if outlier_threshold is not None:
+        x2, outliers = _split_outliers(x2, w_int8, w_scale, outlier_threshold)
     if chosen == "reference":
         out = reference.int8_linear(x2, w_int8, w_scale, bias)
     else:
         q, scale = _op(chosen, "quantize_per_token")(x2)
         out = _op(chosen, "int8_gemm")(q, w_int8, scale, w_scale, bias, x.dtype)
+    if outliers is not None:
+        out = out.add_(outliers.to(out.dtype))
     return out.reshape(*x.shape[:-1], w_int8.shape[0])
+
+
+def _split_outliers(x2, w_int8, w_scale, threshold: float):
+    """(x2 with its outlier columns zeroed, their float contribution (M, N) float32 or None)."""
+    cols = (x2.abs().amax(0) > threshold).nonzero().flatten()  # (c,) one host synchronisation
+    if cols.numel() == 0:
+        return x2, None
+    acc = torch.promote_types(x2.dtype, torch.float32)
+    w_cols = w_int8.index_select(1, cols).to(acc) * w_scale.to(acc)[:, None]  # (N, c)
+    part = x2.index_select(1, cols).to(acc) @ w_cols.T  # (M, N)
+    return x2.index_fill(1, cols, 0), part
+
+
+def fast_int8_gemm(device: torch.device) -> bool:
+    """Whether int8_gemm on ``device`` outruns float GEMMs (so W8A8 pays at large M): CUDA, and
+    CPUs with VNNI or AMX (the C++ kernels' level, FASTATTN_CPU_ISA included)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu" or _backend.NATIVE is None:
+        return False
+    return _backend.NATIVE.cpu_isa() in ("avx512_vnni", "avx512_bf16", "amx")
