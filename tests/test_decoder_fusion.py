@@ -289,3 +289,23 @@ def test_smollm2_converted_keeps_tokens_and_perplexity(smollm2, kvcache_calls):
     # padded prompt, whose top-2 logits are 0.95 apart): the first one must agree
     start = prompt["input_ids"].shape[1]
     assert torch.equal(got8[:, : start + 1], want[:, : start + 1])
+
+
+def test_compiled_decoding_with_a_static_cache():
+    """generate() with a static cache and the decoding step under torch.compile(fullgraph=True)
+    traces the fused layers without a graph break and gives the original tokens."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    low = _model("llama")
+    ours = fastattn.convert(copy.deepcopy(low))
+    kw = _batch(B=2)
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
+    config = CompileConfig(fullgraph=True, backend="eager")
+    config._compile_all_devices = True  # transformers compiles the step on CUDA only by default
+    ours.generation_config.compile_config = config
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = low.generate(**kw, **gen)
+        got = ours.generate(**kw, **gen)
+    assert torch.equal(got, want)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
