@@ -395,19 +395,21 @@ def int8_linear(
         q, scale = _op(chosen, "quantize_per_token")(x2)
         out = _op(chosen, "int8_gemm")(q, w_int8, scale, w_scale, bias, x.dtype)
     if outliers is not None:
-        out = out.add_(outliers.to(out.dtype))
+        x_cols, w_cols = outliers
+        out = out.addmm_(x_cols.to(out.dtype), w_cols.T.to(out.dtype))  # += x_cols @ w_cols.T
     return out.reshape(*x.shape[:-1], w_int8.shape[0])
 
 
 def _split_outliers(x2, w_int8, w_scale, threshold: float):
-    """(x2 with its outlier columns zeroed, their float contribution (M, N) float32 or None)."""
-    cols = (x2.abs().amax(0) > threshold).nonzero().flatten()  # (c,) one host synchronisation
+    """(x2 with its outlier columns zeroed, (x2's outlier columns (M, c), the dequantized weight
+    columns (N, c)) or None)."""
+    lo, hi = torch.aminmax(x2, dim=0)  # one pass over x
+    cols = ((hi > threshold) | (lo < -threshold)).nonzero().flatten()  # (c,) one host sync
     if cols.numel() == 0:
         return x2, None
     acc = torch.promote_types(x2.dtype, torch.float32)
     w_cols = w_int8.index_select(1, cols).to(acc) * w_scale.to(acc)[:, None]  # (N, c)
-    part = x2.index_select(1, cols).to(acc) @ w_cols.T  # (M, N)
-    return x2.index_fill(1, cols, 0), part
+    return x2.index_fill(1, cols, 0), (x2.index_select(1, cols), w_cols)
 
 
 def fast_int8_gemm(device: torch.device) -> bool:
