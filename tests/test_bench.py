@@ -424,6 +424,18 @@ def test_e2e_rows(tmp_path):
     assert "ok (baseline)" in md and "Agreement: SmolLM2-135M" in md
 
 
+def test_e2e_token_agreement():
+    """Aligned in order: identical -> 1, one inserted token costs one, unrelated -> 0."""
+    agreement = e2e._token_agreement(2)
+    prompt = [7, 7]
+    ref = torch.tensor([prompt + [1, 2, 3, 4, 5, 6, 7, 8], prompt + [1, 1, 1, 1, 1, 1, 1, 1]])
+    assert agreement(ref.clone(), ref) == 1.0
+    shifted = torch.tensor([prompt + [1, 2, 9, 3, 4, 5, 6, 7], prompt + [1, 1, 1, 1, 1, 1, 1, 1]])
+    assert agreement(shifted, ref) == 15 / 16  # 7 of the first row's 8 tokens, all of the 2nd
+    other = torch.tensor([prompt + [0] * 8, prompt + [0] * 8])
+    assert agreement(other, ref) == 0.0
+
+
 def test_e2e_missing_packages_skip(monkeypatch, tmp_path):
     """Without the models' packages the op is skipped with the pip line; without an optional
     baseline's package its row is skipped with the pip line."""
