@@ -54,7 +54,8 @@ OPS = {
     "e2e": (e2e.cases, e2e.FUNCTIONS, 0.5),
 }
 # what --op all runs: every op but e2e, which loads real models from their packages, compiles
-# them and takes ~10 minutes on 2 cores in --quick mode: it is asked for by name
+# them and takes 10-20 minutes on 2 cores in --quick mode (17.5 min with one thread on a shared
+# machine): it is asked for by name
 ALL = [op for op in OPS if op != "e2e"]
 
 
