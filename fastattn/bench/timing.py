@@ -55,17 +55,22 @@ def summarize(samples: Sequence[float], inner: int = 1) -> dict:
     }
 
 
-def speedups(results: Sequence[dict]) -> list[dict]:
+def speedups(results: Sequence[dict], against: str | None = None) -> list[dict]:
     """For every fastattn implementation and every baseline/bound that ran: the speed-up
-    median(baseline) / median(fastattn) (> 1: fastattn is faster)."""
+    median(baseline) / median(fastattn) (> 1: fastattn is faster).
+
+    ``against`` names one implementation instead: then every other implementation that ran,
+    whatever its kind, is compared with that one alone (its "fastattn" key names it)."""
     ok = [r for r in results if r["status"] == "ok"]
+    if against is None:
+        compared = [r for r in ok if r["kind"] == "fastattn"]
+        bases = [r for r in ok if r["kind"] != "fastattn"]
+    else:
+        compared = [r for r in ok if r["impl"] != against]
+        bases = [r for r in ok if r["impl"] == against]
     out = []
-    for fa in ok:
-        if fa["kind"] != "fastattn":
-            continue
-        for base in ok:
-            if base["kind"] == "fastattn":
-                continue
+    for fa in compared:
+        for base in bases:
             out.append({
                 "fastattn": fa["impl"],
                 "baseline": base["impl"],
