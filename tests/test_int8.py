@@ -367,8 +367,8 @@ def test_int8_linear_outlier_decomposition(kernel):
 
 
 def test_int8linear_auto_chooses_per_call(monkeypatch):
-    """activations="auto": weight-only up to 16 rows; above, W8A8 with the outlier split where
-    the int8 GEMM is fast (VNNI/AMX), weight-only where it is not (FASTATTN_CPU_ISA=avx2)."""
+    """activations="auto": weight-only up to 16 rows; above, W8A8 with the outlier split on the
+    devices listed in AUTO_W8A8_DEVICES (CUDA), weight-only elsewhere (the CPU)."""
     skip_unless_backend("cpu")
     calls = []
     import fastattn.nn.linear as linear_mod
@@ -380,18 +380,22 @@ def test_int8linear_auto_chooses_per_call(monkeypatch):
                         lambda *a, **k: calls.append(("w8a8", k["outlier_threshold"]))
                         or real_w8(*a, **k))
     q = Int8Linear.from_float(nn.Linear(64, 32), activations="auto")
-    fast = fastattn._C.cpu_isa() in ("avx512_vnni", "avx512_bf16", "amx")
     with torch.no_grad():
-        for M, want in [(1, "weight_only"), (16, "weight_only"),
-                        (17, ("w8a8", 6.0) if fast else "weight_only")]:
+        for devices, M, want in [((), 1, "weight_only"), ((), 17, "weight_only"),
+                                 (("cpu",), 16, "weight_only"), (("cpu",), 17, ("w8a8", 6.0))]:
+            monkeypatch.setattr(linear_mod, "AUTO_W8A8_DEVICES", devices)
             calls.clear()
             q(torch.randn(M, 64))
-            assert calls == [want], (M, calls)
-        monkeypatch.setenv("FASTATTN_CPU_ISA", "avx2")
-        assert fastattn._C.cpu_isa() == "avx2"
-        calls.clear()
-        q(torch.randn(64, 64))
-        assert calls == ["weight_only"]
+            assert calls == [want], (devices, M, calls)
+
+
+def test_cpu_isa_reports_the_capped_level(monkeypatch):
+    skip_unless_backend("cpu")
+    levels = ("portable", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx")
+    native = fastattn._C.cpu_isa()
+    assert native in levels
+    monkeypatch.setenv("FASTATTN_CPU_ISA", "portable")
+    assert fastattn._C.cpu_isa() == "portable"
 
 
 @pytest.mark.parametrize("M", [1, 64])

@@ -411,12 +411,3 @@ def _split_outliers(x2, w_int8, w_scale, threshold: float):
     w_cols = w_int8.index_select(1, cols).to(acc) * w_scale.to(acc)[:, None]  # (N, c)
     return x2.index_fill(1, cols, 0), (x2.index_select(1, cols), w_cols)
 
-
-def fast_int8_gemm(device: torch.device) -> bool:
-    """Whether int8_gemm on ``device`` outruns float GEMMs (so W8A8 pays at large M): CUDA, and
-    CPUs with VNNI or AMX (the C++ kernels' level, FASTATTN_CPU_ISA included)."""
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu" or _backend.NATIVE is None:
-        return False
-    return _backend.NATIVE.cpu_isa() in ("avx512_vnni", "avx512_bf16", "amx")
