@@ -769,6 +769,25 @@ FA_TARGET_AVX512 void wo_kernel(const float* x, int64_t ldx, const int8_t* w, in
     }
 }
 
+// How many groups of kWoN rows of w ahead the weight-only loop prefetches. Rows of w are short (K
+// bytes: 576 for SmolLM2-135M) and each is read once per call, so the hardware prefetcher never
+// ramps up on them; at M = 1 the loop waited on memory. Measured on 2 Sapphire Rapids-class cores,
+// SmolLM2-135M's 120 layer matrices (106 MB of int8) at M = 1 in one run: 7.8-8.2 ms without
+// software prefetch, 5.4-5.6 ms with 4 groups ahead (5.8-6.3 with 2 or 8), against 15.8 ms for
+// F.linear on the same weights in float32.
+constexpr int64_t kWoPrefetch = 4;
+
+#ifdef FASTATTN_X86
+// _mm_prefetch of rows [r0, r0 + rows) of w (within [0, r_stop)), one request per cache line
+inline void prefetch_rows(const int8_t* w, int64_t ldw, int64_t r0, int64_t rows, int64_t r_stop,
+                          int64_t K) {
+  const int64_t r1 = std::min(r0 + rows, r_stop);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t k = 0; k < K; k += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k), _MM_HINT_T0);
+}
+#endif
+
 template <int MR>
 FA_TARGET_AVX512 void wo_kernel_nr(int nr, const float* x, int64_t ldx, const int8_t* w,
                                    int64_t ldw, int64_t K, float* dots) {
@@ -1521,10 +1540,14 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_nd, const at::Tensor&
   const bool avx2 = false;
 #endif
   at::parallel_for(0, ceil_div(N, kNB), grain, [&](int64_t t0, int64_t t1) {
+    const int64_t n_stop = std::min(N, t1 * kNB);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n_end = std::min(N, (t + 1) * kNB);
       for (int64_t n = t * kNB; n < n_end; n += kWoN) {
         const int nr = static_cast<int>(std::min<int64_t>(kWoN, n_end - n));
+#ifdef FASTATTN_X86
+        if (simd || avx2) prefetch_rows(wp, ldw, n + kWoPrefetch * kWoN, kWoN, n_stop, K);
+#endif
         for (int64_t m = 0; m < M; m += kWoM) {
           const int mr = static_cast<int>(std::min<int64_t>(kWoM, M - m));
           float dots[kWoM * kWoN];
