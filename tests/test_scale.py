@@ -56,6 +56,13 @@ def _vm_size() -> int:
 
 
 def _peak_rss() -> int:
+    """This process image's peak RSS (VmHWM). Not getrusage's ru_maxrss: that survives execve, so
+    a worker spawned by a pytest process that once held a large model starts at the parent's
+    peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
