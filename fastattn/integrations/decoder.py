@@ -13,8 +13,9 @@ into the concatenation, so the state_dict, ``load_state_dict`` (in place) and th
 holds stay as they were. ``.to()``/``.half()`` re-fuse.
 
 When each path runs:
-- With gradient recording (training, or any call outside ``no_grad``/``inference_mode``) the
-  layer runs transformers' own forward: gradients land on the projections' own parameters.
+- With gradient recording (any call outside ``no_grad``/``inference_mode``) or in train mode
+  (attention dropout) the layer runs transformers' own forward: gradients land on the
+  projections' own parameters.
 - A decoding step (at most ``DECODE_MAX_QUERIES`` new tokens against a non-empty cache, no
   sliding window, a rotary embedding whose frequencies do not change with the length) with a
   ``DynamicCache`` or ``StaticCache`` layer runs the fused KV-cache kernel. A dynamic cache layer
@@ -223,8 +224,8 @@ def _fused_forward(self, hidden_states, attention_mask=None, position_ids=None,
                    position_embeddings=None, **kwargs):
     base = self._fastattn_base
     fused = self.__dict__.get("_fastattn")
-    if (fused is None or torch.is_grad_enabled() or kwargs.get("output_attentions")
-            or "past_key_value" in kwargs):
+    if (fused is None or torch.is_grad_enabled() or self.training
+            or kwargs.get("output_attentions") or "past_key_value" in kwargs):
         return base.forward(self, hidden_states, attention_mask=attention_mask,
                             position_ids=position_ids, past_key_values=past_key_values,
                             use_cache=use_cache, cache_position=cache_position,
