@@ -32,11 +32,7 @@ const Kernels& kernels() {
 #ifdef FASTATTN_ACT_HAVE_X86_BUILDS
   static const Kernels avx512_k{avx512::silu_mul_fwd_pieces, avx512::silu_mul_bwd_pieces};
   static const Kernels avx2_k{avx2::silu_mul_fwd_pieces, avx2::silu_mul_bwd_pieces};
-  static const Isa aten = [] {
-    const std::string cap = at::get_cpu_capability();
-    return cap == "AVX512" ? Isa::avx512 : (cap == "AVX2" ? Isa::avx2 : Isa::portable);
-  }();
-  const Isa isa = std::min(cpu_isa(), aten);
+  const Isa isa = vec_isa();
   if (isa >= Isa::avx512) return avx512_k;
   if (isa >= Isa::avx2) return avx2_k;
 #endif

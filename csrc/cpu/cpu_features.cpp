@@ -1,10 +1,13 @@
 // Detection of the CPU's instruction-set level and the FASTATTN_CPU_ISA cap (cpu_features.h).
 #include "cpu_features.h"
 
+#include <ATen/Version.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTATTN_CPUID 1
@@ -53,6 +56,14 @@ const char* isa_name(Isa isa) {
   constexpr const char* kNames[] = {"portable",    "avx2",        "avx512",
                                     "avx512_vnni", "avx512_bf16", "amx"};
   return kNames[static_cast<int>(isa)];
+}
+
+Isa vec_isa() {
+  static const Isa aten = [] {
+    const std::string cap = at::get_cpu_capability();
+    return cap == "AVX512" ? Isa::avx512 : (cap == "AVX2" ? Isa::avx2 : Isa::portable);
+  }();
+  return std::min(cpu_isa(), aten);
 }
 
 Isa hardware_isa() {

@@ -38,6 +38,10 @@ inline Isa cpu_isa() {
   return cap < hw ? cap : hw;
 }
 
+// cpu_isa() capped by the capability ATen's own vectorised code runs at (at::vec,
+// ATEN_CPU_CAPABILITY): the level of the kernel builds that use at::vec helpers.
+Isa vec_isa();
+
 const char* isa_name(Isa isa);
 
 }  // namespace fastattn::cpu

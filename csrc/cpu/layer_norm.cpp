@@ -39,11 +39,7 @@ const Kernels& kernels() {
 #ifdef FASTATTN_LN_HAVE_X86_BUILDS
   static const Kernels avx512_k{avx512::fwd_rows, avx512::bwd_rows, "avx512"};
   static const Kernels avx2_k{avx2::fwd_rows, avx2::bwd_rows, "avx2"};
-  static const Isa aten = [] {
-    const std::string cap = at::get_cpu_capability();
-    return cap == "AVX512" ? Isa::avx512 : (cap == "AVX2" ? Isa::avx2 : Isa::portable);
-  }();
-  const Isa isa = std::min(cpu_isa(), aten);
+  const Isa isa = vec_isa();
   if (isa >= Isa::avx512) return avx512_k;
   if (isa >= Isa::avx2) return avx2_k;
 #endif
