@@ -70,33 +70,7 @@ namespace fastattn::cpu::activation::FASTATTN_ACT_ISA {
 using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kF = fVec::size();
 
-// Moves up to Vectorized<T>::size() elements of T (one step) as kVecs float32 vectors: one
-// vector for float, two for bf16/fp16. A short step (the row's tail) loads zeros past `n` and
-// stores only `n` elements, so every element goes through the same vector arithmetic.
-template <typename T>
-struct Step {
-  static constexpr int64_t kLen = at::vec::Vectorized<T>::size();
-  static constexpr int kVecs = static_cast<int>(kLen / kF);
-  using F = std::array<fVec, kVecs>;
-
-  static inline F load(const T* p, int64_t n) {
-    if constexpr (std::is_same_v<T, float>) {
-      return {n == kLen ? fVec::loadu(p) : fVec::loadu(p, n)};
-    } else {
-      const auto v = n == kLen ? at::vec::Vectorized<T>::loadu(p)
-                               : at::vec::Vectorized<T>::loadu(p, static_cast<int>(n));
-      auto [a, b] = at::vec::convert_to_float<T>(v);
-      return {a, b};
-    }
-  }
-  static inline void store(T* p, const F& v, int64_t n) {
-    if constexpr (std::is_same_v<T, float>) {
-      v[0].store(p, static_cast<int>(n));
-    } else {
-      at::vec::convert_from_float<T>(v[0], v[1]).store(p, static_cast<int>(n));
-    }
-  }
-};
+#include "vec_step.h"  // Step<T>, in this build's namespace
 
 // out[j] = silu(g[j]) * u[j] for j < n
 template <typename T>

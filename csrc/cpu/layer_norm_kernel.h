@@ -70,39 +70,7 @@ namespace fastattn::cpu::layer_norm::FASTATTN_LN_ISA {
 using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kF = fVec::size();
 
-// Moves Vectorized<T>::size() elements of T (one step) as kVecs float32 vectors: one vector for
-// float, two for bf16/fp16 (a 16-bit Vectorized holds twice as many lanes).
-template <typename T>
-struct Step {
-  static constexpr int64_t kLen = at::vec::Vectorized<T>::size();
-  static constexpr int kVecs = static_cast<int>(kLen / kF);
-  using F = std::array<fVec, kVecs>;
-
-  static inline F load(const T* p) {
-    if constexpr (std::is_same_v<T, float>) {
-      return {fVec::loadu(p)};
-    } else {
-      auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
-      return {a, b};
-    }
-  }
-  static inline void store(T* p, const F& v) {
-    if constexpr (std::is_same_v<T, float>) {
-      v[0].store(p);
-    } else {
-      at::vec::convert_from_float<T>(v[0], v[1]).store(p);
-    }
-  }
-  // The float32 values that storing v as T would produce.
-  static inline F round(const F& v) {
-    if constexpr (std::is_same_v<T, float>) {
-      return v;
-    } else {
-      auto [a, b] = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v[0], v[1]));
-      return {a, b};
-    }
-  }
-};
+#include "vec_step.h"  // Step<T>, in this build's namespace
 
 template <typename T>
 inline float to_f(T v) {
