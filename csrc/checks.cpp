@@ -251,6 +251,26 @@ void check_int8_linear(const char* fn, const at::Tensor& x, const at::Tensor& w_
   check_finite(fn, "w_scale", w_scale);
 }
 
+void check_linear(const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias) {
+  constexpr const char* fn = "fastattn.linear";
+  TORCH_CHECK_TYPE(x.is_floating_point(), fn, ": x must be a floating-point tensor, got ",
+                   x.scalar_type());
+  check_float(fn, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, fn, ": x must have at least one dimension (..., K)");
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), fn, ": weight must have x's dtype (",
+                   x.scalar_type(), "), got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 2, fn, ": weight must be 2-D (N, K), got shape ",
+                    weight.sym_sizes());
+  TORCH_CHECK_VALUE(x.sym_size(-1) == weight.sym_size(1), fn, ": x.shape[-1] (", x.sym_size(-1),
+                    ") must equal weight.shape[1] (", weight.sym_size(1), "): weight is (N, K)");
+  check_device(fn, "weight", weight, x, "x");
+  if (!bias.has_value()) return;
+  TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), fn, ": bias must have x's dtype (",
+                   x.scalar_type(), "), got ", bias->scalar_type());
+  check_vector(fn, "bias", *bias, weight.sym_size(0), x, "x", "one value per output channel");
+}
+
 void check_silu_mul(const at::Tensor& x, const std::optional<at::Tensor>& grad) {
   constexpr const char* fn = "fastattn.silu_mul";
   TORCH_CHECK_TYPE(x.is_floating_point(), fn, ": x must be a floating-point tensor, got ",

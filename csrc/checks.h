@@ -41,6 +41,10 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
 void check_int8_linear(const char* fn, const at::Tensor& x, const at::Tensor& w_int8,
                        const at::Tensor& w_scale, const std::optional<at::Tensor>& bias);
 
+// fastattn.linear: x (..., K) float, weight (N, K) and bias (N,) or None of x's dtype and device.
+void check_linear(const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias);
+
 // fastattn.silu_mul: x (..., 2*I) float, the last dim even and > 0. With grad (the backward op):
 // grad (..., I) of x's dtype and device.
 void check_silu_mul(const at::Tensor& x, const std::optional<at::Tensor>& grad = std::nullopt);

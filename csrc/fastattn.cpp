@@ -97,4 +97,10 @@ TORCH_LIBRARY(fastattn, m) {
   // rules: fastattn::checks::check_int8_linear.
   m.def(
       "int8_weight_only_linear(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias) -> Tensor");
+  // F.linear for decoding: x (..., K) float, weight (N, K) and bias (N,) of x's dtype: out (..., N)
+  // = x @ weight.T + bias, accumulated in float32 and rounded once to x's dtype. The CPU kernel
+  // streams weight at the memory's speed for few rows (M <= 16, AVX-512); more rows, or CPUs
+  // without AVX-512, run at::linear (a GEMM, compute-bound there). Argument rules:
+  // fastattn::checks::check_linear.
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }

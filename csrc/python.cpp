@@ -275,6 +275,33 @@ void check_int8_linear(const std::string& fn, py::handle x, py::handle w_int8, p
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
+// ---- linear ----------------------------------------------------------------------------------
+py::object linear(py::handle x, py::handle weight, py::handle bias) {
+  HANDLE_TH_ERRORS
+  static const std::string fn = "fastattn.linear";
+  const at::Tensor& xt = tensor(x, fn, "x");
+  const at::Tensor& wt = tensor(weight, fn, "weight");
+  std::optional<at::Tensor> b = optional_tensor(bias, fn, "bias");
+  if (!(all_cpu({&xt, &wt}, {&b}) && checks::kernel_dtype(xt.scalar_type()))) {
+    checks::check_linear(xt, wt, b);
+    return py::none();
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastattn::linear", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                               const std::optional<at::Tensor>&)>();
+  return wrap(op.call(xt, wt, b));
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
+void check_linear(py::handle x, py::handle weight, py::handle bias) {
+  HANDLE_TH_ERRORS
+  static const std::string fn = "fastattn.linear";
+  checks::check_linear(tensor(x, fn, "x"), tensor(weight, fn, "weight"),
+                       optional_tensor(bias, fn, "bias"));
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
 // ---- silu_mul --------------------------------------------------------------------------------
 py::object silu_mul(py::handle x) {
   HANDLE_TH_ERRORS
@@ -312,6 +339,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("check_kvcache", &check_kvcache);
   m.def("int8_weight_only_linear", &int8_weight_only_linear);
   m.def("check_int8_linear", &check_int8_linear);
+  m.def("linear", &linear);
+  m.def("check_linear", &check_linear);
   m.def("silu_mul", &silu_mul);
   m.def("check_silu_mul", &check_silu_mul, py::arg("x"), py::arg("grad") = py::none());
   m.def("cpu_isa", [] { return std::string(fastattn::cpu::isa_name(fastattn::cpu::cpu_isa())); },

@@ -17,6 +17,7 @@ from fastattn.ops.int8 import (
     quantize_per_token,
 )
 from fastattn.ops.layer_norm import layer_norm, rms_norm
+from fastattn.ops.linear import linear
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "int8_linear",
     "int8_weight_only_linear",
     "layer_norm",
+    "linear",
     "quantize_per_channel",
     "quantize_per_token",
     "reference",

@@ -20,7 +20,9 @@ What is replaced (exact classes only: a subclass may have changed ``forward``):
     attention=True,   Llama-style transformers decoder layers (fastattn.integrations.decoder):
     transformers      one GEMM for q/k/v and one for gate/up, rotary + KV-cache append +
                       attention in one kernel call per decoding step, SiLU*mul fused, the
-                      residual add in the RMSNorm; same modules and state_dict
+                      residual add in the RMSNorm; same modules and state_dict. Their float
+                      projections and the model's float CPU lm_head (class swapped to
+                      fastattn.nn.Linear, ties kept) run fastattn.linear
 
 The walk is post-order (children first, then the module itself, the root included), keeps each
 module's device, dtype and train/eval mode, and replaces a module shared at several places by one
@@ -347,6 +349,27 @@ class _Converter:
             self.report._add("decoder layer -> fused decoder layer (q/k/v and gate/up GEMMs, "
                              "rotary + KV-cache attention, SiLU*mul)", fqn)
         self.report.kept += kept
+        if fused:
+            self._stream_output_embeddings(root)
+
+    def _stream_output_embeddings(self, root: nn.Module) -> None:
+        """The float output projection (lm_head) of a model whose decoder layers were fused runs
+        fastattn.linear: at each decoding step it reads the largest matrix of a small model
+        (SmolLM2-135M: 576 x 49152). Its class is swapped, so ties and the state_dict stay."""
+        from fastattn.nn.linear import Linear
+
+        for fqn, m in root.named_modules():
+            get = getattr(m, "get_output_embeddings", None)
+            if not isinstance(m, self.hf_pretrained) or get is None:
+                continue
+            head = get()
+            if type(head) is not nn.Linear or head.weight.device.type != "cpu":
+                continue
+            name = next((n for n, c in m.named_modules() if c is head), None)
+            full = f"{fqn}.{name}" if fqn else name
+            if self._allowed(head, full):
+                Linear.from_module(head)
+                self.report._add("nn.Linear -> fastattn.nn.Linear", full)
 
 
 def convert(

@@ -86,6 +86,20 @@ def test_layers_are_fused_and_state_dict_kept(family):
                                              + attn.q_proj.weight.numel() * 4)
 
 
+def test_float_projections_and_tied_lm_head_run_fastattn_linear():
+    model = _model("llama")  # tie_word_embeddings=True
+    ours = fastattn.convert(model)
+    assert type(ours.lm_head) is fastattn.nn.Linear
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight  # the tie is kept
+    assert any("fastattn.nn.Linear" in k for k in ours.fastattn_report.replaced)
+    kw = _batch(B=1, L=5, padded=False)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        ours(**kw)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    # per layer q/k/v, o_proj, gate/up and down_proj (2 layers), and the lm_head
+    assert calls.get("fastattn::linear") == 4 * 2 + 1, calls
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_logits_match_by_the_rule(family):
     low = _model(family)

@@ -24,14 +24,15 @@ from fastattn.nn import Int8Linear
 from fastattn.smoothquant import collect_act_scales, smooth_layer_norm_linear
 
 # (backend, FASTATTN_CPU_ISA): the CPU kernels on each path (amx: AMX tiles; avx512_bf16: vpdpbusd,
-# and vdpbf16ps for bf16 weight-only linear; avx512_vnni: vpdpbusd and fp32 panels; avx2: the
-# AVX2 weight-only kernel; portable: scalar loops), Triton interpreted
+# and vdpbf16ps for bf16 weight-only linear; avx512_vnni: vpdpbusd, fp32 panels and the split
+# weight-only kernel for small M; avx512: the FMA weight-only kernel; avx2: the AVX2 weight-only
+# kernel; portable: scalar loops), Triton interpreted
 KERNELS = [
-    ("cpu", "amx"), ("cpu", "avx512_bf16"), ("cpu", "avx512_vnni"), ("cpu", "avx2"),
-    ("cpu", "portable"), ("triton", None), ("reference", None),
+    ("cpu", "amx"), ("cpu", "avx512_bf16"), ("cpu", "avx512_vnni"), ("cpu", "avx512"),
+    ("cpu", "avx2"), ("cpu", "portable"), ("triton", None), ("reference", None),
 ]
-KERNEL_IDS = ["cpu-amx", "cpu-avx512_bf16", "cpu-avx512_vnni", "cpu-avx2", "cpu-portable",
-              "triton", "reference"]
+KERNEL_IDS = ["cpu-amx", "cpu-avx512_bf16", "cpu-avx512_vnni", "cpu-avx512", "cpu-avx2",
+              "cpu-portable", "triton", "reference"]
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -276,6 +277,30 @@ def test_int8_weight_only_linear_small_m(kernel, dtype):
         w_scale = torch.rand(N) * 1e-2 + 1e-3
         x = nan_padded(x)
         _check_weight_only(kernel, x, w_int8, w_scale, b)
+
+
+# Small M on VNNI CPUs writes each row of x as int8 parts (three for float32, two for bfloat16 /
+# float16): rows whose range spans many orders of magnitude (one outlier 1e4 x the rest, tiny
+# values 1e-6 x), a zero row, rows with inf / NaN (the exact kernel's results: inf * 0 weights give
+# NaN), K over 64-byte chunks and tails, weights at -128 and 127.
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_int8_weight_only_linear_split_rows(kernel, dtype):
+    torch.manual_seed(3)
+    for M, K, N in [(1, 576, 37), (6, 130, 21), (16, 1000, 9)]:
+        x = torch.randn(M, K)
+        x[0, K // 3] = 1e4  # an outlier channel: the first part's step is 1e4 / 127
+        if M > 1:
+            x[1] *= 1e-6
+        if M > 2:
+            x[2] = 0
+            x[3, 7], x[4, K - 1], x[5, 0] = float("inf"), float("nan"), float("-inf")
+        x = x.to(dtype)
+        w_int8 = _randint8(N, K)
+        w_int8[:, 0], w_int8[:, 1] = -128, 127
+        w_int8[0, 7] = 0  # inf * 0 in row 3: NaN, as the reference
+        w_scale = torch.rand(N) * 1e-2 + 1e-3
+        b = torch.randn(N).to(dtype) if M % 2 == 0 else None
+        _check_weight_only(kernel, nan_padded(x), w_int8, w_scale, b)
 
 
 # M from 12 up takes the CPU kernel's GEMM path (w converted panel by panel; AMX tiles for

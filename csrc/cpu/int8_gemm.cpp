@@ -740,8 +740,19 @@ FA_TARGET_AVX512 void quantize_rows_avx512(const T* x, int64_t ldx, int64_t m0, 
 
 // With few accumulators (MR * NR <= 8) the FMA latency (4 cycles) would bound the loop: K is
 // then split over two independent accumulator banks (even/odd 16-element chunks).
-template <int MR, int NR>
-FA_TARGET_AVX512 void wo_kernel(const float* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t K,
+// 16 weights of a row as float32: int8 sign-extended and converted (exact), float16 / bfloat16
+// widened (exact), float32 loaded; zeros where the mask is off.
+template <typename W>
+FA_TARGET_AVX512 inline __m512 load_w16(const W* p, __mmask16 mask) {
+  if constexpr (std::is_same_v<W, int8_t>) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+  } else {
+    return load_f32x16(p, mask);
+  }
+}
+
+template <int MR, int NR, typename W>
+FA_TARGET_AVX512 void wo_kernel(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                                 float* dots /* (MR, NR) */) {
   constexpr int kBanks = MR * NR <= 8 ? 2 : 1;
   __m512 acc[kBanks][MR][NR];
@@ -753,8 +764,7 @@ FA_TARGET_AVX512 void wo_kernel(const float* x, int64_t ldx, const int8_t* w, in
       const int64_t k = k0 + 16 * u;
       const __mmask16 mask = tail_mask16(std::max<int64_t>(0, K - k));
       __m512 wv[NR];
-      FA_UNROLL for (int j = 0; j < NR; ++j)
-        wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + j * ldw + k)));
+      FA_UNROLL for (int j = 0; j < NR; ++j) wv[j] = load_w16(w + j * ldw + k, mask);
       FA_UNROLL for (int i = 0; i < MR; ++i) {
         const __m512 xv = _mm512_maskz_loadu_ps(mask, x + i * ldx + k);
         FA_UNROLL for (int j = 0; j < NR; ++j) acc[u][i][j] = _mm512_fmadd_ps(xv, wv[j], acc[u][i][j]);
@@ -779,17 +789,19 @@ constexpr int64_t kWoPrefetch = 4;
 
 #ifdef FASTATTN_X86
 // _mm_prefetch of rows [r0, r0 + rows) of w (within [0, r_stop)), one request per cache line
-inline void prefetch_rows(const int8_t* w, int64_t ldw, int64_t r0, int64_t rows, int64_t r_stop,
+template <typename W>
+inline void prefetch_rows(const W* w, int64_t ldw, int64_t r0, int64_t rows, int64_t r_stop,
                           int64_t K) {
   const int64_t r1 = std::min(r0 + rows, r_stop);
+  constexpr int64_t kLine = 64 / sizeof(W);
   for (int64_t r = r0; r < r1; ++r)
-    for (int64_t k = 0; k < K; k += 64)
+    for (int64_t k = 0; k < K; k += kLine)
       _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k), _MM_HINT_T0);
 }
 #endif
 
-template <int MR>
-FA_TARGET_AVX512 void wo_kernel_nr(int nr, const float* x, int64_t ldx, const int8_t* w,
+template <int MR, typename W>
+FA_TARGET_AVX512 void wo_kernel_nr(int nr, const float* x, int64_t ldx, const W* w,
                                    int64_t ldw, int64_t K, float* dots) {
   switch (nr) {
     case 1: wo_kernel<MR, 1>(x, ldx, w, ldw, K, dots); break;
@@ -799,7 +811,8 @@ FA_TARGET_AVX512 void wo_kernel_nr(int nr, const float* x, int64_t ldx, const in
   }
 }
 
-FA_TARGET_AVX512 void wo_micro(int mr, int nr, const float* x, int64_t ldx, const int8_t* w,
+template <typename W>
+FA_TARGET_AVX512 void wo_micro(int mr, int nr, const float* x, int64_t ldx, const W* w,
                                int64_t ldw, int64_t K, float* dots) {
   switch (mr) {
     case 1: wo_kernel_nr<1>(nr, x, ldx, w, ldw, K, dots); break;
@@ -1481,6 +1494,214 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in,
   return out;
 }
 
+// ------------------------------------------------------------------------------------------------
+// The weight-streaming loop for few rows of x (decoding): out (M, N) float32 =
+// (x w^T) * scale + bias, x float32 rows, w int8 (weight-only linear, scale per row of w) or float
+// (linear, scale null). Rows of w are the parallel axis, each read once from memory per call and
+// from L1 for the next rows of x; the AVX-512 (and for int8 the AVX2) dot kernels above, a scalar
+// loop elsewhere.
+// ------------------------------------------------------------------------------------------------
+template <typename W>
+void stream_rows(const float* xp, int64_t ldx, const W* wp, int64_t ldw, const float* sp,
+                 const float* bp, int64_t M, int64_t N, int64_t K, float* op_, Isa isa) {
+  constexpr int64_t kNB = 16;  // rows of w per task
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kNB * K * int64_t(sizeof(W))));
+  const bool simd = use_avx512(isa);
+#ifdef FASTATTN_X86
+  const bool avx2 = std::is_same_v<W, int8_t> && !simd && isa >= Isa::avx2;
+#else
+  const bool avx2 = false;
+#endif
+  at::parallel_for(0, ceil_div(N, kNB), grain, [&](int64_t t0, int64_t t1) {
+    const int64_t n_stop = std::min(N, t1 * kNB);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n_end = std::min(N, (t + 1) * kNB);
+      for (int64_t n = t * kNB; n < n_end; n += kWoN) {
+        const int nr = static_cast<int>(std::min<int64_t>(kWoN, n_end - n));
+#ifdef FASTATTN_X86
+        if (simd || avx2) prefetch_rows(wp, ldw, n + kWoPrefetch * kWoN, kWoN, n_stop, K);
+#endif
+        for (int64_t m = 0; m < M; m += kWoM) {
+          const int mr = static_cast<int>(std::min<int64_t>(kWoM, M - m));
+          float dots[kWoM * kWoN];
+#ifdef FASTATTN_X86
+          if (simd) {
+            wo_micro(mr, nr, xp + m * ldx, ldx, wp + n * ldw, ldw, K, dots);
+          } else if (avx2) {
+            if constexpr (std::is_same_v<W, int8_t>)
+              wo_micro_avx2(mr, nr, xp + m * ldx, ldx, wp + n * ldw, ldw, K, dots);
+          } else
+#endif
+          {
+            for (int i = 0; i < mr; ++i)
+              for (int j = 0; j < nr; ++j) {
+                float s = 0.0f;
+                for (int64_t k = 0; k < K; ++k)
+                  s += xp[(m + i) * ldx + k] * static_cast<float>(wp[(n + j) * ldw + k]);
+                dots[i * nr + j] = s;
+              }
+          }
+          for (int i = 0; i < mr; ++i)
+            for (int j = 0; j < nr; ++j) {
+              float v = dots[i * nr + j];
+              if (sp) v = v * sp[n + j];
+              if (bp) v = v + bp[n + j];
+              op_[(m + i) * N + n + j] = v;
+            }
+        }
+      }
+    }
+  });
+  (void)simd;
+  (void)avx2;
+}
+
+// ------------------------------------------------------------------------------------------------
+// weight-only linear, M <= kWoSplitMaxM on VNNI CPUs: x split into int8 parts, one vpdpbusd per
+// 64 weights and part.
+//
+// The FMA kernel above widens every weight (sign-extend, int -> float) before its FMA: three
+// vector ops per 16 weights. On Zen 4, whose 512-bit ops run on 256-bit units, that bounds M = 1
+// at ~7.5 GB/s of w per core, about half of what the memory delivers per core (SmolLM2-135M's
+// 576 x 1536 matrices from DRAM, 1 thread). Here each row of x is written as P int8 parts,
+//   x = s_1 q_1 + ... + s_P q_P + r,  s_1 = absmax / 127,  s_(p+1) = s_p / 254,  |q_p| <= 127,
+// |r| <= s_P / 2: absmax * 6.1e-8 for P = 3 (float32 x: half an ulp of the largest element),
+// absmax * 1.5e-5 for P = 2 (bfloat16 / float16 x, whose own rounding is 2^-9 / 2^-12), and
+// w . x = sum_p s_p (w . q_p) + w . r with every w . q_p exact in int32: vpdpbusd multiplies
+// u8 by s8, so the parts are stored as q_p + 128 and 128 * sum(w) (one more vpdpbusd, against
+// ones) is subtracted. One instruction covers 64 weights of a part: M = 1 runs at the memory's
+// speed (measured in the benchmark of this path, see bench/results).
+// ------------------------------------------------------------------------------------------------
+constexpr int64_t kWoSplitMaxM = 16;
+// int32 lanes stay exact: each lane adds K / 16 products of |q + 128| <= 255 and |w| <= 128
+constexpr int64_t kWoSplitMaxK = int64_t(1) << 15;
+
+#ifdef FASTATTN_X86
+inline __mmask64 tail_mask64(int64_t count) {
+  return count >= 64 ? ~__mmask64(0) : (__mmask64(1) << count) - 1;
+}
+
+// Row x[0..K) as P parts q_p + 128 (u8) at q[p * Kp + k], 128 (q = 0) in [K, Kp); s[p] = s_p.
+// False when the row is not finite (the caller runs the FMA kernel: inf and NaN propagate as the
+// reference's products do).
+template <int P, typename T>
+FA_TARGET_AVX512 bool split_row(const T* x, int64_t K, int64_t Kp, uint8_t* q, double* s) {
+  __m512 vmax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16)
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load_f32x16(x + k, tail_mask16(K - k))));
+  // max_ps drops a NaN operand: the NaN check is on the sum of |x| (inf or NaN when one is)
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16)
+    vsum = _mm512_add_ps(vsum, _mm512_abs_ps(load_f32x16(x + k, tail_mask16(K - k))));
+  const float absmax = _mm512_reduce_max_ps(vmax);
+  if (!std::isfinite(_mm512_reduce_add_ps(vsum))) return false;
+  float sp[P], inv[P];
+  sp[0] = absmax / 127.0f;
+  for (int p = 1; p < P; ++p) sp[p] = sp[p - 1] / 254.0f;
+  for (int p = 0; p < P; ++p) {
+    inv[p] = sp[p] > 0.0f ? 1.0f / sp[p] : 0.0f;
+    s[p] = sp[p];
+  }
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  const __m512i bias128 = _mm512_set1_epi32(128);
+  for (int64_t k = 0; k < Kp; k += 16) {
+    const __mmask16 mask = tail_mask16(std::max<int64_t>(0, K - k));
+    __m512 r = load_f32x16(x + k, mask);
+    FA_UNROLL for (int p = 0; p < P; ++p) {
+      __m512 qf = _mm512_roundscale_ps(_mm512_mul_ps(r, _mm512_set1_ps(inv[p])),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      qf = _mm512_min_ps(_mm512_max_ps(qf, lo), hi);
+      r = _mm512_fnmadd_ps(qf, _mm512_set1_ps(sp[p]), r);  // the remainder, rounded once
+      const __m512i qi = _mm512_add_epi32(_mm512_cvtps_epi32(qf), bias128);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + p * Kp + k), _mm512_cvtepi32_epi8(qi));
+    }
+  }
+  return true;
+}
+
+// acc[p * NR + j] = sum_k (q_p[k] + 128) * w[j][k]; comp[j] = sum_k w[j][k] when kComp.
+template <int P, int NR, bool kComp>
+FA_TARGET_VNNI void split_tile(const uint8_t* q, int64_t Kp, const int8_t* w, int64_t ldw,
+                               int64_t K, int32_t* acc, int32_t* comp) {
+  __m512i a[P][NR], c[NR];
+  FA_UNROLL for (int j = 0; j < NR; ++j) {
+    c[j] = _mm512_setzero_si512();
+    FA_UNROLL for (int p = 0; p < P; ++p) a[p][j] = _mm512_setzero_si512();
+  }
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 mask = tail_mask64(K - k);
+    __m512i wv[NR];
+    FA_UNROLL for (int j = 0; j < NR; ++j) wv[j] = _mm512_maskz_loadu_epi8(mask, w + j * ldw + k);
+    FA_UNROLL for (int p = 0; p < P; ++p) {
+      const __m512i xv = _mm512_loadu_si512(q + p * Kp + k);
+      FA_UNROLL for (int j = 0; j < NR; ++j) a[p][j] = _mm512_dpbusd_epi32(a[p][j], xv, wv[j]);
+    }
+    if constexpr (kComp) {
+      FA_UNROLL for (int j = 0; j < NR; ++j) c[j] = _mm512_dpbusd_epi32(c[j], ones, wv[j]);
+    }
+  }
+  FA_UNROLL for (int j = 0; j < NR; ++j) {
+    FA_UNROLL for (int p = 0; p < P; ++p) acc[p * NR + j] = _mm512_reduce_add_epi32(a[p][j]);
+    if constexpr (kComp) comp[j] = _mm512_reduce_add_epi32(c[j]);
+  }
+}
+
+template <int P, bool kComp>
+FA_TARGET_VNNI void split_tile_nr(int nr, const uint8_t* q, int64_t Kp, const int8_t* w,
+                                  int64_t ldw, int64_t K, int32_t* acc, int32_t* comp) {
+  switch (nr) {
+    case 1: split_tile<P, 1, kComp>(q, Kp, w, ldw, K, acc, comp); break;
+    case 2: split_tile<P, 2, kComp>(q, Kp, w, ldw, K, acc, comp); break;
+    case 3: split_tile<P, 3, kComp>(q, Kp, w, ldw, K, acc, comp); break;
+    default: split_tile<P, kWoN, kComp>(q, Kp, w, ldw, K, acc, comp); break;
+  }
+}
+
+// out (M, N) float32 = x w^T * scale + bias through the split; false (nothing written) when a row
+// of x is not finite.
+template <int P, typename T>
+bool wo_split_gemv(const T* x, int64_t ldx, const int8_t* w, int64_t ldw, const float* scale,
+                   const float* bias, int64_t M, int64_t N, int64_t K, float* out) {
+  const int64_t Kp = round_up(K, 64);
+  std::vector<uint8_t> qbuf(static_cast<size_t>(M * P * Kp) + 64);
+  uint8_t* q = qbuf.data();
+  std::vector<double> sbuf(static_cast<size_t>(M * P));
+  for (int64_t m = 0; m < M; ++m)
+    if (!split_row<P>(x + m * ldx, K, Kp, q + m * P * Kp, sbuf.data() + m * P)) return false;
+  const double* s = sbuf.data();
+  constexpr int64_t kNB = 16;  // rows of w per task
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kNB * K));
+  at::parallel_for(0, ceil_div(N, kNB), grain, [&](int64_t t0, int64_t t1) {
+    const int64_t n_stop = std::min(N, t1 * kNB);
+    for (int64_t n = t0 * kNB; n < n_stop; n += kWoN) {
+      const int nr = static_cast<int>(std::min<int64_t>(kWoN, n_stop - n));
+      prefetch_rows(w, ldw, n + kWoPrefetch * kWoN, kWoN, n_stop, K);
+      int32_t acc[P * kWoN], comp[kWoN];
+      for (int64_t m = 0; m < M; ++m) {
+        const uint8_t* qm = q + m * P * Kp;
+        if (m == 0) {
+          split_tile_nr<P, true>(nr, qm, Kp, w + n * ldw, ldw, K, acc, comp);
+        } else {
+          split_tile_nr<P, false>(nr, qm, Kp, w + n * ldw, ldw, K, acc, comp);
+        }
+        for (int j = 0; j < nr; ++j) {
+          double dot = 0.0;
+          for (int p = 0; p < P; ++p)
+            dot += s[m * P + p] * static_cast<double>(static_cast<int64_t>(acc[p * nr + j]) -
+                                                      128 * static_cast<int64_t>(comp[j]));
+          float v = static_cast<float>(dot) * scale[n + j];
+          if (bias) v = v + bias[n + j];
+          out[m * N + n + j] = v;
+        }
+      }
+    }
+  });
+  return true;
+}
+#endif
+
 at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_nd, const at::Tensor& w_in,
                                        const at::Tensor& w_scale_in,
                                        const std::optional<at::Tensor>& bias_in) {
@@ -1520,65 +1741,64 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_nd, const at::Tensor&
     return out;
   }
 #endif
+#ifdef FASTATTN_X86
+  if (M <= kWoSplitMaxM && K > 0 && K <= kWoSplitMaxK && isa >= Isa::avx512_vnni) {
+    const at::Tensor xr = rows_contiguous(x_in);
+    at::Tensor acc = dt == at::kFloat ? out.view({M, N})
+                                      : at::empty({M, N}, x_in.options().dtype(at::kFloat));
+    const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+    bool done = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "int8_weight_only_linear", [&] {
+      // float32 x: three parts (below its own rounding); bfloat16 / float16: two
+      constexpr int P = std::is_same_v<scalar_t, float> ? 3 : 2;
+      done = wo_split_gemv<P>(xr.const_data_ptr<scalar_t>(), xr.stride(0),
+                              w.const_data_ptr<int8_t>(), w.stride(0),
+                              w_scale.const_data_ptr<float>(), bp, M, N, K, acc.data_ptr<float>());
+    });
+    if (done) {
+      if (dt != at::kFloat) out.view({M, N}).copy_(acc);
+      return out;
+    }
+  }
+#endif
   const at::Tensor xf = rows_contiguous(x_in).to(at::kFloat);  // float32 rows: x is small here
-  const float* xp = xf.const_data_ptr<float>();
-  const int8_t* wp = w.const_data_ptr<int8_t>();
-  const float* sp = w_scale.const_data_ptr<float>();
-  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-  const int64_t ldx = xf.stride(0), ldw = w.stride(0);
-  // out (M, N) float32, then one cast: rows of w are the parallel axis (each is read once per
-  // 4 rows of x, from L1)
+  // out (M, N) float32, then one cast
   at::Tensor acc =
       dt == at::kFloat ? out.view({M, N}) : at::empty({M, N}, x_in.options().dtype(at::kFloat));
-  float* op_ = acc.data_ptr<float>();
-  constexpr int64_t kNB = 16;  // rows of w per task
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kNB * K));
-  const bool simd = use_avx512(isa);
-#ifdef FASTATTN_X86
-  const bool avx2 = !simd && isa >= Isa::avx2;
-#else
-  const bool avx2 = false;
-#endif
-  at::parallel_for(0, ceil_div(N, kNB), grain, [&](int64_t t0, int64_t t1) {
-    const int64_t n_stop = std::min(N, t1 * kNB);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n_end = std::min(N, (t + 1) * kNB);
-      for (int64_t n = t * kNB; n < n_end; n += kWoN) {
-        const int nr = static_cast<int>(std::min<int64_t>(kWoN, n_end - n));
-#ifdef FASTATTN_X86
-        if (simd || avx2) prefetch_rows(wp, ldw, n + kWoPrefetch * kWoN, kWoN, n_stop, K);
-#endif
-        for (int64_t m = 0; m < M; m += kWoM) {
-          const int mr = static_cast<int>(std::min<int64_t>(kWoM, M - m));
-          float dots[kWoM * kWoN];
-#ifdef FASTATTN_X86
-          if (simd) {
-            wo_micro(mr, nr, xp + m * ldx, ldx, wp + n * ldw, ldw, K, dots);
-          } else if (avx2) {
-            wo_micro_avx2(mr, nr, xp + m * ldx, ldx, wp + n * ldw, ldw, K, dots);
-          } else
-#endif
-          {
-            for (int i = 0; i < mr; ++i)
-              for (int j = 0; j < nr; ++j) {
-                float s = 0.0f;
-                for (int64_t k = 0; k < K; ++k)
-                  s += xp[(m + i) * ldx + k] * static_cast<float>(wp[(n + j) * ldw + k]);
-                dots[i * nr + j] = s;
-              }
-          }
-          for (int i = 0; i < mr; ++i)
-            for (int j = 0; j < nr; ++j) {
-              float v = dots[i * nr + j] * sp[n + j];
-              if (bp) v = v + bp[n + j];
-              op_[(m + i) * N + n + j] = v;
-            }
-        }
-      }
-    }
+  stream_rows(xf.const_data_ptr<float>(), xf.stride(0), w.const_data_ptr<int8_t>(), w.stride(0),
+              w_scale.const_data_ptr<float>(), bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+              M, N, K, acc.data_ptr<float>(), isa);
+  if (dt != at::kFloat) out.view({M, N}).copy_(acc);
+  return out;
+}
+
+// Rows of x at or below which fastattn.linear streams the weight (above: at::linear's GEMM).
+constexpr int64_t kLinearMaxM = 16;
+
+at::Tensor linear_cpu(const at::Tensor& x_nd, const at::Tensor& w_in,
+                      const std::optional<at::Tensor>& bias_in) {
+  fastattn::checks::check_linear(x_nd, w_in, bias_in);
+  const auto dt = x_nd.scalar_type();
+  const int64_t K = x_nd.size(-1), N = w_in.size(0);
+  const int64_t M = K > 0 ? x_nd.numel() / K : 0;
+  const Isa isa = cpu_isa();
+  if (!(M >= 1 && M <= kLinearMaxM && K > 0 && N > 0 && dt != at::kDouble && use_avx512(isa)))
+    return at::linear(x_nd, w_in, bias_in);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal tensors need no tracking
+  const at::Tensor x_in = fastattn::checks::as_rows(x_nd, 1, K);  // (M, K)
+  std::vector<int64_t> out_shape(x_nd.sizes().begin(), x_nd.sizes().end());
+  out_shape.back() = N;
+  at::Tensor out = at::empty(out_shape, x_in.options());
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous().to(at::kFloat) : at::Tensor();
+  const at::Tensor xf = rows_contiguous(x_in).to(at::kFloat);  // float32 rows: x is small here
+  at::Tensor acc =
+      dt == at::kFloat ? out.view({M, N}) : at::empty({M, N}, x_in.options().dtype(at::kFloat));
+  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "linear", [&] {
+    const at::Tensor w = rows_contiguous(w_in);
+    stream_rows(xf.const_data_ptr<float>(), xf.stride(0), w.const_data_ptr<scalar_t>(),
+                w.stride(0), nullptr, bp, M, N, K, acc.data_ptr<float>(), isa);
   });
-  (void)simd;
-  (void)avx2;
   if (dt != at::kFloat) out.view({M, N}).copy_(acc);
   return out;
 }
@@ -1586,6 +1806,7 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_nd, const at::Tensor&
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("linear", &linear_cpu);
   m.impl("quantize_per_token", &quantize_per_token_cpu);
   m.impl("int8_gemm", &int8_gemm_cpu);
   m.impl("int8_weight_only_linear", &int8_weight_only_linear_cpu);

@@ -90,6 +90,23 @@ def _concat_views(modules, name: str, dim0_sizes) -> torch.Tensor | None:
     return fused
 
 
+def _float_linear(weight, bias):
+    """x -> F.linear(x, weight, bias): fastattn.linear on the CPU (the weight streamed at the
+    memory's speed when decoding), F.linear elsewhere."""
+    import fastattn
+
+    fn = fastattn.linear if weight.device.type == "cpu" else F.linear
+    return functools.partial(fn, weight=weight, bias=bias)
+
+
+def _projection(m: nn.Module):
+    """A function x -> m(x): a float nn.Linear as _float_linear (its own parameters), any other
+    module (Int8Linear, ...) itself."""
+    if _linear_kind(m) == ("float", None):
+        return _float_linear(m.weight, m.bias)
+    return m
+
+
 def _fused_projection(linears):
     """A function x -> cat([l(x) for l in linears], -1) computed by one GEMM."""
     import fastattn
@@ -99,7 +116,7 @@ def _fused_projection(linears):
     bias = _concat_views(linears, "bias", sizes)
     kind, activations = _linear_kind(linears[0])
     if kind == "float":
-        return functools.partial(F.linear, weight=weight, bias=bias)
+        return _float_linear(weight, bias)
     scale = _concat_views(linears, "weight_scale", sizes)
     first = linears[0]
     # one Int8Linear over the concatenation, not registered anywhere: its forward makes the same
@@ -211,6 +228,8 @@ class _Fused:
         attn, mlp = layer.self_attn, layer.mlp
         self.qkv = _fused_projection([attn.q_proj, attn.k_proj, attn.v_proj])
         self.gate_up = _fused_projection([mlp.gate_proj, mlp.up_proj])
+        self.o_proj = _projection(attn.o_proj)
+        self.down_proj = _projection(mlp.down_proj)
         self.head_dim = attn.head_dim
         self.num_heads = attn.q_proj.weight.shape[0] // attn.head_dim
         self.num_kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim
@@ -242,8 +261,7 @@ def _fused_forward(self, hidden_states, attention_mask=None, position_ids=None,
     else:
         hidden_states = residual + attn
         h = post(hidden_states)
-    mlp = self.mlp
-    return hidden_states + mlp.down_proj(fastattn.silu_mul(fused.gate_up(h)))
+    return hidden_states + fused.down_proj(fastattn.silu_mul(fused.gate_up(h)))
 
 
 def _fused_attention(layer, fused, h, attention_mask, position_ids, past_key_values,
@@ -283,7 +301,7 @@ def _fused_attention(layer, fused, h, attention_mask, position_ids, past_key_val
                     S = cache_layer.keys.shape[2] + L
                     cache_layer.keys, cache_layer.values = kc[:, :, :S], vc[:, :, :S]
                 out = out.transpose(1, 2).reshape(B, L, H * D)
-                return attn.o_proj(out)
+                return fused.o_proj(out)
     # transformers' own attention path, on the fused projections
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -297,7 +315,7 @@ def _fused_attention(layer, fused, h, attention_mask, position_ids, past_key_val
     extra = {"sliding_window": sliding} if sliding is not None else {}
     out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling,
                        **extra, **kwargs)
-    return attn.o_proj(out.reshape(B, L, H * D))
+    return fused.o_proj(out.reshape(B, L, H * D))
 
 
 def _eager(attn):

@@ -7,6 +7,7 @@ _WHERE = {
     "LayerNorm": "fastattn.nn.norm",
     "RMSNorm": "fastattn.nn.norm",
     "Int8Linear": "fastattn.nn.linear",
+    "Linear": "fastattn.nn.linear",
     "KVCache": "fastattn.nn.decoding",
 }
 

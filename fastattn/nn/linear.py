@@ -1,4 +1,10 @@
-"""Int8Linear: an ``nn.Linear`` replacement holding per-channel int8 weights (inference).
+"""Linear and Int8Linear: ``nn.Linear`` replacements.
+
+``Linear`` is an ``nn.Linear`` (same parameters, same state_dict) whose forward on CPU tensors
+runs :func:`fastattn.linear`: the weight streamed at the memory's speed for few rows of x
+(decoding), ``at::linear`` above that; other devices run ``F.linear``.
+
+``Int8Linear`` holds per-channel int8 weights (inference).
 
 The weight is quantized once (``Int8Linear.from_float``). Two activation modes:
 
@@ -25,7 +31,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
 from fastattn.ops.int8 import int8_linear, int8_weight_only_linear, quantize_per_channel
+from fastattn.ops.linear import linear
+
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward runs :func:`fastattn.linear` on CPU tensors (``F.linear``
+    elsewhere). ``Linear.from_module(linear)`` or a class swap (``m.__class__ = Linear``, what
+    ``fastattn.convert`` does) keeps the module's parameters, ties and state_dict."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.device.type == "cpu":
+            return linear(input, self.weight, self.bias)
+        return F.linear(input, self.weight, self.bias)
+
+    @classmethod
+    def from_module(cls, module: nn.Linear) -> Linear:
+        """The same module object with this forward (its class swapped; nothing copied)."""
+        if type(module) is not nn.Linear:
+            raise TypeError(f"module must be a torch.nn.Linear, got {type(module).__name__}")
+        module.__class__ = cls
+        return module
+
 
 ACTIVATION_MODES = ("int8", "float", "auto")
 # "auto": rows up to which the weight-only kernel runs (decoding, speculative steps, small batches)
