@@ -779,16 +779,23 @@ FA_TARGET_AVX512 void wo_kernel(const float* x, int64_t ldx, const W* w, int64_t
     }
 }
 
-// How many groups of kWoN rows of w ahead the weight-only loop prefetches. Rows of w are short (K
-// bytes: 576 for SmolLM2-135M) and each is read once per call, so the hardware prefetcher never
-// ramps up on them; at M = 1 the loop waited on memory. Measured on 2 Sapphire Rapids-class cores,
-// SmolLM2-135M's 120 layer matrices (106 MB of int8) at M = 1 in one run: 7.8-8.2 ms without
-// software prefetch, 5.4-5.6 ms with 4 groups ahead (5.8-6.3 with 2 or 8), against 15.8 ms for
-// F.linear on the same weights in float32.
-constexpr int64_t kWoPrefetch = 4;
+// How far ahead the weight-streaming loops prefetch w, in groups of kWoN rows: about
+// kWoPrefetchBytes, into L2 (prefetcht1; the L1 prefetcher takes lines on from there). Rows of w
+// are short (K elements: 576 for SmolLM2-135M) and each is read once per call, so the hardware
+// prefetchers alone leave the loop waiting on memory. Measured on 2 Zen 4 cores, int8 576 x 49152
+// at M = 1 from DRAM: 10 GB/s without software prefetch, 12-15 GB/s prefetching into L1 4 groups
+// ahead (whose prefetches stalled once the L1 miss buffers filled), 23-25 GB/s into L2 16-18 KB
+// ahead (4 or 8 groups; 20 with 2, 23 with 16). fastattn.linear, float32 576 x 960 ... 49152:
+// 21-33 GB/s with 16 KB, 23-28 with 64 KB.
+constexpr int64_t kWoPrefetchBytes = 16 * 1024;
+
+inline int64_t prefetch_groups(int64_t K, size_t elem) {
+  const int64_t group = std::max<int64_t>(1, kWoN * K * static_cast<int64_t>(elem));
+  return std::max<int64_t>(1, ceil_div(kWoPrefetchBytes, group));
+}
 
 #ifdef FASTATTN_X86
-// _mm_prefetch of rows [r0, r0 + rows) of w (within [0, r_stop)), one request per cache line
+// _mm_prefetch (into L2) of rows [r0, r0 + rows) of w (within [0, r_stop)), one per cache line
 template <typename W>
 inline void prefetch_rows(const W* w, int64_t ldw, int64_t r0, int64_t rows, int64_t r_stop,
                           int64_t K) {
@@ -796,7 +803,7 @@ inline void prefetch_rows(const W* w, int64_t ldw, int64_t r0, int64_t rows, int
   constexpr int64_t kLine = 64 / sizeof(W);
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t k = 0; k < K; k += kLine)
-      _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k), _MM_HINT_T1);
 }
 #endif
 
@@ -819,6 +826,61 @@ FA_TARGET_AVX512 void wo_micro(int mr, int nr, const float* x, int64_t ldx, cons
     case 2: wo_kernel_nr<2>(nr, x, ldx, w, ldw, K, dots); break;
     case 3: wo_kernel_nr<3>(nr, x, ldx, w, ldw, K, dots); break;
     default: wo_kernel_nr<kWoM>(nr, x, ldx, w, ldw, K, dots); break;
+  }
+}
+
+// bfloat16 x against bfloat16 w on AVX512-BF16 (fastattn.linear): vdpbf16ps multiplies 32 pairs
+// per instruction, exactly, into float32 (denormal inputs read as zero, as oneDNN's bfloat16
+// GEMM reads them). Widening w to float32 for an FMA instead took three vector ops per 16
+// weights and bound M = 1 at ~14 GB/s on 2 Zen 4 cores, about F.linear's speed.
+template <int MR, int NR>
+FA_TARGET_BF16 void dpbf16_kernel(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w,
+                                  int64_t ldw, int64_t K, float* dots) {
+  constexpr int kBanks = MR * NR <= 8 ? 2 : 1;
+  __m512 acc[kBanks][MR][NR];
+  FA_UNROLL for (int u = 0; u < kBanks; ++u)
+    FA_UNROLL for (int i = 0; i < MR; ++i)
+      FA_UNROLL for (int j = 0; j < NR; ++j) acc[u][i][j] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += 32 * kBanks) {
+    FA_UNROLL for (int u = 0; u < kBanks; ++u) {
+      const int64_t k = k0 + 32 * u;
+      const int64_t left = std::max<int64_t>(0, K - k);
+      const __mmask32 mask = left >= 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
+      __m512i wv[NR];
+      FA_UNROLL for (int j = 0; j < NR; ++j) wv[j] = _mm512_maskz_loadu_epi16(mask, w + j * ldw + k);
+      FA_UNROLL for (int i = 0; i < MR; ++i) {
+        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + i * ldx + k);
+        FA_UNROLL for (int j = 0; j < NR; ++j)
+          acc[u][i][j] = _mm512_dpbf16_ps(acc[u][i][j], xv, (__m512bh)wv[j]);
+      }
+    }
+  }
+  FA_UNROLL for (int i = 0; i < MR; ++i)
+    FA_UNROLL for (int j = 0; j < NR; ++j) {
+      __m512 v = acc[0][i][j];
+      if constexpr (kBanks == 2) v = _mm512_add_ps(v, acc[1][i][j]);
+      dots[i * NR + j] = _mm512_reduce_add_ps(v);
+    }
+}
+
+template <int MR>
+FA_TARGET_BF16 void dpbf16_kernel_nr(int nr, const at::BFloat16* x, int64_t ldx,
+                                     const at::BFloat16* w, int64_t ldw, int64_t K, float* dots) {
+  switch (nr) {
+    case 1: dpbf16_kernel<MR, 1>(x, ldx, w, ldw, K, dots); break;
+    case 2: dpbf16_kernel<MR, 2>(x, ldx, w, ldw, K, dots); break;
+    case 3: dpbf16_kernel<MR, 3>(x, ldx, w, ldw, K, dots); break;
+    default: dpbf16_kernel<MR, kWoN>(x, ldx, w, ldw, K, dots); break;
+  }
+}
+
+FA_TARGET_BF16 void dpbf16_micro(int mr, int nr, const at::BFloat16* x, int64_t ldx,
+                                 const at::BFloat16* w, int64_t ldw, int64_t K, float* dots) {
+  switch (mr) {
+    case 1: dpbf16_kernel_nr<1>(nr, x, ldx, w, ldw, K, dots); break;
+    case 2: dpbf16_kernel_nr<2>(nr, x, ldx, w, ldw, K, dots); break;
+    case 3: dpbf16_kernel_nr<3>(nr, x, ldx, w, ldw, K, dots); break;
+    default: dpbf16_kernel_nr<kWoM>(nr, x, ldx, w, ldw, K, dots); break;
   }
 }
 
@@ -1501,9 +1563,12 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in,
 // from L1 for the next rows of x; the AVX-512 (and for int8 the AVX2) dot kernels above, a scalar
 // loop elsewhere.
 // ------------------------------------------------------------------------------------------------
-template <typename W>
-void stream_rows(const float* xp, int64_t ldx, const W* wp, int64_t ldw, const float* sp,
+template <typename W, typename X = float>
+void stream_rows(const X* xp, int64_t ldx, const W* wp, int64_t ldw, const float* sp,
                  const float* bp, int64_t M, int64_t N, int64_t K, float* op_, Isa isa) {
+  // bfloat16 rows of x go with bfloat16 w on AVX512-BF16 only (the caller's choice)
+  constexpr bool kDpbf16 = std::is_same_v<X, at::BFloat16>;
+  static_assert(!kDpbf16 || std::is_same_v<W, at::BFloat16>);
   constexpr int64_t kNB = 16;  // rows of w per task
   const int64_t grain =
       std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kNB * K * int64_t(sizeof(W))));
@@ -1513,6 +1578,7 @@ void stream_rows(const float* xp, int64_t ldx, const W* wp, int64_t ldw, const f
 #else
   const bool avx2 = false;
 #endif
+  const int64_t pf_groups = prefetch_groups(K, sizeof(W));
   at::parallel_for(0, ceil_div(N, kNB), grain, [&](int64_t t0, int64_t t1) {
     const int64_t n_stop = std::min(N, t1 * kNB);
     for (int64_t t = t0; t < t1; ++t) {
@@ -1520,14 +1586,18 @@ void stream_rows(const float* xp, int64_t ldx, const W* wp, int64_t ldw, const f
       for (int64_t n = t * kNB; n < n_end; n += kWoN) {
         const int nr = static_cast<int>(std::min<int64_t>(kWoN, n_end - n));
 #ifdef FASTATTN_X86
-        if (simd || avx2) prefetch_rows(wp, ldw, n + kWoPrefetch * kWoN, kWoN, n_stop, K);
+        if (simd || avx2) prefetch_rows(wp, ldw, n + pf_groups * kWoN, kWoN, n_stop, K);
 #endif
         for (int64_t m = 0; m < M; m += kWoM) {
           const int mr = static_cast<int>(std::min<int64_t>(kWoM, M - m));
           float dots[kWoM * kWoN];
 #ifdef FASTATTN_X86
           if (simd) {
-            wo_micro(mr, nr, xp + m * ldx, ldx, wp + n * ldw, ldw, K, dots);
+            if constexpr (kDpbf16) {
+              dpbf16_micro(mr, nr, xp + m * ldx, ldx, wp + n * ldw, ldw, K, dots);
+            } else {
+              wo_micro(mr, nr, xp + m * ldx, ldx, wp + n * ldw, ldw, K, dots);
+            }
           } else if (avx2) {
             if constexpr (std::is_same_v<W, int8_t>)
               wo_micro_avx2(mr, nr, xp + m * ldx, ldx, wp + n * ldw, ldw, K, dots);
@@ -1538,7 +1608,8 @@ void stream_rows(const float* xp, int64_t ldx, const W* wp, int64_t ldw, const f
               for (int j = 0; j < nr; ++j) {
                 float s = 0.0f;
                 for (int64_t k = 0; k < K; ++k)
-                  s += xp[(m + i) * ldx + k] * static_cast<float>(wp[(n + j) * ldw + k]);
+                  s += static_cast<float>(xp[(m + i) * ldx + k]) *
+                       static_cast<float>(wp[(n + j) * ldw + k]);
                 dots[i * nr + j] = s;
               }
           }
@@ -1569,9 +1640,8 @@ void stream_rows(const float* xp, int64_t ldx, const W* wp, int64_t ldw, const f
 // |r| <= s_P / 2: absmax * 6.1e-8 for P = 3 (float32 x: half an ulp of the largest element),
 // absmax * 1.5e-5 for P = 2 (bfloat16 / float16 x, whose own rounding is 2^-9 / 2^-12), and
 // w . x = sum_p s_p (w . q_p) + w . r with every w . q_p exact in int32: vpdpbusd multiplies
-// u8 by s8, so the parts are stored as q_p + 128 and 128 * sum(w) (one more vpdpbusd, against
-// ones) is subtracted. One instruction covers 64 weights of a part: M = 1 runs at the memory's
-// speed (measured in the benchmark of this path, see bench/results).
+// u8 by s8, so w enters with its sign bit flipped (w + 128) and 128 * sum(q_p) is subtracted.
+// One instruction covers 64 weights of a part.
 // ------------------------------------------------------------------------------------------------
 constexpr int64_t kWoSplitMaxM = 16;
 // int32 lanes stay exact: each lane adds K / 16 products of |q + 128| <= 255 and |w| <= 128
@@ -1582,18 +1652,18 @@ inline __mmask64 tail_mask64(int64_t count) {
   return count >= 64 ? ~__mmask64(0) : (__mmask64(1) << count) - 1;
 }
 
-// Row x[0..K) as P parts q_p + 128 (u8) at q[p * Kp + k], 128 (q = 0) in [K, Kp); s[p] = s_p.
-// False when the row is not finite (the caller runs the FMA kernel: inf and NaN propagate as the
-// reference's products do).
+// Row x[0..K) as P int8 parts q_p at q[p * Kp + k] (zero in [K, Kp)), s[p] = s_p and
+// qsum[p] = sum_k q_p[k]. False when the row is not finite (the caller runs the FMA kernel: inf
+// and NaN propagate as the reference's products do).
 template <int P, typename T>
-FA_TARGET_AVX512 bool split_row(const T* x, int64_t K, int64_t Kp, uint8_t* q, double* s) {
-  __m512 vmax = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16)
-    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load_f32x16(x + k, tail_mask16(K - k))));
-  // max_ps drops a NaN operand: the NaN check is on the sum of |x| (inf or NaN when one is)
-  __m512 vsum = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16)
-    vsum = _mm512_add_ps(vsum, _mm512_abs_ps(load_f32x16(x + k, tail_mask16(K - k))));
+FA_TARGET_AVX512 bool split_row(const T* x, int64_t K, int64_t Kp, int8_t* q, double* s,
+                                int64_t* qsum) {
+  __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 v = _mm512_abs_ps(load_f32x16(x + k, tail_mask16(K - k)));
+    vmax = _mm512_max_ps(vmax, v);
+    vsum = _mm512_add_ps(vsum, v);  // inf or NaN when an element is (max_ps drops NaN)
+  }
   const float absmax = _mm512_reduce_max_ps(vmax);
   if (!std::isfinite(_mm512_reduce_add_ps(vsum))) return false;
   float sp[P], inv[P];
@@ -1604,7 +1674,8 @@ FA_TARGET_AVX512 bool split_row(const T* x, int64_t K, int64_t Kp, uint8_t* q, d
     s[p] = sp[p];
   }
   const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-  const __m512i bias128 = _mm512_set1_epi32(128);
+  __m512i sums[P];
+  FA_UNROLL for (int p = 0; p < P; ++p) sums[p] = _mm512_setzero_si512();
   for (int64_t k = 0; k < Kp; k += 16) {
     const __mmask16 mask = tail_mask16(std::max<int64_t>(0, K - k));
     __m512 r = load_f32x16(x + k, mask);
@@ -1613,49 +1684,48 @@ FA_TARGET_AVX512 bool split_row(const T* x, int64_t K, int64_t Kp, uint8_t* q, d
                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       qf = _mm512_min_ps(_mm512_max_ps(qf, lo), hi);
       r = _mm512_fnmadd_ps(qf, _mm512_set1_ps(sp[p]), r);  // the remainder, rounded once
-      const __m512i qi = _mm512_add_epi32(_mm512_cvtps_epi32(qf), bias128);
+      const __m512i qi = _mm512_cvtps_epi32(qf);
+      sums[p] = _mm512_add_epi32(sums[p], qi);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q + p * Kp + k), _mm512_cvtepi32_epi8(qi));
     }
   }
+  FA_UNROLL for (int p = 0; p < P; ++p) qsum[p] = _mm512_reduce_add_epi32(sums[p]);
   return true;
 }
 
-// acc[p * NR + j] = sum_k (q_p[k] + 128) * w[j][k]; comp[j] = sum_k w[j][k] when kComp.
-template <int P, int NR, bool kComp>
-FA_TARGET_VNNI void split_tile(const uint8_t* q, int64_t Kp, const int8_t* w, int64_t ldw,
-                               int64_t K, int32_t* acc, int32_t* comp) {
-  __m512i a[P][NR], c[NR];
-  FA_UNROLL for (int j = 0; j < NR; ++j) {
-    c[j] = _mm512_setzero_si512();
-    FA_UNROLL for (int p = 0; p < P; ++p) a[p][j] = _mm512_setzero_si512();
-  }
-  const __m512i ones = _mm512_set1_epi8(1);
+// acc[p * NR + j] = sum_k (w[j][k] + 128) * q_p[k]: w made unsigned by flipping its sign bit
+// (vpdpbusd takes u8 x s8), the 128 * sum_k q_p[k] this adds is taken off by the caller (a
+// property of x, computed once per call). The loop body stays in this function: passed to a
+// helper by reference, GCC copied every accumulator twice per iteration.
+template <int P, int NR>
+FA_TARGET_VNNI void split_tile(const int8_t* q, int64_t Kp, const int8_t* w, int64_t ldw,
+                               int64_t K, int32_t* acc) {
+  __m512i a[P][NR];
+  FA_UNROLL for (int p = 0; p < P; ++p)
+    FA_UNROLL for (int j = 0; j < NR; ++j) a[p][j] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t k = 0; k < K; k += 64) {
     const __mmask64 mask = tail_mask64(K - k);
     __m512i wv[NR];
-    FA_UNROLL for (int j = 0; j < NR; ++j) wv[j] = _mm512_maskz_loadu_epi8(mask, w + j * ldw + k);
+    FA_UNROLL for (int j = 0; j < NR; ++j)
+      wv[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + j * ldw + k), flip);
     FA_UNROLL for (int p = 0; p < P; ++p) {
-      const __m512i xv = _mm512_loadu_si512(q + p * Kp + k);
-      FA_UNROLL for (int j = 0; j < NR; ++j) a[p][j] = _mm512_dpbusd_epi32(a[p][j], xv, wv[j]);
-    }
-    if constexpr (kComp) {
-      FA_UNROLL for (int j = 0; j < NR; ++j) c[j] = _mm512_dpbusd_epi32(c[j], ones, wv[j]);
+      const __m512i xv = _mm512_maskz_loadu_epi8(mask, q + p * Kp + k);
+      FA_UNROLL for (int j = 0; j < NR; ++j) a[p][j] = _mm512_dpbusd_epi32(a[p][j], wv[j], xv);
     }
   }
-  FA_UNROLL for (int j = 0; j < NR; ++j) {
-    FA_UNROLL for (int p = 0; p < P; ++p) acc[p * NR + j] = _mm512_reduce_add_epi32(a[p][j]);
-    if constexpr (kComp) comp[j] = _mm512_reduce_add_epi32(c[j]);
-  }
+  FA_UNROLL for (int p = 0; p < P; ++p)
+    FA_UNROLL for (int j = 0; j < NR; ++j) acc[p * NR + j] = _mm512_reduce_add_epi32(a[p][j]);
 }
 
-template <int P, bool kComp>
-FA_TARGET_VNNI void split_tile_nr(int nr, const uint8_t* q, int64_t Kp, const int8_t* w,
-                                  int64_t ldw, int64_t K, int32_t* acc, int32_t* comp) {
+template <int P>
+FA_TARGET_VNNI void split_tile_nr(int nr, const int8_t* q, int64_t Kp, const int8_t* w,
+                                  int64_t ldw, int64_t K, int32_t* acc) {
   switch (nr) {
-    case 1: split_tile<P, 1, kComp>(q, Kp, w, ldw, K, acc, comp); break;
-    case 2: split_tile<P, 2, kComp>(q, Kp, w, ldw, K, acc, comp); break;
-    case 3: split_tile<P, 3, kComp>(q, Kp, w, ldw, K, acc, comp); break;
-    default: split_tile<P, kWoN, kComp>(q, Kp, w, ldw, K, acc, comp); break;
+    case 1: split_tile<P, 1>(q, Kp, w, ldw, K, acc); break;
+    case 2: split_tile<P, 2>(q, Kp, w, ldw, K, acc); break;
+    case 3: split_tile<P, 3>(q, Kp, w, ldw, K, acc); break;
+    default: split_tile<P, kWoN>(q, Kp, w, ldw, K, acc); break;
   }
 }
 
@@ -1665,32 +1735,32 @@ template <int P, typename T>
 bool wo_split_gemv(const T* x, int64_t ldx, const int8_t* w, int64_t ldw, const float* scale,
                    const float* bias, int64_t M, int64_t N, int64_t K, float* out) {
   const int64_t Kp = round_up(K, 64);
-  std::vector<uint8_t> qbuf(static_cast<size_t>(M * P * Kp) + 64);
-  uint8_t* q = qbuf.data();
+  // 64-byte aligned: a part's 64-byte loads would otherwise each span two cache lines
+  Scratch qbuf;
+  int8_t* q = qbuf.get<int8_t>(M * P * Kp);
   std::vector<double> sbuf(static_cast<size_t>(M * P));
+  std::vector<int64_t> qsum(static_cast<size_t>(M * P));
   for (int64_t m = 0; m < M; ++m)
-    if (!split_row<P>(x + m * ldx, K, Kp, q + m * P * Kp, sbuf.data() + m * P)) return false;
+    if (!split_row<P>(x + m * ldx, K, Kp, q + m * P * Kp, sbuf.data() + m * P,
+                      qsum.data() + m * P))
+      return false;
   const double* s = sbuf.data();
+  const int64_t* qs = qsum.data();
   constexpr int64_t kNB = 16;  // rows of w per task
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kNB * K));
   at::parallel_for(0, ceil_div(N, kNB), grain, [&](int64_t t0, int64_t t1) {
     const int64_t n_stop = std::min(N, t1 * kNB);
     for (int64_t n = t0 * kNB; n < n_stop; n += kWoN) {
       const int nr = static_cast<int>(std::min<int64_t>(kWoN, n_stop - n));
-      prefetch_rows(w, ldw, n + kWoPrefetch * kWoN, kWoN, n_stop, K);
-      int32_t acc[P * kWoN], comp[kWoN];
+      prefetch_rows(w, ldw, n + prefetch_groups(K, sizeof(int8_t)) * kWoN, kWoN, n_stop, K);
+      int32_t acc[P * kWoN];
       for (int64_t m = 0; m < M; ++m) {
-        const uint8_t* qm = q + m * P * Kp;
-        if (m == 0) {
-          split_tile_nr<P, true>(nr, qm, Kp, w + n * ldw, ldw, K, acc, comp);
-        } else {
-          split_tile_nr<P, false>(nr, qm, Kp, w + n * ldw, ldw, K, acc, comp);
-        }
+        split_tile_nr<P>(nr, q + m * P * Kp, Kp, w + n * ldw, ldw, K, acc);
         for (int j = 0; j < nr; ++j) {
           double dot = 0.0;
           for (int p = 0; p < P; ++p)
             dot += s[m * P + p] * static_cast<double>(static_cast<int64_t>(acc[p * nr + j]) -
-                                                      128 * static_cast<int64_t>(comp[j]));
+                                                      128 * qs[m * P + p]);
           float v = static_cast<float>(dot) * scale[n + j];
           if (bias) v = v + bias[n + j];
           out[m * N + n + j] = v;
@@ -1790,10 +1860,19 @@ at::Tensor linear_cpu(const at::Tensor& x_nd, const at::Tensor& w_in,
   out_shape.back() = N;
   at::Tensor out = at::empty(out_shape, x_in.options());
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous().to(at::kFloat) : at::Tensor();
-  const at::Tensor xf = rows_contiguous(x_in).to(at::kFloat);  // float32 rows: x is small here
   at::Tensor acc =
       dt == at::kFloat ? out.view({M, N}) : at::empty({M, N}, x_in.options().dtype(at::kFloat));
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+#ifdef FASTATTN_X86
+  if (dt == at::kBFloat16 && isa >= Isa::avx512_bf16) {
+    const at::Tensor xr = rows_contiguous(x_in), w = rows_contiguous(w_in);
+    stream_rows(xr.const_data_ptr<at::BFloat16>(), xr.stride(0), w.const_data_ptr<at::BFloat16>(),
+                w.stride(0), nullptr, bp, M, N, K, acc.data_ptr<float>(), isa);
+    out.view({M, N}).copy_(acc);
+    return out;
+  }
+#endif
+  const at::Tensor xf = rows_contiguous(x_in).to(at::kFloat);  // float32 rows: x is small here
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "linear", [&] {
     const at::Tensor w = rows_contiguous(w_in);
     stream_rows(xf.const_data_ptr<float>(), xf.stride(0), w.const_data_ptr<scalar_t>(),
