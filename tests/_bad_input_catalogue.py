@@ -792,6 +792,41 @@ def _(b):
     assert out.shape == (0, 6)
 
 
+# ---- linear: x (4, 32), weight (6, 32) -----------------------------------------------------------
+FL = "linear"
+
+
+def fl(backend, x=None, w=None, bias=None):
+    return fastattn.linear(rn(4, 32) if x is None else x, rn(6, 32) if w is None else w, bias,
+                           backend=backend)
+
+
+bad("fl_x_not_tensor", FL, TypeError, "x")(lambda b: fl(b, x=[[1.0] * 32] * 4))
+bad("fl_x_int", FL, TypeError, "x must be")(lambda b: fl(b, x=torch.ones(4, 32, dtype=torch.int32)))
+bad("fl_x_0d", FL, ValueError, "x must have at least one dimension")(
+    lambda b: fl(b, x=torch.tensor(1.0)))
+bad("fl_weight_dtype", FL, TypeError, "weight must have x's dtype")(
+    lambda b: fl(b, w=rn(6, 32).double()))
+bad("fl_weight_1d", FL, ValueError, "weight must be 2-D")(lambda b: fl(b, w=rn(32)))
+bad("fl_k_mismatch", FL, ValueError, "weight.shape[1]")(lambda b: fl(b, w=rn(6, 31)))
+bad("fl_bias_size", FL, ValueError, "bias")(lambda b: fl(b, bias=rn(5)))
+bad("fl_bias_dtype", FL, TypeError, "bias must have x's dtype")(
+    lambda b: fl(b, bias=rn(6).half()))
+bad("fl_weight_on_other_device", FL, RuntimeError, "weight")(
+    lambda b: fl(b, w=torch.empty(6, 32, device=META)))
+bad("fl_bad_backend_string", FL, ValueError, "backend", backends=("reference",))(
+    lambda b: fl("gemv"))
+
+
+@edge("fl_odd_shapes_and_zero_rows", FL)
+def _(b):
+    for M, K, N in ((0, 32, 6), (1, 1, 1), (3, 17, 5), (2, 33, 65)):
+        x, w, bias = rn(M, K), rn(N, K), rn(N)
+        out = fl(b, x=x, w=w, bias=bias)
+        assert out.shape == (M, N)
+        assert_close_rule(out, F.linear(x.double(), w.double(), bias.double()), F.linear(x, w, bias))
+
+
 @edge("lin_zero_row_values", LIN)
 def _(b):
     x = rn(9, 32)

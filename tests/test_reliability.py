@@ -62,6 +62,8 @@ OPS: dict[str, OpInfo] = {
     "int8_linear": OpInfo(("quantize_per_token", "int8_gemm", "int8_weight_only_linear"),
                           "int8_gemm"),
     "silu_mul": OpInfo(("silu_mul_fwd", "silu_mul_bwd"), "activation"),
+    # no Triton kernel: fastattn.triton.linear does not exist, the triton backend is skipped
+    "linear": OpInfo(("linear",), "linear"),
 }
 
 
@@ -317,6 +319,20 @@ def make_case(op: str, dtype: torch.dtype = torch.float32, seed: int = 0,
             return (fa.silu_mul(t["x"], backend=backend),)
 
         return Case(op, make, run, grad=("x",))
+    if op == "linear":
+        # M = 3 rows: the weight-streaming kernel (K = 37 leaves vector tails); large: M = 24 rows
+        # take at::linear inside the op
+        M, K, N = (24, 300, 70) if large else (3, 37, 21)
+
+        def make():
+            return {"x": _randn(M, K, dtype=dtype, seed=s0 + 1),
+                    "weight": _randn(N, K, dtype=dtype, seed=s0 + 2, scale=K ** -0.5),
+                    "bias": _randn(N, dtype=dtype, seed=s0 + 3)}
+
+        def run(t, backend):
+            return (fa.linear(t["x"], t["weight"], t["bias"], backend=backend),)
+
+        return Case(op, make, run, grad=("x", "weight", "bias"))
     raise KeyError(op)
 
 
