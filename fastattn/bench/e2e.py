@@ -20,7 +20,9 @@
 Implementations, every one compared with "transformers" (the original model, eager, ratio 1):
 ``fastattn.convert`` and ``fastattn.convert(int8=True)`` of a copy; ``torch.compile`` (SmolLM2:
 a static KV cache and the forward compiled, transformers' recipe; MiniLM: the model compiled;
-the compilation is in the result's ``setup_s``, not in the rate); and where their packages import,
+the compilation is in the result's ``setup_s``, not in the rate); SmolLM2's
+``fastattn.convert + torch.compile``, the converted copy compiled the same way (its fused layers
+trace transformers' attention path with fastattn's projections and norms); and where their packages import,
 torchao's int8 weight-only quantization (SmolLM2), llama.cpp on the same GGUF file with the same
 prompt token ids and as many threads as torch (SmolLM2, batch 1, CPU), onnxruntime on a
 ``torch.onnx`` export (MiniLM, fp32, CPU). An optional package that is missing gives a "skipped"
@@ -366,11 +368,18 @@ def _convert_impls(make: Callable[[torch.nn.Module], Any], model_fn) -> list[Imp
 
 
 @functools.cache
-def _smollm2_compiled(dtype: str, smoke: bool, device: str) -> torch.nn.Module:
-    """A copy of the original with a static KV cache and its forward compiled (transformers'
-    recipe for torch.compile). Shared by the cases of a dtype: the graphs of one batch size are
-    compiled once (a larger static cache, or another batch size, recompiles)."""
+def _smollm2_compiled(dtype: str, smoke: bool, device: str, converted: bool = False
+                      ) -> torch.nn.Module:
+    """A copy of the original (or of fastattn.convert of it) with a static KV cache and its
+    forward compiled (transformers' recipe for torch.compile). Shared by the cases of a dtype: the
+    graphs of one batch size are compiled once (a larger static cache, or another batch size,
+    recompiles)."""
     model = copy.deepcopy(_smollm2(dtype, smoke, device))
+    if converted:
+        convert, why = resolve("convert")
+        if convert is None:
+            raise RuntimeError(why)
+        model = convert(model).eval()
     model.generation_config.cache_implementation = "static"
     # smoke: dynamo without code generation (inductor takes ~1 min even for a tiny model)
     model.forward = compile_fn(model.forward, fullgraph=True,
@@ -409,18 +418,22 @@ def _smollm2_builder(cfg: RunConfig, dtype: str, phase: str, B: int):
         impls = [Impl(BASELINE, "baseline", fn=fn, minus=minus)]
         impls += _convert_impls(timed, lambda: model)
 
-        if not cfg.compile:
-            impls.append(Impl("torch.compile", "baseline", skipped="--no-compile"))
-        else:
-            def compiled():
-                m = _smollm2_compiled(dtype, cfg.smoke, dev)
+        # the original and fastattn.convert of it, each compiled the same way
+        for name, kind, converted in (("torch.compile", "baseline", False),
+                                      ("fastattn.convert + torch.compile", "fastattn", True)):
+            if not cfg.compile:
+                impls.append(Impl(name, kind, skipped="--no-compile"))
+                continue
+
+            def compiled(converted=converted):
+                m = _smollm2_compiled(dtype, cfg.smoke, dev, converted)
                 # compile here, so that setup_s holds the compilation: the largest static cache
                 # first (generate() of 1 + n), which generate() of 1 then reuses
                 generate(m, 1 + n)()
                 generate(m, 1)()
                 return timed(m)
 
-            impls.append(Impl("torch.compile", "baseline", prepare=compiled))
+            impls.append(Impl(name, kind, prepare=compiled))
 
         problem = _import_problem("torchao.quantization", INSTALL["torchao"])
         impls.append(Impl("torchao int8 weight-only", "baseline", skipped=problem,
