@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,11 @@ def test_sdist_builds_a_wheel_that_installs_into_a_fresh_venv(sdist, tmp_path):
     _run([py, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", str(sdist),
           "-w", str(tmp_path / "wheels")], env=env, cwd=tmp_path)
     (wheel,) = (tmp_path / "wheels").glob("fastattn-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    for want in ("fastattn/_C.", "fastattn/py.typed", "fastattn/bench/data/prose.txt",
+                 "fastattn/checkpoint.py", "dist-info/licenses/LICENSE"):
+        assert any(want in n for n in names), f"{want} not in {wheel.name}"
     _run([py, "-m", "pip", "install", "-q", "--no-deps", str(wheel)], cwd=tmp_path)
     out = _run([py, "-c", CHECK], cwd=tmp_path)  # not the checkout: the installed package
     assert out.stdout.strip() == f"ok {fastattn.__version__}"
