@@ -1,11 +1,11 @@
 """Saving and loading converted models without their float checkpoint.
 
-A converted model saves as any module does: ``torch.save(model.state_dict(), path)``,
-``safetensors.torch.save_model(model, path)`` (not ``save_file``: the fused decoder layers' q/k/v
-and gate/up weights are views into one tensor, which ``save_model`` stores as separate tensors),
-or ``model.save_pretrained(folder)`` for a ``transformers`` model (``convert`` writes its
-arguments into the model's config, so config.json says how to convert again). Int8 linears save
-their int8 ``weight`` and float32 ``weight_scale``.
+A converted model saves with ``torch.save(model.state_dict(), path)``, with
+:func:`save_converted` (``.safetensors`` or torch.save; safetensors' own ``save_file`` and
+``save_model`` refuse the fused decoder layers, whose q/k/v and gate/up weights are views into one
+tensor), or with ``model.save_pretrained(folder)`` for a ``transformers`` model (``convert``
+writes its arguments into the model's config, so config.json says how to convert again). Int8
+linears save their int8 ``weight`` and float32 ``weight_scale``.
 
 :func:`load_converted` builds the model again with its parameters on the meta device (no float
 weights are allocated, read or quantized), converts it the same way, and assigns the saved tensors
@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-__all__ = ["empty_weights", "load_converted"]
+__all__ = ["empty_weights", "load_converted", "save_converted"]
 
 _CONVERT_ARGS = ("attention", "layer_norm", "int8")
 
@@ -46,6 +46,29 @@ def empty_weights():
         yield
     finally:
         nn.Module.register_parameter = register
+
+
+def save_converted(model: nn.Module, path: str | os.PathLike) -> None:
+    """Writes ``model``'s state_dict to ``path``: safetensors when it ends in ``.safetensors``,
+    else ``torch.save``. A tensor shared by several names (tied weights) is written once (under
+    its first name; :func:`load_converted` ties it again); for safetensors, which stores one
+    tensor per storage, views into a larger tensor (the fused decoder layers' projections) are
+    written as copies."""
+    state, seen = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        state[name] = t.detach()
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        state = {k: (v if v.is_contiguous() and v.untyped_storage().nbytes() == v.nbytes
+                     and v.storage_offset() == 0 else v.clone()) for k, v in state.items()}
+        save_file(state, path, metadata={"format": "pt"})
+    else:
+        torch.save(state, path)
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
