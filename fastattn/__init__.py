@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 _LAZY = {"nn": "fastattn.nn", "integrations": "fastattn.integrations",
-         "smoothquant": "fastattn.smoothquant"}
+         "smoothquant": "fastattn.smoothquant", "checkpoint": "fastattn.checkpoint"}
 
 
 def __getattr__(name):
@@ -48,4 +48,6 @@ def __getattr__(name):
         return importlib.import_module(_LAZY[name])
     if name == "convert":
         return importlib.import_module("fastattn.convert").convert
+    if name == "load_converted":
+        return importlib.import_module("fastattn.checkpoint").load_converted
     raise AttributeError(f"module 'fastattn' has no attribute {name!r}")

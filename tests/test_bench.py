@@ -14,7 +14,7 @@ import torch
 
 import fastattn
 from fastattn.bench import cases, e2e, harness, report, timing
-from fastattn.bench.__main__ import ALL, NO_CEILINGS, OPS, main, parse_args
+from fastattn.bench.__main__ import ALL, NO_CEILINGS, OPS, SWEEP, main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--smoke", "--device", "cpu", "--backends", "cpu,reference", "--no-progress"]
@@ -229,7 +229,32 @@ def test_cli_all_ops_subprocess(all_ops_run):
         import matplotlib  # noqa: F401
     except ImportError:
         return
-    assert (out / "plots" / "attention.png").stat().st_size > 0
+    # one size per line (--smoke): no plot is worth drawing
+    assert not (out / "plots" / "attention.png").exists()
+
+
+@pytest.mark.parametrize("op", SWEEP)
+def test_sweep_gives_every_line_five_sizes(op):
+    cfg = cases.RunConfig(device="cpu", quick=True, sweep=True)
+    lines: dict = {}
+    for c in OPS[op][0](cfg):
+        key = (c.dtype, tuple(c.params[k] for k in c.series))
+        lines.setdefault(key, set()).add(c.params[c.x])
+    assert lines and all(len(xs) >= 5 for xs in lines.values()), lines
+
+
+def test_plots_leave_out_single_size_lines(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="matplotlib draws the plots")
+
+    def case(op, n):
+        return {"op": op, "x": "N", "metric": "GB/s", "dtype": "fp32", "series": [],
+                "params": {"N": n}, "results": [{"impl": "a", "status": "ok"}]}
+
+    doc = {"ops": {"swept": {}, "single": {}}, "env": {"device_name": "cpu"},
+           "cases": [case("swept", n) for n in (1, 2, 4)] + [case("single", 8)]}
+    monkeypatch.setattr(report, "_metric_value", lambda r, c: 1.0)  # not under test here
+    paths, _ = report.write_plots(doc, tmp_path)
+    assert [p.name for p in paths] == ["swept.png"]
 
 
 @pytest.mark.parametrize("op", ALL)  # e2e: test_e2e_rows

@@ -171,3 +171,45 @@ def test_reference_silu_mul_contract():
         with pytest.raises(ValueError, match="even"):
             reference.silu_mul(bad)
     assert "silu_mul" in fastattn.backends()["auto"]
+
+
+# ---------------------------------------------------------------------------------------------
+# warnings point at the user's line, whichever entry point led to them
+# ---------------------------------------------------------------------------------------------
+def _fallback_warnings(fn):
+    _backend._warn_fallback.cache_clear()
+    _backend._CHOICES.clear()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        fn()
+    return [x for x in w if "no fast backend supports this call" in str(x.message)]
+
+
+def test_fallback_warning_points_at_the_caller_of_a_public_function():
+    x = torch.randn(4, 16, dtype=torch.float64)  # float64 runs on the reference only
+    w = _fallback_warnings(lambda: fastattn.layer_norm(x, (16,)))
+    assert len(w) == 1 and w[0].filename == __file__
+
+
+def test_fallback_warning_points_at_the_call_of_a_module():
+    norm = fastattn.nn.RMSNorm(16, dtype=torch.float64)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    w = _fallback_warnings(lambda: norm(x))
+    assert len(w) == 1 and w[0].filename == __file__
+
+
+def test_fallback_warning_points_at_the_call_of_convert():
+    class MyRMSNorm(torch.nn.Module):  # transformers-style: convert checks it on a random input
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(16, dtype=torch.float64))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            var = x.pow(2).mean(-1, keepdim=True)
+            return self.weight * x * torch.rsqrt(var + self.variance_epsilon)
+
+    model = torch.nn.Sequential(MyRMSNorm())
+    w = _fallback_warnings(lambda: fastattn.convert(model))
+    assert len(w) == 1 and w[0].filename == __file__
+    assert type(model[0]) is fastattn.nn.RMSNorm

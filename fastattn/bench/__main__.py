@@ -2,6 +2,7 @@
 
     python -m fastattn.bench --op all --device cpu --quick --out bench/results/cpu
     python -m fastattn.bench --op e2e --device cpu --quick --out bench/results/cpu-e2e
+    python -m fastattn.bench --sweep --out bench/results/cpu-sweep      # the plots (make bench-sweep)
     python -m fastattn.bench --op attention --device cuda --dtype bf16 --out bench/results/h200
 
 Writes DIR/results.json (every figure, the environment, validated against the schema in
@@ -61,6 +62,8 @@ OPS = {
 # them and takes 10-20 minutes on 2 cores in --quick mode (17.5 min with one thread on a shared
 # machine): it is asked for by name
 ALL = [op for op in OPS if op != "e2e"]
+# what --sweep runs unless --op says otherwise: the ops whose CPU cases have sweep sizes
+SWEEP = ["attention", "decode", "layer_norm", "int8_gemm", "int8_linear"]
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -83,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", action="append", metavar="DTYPE",
                    help="fp32, bf16, fp16 (repeatable or comma list; default: per op)")
     p.add_argument("--quick", action="store_true", help="a representative subset of the shapes")
+    p.add_argument("--sweep", action="store_true",
+                   help="CPU: sizes swept for the plots, at least five per line (attention, "
+                        "decode, layer_norm, int8_gemm, int8_linear; default --op), timed as "
+                        "--quick times (~5-10 min on 2 cores)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes, 2 repetitions: checks that everything runs (CI)")
     p.add_argument("--out", type=Path, default=None,
@@ -99,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    ops = _split(args.op) or ["all"]
+    ops = _split(args.op) or (SWEEP if args.sweep else ["all"])
     if "all" in ops:
         i = ops.index("all")
         ops = ops[:i] + ALL + ops[i + 1:]
@@ -145,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
 
-    cfg = cases.RunConfig(device=args.device, quick=args.quick or args.smoke, smoke=args.smoke,
+    cfg = cases.RunConfig(device=args.device, quick=args.quick or args.smoke or (args.sweep and args.device == "cpu"),
+                          smoke=args.smoke, sweep=args.sweep,
                           dtypes=args.dtypes, backends=tuple(args.backends),
                           compile=not args.no_compile, reps=args.reps)
     out_dir: Path = args.out
@@ -161,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         "tool": "fastattn.bench",
         "complete": False,
         "config": {"device": args.device, "ops": args.ops, "dtypes": args.dtypes,
-                   "quick": cfg.quick, "smoke": cfg.smoke, "backends": args.backends,
+                   "quick": cfg.quick, "smoke": cfg.smoke, "sweep": cfg.sweep,
+                   "backends": args.backends,
                    "argv": list(sys.argv[1:] if argv is None else argv),
                    "time_budget_s": args.time_budget, "compile": cfg.compile},
         "env": report.environment(args.device),

@@ -26,6 +26,10 @@ DEFAULT_DTYPES = {"cpu": ("fp32", "bf16"), "cuda": ("bf16",)}
 MATERIALISE_LIMIT_BYTES = 8 << 30
 
 
+# --sweep on CPU: sequence lengths of the forward, d = 64, causal and not
+SWEEP_LENGTHS = (128, 256, 512, 1024, 2048)
+
+
 def sdpa_backends() -> list[tuple[str, object]]:
     from torch.nn.attention import SDPBackend
 
@@ -43,6 +47,9 @@ def _shapes(cfg: RunConfig) -> list[dict]:
         out.append(dict(B=1, H=2, L=64, S=64, d=32, causal=True, mode="fwd+bwd"))
         return out
     if not cfg.cuda:
+        if cfg.sweep:
+            return [dict(B=1, H=12, L=L, S=L, d=64, causal=causal, mode="fwd")
+                    for causal in (False, True) for L in SWEEP_LENGTHS]
         if cfg.quick:
             for d in (64, 128):
                 for causal in (False, True):

@@ -182,6 +182,9 @@ class RunConfig:
     device: str = "cpu"
     quick: bool = False
     smoke: bool = False
+    # CPU: each op's sizes swept for the plots (at least five per line, few lines), timed as
+    # --quick times; on CUDA the full runs already sweep
+    sweep: bool = False
     dtypes: list[str] | None = None  # None: each op's default
     backends: tuple[str, ...] = ("cpu",)
     compile: bool = True  # time torch.compile baselines (CUDA)
@@ -200,6 +203,10 @@ class RunConfig:
     # minimum/maximum timed rounds
     @property
     def min_measure_s(self) -> float:
+        if self.sweep and not self.cuda:
+            # a measurement spanning several scheduler slices (4-16 ms) of a shared machine: the
+            # short sizes of a sweep otherwise measure whether the process got a slice
+            return 0.05
         return 0.0 if self.smoke else (0.005 if self.quick else 0.02)
 
     @property

@@ -31,10 +31,16 @@ FUNCTIONS = ("attention_with_kvcache",)
 DEFAULT_DTYPES = {"cpu": ("bf16", "fp32"), "cuda": ("bf16",)}
 
 
+# --sweep on CPU: cached tokens
+SWEEP_LENGTHS = (256, 1024, 2048, 4096, 8192, 16384)
+
+
 def _shapes(cfg: RunConfig) -> list[dict]:
     if cfg.smoke:
         return [dict(B=1, H=4, Hkv=4, S=256, d=32), dict(B=2, H=4, Hkv=2, S=256, d=32)]
     if not cfg.cuda:
+        if cfg.sweep:  # Llama-3-8B's attention (GQA 32/8), one sequence
+            return [dict(B=1, H=32, Hkv=8, S=S, d=128) for S in SWEEP_LENGTHS]
         lengths = (4096, 16384) if cfg.quick else (4096, 8192, 16384, 32768)
         return [dict(B=1, H=32, Hkv=32, S=S, d=128) for S in lengths]
     lengths = (4096, 16384, 32768) if cfg.quick else (4096, 8192, 16384, 32768)
@@ -97,6 +103,8 @@ def _rotary_shapes(cfg: RunConfig) -> list[dict]:
     # Llama-3-8B attention (32 query heads over 8 KV heads, d = 128); short caches are where the
     # per-call cost of the extra ops shows
     if not cfg.cuda:
+        if cfg.sweep:
+            return [dict(B=1, H=32, Hkv=8, S=S, d=128) for S in SWEEP_LENGTHS[:5]]
         lengths = (256, 4096) if cfg.quick else (256, 1024, 4096)
         return [dict(B=1, H=32, Hkv=8, S=S, d=128) for S in lengths]
     lengths = (1024, 8192) if cfg.quick else (256, 1024, 8192)

@@ -26,10 +26,16 @@ LINEAR_FUNCTIONS = ("int8_linear", "quantize_per_channel", "nn.Int8Linear.from_f
 LINEAR_DEFAULT_DTYPES = {"cpu": ("fp32",), "cuda": ("bf16",)}
 
 
+# --sweep on CPU: rows of the activation, from decoding (1) to a prefill batch
+SWEEP_MS = (1, 4, 16, 64, 256, 1024)
+
+
 def _shapes(cfg: RunConfig) -> list[dict]:
     """(M, K, N) of x (M, K) @ W (N, K).T."""
     if cfg.smoke:
         return [dict(M=32, K=64, N=96), dict(M=1, K=64, N=96)]
+    if not cfg.cuda and cfg.sweep:  # rows swept over one 2048 x 2048 weight
+        return [dict(M=M, K=2048, N=2048) for M in SWEEP_MS]
     if not cfg.cuda:
         return [dict(M=512, K=768, N=3072), dict(M=128, K=4096, N=4096), dict(M=1, K=4096, N=4096)]
     Ms = (1, 16, 64, 1024, 4096)
@@ -75,11 +81,12 @@ def gemm_cases(cfg: RunConfig) -> list[Case]:
     out = []
     for shape in _shapes(cfg):
         M, K, N = shape["M"], shape["K"], shape["N"]
-        x = "M" if cfg.cuda else "shape"
-        params = dict(shape) if cfg.cuda else dict(shape, shape=f"{M}x{K}x{N}")
+        swept = cfg.cuda or cfg.sweep
+        x = "M" if swept else "shape"
+        params = dict(shape) if swept else dict(shape, shape=f"{M}x{K}x{N}")
         out.append(Case(op=GEMM_OP, params=params, dtype="int8", build=_gemm_builder(cfg, shape),
                         flops=gemm_flops(M, N, K), bound="compute", ceiling="gemm_int8",
-                        x=x, series=("K",) if cfg.cuda else ()))
+                        x=x, series=("K",) if swept else ()))
     return out
 
 
@@ -157,11 +164,12 @@ def linear_cases(cfg: RunConfig) -> list[Case]:
     for dtype in cfg.dtypes_for(LINEAR_DEFAULT_DTYPES[cfg.device]):
         for shape in _shapes(cfg):
             M, K, N = shape["M"], shape["K"], shape["N"]
-            x = "M" if cfg.cuda else "shape"
-            params = dict(shape) if cfg.cuda else dict(shape, shape=f"{M}x{K}x{N}")
+            swept = cfg.cuda or cfg.sweep
+            x = "M" if swept else "shape"
+            params = dict(shape) if swept else dict(shape, shape=f"{M}x{K}x{N}")
             tdtype = DTYPES[dtype]
             out.append(Case(
                 op=LINEAR_OP, params=params, dtype=dtype, build=_linear_builder(cfg, shape, tdtype),
                 flops=gemm_flops(M, N, K), bound="compute", ceiling="gemm_int8",
-                x=x, series=("K",) if cfg.cuda else ()))
+                x=x, series=("K",) if swept else ()))
     return out

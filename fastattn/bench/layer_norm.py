@@ -24,12 +24,18 @@ FUNCTIONS = ("layer_norm", "rms_norm")
 DEFAULT_DTYPES = {"cpu": ("fp32", "bf16"), "cuda": ("bf16", "fp32")}
 VARIANTS = ("layer_norm", "layer_norm+residual", "rms_norm", "rms_norm+residual")
 SWEEP_ELEMS = 1 << 26  # 128 MiB of bf16 per tensor: beyond every GPU's L2
+# --sweep on CPU: 16 MiB of fp32 per tensor (beyond the L2 of the cores), rows of N elements
+CPU_SWEEP_ELEMS = 1 << 22
+CPU_SWEEP_NS = (256, 768, 1024, 2048, 4096, 8192)
 
 
 def _shapes(cfg: RunConfig, dtype: str) -> list[dict]:
     """Each: M, N, variant (+ compile)."""
     if cfg.smoke:
         return [dict(M=64, N=256, variant=v) for v in VARIANTS]
+    if cfg.sweep and not cfg.cuda:  # 4M elements per tensor, row length swept
+        return [dict(M=CPU_SWEEP_ELEMS // N, N=N, variant=v) for v in VARIANTS
+                for N in CPU_SWEEP_NS]
     out = [dict(M=M, N=N, variant=v) for v in VARIANTS for M, N in ((8192, 768), (4096, 4096))]
     if cfg.cuda:
         for s in out:

@@ -374,7 +374,8 @@ def write_markdown(doc: dict, out_dir: Path) -> Path:
         "",
         f"{env['date']} · torch {env['torch']} · triton {env['triton']} · commit "
         f"{(git.get('commit') or 'unknown')[:12]}{' (dirty)' if git.get('dirty') else ''}"
-        f" · {'quick' if cfg['quick'] else 'full'}{' smoke' if cfg['smoke'] else ''} run"
+        f" · {'sweep' if cfg.get('sweep') else 'quick' if cfg['quick'] else 'full'}"
+        f"{' smoke' if cfg['smoke'] else ''} run"
         f"{'' if doc['complete'] else ' · **incomplete** (interrupted or out of time)'}",
         "",
         f"CPU: {env['cpu_model']} ({env.get('cpu_count')} cores, {env.get('torch_threads')} "
@@ -523,6 +524,9 @@ def _time_ratio_table(cases: list[dict]) -> list[str]:
     return lines + [""]
 
 
+MIN_PLOT_POINTS = 3
+
+
 def write_plots(doc: dict, out_dir: Path) -> tuple[list[Path], str | None]:
     """One PNG per op: a subplot per series (e.g. dtype/head dim/causal), throughput against the
     swept size, one line per implementation. Returns (paths, why none) - matplotlib is optional."""
@@ -544,6 +548,12 @@ def write_plots(doc: dict, out_dir: Path) -> tuple[list[Path], str | None]:
         for c in cases:
             key = " ".join([c["dtype"]] + [f"{k}={c['params'][k]}" for k in c["series"]])
             groups.setdefault(key, []).append(c)
+        # a line needs several sizes to say anything: subplots of one size are left out, and an
+        # op without any other gets no plot (--sweep gives every line five sizes or more)
+        groups = {k: g for k, g in groups.items()
+                  if len({c["params"][c["x"]] for c in g}) >= MIN_PLOT_POINTS}
+        if not groups:
+            continue
         ncols = min(3, len(groups))
         nrows = math.ceil(len(groups) / ncols)
         fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows), squeeze=False)

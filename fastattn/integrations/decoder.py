@@ -364,10 +364,11 @@ def _fused_class(base: type) -> type:
 
 
 def _reload_hook(module, incompatible_keys):
-    # load_state_dict(assign=True) replaces the projections' tensors: fuse again
+    # load_state_dict(assign=True) replaces the projections' tensors (and, in a layer built
+    # without weights, gives them their device): fuse again
     fused = module.__dict__.get("_fastattn")
-    if fused is not None:
-        module.__dict__["_fastattn"] = _Fused(module, fused.rotary)
+    if fused is not None and not module.self_attn.q_proj.weight.is_meta:
+        module.__dict__["_fastattn"] = _Fused(module, _rotary_like(fused.rotary, module))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,8 +431,11 @@ def fuse_decoder_layers(model: nn.Module, allowed) -> tuple[list[str], list[tupl
         if head_dim not in tables:
             tables[head_dim] = _rotary_tables(model, head_dim)
         rotary = tables[head_dim]
-        if rotary is not None:
-            rotary = tuple(t.to(layer.self_attn.q_proj.weight.device) for t in rotary)
+        device = layer.self_attn.q_proj.weight.device
+        if rotary is not None and device.type != "meta":
+            # (a layer built without weights keeps the tables where the rotary frequencies are;
+            # loading its weights moves them to the weights' device)
+            rotary = tuple(t.to(device) for t in rotary)
         layer.__class__ = _fused_class(base)
         layer.__dict__["_fastattn"] = _Fused(layer, rotary)
         layer.register_load_state_dict_post_hook(_reload_hook)

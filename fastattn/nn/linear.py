@@ -139,6 +139,8 @@ class Int8Linear(nn.Module):
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                   device=weight.device, dtype=weight.dtype, backend=backend,
                   activations=activations)
+        if weight.is_meta:  # a model built without weights, loaded afterwards
+            return new.train(linear.training)
         with torch.no_grad():
             w_int8, scale = quantize_per_channel(weight)
             new.weight.copy_(w_int8)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import os
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -119,12 +121,36 @@ def availability(backend: str, device_type: str, cpp_op: str | None = None) -> s
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
 
+def _library_dirs() -> tuple[str, ...]:
+    """Folders whose frames are not the user's: fastattn's, torch's (nn.Module.__call__,
+    torch.compile) and transformers' (a model's forward, generate)."""
+    dirs = []
+    for name in ("fastattn", "torch", "transformers"):
+        mod = sys.modules.get(name)
+        if mod is not None and getattr(mod, "__file__", None):
+            dirs.append(os.path.dirname(os.path.abspath(mod.__file__)) + os.sep)
+    return tuple(dirs)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by the caller of this function point at the
+    user's line: the first frame outside fastattn, torch and transformers (the number of frames
+    in between depends on the entry point: a public function, a module's forward, convert)."""
+    dirs = _library_dirs()
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(dirs):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
 @functools.cache
 def _warn_fallback(op: str, reason: str) -> None:
     warnings.warn(
         f"fastattn.{op}: no fast backend supports this call ({reason}); "
         "using the pure-PyTorch reference implementation",
-        stacklevel=4,
+        stacklevel=user_stacklevel(),
     )
 
 
