@@ -128,6 +128,9 @@ py::object norm(bool rms, py::handle input, py::handle normalized_shape, py::han
                 py::handle bias, py::handle eps, py::handle residual) {
   HANDLE_TH_ERRORS
   NormArgs a = norm_args(rms, input, normalized_shape, weight, bias, eps, residual);
+  // a residual of another dtype is the fused op's (fastattn/ops/layer_norm.py), not this one's
+  if (a.residual.has_value() && a.residual->scalar_type() != a.input.scalar_type())
+    return py::none();
   if (!(all_cpu({&a.input}, {&a.weight, &a.bias, &a.residual}) &&
         checks::kernel_dtype(a.input.scalar_type()) && cpu_kernel_dtype(a.weight) &&
         cpu_kernel_dtype(a.bias))) {
@@ -153,6 +156,25 @@ py::tuple check_norm(bool rms, py::handle input, py::handle normalized_shape, py
   HANDLE_TH_ERRORS
   NormArgs a = norm_args(rms, input, normalized_shape, weight, bias, eps, residual);
   checks::check_norm(rms, a.input, a.shape, a.weight, a.bias, a.residual, a.eps);
+  return py::make_tuple(py::tuple(py::cast(a.shape)), a.eps);
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
+// fastattn.layer_norm / rms_norm with FlashAttention's keywords -> (normalized_shape, eps)
+py::tuple check_norm_fused(bool rms, py::handle input, py::handle normalized_shape,
+                           py::handle weight, py::handle bias, py::handle eps, py::handle residual,
+                           py::handle x1, py::handle weight1, py::handle bias1,
+                           py::handle rowscale, py::handle offset, py::handle dropout_p,
+                           bool residual_in_fp32, bool quantize) {
+  HANDLE_TH_ERRORS
+  const std::string fn = rms ? "fastattn.rms_norm" : "fastattn.layer_norm";
+  NormArgs a = norm_args(rms, input, normalized_shape, weight, bias, eps, residual);
+  checks::check_norm_fused(rms, a.input, a.shape, a.weight, a.bias, a.residual,
+                           optional_tensor(x1, fn, "x1"), optional_tensor(weight1, fn, "weight1"),
+                           optional_tensor(bias1, fn, "bias1"),
+                           optional_tensor(rowscale, fn, "rowscale"), a.eps,
+                           real(offset, fn, "offset"), real(dropout_p, fn, "dropout_p"),
+                           residual_in_fp32, quantize);
   return py::make_tuple(py::tuple(py::cast(a.shape)), a.eps);
   END_HANDLE_TH_ERRORS_PYBIND
 }
@@ -308,6 +330,7 @@ PYBIND11_MODULE(_C, m) {
             "argument checks and fast entry points";
   m.def("norm", &norm);
   m.def("check_norm", &check_norm);
+  m.def("check_norm_fused", &check_norm_fused);
   m.def("kvcache", &kvcache);
   m.def("check_kvcache", &check_kvcache);
   m.def("int8_weight_only_linear", &int8_weight_only_linear);
