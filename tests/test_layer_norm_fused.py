@@ -279,3 +279,23 @@ def test_opcheck(backend):
     op = (torch.ops.fastattn.triton_layer_norm_fused_fwd if backend == "triton"
           else torch.ops.fastattn.layer_norm_fused_fwd)
     torch.library.opcheck(op, args)
+
+
+def test_supports_fused():
+    """CUDA: offset (and a residual of input's dtype) only, the rest refused with the reason so
+    "auto" moves on; Triton: register-resident rows only."""
+    from fastattn.ops import layer_norm as ops
+
+    cuda = torch.device("cuda", 0)
+    bf = torch.bfloat16
+    dt = (bf, bf, bf, None, None, None, None)
+    assert ops._supports_fused("cuda", torch.device("cpu"), (dt, 4096, True)) is None
+    why = ops._supports_fused("cuda", cuda, (dt, 4096, False))
+    assert why is not None and "dropout" in why
+    why = ops._supports_fused("triton", torch.device("cpu"), ((torch.float32,) * 7, 8193, False))
+    assert why is not None and "8192" in why
+    assert ops._supports_fused("cpu", torch.device("cpu"), ((torch.float32,) * 7, 1 << 16,
+                                                              False)) is None
+    why = ops._supports_fused("cpu", torch.device("cpu"), ((torch.float64,) + (None,) * 6, 8,
+                                                            False))
+    assert why is not None and "float64" in why
