@@ -72,8 +72,9 @@ TORCH_LIBRARY(fastattn, m) {
   // Argument rules: fastattn::checks::check_norm_fused. With p = dropout_p, per row:
   //   x' = dropout(input * rowscale) (+ dropout(x1)) (+ residual)
   // in float32, rounded once to the residual dtype R (float32 if residual_in_fp32, else
-  // residual's dtype, else input's): residual_out (input's shape, R), always written, and what
-  // is normalised. dropout keeps an element with probability 1 - p (scaling it by 1 / (1 - p));
+  // residual's dtype, else input's): residual_out (input's shape, R) and what is normalised.
+  // When x' is input itself (no residual, x1, rowscale or dropout, R = input's dtype),
+  // residual_out is an empty tensor and input is what was normalised. dropout keeps an element with probability 1 - p (scaling it by 1 / (1 - p));
   // the masks (bool, input's shape, True = kept) are drawn by a counter-based generator keyed by
   // seed and returned (dropout_mask1 for x1; empty tensors when p == 0 or x1 is None).
   // rowscale (input.shape[:-nd]) scales input only. out = xhat * (offset + weight) + bias in
@@ -86,7 +87,7 @@ TORCH_LIBRARY(fastattn, m) {
       "float eps, bool rms, float offset, float dropout_p, int seed, bool residual_in_fp32, "
       "bool quantize) -> (Tensor out, Tensor out1, Tensor residual_out, Tensor dropout_mask, "
       "Tensor dropout_mask1, Tensor mean, Tensor rstd, Tensor out_scale)");
-  // On the (M, N) rows: x = residual_out (stride(1) == 1), grad_out/grad_out1 in input_dtype,
+  // On the (M, N) rows: x = residual_out, or input when residual_out is empty (stride(1) == 1), grad_out/grad_out1 in input_dtype,
   // grad_residual_out in x's dtype; weight/weight1 (N,) (offset added here); masks (M, N) bool;
   // rowscale (M,). d = dL/dx' (+ grad_residual_out) is grad_residual (residual_dtype; empty when
   // residual_dtype is None); grad_x1 = d * dropout_mask1 / (1 - p) (input_dtype; empty when

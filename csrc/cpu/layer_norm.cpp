@@ -320,8 +320,13 @@ FusedOut layer_norm_fused_fwd_cpu(
   const auto none = [&] { return at::empty({0}, opts); };
   at::Tensor out = at::empty(input_in.sizes(), quantize ? opts.dtype(at::kChar) : opts);
   at::Tensor out1 = weight1_in.has_value() ? at::empty(input_in.sizes(), opts) : none();
-  at::Tensor residual_out = at::empty(input_in.sizes(), opts.dtype(res_dtype));
   const bool dropout = dropout_p > 0.0;
+  // x' is the input itself when nothing is added, scaled or dropped and its dtype is kept: no
+  // copy then (residual_out is empty and the input is what was normalised)
+  const bool combined = residual.has_value() || x1.has_value() || rowscale_in.has_value() ||
+                        dropout || res_dtype != dtype;
+  at::Tensor residual_out =
+      combined ? at::empty(input_in.sizes(), opts.dtype(res_dtype)) : none();
   at::Tensor mask = dropout ? at::empty(input_in.sizes(), opts.dtype(at::kBool)) : none();
   at::Tensor mask1 =
       dropout && x1.has_value() ? at::empty(input_in.sizes(), opts.dtype(at::kBool)) : none();
@@ -339,7 +344,7 @@ FusedOut layer_norm_fused_fwd_cpu(
     return {out, out1, residual_out, mask, mask1, mean, rstd, scale};
   }
   advise_huge_pages(out);
-  advise_huge_pages(residual_out);
+  if (combined) advise_huge_pages(residual_out);
 
   FusedFwdParams p{};
   p.x = input.const_data_ptr();
@@ -356,7 +361,7 @@ FusedOut layer_norm_fused_fwd_cpu(
   p.bias1 = b1.defined() ? b1.const_data_ptr<float>() : nullptr;
   p.out = quantize ? nullptr : out.mutable_data_ptr();
   p.out1 = w1.defined() ? out1.mutable_data_ptr() : nullptr;
-  p.residual_out = residual_out.mutable_data_ptr();
+  p.residual_out = combined ? residual_out.mutable_data_ptr() : nullptr;
   p.residual_out_dtype = res_dtype;
   p.mask = dropout ? static_cast<uint8_t*>(mask.mutable_data_ptr()) : nullptr;
   p.mask1 = mask1.numel() > 0 ? static_cast<uint8_t*>(mask1.mutable_data_ptr()) : nullptr;

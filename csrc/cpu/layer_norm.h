@@ -75,7 +75,7 @@ struct FusedFwdParams {
   const float* bias1;
   void* out;   // x's dtype, contiguous
   void* out1;  // x's dtype, contiguous
-  void* residual_out;  // contiguous, residual_out_dtype
+  void* residual_out;  // contiguous, residual_out_dtype; nullptr when x' is x itself
   c10::ScalarType residual_out_dtype;
   uint8_t* mask;   // (M, N) when dropout_p > 0
   uint8_t* mask1;  // (M, N) when dropout_p > 0 and x1 given

@@ -394,28 +394,62 @@ inline void affine_row(const float* xb, float mean, float rstd, const float* w, 
   for (; j < n; ++j) y[j] = (xb[j] - mean) * rstd * w[j] + b[j];
 }
 
-// quantize_per_token of one row of float32 values (already rounded to the output dtype), with
-// the float32 operations of fastattn.reference.quantize_per_token in the same order
-inline void quantize_row(const float* y, int8_t* q, float* scale, int64_t n) {
+// y = (xb - mean) * rstd * w + b rounded to T (the output as T holds it), in float32; returns
+// max |y| (NaN when a y is NaN)
+template <typename T>
+inline float affine_round_absmax(const float* xb, float mean, float rstd, const float* w,
+                                 const float* b, float* y, int64_t n) {
+  using S = Step<T>;
+  const fVec vm(mean), vr(rstd);
   fVec vmax(0.f);
   int64_t j = 0;
-  for (; j + kF <= n; j += kF) vmax = at::vec::maximum(vmax, fVec::loadu(y + j).abs());
+  for (; j + S::kLen <= n; j += S::kLen) {
+    typename S::F a;
+    for (int k = 0; k < S::kVecs; ++k) {
+      const int64_t c = j + k * kF;
+      a[k] = at::vec::fmadd((fVec::loadu(xb + c) - vm) * vr, fVec::loadu(w + c),
+                            fVec::loadu(b + c));
+    }
+    a = S::round(a);
+    for (int k = 0; k < S::kVecs; ++k) {
+      a[k].store(y + j + k * kF);
+      vmax = at::vec::maximum(vmax, a[k].abs());  // propagates NaN
+    }
+  }
   alignas(64) float buf[kF];
   vmax.store(buf);
   float absmax = 0.f;
-  for (int64_t k = 0; k < kF; ++k) absmax = std::max(absmax, buf[k]);
-  for (; j < n; ++j) absmax = std::max(absmax, std::fabs(y[j]));
   bool nan = false;
-  for (int64_t k = 0; k < n; ++k) nan |= std::isnan(y[k]);
-  if (nan) absmax = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t k = 0; k < kF; ++k) {
+    nan |= std::isnan(buf[k]);
+    absmax = std::max(absmax, buf[k]);
+  }
+  for (; j < n; ++j) {
+    y[j] = static_cast<float>(static_cast<T>((xb[j] - mean) * rstd * w[j] + b[j]));
+    nan |= std::isnan(y[j]);
+    absmax = std::max(absmax, std::fabs(y[j]));
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : absmax;
+}
+
+// quantize_per_token of one row y whose max |y| is absmax, with the float32 operations of
+// fastattn.reference.quantize_per_token in the same order. y is overwritten.
+inline void quantize_row(float* y, float absmax, int8_t* q, float* scale, int64_t n) {
   // torch evaluates 127.0 / tensor as reciprocal(tensor) * 127: two roundings
   const float inv = absmax > 0.f ? (1.0f / absmax) * 127.0f : 0.f;
   *scale = absmax / 127.0f;
-  for (int64_t k = 0; k < n; ++k) {
-    float v = std::nearbyint(y[k] * inv);  // round half to even
-    v = std::isnan(v) ? 0.f : std::min(127.f, std::max(-127.f, v));
-    q[k] = static_cast<int8_t>(v);
+  const fVec vinv(inv), lo(-127.f), hi(127.f), zero(0.f);
+  int64_t j = 0;
+  for (; j + kF <= n; j += kF) {
+    fVec v = (fVec::loadu(y + j) * vinv).round();  // round half to even
+    v = fVec::blendv(zero, v, v == v);              // NaN -> 0, as torch's float -> int8
+    at::vec::clamp(v, lo, hi).store(y + j);
   }
+  for (; j < n; ++j) {
+    const float v = std::nearbyint(y[j] * inv);
+    y[j] = std::isnan(v) ? 0.f : std::min(127.f, std::max(-127.f, v));
+  }
+  for (int64_t k = 0; k < n; ++k) q[k] = static_cast<int8_t>(static_cast<int32_t>(y[k]));
 }
 
 inline void row_stats(const float* xb, int64_t n, bool rms, float eps, float* mean_out,
@@ -490,25 +524,25 @@ void fused_fwd_rows(const FusedFwdParams& p, int64_t row_begin, int64_t row_end)
       add_row(xb, tb, N);
     }
     // x' is rounded once to the residual dtype: that is residual_out and what is normalised
-    store_any<true>(xb, p.residual_out_dtype,
-                    static_cast<char*>(p.residual_out) +
-                        i * N * c10::elementSize(p.residual_out_dtype),
-                    N);
+    // (nothing to store when x' is the input itself)
+    if (p.residual_out != nullptr)
+      store_any<true>(xb, p.residual_out_dtype,
+                      static_cast<char*>(p.residual_out) +
+                          i * N * c10::elementSize(p.residual_out_dtype),
+                      N);
     float mean, rstd;
     row_stats(xb, N, p.rms, p.eps, &mean, &rstd);
     p.mean[i] = mean;
     p.rstd[i] = rstd;
-    affine_row(xb, mean, rstd, p.weight, p.bias, tb, N);
     if (p.q != nullptr) {
       // quantize_per_token of the output as the input's dtype holds it
+      float absmax = 0.f;
       dispatch_dtype(p.dtype, [&](auto tag) {
-        using T = decltype(tag);
-        if constexpr (!std::is_same_v<T, float>) {
-          for (int64_t j = 0; j < N; ++j) tb[j] = static_cast<float>(static_cast<T>(tb[j]));
-        }
+        absmax = affine_round_absmax<decltype(tag)>(xb, mean, rstd, p.weight, p.bias, tb, N);
       });
-      quantize_row(tb, p.q + i * N, p.q_scale + i, N);
+      quantize_row(tb, absmax, p.q + i * N, p.q_scale + i, N);
     } else {
+      affine_row(xb, mean, rstd, p.weight, p.bias, tb, N);
       store_any<false>(tb, p.dtype, static_cast<char*>(p.out) + i * N * esz_x, N);
     }
     if (p.weight1 != nullptr) {

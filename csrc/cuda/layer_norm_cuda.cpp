@@ -214,11 +214,10 @@ layer_norm_fused_fwd_cuda(const at::Tensor& input, at::IntArrayRef normalized_sh
   const std::optional<at::Tensor> w = offset_weight(weight, offset);
   auto [out, residual_out, mean, rstd] =
       layer_norm_fwd_cuda(input, normalized_shape, w, bias, residual, eps, rms);
-  // the fused op always returns x' (here input + residual, or input itself)
-  if (!residual.has_value()) residual_out = input.clone(at::MemoryFormat::Contiguous);
+  // without a residual x' is input itself: residual_out stays empty (the op's contract)
   const auto empty = [&] { return at::empty({0}, input.options()); };
-  return {out,     empty(), residual_out.view(input.sizes()), empty(), empty(), mean, rstd,
-          at::empty({0}, input.options().dtype(at::kFloat))};
+  return {out,     empty(), residual.has_value() ? residual_out.view(input.sizes()) : empty(),
+          empty(), empty(), mean,  rstd, at::empty({0}, input.options().dtype(at::kFloat))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

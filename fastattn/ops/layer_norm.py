@@ -213,7 +213,8 @@ def triton_layer_norm_fused_fwd(
 
     lead = shape[:input.dim() - nd]
     return (out.view(shape), full(out1) if weight1 is not None else out1,
-            residual_out.view(shape), full(mask) if mask.numel() else mask,
+            residual_out.view(shape) if residual_out.numel() else residual_out,
+            full(mask) if mask.numel() else mask,
             full(mask1) if mask1.numel() else mask1, mean, rstd,
             scale.view(lead) if quantize else scale)
 
@@ -250,7 +251,9 @@ def _fused_fwd_fake(input, normalized_shape, weight, bias, residual, x1, weight1
 
     out = input.new_empty(shape, dtype=torch.int8 if quantize else input.dtype)
     out1 = input.new_empty(shape) if weight1 is not None else none()
-    residual_out = input.new_empty(shape, dtype=res_dtype)
+    combined = (residual is not None or x1 is not None or rowscale is not None or dropout_p > 0
+                or res_dtype != input.dtype)
+    residual_out = input.new_empty(shape, dtype=res_dtype) if combined else none()
     mask = input.new_empty(shape, dtype=torch.bool) if dropout_p > 0 else none()
     mask1 = (input.new_empty(shape, dtype=torch.bool) if dropout_p > 0 and x1 is not None
              else none())
@@ -282,7 +285,9 @@ def _fused_setup_context(ctx, inputs, output):
     (input, normalized_shape, weight, bias, residual, x1, weight1, bias1, rowscale, eps, rms,
      offset, dropout_p, seed, residual_in_fp32, quantize) = inputs
     out, out1, residual_out, mask, mask1, mean, rstd, scale = output
-    ctx.save_for_backward(residual_out, weight, weight1, mask, mask1, rowscale, mean, rstd)
+    # what was normalised: x', or the input itself when nothing was combined
+    x = residual_out if residual_out.numel() or input.numel() == 0 else input
+    ctx.save_for_backward(x, weight, weight1, mask, mask1, rowscale, mean, rstd)
     ctx.args = (len(normalized_shape), rms, offset, dropout_p, input.dtype,
                 residual.dtype if residual is not None else None, x1 is not None,
                 bias.dtype if bias is not None else None,
@@ -301,7 +306,7 @@ def _fused_backward(ctx, g_out, g_out1, g_res, *_):
         g_out = torch.zeros_like(x, dtype=input_dtype)
     rows = _as_rows(g_out, nd, n)
     g1 = _as_rows(g_out1, nd, n) if weight1 is not None and g_out1 is not None else None
-    gr = _as_rows(g_res, nd, n) if g_res is not None else None
+    gr = _as_rows(g_res, nd, n) if g_res is not None and g_res.numel() else None
     op = ctx.bwd_op
     dx, dres, dx1, dw, db, dw1, db1 = op(
         rows, g1, gr, _as_rows(x, nd, n), _flat(weight, n), _flat(weight1, n),
@@ -395,6 +400,8 @@ def _norm_fused(rms, input, normalized_shape, weight, bias, eps, residual, x1, w
     outs = [out, scale] if q else [out]
     if weight1 is not None:
         outs.append(out1)
+    if residual_out.numel() == 0:  # x' is the input itself (see the op's contract)
+        residual_out = input
     return _assemble(outs, residual_out, mask if mask.numel() else None,
                      mask1 if mask1.numel() else None, residual, prenorm, return_dropout_mask)
 

@@ -422,8 +422,8 @@ def _layer_norm_fused_fwd_kernel(
     # meta-parameters
     HAS_X1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_ROWSCALE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_W1: tl.constexpr,
-    HAS_B1: tl.constexpr, DROPOUT: tl.constexpr, QUANTIZE: tl.constexpr, RMS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_B1: tl.constexpr, DROPOUT: tl.constexpr, QUANTIZE: tl.constexpr,
+    STORE_RESIDUAL: tl.constexpr, RMS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """x' = dropout(X[m] * RS[m]) (+ dropout(X1[m])) (+ R[m]) -> RO[m] (rounded to RO's dtype);
     Y[m] = norm(x') * (offset + W) + B (int8 + QScale[m] when QUANTIZE), Y1[m] with W1/B1."""
@@ -447,10 +447,11 @@ def _layer_norm_fused_fwd_kernel(
         x = x + x1
     if HAS_RESIDUAL:
         x = x + tl.load(R + row * stride_rm + cols, mask=mask, other=0.0).to(tl.float32)
-    # rounded once to the residual dtype: residual_out, and what is normalised
-    xs = x.to(RO.dtype.element_ty)
-    tl.store(RO + elem, xs, mask=mask)
-    x = xs.to(tl.float32)
+    if STORE_RESIDUAL:
+        # rounded once to the residual dtype: residual_out, and what is normalised
+        xs = x.to(RO.dtype.element_ty)
+        tl.store(RO + elem, xs, mask=mask)
+        x = xs.to(tl.float32)
     if RMS:
         mean = 0.0
         var = tl.sum(x * x, axis=0) / N
@@ -596,8 +597,11 @@ def layer_norm_fused_fwd(
                  else residual.dtype if residual is not None else input.dtype)
     out = torch.empty((M, N), dtype=torch.int8 if quantize else input.dtype, device=dev)
     out1 = torch.empty((M, N), dtype=input.dtype, device=dev) if weight1 is not None else none()
-    residual_out = torch.empty((M, N), dtype=res_dtype, device=dev)
     dropout = dropout_p > 0.0
+    # x' is the input itself when nothing is combined: no copy (residual_out empty)
+    combined = (residual is not None or x1 is not None or rowscale is not None or dropout
+                or res_dtype != input.dtype)
+    residual_out = torch.empty((M, N), dtype=res_dtype, device=dev) if combined else none()
     mask = torch.empty((M, N), dtype=torch.bool, device=dev) if dropout else none()
     mask1 = (torch.empty((M, N), dtype=torch.bool, device=dev) if dropout and x1 is not None
              else none())
@@ -623,7 +627,7 @@ def layer_norm_fused_fwd(
     with _on_device(input):
         _layer_norm_fused_fwd_kernel[(M,)](
             input, xx1, r, rs, w, b, w1, b1, out, out1 if weight1 is not None else out,
-            residual_out, mask if dropout else mean, mask1 if mask1.numel() else mean,
+            residual_out if combined else input, mask if dropout else mean, mask1 if mask1.numel() else mean,
             scale if quantize else mean, mean, rstd,
             N,
             input.stride(0), xx1.stride(0), r.stride(0),
@@ -631,7 +635,8 @@ def layer_norm_fused_fwd(
             HAS_X1=x1 is not None, HAS_RESIDUAL=residual is not None,
             HAS_ROWSCALE=rowscale is not None, HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None, HAS_W1=weight1 is not None, HAS_B1=bias1 is not None,
-            DROPOUT=dropout, QUANTIZE=quantize, RMS=rms, BLOCK_N=block_n,
+            DROPOUT=dropout, QUANTIZE=quantize, STORE_RESIDUAL=combined, RMS=rms,
+            BLOCK_N=block_n,
             num_warps=_num_warps(block_n),
         )
     return out, out1, residual_out, mask, mask1, mean, rstd, scale
