@@ -299,3 +299,21 @@ def test_supports_fused():
     why = ops._supports_fused("cpu", torch.device("cpu"), ((torch.float64,) + (None,) * 6, 8,
                                                             False))
     assert why is not None and "float64" in why
+
+
+@pytest.mark.parametrize("backend", ("cpu", "triton"))
+def test_torch_compile_fullgraph(backend):
+    """The fused call is one graph node (dropout_p = 0: drawing a seed is a host read)."""
+    skip_unless_backend(backend)
+    x, x1, r = torch.randn(3, 48), torch.randn(3, 48), torch.randn(3, 48)
+    w, w1 = torch.randn(48), torch.randn(48)
+
+    def f(x, x1, r, w, w1):
+        return fastattn.rms_norm(x, 48, w, 1e-5, residual=r, x1=x1, weight1=w1, offset=1.0,
+                                 residual_in_fp32=True, backend=backend)
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, x1, r, w, w1)
+    want = f(x, x1, r, w, w1)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
