@@ -421,6 +421,12 @@ def _assemble(outs, residual_out, mask, mask1, residual, prenorm, return_dropout
 # ---------------------------------------------------------------------------------------------
 def _norm(rms: bool, input, normalized_shape, weight, bias, eps, residual, backend):
     if residual is not None and residual.dtype != input.dtype:
+        if _backend.fast_path(backend):
+            out = _backend.NATIVE.norm_fused(rms, input, normalized_shape, weight, bias, eps,
+                                             residual, None, None, None, None, 0.0, False, None,
+                                             False, False)
+            if out is not None:
+                return out
         return _norm_fused(rms, input, normalized_shape, weight, bias, eps, residual, None, None,
                            None, None, 0.0, False, None, False, 0.0, None, backend)
     _backend.check_backend(backend)
@@ -509,6 +515,14 @@ def layer_norm(
     # one chained identity test for the six None defaults: the per-token call pays ~0.1 us
     if not (x1 is weight1 is bias1 is rowscale is prenorm is quantize is None) or (
             dropout_p or residual_in_fp32 or return_dropout_mask or offset):
+        if not dropout_p and (quantize is None or quantize == "int8") and _backend.fast_path(
+                backend):
+            out = _backend.NATIVE.norm_fused(
+                False, input, normalized_shape, weight, bias, eps, residual, x1, weight1, bias1,
+                rowscale, offset, bool(residual_in_fp32), prenorm, bool(return_dropout_mask),
+                quantize is not None)
+            if out is not None:
+                return out
         return _norm_fused(False, input, normalized_shape, weight, bias, eps, residual, x1,
                            weight1, bias1, rowscale, dropout_p, residual_in_fp32, prenorm,
                            return_dropout_mask, offset, quantize, backend)
@@ -557,6 +571,15 @@ def rms_norm(
     """
     if not (x1 is weight1 is rowscale is prenorm is quantize is None) or (
             dropout_p or residual_in_fp32 or return_dropout_mask or offset):
+        if not dropout_p and (quantize is None or quantize == "int8") and _backend.fast_path(
+                backend):
+            # decoding calls (offset, a float32 residual, int8 out) skip the Python layer
+            out = _backend.NATIVE.norm_fused(
+                True, input, normalized_shape, weight, None, eps, residual, x1, weight1, None,
+                rowscale, offset, bool(residual_in_fp32), prenorm, bool(return_dropout_mask),
+                quantize is not None)
+            if out is not None:
+                return out
         return _norm_fused(True, input, normalized_shape, weight, None, eps, residual, x1,
                            weight1, None, rowscale, dropout_p, residual_in_fp32, prenorm,
                            return_dropout_mask, offset, quantize, backend)
