@@ -145,9 +145,6 @@ _backend.register_family(
 # FlashAttention's layer_norm_fn / rms_norm_fn keywords: the op fastattn::layer_norm_fused_fwd
 # (C++ CPU kernel) and its Triton twin, with one Python autograd for both
 # ---------------------------------------------------------------------------------------------
-_backend.register_op("layer_norm_fused", "layer_norm_fused_fwd")
-
-
 def _check_fused(rms, input, normalized_shape, weight, bias, eps, residual, x1, weight1, bias1,
                  rowscale, offset, dropout_p, residual_in_fp32, quantize):
     """check_norm_fused (csrc/checks.cpp) -> (normalized_shape as a tuple, eps resolved)."""
