@@ -109,6 +109,74 @@ int64_t check_norm(bool rms, const at::Tensor& input, c10::IntArrayRef normalize
   return n;
 }
 
+int64_t check_norm_fused(bool rms, const at::Tensor& input, c10::IntArrayRef normalized_shape,
+                         const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& residual,
+                         const std::optional<at::Tensor>& x1,
+                         const std::optional<at::Tensor>& weight1,
+                         const std::optional<at::Tensor>& bias1,
+                         const std::optional<at::Tensor>& rowscale, double eps, double offset,
+                         double dropout_p, bool residual_in_fp32, bool quantize) {
+  const char* fn = rms ? "fastattn.rms_norm" : "fastattn.layer_norm";
+  const int64_t n = check_norm(rms, input, normalized_shape, weight, bias, std::nullopt, eps);
+  const auto shape = input.sym_sizes();
+  const int64_t nd = static_cast<int64_t>(normalized_shape.size());
+  if (residual.has_value()) {
+    const at::Tensor& r = *residual;
+    TORCH_CHECK_VALUE(r.sym_sizes() == shape, fn, ": residual must have input's shape ", shape,
+                      ", got ", r.sym_sizes());
+    TORCH_CHECK_TYPE(r.is_floating_point(), fn, ": residual must be a floating-point tensor, got ",
+                     r.scalar_type());
+    check_float(fn, "residual", r);
+    const auto promoted = c10::promoteTypes(input.scalar_type(), r.scalar_type());
+    TORCH_CHECK_TYPE(residual_in_fp32 || promoted == r.scalar_type(), fn, ": residual of dtype ",
+                     r.scalar_type(), " cannot hold input + residual (", promoted,
+                     " for an input of dtype ", input.scalar_type(),
+                     "): pass a residual of dtype ", promoted, " or residual_in_fp32=True");
+    check_device(fn, "residual", r, input, "input");
+  }
+  if (x1.has_value()) {
+    TORCH_CHECK_VALUE(x1->sym_sizes() == shape, fn, ": x1 must have input's shape ", shape,
+                      ", got ", x1->sym_sizes());
+    TORCH_CHECK_TYPE(x1->scalar_type() == input.scalar_type(), fn, ": x1 must have input's dtype (",
+                     input.scalar_type(), "), got ", x1->scalar_type());
+    check_device(fn, "x1", *x1, input, "input");
+  }
+  for (const auto& [name, t] : {std::pair{"weight1", &weight1}, std::pair{"bias1", &bias1}}) {
+    if (!t->has_value()) continue;
+    const at::Tensor& p = **t;
+    TORCH_CHECK_TYPE(p.is_floating_point(), fn, ": ", name, " must be a floating-point tensor, got ",
+                     p.scalar_type());
+    check_float(fn, name, p);
+    TORCH_CHECK_VALUE(p.sym_sizes() == c10::fromIntArrayRefSlow(normalized_shape), fn, ": ", name,
+                      " must have shape ", normalized_shape, ", got ", p.sym_sizes());
+    check_device(fn, name, p, input, "input");
+  }
+  TORCH_CHECK_VALUE(!(rms && bias1.has_value()), fn, ": takes no bias1");
+  TORCH_CHECK_VALUE(!bias1.has_value() || weight1.has_value(), fn,
+                    ": bias1 needs weight1 (the second output is norm(x) * weight1 + bias1)");
+  if (rowscale.has_value()) {
+    const at::Tensor& rs = *rowscale;
+    TORCH_CHECK_TYPE(rs.is_floating_point(), fn, ": rowscale must be a floating-point tensor, got ",
+                     rs.scalar_type());
+    check_float(fn, "rowscale", rs);
+    const c10::SymIntArrayRef lead = shape.slice(0, input.dim() - nd);
+    TORCH_CHECK_VALUE(rs.sym_sizes() == lead, fn,
+                      ": rowscale must have input's leading shape ", lead,
+                      " (one scale per normalised row), got ", rs.sym_sizes());
+    check_device(fn, "rowscale", rs, input, "input");
+  }
+  TORCH_CHECK_VALUE(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p < 1.0, fn,
+                    ": dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK_VALUE(std::isfinite(offset), fn, ": offset must be finite, got ", offset);
+  TORCH_CHECK_VALUE(offset == 0.0 || weight.has_value(), fn,
+                    ": offset needs weight (the output is norm(x) * (offset + weight))");
+  TORCH_CHECK_VALUE(!(quantize && weight1.has_value()), fn,
+                    ": quantize takes no weight1 (one output is quantized)");
+  return n;
+}
+
 void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
                    const std::optional<at::Tensor>& v_new, double scale,

@@ -27,6 +27,21 @@ int64_t check_norm(bool rms, const at::Tensor& input, c10::IntArrayRef normalize
                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                    const std::optional<at::Tensor>& residual, double eps);
 
+// fastattn.layer_norm / rms_norm with FlashAttention's layer_norm_fn keywords (the
+// layer_norm_fused_fwd schema in fastattn.cpp): everything check_norm checks, and residual (any
+// float dtype that holds input + residual, or any with residual_in_fp32), x1 (input's shape and
+// dtype), weight1/bias1 (as weight/bias; bias1 needs weight1), rowscale (input.shape[:-nd]),
+// 0 <= dropout_p < 1, offset (finite; needs weight), quantize (no weight1). Returns N.
+int64_t check_norm_fused(bool rms, const at::Tensor& input, c10::IntArrayRef normalized_shape,
+                         const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& residual,
+                         const std::optional<at::Tensor>& x1,
+                         const std::optional<at::Tensor>& weight1,
+                         const std::optional<at::Tensor>& bias1,
+                         const std::optional<at::Tensor>& rowscale, double eps, double offset,
+                         double dropout_p, bool residual_in_fp32, bool quantize);
+
 // fastattn.attention_with_kvcache (shapes, dtypes, devices, scale; the values of cache_seqlens,
 // cache_leftpad and the rotary positions where they are on the host).
 void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

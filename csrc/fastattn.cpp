@@ -68,6 +68,39 @@ TORCH_LIBRARY(fastattn, m) {
       "layer_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor x, Tensor? weight, "
       "Tensor? bias, Tensor mean, Tensor rstd, bool rms) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // FlashAttention's layer_norm_fn / rms_norm_fn (and Gemma's offset), on the same rows.
+  // Argument rules: fastattn::checks::check_norm_fused. With p = dropout_p, per row:
+  //   x' = dropout(input * rowscale) (+ dropout(x1)) (+ residual)
+  // in float32, rounded once to the residual dtype R (float32 if residual_in_fp32, else
+  // residual's dtype, else input's): residual_out (input's shape, R) and what is normalised.
+  // When x' is input itself (no residual, x1, rowscale or dropout, R = input's dtype),
+  // residual_out is an empty tensor and input is what was normalised. dropout keeps an element with probability 1 - p (scaling it by 1 / (1 - p));
+  // the masks (bool, input's shape, True = kept) are drawn by a counter-based generator keyed by
+  // seed and returned (dropout_mask1 for x1; empty tensors when p == 0 or x1 is None).
+  // rowscale (input.shape[:-nd]) scales input only. out = xhat * (offset + weight) + bias in
+  // input's dtype; out1 = xhat * (offset + weight1) + bias1 when weight1 is given, else empty.
+  // quantize: out is int8 = quantize_per_token(the output in input's dtype) and out_scale its
+  // float32 per-row scale (input.shape[:-nd]); else out_scale is empty. mean, rstd (M,) float32.
+  m.def(
+      "layer_norm_fused_fwd(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, "
+      "Tensor? residual, Tensor? x1, Tensor? weight1, Tensor? bias1, Tensor? rowscale, "
+      "float eps, bool rms, float offset, float dropout_p, int seed, bool residual_in_fp32, "
+      "bool quantize) -> (Tensor out, Tensor out1, Tensor residual_out, Tensor dropout_mask, "
+      "Tensor dropout_mask1, Tensor mean, Tensor rstd, Tensor out_scale)");
+  // On the (M, N) rows: x = residual_out, or input when residual_out is empty (stride(1) == 1), grad_out/grad_out1 in input_dtype,
+  // grad_residual_out in x's dtype; weight/weight1 (N,) (offset added here); masks (M, N) bool;
+  // rowscale (M,). d = dL/dx' (+ grad_residual_out) is grad_residual (residual_dtype; empty when
+  // residual_dtype is None); grad_x1 = d * dropout_mask1 / (1 - p) (input_dtype; empty when
+  // has_x1 is false); grad_input = d * dropout_mask / (1 - p) * rowscale (input_dtype).
+  // grad_weight/grad_bias/grad_weight1/grad_bias1 (N,) float32, reduced deterministically;
+  // empty when not wanted (grad_weight: weight given; grad_bias: has_bias; ...1 likewise).
+  m.def(
+      "layer_norm_fused_bwd(Tensor grad_out, Tensor? grad_out1, Tensor? grad_residual_out, "
+      "Tensor x, Tensor? weight, Tensor? weight1, Tensor? dropout_mask, Tensor? dropout_mask1, "
+      "Tensor? rowscale, Tensor mean, Tensor rstd, float offset, float dropout_p, bool rms, "
+      "bool has_bias, bool has_bias1, bool has_x1, ScalarType input_dtype, "
+      "ScalarType? residual_dtype) -> (Tensor grad_input, Tensor grad_residual, Tensor grad_x1, "
+      "Tensor grad_weight, Tensor grad_bias, Tensor grad_weight1, Tensor grad_bias1)");
   // ---- activations -----------------------------------------------------------------------------
   // Llama-style gated MLP activation (vLLM's silu_and_mul): x (..., 2*I) is the output of one
   // fused gate/up projection, gate = x[..., :I], up = x[..., I:]. out (..., I) =

@@ -128,6 +128,9 @@ py::object norm(bool rms, py::handle input, py::handle normalized_shape, py::han
                 py::handle bias, py::handle eps, py::handle residual) {
   HANDLE_TH_ERRORS
   NormArgs a = norm_args(rms, input, normalized_shape, weight, bias, eps, residual);
+  // a residual of another dtype is the fused op's (fastattn/ops/layer_norm.py), not this one's
+  if (a.residual.has_value() && a.residual->scalar_type() != a.input.scalar_type())
+    return py::none();
   if (!(all_cpu({&a.input}, {&a.weight, &a.bias, &a.residual}) &&
         checks::kernel_dtype(a.input.scalar_type()) && cpu_kernel_dtype(a.weight) &&
         cpu_kernel_dtype(a.bias))) {
@@ -154,6 +157,78 @@ py::tuple check_norm(bool rms, py::handle input, py::handle normalized_shape, py
   NormArgs a = norm_args(rms, input, normalized_shape, weight, bias, eps, residual);
   checks::check_norm(rms, a.input, a.shape, a.weight, a.bias, a.residual, a.eps);
   return py::make_tuple(py::tuple(py::cast(a.shape)), a.eps);
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
+// fastattn.layer_norm / rms_norm with FlashAttention's keywords -> (normalized_shape, eps)
+py::tuple check_norm_fused(bool rms, py::handle input, py::handle normalized_shape,
+                           py::handle weight, py::handle bias, py::handle eps, py::handle residual,
+                           py::handle x1, py::handle weight1, py::handle bias1,
+                           py::handle rowscale, py::handle offset, py::handle dropout_p,
+                           bool residual_in_fp32, bool quantize) {
+  HANDLE_TH_ERRORS
+  const std::string fn = rms ? "fastattn.rms_norm" : "fastattn.layer_norm";
+  NormArgs a = norm_args(rms, input, normalized_shape, weight, bias, eps, residual);
+  checks::check_norm_fused(rms, a.input, a.shape, a.weight, a.bias, a.residual,
+                           optional_tensor(x1, fn, "x1"), optional_tensor(weight1, fn, "weight1"),
+                           optional_tensor(bias1, fn, "bias1"),
+                           optional_tensor(rowscale, fn, "rowscale"), a.eps,
+                           real(offset, fn, "offset"), real(dropout_p, fn, "dropout_p"),
+                           residual_in_fp32, quantize);
+  return py::make_tuple(py::tuple(py::cast(a.shape)), a.eps);
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
+// fastattn.layer_norm / rms_norm with FlashAttention's keywords and dropout_p == 0 (decoding:
+// Gemma's offset, a float32 residual stream, the int8 output): the CPU kernel through the
+// dispatcher, the outputs in FlashAttention's order (fastattn/ops/layer_norm.py: _assemble).
+// None when the call is not the CPU kernel's.
+py::object norm_fused(bool rms, py::handle input, py::handle normalized_shape, py::handle weight,
+                      py::handle bias, py::handle eps, py::handle residual, py::handle x1,
+                      py::handle weight1, py::handle bias1, py::handle rowscale,
+                      py::handle offset, bool residual_in_fp32, py::handle prenorm,
+                      bool return_dropout_mask, bool quantize) {
+  HANDLE_TH_ERRORS
+  const std::string fn = rms ? "fastattn.rms_norm" : "fastattn.layer_norm";
+  NormArgs a = norm_args(rms, input, normalized_shape, weight, bias, eps, residual);
+  const std::optional<at::Tensor> x1t = optional_tensor(x1, fn, "x1"),
+                                  w1 = optional_tensor(weight1, fn, "weight1"),
+                                  b1 = optional_tensor(bias1, fn, "bias1"),
+                                  rs = optional_tensor(rowscale, fn, "rowscale");
+  const double off = real(offset, fn, "offset");
+  checks::check_norm_fused(rms, a.input, a.shape, a.weight, a.bias, a.residual, x1t, w1, b1, rs,
+                           a.eps, off, 0.0, residual_in_fp32, quantize);
+  if (!(all_cpu({&a.input}, {&a.weight, &a.bias, &a.residual, &x1t, &w1, &b1, &rs}) &&
+        checks::kernel_dtype(a.input.scalar_type()) && cpu_kernel_dtype(a.weight) &&
+        cpu_kernel_dtype(a.bias) && cpu_kernel_dtype(a.residual) && cpu_kernel_dtype(w1) &&
+        cpu_kernel_dtype(b1) && cpu_kernel_dtype(rs) && a.input.numel() > 0))
+    return py::none();
+  using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                         at::Tensor, at::Tensor>;
+  using Opt = const std::optional<at::Tensor>&;
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastattn::layer_norm_fused_fwd", "")
+          .typed<Out(const at::Tensor&, at::IntArrayRef, Opt, Opt, Opt, Opt, Opt, Opt, Opt,
+                     double, bool, double, double, int64_t, bool, bool)>();
+  auto [out, out1, residual_out, mask, mask1, mean, rstd, scale] =
+      op.call(a.input, a.shape, a.weight, a.bias, a.residual, x1t, w1, b1, rs, a.eps, rms, off,
+              0.0, 0, residual_in_fp32, quantize);
+  py::list outs;
+  outs.append(wrap(out));
+  if (quantize) outs.append(wrap(scale));
+  if (w1.has_value()) outs.append(wrap(out1));
+  const bool pre = prenorm.is_none() ? a.residual.has_value() : PyObject_IsTrue(prenorm.ptr()) == 1;
+  if (pre) {  // x', or the input itself when nothing was combined (residual_out is then empty)
+    outs.append(residual_out.numel() > 0 ? wrap(residual_out)
+                                         : py::reinterpret_borrow<py::object>(input));
+  }
+  if (return_dropout_mask) {
+    outs.append(py::none());
+    outs.append(py::none());
+  }
+  if (outs.size() == 1) return outs[0];
+  return py::tuple(outs);
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
@@ -335,6 +410,8 @@ PYBIND11_MODULE(_C, m) {
             "argument checks and fast entry points";
   m.def("norm", &norm);
   m.def("check_norm", &check_norm);
+  m.def("check_norm_fused", &check_norm_fused);
+  m.def("norm_fused", &norm_fused);
   m.def("kvcache", &kvcache);
   m.def("check_kvcache", &check_kvcache);
   m.def("int8_weight_only_linear", &int8_weight_only_linear);

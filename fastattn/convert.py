@@ -11,7 +11,9 @@ What is replaced (exact classes only: a subclass may have changed ``forward``):
                       nn.RMSNorm, and transformers-style RMS norms (a class named *RMSNorm or
                       with ``variance_epsilon``: LlamaRMSNorm, T5LayerNorm, ...) with a 1-D
                       ``weight`` only, whose output matches fastattn.nn.RMSNorm on a random
-                      input (so Gemma's ``(1 + weight)`` norm is left alone)
+                      input; Gemma's ``x_hat * (1 + weight)`` norms (GemmaRMSNorm,
+                      Gemma2RMSNorm, ...) become fastattn.nn.RMSNorm(offset=1.0) with the
+                      same weight, found the same way
     int8=True         nn.Linear                     -> fastattn.nn.Int8Linear ("auto": weight-only
                                                        or W8A8 per call; see convert), except the
                       out_proj of a MultiheadAttention (read as a weight by its forward) and
@@ -307,13 +309,17 @@ class _Converter:
         if cls is None or not self._allowed(module, fqn):
             return module
         w = module.weight
-        new = cls(w.shape[0], eps=eps, device=w.device, dtype=w.dtype)
-        new.weight = w  # shared, as every swap here
-        if not _matches_on_random_input(module, new, w.shape[0], w.dtype):
-            self.report.kept.append((fqn, f"{type(module).__name__} does not compute "
-                                          "x / rms(x) * weight (checked on a random input)"))
-            return module
-        return self._swap(module, new, fqn)
+        # x / rms(x) * weight (Llama & co.), else x / rms(x) * (1 + weight) (Gemma: the weight is
+        # stored zero-centred; the kernel adds the offset in float32, so no weight is rewritten)
+        for offset in (0.0, 1.0):
+            new = cls(w.shape[0], eps=eps, device=w.device, dtype=w.dtype, offset=offset)
+            new.weight = w  # shared, as every swap here
+            if _matches_on_random_input(module, new, w.shape[0], w.dtype):
+                return self._swap(module, new, fqn)
+        self.report.kept.append((fqn, f"{type(module).__name__} does not compute "
+                                      "x / rms(x) * weight or x / rms(x) * (1 + weight) "
+                                      "(checked on a random input)"))
+        return module
 
     def _replace_linear(self, module, fqn, parent):
         if isinstance(parent, nn.MultiheadAttention):

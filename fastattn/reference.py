@@ -180,6 +180,76 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 # ---------------------------------------------------------------------------------------------
 # normalisation
 # ---------------------------------------------------------------------------------------------
+def _norm_rows(x, dims, rms, eps):
+    """x -> (x - mean) * rstd (rms: x * rstd) over dims."""
+    if rms:
+        return x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
+    mean = x.mean(dim=dims, keepdim=True)
+    var = (x - mean).pow(2).mean(dim=dims, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+def _fused_norm(rms, input, normalized_shape, weight, bias, eps, residual, x1, weight1, bias1,
+                rowscale, dropout_p, dropout_mask, dropout_mask1, residual_in_fp32, prenorm,
+                return_dropout_mask, offset, quantize):
+    """FlashAttention's layer_norm_fn / rms_norm_fn (see fastattn.layer_norm for the contract):
+        x' = dropout(input * rowscale) (+ dropout(x1)) (+ residual), held in the residual dtype
+             (float32 with residual_in_fp32, else residual's dtype, else input's dtype)
+        out = norm(x') * (offset + weight) + bias [, out1 = norm(x') * (offset + weight1) + bias1]
+    Returns out [, out1] [, residual_out] [, dropout_mask, dropout_mask1]; with quantize="int8"
+    out is replaced by (out_int8, scale): quantize_per_token of out in input's dtype."""
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    nd = len(normalized_shape)
+    dims = tuple(range(-nd, 0))
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    res_dtype = (torch.float32 if residual_in_fp32 and input.dtype != torch.float64
+                 else residual.dtype if residual is not None else input.dtype)
+    keep = 1.0 - dropout_p
+    x = input.to(res_dtype) if input.dtype != res_dtype else input
+    if rowscale is not None:
+        x = x * rowscale.to(x.dtype).reshape(rowscale.shape + (1,) * nd)
+    if dropout_p > 0.0:
+        if dropout_mask is None:
+            dropout_mask = torch.rand(input.shape, device=input.device) >= dropout_p
+        x = x * dropout_mask / keep
+    if x1 is not None:
+        x1c = x1.to(res_dtype)
+        if dropout_p > 0.0:
+            if dropout_mask1 is None:
+                dropout_mask1 = torch.rand(x1.shape, device=x1.device) >= dropout_p
+            x1c = x1c * dropout_mask1 / keep
+        x = x + x1c
+    if residual is not None:
+        x = x + residual.to(res_dtype)
+    xc = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    xhat = _norm_rows(xc, dims, rms, eps)
+
+    def affine(w, b):
+        y = xhat
+        if w is not None:
+            y = y * (offset + w.to(xhat.dtype))
+        if b is not None:
+            y = y + b.to(xhat.dtype)
+        return y.to(input.dtype)
+
+    outs = []
+    out = affine(weight, bias)
+    if quantize is not None:
+        outs += list(quantize_per_token(out))
+    else:
+        outs.append(out)
+    if weight1 is not None:
+        outs.append(affine(weight1, bias1))
+    if prenorm if prenorm is not None else residual is not None:
+        outs.append(x)
+    if return_dropout_mask:
+        outs += [dropout_mask if dropout_p > 0.0 else None,
+                 dropout_mask1 if dropout_p > 0.0 and x1 is not None else None]
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
 def layer_norm(
     input: torch.Tensor,
     normalized_shape,
@@ -188,15 +258,36 @@ def layer_norm(
     eps: float = 1e-5,
     *,
     residual: torch.Tensor | None = None,
+    x1: torch.Tensor | None = None,
+    weight1: torch.Tensor | None = None,
+    bias1: torch.Tensor | None = None,
+    rowscale: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
+    dropout_mask1: torch.Tensor | None = None,
+    residual_in_fp32: bool = False,
+    prenorm: bool | None = None,
+    return_dropout_mask: bool = False,
+    offset: float = 0.0,
+    quantize: str | None = None,
 ):
-    """F.layer_norm; with residual= returns (layer_norm(input + residual), input + residual)."""
+    """F.layer_norm; with residual= returns (layer_norm(input + residual), input + residual).
+    The other keywords are FlashAttention's layer_norm_fn (fastattn.layer_norm documents them);
+    dropout_mask / dropout_mask1 (bool, input-shaped, True = keep) replace the random draws, so a
+    kernel's returned masks can be checked exactly."""
+    fused = (x1 is not None or weight1 is not None or bias1 is not None or rowscale is not None
+             or dropout_p > 0.0 or residual_in_fp32 or prenorm is not None
+             or return_dropout_mask or offset != 0.0 or quantize is not None
+             or (residual is not None and residual.dtype != input.dtype))
+    if fused:
+        return _fused_norm(False, input, normalized_shape, weight, bias, eps, residual, x1,
+                           weight1, bias1, rowscale, dropout_p, dropout_mask, dropout_mask1,
+                           residual_in_fp32, prenorm, return_dropout_mask, offset, quantize)
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     x = input if residual is None else input + residual
     dims = tuple(range(-len(normalized_shape), 0))
-    mean = x.mean(dim=dims, keepdim=True)
-    var = (x - mean).pow(2).mean(dim=dims, keepdim=True)
-    out = (x - mean) * torch.rsqrt(var + eps)
+    out = _norm_rows(x, dims, False, eps)
     if weight is not None:
         out = out * weight
     if bias is not None:
@@ -211,15 +302,35 @@ def rms_norm(
     eps: float | None = None,
     *,
     residual: torch.Tensor | None = None,
+    x1: torch.Tensor | None = None,
+    weight1: torch.Tensor | None = None,
+    rowscale: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
+    dropout_mask1: torch.Tensor | None = None,
+    residual_in_fp32: bool = False,
+    prenorm: bool | None = None,
+    return_dropout_mask: bool = False,
+    offset: float = 0.0,
+    quantize: str | None = None,
 ):
-    """F.rms_norm (eps=None means torch.finfo(input.dtype).eps); residual= as in layer_norm."""
+    """F.rms_norm (eps=None means torch.finfo(input.dtype).eps); residual= as in layer_norm, the
+    other keywords as in layer_norm (offset=1.0 is Gemma's x_hat * (1 + weight))."""
+    fused = (x1 is not None or weight1 is not None or rowscale is not None
+             or dropout_p > 0.0 or residual_in_fp32 or prenorm is not None
+             or return_dropout_mask or offset != 0.0 or quantize is not None
+             or (residual is not None and residual.dtype != input.dtype))
+    if fused:
+        return _fused_norm(True, input, normalized_shape, weight, None, eps, residual, x1,
+                           weight1, None, rowscale, dropout_p, dropout_mask, dropout_mask1,
+                           residual_in_fp32, prenorm, return_dropout_mask, offset, quantize)
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     x = input if residual is None else input + residual
     dims = tuple(range(-len(normalized_shape), 0))
-    out = x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
+    out = _norm_rows(x, dims, True, eps)
     if weight is not None:
         out = out * weight
     return out if residual is None else (out, x)

@@ -310,6 +310,19 @@ bad("ln_eps_negative", LN, ValueError, "eps")(lambda b: ln(b, eps=-1e-5))
 bad("ln_eps_nan", LN, ValueError, "eps")(lambda b: ln(b, eps=float("nan")))
 bad("ln_bad_backend_string", LN, ValueError, "backend", backends=("reference",))(
     lambda b: ln("cuda_fast"))
+# FlashAttention's layer_norm_fn keywords
+bad("ln_x1_wrong_shape", LN, ValueError, "x1")(lambda b: ln(b, x1=rn(4, 31)))
+bad("ln_x1_wrong_dtype", LN, TypeError, "x1")(lambda b: ln(b, x1=rn(4, 32, dtype=torch.float16)))
+bad("ln_weight1_wrong_shape", LN, ValueError, "weight1")(lambda b: ln(b, weight1=torch.ones(33)))
+bad("ln_bias1_without_weight1", LN, ValueError, "bias1")(lambda b: ln(b, bias1=torch.ones(32)))
+bad("ln_rowscale_wrong_shape", LN, ValueError, "rowscale")(
+    lambda b: ln(b, rowscale=torch.ones(4, 32)))
+bad("ln_residual_cannot_hold", LN, TypeError, "residual")(
+    lambda b: ln(b, x=rn(4, 32, dtype=torch.float16), residual=rn(4, 32, dtype=torch.bfloat16)))
+bad("ln_dropout_p_one", LN, ValueError, "dropout_p")(lambda b: ln(b, dropout_p=1.0))
+bad("rms_offset_without_weight", RMS, ValueError, "offset")(lambda b: rms(b, offset=1.0))
+bad("rms_x1_on_other_device", RMS, RuntimeError, "x1")(
+    lambda b: rms(b, x1=rn(4, 32, device=META)))
 bad("rms_normalized_shape_mismatch", RMS, ValueError, "normalized_shape")(
     lambda b: rms(b, shape=(4,)))
 bad("rms_weight_wrong_shape", RMS, ValueError, "weight")(lambda b: rms(b, weight=torch.ones(4, 8)))

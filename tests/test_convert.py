@@ -315,7 +315,7 @@ class LlamaLikeRMSNorm(nn.Module):
 
 
 class GemmaLikeRMSNorm(LlamaLikeRMSNorm):
-    """(1 + weight) scaling: must not be replaced by a plain RMSNorm."""
+    """(1 + weight) scaling: replaced by an RMSNorm with offset=1.0, not a plain one."""
 
     def forward(self, x):
         xf = x.float()
@@ -323,21 +323,60 @@ class GemmaLikeRMSNorm(LlamaLikeRMSNorm):
         return (xf * (1.0 + self.weight.float())).to(x.dtype)
 
 
+class OtherRMSNorm(LlamaLikeRMSNorm):
+    """(2 + weight) scaling: neither a plain nor a Gemma norm, left alone."""
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (xf * (2.0 + self.weight.float())).to(x.dtype)
+
+
 def test_norms_replaced():
     norm = pytest.importorskip("fastattn.nn.norm", reason="fastattn.nn.norm not merged yet")
     model = nn.Sequential(nn.LayerNorm(16), nn.RMSNorm(16, eps=1e-6), LlamaLikeRMSNorm(16),
-                          GemmaLikeRMSNorm(16)).eval()
+                          GemmaLikeRMSNorm(16), OtherRMSNorm(16)).eval()
     x = torch.randn(5, 16)
     with torch.no_grad():
         want = model(x)
     converted = fastattn.convert(copy.deepcopy(model))
     assert isinstance(converted[0], norm.LayerNorm) and isinstance(converted[1], norm.RMSNorm)
-    assert isinstance(converted[2], norm.RMSNorm) and type(converted[3]) is GemmaLikeRMSNorm
+    assert isinstance(converted[2], norm.RMSNorm) and converted[2].offset == 0.0
+    assert isinstance(converted[3], norm.RMSNorm) and converted[3].offset == 1.0
+    assert type(converted[4]) is OtherRMSNorm
     assert converted[2].weight is not None and not converted[0].training
-    assert any(fqn == "3" for fqn, _ in converted.fastattn_report.kept)
+    assert [fqn for fqn, _ in converted.fastattn_report.kept] == ["4"]
     with torch.no_grad():
         torch.testing.assert_close(converted(x), want, rtol=1e-5, atol=1e-5)
     assert list(converted.state_dict()) == list(model.state_dict())
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_transformers_gemma_rms_norms(dtype):
+    """GemmaRMSNorm / Gemma2RMSNorm (x_hat * (1 + w) in float32) -> RMSNorm(offset=1.0), the
+    same weight tensor, no rewrite; outputs by the correctness rule against float64."""
+    gemma = pytest.importorskip("transformers.models.gemma.modeling_gemma")
+    gemma2 = pytest.importorskip("transformers.models.gemma2.modeling_gemma2")
+    from fastattn.nn.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(gemma.GemmaRMSNorm(64, eps=1e-6), gemma2.Gemma2RMSNorm(64)).to(dtype)
+    with torch.no_grad():
+        for m in model:
+            m.weight.copy_(torch.randn(64, generator=g) * 0.2)
+    weights = [m.weight for m in model]
+    x = torch.randn(3, 5, 64, generator=g).to(dtype)
+    with torch.no_grad():
+        want = model(x)
+        want64 = x.double()
+        for m in model:
+            want64 = fastattn.reference.rms_norm(want64, 64, m.weight.double(), m.eps, offset=1.0)
+    converted = fastattn.convert(copy.deepcopy(model))
+    for m, w in zip(converted, weights, strict=True):
+        assert type(m) is RMSNorm and m.offset == 1.0 and torch.equal(m.weight, w)
+    with torch.no_grad():
+        got = converted(x)
+    assert_close_rule(got, want64, want)
 
 
 def test_int8_linears():

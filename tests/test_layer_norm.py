@@ -361,6 +361,12 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert_close_rule(out, ref, low)
         assert_close_rule(gx, rx, lx, factor=3.0)
         assert_close_rule(gw, rw, lw, factor=3.0)
+# FlashAttention's keywords (the fused kernels of the same builds)
+from tests import test_layer_norm_fused as fused
+for case in fused.CASES[2:5] + fused.CASES[7:8]:
+    fused.test_fused_forward_backward("cpu", case)
+for dtype in (torch.bfloat16, torch.float16):
+    fused.test_quantize_int8("cpu", dtype, True)
 print("ok", torch.backends.cpu.get_cpu_capability())
 """
 
@@ -441,7 +447,7 @@ BAD_INPUT = [
      RuntimeError, "weight must be on the same device"),
     ("residual_shape", lambda: fastattn.layer_norm(_X, 8, residual=torch.ones(3, 8)),
      ValueError, "residual"),
-    ("residual_dtype", lambda: fastattn.layer_norm(_X, 8, residual=_X.double()), TypeError,
+    ("residual_dtype", lambda: fastattn.layer_norm(_X, 8, residual=_X.half()), TypeError,
      "residual"),
     ("eps_negative", lambda: fastattn.layer_norm(_X, 8, eps=-1e-5), ValueError, "eps"),
     ("eps_nan", lambda: fastattn.rms_norm(_X, 8, eps=float("nan")), ValueError, "eps"),

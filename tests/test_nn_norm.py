@@ -100,6 +100,27 @@ def test_residual_kwarg():
     torch.testing.assert_close(out, fastattn.rms_norm(x + r, 40, m.weight, 1e-6), rtol=0, atol=0)
 
 
+def test_offset_and_residual_in_fp32():
+    """offset=1.0: x_hat * (1 + weight) (Gemma); residual_in_fp32: forward returns the running
+    residual in float32, also for the first block (no residual yet)."""
+    skip_unless_backend("cpu")
+    m = RMSNorm(40, eps=1e-6, offset=1.0, residual_in_fp32=True, backend="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        m.weight.normal_(0, 0.1)
+    assert "offset=1.0" in repr(m) and "residual_in_fp32=True" in repr(m)
+    x = torch.randn(2, 3, 40).to(torch.bfloat16)
+    out, res = m(x)
+    assert res.dtype == torch.float32 and torch.equal(res, x.float())
+    want = fastattn.reference.rms_norm(x.double(), 40, m.weight.double(), 1e-6, offset=1.0)
+    assert (out.double() - want).abs().max().item() < 0.05
+    out2, res2 = m(x, residual=res)
+    assert res2.dtype == torch.float32 and torch.equal(res2, x.float() + res)
+    ln = LayerNorm(40, residual_in_fp32=True, backend="cpu").to(torch.float16)
+    o, r = ln(x.half())
+    assert o.dtype == torch.float16 and r.dtype == torch.float32
+    assert LayerNorm.from_module(torch.nn.LayerNorm(8)).offset == 0.0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_from_module_shares_state(dtype):
     for theirs, cls in ((_randomize(nn.LayerNorm(24, eps=1e-4, dtype=dtype)), LayerNorm),

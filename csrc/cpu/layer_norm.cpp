@@ -2,6 +2,9 @@
 // fastattn::layer_norm_fwd / layer_norm_bwd (schemas and semantics in csrc/fastattn.cpp). The row
 // kernels live in layer_norm_kernel.h; this file also holds their baseline (generic) build.
 #include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
 #include <cstdint>
 #include <string>
 #include <tuple>
@@ -28,6 +31,8 @@ namespace {
 struct Kernels {
   FwdFn fwd;
   BwdFn bwd;
+  FusedFwdFn fused_fwd;
+  FusedBwdFn fused_bwd;
   const char* isa;
 };
 
@@ -35,10 +40,13 @@ struct Kernels {
 // capability ATen itself runs at, which the builds' vectorised helpers share (so
 // ATEN_CPU_CAPABILITY=default or avx2 also selects the matching build here).
 const Kernels& kernels() {
-  static const Kernels generic_k{generic::fwd_rows, generic::bwd_rows, "generic"};
+  static const Kernels generic_k{generic::fwd_rows, generic::bwd_rows, generic::fused_fwd_rows,
+                                   generic::fused_bwd_rows, "generic"};
 #ifdef FASTATTN_LN_HAVE_X86_BUILDS
-  static const Kernels avx512_k{avx512::fwd_rows, avx512::bwd_rows, "avx512"};
-  static const Kernels avx2_k{avx2::fwd_rows, avx2::bwd_rows, "avx2"};
+  static const Kernels avx512_k{avx512::fwd_rows, avx512::bwd_rows, avx512::fused_fwd_rows,
+                                   avx512::fused_bwd_rows, "avx512"};
+  static const Kernels avx2_k{avx2::fwd_rows, avx2::bwd_rows, avx2::fused_fwd_rows,
+                                   avx2::fused_bwd_rows, "avx2"};
   const Isa isa = vec_isa();
   if (isa >= Isa::avx512) return avx512_k;
   if (isa >= Isa::avx2) return avx2_k;
@@ -253,11 +261,247 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   return {dx, dw, db};
 }
 
+// weight (+ offset) as contiguous float32 (N,); a weight of ones when absent
+at::Tensor weight_f32(const std::optional<at::Tensor>& t, const char* name, int64_t N,
+                      double offset) {
+  at::Tensor w = affine_f32(t, name, N, 1.f);
+  if (offset == 0.0) return w;
+  return w.add(offset);  // a new tensor: the caller's weight is never modified
+}
+
+std::optional<at::Tensor> opt_rows(const std::optional<at::Tensor>& t, int64_t nd, int64_t N) {
+  if (!t.has_value()) return std::nullopt;
+  return checks::as_rows(*t, nd, N);
+}
+
+using FusedOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                            at::Tensor, at::Tensor, at::Tensor>;
+
+FusedOut layer_norm_fused_fwd_cpu(
+    const at::Tensor& input_in, at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
+    const std::optional<at::Tensor>& residual_in, const std::optional<at::Tensor>& x1_in,
+    const std::optional<at::Tensor>& weight1_in, const std::optional<at::Tensor>& bias1_in,
+    const std::optional<at::Tensor>& rowscale_in, double eps, bool rms, double offset,
+    double dropout_p, int64_t seed, bool residual_in_fp32, bool quantize) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t N = checks::check_norm_fused(rms, input_in, normalized_shape, weight_in, bias_in,
+                                             residual_in, x1_in, weight1_in, bias1_in,
+                                             rowscale_in, eps, offset, dropout_p,
+                                             residual_in_fp32, quantize);
+  check_float_dtype(input_in, "input");
+  const int64_t nd = static_cast<int64_t>(normalized_shape.size());
+  const at::Tensor input = checks::as_rows(input_in, nd, N);  // (M, N)
+  const int64_t M = input.size(0);
+  const auto dtype = input.scalar_type();
+  check_rows(input, "input", M, N, dtype);
+  const std::optional<at::Tensor> residual = opt_rows(residual_in, nd, N);
+  if (residual.has_value()) check_float_dtype(*residual, "residual");
+  const std::optional<at::Tensor> x1 = opt_rows(x1_in, nd, N);
+  if (x1.has_value()) check_rows(*x1, "x1", M, N, dtype);
+  const auto res_dtype = residual_in_fp32       ? at::kFloat
+                         : residual.has_value() ? residual->scalar_type()
+                                                : dtype;
+  const at::Tensor w = weight_f32(weight_in, "weight", N, offset);
+  const at::Tensor b = affine_f32(bias_in, "bias", N, 0.f);
+  at::Tensor w1, b1;
+  if (weight1_in.has_value()) {
+    w1 = weight_f32(weight1_in, "weight1", N, offset);
+    b1 = affine_f32(bias1_in, "bias1", N, 0.f);
+  }
+  at::Tensor rs;
+  if (rowscale_in.has_value()) {
+    rs = rowscale_in->reshape({M}).to(at::kFloat).contiguous();
+    TORCH_CHECK(rs.device().is_cpu(), "fastattn::layer_norm (cpu): rowscale must be a CPU tensor");
+  }
+
+  const auto opts = input.options();
+  // a fresh empty tensor per absent output: outputs may not alias
+  const auto none = [&] { return at::empty({0}, opts); };
+  at::Tensor out = at::empty(input_in.sizes(), quantize ? opts.dtype(at::kChar) : opts);
+  at::Tensor out1 = weight1_in.has_value() ? at::empty(input_in.sizes(), opts) : none();
+  const bool dropout = dropout_p > 0.0;
+  // x' is the input itself when nothing is added, scaled or dropped and its dtype is kept: no
+  // copy then (residual_out is empty and the input is what was normalised)
+  const bool combined = residual.has_value() || x1.has_value() || rowscale_in.has_value() ||
+                        dropout || res_dtype != dtype;
+  at::Tensor residual_out =
+      combined ? at::empty(input_in.sizes(), opts.dtype(res_dtype)) : none();
+  at::Tensor mask = dropout ? at::empty(input_in.sizes(), opts.dtype(at::kBool)) : none();
+  at::Tensor mask1 =
+      dropout && x1.has_value() ? at::empty(input_in.sizes(), opts.dtype(at::kBool)) : none();
+  at::Tensor mean = rms ? at::zeros({M}, opts.dtype(at::kFloat)) : at::empty({M}, opts.dtype(at::kFloat));
+  at::Tensor rstd = at::empty({M}, opts.dtype(at::kFloat));
+  at::Tensor scale = quantize ? at::empty(input_in.sizes().slice(0, input_in.dim() - nd),
+                                          opts.dtype(at::kFloat))
+                              : at::empty({0}, opts.dtype(at::kFloat));
+  if (M == 0 || N == 0) {
+    if (N == 0 && M > 0) {  // empty rows: statistics of nothing, as the reference gives
+      mean.fill_(rms ? 0.f : std::numeric_limits<float>::quiet_NaN());
+      rstd.fill_(1.f / std::sqrt(static_cast<float>(eps)));
+      if (quantize) scale.zero_();
+    }
+    return {out, out1, residual_out, mask, mask1, mean, rstd, scale};
+  }
+  advise_huge_pages(out);
+  if (combined) advise_huge_pages(residual_out);
+
+  FusedFwdParams p{};
+  p.x = input.const_data_ptr();
+  p.stride_x = input.stride(0);
+  p.x1 = x1.has_value() ? x1->const_data_ptr() : nullptr;
+  p.stride_x1 = x1.has_value() ? x1->stride(0) : 0;
+  p.residual = residual.has_value() ? residual->const_data_ptr() : nullptr;
+  p.stride_residual = residual.has_value() ? residual->stride(0) : 0;
+  p.residual_dtype = residual.has_value() ? residual->scalar_type() : dtype;
+  p.rowscale = rs.defined() ? rs.const_data_ptr<float>() : nullptr;
+  p.weight = w.const_data_ptr<float>();
+  p.bias = b.const_data_ptr<float>();
+  p.weight1 = w1.defined() ? w1.const_data_ptr<float>() : nullptr;
+  p.bias1 = b1.defined() ? b1.const_data_ptr<float>() : nullptr;
+  p.out = quantize ? nullptr : out.mutable_data_ptr();
+  p.out1 = w1.defined() ? out1.mutable_data_ptr() : nullptr;
+  p.residual_out = combined ? residual_out.mutable_data_ptr() : nullptr;
+  p.residual_out_dtype = res_dtype;
+  p.mask = dropout ? static_cast<uint8_t*>(mask.mutable_data_ptr()) : nullptr;
+  p.mask1 = mask1.numel() > 0 ? static_cast<uint8_t*>(mask1.mutable_data_ptr()) : nullptr;
+  p.q = quantize ? out.mutable_data_ptr<int8_t>() : nullptr;
+  p.q_scale = quantize ? scale.mutable_data_ptr<float>() : nullptr;
+  p.mean = mean.mutable_data_ptr<float>();
+  p.rstd = rstd.mutable_data_ptr<float>();
+  p.M = M;
+  p.N = N;
+  p.eps = static_cast<float>(eps);
+  p.rms = rms;
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = static_cast<uint64_t>(seed);
+  p.dtype = dtype;
+  const FusedFwdFn fwd = kernels().fused_fwd;
+  at::parallel_for(0, M, grain_rows(N), [&](int64_t begin, int64_t end) { fwd(p, begin, end); });
+  return {out, out1, residual_out, mask, mask1, mean, rstd, scale};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+layer_norm_fused_bwd_cpu(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_out1,
+                         const std::optional<at::Tensor>& grad_residual_out, const at::Tensor& x,
+                         const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& weight1,
+                         const std::optional<at::Tensor>& mask,
+                         const std::optional<at::Tensor>& mask1,
+                         const std::optional<at::Tensor>& rowscale, const at::Tensor& mean,
+                         const at::Tensor& rstd, double offset, double dropout_p, bool rms,
+                         bool has_bias, bool has_bias1, bool has_x1, at::ScalarType input_dtype,
+                         std::optional<at::ScalarType> residual_dtype) {
+  TORCH_CHECK(x.dim() == 2, "fastattn::layer_norm_fused_bwd: x must be 2-D (M, N), got shape ",
+              x.sizes());
+  check_float_dtype(x, "x");
+  const int64_t M = x.size(0), N = x.size(1);
+  check_rows(x, "x", M, N, x.scalar_type());
+  check_rows(grad_out, "grad_out", M, N, input_dtype);
+  const bool has_dy1 = grad_out1.has_value() && grad_out1->numel() > 0;
+  if (has_dy1) check_rows(*grad_out1, "grad_out1", M, N, input_dtype);
+  const bool has_dres = grad_residual_out.has_value() && grad_residual_out->numel() > 0;
+  if (has_dres) check_rows(*grad_residual_out, "grad_residual_out", M, N, x.scalar_type());
+  const bool dropout = dropout_p > 0.0 && mask.has_value() && mask->numel() > 0;
+  if (dropout) check_rows(*mask, "dropout_mask", M, N, at::kBool);
+  const bool dropout1 = dropout_p > 0.0 && mask1.has_value() && mask1->numel() > 0;
+  if (dropout1) check_rows(*mask1, "dropout_mask1", M, N, at::kBool);
+  TORCH_CHECK(mean.scalar_type() == at::kFloat && mean.numel() == M &&
+                  rstd.scalar_type() == at::kFloat && rstd.numel() == M,
+              "fastattn::layer_norm_fused_bwd: mean and rstd must be float32 (", M, ",)");
+  const at::Tensor w = weight_f32(weight, "weight", N, offset);
+  at::Tensor w1;
+  if (weight1.has_value()) w1 = weight_f32(weight1, "weight1", N, offset);
+  TORCH_CHECK(!has_dy1 || w1.defined(), "fastattn::layer_norm_fused_bwd: grad_out1 needs weight1");
+  at::Tensor rs;
+  if (rowscale.has_value()) rs = rowscale->reshape({M}).to(at::kFloat).contiguous();
+  const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+  const auto opts = x.options();
+  const auto none = [&] { return at::empty({0}, opts.dtype(input_dtype)); };
+  at::Tensor dx = at::empty({M, N}, opts.dtype(input_dtype));
+  at::Tensor dres = residual_dtype.has_value() ? at::empty({M, N}, opts.dtype(*residual_dtype))
+                                               : none();
+  at::Tensor dx1 = has_x1 ? at::empty({M, N}, opts.dtype(input_dtype)) : none();
+  if (residual_dtype.has_value()) check_float_dtype(dres, "residual");
+  advise_huge_pages(dx);
+
+  const bool want_w = weight.has_value(), want_w1 = weight1.has_value();
+  const int64_t nb = num_blocks(M, N);
+  // partials: [dw, db, dw1, db1], each (nb, N) float32, zero-initialised
+  std::array<at::Tensor, 4> part;
+  // the gradients asked for, and the partial sums computed (none for out1 without its gradient)
+  const std::array<bool, 4> out_wanted{want_w, has_bias, want_w1, has_bias1};
+  const std::array<bool, 4> wanted{want_w, has_bias, want_w1 && has_dy1, has_bias1 && has_dy1};
+  for (int k = 0; k < 4; ++k)
+    if (wanted[k] && M > 0) part[k] = at::zeros({nb, N}, opts.dtype(at::kFloat));
+  if (M > 0 && N > 0) {
+    FusedBwdParams p{};
+    p.dy = grad_out.const_data_ptr();
+    p.stride_dy = grad_out.stride(0);
+    p.dy1 = has_dy1 ? grad_out1->const_data_ptr() : nullptr;
+    p.stride_dy1 = has_dy1 ? grad_out1->stride(0) : 0;
+    p.dres = has_dres ? grad_residual_out->const_data_ptr() : nullptr;
+    p.stride_dres = has_dres ? grad_residual_out->stride(0) : 0;
+    p.x = x.const_data_ptr();
+    p.stride_x = x.stride(0);
+    p.x_dtype = x.scalar_type();
+    p.weight = w.const_data_ptr<float>();
+    p.weight1 = w1.defined() ? w1.const_data_ptr<float>() : nullptr;
+    p.mean = mean_c.const_data_ptr<float>();
+    p.rstd = rstd_c.const_data_ptr<float>();
+    p.mask = dropout ? static_cast<const uint8_t*>(mask->const_data_ptr()) : nullptr;
+    p.mask1 = dropout1 ? static_cast<const uint8_t*>(mask1->const_data_ptr()) : nullptr;
+    p.rowscale = rs.defined() ? rs.const_data_ptr<float>() : nullptr;
+    p.dropout_p = static_cast<float>(dropout_p);
+    p.dx = dx.mutable_data_ptr();
+    p.dx1 = has_x1 ? dx1.mutable_data_ptr() : nullptr;
+    p.dresidual = residual_dtype.has_value() ? dres.mutable_data_ptr() : nullptr;
+    p.residual_dtype = residual_dtype.value_or(input_dtype);
+    p.N = N;
+    p.rms = rms;
+    p.dtype = input_dtype;
+    const FusedBwdFn bwd = kernels().fused_bwd;
+    const int64_t rows_per_block = (M + nb - 1) / nb;
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      FusedBwdParams q = p;
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        float* ptrs[4];
+        for (int k = 0; k < 4; ++k)
+          ptrs[k] = part[k].defined() ? part[k].mutable_data_ptr<float>() + blk * N : nullptr;
+        q.dw_partial = ptrs[0];
+        q.db_partial = ptrs[1];
+        q.dw1_partial = ptrs[2];
+        q.db1_partial = ptrs[3];
+        bwd(q, std::min(M, blk * rows_per_block), std::min(M, (blk + 1) * rows_per_block));
+      }
+    });
+  }
+  // fixed-order reduction of the block partials, parallel over columns
+  auto reduce = [&](int k) {
+    if (!out_wanted[k]) return at::empty({0}, opts.dtype(at::kFloat));
+    at::Tensor sum = at::zeros({N}, opts.dtype(at::kFloat));
+    if (!part[k].defined() || N == 0) return sum;
+    float* s = sum.mutable_data_ptr<float>();
+    const float* src = part[k].const_data_ptr<float>();
+    at::parallel_for(0, N, 4096, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) s[c] = src[c];
+      for (int64_t blk = 1; blk < nb; ++blk) {
+        const float* row = src + blk * N;
+        for (int64_t c = c0; c < c1; ++c) s[c] += row[c];
+      }
+    });
+    return sum;
+  };
+  return {dx, dres, dx1, reduce(0), reduce(1), reduce(2), reduce(3)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
+  m.impl("layer_norm_fused_fwd", &layer_norm_fused_fwd_cpu);
+  m.impl("layer_norm_fused_bwd", &layer_norm_fused_bwd_cpu);
 }
 
 }  // namespace fastattn::cpu::layer_norm

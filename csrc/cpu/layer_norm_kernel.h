@@ -16,6 +16,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <memory>
 #include <type_traits>
 
 #include <ATen/NumericUtils.h>
@@ -299,6 +301,341 @@ inline void dispatch_dtype(c10::ScalarType dtype, Fn&& fn) {
       break;
     default:
       break;  // rejected by the caller's checks
+  }
+}
+
+// ---- fused forward / backward (FusedFwdParams, FusedBwdParams) -------------------------------
+// The row is combined, normalised and differentiated in float32 scratch rows (L1/L2-resident for
+// the widths of Transformer models), so one code path covers every mix of input, residual and
+// residual_out dtypes: the loads and stores below are the only dtype-specific parts.
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t n) {
+  using S = Step<T>;
+  int64_t j = 0;
+  for (; j + S::kLen <= n; j += S::kLen) {
+    const auto v = S::load(src + j);
+    for (int k = 0; k < S::kVecs; ++k) v[k].store(dst + j + k * kF);
+  }
+  if (j < n) {
+    const auto v = S::load(src + j, n - j);
+    alignas(64) float tmp[S::kLen];
+    for (int k = 0; k < S::kVecs; ++k) v[k].store(tmp + k * kF);
+    std::memcpy(dst + j, tmp, sizeof(float) * (n - j));
+  }
+}
+
+// stores src as T; with kRound also writes the stored (rounded) values back to src
+template <typename T, bool kRound>
+inline void store_row(float* src, T* dst, int64_t n) {
+  using S = Step<T>;
+  int64_t j = 0;
+  for (; j + S::kLen <= n; j += S::kLen) {
+    typename S::F v;
+    for (int k = 0; k < S::kVecs; ++k) v[k] = fVec::loadu(src + j + k * kF);
+    S::store(dst + j, v);
+    if constexpr (kRound && !std::is_same_v<T, float>) {
+      v = S::round(v);
+      for (int k = 0; k < S::kVecs; ++k) v[k].store(src + j + k * kF);
+    }
+  }
+  for (; j < n; ++j) {
+    dst[j] = static_cast<T>(src[j]);
+    if constexpr (kRound) src[j] = static_cast<float>(dst[j]);
+  }
+}
+
+inline void load_any(const void* src, c10::ScalarType dt, float* dst, int64_t n) {
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    load_row<T>(static_cast<const T*>(src), dst, n);
+  });
+}
+
+template <bool kRound>
+inline void store_any(float* src, c10::ScalarType dt, void* dst, int64_t n) {
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    store_row<T, kRound>(src, static_cast<T*>(dst), n);
+  });
+}
+
+// mask[j] = keep bit of element base + j
+inline void draw_keep(uint8_t* mask, uint64_t seed, uint64_t base, uint32_t threshold, int64_t n) {
+  for (int64_t j = 0; j < n; ++j)
+    mask[j] = keep_bits(seed, base + static_cast<uint64_t>(j)) >= threshold ? 1 : 0;
+}
+
+// buf[j] *= mask[j] * scale (a plain loop: the compiler vectorises it for this build's ISA)
+inline void apply_keep(float* buf, const uint8_t* mask, float scale, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) buf[j] = buf[j] * (static_cast<float>(mask[j]) * scale);
+}
+
+inline void add_row(float* acc, const float* v, int64_t n) {
+  int64_t j = 0;
+  for (; j + kF <= n; j += kF) (fVec::loadu(acc + j) + fVec::loadu(v + j)).store(acc + j);
+  for (; j < n; ++j) acc[j] += v[j];
+}
+
+inline void scale_row(float* buf, float s, int64_t n) {
+  const fVec vs(s);
+  int64_t j = 0;
+  for (; j + kF <= n; j += kF) (fVec::loadu(buf + j) * vs).store(buf + j);
+  for (; j < n; ++j) buf[j] *= s;
+}
+
+// (xb - mean) * rstd * w + b into y
+inline void affine_row(const float* xb, float mean, float rstd, const float* w, const float* b,
+                       float* y, int64_t n) {
+  const fVec vm(mean), vr(rstd);
+  int64_t j = 0;
+  for (; j + kF <= n; j += kF)
+    at::vec::fmadd((fVec::loadu(xb + j) - vm) * vr, fVec::loadu(w + j), fVec::loadu(b + j))
+        .store(y + j);
+  for (; j < n; ++j) y[j] = (xb[j] - mean) * rstd * w[j] + b[j];
+}
+
+// y = (xb - mean) * rstd * w + b rounded to T (the output as T holds it), in float32; returns
+// max |y| (NaN when a y is NaN)
+template <typename T>
+inline float affine_round_absmax(const float* xb, float mean, float rstd, const float* w,
+                                 const float* b, float* y, int64_t n) {
+  using S = Step<T>;
+  const fVec vm(mean), vr(rstd);
+  fVec vmax(0.f);
+  int64_t j = 0;
+  for (; j + S::kLen <= n; j += S::kLen) {
+    typename S::F a;
+    for (int k = 0; k < S::kVecs; ++k) {
+      const int64_t c = j + k * kF;
+      a[k] = at::vec::fmadd((fVec::loadu(xb + c) - vm) * vr, fVec::loadu(w + c),
+                            fVec::loadu(b + c));
+    }
+    a = S::round(a);
+    for (int k = 0; k < S::kVecs; ++k) {
+      a[k].store(y + j + k * kF);
+      vmax = at::vec::maximum(vmax, a[k].abs());  // propagates NaN
+    }
+  }
+  alignas(64) float buf[kF];
+  vmax.store(buf);
+  float absmax = 0.f;
+  bool nan = false;
+  for (int64_t k = 0; k < kF; ++k) {
+    nan |= std::isnan(buf[k]);
+    absmax = std::max(absmax, buf[k]);
+  }
+  for (; j < n; ++j) {
+    y[j] = static_cast<float>(static_cast<T>((xb[j] - mean) * rstd * w[j] + b[j]));
+    nan |= std::isnan(y[j]);
+    absmax = std::max(absmax, std::fabs(y[j]));
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : absmax;
+}
+
+// quantize_per_token of one row y whose max |y| is absmax, with the float32 operations of
+// fastattn.reference.quantize_per_token in the same order. y is overwritten.
+inline void quantize_row(float* y, float absmax, int8_t* q, float* scale, int64_t n) {
+  // torch evaluates 127.0 / tensor as reciprocal(tensor) * 127: two roundings
+  const float inv = absmax > 0.f ? (1.0f / absmax) * 127.0f : 0.f;
+  *scale = absmax / 127.0f;
+  const fVec vinv(inv), lo(-127.f), hi(127.f), zero(0.f);
+  int64_t j = 0;
+  for (; j + kF <= n; j += kF) {
+    fVec v = (fVec::loadu(y + j) * vinv).round();  // round half to even
+    v = fVec::blendv(zero, v, v == v);              // NaN -> 0, as torch's float -> int8
+    at::vec::clamp(v, lo, hi).store(y + j);
+  }
+  for (; j < n; ++j) {
+    const float v = std::nearbyint(y[j] * inv);
+    y[j] = std::isnan(v) ? 0.f : std::min(127.f, std::max(-127.f, v));
+  }
+  for (int64_t k = 0; k < n; ++k) q[k] = static_cast<int8_t>(static_cast<int32_t>(y[k]));
+}
+
+inline void row_stats(const float* xb, int64_t n, bool rms, float eps, float* mean_out,
+                      float* rstd_out) {
+  const float inv_n = 1.f / static_cast<float>(n);
+  fVec a0(0.f), a1(0.f);
+  int64_t j = 0;
+  float mean = 0.f, ss = 0.f;
+  if (rms) {
+    for (; j + 2 * kF <= n; j += 2 * kF) {
+      const fVec u = fVec::loadu(xb + j), v = fVec::loadu(xb + j + kF);
+      a0 = at::vec::fmadd(u, u, a0);
+      a1 = at::vec::fmadd(v, v, a1);
+    }
+    float tail = 0.f;
+    for (; j < n; ++j) tail += xb[j] * xb[j];
+    ss = hsum(a0 + a1) + tail;
+  } else {
+    for (; j + 2 * kF <= n; j += 2 * kF) {
+      a0 = a0 + fVec::loadu(xb + j);
+      a1 = a1 + fVec::loadu(xb + j + kF);
+    }
+    float tail = 0.f;
+    for (; j < n; ++j) tail += xb[j];
+    mean = (hsum(a0 + a1) + tail) * inv_n;
+    // the variance about the mean (a second pass over the cached row)
+    const fVec vm(mean);
+    a0 = fVec(0.f);
+    a1 = fVec(0.f);
+    for (j = 0; j + 2 * kF <= n; j += 2 * kF) {
+      const fVec u = fVec::loadu(xb + j) - vm, v = fVec::loadu(xb + j + kF) - vm;
+      a0 = at::vec::fmadd(u, u, a0);
+      a1 = at::vec::fmadd(v, v, a1);
+    }
+    tail = 0.f;
+    for (; j < n; ++j) tail += (xb[j] - mean) * (xb[j] - mean);
+    ss = hsum(a0 + a1) + tail;
+  }
+  *mean_out = mean;
+  *rstd_out = 1.f / std::sqrt(ss * inv_n + eps);
+}
+
+void fused_fwd_rows(const FusedFwdParams& p, int64_t row_begin, int64_t row_end) {
+  const int64_t N = p.N;
+  const size_t esz_x = c10::elementSize(p.dtype);
+  std::unique_ptr<float[]> scratch(new float[2 * N + 1]);
+  float* xb = scratch.get();  // x' of the row
+  float* tb = xb + N;         // an operand being added, then an output row
+  const float keep_scale = p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const uint32_t threshold =
+      static_cast<uint32_t>(std::ceil(static_cast<double>(p.dropout_p) * 16777216.0));
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const uint64_t base = static_cast<uint64_t>(i) * static_cast<uint64_t>(N);
+    load_any(static_cast<const char*>(p.x) + i * p.stride_x * esz_x, p.dtype, xb, N);
+    if (p.rowscale != nullptr) scale_row(xb, p.rowscale[i], N);
+    if (p.mask != nullptr) {
+      draw_keep(p.mask + i * N, p.seed, base, threshold, N);
+      apply_keep(xb, p.mask + i * N, keep_scale, N);
+    }
+    if (p.x1 != nullptr) {
+      load_any(static_cast<const char*>(p.x1) + i * p.stride_x1 * esz_x, p.dtype, tb, N);
+      if (p.mask1 != nullptr) {
+        draw_keep(p.mask1 + i * N, p.seed ^ kX1Stream, base, threshold, N);
+        apply_keep(tb, p.mask1 + i * N, keep_scale, N);
+      }
+      add_row(xb, tb, N);
+    }
+    if (p.residual != nullptr) {
+      load_any(static_cast<const char*>(p.residual) +
+                   i * p.stride_residual * c10::elementSize(p.residual_dtype),
+               p.residual_dtype, tb, N);
+      add_row(xb, tb, N);
+    }
+    // x' is rounded once to the residual dtype: that is residual_out and what is normalised
+    // (nothing to store when x' is the input itself)
+    if (p.residual_out != nullptr)
+      store_any<true>(xb, p.residual_out_dtype,
+                      static_cast<char*>(p.residual_out) +
+                          i * N * c10::elementSize(p.residual_out_dtype),
+                      N);
+    float mean, rstd;
+    row_stats(xb, N, p.rms, p.eps, &mean, &rstd);
+    p.mean[i] = mean;
+    p.rstd[i] = rstd;
+    if (p.q != nullptr) {
+      // quantize_per_token of the output as the input's dtype holds it
+      float absmax = 0.f;
+      dispatch_dtype(p.dtype, [&](auto tag) {
+        absmax = affine_round_absmax<decltype(tag)>(xb, mean, rstd, p.weight, p.bias, tb, N);
+      });
+      quantize_row(tb, absmax, p.q + i * N, p.q_scale + i, N);
+    } else {
+      affine_row(xb, mean, rstd, p.weight, p.bias, tb, N);
+      store_any<false>(tb, p.dtype, static_cast<char*>(p.out) + i * N * esz_x, N);
+    }
+    if (p.weight1 != nullptr) {
+      affine_row(xb, mean, rstd, p.weight1, p.bias1, tb, N);
+      store_any<false>(tb, p.dtype, static_cast<char*>(p.out1) + i * N * esz_x, N);
+    }
+  }
+}
+
+void fused_bwd_rows(const FusedBwdParams& p, int64_t row_begin, int64_t row_end) {
+  const int64_t N = p.N;
+  const float inv_n = 1.f / static_cast<float>(N);
+  const size_t esz = c10::elementSize(p.dtype), esz_x = c10::elementSize(p.x_dtype);
+  std::unique_ptr<float[]> scratch(new float[4 * N + 1]);
+  float* xb = scratch.get();  // x', then xhat
+  float* gb = xb + N;         // dy, then g
+  float* g1b = gb + N;        // dy1
+  float* db = g1b + N;        // d: the gradient of x'
+  const float keep_scale = p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    load_any(static_cast<const char*>(p.x) + i * p.stride_x * esz_x, p.x_dtype, xb, N);
+    load_any(static_cast<const char*>(p.dy) + i * p.stride_dy * esz, p.dtype, gb, N);
+    if (p.dy1 != nullptr)
+      load_any(static_cast<const char*>(p.dy1) + i * p.stride_dy1 * esz, p.dtype, g1b, N);
+    const float mean = p.rms ? 0.f : p.mean[i];
+    const float rstd = p.rstd[i];
+    const fVec vm(mean), vr(rstd);
+    fVec s1a(0.f), s2a(0.f);
+    int64_t j = 0;
+    // xhat in place of x', g = dy * w (+ dy1 * w1) in place of dy, and the dw/db (dw1/db1)
+    // partials of this block on the way
+    for (; j + kF <= N; j += kF) {
+      const fVec xhat = (fVec::loadu(xb + j) - vm) * vr;
+      xhat.store(xb + j);
+      const fVec dy = fVec::loadu(gb + j);
+      fVec g = dy * fVec::loadu(p.weight + j);
+      if (p.dw_partial != nullptr)
+        at::vec::fmadd(dy, xhat, fVec::loadu(p.dw_partial + j)).store(p.dw_partial + j);
+      if (p.db_partial != nullptr) (fVec::loadu(p.db_partial + j) + dy).store(p.db_partial + j);
+      if (p.dy1 != nullptr) {
+        const fVec dy1 = fVec::loadu(g1b + j);
+        g = at::vec::fmadd(dy1, fVec::loadu(p.weight1 + j), g);
+        if (p.dw1_partial != nullptr)
+          at::vec::fmadd(dy1, xhat, fVec::loadu(p.dw1_partial + j)).store(p.dw1_partial + j);
+        if (p.db1_partial != nullptr)
+          (fVec::loadu(p.db1_partial + j) + dy1).store(p.db1_partial + j);
+      }
+      g.store(gb + j);
+      s1a = s1a + g;
+      s2a = at::vec::fmadd(g, xhat, s2a);
+    }
+    float s1 = hsum(s1a), s2 = hsum(s2a);
+    for (; j < N; ++j) {
+      const float xhat = (xb[j] - mean) * rstd;
+      xb[j] = xhat;
+      const float dy = gb[j];
+      float g = dy * p.weight[j];
+      if (p.dw_partial != nullptr) p.dw_partial[j] += dy * xhat;
+      if (p.db_partial != nullptr) p.db_partial[j] += dy;
+      if (p.dy1 != nullptr) {
+        const float dy1 = g1b[j];
+        g += dy1 * p.weight1[j];
+        if (p.dw1_partial != nullptr) p.dw1_partial[j] += dy1 * xhat;
+        if (p.db1_partial != nullptr) p.db1_partial[j] += dy1;
+      }
+      gb[j] = g;
+      s1 += g;
+      s2 += g * xhat;
+    }
+    const float c1 = p.rms ? 0.f : s1 * inv_n;
+    const float c2 = s2 * inv_n;
+    const fVec vc1(c1), vc2(c2);
+    for (j = 0; j + kF <= N; j += kF)
+      ((fVec::loadu(gb + j) - at::vec::fmadd(fVec::loadu(xb + j), vc2, vc1)) * vr).store(db + j);
+    for (; j < N; ++j) db[j] = (gb[j] - (xb[j] * c2 + c1)) * rstd;
+    if (p.dres != nullptr) {
+      load_any(static_cast<const char*>(p.dres) + i * p.stride_dres * esz_x, p.x_dtype, gb, N);
+      add_row(db, gb, N);
+    }
+    if (p.dresidual != nullptr) {
+      std::memcpy(gb, db, sizeof(float) * N);
+      store_any<false>(
+          gb, p.residual_dtype,
+          static_cast<char*>(p.dresidual) + i * N * c10::elementSize(p.residual_dtype), N);
+    }
+    if (p.dx1 != nullptr) {
+      std::memcpy(gb, db, sizeof(float) * N);
+      if (p.mask1 != nullptr) apply_keep(gb, p.mask1 + i * N, keep_scale, N);
+      store_any<false>(gb, p.dtype, static_cast<char*>(p.dx1) + i * N * esz, N);
+    }
+    if (p.mask != nullptr) apply_keep(db, p.mask + i * N, keep_scale, N);
+    if (p.rowscale != nullptr) scale_row(db, p.rowscale[i], N);
+    store_any<false>(db, p.dtype, static_cast<char*>(p.dx) + i * N * esz, N);
   }
 }
 

@@ -170,10 +170,102 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
   return {grad_input, grad_weight, grad_bias};
 }
 
+// fastattn::layer_norm_fused_fwd / bwd on the kernels above: the part of FlashAttention's
+// keywords they compute, offset (folded into a float32 weight: w + offset) and a residual of
+// input's dtype. Dropout, rowscale, x1/weight1/bias1, residual_in_fp32, a residual of another
+// dtype and quantize have no CUDA kernel: the op layer's _supports_fused sends such calls to
+// Triton (or the reference), and these entry points refuse them.
+void check_fused_subset(const at::Tensor& input, const std::optional<at::Tensor>& residual,
+                        const std::optional<at::Tensor>& x1,
+                        const std::optional<at::Tensor>& weight1,
+                        const std::optional<at::Tensor>& rowscale, double dropout_p,
+                        bool residual_in_fp32, bool quantize) {
+  TORCH_CHECK(!x1.has_value() && !weight1.has_value() && !rowscale.has_value() &&
+                  dropout_p == 0.0 && !residual_in_fp32 && !quantize &&
+                  (!residual.has_value() || residual->scalar_type() == input.scalar_type()),
+              "fastattn.layer_norm (CUDA): the CUDA kernels take offset and a residual of "
+              "input's dtype only (no dropout, rowscale, x1/weight1/bias1, residual_in_fp32, "
+              "residual of another dtype or quantize): use backend='triton'");
+}
+
+std::optional<at::Tensor> offset_weight(const std::optional<at::Tensor>& weight, double offset) {
+  if (!weight.has_value() || offset == 0.0) return weight;
+  return weight->to(at::kFloat).add(offset);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+layer_norm_fused_fwd_cuda(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                          const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& residual,
+                          const std::optional<at::Tensor>& x1,
+                          const std::optional<at::Tensor>& weight1,
+                          const std::optional<at::Tensor>& bias1,
+                          const std::optional<at::Tensor>& rowscale, double eps, bool rms,
+                          double offset, double dropout_p, int64_t seed, bool residual_in_fp32,
+                          bool quantize) {
+  (void)seed;
+  checks::check_norm_fused(rms, input, normalized_shape, weight, bias, residual, x1, weight1, bias1,
+                           rowscale, eps, offset, dropout_p, residual_in_fp32, quantize);
+  check_fused_subset(input, residual, x1, weight1, rowscale, dropout_p, residual_in_fp32,
+                     quantize);
+  // float32 weight (+ offset): the bias follows it to float32 (normalize_params)
+  const std::optional<at::Tensor> w = offset_weight(weight, offset);
+  auto [out, residual_out, mean, rstd] =
+      layer_norm_fwd_cuda(input, normalized_shape, w, bias, residual, eps, rms);
+  // without a residual x' is input itself: residual_out stays empty (the op's contract)
+  const auto empty = [&] { return at::empty({0}, input.options()); };
+  return {out,     empty(), residual.has_value() ? residual_out.view(input.sizes()) : empty(),
+          empty(), empty(), mean,  rstd, at::empty({0}, input.options().dtype(at::kFloat))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+layer_norm_fused_bwd_cuda(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_out1,
+                          const std::optional<at::Tensor>& grad_residual_out, const at::Tensor& x,
+                          const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& weight1,
+                          const std::optional<at::Tensor>& mask,
+                          const std::optional<at::Tensor>& mask1,
+                          const std::optional<at::Tensor>& rowscale, const at::Tensor& mean,
+                          const at::Tensor& rstd, double offset, double dropout_p, bool rms,
+                          bool has_bias, bool has_bias1, bool has_x1, at::ScalarType input_dtype,
+                          std::optional<at::ScalarType> residual_dtype) {
+  TORCH_CHECK(!(grad_out1.has_value() && grad_out1->numel() > 0) && !weight1.has_value() &&
+                  !(mask.has_value() && mask->numel() > 0) &&
+                  !(mask1.has_value() && mask1->numel() > 0) && !rowscale.has_value() &&
+                  dropout_p == 0.0 && !has_bias1 && !has_x1 && x.scalar_type() == input_dtype &&
+                  (!residual_dtype.has_value() || *residual_dtype == input_dtype),
+              "fastattn.layer_norm_fused_bwd (CUDA): only offset and a residual of input's "
+              "dtype have CUDA kernels");
+  const int64_t N = x.dim() == 2 ? x.size(1) : 0;
+  std::optional<at::Tensor> w;
+  if (weight.has_value()) w = offset_weight(weight->reshape({N}), offset);
+  // a float32 zero bias makes the kernel compute the bias gradient
+  std::optional<at::Tensor> b;
+  if (has_bias) b = at::zeros({N}, x.options().dtype(at::kFloat));
+  std::optional<at::Tensor> gres;
+  if (grad_residual_out.has_value() && grad_residual_out->numel() > 0) gres = grad_residual_out;
+  auto [dx, dw, db] = layer_norm_bwd_cuda(grad_out, gres, x, w, b, mean, rstd, rms);
+  const auto empty = [&] { return at::empty({0}, x.options()); };
+  const auto empty32 = [&] { return at::empty({0}, x.options().dtype(at::kFloat)); };
+  // x' = input + residual: both receive d
+  at::Tensor dres = residual_dtype.has_value() ? dx.clone() : empty();
+  return {dx,
+          dres,
+          empty(),
+          weight.has_value() ? dw.to(at::kFloat) : empty32(),
+          has_bias ? db.to(at::kFloat) : empty32(),
+          empty32(),
+          empty32()};
+}
+
 }  // namespace
 }  // namespace fastattn::cuda
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("layer_norm_fwd", &fastattn::cuda::layer_norm_fwd_cuda);
   m.impl("layer_norm_bwd", &fastattn::cuda::layer_norm_bwd_cuda);
+  m.impl("layer_norm_fused_fwd", &fastattn::cuda::layer_norm_fused_fwd_cuda);
+  m.impl("layer_norm_fused_bwd", &fastattn::cuda::layer_norm_fused_bwd_cuda);
 }

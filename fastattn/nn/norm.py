@@ -3,7 +3,10 @@
 They subclass ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm``: same constructor, parameters,
 state_dict keys, ``reset_parameters`` and ``isinstance`` behaviour (weight initialisation code
 keyed on the torch classes keeps working). Only ``forward`` changes, and it takes an optional
-``residual=`` for the fused residual add.
+``residual=`` for the fused residual add. Two keyword-only constructor options follow
+FlashAttention's norms: ``offset`` (``norm(x) * (offset + weight)``: 1.0 is Gemma's RMSNorm, whose
+weight is stored zero-centred) and ``residual_in_fp32`` (the running residual, returned by
+``forward``, kept in float32 whatever the activations' dtype).
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ class LayerNorm(nn.LayerNorm):
     sum computed once in the same pass.
     """
 
+    # defaults for instances made by from_module, which share a torch module's __dict__
+    offset: float = 0.0
+    residual_in_fp32: bool = False
+
     def __init__(
         self,
         normalized_shape: int | list[int] | tuple[int, ...] | torch.Size,
@@ -44,12 +51,23 @@ class LayerNorm(nn.LayerNorm):
         device=None,
         dtype=None,
         *,
+        offset: float = 0.0,
+        residual_in_fp32: bool = False,
         backend: str = "auto",
     ) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self.backend = backend
+        self.offset = float(offset)
+        self.residual_in_fp32 = bool(residual_in_fp32)
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None):
+        """-> out, or ``(out, input + residual)`` when residual is given or residual_in_fp32."""
+        if self.offset or self.residual_in_fp32:
+            return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
+                              residual=residual, offset=self.offset,
+                              residual_in_fp32=self.residual_in_fp32,
+                              prenorm=residual is not None or self.residual_in_fp32,
+                              backend=self.backend)
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
                           residual=residual, backend=self.backend)
 
@@ -63,7 +81,10 @@ class LayerNorm(nn.LayerNorm):
         return _share_state(cls, m, backend)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend!r}"
+        extra = f", offset={self.offset}" if self.offset else ""
+        if self.residual_in_fp32:
+            extra += ", residual_in_fp32=True"
+        return f"{super().extra_repr()}{extra}, backend={self.backend!r}"
 
 
 class RMSNorm(nn.RMSNorm):
@@ -74,6 +95,10 @@ class RMSNorm(nn.RMSNorm):
     ``residual`` returns ``(out, input + residual)``.
     """
 
+    # defaults for instances made by from_module, which share a torch module's __dict__
+    offset: float = 0.0
+    residual_in_fp32: bool = False
+
     def __init__(
         self,
         normalized_shape: int | list[int] | tuple[int, ...] | torch.Size,
@@ -82,12 +107,23 @@ class RMSNorm(nn.RMSNorm):
         device=None,
         dtype=None,
         *,
+        offset: float = 0.0,
+        residual_in_fp32: bool = False,
         backend: str = "auto",
     ) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
         self.backend = backend
+        self.offset = float(offset)
+        self.residual_in_fp32 = bool(residual_in_fp32)
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None):
+        """-> out, or ``(out, input + residual)`` when residual is given or residual_in_fp32."""
+        if self.offset or self.residual_in_fp32:
+            return rms_norm(input, self.normalized_shape, self.weight, self.eps,
+                            residual=residual, offset=self.offset,
+                            residual_in_fp32=self.residual_in_fp32,
+                            prenorm=residual is not None or self.residual_in_fp32,
+                            backend=self.backend)
         return rms_norm(input, self.normalized_shape, self.weight, self.eps, residual=residual,
                         backend=self.backend)
 
@@ -101,4 +137,7 @@ class RMSNorm(nn.RMSNorm):
         return _share_state(cls, m, backend)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend!r}"
+        extra = f", offset={self.offset}" if self.offset else ""
+        if self.residual_in_fp32:
+            extra += ", residual_in_fp32=True"
+        return f"{super().extra_repr()}{extra}, backend={self.backend!r}"

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from fastattn.triton import _interpret
 from fastattn.triton._launch import on_device as _on_device
+from fastattn.triton.int8_gemm import _quantize_row
 
 _interpret.prepare()
 
@@ -401,3 +402,306 @@ def layer_norm_bwd(
         dw = reduce(dw_part, weight) if weight is not None else x.new_empty((0,))
         db = reduce(db_part, bias) if bias is not None else x.new_empty((0,))
     return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# FlashAttention's layer_norm_fn / rms_norm_fn: the op fastattn::layer_norm_fused_fwd/bwd
+# (csrc/fastattn.cpp has the contract). Register-resident rows only (N <= _MAX_FUSED_BWD, so
+# that the backward of any forward fits too); the op layer refuses longer rows for this backend.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _layer_norm_fused_fwd_kernel(
+    # pointers
+    X, X1, R, RS, W, B, W1, B1, Y, Y1, RO, Mask, Mask1, QScale, Mean, Rstd,
+    # sizes
+    N,
+    # strides
+    stride_xm, stride_x1m, stride_rm,
+    # scalars
+    eps, offset, dropout_p, keep_scale, seed,
+    # meta-parameters
+    HAS_X1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_ROWSCALE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_W1: tl.constexpr,
+    HAS_B1: tl.constexpr, DROPOUT: tl.constexpr, QUANTIZE: tl.constexpr,
+    STORE_RESIDUAL: tl.constexpr, RMS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """x' = dropout(X[m] * RS[m]) (+ dropout(X1[m])) (+ R[m]) -> RO[m] (rounded to RO's dtype);
+    Y[m] = norm(x') * (offset + W) + B (int8 + QScale[m] when QUANTIZE), Y1[m] with W1/B1."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    elem = row * N + cols  # element index: the dropout counter and the contiguous outputs' offset
+    x = tl.load(X + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ROWSCALE:
+        x = x * tl.load(RS + row).to(tl.float32)
+    if DROPOUT:
+        keep = tl.rand(seed, elem) >= dropout_p
+        x = tl.where(keep, x * keep_scale, 0.0)
+        tl.store(Mask + elem, keep, mask=mask)
+    if HAS_X1:
+        x1 = tl.load(X1 + row * stride_x1m + cols, mask=mask, other=0.0).to(tl.float32)
+        if DROPOUT:
+            keep1 = tl.rand(seed + 1, elem) >= dropout_p
+            x1 = tl.where(keep1, x1 * keep_scale, 0.0)
+            tl.store(Mask1 + elem, keep1, mask=mask)
+        x = x + x1
+    if HAS_RESIDUAL:
+        x = x + tl.load(R + row * stride_rm + cols, mask=mask, other=0.0).to(tl.float32)
+    if STORE_RESIDUAL:
+        # rounded once to the residual dtype: residual_out, and what is normalised
+        xs = x.to(RO.dtype.element_ty)
+        tl.store(RO + elem, xs, mask=mask)
+        x = xs.to(tl.float32)
+    if RMS:
+        mean = 0.0
+        var = tl.sum(x * x, axis=0) / N
+        xc = x
+    else:
+        mean = tl.sum(x, axis=0) / N
+        xc = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(xc * xc, axis=0) / N
+    rstd = tl.rsqrt(var + eps)
+    xhat = xc * rstd
+    y = xhat
+    if HAS_WEIGHT:
+        y = y * (tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset)
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    if QUANTIZE:
+        # quantize_per_token of the output as the input's dtype holds it
+        y = y.to(X.dtype.element_ty).to(tl.float32)
+        y = tl.where(mask, y, 0.0)
+        absmax = tl.max(tl.abs(y), axis=0)
+        nan_count = tl.sum((y != y).to(tl.int32), axis=0)
+        absmax = tl.where(nan_count > 0, float("nan"), absmax)
+        inv = tl.where(absmax > 0, tl.math.div_rn(1.0, absmax) * 127.0, 0.0)
+        tl.store(QScale + row, tl.math.div_rn(absmax, 127.0))
+        tl.store(Y + elem, _quantize_row(y, inv), mask=mask)
+    else:
+        tl.store(Y + elem, y.to(Y.dtype.element_ty), mask=mask)
+    if HAS_W1:
+        y1 = xhat * (tl.load(W1 + cols, mask=mask, other=0.0).to(tl.float32) + offset)
+        if HAS_B1:
+            y1 = y1 + tl.load(B1 + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y1 + elem, y1.to(Y1.dtype.element_ty), mask=mask)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _layer_norm_fused_bwd_kernel(
+    # pointers
+    DY, DY1, DRES, X, W, W1, Mean, Rstd, Mask, Mask1, RS, DX, DX1, DR, DW, DB, DW1, DB1,
+    # sizes
+    M, N, rows_per_program,
+    # strides
+    stride_dym, stride_dy1m, stride_dresm, stride_xm, stride_dwg,
+    # scalars
+    offset, keep_scale,
+    # meta-parameters
+    HAS_DY1: tl.constexpr, HAS_DRES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr, DROPOUT1: tl.constexpr, HAS_X1: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_ROWSCALE: tl.constexpr, PARTIALS: tl.constexpr,
+    RMS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """For the rows of program g: d = dL/dx' (+ DRES) -> DR (the residual's gradient),
+    d * Mask1 * keep_scale -> DX1, d * Mask * keep_scale * RS -> DX; the group's dW/dB/dW1/dB1
+    partials as row g of DW/DB/DW1/DB1 (G, N) float32."""
+    group = tl.program_id(0)
+    row_start = group * rows_per_program
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
+    if HAS_DY1:
+        w1 = tl.load(W1 + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dw1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for i in range(0, rows_per_program):
+        row = row_start + i
+        row_ok = row < M
+        row64 = row.to(tl.int64)
+        mask = col_mask & row_ok
+        elem = row64 * N + cols
+        x = tl.load(X + row64 * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row64 * stride_dym + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(Rstd + row, mask=row_ok, other=0.0)
+        if RMS:
+            xhat = x * rstd
+        else:
+            mean = tl.load(Mean + row, mask=row_ok, other=0.0)
+            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        if HAS_WEIGHT:
+            g = dy * w
+        else:
+            g = dy
+        if HAS_DY1:
+            dy1 = tl.load(DY1 + row64 * stride_dy1m + cols, mask=mask, other=0.0).to(tl.float32)
+            g = g + dy1 * w1
+            dw1 += dy1 * xhat
+            db1 += dy1
+        c2 = tl.sum(g * xhat, axis=0) / N
+        if RMS:
+            d = (g - xhat * c2) * rstd
+        else:
+            c1 = tl.sum(g, axis=0) / N
+            d = (g - (xhat * c2 + c1)) * rstd
+        if HAS_DRES:
+            d += tl.load(DRES + row64 * stride_dresm + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            tl.store(DR + elem, d.to(DR.dtype.element_ty), mask=mask)
+        if HAS_X1:
+            d1 = d
+            if DROPOUT1:
+                keep1 = tl.load(Mask1 + elem, mask=mask, other=0).to(tl.int1)
+                d1 = tl.where(keep1, d1 * keep_scale, 0.0)
+            tl.store(DX1 + elem, d1.to(DX1.dtype.element_ty), mask=mask)
+        if DROPOUT:
+            keep = tl.load(Mask + elem, mask=mask, other=0).to(tl.int1)
+            d = tl.where(keep, d * keep_scale, 0.0)
+        if HAS_ROWSCALE:
+            d = d * tl.load(RS + row, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(DX + elem, d.to(DX.dtype.element_ty), mask=mask)
+        if PARTIALS:
+            dw += dy * xhat
+            db += dy
+    if PARTIALS:
+        tl.store(DW + group.to(tl.int64) * stride_dwg + cols, dw, mask=col_mask)
+        tl.store(DB + group.to(tl.int64) * stride_dwg + cols, db, mask=col_mask)
+        tl.store(DW1 + group.to(tl.int64) * stride_dwg + cols, dw1, mask=col_mask)
+        tl.store(DB1 + group.to(tl.int64) * stride_dwg + cols, db1, mask=col_mask)
+
+
+# rows of up to this many elements are taken by the fused kernels (register-resident forward
+# and backward; see _MAX_FUSED_BWD)
+MAX_FUSED_N = _MAX_FUSED_BWD
+
+
+def layer_norm_fused_fwd(
+    input: torch.Tensor, weight, bias, residual, x1, weight1, bias1, rowscale,
+    eps: float, rms: bool, offset: float, dropout_p: float, seed: int,
+    residual_in_fp32: bool, quantize: bool,
+):
+    """input/residual/x1 (M, N) row-strided, weight.. (N,), rowscale (M,) -> out, out1,
+    residual_out, dropout_mask, dropout_mask1 (M, N) (empty when absent), mean, rstd (M,),
+    out_scale (M,) or empty: the C++ op fastattn::layer_norm_fused_fwd on rows."""
+    _check_rows(input, "input")
+    M, N = input.shape
+    dev = input.device
+    def none():  # a fresh empty tensor per absent output: outputs may not alias
+        return input.new_empty((0,))
+
+    res_dtype = (torch.float32 if residual_in_fp32
+                 else residual.dtype if residual is not None else input.dtype)
+    out = torch.empty((M, N), dtype=torch.int8 if quantize else input.dtype, device=dev)
+    out1 = torch.empty((M, N), dtype=input.dtype, device=dev) if weight1 is not None else none()
+    dropout = dropout_p > 0.0
+    # x' is the input itself when nothing is combined: no copy (residual_out empty)
+    combined = (residual is not None or x1 is not None or rowscale is not None or dropout
+                or res_dtype != input.dtype)
+    residual_out = torch.empty((M, N), dtype=res_dtype, device=dev) if combined else none()
+    mask = torch.empty((M, N), dtype=torch.bool, device=dev) if dropout else none()
+    mask1 = (torch.empty((M, N), dtype=torch.bool, device=dev) if dropout and x1 is not None
+             else none())
+    mean = (torch.zeros if rms else torch.empty)((M,), dtype=torch.float32, device=dev)
+    rstd = torch.empty((M,), dtype=torch.float32, device=dev)
+    scale = torch.empty((M if quantize else 0,), dtype=torch.float32, device=dev)
+    if M == 0:
+        return out, out1, residual_out, mask, mask1, mean, rstd, scale
+    for t, name in ((residual, "residual"), (x1, "x1")):
+        if t is not None:
+            _check_rows(t, name)
+    block_n = triton.next_power_of_2(max(N, 1))
+    if block_n > triton.next_power_of_2(MAX_FUSED_N):
+        raise ValueError(f"rows of {N} elements: the fused Triton kernels take at most "
+                         f"{MAX_FUSED_N}")
+    r = residual if residual is not None else input
+    xx1 = x1 if x1 is not None else input
+    rs = rowscale.contiguous() if rowscale is not None else mean
+    w = weight if weight is not None else input
+    b = bias if bias is not None else input
+    w1 = weight1 if weight1 is not None else input
+    b1 = bias1 if bias1 is not None else input
+    with _on_device(input):
+        _layer_norm_fused_fwd_kernel[(M,)](
+            input, xx1, r, rs, w, b, w1, b1, out, out1 if weight1 is not None else out,
+            residual_out if combined else input, mask if dropout else mean, mask1 if mask1.numel() else mean,
+            scale if quantize else mean, mean, rstd,
+            N,
+            input.stride(0), xx1.stride(0), r.stride(0),
+            eps, offset, dropout_p, 1.0 / (1.0 - dropout_p), seed,
+            HAS_X1=x1 is not None, HAS_RESIDUAL=residual is not None,
+            HAS_ROWSCALE=rowscale is not None, HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None, HAS_W1=weight1 is not None, HAS_B1=bias1 is not None,
+            DROPOUT=dropout, QUANTIZE=quantize, STORE_RESIDUAL=combined, RMS=rms,
+            BLOCK_N=block_n,
+            num_warps=_num_warps(block_n),
+        )
+    return out, out1, residual_out, mask, mask1, mean, rstd, scale
+
+
+def layer_norm_fused_bwd(
+    grad_out, grad_out1, grad_residual_out, x, weight, weight1, mask, mask1, rowscale,
+    mean, rstd, offset: float, dropout_p: float, rms: bool, has_bias: bool, has_bias1: bool,
+    has_x1: bool, input_dtype: torch.dtype, residual_dtype: torch.dtype | None,
+):
+    """The C++ op fastattn::layer_norm_fused_bwd on (M, N) rows: grad_input, grad_residual,
+    grad_x1 (M, N) (empty when absent), grad_weight, grad_bias, grad_weight1, grad_bias1 (N,)
+    float32 (empty when not wanted)."""
+    _check_rows(grad_out, "grad_out")
+    _check_rows(x, "x")
+    M, N = x.shape
+    dev = x.device
+    def empty():  # a fresh empty tensor per absent output: outputs may not alias
+        return torch.empty((0,), dtype=input_dtype, device=dev)
+    dx = torch.empty((M, N), dtype=input_dtype, device=dev)
+    dres = (torch.empty((M, N), dtype=residual_dtype, device=dev) if residual_dtype is not None
+            else empty())
+    dx1 = torch.empty((M, N), dtype=input_dtype, device=dev) if has_x1 else empty()
+    has_dy1 = grad_out1 is not None and grad_out1.numel() > 0
+    has_dres = grad_residual_out is not None and grad_residual_out.numel() > 0
+    dropout = dropout_p > 0.0 and mask is not None and mask.numel() > 0
+    dropout1 = dropout_p > 0.0 and mask1 is not None and mask1.numel() > 0
+    wanted = (weight is not None, has_bias, weight1 is not None, has_bias1)
+    partials = any(wanted)
+    groups = max(1, min(M, _num_groups(dev.index, dev.type)))
+    block_n = triton.next_power_of_2(max(N, 1))
+    parts = [torch.empty((groups, N), dtype=torch.float32, device=dev) if partials else mean
+             for _ in range(4)]
+    if M > 0:
+        with _on_device(x):
+            _layer_norm_fused_bwd_kernel[(groups,)](
+                grad_out, grad_out1 if has_dy1 else grad_out,
+                grad_residual_out if has_dres else grad_out, x,
+                weight if weight is not None else x, weight1 if weight1 is not None else x,
+                mean, rstd, mask if dropout else mean, mask1 if dropout1 else mean,
+                rowscale.contiguous() if rowscale is not None else mean,
+                dx, dx1 if has_x1 else dx, dres if residual_dtype is not None else dx,
+                *parts,
+                M, N, triton.cdiv(M, groups),
+                grad_out.stride(0), grad_out1.stride(0) if has_dy1 else 0,
+                grad_residual_out.stride(0) if has_dres else 0, x.stride(0),
+                parts[0].stride(0) if partials else 0,
+                offset, 1.0 / (1.0 - dropout_p),
+                HAS_DY1=has_dy1, HAS_DRES=has_dres, HAS_WEIGHT=weight is not None,
+                DROPOUT=dropout, DROPOUT1=dropout1, HAS_X1=has_x1,
+                HAS_RESIDUAL=residual_dtype is not None, HAS_ROWSCALE=rowscale is not None,
+                PARTIALS=partials, RMS=rms, BLOCK_N=block_n,
+                num_warps=_num_warps_bwd(block_n),
+            )
+
+    def reduce(k: int) -> torch.Tensor:
+        if not wanted[k]:
+            return torch.empty((0,), dtype=torch.float32, device=dev)
+        res = torch.zeros((N,), dtype=torch.float32, device=dev)
+        if M == 0 or N == 0:
+            return res
+        block = min(1024, triton.next_power_of_2(max(N, 1)))
+        with _on_device(x):
+            _sum_partials_kernel[(triton.cdiv(N, block),)](
+                parts[k], res, groups, N, parts[k].stride(0), BLOCK_N=block, num_warps=4)
+        return res
+
+    return dx, dres, dx1, reduce(0), reduce(1), reduce(2), reduce(3)
