@@ -762,8 +762,9 @@ def test_score_modifiers_cuda_refused():
 
 
 def check_kvcache_mods(backend, Lq, H, Hkv, *, alibi_batch, leftpad=None, run=None,
-                       dtype=torch.float32):
-    """attention_with_kvcache with softcap, ALiBi and sinks against the float64 reference."""
+                       dtype=torch.float32, only=None):
+    """attention_with_kvcache with softcap, ALiBi and sinks (or only the one named) against the
+    float64 reference."""
     B, cap, E = 3, 40, 32
     q = torch.randn(B, H, Lq, E, dtype=dtype)
     kc, vc = (torch.randn(B, Hkv, cap, E, dtype=dtype) for _ in range(2))
@@ -772,6 +773,8 @@ def check_kvcache_mods(backend, Lq, H, Hkv, *, alibi_batch, leftpad=None, run=No
     lp = None if leftpad is None else torch.tensor(leftpad, dtype=torch.int32)
     slopes = torch.rand(B, H) * 0.5 if alibi_batch else torch.rand(H) * 0.5
     mods = dict(softcap=4.0, alibi_slopes=slopes, sinks=torch.randn(H))
+    if only is not None:
+        mods = {name: (x if name == only else None) for name, x in mods.items()}
     outs = {}
     for d in (torch.float64, dtype):
         outs[d] = reference.attention_with_kvcache(
@@ -793,6 +796,15 @@ def test_kvcache_score_modifiers(backend, Lq, H, Hkv):
     need(backend, op="attention_kvcache")
     check_kvcache_mods(backend, Lq, H, Hkv, alibi_batch=Lq != 3, leftpad=[0, 4, 29])
     check_kvcache_mods(backend, Lq, H, Hkv, alibi_batch=Lq == 3, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("only", ["softcap", "alibi_slopes", "sinks"])
+def test_kvcache_one_score_modifier(backend, only):
+    """One query row per kv head, each modifier alone (on the CPU: the register-only decoding
+    kernel, with the sink in its combine step; the other two on its general path)."""
+    need(backend, op="attention_kvcache")
+    check_kvcache_mods(backend, 1, 2, 2, alibi_batch=False, only=only)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
