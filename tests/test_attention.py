@@ -13,6 +13,7 @@ instance in numpy). ``TestGPU`` repeats the checks at real sizes on CUDA when a 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import pytest
@@ -746,6 +747,26 @@ def test_score_modifiers(backend, dtype, case):
         tol = 1e-2 if backend == "reference" and dtype != torch.float32 else 1e-6
         torch.testing.assert_close(lse[:, :, :16], kw["sinks"][None, :, None].expand(2, 4, 16),
                                    rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_score_modifiers_strided(backend):
+    """Slopes and sinks given as strided views (every other element) run as their values say,
+    in both functions."""
+    need(backend)
+    q, k, v = make_qkv(2, 4, 2, 9, 13, 16)
+    slopes, sinks = torch.rand(2, 4, 2)[..., 0], torch.randn(8)[::2]
+    check_score_mods(backend, q, k, v, enable_gqa=True, is_causal=True, alibi_slopes=slopes,
+                     sinks=sinks)
+    need(backend, op="attention_kvcache")
+    lens = torch.tensor([3, 9], dtype=torch.int32)
+    kc, vc = torch.randn(2, 2, 16, 16), torch.randn(2, 2, 16, 16)
+    outs = [f(q[:, :, :2].to(d), kc.to(d), vc.to(d), lens, alibi_slopes=slopes[0], sinks=sinks)
+            for f, d in ((reference.attention_with_kvcache, torch.float64),
+                         (reference.attention_with_kvcache, torch.float32),
+                         (functools.partial(fastattn.attention_with_kvcache, backend=backend),
+                          torch.float32))]
+    assert_close_rule(outs[2], outs[0], outs[1])
 
 
 def test_score_modifiers_cuda_refused():

@@ -177,8 +177,8 @@ void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* na
 }
 
 // the (B, H) slopes and (H,) sinks as the kernels read them: float32 (checked by the op layer)
-void set_mods(AttnArgs& a, const at::Tensor& q, double softcap,
-              const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
+void set_mods(AttnArgs& a, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+              const std::optional<at::Tensor>& sinks) {
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0,
               "fastattn::attention (cpu): softcap must be finite and >= 0 (0: none), got ", softcap);
   a.softcap = static_cast<float>(softcap);
@@ -199,7 +199,6 @@ void set_mods(AttnArgs& a, const at::Tensor& q, double softcap,
                 a.H, ",), got ", s.scalar_type(), " ", s.sizes());
     a.sinks = s.data_ptr<float>();
   }
-  (void)q;
 }
 
 AttnArgs make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -320,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
   AttnArgs a =
       make_args(q, k, v, attn_mask, scale, window_left, window_right, diag_offset, dropout_p, seed);
-  set_mods(a, q, softcap, alibi_slopes, sinks);
+  set_mods(a, softcap, alibi_slopes, sinks);
   // (B, H, L, Ev) stored token-major, as (B, L, H, Ev): the (B, L, H * Ev) rows the output
   // projection reads are then a view (torch's CPU flash attention returns the same layout)
   at::Tensor out = at::empty({a.B, a.L, a.H, a.Ev}, q.options()).transpose(1, 2);
@@ -354,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   (void)deterministic;
   AttnArgs a =
       make_args(q, k, v, attn_mask, scale, window_left, window_right, diag_offset, dropout_p, seed);
-  set_mods(a, q, softcap, alibi_slopes, sinks);
+  set_mods(a, softcap, alibi_slopes, sinks);
   check_float_cpu(grad_out, "grad_out", 4);
   check_float_cpu(out, "out", 4);
   check_same_dtype(grad_out, q, "grad_out");
@@ -497,11 +496,14 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
     // the whole cache as keys (S = capacity, no mask/window/dropout); the per-sequence lengths
     // are passed to the kernels separately
     AttnArgs a = make_args(q, k_cache, v_cache, std::nullopt, scale, -1, -1, 0, 0.0, 0);
-    // (H,) slopes as a (B, H) view with a zero batch stride
-    std::optional<at::Tensor> slopes = alibi_slopes;
-    if (slopes.has_value() && slopes->dim() == 1) slopes = slopes->unsqueeze(0).expand({B, H});
+    // (H,) slopes as a (B, H) view with a zero batch stride; unit head strides for the kernels
+    std::optional<at::Tensor> slopes;
+    if (alibi_slopes.has_value()) {
+      slopes = alibi_slopes->contiguous();
+      if (slopes->dim() == 1) slopes = slopes->unsqueeze(0).expand({B, H});
+    }
     const at::Tensor sinks_c = sinks.has_value() ? sinks->contiguous() : at::Tensor();
-    set_mods(a, q, softcap, slopes,
+    set_mods(a, softcap, slopes,
              sinks_c.defined() ? std::optional<at::Tensor>(sinks_c) : std::nullopt);
     for (int d = 0; d < 3; ++d) a.so[d] = out.stride(d);
     if (qrot) {

@@ -177,6 +177,7 @@ def _slopes_bh(alibi_slopes, B: int, H: int):
     """(H,) or (B, H) slopes -> the (B, H) view the kernels read (stride 0 on a broadcast batch)."""
     if alibi_slopes is None:
         return None
+    alibi_slopes = alibi_slopes.contiguous()  # unit head stride (the CPU kernels' layout)
     return alibi_slopes.expand(B, H) if alibi_slopes.dim() == 1 else alibi_slopes
 
 
@@ -448,7 +449,8 @@ def scaled_dot_product_attention(
           else torch.ops.fastattn.attention_fwd)
     if score_mods:
         out, lse = op(query, key, value, mask, scale, wl, wr, off, dropout_p,
-                      _draw_seed(dropout_p), cap, _slopes_bh(alibi_slopes, B, H), sinks)
+                      _draw_seed(dropout_p), cap, _slopes_bh(alibi_slopes, B, H),
+                      None if sinks is None else sinks.contiguous())
     else:  # the calls without modifiers keep their short argument list (and autograd node)
         out, lse = op(query, key, value, mask, scale, wl, wr, off, dropout_p,
                       _draw_seed(dropout_p))
