@@ -182,7 +182,9 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                    const std::optional<at::Tensor>& v_new, double scale,
                    const std::optional<at::Tensor>& cache_leftpad,
                    const std::optional<at::Tensor>& rotary_cos,
-                   const std::optional<at::Tensor>& rotary_sin) {
+                   const std::optional<at::Tensor>& rotary_sin, double softcap,
+                   const std::optional<at::Tensor>& alibi_slopes,
+                   const std::optional<at::Tensor>& sinks) {
   constexpr const char* fn = "fastattn.attention_with_kvcache";
   for (const auto& [name, t] : {std::pair{"q", &q}, std::pair{"k_cache", &k_cache},
                                 std::pair{"v_cache", &v_cache}}) {
@@ -262,6 +264,7 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                       ", i.e. rotary_dim = ", cs[1] * 2);
   }
   TORCH_CHECK_VALUE(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
+  check_score_mods(fn, q, softcap, alibi_slopes, sinks);
   if (!host_readable(cache_seqlens)) return;
   // the values, where they are on the host already
   const int64_t B = q.size(0), cap = k_cache.size(2), extra = k_new.has_value() ? q.size(2) : 0;
@@ -298,6 +301,32 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                     at_b, " reach position ", reach - 1,
                     " (cache_seqlens[b] - cache_leftpad[b] + Lq - 1): the tables need at least ",
                     reach, " rows");
+}
+
+void check_score_mods(const char* fn, const at::Tensor& q, double softcap,
+                      const std::optional<at::Tensor>& alibi_slopes,
+                      const std::optional<at::Tensor>& sinks) {
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, fn,
+                    ": softcap must be a finite float > 0 (or None), got ", softcap);
+  const auto qs = q.sym_sizes();
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, fn,
+                     ": alibi_slopes must be a float32 tensor, got ", a.scalar_type());
+    const bool ok = (a.dim() == 1 && a.sym_size(0) == qs[1]) ||
+                    (a.dim() == 2 && a.sym_size(0) == qs[0] && a.sym_size(1) == qs[1]);
+    TORCH_CHECK_VALUE(ok, fn, ": alibi_slopes must have shape (H,) = (", qs[1],
+                      ",) or (B, H) = (", qs[0], ", ", qs[1], "), got ", a.sym_sizes());
+    check_device(fn, "alibi_slopes", a, q, "q");
+  }
+  if (sinks.has_value()) {
+    const at::Tensor& s = *sinks;
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, fn, ": sinks must be a float32 tensor, got ",
+                     s.scalar_type());
+    TORCH_CHECK_VALUE(s.dim() == 1 && s.sym_size(0) == qs[1], fn,
+                      ": sinks must have shape (H,) = (", qs[1], ",), got ", s.sym_sizes());
+    check_device(fn, "sinks", s, q, "q");
+  }
 }
 
 void check_int8_linear(const char* fn, const at::Tensor& x, const at::Tensor& w_int8,

@@ -49,7 +49,16 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                    const std::optional<at::Tensor>& v_new, double scale,
                    const std::optional<at::Tensor>& cache_leftpad,
                    const std::optional<at::Tensor>& rotary_cos,
-                   const std::optional<at::Tensor>& rotary_sin);
+                   const std::optional<at::Tensor>& rotary_sin, double softcap = 0.0,
+                   const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+                   const std::optional<at::Tensor>& sinks = std::nullopt);
+
+// The score modifiers of the attention ops, q (B, H, L, E): softcap finite and >= 0 (0: none;
+// the public functions take None for none and refuse 0), alibi_slopes float32 (H,) or (B, H),
+// sinks float32 (H,), both on q's device.
+void check_score_mods(const char* fn, const at::Tensor& q, double softcap,
+                      const std::optional<at::Tensor>& alibi_slopes,
+                      const std::optional<at::Tensor>& sinks);
 
 // fastattn.int8_weight_only_linear / int8_linear: x (..., K), w_int8 (N, K), w_scale (N,),
 // bias (N,) or None.

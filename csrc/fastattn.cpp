@@ -16,18 +16,30 @@ TORCH_LIBRARY(fastattn, m) {
   // lse = -inf. out (B, H, L, Ev) in q's dtype, stored token-major: strides of
   // (B, L, H, Ev).transpose(1, 2), so out.transpose(1, 2) is contiguous; lse (B, H, L) float32.
   // dropout_p > 0: keep-probability 1 - dropout_p from a counter-based RNG keyed by seed.
+  // Score modifiers, applied in this order to x = scale * q.k (before the mask and windows):
+  //   softcap > 0: x = softcap * tanh(x / softcap) (0: none);
+  //   alibi_slopes float32 (B, H) by strides (stride 0 on a broadcast batch):
+  //     x -= slopes[b, h] * |i + diag_offset - j|;
+  //   sinks float32 (H,): one more logit sinks[h] in each row's softmax denominator with no value
+  //     row: out = sum_j p_j v_j with p_j = exp(x_j - lse), lse = log(exp(sinks[h]) +
+  //     sum_j exp(x_j)) (a row with no visible key: out = 0, lse = sinks[h]).
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale, "
-      "int window_left, int window_right, int diag_offset, float dropout_p, int seed) "
+      "int window_left, int window_right, int diag_offset, float dropout_p, int seed, "
+      "float softcap=0., Tensor? alibi_slopes=None, Tensor? sinks=None) "
       "-> (Tensor out, Tensor lse)");
   // Backward from the saved lse. delta = rowsum(grad_out * out) - grad_lse (grad_lse optional)
   // so a gradient flowing into lse is handled. dmask (B, H, L, S) in attn_mask's dtype when
   // compute_dmask, else an empty tensor. deterministic: no atomics, bitwise repeatable.
+  // softcap / alibi_slopes / sinks as given to attention_fwd (softcap: dx *= 1 - tanh^2; the
+  // slopes get no gradient). dsinks (H,) float32 = -sum over (b, i) of exp(sinks[h] - lse) *
+  // delta when sinks are given, else an empty tensor.
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? grad_lse, Tensor? attn_mask, float scale, int window_left, int window_right, "
-      "int diag_offset, float dropout_p, int seed, bool compute_dmask, bool deterministic) "
-      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+      "int diag_offset, float dropout_p, int seed, bool compute_dmask, bool deterministic, "
+      "float softcap=0., Tensor? alibi_slopes=None, Tensor? sinks=None) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask, Tensor dsinks)");
   // Decoding: q (B, H, Lq, E); caches (B, Hkv, capacity, E); cache_seqlens int32 (B,);
   // k_new/v_new (B, Hkv, Lq, E) written in place at cache_seqlens. Keys visible to query i of
   // batch b: [lp_b, total_b - Lq + i] if causal else [lp_b, total_b), total_b = seqlens[b]
@@ -42,11 +54,14 @@ TORCH_LIBRARY(fastattn, m) {
   // s = sin[p, j]: (x1 c - x2 s, x2 c + x1 s), computed in float32 and rounded to q's dtype.
   // k_new is rotated before it is written to k_cache (the cache holds rotated keys); v_new is
   // not rotated; q and k_new themselves are not modified.
+  // softcap / alibi_slopes ((B, H) by strides) / sinks as in attention_fwd, query i of sequence b
+  // at position total_b - Lq + i and key j at j (cache positions: the distance is unchanged by
+  // the left padding).
   m.def(
       "attention_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
       "Tensor? k_new, Tensor? v_new, float scale, bool causal, Tensor? cache_leftpad=None, "
-      "Tensor? rotary_cos=None, Tensor? rotary_sin=None, bool rotary_interleaved=False) "
-      "-> Tensor");
+      "Tensor? rotary_cos=None, Tensor? rotary_sin=None, bool rotary_interleaved=False, "
+      "float softcap=0., Tensor? alibi_slopes=None, Tensor? sinks=None) -> Tensor");
   // ---- layer norm / rms norm -------------------------------------------------------------------
   // input (*, *normalized_shape), any strides: rows of N = prod(normalized_shape) elements, read
   // in place when each row is contiguous, else copied once. residual the same shape and dtype;

@@ -237,6 +237,8 @@ struct KvArgs {
   at::Tensor q, k_cache, v_cache, cache_seqlens;
   std::optional<at::Tensor> k_new, v_new, cache_leftpad, rotary_cos, rotary_sin;
   double scale;
+  double softcap = 0.0;
+  std::optional<at::Tensor> alibi_slopes, sinks;
 };
 
 KvArgs kv_args(py::handle q, py::handle k_cache, py::handle v_cache, py::handle cache_seqlens,
@@ -288,23 +290,32 @@ py::object kvcache(py::handle q, py::handle k_cache, py::handle v_cache, py::han
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                             double, bool, const std::optional<at::Tensor>&,
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                            bool)>();
+                            bool, double, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&)>();
+  // (the fast path serves calls without score modifiers: the Python layer sends those here)
   return wrap(op.call(a.q, a.k_cache, a.v_cache, a.cache_seqlens, a.k_new, a.v_new, a.scale,
                       is_causal == 1, a.cache_leftpad, a.rotary_cos, a.rotary_sin,
-                      interleaved == 1));
+                      interleaved == 1, 0.0, std::nullopt, std::nullopt));
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
 // -> the scale resolved
+// softcap: 0 for none (the Python layer refuses softcap <= 0 before passing it)
 double check_kvcache(py::handle q, py::handle k_cache, py::handle v_cache,
                      py::handle cache_seqlens, py::handle k_new, py::handle v_new,
                      py::handle scale, py::handle cache_leftpad, py::handle rotary_cos,
-                     py::handle rotary_sin) {
+                     py::handle rotary_sin, double softcap, py::handle alibi_slopes,
+                     py::handle sinks) {
   HANDLE_TH_ERRORS
+  const std::string fn = "fastattn.attention_with_kvcache";
   KvArgs a = kv_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad,
                      rotary_cos, rotary_sin);
+  a.softcap = softcap;
+  a.alibi_slopes = optional_tensor(alibi_slopes, fn, "alibi_slopes");
+  a.sinks = optional_tensor(sinks, fn, "sinks");
   checks::check_kvcache(a.q, a.k_cache, a.v_cache, a.cache_seqlens, a.k_new, a.v_new, a.scale,
-                        a.cache_leftpad, a.rotary_cos, a.rotary_sin);
+                        a.cache_leftpad, a.rotary_cos, a.rotary_sin, a.softcap, a.alibi_slopes,
+                        a.sinks);
   return a.scale;
   END_HANDLE_TH_ERRORS_PYBIND
 }

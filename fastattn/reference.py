@@ -55,12 +55,21 @@ def scaled_dot_product_attention(
     causal_alignment: str = "top_left",
     return_lse: bool = False,
     dropout_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """Reference attention with SDPA semantics (see fastattn.scaled_dot_product_attention).
 
     query (B, H, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev). Rows with no visible key give
     zeros (and lse = -inf), never NaN, in the forward and the backward. ``dropout_mask`` (bool,
     broadcastable to (B, H, L, S), True = keep) replaces the random draw when given.
+    Score modifiers, in this order after the scale: ``softcap`` (s = softcap * tanh(s / softcap)),
+    ``alibi_slopes`` (H,) or (B, H) (s -= slope * |pos_q - pos_k|, query i at key position i, or
+    i + S - L with causal_alignment="bottom_right"), then the masks, then the softmax over the
+    scores and, with ``sinks`` (H,), one extra logit per head that has no value row (its
+    probability is dropped; lse includes it). Computed in query's dtype (the slopes and sinks
+    are cast to it), so float64 inputs give the oracle.
     Returns out (B, H, L, Ev), and with return_lse also lse (B, H, L) in the compute dtype.
     """
     B, H, L, E = query.shape
@@ -71,11 +80,23 @@ def scaled_dot_product_attention(
         value = value.repeat_interleave(H // Hkv, dim=1)
     if scale is None:
         scale = 1.0 / math.sqrt(E) if E > 0 else 1.0  # E = 0: every score is 0 anyway
-    if S == 0:  # no keys at all: every row is empty
+    sink = None if sinks is None else sinks.to(query.dtype)[None, :, None, None]  # (1, H, 1, 1)
+    if S == 0:  # no keys at all: every row is empty (lse = the sink where there is one)
         out = query.new_zeros((B, H, L, value.shape[-1]))
         lse = query.new_full((B, H, L), float("-inf"))
+        if sink is not None:
+            lse = sink[..., 0].expand(B, H, L)
         return (out, lse) if return_lse else out
     s = torch.matmul(query, key.transpose(-2, -1)) * scale  # (B, H, L, S)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(s.dtype)
+        slopes = slopes.reshape(1, H, 1, 1) if slopes.dim() == 1 else slopes.reshape(B, H, 1, 1)
+        offset = 0 if causal_alignment == "top_left" else S - L
+        qpos = torch.arange(L, device=query.device)[:, None] + offset  # (L, 1)
+        kpos = torch.arange(S, device=query.device)[None, :]  # (1, S)
+        s = s - slopes * (qpos - kpos).abs().to(s.dtype)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             s = s.masked_fill(~attn_mask, float("-inf"))
@@ -86,10 +107,14 @@ def scaled_dot_product_attention(
     if vis is not None:
         s = s.masked_fill(~vis, float("-inf"))
     # softmax that is exactly 0 (not NaN) on rows where every key is masked, forward and backward
+    if sink is not None:  # the sink as one more column, dropped after the softmax
+        s = torch.cat((s, sink.expand(B, H, L, 1)), dim=-1)
     m = s.detach().amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)  # masked keys -> exp(-inf) = 0
     denom = p.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        p = p[..., :S]
     empty = denom == 0
     safe = torch.where(empty, torch.ones_like(denom), denom)
     p = p / safe
@@ -117,9 +142,14 @@ def attention_with_kvcache(
     rotary_cos: torch.Tensor | None = None,
     rotary_sin: torch.Tensor | None = None,
     rotary_interleaved: bool = False,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference decoding attention; writes k_new/v_new into the caches in place. Sequence b
     holds cache positions [cache_leftpad[b] (0 without), cache_seqlens[b] (+ Lq with k_new)).
+    softcap / alibi_slopes / sinks as in scaled_dot_product_attention, the queries being the
+    last Lq positions of each sequence (bottom-right).
     With rotary_cos/rotary_sin, q and k_new token i of sequence b are rotated (apply_rotary) at
     position max(0, cache_seqlens[b] - cache_leftpad[b] + i) before k_new is written."""
     B, H, Lq, E = q.shape
@@ -150,9 +180,13 @@ def attention_with_kvcache(
         first = min(lp, n)
         k = k_cache[b:b + 1, :, first:n]  # (1, Hkv, n - first, E)
         v = v_cache[b:b + 1, :, first:n]
+        slopes = alibi_slopes
+        if slopes is not None and slopes.dim() == 2:
+            slopes = slopes[b]
         outs.append(scaled_dot_product_attention(
             qb, k.to(q.dtype), v.to(q.dtype), is_causal=causal, scale=scale,
-            enable_gqa=True, causal_alignment="bottom_right"))
+            enable_gqa=True, causal_alignment="bottom_right", softcap=softcap,
+            alibi_slopes=slopes, sinks=sinks))
     return torch.cat(outs, dim=0)
 
 

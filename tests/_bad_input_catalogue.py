@@ -187,6 +187,25 @@ bad("sdpa_head_dim_512_on_kernel_backend", SDPA, RuntimeError, "head dim",
     backends=("cpu", "triton"))(
     lambda b: sdpa(b, q=rn(1, 1, 4, 512), k=rn(1, 1, 4, 512), v=rn(1, 1, 4, 512)))
 
+# score modifiers: softcap a float > 0, alibi_slopes float32 (H,) or (B, H), sinks float32 (H,)
+bad("sdpa_softcap_zero", SDPA, ValueError, "softcap")(lambda b: sdpa(b, softcap=0.0))
+bad("sdpa_softcap_negative", SDPA, ValueError, "softcap")(lambda b: sdpa(b, softcap=-30.0))
+bad("sdpa_softcap_nan", SDPA, ValueError, "softcap")(lambda b: sdpa(b, softcap=float("nan")))
+bad("sdpa_softcap_tensor", SDPA, TypeError, "softcap")(
+    lambda b: sdpa(b, softcap=torch.tensor(30.0)))
+bad("sdpa_alibi_wrong_shape", SDPA, ValueError, "alibi_slopes")(
+    lambda b: sdpa(b, alibi_slopes=rn(3)))
+bad("sdpa_alibi_float16", SDPA, TypeError, "alibi_slopes")(
+    lambda b: sdpa(b, alibi_slopes=rn(2, dtype=torch.float16)))
+bad("sdpa_alibi_on_other_device", SDPA, RuntimeError, "alibi_slopes")(
+    lambda b: sdpa(b, alibi_slopes=rn(1, 2, device=META)))
+bad("sdpa_sinks_wrong_shape", SDPA, ValueError, "sinks")(lambda b: sdpa(b, sinks=rn(1, 2)))
+bad("sdpa_sinks_float64", SDPA, TypeError, "sinks")(
+    lambda b: sdpa(b, sinks=rn(2, dtype=torch.float64)))
+bad("sdpa_sinks_not_tensor", SDPA, TypeError, "sinks")(lambda b: sdpa(b, sinks=[0.5, 0.5]))
+bad("sdpa_sinks_on_other_device", SDPA, RuntimeError, "sinks")(
+    lambda b: sdpa(b, sinks=rn(2, device=META)))
+
 # ---- attention_with_kvcache: q (2, 2, 1, 16), caches (2, 2, 8, 16), seqlens [3, 5] -------------
 KV = "attention_with_kvcache"
 
@@ -235,6 +254,17 @@ bad("kv_v_new_wrong_dtype", KV, TypeError, "v_new")(
 bad("kv_scale_nan", KV, ValueError, "scale")(lambda b: kvc(b, scale=float("nan")))
 bad("kv_bad_backend_string", KV, ValueError, "backend", backends=("reference",))(
     lambda b: kvc("gpu"))
+bad("kv_softcap_negative", KV, ValueError, "softcap")(lambda b: kvc(b, softcap=-1.0))
+bad("kv_softcap_inf", KV, ValueError, "softcap")(lambda b: kvc(b, softcap=float("inf")))
+bad("kv_alibi_wrong_shape", KV, ValueError, "alibi_slopes")(
+    lambda b: kvc(b, alibi_slopes=rn(2, 3)))
+bad("kv_alibi_bfloat16", KV, TypeError, "alibi_slopes")(
+    lambda b: kvc(b, alibi_slopes=rn(2, dtype=torch.bfloat16)))
+bad("kv_sinks_wrong_shape", KV, ValueError, "sinks")(lambda b: kvc(b, sinks=rn(4)))
+bad("kv_sinks_int", KV, TypeError, "sinks")(
+    lambda b: kvc(b, sinks=torch.zeros(2, dtype=torch.int32)))
+bad("kv_sinks_on_other_device", KV, RuntimeError, "sinks")(
+    lambda b: kvc(b, sinks=rn(2, device=META)))
 
 
 # rotary embedding: tables (max_pos, rotary_dim / 2), with k_new/v_new (B, Hkv, 1, E)

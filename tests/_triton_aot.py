@@ -38,7 +38,7 @@ _UNIT_STRIDES = {
 # integer arguments named in capitals (the int8 and norm kernels' sizes); other capitals are
 # pointers (in the attention kernels K is the key tensor)
 _SIZES = {"M", "N", "G", "M_BUCKET"}
-_FLOAT_SCALARS = {"qk_scale", "sm_scale", "dropout_p", "eps"}
+_FLOAT_SCALARS = {"qk_scale", "sm_scale", "dropout_p", "eps", "softcap2"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +76,12 @@ def attention_jobs() -> list[Job]:
 
     jobs = []
     kernels = [
-        ("_attention_fwd_kernel", A._FWD_TUNING, {},
-         dict(Lse="*fp32")),
+        ("_attention_fwd_kernel", A._FWD_TUNING, dict(SINKS=True),
+         dict(Lse="*fp32", Slopes="*fp32", Sinks="*fp32")),
         ("_attention_bwd_dkdv_kernel", A._DKDV_TUNING, dict(ATOMIC_DQ=True, STORE_DMASK=True),
-         dict(Lse="*fp32", Delta="*fp32", DQ="*fp32")),
+         dict(Lse="*fp32", Delta="*fp32", DQ="*fp32", Slopes="*fp32")),
         ("_attention_bwd_dq_kernel", A._DQ_TUNING, {},
-         dict(Lse="*fp32", Delta="*fp32")),
+         dict(Lse="*fp32", Delta="*fp32", Slopes="*fp32")),
     ]
     for arch in ARCHES:
         for dt in ("bf16", "fp32"):
@@ -91,7 +91,8 @@ def attention_jobs() -> list[Job]:
                         for bm, bn, warps, stages in cands:
                             const = dict(HEAD_DIM=dclass, HEAD_DIM_V=dclass, HAS_MASK=has_mask,
                                          HAS_LEFT=True, HAS_RIGHT=True, DROPOUT=True,
-                                         INTERP_BF16=False, BLOCK_M=bm, BLOCK_N=bn,
+                                         SOFTCAP=True, ALIBI=True, INTERP_BF16=False,
+                                         BLOCK_M=bm, BLOCK_N=bn,
                                          DOT_PRECISION=A._dot_precision(dt == "fp32"), **extra)
                             jobs.append(_job("fastattn.triton.attention", name, arch, const, dt,
                                              warps, stages, f"{variant} {dt} E<={dclass}",
@@ -103,11 +104,12 @@ def attention_jobs() -> list[Job]:
                     const = dict(HEAD_DIM=dclass, HEAD_DIM_V=dclass, BLOCK_N=bn,
                                  BLOCK_M=A._decode_max_block_m(dt == "fp32", dclass),
                                  CAUSAL=True, SPLIT=True, HAS_LEFTPAD=True, INTERP_BF16=False,
+                                 SOFTCAP=True, ALIBI=True, SINKS=True,
                                  DOT_PRECISION=A._dot_precision(dt == "fp32"))
                     jobs.append(_job("fastattn.triton.attention", "_kvcache_split_kernel", arch,
                                      const, dt, warps, stages, f"decode {dt} E<={dclass}",
                                      SeqLens="*i32", LeftPad="*i32", OutPartial="*fp32",
-                                     LsePartial="*fp32"))
+                                     LsePartial="*fp32", Slopes="*fp32", Sinks="*fp32"))
         # the fixed-config kernels at their largest head dim
         for dt in ("bf16", "fp32"):
             jobs.append(_job("fastattn.triton.attention", "_attention_bwd_preprocess_kernel", arch,
@@ -122,8 +124,9 @@ def attention_jobs() -> list[Job]:
                                  f"append{' rotary' if rotary else ''} {dt}", SeqLens="*i32",
                                  LeftPad="*i32", Cos="*fp32", Sin="*fp32"))
             jobs.append(_job("fastattn.triton.attention", "_kvcache_combine_kernel", arch,
-                             dict(HEAD_DIM_V=256, BLOCK_SPLITS=128), dt, 4, 1,
-                             f"combine {dt}", OutPartial="*fp32", LsePartial="*fp32"))
+                             dict(HEAD_DIM_V=256, BLOCK_SPLITS=128, SINKS=True), dt, 4, 1,
+                             f"combine {dt}", OutPartial="*fp32", LsePartial="*fp32",
+                             Sinks="*fp32"))
     return jobs
 
 

@@ -13,6 +13,7 @@ instance in numpy). ``TestGPU`` repeats the checks at real sizes on CUDA when a 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import pytest
@@ -637,6 +638,264 @@ def test_kvcache_triton_split_k(num_splits):
 
 
 # ---------------------------------------------------------------------------------------------
+# score modifiers: softcap, ALiBi, sinks (scale -> softcap -> alibi -> masks -> softmax + sink)
+# ---------------------------------------------------------------------------------------------
+def test_reference_score_modifiers_formula():
+    """The oracle itself, against the definition written out row by row in float64: softcap,
+    ALiBi at bottom-right positions, causal, and the sink in the denominator; the sink's
+    gradient is -sum_i p_sink_i * delta_i with delta_i = rowsum(dO * O)."""
+    B, H, L, S, E = 1, 2, 3, 5, 8
+    q, k, v = (t.double() for t in make_qkv(B, H, H, L, S, E))
+    cap, scale = 1.5, 0.7
+    slopes = torch.tensor([0.25, 0.5])
+    sinks = torch.tensor([0.3, -1.2], dtype=torch.float64, requires_grad=True)
+    out, lse = reference.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=scale, causal_alignment="bottom_right", return_lse=True,
+        softcap=cap, alibi_slopes=slopes, sinks=sinks)
+    want_out, want_lse = torch.zeros_like(out), torch.zeros_like(lse)
+    for h in range(H):
+        for i in range(L):
+            pos_q = i + S - L
+            x = [cap * math.tanh(scale * float(q[0, h, i] @ k[0, h, j]) / cap)
+                 - float(slopes[h]) * abs(pos_q - j) for j in range(pos_q + 1)]
+            w = [math.exp(xj) for xj in x]
+            den = sum(w) + math.exp(float(sinks.detach()[h]))
+            want_out[0, h, i] = sum(wj * v[0, h, j] for j, wj in enumerate(w)) / den
+            want_lse[0, h, i] = math.log(den)
+    torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    delta = (g * out.detach()).sum(-1)  # (B, H, L)
+    p_sink = torch.exp(sinks.detach()[None, :, None] - lse.detach())
+    torch.testing.assert_close(sinks.grad, -(p_sink * delta).sum((0, 2)), rtol=1e-12, atol=1e-12)
+
+
+def check_score_mods(backend, q, k, v, *, sinks=None, lse_grad=True, **kwargs):
+    """Run the backend with the score modifiers and hold out, lse and the gradients of q, k, v
+    and sinks to the rule against the float64 reference (factor 2 / 3)."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    s = None if sinks is None else sinks.detach().clone().requires_grad_()
+    out, lse = fastattn.scaled_dot_product_attention(q, k, v, return_lse=True, backend=backend,
+                                                     sinks=s, **kwargs)
+
+    def ref(dtype):
+        ins = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        sk = None
+        if sinks is not None:
+            sk = sinks.detach().to(dtype if dtype == torch.float64 else torch.float32)
+            ins.append(sk.requires_grad_())
+        o, l_ref = reference.scaled_dot_product_attention(*ins[:3], return_lse=True, sinks=sk,
+                                                          **kwargs)
+        return o, l_ref.float(), ins
+
+    (o_hi, l_hi, ins_hi), (o_lo, l_lo, ins_lo) = ref(torch.float64), ref(q.dtype)
+    assert_close_rule(out, o_hi, o_lo, name="out")
+    assert_close_rule(lse, l_hi, l_lo, name="lse")
+    g_out, g_lse = torch.randn_like(o_hi), torch.randn_like(l_hi, dtype=torch.float64)
+
+    def loss(o, lse):
+        value = (o * g_out.to(o.dtype)).sum()
+        return value + (finite(lse) * g_lse.to(lse.dtype)).sum() if lse_grad else value
+
+    loss(out.double(), lse.double()).backward()
+    loss(o_hi, l_hi.double()).backward()
+    loss(o_lo, l_lo).backward()
+    leaves = [q, k, v] + ([s] if s is not None else [])
+    names = ("dq", "dk", "dv", "dsinks")[:len(leaves)]
+    for name, t, hi, lo in zip(names, leaves, ins_hi, ins_lo, strict=True):
+        assert t.grad is not None and t.grad.shape == t.shape, f"{name}: no gradient"
+        assert_close_rule(t.grad, hi.grad, lo.grad, factor=3.0, name=name)
+    return out, lse
+
+
+# B=2, H=4 over Hkv=2 (GQA), L=17, S=33 unless the case says otherwise
+SCORE_MOD_CASES = {
+    "softcap": dict(softcap=2.0, scale=1.0, is_causal=True),
+    "alibi_heads": dict(alibi="h", is_causal=True, causal_alignment="bottom_right"),
+    "alibi_batch_window": dict(alibi="bh", window=(5, 2)),
+    "sinks_window": dict(sinks=True, window=(3, 0)),
+    # L > S, bottom-right causal: the first rows see no key (out 0, lse = the sink)
+    "all_empty_rows": dict(softcap=3.0, alibi="bh", sinks=True, is_causal=True,
+                           causal_alignment="bottom_right", L=33, S=17),
+}
+
+
+def score_mod_args(case, dtype):
+    kw = dict(SCORE_MOD_CASES[case])
+    L, S = kw.pop("L", 17), kw.pop("S", 33)
+    B, H = 2, 4
+    q, k, v = make_qkv(B, H, 2, L, S, 32, dtype=dtype)
+    alibi = kw.pop("alibi", None)
+    if alibi is not None:
+        kw["alibi_slopes"] = torch.rand(H) * 0.5 if alibi == "h" else torch.rand(B, H) * 0.5
+    if kw.pop("sinks", False):
+        kw["sinks"] = torch.randn(H) * 2.0
+    return q, k, v, kw
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", list(SCORE_MOD_CASES))
+def test_score_modifiers(backend, dtype, case):
+    need(backend)
+    q, k, v, kw = score_mod_args(case, dtype)
+    out, lse = check_score_mods(backend, q, k, v, enable_gqa=True, **kw)
+    if case == "all_empty_rows":  # rows 0..15 see no key
+        assert torch.equal(out[:, :, :16], torch.zeros_like(out[:, :, :16]))
+        # (the reference computes in the input dtype: its sink is rounded to bfloat16)
+        tol = 1e-2 if backend == "reference" and dtype != torch.float32 else 1e-6
+        torch.testing.assert_close(lse[:, :, :16], kw["sinks"][None, :, None].expand(2, 4, 16),
+                                   rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_score_modifiers_strided(backend):
+    """Slopes and sinks given as strided views (every other element) run as their values say,
+    in both functions."""
+    need(backend)
+    q, k, v = make_qkv(2, 4, 2, 9, 13, 16)
+    slopes, sinks = torch.rand(2, 4, 2)[..., 0], torch.randn(8)[::2]
+    check_score_mods(backend, q, k, v, enable_gqa=True, is_causal=True, alibi_slopes=slopes,
+                     sinks=sinks)
+    need(backend, op="attention_kvcache")
+    lens = torch.tensor([3, 9], dtype=torch.int32)
+    kc, vc = torch.randn(2, 2, 16, 16), torch.randn(2, 2, 16, 16)
+    outs = [f(q[:, :, :2].to(d), kc.to(d), vc.to(d), lens, alibi_slopes=slopes[0], sinks=sinks)
+            for f, d in ((reference.attention_with_kvcache, torch.float64),
+                         (reference.attention_with_kvcache, torch.float32),
+                         (functools.partial(fastattn.attention_with_kvcache, backend=backend),
+                          torch.float32))]
+    assert_close_rule(outs[2], outs[0], outs[1])
+
+
+def test_score_modifiers_cuda_refused():
+    """The CUDA kernels implement none of the modifiers: _supports says so, so "auto" on a GPU
+    takes Triton and an explicit backend="cuda" raises with the reason."""
+    from fastattn.ops import attention as ops_attention
+
+    cuda = torch.device("cuda")
+    why = ops_attention._supports("cuda", cuda, (torch.bfloat16, 64, False, True))
+    assert why is not None and "sinks" in why
+    assert ops_attention._supports("cuda", cuda, (torch.bfloat16, 64, False, False)) is None
+    why = ops_attention._kvcache_supports("cuda", cuda, (torch.bfloat16, 64, False, True))
+    assert why is not None and "softcap" in why
+
+
+def check_kvcache_mods(backend, Lq, H, Hkv, *, alibi_batch, leftpad=None, run=None,
+                       dtype=torch.float32, only=None):
+    """attention_with_kvcache with softcap, ALiBi and sinks (or only the one named) against the
+    float64 reference."""
+    B, cap, E = 3, 40, 32
+    q = torch.randn(B, H, Lq, E, dtype=dtype)
+    kc, vc = (torch.randn(B, Hkv, cap, E, dtype=dtype) for _ in range(2))
+    kn, vn = (torch.randn(B, Hkv, Lq, E, dtype=dtype) for _ in range(2))
+    lens = torch.tensor([0, 11, 30], dtype=torch.int32)
+    lp = None if leftpad is None else torch.tensor(leftpad, dtype=torch.int32)
+    slopes = torch.rand(B, H) * 0.5 if alibi_batch else torch.rand(H) * 0.5
+    mods = dict(softcap=4.0, alibi_slopes=slopes, sinks=torch.randn(H))
+    if only is not None:
+        mods = {name: (x if name == only else None) for name, x in mods.items()}
+    outs = {}
+    for d in (torch.float64, dtype):
+        outs[d] = reference.attention_with_kvcache(
+            q.to(d), kc.to(d), vc.to(d), lens, kn.to(d), vn.to(d), cache_leftpad=lp, **mods)
+    if run is None:
+        out = fastattn.attention_with_kvcache(q, kc, vc, lens, kn, vn, cache_leftpad=lp,
+                                              backend=backend, **mods)
+    else:
+        out = run(q, kc, vc, lens, kn, vn, 1.0 / math.sqrt(E), True, lp, None, None, False,
+                  mods["softcap"], slopes, mods["sinks"])
+    assert_close_rule(out, outs[torch.float64], outs[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("Lq,H,Hkv", [(1, 4, 2), (3, 2, 2), (5, 8, 1)])
+def test_kvcache_score_modifiers(backend, Lq, H, Hkv):
+    """Decoding with the modifiers; Lq=5 with 8 query heads per kv head runs the CPU's blocked
+    path, the others its decoding kernel; left padding leaves the ALiBi distances unchanged."""
+    need(backend, op="attention_kvcache")
+    check_kvcache_mods(backend, Lq, H, Hkv, alibi_batch=Lq != 3, leftpad=[0, 4, 29])
+    check_kvcache_mods(backend, Lq, H, Hkv, alibi_batch=Lq == 3, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("only", ["softcap", "alibi_slopes", "sinks"])
+def test_kvcache_one_score_modifier(backend, only):
+    """One query row per kv head, each modifier alone (on the CPU: the register-only decoding
+    kernel, with the sink in its combine step; the other two on its general path)."""
+    need(backend, op="attention_kvcache")
+    check_kvcache_mods(backend, 1, 2, 2, alibi_batch=False, only=only)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_kvcache_score_modifiers_triton_split_k(num_splits):
+    """The sink in the split-K combine kernel (num_splits > 1) and in the split kernel (1)."""
+    need("triton")
+    from fastattn.triton.attention import attention_kvcache
+
+    run = lambda *a: attention_kvcache(*a, num_splits=num_splits)
+    check_kvcache_mods("triton", 2, 4, 2, alibi_batch=True, run=run)
+
+
+def test_opcheck_score_modifiers():
+    """opcheck (schema, fake tensors, autograd registration) of the C++ and Triton ops with the
+    modifiers."""
+    q, k, v = make_qkv(1, 2, 1, 9, 20, 16)
+    slopes, sinks = torch.rand(1, 2), torch.randn(2)
+    for t in (q, k, v, sinks):
+        t.requires_grad_()
+    ops = []
+    if availability("cpu", "cpu", "attention_fwd") is None:
+        ops.append((torch.ops.fastattn.attention_fwd, torch.ops.fastattn.attention_bwd,
+                    torch.ops.fastattn.attention_kvcache))
+    if availability("triton", "cpu") is None:
+        ops.append((torch.ops.fastattn.triton_attention_fwd,
+                    torch.ops.fastattn.triton_attention_bwd,
+                    torch.ops.fastattn.triton_attention_kvcache))
+    if not ops:
+        pytest.skip("neither the C++ extension nor the Triton interpreter is available")
+    for fwd, bwd, kvcache in ops:
+        torch.library.opcheck(fwd, (q, k, v, None, 0.2, -1, 0, 11, 0.0, 0, 2.5, slopes, sinks))
+        out, lse = fwd(q, k, v, None, 0.2, 3, 2, 0, 0.0, 0, 0.0, slopes, sinks)
+        args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(),
+                lse.detach(), torch.randn_like(lse), None, 0.2, 3, 2, 0, 0.0, 0, False, True,
+                1.5, slopes, sinks.detach())
+        torch.library.opcheck(bwd, args)
+        kc, vc = torch.randn(2, 2, 24, 16), torch.randn(2, 2, 24, 16)
+        kn, vn = torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16)
+        lens = torch.tensor([5, 20], dtype=torch.int32)
+        torch.library.opcheck(kvcache, (torch.randn(2, 4, 3, 16), kc, vc, lens, kn, vn, 0.17,
+                                        True, None, None, None, False, 3.0, torch.rand(4),
+                                        torch.randn(4)))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_torch_compile_score_modifiers(backend):
+    need(backend)
+    torch._dynamo.reset()
+    q, k, v = make_qkv(1, 4, 2, 17, 33, 32)
+    slopes, sinks = torch.rand(4), torch.randn(4)
+
+    def f(q, k, v, sinks):
+        out, lse = fastattn.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True, return_lse=True, softcap=5.0,
+            alibi_slopes=slopes, sinks=sinks, backend=backend)
+        return (out * out).sum() + lse.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    ins = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    exp_ins = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    loss = compiled(*ins)
+    loss.backward()
+    exp = f(*exp_ins)
+    exp.backward()
+    torch.testing.assert_close(loss, exp)
+    for a, b in zip(ins, exp_ins, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+# ---------------------------------------------------------------------------------------------
 # the kernels compile for the GPU (CI has none: the interpreter does not type-check like the
 # compiler does)
 # ---------------------------------------------------------------------------------------------
@@ -655,19 +914,22 @@ LAST = {"stride_qk", "stride_kk", "stride_vk", "stride_mn", "stride_ok", "stride
         "stride_dqk", "stride_dkk", "stride_dvk", "stride_dmn", "stride_knk", "stride_vnk",
         "stride_kck", "stride_vck"}
 F = dict(HAS_MASK=True, HAS_LEFT=True, HAS_RIGHT=True, DROPOUT=True, INTERP_BF16=False,
-         DOT_PRECISION="tf32x3" if dt == "fp32" else "tf32")
+         SOFTCAP=True, ALIBI=True, DOT_PRECISION="tf32x3" if dt == "fp32" else "tf32")
 fam = "hopper" if arch >= 90 else "ampere"
 cfg = lambda table: table.get(fam + "_mask", table[fam])[min(256, max(64, D))][0]
 P = lambda *names, **other: {**{n: "*" + dt for n in names}, **other}
 kernels = [
-    (A._attention_fwd_kernel.fn, cfg(A._FWD_TUNING), dict(HEAD_DIM=D, HEAD_DIM_V=D, **F),
-     P("Q", "K", "V", "Mask", "Out", Lse="*fp32")),
+    (A._attention_fwd_kernel.fn, cfg(A._FWD_TUNING),
+     dict(HEAD_DIM=D, HEAD_DIM_V=D, SINKS=True, **F),
+     P("Q", "K", "V", "Mask", "Out", Lse="*fp32", Slopes="*fp32", Sinks="*fp32")),
     (A._attention_bwd_dkdv_kernel.fn, cfg(A._DKDV_TUNING),
      dict(HEAD_DIM=D, HEAD_DIM_V=D, ATOMIC_DQ=True, STORE_DMASK=True, **F),
      P("Q", "K", "V", "Mask", "DO", "DK", "DV", "DMask", Lse="*fp32", Delta="*fp32",
-       DQ="*fp32")),
+       DQ="*fp32", Slopes="*fp32")),
     (A._attention_bwd_dq_kernel.fn, cfg(A._DQ_TUNING), dict(HEAD_DIM=D, HEAD_DIM_V=D, **F),
-     P("Q", "K", "V", "Mask", "DO", "DQ", Lse="*fp32", Delta="*fp32")),
+     P("Q", "K", "V", "Mask", "DO", "DQ", Lse="*fp32", Delta="*fp32", Slopes="*fp32")),
+    (A._attention_sink_grad_kernel, (None, None, 4, 1), dict(BLOCK=1024),
+     dict(Sinks="*fp32", Lse="*fp32", Delta="*fp32", DSinks="*fp32")),
     (A._attention_bwd_preprocess_kernel, (32, None, 4, 1),
      dict(HEAD_DIM_V=D, HAS_GRAD_LSE=True), P("Out", "DO", GradLse="*fp32", Delta="*fp32")),
     (A._kvcache_append_kernel, (None, None, 4, 1),
@@ -677,12 +939,13 @@ kernels = [
        Cos="*fp32", Sin="*fp32")),
     (A._kvcache_split_kernel.fn, cfg(A._DECODE_TUNING),
      dict(HEAD_DIM=D, HEAD_DIM_V=D, BLOCK_M=16, CAUSAL=True, SPLIT=True, HAS_LEFTPAD=True,
-          INTERP_BF16=False, DOT_PRECISION=F["DOT_PRECISION"]),
+          INTERP_BF16=False, DOT_PRECISION=F["DOT_PRECISION"], SOFTCAP=True, ALIBI=True,
+          SINKS=True),
      P("Q", "KCache", "VCache", "Out", SeqLens="*i32", LeftPad="*i32", OutPartial="*fp32",
-       LsePartial="*fp32")),
+       LsePartial="*fp32", Slopes="*fp32", Sinks="*fp32")),
     (A._kvcache_combine_kernel, (None, None, 4, 1),
-     dict(HEAD_DIM_V=D, BLOCK_SPLITS=16),
-     P("Out", OutPartial="*fp32", LsePartial="*fp32")),
+     dict(HEAD_DIM_V=D, BLOCK_SPLITS=16, SINKS=True),
+     P("Out", OutPartial="*fp32", LsePartial="*fp32", Sinks="*fp32")),
 ]
 for fn, (bm, bn, warps, stages), const, ptrs in kernels:
     const = dict(const)
@@ -694,7 +957,7 @@ for fn, (bm, bn, warps, stages), const, ptrs in kernels:
     sig, attrs = {}, {}
     for i, n in enumerate(fn.arg_names):
         sig[n] = ("constexpr" if n in const else ptrs.get(n) or
-                  ("fp32" if n in ("qk_scale", "sm_scale", "dropout_p") else
+                  ("fp32" if n in ("qk_scale", "sm_scale", "dropout_p", "softcap2") else
                    "i64" if n == "seed" else "i32"))
         if sig[n].startswith("*") or (n.startswith("stride_") and sig[n] == "i32"):
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -765,7 +1028,7 @@ def test_triton_kernels_compile_for_gpu(arch, dtype, head_dim):
     r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(arch), dtype, str(head_dim)],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-    assert r.stdout.count("smem") == 7, r.stdout
+    assert r.stdout.count("smem") == 8, r.stdout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -112,6 +112,37 @@ def test_triton_accepted_calls_have_a_fitting_tile(monkeypatch, major, smem):
             print(f"refused on sm_{major}x/{smem} B: {why}")
 
 
+# the score modifiers (softcap, ALiBi, sinks all on) at the smallest, the largest and a refused
+# head dim, with and without dropout: whatever cpu / triton accept runs, forward and backward
+MOD_POINTS = [i for i, (_, E, _) in enumerate(GRID) if E in (40, 256, 320)]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("i", MOD_POINTS)
+def test_score_modifier_calls_run(backend, i):
+    from fastattn.ops._backend import availability
+
+    if availability(backend, "cpu", "attention_fwd" if backend == "cpu" else None) is not None:
+        pytest.skip(f"backend {backend!r} cannot run here")
+    dtype, E, dropout = GRID[i]
+    key = (dtype, E, dropout, True)
+    if ops_attention._supports(backend, torch.device("cpu"), key) is not None:
+        assert E > ops_attention._MAX_HEAD_DIM
+        return
+    opt = _options(i)
+    q, k, v, mask = _inputs(dtype, E, opt)
+    H = q.shape[1]
+    sinks = torch.randn(H, requires_grad=True)
+    q.requires_grad_()
+    out, lse = ops_attention.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=0.25 if dropout else 0.0, is_causal=opt["causal"],
+        window=(2, 1) if opt["window"] else None, enable_gqa=opt["gqa"], return_lse=True,
+        softcap=3.0, alibi_slopes=torch.rand(H), sinks=sinks, backend=backend)
+    dq, dsinks = torch.autograd.grad(out.float().sum() + lse.sum(), (q, sinks))
+    for t in (out, lse, dq, dsinks):
+        assert torch.isfinite(t.float()).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA: the host emulator runs what is accepted (the bindings of csrc/cuda take what the kernels
 # take, and reject dropout: check_no_dropout)
@@ -121,6 +152,10 @@ def test_cuda_refuses_what_the_binding_rejects():
     if "check_no_dropout(dropout_p, op)" in binding:
         for dtype, E in itertools.product(DTYPES, HEAD_DIMS):
             assert not _accepted("cuda", dtype, E, True, "cuda"), (dtype, E)
+    if "check_no_score_mods(" in binding:
+        for dtype, E in itertools.product(DTYPES, HEAD_DIMS):
+            why = ops_attention._supports("cuda", torch.device("cuda"), (dtype, E, False, True))
+            assert why is not None, (dtype, E)
 
 
 @pytest.mark.parametrize("i", range(len(GRID)))

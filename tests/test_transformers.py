@@ -337,11 +337,87 @@ def test_attention_function_decoding_with_masks(kvcache_calls):
     assert _cache_layout(mask4, 2, Lq, S) is None
 
 
-@pytest.mark.parametrize("kwarg", ["softcap", "head_mask", "s_aux"])
+@pytest.mark.parametrize("kwarg", ["head_mask"])
 def test_attention_function_refuses_unsupported(kwarg):
     q, k, v = _qkv(4, 4)
     with pytest.raises(NotImplementedError, match=kwarg):
         fastattn_attention_forward(_Module(), q, k, v, None, **{kwarg: torch.ones(1)})
+
+
+@pytest.mark.parametrize("Lq,S", [(5, 5), (1, 7)])  # prefill, and a step on the KV-cache kernel
+def test_attention_function_softcap_and_sinks(Lq, S, kvcache_calls):
+    """softcap (Gemma-2) and s_aux (gpt-oss's sinks, in the model's dtype) reach the kernels,
+    which match the reference with the same modifiers."""
+    from fastattn import reference
+
+    q, k, v = _qkv(Lq, S)
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(4))
+    out, _ = fastattn_attention_forward(_Module(), q, k, v, None, softcap=1.5,
+                                        s_aux=sinks.to(torch.bfloat16))
+    ref = lambda dt: reference.scaled_dot_product_attention(
+        q.to(dt), k.to(dt), v.to(dt), is_causal=True, causal_alignment="bottom_right",
+        enable_gqa=True, softcap=1.5, sinks=sinks.to(torch.bfloat16).float()).transpose(1, 2)
+    assert_close_rule(out, ref(torch.float64), ref(torch.float32))
+    assert kvcache_calls == ([1] if Lq == 1 else [])
+
+
+# tiny random models whose attention carries a score modifier: Gemma-2's logit soft-capping
+# (with its sliding-window layers) and gpt-oss's sinks (with its MoE and sliding layers)
+SCORE_MOD_MODELS = {
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(attn_logit_softcapping=2.0, final_logit_softcapping=None,
+                    query_pre_attn_scalar=8)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(num_local_experts=4, num_experts_per_tok=2)),
+}
+
+
+@pytest.mark.parametrize("name", list(SCORE_MOD_MODELS))
+def test_score_modifier_models(name, monkeypatch, kvcache_calls):
+    """Logits and gradients (the sinks' included) of fastattn.convert(model) hold to the rule
+    against the model's eager attention in float64 (float32 eager as the baseline; no padding
+    there: float64 eager spreads NaN from padded rows), and greedy generate() of a left-padded
+    batch gives the eager model's tokens."""
+    cfg_name, cls_name, extra = SCORE_MOD_MODELS[name]
+    if not hasattr(transformers, cls_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {cls_name}")
+    cfg = getattr(transformers, cfg_name)(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        sliding_window=4, pad_token_id=0, attn_implementation="eager", **extra)
+    torch.manual_seed(0)
+    low = getattr(transformers, cls_name)(cfg).eval()
+    if name == "gpt_oss":  # initialised to zero-mean small values: make them matter
+        with torch.no_grad():
+            for m in low.modules():
+                if hasattr(m, "sinks"):
+                    m.sinks.normal_(0.0, 1.0)
+    ours = fastattn.convert(copy.deepcopy(low))
+    ref = copy.deepcopy(low).double()
+    seen = []
+    real = fastattn.scaled_dot_product_attention
+    monkeypatch.setattr(fastattn, "scaled_dot_product_attention",
+                        lambda *a, **kw: seen.append(kw.keys() & {"softcap", "sinks"})
+                        or real(*a, **kw))
+    ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(1))
+    kw = {"input_ids": ids, "attention_mask": torch.ones(B, L, dtype=torch.long)}
+    r, lo = _outputs(ref, name, kw), _outputs(low, name, kw)
+    seen.clear()
+    o = _outputs(ours, name, kw)
+    want = {"softcap"} if name == "gemma2" else {"sinks"}
+    assert seen == [want] * 2, "fastattn did not run the attention with the modifier"
+    if name == "gpt_oss":
+        assert any(k.endswith("sinks") for k in o), "no gradient reached the sinks"
+    assert o.keys() == r.keys()
+    for k in r:
+        assert_close_rule(o[k], r[k], lo[k], name=k, factor=3.0 if k.startswith("grad") else 2.0)
+    batch = _batch("llama_gqa")  # left-padded
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want_ids = low.generate(**batch, **gen)
+        got_ids = ours.generate(**batch, **gen)
+    assert torch.equal(got_ids, want_ids)
+    assert len(kvcache_calls) == 3 * 2  # the decoding steps ran on the KV-cache kernel
 
 
 def test_register_is_idempotent():

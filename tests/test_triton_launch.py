@@ -113,8 +113,8 @@ def test_folded_attention_matches_reference(tiny_fold, deterministic):
     _close(out, ref)
     dout = torch.randn_like(ref)
     dq_ref, dk_ref, dv_ref = torch.autograd.grad(ref, (q, k, v), dout)
-    dq, dk, dv, _ = A.attention_bwd(dout, q.detach(), k.detach(), v.detach(), out, lse, None,
-                                    None, scale, -1, 0, 0, 0.0, 0, False, deterministic)
+    dq, dk, dv, _, _ = A.attention_bwd(dout, q.detach(), k.detach(), v.detach(), out, lse, None,
+                                       None, scale, -1, 0, 0, 0.0, 0, False, deterministic)
     for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
         _close(got, want)
 

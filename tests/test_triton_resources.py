@@ -36,7 +36,12 @@ from tests import _triton_aot as aot  # noqa: E402
 # (bf16 forward 192 B at E=64, fp32 dK/dV 272 B), i.e. a few dozen 4-byte values that stay in L1
 # across a key block's two tensor-core products; the failures this test exists for are an order
 # of magnitude larger (fp32 dK/dV at E=256: 22 KB a thread, 18-24 KB for 128-row fp32 tiles).
-SPILL_BOUND = 512
+# The score modifiers (softcap, ALiBi, sinks) switched on as well took the bf16 forward at
+# E<=256 (128x64 tile) on sm_90a from 484 B to 528 B (ALiBi's distance tile: 564 B without
+# softcap, 464 B without ALiBi; register allocation moves by tens of bytes between variants) and
+# the fp32 dK/dV at E<=128 on sm_80 to 544 B (the largest of the 74 attention jobs of the CI
+# set), so the bound leaves that margin.
+SPILL_BOUND = 640
 
 
 def ci_subset(jobs: list[aot.Job]) -> list[aot.Job]:

@@ -88,6 +88,15 @@ struct AttnArgs {
   float scale;
   int64_t wl, wr, off;  // window_left, window_right (-1: unbounded), diag_offset
   Dropout drop;
+  // score modifiers (fastattn.cpp): x = scale * q.k -> softcap * tanh(x / softcap) (softcap > 0)
+  // -> x - alibi[b * alibi_sb + h] * |i + off - j| (alibi != nullptr); sinks[h] joins each row's
+  // softmax denominator (sinks != nullptr)
+  float softcap = 0.f;
+  const float* alibi = nullptr;
+  int64_t alibi_sb = 0;
+  const float* sinks = nullptr;
+  bool mods() const { return softcap > 0.f || alibi != nullptr; }
+  float slope(int64_t b, int64_t h) const { return alibi ? alibi[b * alibi_sb + h] : 0.f; }
 };
 
 // attention_kvcache's append of k_new / v_new at seqlens[b] (decode.h: kvcache_prepare_impl),
@@ -165,6 +174,31 @@ void check_float_cpu(const at::Tensor& t, const char* name, int64_t dim) {
 void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fastattn::attention (cpu): ", name,
               " must have q's dtype (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+// the (B, H) slopes and (H,) sinks as the kernels read them: float32 (checked by the op layer)
+void set_mods(AttnArgs& a, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+              const std::optional<at::Tensor>& sinks) {
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0,
+              "fastattn::attention (cpu): softcap must be finite and >= 0 (0: none), got ", softcap);
+  a.softcap = static_cast<float>(softcap);
+  if (alibi_slopes.has_value() && alibi_slopes->defined()) {
+    const at::Tensor& s = *alibi_slopes;
+    TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.dim() == 2 &&
+                    s.size(0) == a.B && s.size(1) == a.H && (a.H <= 1 || s.stride(1) == 1),
+                "fastattn::attention (cpu): alibi_slopes must be a float32 CPU tensor (B, H) = (",
+                a.B, ", ", a.H, ") with unit head stride, got ", s.scalar_type(), " ", s.sizes());
+    a.alibi = s.data_ptr<float>();
+    a.alibi_sb = a.B <= 1 ? 0 : s.stride(0);
+  }
+  if (sinks.has_value() && sinks->defined()) {
+    const at::Tensor& s = *sinks;
+    TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.dim() == 1 &&
+                    s.size(0) == a.H && s.is_contiguous(),
+                "fastattn::attention (cpu): sinks must be a contiguous float32 CPU tensor (H,) = (",
+                a.H, ",), got ", s.scalar_type(), " ", s.sizes());
+    a.sinks = s.data_ptr<float>();
+  }
 }
 
 AttnArgs make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -278,23 +312,26 @@ void dispatch_dtype(at::ScalarType dt, F&& f) {
 }
 
 // ---- ops -------------------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
-                                                 const at::Tensor& v,
-                                                 const std::optional<at::Tensor>& attn_mask,
-                                                 double scale, int64_t window_left,
-                                                 int64_t window_right, int64_t diag_offset,
-                                                 double dropout_p, int64_t seed) {
+std::tuple<at::Tensor, at::Tensor> attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& attn_mask, double scale, int64_t window_left,
+    int64_t window_right, int64_t diag_offset, double dropout_p, int64_t seed, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
   AttnArgs a =
       make_args(q, k, v, attn_mask, scale, window_left, window_right, diag_offset, dropout_p, seed);
+  set_mods(a, softcap, alibi_slopes, sinks);
   // (B, H, L, Ev) stored token-major, as (B, L, H, Ev): the (B, L, H * Ev) rows the output
   // projection reads are then a view (torch's CPU flash attention returns the same layout)
   at::Tensor out = at::empty({a.B, a.L, a.H, a.Ev}, q.options()).transpose(1, 2);
   for (int d = 0; d < 3; ++d) a.so[d] = out.stride(d);
   at::Tensor lse = at::empty({a.B, a.H, a.L}, q.options().dtype(at::kFloat));
   if (a.B * a.H * a.L == 0) return {out, lse};
-  if (a.S == 0) {  // no key at all: every row is empty
+  if (a.S == 0) {  // no key at all: every row is empty (lse: the sink, where there is one)
     out.zero_();
-    lse.fill_(-std::numeric_limits<float>::infinity());
+    if (a.sinks)
+      lse.copy_(sinks->view({1, a.H, 1}).expand({a.B, a.H, a.L}));
+    else
+      lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
@@ -304,17 +341,19 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
     const std::optional<at::Tensor>& attn_mask, double scale, int64_t window_left,
     int64_t window_right, int64_t diag_offset, double dropout_p, int64_t seed, bool compute_dmask,
-    bool deterministic) {
+    bool deterministic, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& sinks) {
   // every reduction runs in a fixed order on one thread: the result is bitwise repeatable for
   // any thread count whether or not `deterministic` is set
   (void)deterministic;
-  const AttnArgs a =
+  AttnArgs a =
       make_args(q, k, v, attn_mask, scale, window_left, window_right, diag_offset, dropout_p, seed);
+  set_mods(a, softcap, alibi_slopes, sinks);
   check_float_cpu(grad_out, "grad_out", 4);
   check_float_cpu(out, "out", 4);
   check_same_dtype(grad_out, q, "grad_out");
@@ -346,11 +385,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const bool want_dmask = compute_dmask && a.mask != nullptr;
   at::Tensor dmask = want_dmask ? at::zeros({a.B, a.H, a.L, a.S}, attn_mask->options())
                                 : at::empty({0}, q.options());
+  at::Tensor dsinks = at::zeros({a.sinks ? a.H : 0}, q.options().dtype(at::kFloat));
   if (a.B * a.H * a.L == 0 || a.S == 0) {
     dq.zero_();
     dk.zero_();
     dv.zero_();
-    return {dq, dk, dv, dmask};
+    // no key: out = 0, lse = sink, p_sink = 1, so dsink = sum of grad_lse
+    if (a.sinks && glse.defined() && a.B * a.H * a.L > 0) dsinks.copy_(glse.sum({0, 2}));
+    return {dq, dk, dv, dmask, dsinks};
   }
   const Isa isa = cpu_isa();
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
@@ -362,26 +404,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const int64_t so[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
     const float* gl = glse.defined() ? glse.data_ptr<float>() : nullptr;
     T* dmp = want_dmask ? static_cast<T*>(dmask.data_ptr()) : nullptr;
+    float* dsp = a.sinks ? dsinks.data_ptr<float>() : nullptr;
 #ifdef FASTATTN_X86_KERNELS
     if (isa >= Isa::avx512) {
       avx512::attention_bwd_impl<T>(a, go, sdo, op, so, lse_c.data_ptr<float>(), gl,
                                     static_cast<T*>(dq.data_ptr()), static_cast<T*>(dk.data_ptr()),
-                                    static_cast<T*>(dv.data_ptr()), dmp);
+                                    static_cast<T*>(dv.data_ptr()), dmp, dsp);
       return;
     }
     if (isa >= Isa::avx2) {
       avx2::attention_bwd_impl<T>(a, go, sdo, op, so, lse_c.data_ptr<float>(), gl,
                                   static_cast<T*>(dq.data_ptr()), static_cast<T*>(dk.data_ptr()),
-                                  static_cast<T*>(dv.data_ptr()), dmp);
+                                  static_cast<T*>(dv.data_ptr()), dmp, dsp);
       return;
     }
 #endif
     (void)isa;
     portable::attention_bwd_impl<T>(a, go, sdo, op, so, lse_c.data_ptr<float>(), gl,
                                     static_cast<T*>(dq.data_ptr()), static_cast<T*>(dk.data_ptr()),
-                                    static_cast<T*>(dv.data_ptr()), dmp);
+                                    static_cast<T*>(dv.data_ptr()), dmp, dsp);
   });
-  return {dq, dk, dv, dmask};
+  return {dq, dk, dv, dmask, dsinks};
 }
 
 at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
@@ -390,10 +433,12 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
                              const std::optional<at::Tensor>& v_new, double scale, bool causal,
                              const std::optional<at::Tensor>& cache_leftpad,
                              const std::optional<at::Tensor>& rotary_cos,
-                             const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
+                             const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
+                             double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                             const std::optional<at::Tensor>& sinks) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal tensors need no tracking
   checks::check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad,
-                        rotary_cos, rotary_sin);
+                        rotary_cos, rotary_sin, softcap, alibi_slopes, sinks);
   check_float_cpu(q, "q", 4);  // the CPU kernels' dtypes and device
   check_float_cpu(k_cache, "k_cache", 4);
   check_float_cpu(v_cache, "v_cache", 4);
@@ -451,6 +496,15 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
     // the whole cache as keys (S = capacity, no mask/window/dropout); the per-sequence lengths
     // are passed to the kernels separately
     AttnArgs a = make_args(q, k_cache, v_cache, std::nullopt, scale, -1, -1, 0, 0.0, 0);
+    // (H,) slopes as a (B, H) view with a zero batch stride; unit head strides for the kernels
+    std::optional<at::Tensor> slopes;
+    if (alibi_slopes.has_value()) {
+      slopes = alibi_slopes->contiguous();
+      if (slopes->dim() == 1) slopes = slopes->unsqueeze(0).expand({B, H});
+    }
+    const at::Tensor sinks_c = sinks.has_value() ? sinks->contiguous() : at::Tensor();
+    set_mods(a, softcap, slopes,
+             sinks_c.defined() ? std::optional<at::Tensor>(sinks_c) : std::nullopt);
     for (int d = 0; d < 3; ++d) a.so[d] = out.stride(d);
     if (qrot) {
       a.q = qrot.get();
@@ -482,8 +536,9 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
       ab.v = static_cast<const T*>(a.v) + b * a.sv[0] + kb * a.sv[2];
       ab.off = ab.S - Lq;
       ab.wr = causal ? 0 : -1;
+      if (a.alibi) ab.alibi = a.alibi + b * a.alibi_sb;
       T* ob = op + b * H * Lq * Ev;
-      if (ab.S == 0) {
+      if (ab.S == 0) {  // no key: out = 0 (with or without a sink)
         std::fill(ob, ob + H * Lq * Ev, T(0.f));
         continue;
       }

@@ -57,12 +57,23 @@ void check_no_dropout(double dropout_p, const char* op) {
               "); use backend='triton' or backend='reference' for attention dropout");
 }
 
+// softcap / alibi_slopes / sinks: not implemented by the CUDA kernels (the op layer's _supports
+// sends such calls to Triton)
+void check_no_score_mods(double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                         const std::optional<at::Tensor>& sinks, const char* op) {
+  TORCH_CHECK(softcap == 0.0 && !alibi_slopes.has_value() && !sinks.has_value(), "fastattn.", op,
+              " (CUDA): softcap, alibi_slopes and sinks are not implemented by the CUDA kernels; "
+              "use backend='triton' or backend='reference'");
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& attn_mask, double scale, int64_t window_left,
-    int64_t window_right, int64_t diag_offset, double dropout_p, int64_t seed) {
+    int64_t window_right, int64_t diag_offset, double dropout_p, int64_t seed, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
   (void)seed;
   constexpr const char* op = "attention_fwd";
+  check_no_score_mods(softcap, alibi_slopes, sinks, op);
   check_qkv(q_in, k_in, v_in, op);
   check_no_dropout(dropout_p, op);
   const int64_t B = q_in.size(0), H = q_in.size(1), L = q_in.size(2), E = q_in.size(3);
@@ -87,15 +98,18 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& attn_mask,
     double scale, int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
-    int64_t seed, bool compute_dmask, bool deterministic) {
+    int64_t seed, bool compute_dmask, bool deterministic, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
   (void)seed;
   (void)deterministic;  // the kernels never use atomics: always bitwise repeatable
   constexpr const char* op = "attention_bwd";
+  check_no_score_mods(softcap, alibi_slopes, sinks, op);
+  const at::Tensor dsinks = at::empty({0}, q_in.options().dtype(at::kFloat));
   check_qkv(q_in, k_in, v_in, op);
   check_no_dropout(dropout_p, op);
   const int64_t B = q_in.size(0), H = q_in.size(1), L = q_in.size(2), E = q_in.size(3);
@@ -134,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     dq.zero_();
     dk.zero_();
     dv.zero_();
-    return {dq, dk, dv, dmask};
+    return {dq, dk, dv, dmask, dsinks};
   }
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
                    v = last_dim_contiguous(v_in), grad_out = last_dim_contiguous(grad_out_in),
@@ -148,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
       attn_operand(dq), attn_operand(dk), attn_operand(dv),
       want_dmask ? attn_operand(dmask) : AttnOperand{}, workspace.data_ptr<float>());
   check_launch(attention_bwd(p, dtype_of(q, op, "q"), current_stream()), op);
-  return {dq, dk, dv, dmask};
+  return {dq, dk, dv, dmask, dsinks};
 }
 
 at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache,
@@ -158,10 +172,13 @@ at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, a
                                   bool causal, const std::optional<at::Tensor>& cache_leftpad,
                                   const std::optional<at::Tensor>& rotary_cos,
                                   const std::optional<at::Tensor>& rotary_sin,
-                                  bool rotary_interleaved) {
+                                  bool rotary_interleaved, double softcap,
+                                  const std::optional<at::Tensor>& alibi_slopes,
+                                  const std::optional<at::Tensor>& sinks) {
   constexpr const char* op = "attention_kvcache";
   checks::check_kvcache(q_in, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad,
-                        rotary_cos, rotary_sin);
+                        rotary_cos, rotary_sin, softcap, alibi_slopes, sinks);
+  check_no_score_mods(softcap, alibi_slopes, sinks, op);
   check_cuda_tensor(q_in, q_in, op, "q");
   check_cuda_tensor(k_cache, q_in, op, "k_cache");
   check_cuda_tensor(v_cache, q_in, op, "v_cache");

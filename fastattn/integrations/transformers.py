@@ -69,8 +69,11 @@ def fastattn_attention_forward(
             (B, H, Lq, S) (longer masks are cut to S, as transformers' sdpa does).
         scaling: softmax scale (default 1/sqrt(D)); dropout: dropout probability.
         kwargs: ``is_causal`` (default: the module's flag when there is no mask and Lq > 1),
-            ``sliding_window`` (query i sees keys i - sliding_window < j <= i). Unsupported and
-            refused: ``head_mask``, ``softcap``, ``s_aux`` (attention sinks).
+            ``sliding_window`` (query i sees keys i - sliding_window < j <= i), ``softcap``
+            (Gemma-2's ``attn_logit_softcapping``: the scaled scores become
+            softcap * tanh(score / softcap)), ``s_aux`` (gpt-oss's attention sinks, (H,): one
+            logit per head in the softmax denominator; it receives its gradient). Unsupported and
+            refused: ``head_mask``.
 
     Without a mask, the causal diagonal is aligned bottom-right: the Lq queries are the last Lq
     positions of the S keys, which is what a KV cache holds. Decoding steps (0 < Lq <= 16,
@@ -81,7 +84,7 @@ def fastattn_attention_forward(
     """
     import fastattn
 
-    for name in ("head_mask", "softcap", "s_aux"):
+    for name in ("head_mask",):
         if kwargs.get(name) is not None:
             raise NotImplementedError(
                 f"attn_implementation='fastattn' does not support {name}; load the model with "
@@ -93,6 +96,13 @@ def fastattn_attention_forward(
     if is_causal is None:
         is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
     sliding_window = kwargs.get("sliding_window")
+    # score modifiers: fastattn's softcap / sinks keywords (sinks are float32 (H,); the cast
+    # keeps the parameter's gradient)
+    mods = {}
+    if kwargs.get("softcap") is not None:
+        mods["softcap"] = float(kwargs["softcap"])
+    if kwargs.get("s_aux") is not None:
+        mods["sinks"] = kwargs["s_aux"].to(torch.float32)
     if _decoding_step(query, key, value, dropout, sliding_window):
         # a step of a few new queries against the cache: the split-K decoding kernel reads the
         # cache once for all the query heads of a kv head. Without a mask every sequence holds
@@ -107,7 +117,7 @@ def fastattn_attention_forward(
             else:
                 seqlens, leftpad, causal = layout
             out = fastattn.attention_with_kvcache(query, key, value, seqlens, scale=scaling,
-                                                  causal=causal, cache_leftpad=leftpad)
+                                                  causal=causal, cache_leftpad=leftpad, **mods)
             return out.transpose(1, 2).contiguous(), None
     if attention_mask is not None:
         if attention_mask.ndim == 4:
@@ -122,7 +132,7 @@ def fastattn_attention_forward(
     out = fastattn.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=float(dropout),
         is_causal=bool(is_causal), scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
-        window=window, causal_alignment="bottom_right")
+        window=window, causal_alignment="bottom_right", **mods)
     return out.transpose(1, 2).contiguous(), None  # (B, H, Lq, D) -> (B, Lq, H, D)
 
 

@@ -118,15 +118,67 @@ def _check_scale(scale, E) -> float:
 
 
 def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
-                   cache_leftpad, rotary_cos=None, rotary_sin=None) -> float:
+                   cache_leftpad, rotary_cos=None, rotary_sin=None, softcap=0.0,
+                   alibi_slopes=None, sinks=None) -> float:
     """attention_with_kvcache's argument rules (csrc/checks.cpp, shared with the kernels: the
     values of cache_seqlens / cache_leftpad are checked where they are on the host) -> the scale
     resolved. While torch.compile traces, the op's fake function runs the same checks; without
-    the extension only the scale is resolved."""
+    the extension only the scale and the score modifiers are checked."""
     if _backend.NATIVE is not None and not torch.compiler.is_compiling():
         return _backend.NATIVE.check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                             scale, cache_leftpad, rotary_cos, rotary_sin)
+                                             scale, cache_leftpad, rotary_cos, rotary_sin,
+                                             float(softcap), alibi_slopes, sinks)
+    if q.dim() == 4:
+        _check_score_mods("fastattn.attention_with_kvcache", q, alibi_slopes, sinks)
     return _check_scale(scale, q.shape[-1])
+
+
+def _softcap_arg(fn: str, softcap) -> float:
+    """The public softcap (None or a float > 0) -> the ops' float (0.0: none)."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"{fn}: softcap must be a float > 0 or None, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not (math.isfinite(softcap) and softcap > 0.0):
+        raise ValueError(f"{fn}: softcap must be a finite float > 0 (or None), got {softcap}")
+    return softcap
+
+
+def _check_score_mods(fn: str, query: torch.Tensor, alibi_slopes, sinks) -> None:
+    """alibi_slopes float32 (H,) or (B, H), sinks float32 (H,), on query's device (the rules of
+    csrc/checks.cpp's check_score_mods, which attention_with_kvcache runs)."""
+    B, H = query.shape[0], query.shape[1]
+    for name, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{fn}: {name} must be a float32 tensor, got {t.dtype}")
+    if alibi_slopes is not None:
+        shape = tuple(alibi_slopes.shape)
+        if shape not in ((H,), (B, H)):
+            raise ValueError(f"{fn}: alibi_slopes must have shape (H,) = ({H},) or (B, H) = "
+                             f"({B}, {H}), got {list(shape)}")
+        if alibi_slopes.device != query.device:
+            raise RuntimeError(f"{fn}: alibi_slopes must be on the same device as query "
+                               f"({query.device}), got {alibi_slopes.device}")
+    if sinks is not None:
+        if tuple(sinks.shape) != (H,):
+            raise ValueError(f"{fn}: sinks must have shape (H,) = ({H},), got "
+                             f"{list(sinks.shape)}")
+        if sinks.device != query.device:
+            raise RuntimeError(f"{fn}: sinks must be on the same device as query "
+                               f"({query.device}), got {sinks.device}")
+
+
+def _slopes_bh(alibi_slopes, B: int, H: int):
+    """(H,) or (B, H) slopes -> the (B, H) view the kernels read (stride 0 on a broadcast batch)."""
+    if alibi_slopes is None:
+        return None
+    alibi_slopes = alibi_slopes.contiguous()  # unit head stride (the CPU kernels' layout)
+    return alibi_slopes.expand(B, H) if alibi_slopes.dim() == 1 else alibi_slopes
 
 
 def _draw_seed(dropout_p: float) -> int:
@@ -141,15 +193,18 @@ def _draw_seed(dropout_p: float) -> int:
 # ---------------------------------------------------------------------------------------------
 def _supports(backend: str, device: torch.device, key: tuple) -> str | None:
     """None when ``backend``'s kernels handle a call with these properties (key = (dtype,
-    head_dim, dropout)), else the reason (shown by "auto"'s fallback warning and by the error of
-    an explicit backend)."""
-    dtype, head_dim, dropout = key
+    head_dim, dropout[, score_mods]); score_mods: softcap, alibi_slopes or sinks given), else
+    the reason (shown by "auto"'s fallback warning and by the error of an explicit backend)."""
+    dtype, head_dim, dropout, *rest = key
+    score_mods = bool(rest and rest[0])
     if dtype not in _backend.FLOAT_DTYPES:
         return f"dtype {dtype}"
     if head_dim > _MAX_HEAD_DIM:
         return f"head dim {head_dim} > {_MAX_HEAD_DIM}"
     if backend == "cuda" and dropout:
         return "dropout_p > 0 is not implemented by the CUDA kernels"
+    if backend == "cuda" and score_mods:
+        return "softcap, alibi_slopes and sinks are not implemented by the CUDA kernels"
     if backend == "triton" and device.type == "cuda":
         # Triton's tensor-core paths need Volta+ (sm_70) and bfloat16 needs Ampere (sm_80)
         major, minor = torch.cuda.get_device_capability(device)
@@ -164,8 +219,8 @@ def _supports(backend: str, device: torch.device, key: tuple) -> str | None:
 
 
 def _choose(op: str, device: torch.device, backend: str, dtype: torch.dtype, head_dim: int,
-            dropout: bool = False) -> str:
-    return _backend.pick(op, device, backend, (dtype, head_dim, dropout), _supports)
+            dropout: bool = False, score_mods: bool = False) -> str:
+    return _backend.pick(op, device, backend, (dtype, head_dim, dropout, score_mods), _supports)
 
 
 # the backends whose attention_kvcache kernels implement rotary_cos / rotary_sin
@@ -173,11 +228,11 @@ _KVCACHE_ROTARY = ("cpu", "triton", "cuda")
 
 
 def _kvcache_supports(backend: str, device: torch.device, key: tuple) -> str | None:
-    """_supports for attention_with_kvcache: key = (dtype, head_dim, rotary)."""
-    dtype, head_dim, rotary = key
+    """_supports for attention_with_kvcache: key = (dtype, head_dim, rotary[, score_mods])."""
+    dtype, head_dim, rotary, *rest = key
     if rotary and backend not in _KVCACHE_ROTARY:
         return f"rotary_cos/rotary_sin are not implemented by the {backend} kernels"
-    return _supports(backend, device, (dtype, head_dim, False))
+    return _supports(backend, device, (dtype, head_dim, False, bool(rest and rest[0])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,12 +242,13 @@ def _kvcache_supports(backend: str, device: torch.device, key: tuple) -> str | N
 def triton_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
     scale: float, window_left: int, window_right: int, diag_offset: int,
-    dropout_p: float, seed: int,
+    dropout_p: float, seed: int, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from fastattn.triton.attention import attention_fwd
 
     return attention_fwd(q, k, v, attn_mask, scale, window_left, window_right, diag_offset,
-                         dropout_p, seed)
+                         dropout_p, seed, softcap, alibi_slopes, sinks)
 
 
 @torch.library.custom_op("fastattn::triton_attention_bwd", mutates_args=())
@@ -201,11 +257,14 @@ def triton_attention_bwd(
     out: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor | None,
     attn_mask: torch.Tensor | None, scale: float, window_left: int, window_right: int,
     diag_offset: int, dropout_p: float, seed: int, compute_dmask: bool, deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastattn.triton.attention import attention_bwd
 
     return attention_bwd(grad_out, q, k, v, out, lse, grad_lse, attn_mask, scale, window_left,
-                         window_right, diag_offset, dropout_p, seed, compute_dmask, deterministic)
+                         window_right, diag_offset, dropout_p, seed, compute_dmask, deterministic,
+                         softcap, alibi_slopes, sinks)
 
 
 @torch.library.custom_op("fastattn::triton_attention_kvcache", mutates_args=("k_cache", "v_cache"))
@@ -214,17 +273,21 @@ def triton_attention_kvcache(
     k_new: torch.Tensor | None, v_new: torch.Tensor | None, scale: float, causal: bool,
     cache_leftpad: torch.Tensor | None = None, rotary_cos: torch.Tensor | None = None,
     rotary_sin: torch.Tensor | None = None, rotary_interleaved: bool = False,
+    softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     from fastattn.triton.attention import attention_kvcache
 
     return attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal,
-                             cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved)
+                             cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved,
+                             softcap, alibi_slopes, sinks)
 
 
 # ---------------------------------------------------------------------------------------------
 # fake tensors and autograd, shared by the C++ ops and the Triton custom ops
 # ---------------------------------------------------------------------------------------------
-def _fwd_fake(q, k, v, attn_mask, scale, window_left, window_right, diag_offset, dropout_p, seed):
+def _fwd_fake(q, k, v, attn_mask, scale, window_left, window_right, diag_offset, dropout_p, seed,
+              softcap=0.0, alibi_slopes=None, sinks=None):
     B, H, L, _ = q.shape
     out = q.new_empty((B, L, H, v.shape[-1])).transpose(1, 2)  # token-major, as the kernels
     lse = q.new_empty((B, H, L), dtype=torch.float32)
@@ -232,7 +295,8 @@ def _fwd_fake(q, k, v, attn_mask, scale, window_left, window_right, diag_offset,
 
 
 def _bwd_fake(grad_out, q, k, v, out, lse, grad_lse, attn_mask, scale, window_left,
-              window_right, diag_offset, dropout_p, seed, compute_dmask, deterministic):
+              window_right, diag_offset, dropout_p, seed, compute_dmask, deterministic,
+              softcap=0.0, alibi_slopes=None, sinks=None):
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -241,31 +305,39 @@ def _bwd_fake(grad_out, q, k, v, out, lse, grad_lse, attn_mask, scale, window_le
         dmask = attn_mask.new_empty((B, H, L, k.shape[2]))
     else:
         dmask = q.new_empty((0,))
-    return dq, dk, dv, dmask
+    dsinks = q.new_empty((q.shape[1] if sinks is not None else 0,), dtype=torch.float32)
+    return dq, dk, dv, dmask, dsinks
 
 
 def _kvcache_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal,
-                  cache_leftpad=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=False):
+                  cache_leftpad=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
+                  softcap=0.0, alibi_slopes=None, sinks=None):
     _check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad,
-                   rotary_cos, rotary_sin)
+                   rotary_cos, rotary_sin, softcap, alibi_slopes, sinks)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, scale, wl, wr, off, dropout_p, seed = inputs
+    q, k, v, attn_mask, scale, wl, wr, off, dropout_p, seed, *mods = inputs
+    softcap, alibi_slopes, sinks = (mods + [0.0, None, None][len(mods):])
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, sinks)
     ctx.args = (scale, wl, wr, off, dropout_p, seed)
+    ctx.softcap = softcap
+    ctx.num_inputs = len(inputs)
 
 
 def _make_backward(bwd_op):
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, attn_mask = ctx.saved_tensors
+        q, k, v, out, lse, attn_mask, alibi_slopes, sinks = ctx.saved_tensors
         compute_dmask = attn_mask is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dmask = bwd_op(
+        # (the slopes get no gradient, as in FlashAttention)
+        dq, dk, dv, dmask, dsinks = bwd_op(
             grad_out, q, k, v, out, lse, grad_lse, attn_mask, *ctx.args, compute_dmask,
-            torch.are_deterministic_algorithms_enabled())
-        return dq, dk, dv, (dmask if compute_dmask else None), None, None, None, None, None, None
+            torch.are_deterministic_algorithms_enabled(), ctx.softcap, alibi_slopes, sinks)
+        grads = [dq, dk, dv, (dmask if compute_dmask else None), None, None, None, None, None,
+                 None, None, None, dsinks if sinks is not None else None]
+        return tuple(grads[:ctx.num_inputs])
 
     return backward
 
@@ -307,6 +379,9 @@ def scaled_dot_product_attention(
     window: tuple[int, int] | None = None,
     causal_alignment: str = "top_left",
     return_lse: bool = False,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
     backend: str = "auto",
 ):
     """Fused softmax attention, a drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
@@ -322,7 +397,16 @@ def scaled_dot_product_attention(
         scale: softmax scale, default 1/sqrt(E).
         window: (left, right): query i sees keys i - left <= j <= i + right (positions aligned as
             causal_alignment says; -1 = unbounded on that side). Combines with is_causal/attn_mask.
-        return_lse: also return the log-sum-exp of the scaled, masked scores, float32 (B, H, L).
+        return_lse: also return the log-sum-exp of the scaled, masked scores, float32 (B, H, L)
+            (the sink included).
+        softcap: float > 0 or None: scores x = scale * q.k become softcap * tanh(x / softcap)
+            (Gemma-2's attention logit soft-capping).
+        alibi_slopes: float32 (H,) or (B, H), or None: x -= slope * |pos_q - pos_k|, query i at
+            key position i (i + S - L with causal_alignment="bottom_right"). No gradient.
+        sinks: float32 (H,) or None: one more logit per head in each row's softmax denominator,
+            with no value row (gpt-oss's attention sinks); receives its gradient.
+            Order: scale -> softcap -> alibi -> attn_mask / causal / window -> softmax (with the
+            sink). A row with no visible key gives zeros (and lse = the sink).
         backend: "auto" | "triton" | "cuda" | "cpu" | "reference".
 
     Rows where every key is masked give zeros (and lse = -inf) and zero gradients, never NaN.
@@ -337,8 +421,13 @@ def scaled_dot_product_attention(
             query.dim() != 4 or key.dim() != 4 or value.dim() != 4):
         return _sdpa_any_rank(query, key, value, attn_mask, dropout_p, is_causal, scale,
                               enable_gqa, window=window, causal_alignment=causal_alignment,
-                              return_lse=return_lse, backend=backend)
+                              return_lse=return_lse, softcap=softcap, alibi_slopes=alibi_slopes,
+                              sinks=sinks, backend=backend)
     _check_qkv(query, key, value, enable_gqa)
+    fn = "fastattn.scaled_dot_product_attention"
+    cap = _softcap_arg(fn, softcap)
+    _check_score_mods(fn, query, alibi_slopes, sinks)
+    score_mods = cap > 0.0 or alibi_slopes is not None or sinks is not None
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     dropout_p = float(dropout_p)
@@ -349,20 +438,27 @@ def scaled_dot_product_attention(
     mask = _normalize_mask(attn_mask, query, key)
 
     chosen = _choose("scaled_dot_product_attention", query.device, backend, query.dtype,
-                     max(E, value.shape[-1]), dropout_p > 0.0)
+                     max(E, value.shape[-1]), dropout_p > 0.0, score_mods)
     if chosen == "reference" or query.numel() == 0 or value.numel() == 0:
         out, lse = reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-            window=window, causal_alignment=causal_alignment, return_lse=True)
+            window=window, causal_alignment=causal_alignment, return_lse=True,
+            softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
         return (out, lse.float()) if return_lse else out
     op = (torch.ops.fastattn.triton_attention_fwd if chosen == "triton"
           else torch.ops.fastattn.attention_fwd)
-    out, lse = op(query, key, value, mask, scale, wl, wr, off, dropout_p, _draw_seed(dropout_p))
+    if score_mods:
+        out, lse = op(query, key, value, mask, scale, wl, wr, off, dropout_p,
+                      _draw_seed(dropout_p), cap, _slopes_bh(alibi_slopes, B, H),
+                      None if sinks is None else sinks.contiguous())
+    else:  # the calls without modifiers keep their short argument list (and autograd node)
+        out, lse = op(query, key, value, mask, scale, wl, wr, off, dropout_p,
+                      _draw_seed(dropout_p))
     return (out, lse) if return_lse else out
 
 
 def _sdpa_any_rank(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *,
-                   window, causal_alignment, return_lse, backend):
+                   window, causal_alignment, return_lse, softcap, alibi_slopes, sinks, backend):
     """F.scaled_dot_product_attention's (..., L, E) inputs of rank 3 or more: the leading dims are
     batch dims (the one before L the heads, for GQA), run as (B, H, L, E) views of them."""
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -390,7 +486,8 @@ def _sdpa_any_rank(query, key, value, attn_mask, dropout_p, is_causal, scale, en
         mask = as4d(mask)
     out = scaled_dot_product_attention(
         as4d(query), as4d(key), as4d(value), mask, dropout_p, is_causal, scale, enable_gqa,
-        window=window, causal_alignment=causal_alignment, return_lse=return_lse, backend=backend)
+        window=window, causal_alignment=causal_alignment, return_lse=return_lse, softcap=softcap,
+        alibi_slopes=alibi_slopes, sinks=sinks, backend=backend)
     if return_lse:
         out, lse = out
         return out.reshape(*query.shape[:-1], out.shape[-1]), lse.reshape(query.shape[:-1])
@@ -411,6 +508,9 @@ def attention_with_kvcache(
     rotary_cos: torch.Tensor | None = None,
     rotary_sin: torch.Tensor | None = None,
     rotary_interleaved: bool = False,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Decoding attention against a KV cache (flash-decoding on GPU).
@@ -438,6 +538,9 @@ def attention_with_kvcache(
         rotary_interleaved: False: GPT-NeoX / Llama pairs (j, j + rotary_dim/2) (transformers'
             ``rotate_half``); True: GPT-J pairs (2j, 2j + 1). For a pair (x1, x2), c = cos[p, j],
             s = sin[p, j]: (x1 c - x2 s, x2 c + x1 s).
+        softcap, alibi_slopes, sinks: as in scaled_dot_product_attention, the queries being the
+            last Lq positions of each sequence (bottom-right); the ALiBi distance is taken in
+            cache positions (left padding does not change it). Inference only.
 
     Every tensor may be strided (e.g. q, k_new, v_new as transposed views of a fused qkv
     projection's (B, Lq, (H + 2 Hkv) E) output); nothing is copied for it on the CPU.
@@ -445,7 +548,9 @@ def attention_with_kvcache(
     Returns:
         (B, H, Lq, E) in q's dtype.
     """
-    if _backend.fast_path(backend):
+    cap = _softcap_arg("fastattn.attention_with_kvcache", softcap)
+    score_mods = cap > 0.0 or alibi_slopes is not None or sinks is not None
+    if not score_mods and _backend.fast_path(backend):
         out = _backend.NATIVE.kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
                                       causal, cache_leftpad, rotary_cos, rotary_sin,
                                       rotary_interleaved)
@@ -453,18 +558,25 @@ def attention_with_kvcache(
             return out
     _backend.check_backend(backend)
     scale = _check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
-                           cache_leftpad, rotary_cos, rotary_sin)
+                           cache_leftpad, rotary_cos, rotary_sin, cap, alibi_slopes, sinks)
     E = q.shape[-1]
     rotary = rotary_cos is not None or rotary_sin is not None
     chosen = _backend.pick("attention_with_kvcache", q.device, backend,
-                           (q.dtype, max(E, v_cache.shape[-1]), rotary), _kvcache_supports)
+                           (q.dtype, max(E, v_cache.shape[-1]), rotary, score_mods),
+                           _kvcache_supports)
     if chosen == "reference" or q.numel() == 0:
         return reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
                                                 scale=scale, causal=causal,
                                                 cache_leftpad=cache_leftpad,
                                                 rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                                                rotary_interleaved=rotary_interleaved)
+                                                rotary_interleaved=rotary_interleaved,
+                                                softcap=softcap, alibi_slopes=alibi_slopes,
+                                                sinks=sinks)
     op = (torch.ops.fastattn.triton_attention_kvcache if chosen == "triton"
           else torch.ops.fastattn.attention_kvcache)
+    if not score_mods:
+        return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, bool(causal),
+                  cache_leftpad, rotary_cos, rotary_sin, bool(rotary_interleaved))
     return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, bool(causal),
-              cache_leftpad, rotary_cos, rotary_sin, bool(rotary_interleaved))
+              cache_leftpad, rotary_cos, rotary_sin, bool(rotary_interleaved), cap,
+              alibi_slopes, sinks)

@@ -377,6 +377,27 @@ def _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_N: tl.constexpr):
     return tl.uint_to_uniform_float(r) >= dropout_p
 
 
+@triton.jit
+def _tanh(x):
+    """tanh in float32 without cancellation near 0: the odd Taylor series up to x^11 where
+    |x| < 0.3 (truncation < 1e-9 relative), else (1 - e) / (1 + e) with e = exp(-2|x|)."""
+    x2 = x * x
+    small = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * -0.008863235529902197)))))
+    e = tl.math.exp2(tl.abs(x) * (-2.0 * _LOG2E))
+    big = (1.0 - e) / (1.0 + e)
+    big = tl.where(x < 0.0, -big, big)
+    return tl.where(tl.abs(x) < 0.3, small, big)
+
+
+@triton.jit
+def _alibi_bias(offs_m, offs_n, diag_offset, slope2):
+    """(BLOCK_M, BLOCK_N) ALiBi term in log2 units: slope2 * |i + diag_offset - j| (slope2 a
+    scalar or a (BLOCK_M,) vector)."""
+    dist = offs_m[:, None] + diag_offset - offs_n[None, :]
+    return slope2 * tl.abs(dist).to(tl.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------
@@ -386,14 +407,16 @@ def _attention_fwd_loop(
     K, V, mask_rows, rng_rows,
     lo, n_first, second, n_blocks, offs_m, offs_d, offs_dv,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
-    qk_scale, dropout_p, seed,
+    qk_scale, dropout_p, seed, softcap2, slope2,
     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """Online softmax over n_blocks key blocks (n_first from lo, the rest from second);
-    MASKED: apply the bounds/window element masks."""
+    MASKED: apply the bounds/window element masks. SOFTCAP / ALIBI: the score modifiers
+    (softcap2 = softcap * log2 e, slope2 = slope * log2 e: scores are in log2 units)."""
     d_ok = offs_d < head_dim
     dv_ok = offs_dv < head_dim_v
     row_ok = offs_m < seqlen_q
@@ -411,6 +434,10 @@ def _attention_fwd_loop(
         if INTERP_BF16:
             k = k.to(tl.float32)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if SOFTCAP:
+            s = softcap2 * _tanh(s / softcap2)
+        if ALIBI:
+            s -= _alibi_bias(offs_m, offs_n, diag_offset, slope2)
         if HAS_MASK:
             am = tl.load(mask_rows + offs_n64[None, :] * stride_mn,
                          mask=row_ok[:, None] & n_ok[None, :], other=0.0)
@@ -450,22 +477,25 @@ def _attention_fwd_loop(
 )
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, Mask, Out, Lse,
-    qk_scale, dropout_p, seed,
+    Q, K, V, Mask, Out, Lse, Slopes, Sinks,
+    qk_scale, dropout_p, seed, softcap2,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_ok,
+    stride_slb, stride_slh,
     num_heads, num_bh, seqlen_q, seqlen_k, group_size, head_dim, head_dim_v,
     window_left, window_right, diag_offset,
     seqlen_q_key, seqlen_k_key,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out (B, H, L, Ev), lse (B, H, L) from q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev).
+    """out (B, H, L, Ev), lse (B, H, L) from q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev);
+    Slopes (B, H) float32 by strides (ALIBI), Sinks (H,) float32 (SINKS).
     Grid: grid_folded(cdiv(L, BLOCK_M), B * H); the Q tile stays in registers."""
     pid_m = tl.program_id(0)
     if HAS_RIGHT:
@@ -499,6 +529,9 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(Slopes + b * stride_slb + h * stride_slh) * _LOG2E
 
     lo, n_first, second, n_masked, full_lo, n_full = _key_band(
         m_start, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
@@ -507,16 +540,26 @@ def _attention_fwd_kernel(
     acc, l_i, m_i = _attention_fwd_loop(
         acc, l_i, m_i, q, K, V, mask_rows, rng_rows, full_lo, n_full, full_lo, n_full,
         offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
-        qk_scale, dropout_p, seed,
+        qk_scale, dropout_p, seed, softcap2, slope2,
         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
-        BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, False, DOT_PRECISION, INTERP_BF16)
+        BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, False, DOT_PRECISION, INTERP_BF16,
+        SOFTCAP, ALIBI)
     acc, l_i, m_i = _attention_fwd_loop(
         acc, l_i, m_i, q, K, V, mask_rows, rng_rows, lo, n_first, second, n_masked,
         offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
-        qk_scale, dropout_p, seed,
+        qk_scale, dropout_p, seed, softcap2, slope2,
         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
-        BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, True, DOT_PRECISION, INTERP_BF16)
+        BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, True, DOT_PRECISION, INTERP_BF16,
+        SOFTCAP, ALIBI)
 
+    if SINKS:
+        # the sink joins the denominator: rescale to m = max(m_i, sink) and add 2^(sink - m)
+        sink2 = tl.load(Sinks + h) * _LOG2E
+        m_f = tl.maximum(m_i, sink2)
+        alpha = tl.math.exp2(m_i - m_f)
+        l_i = l_i * alpha + tl.math.exp2(sink2 - m_f)
+        acc = acc * alpha[:, None]
+        m_i = m_f
     # empty rows (l = 0): out = 0 and lse = -inf instead of 0/0
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -564,17 +607,41 @@ def _attention_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _attention_sink_grad_kernel(
+    Sinks, Lse, Delta, DSinks,
+    num_heads, batch, seqlen_q,
+    BLOCK: tl.constexpr,
+):
+    """dsinks[h] = -sum over (b, i) of exp(sinks[h] - lse) * delta (the sink's probability times
+    the row's delta; it has no value row), summed in a fixed order. Grid: (H,)."""
+    h = tl.program_id(0)
+    sink = tl.load(Sinks + h)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for b in range(0, batch):
+        base = (b * num_heads + h).to(tl.int64) * seqlen_q
+        for m0 in range(0, seqlen_q, BLOCK):
+            offs = m0 + tl.arange(0, BLOCK)
+            ok = offs < seqlen_q
+            lse = tl.load(Lse + base + offs, mask=ok, other=float("-inf"))
+            delta = tl.load(Delta + base + offs, mask=ok, other=0.0)
+            p = tl.where(lse == float("-inf"), 0.0, tl.exp(sink - lse))
+            acc += p * delta
+    tl.store(DSinks + h, -tl.sum(acc, 0))
+
+
+@triton.jit
 def _attention_bwd_dkdv_loop(
     dk, dv, k, v,
     Q, DO, Lse, Delta, DQ, mask_cols, dmask_cols, rng_base,
     lo, n_first, second, n_blocks, n_start, offs_n, offs_d, offs_dv,
     stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk, stride_mm, stride_dmm,
-    sm_scale, qk_scale, dropout_p, seed,
+    sm_scale, qk_scale, dropout_p, seed, softcap2, slope2,
     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     STORE_DMASK: tl.constexpr, MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """Accumulate dK, dV of one key block over n_blocks query blocks (n_first from lo, the rest
     from second) of one query head; works on transposed tiles (keys on rows) so dK/dV are plain
@@ -605,6 +672,11 @@ def _attention_bwd_dkdv_loop(
         # lse = -inf (empty row): subtract +inf so P = 0 rather than exp2(nan)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        if SOFTCAP:
+            tT = _tanh(sT / softcap2)
+            sT = softcap2 * tT
+        if ALIBI:
+            sT -= tl.trans(_alibi_bias(offs_m, offs_n, diag_offset, slope2))
         if HAS_MASK:
             am = tl.load(mask_cols + offs_m64[None, :] * stride_mm,
                          mask=n_ok[:, None] & m_ok[None, :], other=0.0)
@@ -628,6 +700,8 @@ def _attention_bwd_dkdv_loop(
             tl.store(dmask_cols + offs_m64[None, :] * stride_dmm,
                      dsT.to(dmask_cols.dtype.element_ty),
                      mask=n_ok[:, None] & m_ok[None, :])
+        if SOFTCAP:  # through softcap * tanh(x / softcap): d/dx = 1 - tanh^2
+            dsT = dsT * (1.0 - tT * tT)
         # operands of the gradient products rounded to the input precision
         if INTERP_BF16:
             pdT = pdT.to(tl.bfloat16).to(tl.float32)
@@ -652,8 +726,8 @@ def _attention_bwd_dkdv_loop(
 )
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, Mask, DO, Lse, Delta, DQ, DK, DV, DMask,
-    sm_scale, qk_scale, dropout_p, seed,
+    Q, K, V, Mask, DO, Lse, Delta, DQ, DK, DV, DMask, Slopes,
+    sm_scale, qk_scale, dropout_p, seed, softcap2,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -663,6 +737,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkk,
     stride_dvb, stride_dvh, stride_dvn, stride_dvk,
     stride_dmb, stride_dmh, stride_dmm, stride_dmn,
+    stride_slb, stride_slh,
     num_heads, num_kv_heads, num_bhk, seqlen_q, seqlen_k, group_size, head_dim, head_dim_v,
     window_left, window_right, diag_offset,
     seqlen_q_key, seqlen_k_key,
@@ -670,6 +745,7 @@ def _attention_bwd_dkdv_kernel(
     HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, STORE_DMASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dk (B, Hkv, S, E), dv (B, Hkv, S, Ev) of one key block, summed over the query heads of
@@ -716,22 +792,25 @@ def _attention_bwd_dkdv_kernel(
         mask_cols = Mask + b * stride_mb + h * stride_mh + offs_n64[:, None] * stride_mn
         dmask_cols = DMask + b * stride_dmb + h * stride_dmh + offs_n64[:, None] * stride_dmn
         rng_base = row0 * tl.cdiv(seqlen_k, 4)
+        slope2 = 0.0
+        if ALIBI:
+            slope2 = tl.load(Slopes + b * stride_slb + h * stride_slh) * _LOG2E
         dk, dv = _attention_bwd_dkdv_loop(
             dk, dv, k, v, Qh, DOh, Lseh, Deltah, DQh, mask_cols, dmask_cols, rng_base,
             full_lo, n_full, full_lo, n_full, n_start, offs_n, offs_d, offs_dv,
             stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk, stride_mm,
-            stride_dmm, sm_scale, qk_scale, dropout_p, seed,
+            stride_dmm, sm_scale, qk_scale, dropout_p, seed, softcap2, slope2,
             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
             BLOCK_M, BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, ATOMIC_DQ, STORE_DMASK, False,
-            DOT_PRECISION, INTERP_BF16)
+            DOT_PRECISION, INTERP_BF16, SOFTCAP, ALIBI)
         dk, dv = _attention_bwd_dkdv_loop(
             dk, dv, k, v, Qh, DOh, Lseh, Deltah, DQh, mask_cols, dmask_cols, rng_base,
             lo, n_first, second, n_masked, n_start, offs_n, offs_d, offs_dv,
             stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk, stride_mm,
-            stride_dmm, sm_scale, qk_scale, dropout_p, seed,
+            stride_dmm, sm_scale, qk_scale, dropout_p, seed, softcap2, slope2,
             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
             BLOCK_M, BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, ATOMIC_DQ, STORE_DMASK, True,
-            DOT_PRECISION, INTERP_BF16)
+            DOT_PRECISION, INTERP_BF16, SOFTCAP, ALIBI)
 
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n64[:, None] * stride_dkn
@@ -748,11 +827,12 @@ def _attention_bwd_dq_loop(
     K, V, mask_rows, rng_rows,
     lo, n_first, second, n_blocks, offs_m, offs_d, offs_dv,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
-    qk_scale, dropout_p, seed,
+    qk_scale, dropout_p, seed, softcap2, slope2,
     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """Accumulate dQ of one query block over a schedule of key blocks, in a fixed order."""
     d_ok = offs_d < head_dim
@@ -775,6 +855,11 @@ def _attention_bwd_dq_loop(
             kT = kT.to(tl.float32)
             vT = vT.to(tl.float32)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        if SOFTCAP:
+            t = _tanh(s / softcap2)
+            s = softcap2 * t
+        if ALIBI:
+            s -= _alibi_bias(offs_m, offs_n, diag_offset, slope2)
         if HAS_MASK:
             am = tl.load(mask_rows + offs_n64[None, :] * stride_mn,
                          mask=row_ok[:, None] & n_ok[None, :], other=0.0)
@@ -789,6 +874,8 @@ def _attention_bwd_dq_loop(
             keep = _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_N)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:  # through softcap * tanh(x / softcap): d/dx = 1 - tanh^2
+            ds = ds * (1.0 - t * t)
         if INTERP_BF16:
             ds = ds.to(tl.bfloat16).to(tl.float32)
         else:
@@ -804,20 +891,22 @@ def _attention_bwd_dq_loop(
 )
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q, K, V, Mask, DO, Lse, Delta, DQ,
-    sm_scale, qk_scale, dropout_p, seed,
+    Q, K, V, Mask, DO, Lse, Delta, DQ, Slopes,
+    sm_scale, qk_scale, dropout_p, seed, softcap2,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom, stride_dok,
     stride_dqb, stride_dqh, stride_dqm, stride_dqk,
+    stride_slb, stride_slh,
     num_heads, num_bh, seqlen_q, seqlen_k, group_size, head_dim, head_dim_v,
     window_left, window_right, diag_offset,
     seqlen_q_key, seqlen_k_key,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq (B, H, L, E) without atomics (deterministic backward): one program per query block
@@ -860,6 +949,9 @@ def _attention_bwd_dq_kernel(
     mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m64[:, None] * stride_mm
     rng_rows = ((b * num_heads + h) * seqlen_q + offs_m64) * tl.cdiv(seqlen_k, 4)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(Slopes + b * stride_slb + h * stride_slh) * _LOG2E
 
     lo, n_first, second, n_masked, full_lo, n_full = _key_band(
         m_start, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
@@ -867,15 +959,17 @@ def _attention_bwd_dq_kernel(
     dq = _attention_bwd_dq_loop(
         dq, q, do, lse2, delta, K, V, mask_rows, rng_rows, full_lo, n_full, full_lo, n_full,
         offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
-        qk_scale, dropout_p, seed,
+        qk_scale, dropout_p, seed, softcap2, slope2,
         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
-        BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, False, DOT_PRECISION, INTERP_BF16)
+        BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, False, DOT_PRECISION, INTERP_BF16,
+        SOFTCAP, ALIBI)
     dq = _attention_bwd_dq_loop(
         dq, q, do, lse2, delta, K, V, mask_rows, rng_rows, lo, n_first, second, n_masked,
         offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
-        qk_scale, dropout_p, seed,
+        qk_scale, dropout_p, seed, softcap2, slope2,
         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
-        BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, True, DOT_PRECISION, INTERP_BF16)
+        BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, True, DOT_PRECISION, INTERP_BF16,
+        SOFTCAP, ALIBI)
 
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m64[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqk, (dq * sm_scale).to(DQ.dtype.element_ty),
@@ -995,18 +1089,20 @@ def _kvcache_append_kernel(
 )
 @triton.jit
 def _kvcache_split_kernel(
-    Q, KCache, VCache, SeqLens, LeftPad, Out, OutPartial, LsePartial,
-    qk_scale,
+    Q, KCache, VCache, SeqLens, LeftPad, Out, OutPartial, LsePartial, Slopes, Sinks,
+    qk_scale, softcap2,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
     stride_ob, stride_oh, stride_om, stride_ok,
+    stride_slb, stride_slh,
     num_heads, num_kv_heads, num_bhk, seqlen_q, group_size, capacity, num_new, num_splits,
     head_dim, head_dim_v,
     capacity_key,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Flash-decoding over one chunk of the cache for all query rows of one kv group: the
     Lq * (H / Hkv) rows form the M tile, so each K/V byte is read once per chunk. The chunk
@@ -1014,8 +1110,10 @@ def _kvcache_split_kernel(
     HAS_LEFTPAD), so splits follow the real sequence.
     SPLIT: write normalised partial out (fp32) and lse per split for the combine kernel;
     otherwise write the final output. With the rotary embedding, Q is the rotated copy the
-    append kernel wrote. Grid: grid_folded(num_splits * cdiv(Lq * group, BLOCK_M),
-    B * Hkv), split index fastest."""
+    append kernel wrote. SOFTCAP / ALIBI: the score modifiers (query row i at cache position
+    total - Lq + i); SINKS: the sink joins the denominator here without SPLIT, else in the
+    combine kernel. Grid: grid_folded(num_splits * cdiv(Lq * group, BLOCK_M), B * Hkv), split
+    index fastest."""
     pid_s = tl.program_id(0) % num_splits
     pid_m = tl.program_id(0) // num_splits
     pid_bh = folded_id()
@@ -1050,6 +1148,9 @@ def _kvcache_split_kernel(
     K = KCache + b * stride_kb + hk * stride_kh
     V = VCache + b * stride_vb + hk * stride_vh
     last_key = total - seqlen_q + i  # bottom-right causal: row i sees keys <= last_key
+    slope2 = 0.0
+    if ALIBI:  # per row: the rows of a kv group belong to different query heads
+        slope2 = tl.load(Slopes + b * stride_slb + h * stride_slh, mask=r_ok, other=0.0) * _LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -1063,6 +1164,10 @@ def _kvcache_split_kernel(
         if INTERP_BF16:
             k = k.to(tl.float32)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if SOFTCAP:
+            s = softcap2 * _tanh(s / softcap2)
+        if ALIBI:
+            s -= _alibi_bias(last_key, offs_n, 0, slope2[:, None])
         vis = n_ok[None, :]
         if CAUSAL:
             vis = vis & (offs_n[None, :] <= last_key[:, None])
@@ -1082,6 +1187,14 @@ def _kvcache_split_kernel(
         acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if SINKS:
+        if not SPLIT:
+            sink2 = tl.load(Sinks + h, mask=r_ok, other=0.0) * _LOG2E
+            m_f = tl.maximum(m_i, sink2)
+            alpha = tl.math.exp2(m_i - m_f)
+            l_i = l_i * alpha + tl.math.exp2(sink2 - m_f)
+            acc = acc * alpha[:, None]
+            m_i = m_f
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     if SPLIT:
@@ -1099,23 +1212,29 @@ def _kvcache_split_kernel(
 
 @triton.jit
 def _kvcache_combine_kernel(
-    OutPartial, LsePartial, Out,
-    num_splits, head_dim_v,
-    HEAD_DIM_V: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    OutPartial, LsePartial, Out, Sinks,
+    num_splits, head_dim_v, num_heads, seqlen_q,
+    HEAD_DIM_V: tl.constexpr, BLOCK_SPLITS: tl.constexpr, SINKS: tl.constexpr,
 ):
     """out[row] = sum_s exp(lse_s - lse) * out_s over the splits of one (b, h, i) row; splits
-    that saw no key carry lse = -inf and weigh 0. Grid: (B * H * Lq,)."""
+    that saw no key carry lse = -inf and weigh 0; SINKS: exp(sinks[h]) joins the denominator.
+    Grid: (B * H * Lq,)."""
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_SPLITS)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     s_ok = offs_s < num_splits
     lse = tl.load(LsePartial + row * num_splits + offs_s, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
+    if SINKS:
+        sink = tl.load(Sinks + (row // seqlen_q) % num_heads)
+        m = tl.maximum(m, sink)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse - m)
     o = tl.load(OutPartial + (row * num_splits + offs_s)[:, None] * head_dim_v + offs_dv[None, :],
                 mask=s_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
     den = tl.sum(w, 0)
+    if SINKS:
+        den += tl.exp(sink - m)
     out = tl.sum(w[:, None] * o, 0) / tl.where(den == 0.0, 1.0, den)
     tl.store(Out + row * head_dim_v + offs_dv, out.to(Out.dtype.element_ty),
              mask=offs_dv < head_dim_v)
@@ -1157,19 +1276,29 @@ def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
 
 
+def _slope_strides(slopes: torch.Tensor | None) -> tuple[int, int]:
+    """(batch, head) strides of the (B, H) slopes, or of (H,) slopes broadcast over the batch."""
+    if slopes is None:
+        return 0, 0
+    return (0, slopes.stride(0)) if slopes.dim() == 1 else tuple(slopes.stride())
+
+
 @device_guard
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
     scale: float, window_left: int, window_right: int, diag_offset: int,
-    dropout_p: float, seed: int,
+    dropout_p: float, seed: int, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of fused attention.
 
     q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) in one float dtype, any strides;
     attn_mask None or additive (B, H, L, S) in q's dtype (stride 0 on broadcast dims).
+    softcap (0: none), alibi_slopes float32 (B, H) by strides, sinks float32 (H,): the score
+    modifiers of csrc/fastattn.cpp.
     Returns out (B, H, L, Ev) in q's dtype, stored token-major ((B, L, H, Ev) memory, so that
     out.transpose(1, 2) is contiguous), and lse (B, H, L) float32 (natural log, -inf on rows
-    with no visible key).
+    with no visible key, the sink where there is one).
     """
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
@@ -1178,19 +1307,25 @@ def attention_fwd(
     if out.numel() == 0 or lse.numel() == 0 or S == 0:
         out.zero_()
         lse.fill_(float("-inf"))
+        if sinks is not None and S == 0:
+            lse.copy_(sinks.view(1, H, 1).expand(B, H, L))
         return out, lse
     mask = attn_mask if attn_mask is not None else q  # dummy pointer, never read
+    slopes = alibi_slopes if alibi_slopes is not None else lse  # dummy pointers, never read
+    sinks_arg = sinks.contiguous() if sinks is not None else lse
     grid = lambda meta: grid_folded(triton.cdiv(L, meta["BLOCK_M"]), B * H)
     _attention_fwd_kernel[grid](
-        q, k, v, mask, out, lse,
-        scale * math.log2(math.e), dropout_p, seed,
+        q, k, v, mask, out, lse, slopes, sinks_arg,
+        scale * math.log2(math.e), dropout_p, seed, softcap * math.log2(math.e),
         *q.stride(), *k.stride(), *v.stride(), *_strides4(attn_mask), *out.stride(),
+        *_slope_strides(alibi_slopes),
         H, B * H, L, S, H // Hkv, E, Ev,
         window_left, window_right, diag_offset,
         _seq_key(L), _seq_key(S),
         HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev),
         HAS_MASK=attn_mask is not None, HAS_LEFT=window_left >= 0,
         HAS_RIGHT=window_right >= 0, DROPOUT=dropout_p > 0.0,
+        SOFTCAP=softcap > 0.0, ALIBI=alibi_slopes is not None, SINKS=sinks is not None,
         **_dot_args(q.dtype, q.device),
     )
     return out, lse
@@ -1202,14 +1337,17 @@ def attention_bwd(
     out: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor | None,
     attn_mask: torch.Tensor | None, scale: float, window_left: int, window_right: int,
     diag_offset: int, dropout_p: float, seed: int, compute_dmask: bool, deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of fused attention from the saved lse.
 
     grad_out, out (B, H, L, Ev); lse, grad_lse (B, H, L) float32 (grad_lse optional); the other
     arguments as in attention_fwd. Returns dq (B, H, L, E), dk (B, Hkv, S, E), dv (B, Hkv, S, Ev)
     contiguous in q's dtype and dmask (B, H, L, S) in the mask's dtype when compute_dmask (else an
     empty tensor). deterministic: dQ from a separate kernel without atomics (bitwise repeatable);
-    otherwise dQ is accumulated with fp32 atomic adds by the dK/dV kernel.
+    otherwise dQ is accumulated with fp32 atomic adds by the dK/dV kernel. dsinks (H,) float32
+    when sinks are given (else an empty tensor); the slopes get no gradient.
     """
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
@@ -1219,8 +1357,11 @@ def attention_bwd(
     want_dmask = compute_dmask and attn_mask is not None
     dmask = (torch.zeros((B, H, L, S), dtype=attn_mask.dtype, device=dev) if want_dmask
              else q.new_empty((0,)))
+    dsinks = torch.zeros((H if sinks is not None else 0,), dtype=torch.float32, device=dev)
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
-        return torch.zeros((B, H, L, E), dtype=q.dtype, device=dev), dk, dv, dmask
+        if sinks is not None and grad_lse is not None and S == 0 and q.shape[2] > 0:
+            dsinks = grad_lse.float().sum((0, 2))  # no key: lse = sink
+        return torch.zeros((B, H, L, E), dtype=q.dtype, device=dev), dk, dv, dmask, dsinks
 
     lse = lse.contiguous()
     delta = torch.empty((B, H, L), dtype=torch.float32, device=dev)
@@ -1237,21 +1378,28 @@ def attention_bwd(
         H, B * H, L, Ev,
         HEAD_DIM_V=_head_block(Ev), HAS_GRAD_LSE=has_grad_lse, BLOCK_M=block_m,
     )
+    if sinks is not None:
+        _attention_sink_grad_kernel[(H,)](sinks.contiguous(), lse, delta, dsinks, H, B, L,
+                                          BLOCK=min(1024, max(16, triton.next_power_of_2(L))))
+    slopes = alibi_slopes if alibi_slopes is not None else lse  # dummy pointer, never read
 
     mask = attn_mask if attn_mask is not None else q
     dmask_arg = dmask if want_dmask else q
     common = dict(
         HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev),
         HAS_MASK=attn_mask is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-        DROPOUT=dropout_p > 0.0, **_dot_args(q.dtype, dev),
+        DROPOUT=dropout_p > 0.0, SOFTCAP=softcap > 0.0, ALIBI=alibi_slopes is not None,
+        **_dot_args(q.dtype, dev),
     )
     qk_scale = scale * math.log2(math.e)
+    softcap2 = softcap * math.log2(math.e)
     grid = lambda meta: grid_folded(triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)
     _attention_bwd_dkdv_kernel[grid](
-        q, k, v, mask, grad_out, lse, delta, dq, dk, dv, dmask_arg,
-        scale, qk_scale, dropout_p, seed,
+        q, k, v, mask, grad_out, lse, delta, dq, dk, dv, dmask_arg, slopes,
+        scale, qk_scale, dropout_p, seed, softcap2,
         *q.stride(), *k.stride(), *v.stride(), *_strides4(attn_mask), *grad_out.stride(),
         *dq.stride(), *dk.stride(), *dv.stride(), *_strides4(dmask if want_dmask else None),
+        *_slope_strides(alibi_slopes),
         H, Hkv, B * Hkv, L, S, H // Hkv, E, Ev,
         window_left, window_right, diag_offset,
         _seq_key(L), _seq_key(S),
@@ -1260,10 +1408,10 @@ def attention_bwd(
     if deterministic:
         grid = lambda meta: grid_folded(triton.cdiv(L, meta["BLOCK_M"]), B * H)
         _attention_bwd_dq_kernel[grid](
-            q, k, v, mask, grad_out, lse, delta, dq,
-            scale, qk_scale, dropout_p, seed,
+            q, k, v, mask, grad_out, lse, delta, dq, slopes,
+            scale, qk_scale, dropout_p, seed, softcap2,
             *q.stride(), *k.stride(), *v.stride(), *_strides4(attn_mask), *grad_out.stride(),
-            *dq.stride(),
+            *dq.stride(), *_slope_strides(alibi_slopes),
             H, B * H, L, S, H // Hkv, E, Ev,
             window_left, window_right, diag_offset,
             _seq_key(L), _seq_key(S),
@@ -1271,7 +1419,7 @@ def attention_bwd(
         )
     else:
         dq = dq.to(q.dtype)
-    return dq, dk, dv, dmask
+    return dq, dk, dv, dmask, dsinks
 
 
 def _sm_count(device: torch.device) -> int:
@@ -1304,7 +1452,9 @@ def attention_kvcache(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     k_new: torch.Tensor | None, v_new: torch.Tensor | None, scale: float, causal: bool,
     cache_leftpad: torch.Tensor | None = None, rotary_cos: torch.Tensor | None = None,
-    rotary_sin: torch.Tensor | None = None, rotary_interleaved: bool = False, *,
+    rotary_sin: torch.Tensor | None = None, rotary_interleaved: bool = False,
+    softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None, *,
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """Decoding attention; appends k_new/v_new to the caches in place first.
@@ -1315,7 +1465,8 @@ def attention_kvcache(
     total_b = seqlens[b] (+ Lq with k_new), lp_b = cache_leftpad[b] (0 without).
     rotary_cos/rotary_sin (max_pos, rotary_dim / 2) (with k_new): q and k_new token i rotated at
     position seqlens[b] - lp_b + i (csrc/fastattn.cpp), both by the append kernel (q into a
-    rotated copy the split kernel reads). num_splits overrides the split-K heuristic (1 = no combine pass). Returns (B, H, Lq, Ev)
+    rotated copy the split kernel reads). softcap / alibi_slopes ((H,) or (B, H)) / sinks (H,):
+    the score modifiers, query i at cache position total_b - Lq + i. num_splits overrides the split-K heuristic (1 = no combine pass). Returns (B, H, Lq, Ev)
     contiguous in q's dtype.
     """
     B, H, Lq, E = q.shape
@@ -1362,20 +1513,25 @@ def attention_kvcache(
         lse_partial = torch.empty((B * H * Lq, num_splits), dtype=torch.float32, device=dev)
     else:
         out_partial = lse_partial = out  # unused
+    slopes = alibi_slopes if alibi_slopes is not None else seqlens  # dummy pointers, never read
+    sinks_arg = sinks.contiguous() if sinks is not None else seqlens
     _kvcache_split_kernel[grid_folded(num_splits * m_blocks, B * Hkv)](
         q, k_cache, v_cache, seqlens, leftpad,
-        out, out_partial, lse_partial,
-        scale * math.log2(math.e),
+        out, out_partial, lse_partial, slopes, sinks_arg,
+        scale * math.log2(math.e), softcap * math.log2(math.e),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        *_slope_strides(alibi_slopes),
         H, Hkv, B * Hkv, Lq, group, cap, Lq if k_new is not None else 0, num_splits, E, Ev,
         _seq_key(cap),
         HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev), BLOCK_M=block_m,
         CAUSAL=bool(causal), SPLIT=split, HAS_LEFTPAD=cache_leftpad is not None,
+        SOFTCAP=softcap > 0.0, ALIBI=alibi_slopes is not None, SINKS=sinks is not None,
         **_dot_args(q.dtype, dev),
     )
     if split:
         _kvcache_combine_kernel[(B * H * Lq,)](
-            out_partial, lse_partial, out, num_splits, Ev,
+            out_partial, lse_partial, out, sinks_arg, num_splits, Ev, H, Lq,
             HEAD_DIM_V=_head_block(Ev), BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+            SINKS=sinks is not None,
         )
     return out

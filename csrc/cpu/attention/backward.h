@@ -11,7 +11,7 @@
 // [bn][bm], lse and each lane's key window [bm], then the pass's own `extra` floats.
 struct RowBlock {
   int bm, NV;
-  float *qt, *dot, *sb, *db, *mk, *l2, *extra;
+  float *qt, *dot, *sb, *db, *mk, *df, *l2, *extra;
   int32_t *rlo, *rhi;
 };
 
@@ -22,12 +22,13 @@ FA_INLINE RowBlock row_block(const AttnArgs& a, Scratch& scratch, int bm, int64_
   RowBlock w;
   w.bm = bm;
   w.NV = bm / 16;
-  w.qt = scratch.get(n_qt + n_dot + 3 * n_blk + 3 * static_cast<size_t>(bm) + n_extra);
+  w.qt = scratch.get(n_qt + n_dot + 4 * n_blk + 3 * static_cast<size_t>(bm) + n_extra);
   w.dot = w.qt + n_qt;
   w.sb = w.dot + n_dot;
   w.db = w.sb + n_blk;
   w.mk = w.db + n_blk;
-  w.l2 = w.mk + n_blk;
+  w.df = w.mk + n_blk;  // the softcap derivative of the block's logits (mods_tile)
+  w.l2 = w.df + n_blk;
   w.rlo = reinterpret_cast<int32_t*>(w.l2 + bm);
   w.rhi = w.rlo + bm;
   w.extra = reinterpret_cast<float*>(w.rhi + bm);
@@ -49,6 +50,8 @@ void for_each_key_block(const AttnArgs& a, const QBlock& qb, int64_t bn, const B
   pack_t(x.Q.at(b, h, qb.q0), x.Q.s2, x.Q.s3, qb.nq, a.E, bm, bm, w.qt);
   pack_t(x.DO.at(b, h, qb.q0), x.DO.s2, x.DO.s3, qb.nq, a.Ev, bm, bm, w.dot);
   for (int i = 0; i < bm; ++i) w.l2[i] = i < qb.nq ? lse[(b * a.H + h) * a.L + qb.q0 + i] : kNegInf;
+  // mods_tile writes the real (query, key) cells only; the rest multiply p = 0
+  if (a.softcap > 0.f) std::fill(w.df, w.df + bn * bm, 1.f);
   for (int64_t kb = qb.klo / bn; kb <= qb.khi / bn; ++kb) {
     const int64_t n0 = kb * bn, nk = std::min<int64_t>(bn, a.S - n0);
     const bool full = block_window(a, qb, n0, nk, w.rlo, w.rhi);
@@ -57,6 +60,7 @@ void for_each_key_block(const AttnArgs& a, const QBlock& qb, int64_t bn, const B
                       CInit::zero);
     gemm_bcast<OpF32>(nk, w.NV, a.Ev, x.V.at(b, kvh, n0), x.V.s2, x.V.s3, w.dot, bm, w.db, bm,
                       CInit::zero);
+    if (a.mods()) mods_tile(a, b, h, qb.q0, qb.nq, n0, nk, w.sb, 1, bm, w.df);
     block(n0, nk, full);
   }
 }
@@ -69,7 +73,7 @@ FA_INLINE void recompute_p_t(const AttnArgs& a, const QBlock& qb, const RowBlock
                              int64_t n0, int64_t nk, bool full, uint32_t dkey, F&& fn) {
   const int bm = w.bm;
   const float* mk = a.mask ? w.mk : nullptr;
-  const vf sc = vset1(a.scale);
+  const vf sc = vset1(a.mods() ? 1.f : a.scale);  // mods_tile folded the scale in
   const vf vl2 = vload(w.l2 + qv);
   const vm live = vcmp_neq(vl2, vset1(kNegInf));
   const vi vlo = viload(w.rlo + qv), vhi = viload(w.rhi + qv);
@@ -92,10 +96,11 @@ FA_INLINE void recompute_p_t(const AttnArgs& a, const QBlock& qb, const RowBlock
 template <typename T>
 void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, const T* outp,
                         const int64_t* so, const float* lse, const float* glse, T* dq, T* dk, T* dv,
-                        T* dmask) {
+                        T* dmask, float* dsinks) {
   const int64_t B = a.B, H = a.H, Hkv = a.Hkv, L = a.L, S = a.S, E = a.E, Ev = a.Ev;
   const int64_t G = H / Hkv;
-  const vf sc = vset1(a.scale);
+  const vf sc = vset1(a.mods() ? 1.f : a.scale);  // with mods, mods_tile folds the scale in
+  const bool capped = a.softcap > 0.f;  // dS also carries d(softcap)/dx
 
   std::vector<float> qbuf, dobuf, kbuf, vbuf;
   const F32Rows Q = f32_rows<T>(static_cast<const T*>(a.q), a.sq, B, H, L, E, qbuf);
@@ -106,6 +111,8 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
 
   // delta = rowsum(dO * O) - grad_lse
   std::vector<float> delta(static_cast<size_t>(B * H * L), 0.f);
+  if (std::is_same_v<T, float> && glse)  // the fp32 sweep below overwrites rows that see keys
+    for (int64_t r = 0; r < B * H * L; ++r) delta[static_cast<size_t>(r)] = -glse[r];
   if (!std::is_same_v<T, float>)
     at::parallel_for(0, B * H * L, 64, [&](int64_t r0, int64_t r1) {
       std::vector<float> orow(static_cast<size_t>(Ev));
@@ -162,13 +169,31 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
       });
       for (int64_t i = 0; i < qb.nq; ++i) {
         const int64_t row = (b * H + h) * L + qb.q0 + i;
+        // the sink's share of the row (no dP: it has no value row)
+        const float rt = rs[i] + (a.sinks && rs[i] > 0.f ? std::exp(a.sinks[h] - lse[row]) : 0.f);
         if (rs[i] > 0.f) {
-          lse_ref[static_cast<size_t>(row)] = lse[row] + std::log(rs[i]);
-          delta[static_cast<size_t>(row)] = us[i] / rs[i] - (glse ? glse[row] : 0.f);
+          lse_ref[static_cast<size_t>(row)] = lse[row] + std::log(rt);
+          delta[static_cast<size_t>(row)] = us[i] / rt - (glse ? glse[row] : 0.f);
         }
       }
     });
     lse = lse_ref.data();
+  }
+
+  // dsink[h] = -sum over (b, i) of p_sink * delta, p_sink = e^(sink - lse), in a fixed order
+  if (dsinks) {
+    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+      for (int64_t h = h0; h < h1; ++h) {
+        double acc = 0.0;
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t i = 0; i < L; ++i) {
+            const int64_t row = (b * H + h) * L + i;
+            if (lse[row] == kNegInf) continue;
+            acc += std::exp(static_cast<double>(a.sinks[h]) - lse[row]) * delta[static_cast<size_t>(row)];
+          }
+        dsinks[h] = static_cast<float>(-acc);
+      }
+    });
   }
 
   // ---- pass 1: dK, dV per (b, kv head, key block of 64) ------------------------------------
@@ -194,13 +219,15 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
       const int64_t t = order[task];
       const int64_t kb = t % nkb, kvh = (t / nkb) % Hkv, b = t / (nkb * Hkv);
       const int64_t n0 = kb * bn, nk = std::min(bn, S - n0);
-      float* kt = scratch.get(2 * n_kt + 2 * n_vt + 2 * n_blk + bn);
+      float* kt = scratch.get(2 * n_kt + 2 * n_vt + 3 * n_blk + bn);
       float* vt = kt + n_kt;
       float* dkt = vt + n_vt;
       float* dvt = dkt + n_kt;
       float* sb = dvt + n_vt;
       float* db = sb + n_blk;
-      float* mrow = db + n_blk;
+      float* dfb = db + n_blk;  // the softcap derivative (mods_tile)
+      float* mrow = dfb + n_blk;
+      if (capped) std::fill(dfb, dfb + n_blk, 1.f);  // mods_tile writes the real cells only
       pack_t(K.at(b, kvh, n0), K.s2, K.s3, nk, E, bn, bn, kt);
       pack_t(V.at(b, kvh, n0), V.s2, V.s3, nk, Ev, bn, bn, vt);
       std::fill(dkt, dkt + n_kt, 0.f);
@@ -217,6 +244,7 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
           const int64_t ni = std::min(bq, qz - i0);
           gemm_bcast<OpF32>(ni, NV, E, Q.at(b, h, i0), Q.s2, Q.s3, kt, bn, sb, bn, CInit::zero);
           gemm_bcast<OpF32>(ni, NV, Ev, DO.at(b, h, i0), DO.s2, DO.s3, vt, bn, db, bn, CInit::zero);
+          if (a.mods()) mods_tile(a, b, h, i0, ni, n0, nk, sb, bn, 1, dfb);
           for (int64_t r = 0; r < ni; ++r) {
             const int64_t i = i0 + r, row = (b * H + h) * L + i;
             float* srow = sb + r * bn;
@@ -255,7 +283,9 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
                 pd = vmul(p, z);
               }
               vstore(srow + j, pd);
-              vstore(drow + j, vmul(p, vsub(dp, vdel)));  // dS
+              vf ds = vmul(p, vsub(dp, vdel));  // dS
+              if (capped) ds = vmul(ds, vload(dfb + r * bn + j));
+              vstore(drow + j, ds);
             }
           }
           // dV^T[e][j] += sum_r dO[r][e] Pd[r][j];  dK^T[e][j] += sum_r Q[r][e] dS[r][j]
@@ -302,7 +332,9 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
             const vf vdel = vload(del + qv);
             recompute_p_t(a, qb, w, qv, n0, nk, full, dkey,
                           [&](int64_t j, vf p, vf dp) FA_INLINE_LAMBDA {
-                            vstore(w.db + j * bm + qv, vmul(p, vsub(dp, vdel)));  // dS^T
+                            vf ds = vmul(p, vsub(dp, vdel));  // dS^T
+                            if (capped) ds = vmul(ds, vload(w.df + j * bm + qv));
+                            vstore(w.db + j * bm + qv, ds);
                           });
           }
           if (dmask) {

@@ -94,12 +94,15 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* begin, const int64_
   const int64_t pstride = R * (Ev16 + 2);
   std::vector<float> part(static_cast<size_t>(B * Hkv * nchunk * pstride));
   const float qscale = a.scale;
+  AttnArgs a1 = a;
+  a1.scale = 1.f;
 
   run_tasks(B * Hkv * nchunk, [&](int64_t t, Scratch& scratch) {
     const int64_t ch = t % nchunk, kvh = (t / nchunk) % Hkv, b = t / (nchunk * Hkv);
 #ifdef FA_AVX512
     // one query row per kv head (MHA decoding, the common case): registers only
-    if (R == 1 && a.sk[3] == 1 && a.sv[3] == 1 && a.sq[3] == 1 && std::max(E, Ev) <= 256) {
+    if (R == 1 && !a.mods() && a.sk[3] == 1 && a.sv[3] == 1 && a.sq[3] == 1 &&
+        std::max(E, Ev) <= 256) {
       const T* qr = static_cast<const T*>(a.q) + b * a.sq[0] + kvh * a.sq[1];
       const T* kb = static_cast<const T*>(a.k) + b * a.sk[0] + kvh * a.sk[1];
       const T* vb = static_cast<const T*>(a.v) + b * a.sv[0] + kvh * a.sv[1];
@@ -166,6 +169,12 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* begin, const int64_
             acc = vfma(vload(qs + r * E16 + e), vload(kr + j * E16 + e), acc);
           sc[r * 16 + j] = vhsum(acc);
         }
+        if (a.mods()) {  // q was scaled already: the modifiers with scale 1 (a1)
+          const float slope = a.slope(b, kvh * G + r / Lq);
+          const int64_t qpos = total[b] - Lq + r % Lq;
+          for (int64_t j = 0; j < nk; ++j)
+            sc[r * 16 + j] = mod_score(a1, sc[r * 16 + j], slope, qpos - (n0 + j), nullptr);
+        }
         // causal: query i of Lq sees keys [0, total - Lq + i]
         const int64_t hi = causal ? total[b] - Lq + r % Lq : total[b] - 1;
         const int64_t nvis = std::clamp<int64_t>(hi - n0 + 1, 0, nk);
@@ -221,8 +230,10 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* begin, const int64_
           for (int64_t e = 0; e < Ev; ++e) acc[e] += pc[e] * w;
         }
       }
-      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
       const int64_t g = r / Lq, i = r % Lq;
+      // the sink joins the denominator (relative to M, as lsum)
+      if (a.sinks && M != kNegInf) lsum += std::exp(a.sinks[kvh * G + g] - M);
+      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
       T* orow = out + ((b * H + kvh * G + g) * Lq + i) * Ev;
       for (int64_t e = 0; e < Ev; ++e) orow[e] = static_cast<T>(acc[e] * inv);
     }

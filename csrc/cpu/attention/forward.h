@@ -8,7 +8,25 @@ void write_out(const AttnArgs& a, const QBlock& qb, const float* ot, const float
   alignas(64) float inv[256];
   for (int64_t i = 0; i < qb.bm; ++i) inv[i] = l[i] > 0.f ? 1.f / l[i] : 0.f;
   const int64_t row0 = (qb.b * a.H + qb.h) * a.L + qb.q0;
-  for (int64_t i = 0; i < qb.nq; ++i) lse[row0 + i] = l[i] > 0.f ? m2[i] + std::log(l[i]) : kNegInf;
+  if (a.sinks) {
+    // the sink joins the denominator: lse = log(e^sink + l e^m2), out = O^T e^(m2 - lse)
+    const float sink = a.sinks[qb.h];
+    for (int64_t i = 0; i < qb.bm; ++i) {
+      if (!(l[i] > 0.f)) {
+        inv[i] = 0.f;
+        if (i < qb.nq) lse[row0 + i] = sink;
+        continue;
+      }
+      const float ls = m2[i] + std::log(l[i]);
+      const float hi = std::max(ls, sink);
+      const float lt = hi + std::log1p(std::exp(-std::fabs(ls - sink)));
+      inv[i] = std::exp(m2[i] - lt);
+      if (i < qb.nq) lse[row0 + i] = lt;
+    }
+  } else {
+    for (int64_t i = 0; i < qb.nq; ++i)
+      lse[row0 + i] = l[i] > 0.f ? m2[i] + std::log(l[i]) : kNegInf;
+  }
   T* out0 = out + qb.b * a.so[0] + qb.h * a.so[1] + qb.q0 * a.so[2];  // row q0 of this (b, h)
 #ifdef FA_AVX512
   // 16 x 16 blocks: rows e (queries in lanes) -> transposed -> rows of out
@@ -49,6 +67,10 @@ void attention_fwd_impl(const AttnArgs& a, T* out, float* lse) {
   const int64_t bn =
       P == Path::amx ? std::min<int64_t>(256, round_up(std::max<int64_t>(a.S, 1), 32)) : 64;
   const int64_t nqb = (a.L + bm - 1) / bm;
+  // with softcap / ALiBi the score tiles are turned into logits first (mods_tile) and the softmax
+  // runs on them with scale 1
+  AttnArgs as = a;
+  if (a.mods()) as.scale = 1.f;
 
   KVOperands kv;
   std::vector<float> kbuf32, vbuf32;
@@ -128,7 +150,8 @@ void attention_fwd_impl(const AttnArgs& a, T* out, float* lse) {
               const float* kr = kv.kf + b * kv.k_batch + kvh * kv.k_head + n0 * kv.k_row;
               const float* vr = kv.vf_ + b * kv.v_batch + kvh * kv.v_head + n0 * kv.v_row;
               gemm_bcast<OpF32>(nk, NV, E, kr, kv.k_row, kv.k_col, qt, bm, s, bm, CInit::zero);
-              softmax_block<false, true>(a, qb, n0, nk, nk, s, mkp, full, rlo, rhi, m2, l, alpha,
+              if (a.mods()) mods_tile(a, b, h, qb.q0, qb.nq, n0, nk, s, 1, bm, nullptr);
+              softmax_block<false, true>(as, qb, n0, nk, nk, s, mkp, full, rlo, rhi, m2, l, alpha,
                                          pbuf);
               gemm_bcast<OpF32>(Ev, NV, nk, vr, kv.v_col, kv.v_row, pbuf, bm, ot, bm,
                                 first ? CInit::zero : CInit::scale, alpha);
@@ -142,7 +165,8 @@ void attention_fwd_impl(const AttnArgs& a, T* out, float* lse) {
               if constexpr (P == Path::amx) {
                 const int64_t nkp = round_up(nk, 32);
                 amx_qk(nkp, bm, Ep / 32, kp, qp, s);
-                const bool rescale = softmax_block<true, false>(a, qb, n0, nk, nkp, s, mkp, full,
+                if (a.mods()) mods_tile(a, b, h, qb.q0, qb.nq, n0, nk, s, 1, bm, nullptr);
+                const bool rescale = softmax_block<true, false>(as, qb, n0, nk, nkp, s, mkp, full,
                                                                 rlo, rhi, m2, l, alpha, pp);
                 if (rescale && !first) {
                   for (int64_t e = 0; e < Evx; ++e)
@@ -154,7 +178,8 @@ void attention_fwd_impl(const AttnArgs& a, T* out, float* lse) {
                 const int64_t nkp = round_up(nk, 2);
                 gemm_bcast<OpBf16>(nk, NV, Ep / 2, reinterpret_cast<const uint32_t*>(kp), Ep / 2, 1,
                                    qp, bm, s, bm, CInit::zero);
-                softmax_block<true, false>(a, qb, n0, nk, nkp, s, mkp, full, rlo, rhi, m2, l, alpha,
+                if (a.mods()) mods_tile(a, b, h, qb.q0, qb.nq, n0, nk, s, 1, bm, nullptr);
+                softmax_block<true, false>(as, qb, n0, nk, nkp, s, mkp, full, rlo, rhi, m2, l, alpha,
                                            pp);
                 gemm_bcast<OpBf16>(Ev, NV, nkp / 2, reinterpret_cast<const uint32_t*>(vt), bn / 2,
                                    1, pp, bm, ot, bm, first ? CInit::zero : CInit::scale, alpha);

@@ -106,3 +106,34 @@ FA_INLINE bool block_window(const AttnArgs& a, const QBlock& qb, int64_t n0, int
   }
   return full;
 }
+
+// ---------------------------------------------------------------------------------------------
+// score modifiers (softcap, ALiBi): applied to a tile of raw scores before the softmax, which then
+// runs with scale 1 (the scale is folded in here)
+// ---------------------------------------------------------------------------------------------
+// x = scale * s -> softcap * tanh(x / softcap) -> x - slope * |dist|; *dfac = d(result)/dx
+// (1 - tanh^2; 1 without softcap) when dfac is given
+FA_INLINE float mod_score(const AttnArgs& a, float s, float slope, int64_t dist, float* dfac) {
+  float x = s * a.scale;
+  if (a.softcap > 0.f) {
+    const float t = std::tanh(x / a.softcap);
+    x = a.softcap * t;
+    if (dfac) *dfac = 1.f - t * t;
+  } else if (dfac) {
+    *dfac = 1.f;
+  }
+  if (a.alibi) x -= slope * static_cast<float>(dist < 0 ? -dist : dist);
+  return x;
+}
+
+// In place on a score tile of queries q0 + i (i < nq) and keys n0 + j (j < nk) of head (b, h):
+// element (i, j) at s[i * si + j * sj]; dfac (same layout) gets the softcap derivative, if given.
+inline void mods_tile(const AttnArgs& a, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t n0,
+                      int64_t nk, float* s, int64_t si, int64_t sj, float* dfac) {
+  const float slope = a.slope(b, h);
+  for (int64_t i = 0; i < nq; ++i)
+    for (int64_t j = 0; j < nk; ++j) {
+      const int64_t x = i * si + j * sj;
+      s[x] = mod_score(a, s[x], slope, q0 + i + a.off - (n0 + j), dfac ? dfac + x : nullptr);
+    }
+}
