@@ -220,7 +220,7 @@ def test_conversion_report_and_settings():
 
 def test_norms_replaced():
     """LayerNorm (BERT, GPT-2), LlamaRMSNorm and T5LayerNorm become fastattn norms; Gemma's
-    (1 + weight) RMSNorm looks the same from outside and is kept."""
+    (1 + weight) RMSNorm becomes fastattn's RMSNorm with offset=1.0 on the same weight."""
     norm = pytest.importorskip("fastattn.nn.norm", reason="fastattn.nn.norm not merged yet")
     for name, cls, count in [("bert", norm.LayerNorm, 5), ("gpt2", norm.LayerNorm, 5),
                              ("llama_gqa", norm.RMSNorm, 5), ("t5", norm.RMSNorm, 12)]:
@@ -230,9 +230,9 @@ def test_norms_replaced():
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, intermediate_size=37))
     converted = fastattn.convert(gemma)
-    assert not any(isinstance(m, norm.RMSNorm) for m in converted.modules())
-    assert sum("GemmaRMSNorm does not compute" in why
-               for _, why in converted.fastattn_report.kept) == 3
+    gemma_norms = [m for m in converted.modules() if isinstance(m, norm.RMSNorm)]
+    assert len(gemma_norms) == 3 and all(m.offset == 1.0 for m in gemma_norms)
+    assert not any("GemmaRMSNorm" in why for _, why in converted.fastattn_report.kept)
 
 
 def test_attn_implementation_at_load_time(sdpa_calls):
