@@ -129,19 +129,26 @@ def _gemm_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
                               num_warps=4, num_stages=1)]
     configs = []
-    # decode / small prefill (M <= 64): short M tiles, many programs along N, deep K pipelining
+    # decode / small prefill (M <= 64): short M tiles, many programs along N, deep K pipelining.
+    # K tiles of 256 over 2048+ outputs take 8 warps: at 4 warps the tensor-core operands of a
+    # 256-deep step sit at ptxas' 255 registers a thread and spill (sm_80/sm_90a, every
+    # feature of the epilogue on: 64x64 20-32 B, 64x128 80-120 B, 16x128 344 B on sm_90a).
     for bm in (16, 32, 64):
         for bn in (64, 128):
             for bk in (128, 256):
+                warps = 8 if bk == 256 and bm * bn >= 2048 else 4
                 for stages in (3, 4, 5):
                     configs.append(triton.Config(
                         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                        num_warps=4, num_stages=stages))
-    # prefill (large M): the int8 tensor-core tiles of cuBLASLt-style kernels on A100/H100
+                        num_warps=warps, num_stages=stages))
+    # prefill (large M): the int8 tensor-core tiles of cuBLASLt-style kernels on A100/H100.
+    # 128x128 and 128x64 run 8 warps (at 4, 128 accumulators a thread spilled 4-288 B); the
+    # 128x256 / 256x128 tiles (128 accumulators at 8 warps) take K steps of 64 (at 128 they
+    # spilled 16-248 B)
     for bm, bn, bk, warps, stages in (
-        (128, 128, 128, 4, 3), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3),
-        (256, 128, 128, 8, 3), (128, 128, 64, 4, 4), (64, 128, 128, 4, 4),
-        (128, 64, 128, 4, 4), (64, 256, 128, 8, 3),
+        (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 128, 4, 4),
+        (128, 64, 128, 8, 4), (64, 256, 128, 8, 3),
     ):
         configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                      num_warps=warps, num_stages=stages))
@@ -233,20 +240,20 @@ def _int8_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    # rows/columns past M/N wrap around (loads stay in bounds without masks) and are not stored
-    offs_am = (offs_m % M).to(tl.int64)
-    offs_bn = (offs_n % N).to(tl.int64)
-    a_ptrs = A + offs_am[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
-    b_ptrs = B + offs_k[:, None].to(tl.int64) * stride_bk + offs_bn[None, :] * stride_bn
+    # rows/columns past M/N wrap around (loads stay in bounds without masks) and are not stored.
+    # The loop carries only the scalar K offset: the tile addresses are rebuilt each step from a
+    # row (column) base and the K range. A (BLOCK_K, BLOCK_N) tensor of 64-bit pointers carried
+    # across iterations is BLOCK_K * BLOCK_N / (32 * num_warps) values a thread (256 for a
+    # 256 x 128 B tile at 4 warps): ptxas spilled 3-15 KB a thread for them.
+    a_rows = A + (offs_m % M).to(tl.int64)[:, None] * stride_am
+    b_cols = B + (offs_n % N).to(tl.int64)[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        a = tl.load(a_rows + ks[None, :].to(tl.int64) * stride_ak, mask=ks[None, :] < K, other=0)
+        b = tl.load(b_cols + ks[:, None].to(tl.int64) * stride_bk, mask=ks[:, None] < K, other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
 
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     c_ptrs = (C + offs_m[:, None].to(tl.int64) * stride_cm
@@ -392,22 +399,19 @@ def _int8_weight_only_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_xm = (offs_m % M).to(tl.int64)
-    offs_wn = (offs_n % N).to(tl.int64)
-    x_ptrs = X + offs_xm[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
-    w_ptrs = W + offs_k[:, None].to(tl.int64) * stride_wk + offs_wn[None, :] * stride_wn
+    # only the scalar K offset is carried by the loop (see _int8_gemm_kernel)
+    x_rows = X + (offs_m % M).to(tl.int64)[:, None] * stride_xm
+    w_cols = W + (offs_n % N).to(tl.int64)[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        x = tl.load(x_rows + ks[None, :].to(tl.int64) * stride_xk, mask=ks[None, :] < K, other=0.0)
+        w = tl.load(w_cols + ks[:, None].to(tl.int64) * stride_wk, mask=ks[:, None] < K, other=0)
         # int8 -> x's dtype is exact (|w| <= 127); float32 x multiplies in full precision (no TF32)
         if FP32 or INTERP_BF16:  # (the interpreter's dot misreads bfloat16 operands)
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w.to(x.dtype), acc)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
     out = acc * tl.load(WScale + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         out = out + tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
