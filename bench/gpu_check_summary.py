@@ -20,6 +20,9 @@ FAMILIES = {
     "int8": ("test_int8_", ("int8_gemm", "int8_linear")),
 }
 
+# bench/gpu_check.sh's exit status when torch sees no CUDA device (it stops before the build)
+NO_GPU = 3
+
 
 def _tests(res: Path) -> dict[str, dict[str, int]]:
     counts = {f: {"passed": 0, "failed": 0, "skipped": 0} for f in FAMILIES}
@@ -58,6 +61,11 @@ def _ratios(res: Path) -> dict[str, str]:
 
 def main(res: Path, status: int) -> None:
     tests, ratios = _tests(res), _ratios(res)
+    if status == NO_GPU:  # nothing was built or run: no family failed, none was tested
+        for fam in FAMILIES:
+            print(f"{fam}: NOT RUN (no CUDA device)")
+        print(f"verdict: NO GPU (exit {status}): nothing was built or run")
+        return
     for fam in FAMILIES:
         t = tests[fam]
         ok = t["passed"] > 0 and t["failed"] == 0 and t["skipped"] == 0

@@ -508,3 +508,24 @@ def test_cli_cuda_smoke(tmp_path):
     attn = next(c for c in doc["cases"] if c["op"] == "attention")
     assert {r["impl"] for r in attn["results"]} >= {"torch.sdpa[flash]", "torch.sdpa[math]"}
     assert all(c["status"] == "ok" for c in doc["ceilings"].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# bench/gpu_check.sh on a machine without a GPU
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible: the check runs")
+def test_gpu_check_without_a_gpu_stops_with_the_reason(tmp_path):
+    """Without a CUDA device the GPU check stops after the environment report, before building
+    anything: exit status 3, and a summary that says why instead of failing each family."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    summary = (tmp_path / "summary.txt").read_text()
+    head = summary.splitlines()[:4]
+    assert head == ["attention: NOT RUN (no CUDA device)", "norm: NOT RUN (no CUDA device)",
+                    "int8: NOT RUN (no CUDA device)",
+                    "verdict: NO GPU (exit 3): nothing was built or run"], summary
+    why = "is not a CUDA build" if torch.version.cuda is None else "sees no CUDA device"
+    assert f"== no GPU: torch {torch.__version__}" in summary and why in summary, summary
+    assert "== build" not in summary
