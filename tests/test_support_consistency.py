@@ -1,12 +1,14 @@
 """What ``_supports`` accepts, the kernels run: the option grid of attention (dtypes, head dims,
-mask, causal, window, dropout, GQA, lse) walked through each backend's support predicate, and
-every accepted call run on tiny shapes through the Triton interpreter and the CUDA host emulator
-(csrc/cuda/emulation, built by tests/test_cuda_build.py). A call that a predicate accepts and a
-kernel then rejects would raise under an explicit backend, and under ``backend="auto"`` would
-fail where the next backend would have run."""
+mask, causal, window, dropout, GQA, lse), of layer_norm / rms_norm (input, weight and bias
+dtypes, residual, offset) and of the int8 ops (input or output dtype) walked through each
+backend's support predicate, and every accepted call run on tiny shapes through the Triton
+interpreter and the CUDA host emulator (csrc/cuda/emulation, built by tests/test_cuda_build.py).
+A call that a predicate accepts and a kernel then rejects would raise under an explicit backend,
+and under ``backend="auto"`` would fail where the next backend would have run."""
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
 import types
@@ -284,3 +286,132 @@ def test_silu_mul_accepted_dtypes_run(dtype):
     dx = A.silu_mul_bwd(torch.randn(3, 40).to(dtype), x)
     assert out.shape == (3, 40) and dx.shape == x.shape
     assert torch.isfinite(out.float()).all() and torch.isfinite(dx.float()).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# layer_norm / rms_norm (with the fused call's offset) and the int8 ops on the CUDA emulator:
+# every dtype combination the CUDA predicate accepts runs through the kernels of csrc/cuda, with
+# the operands prepared as the bindings prepare them (layer_norm_cuda.cpp: weight and bias in the
+# input's dtype, else both promoted to float32, and offset folded into a float32 weight;
+# int8_cuda.cpp: scales and bias as float32, the output dtype of a scaled GEMM float32 when none
+# is given). The rest of what is refused is a dtype the CUDA kernels have no instance for.
+# ---------------------------------------------------------------------------------------------
+ALL_DTYPES = DTYPES + (torch.float64,)
+NORM_GRID = list(itertools.product(ALL_DTYPES, (None,) + ALL_DTYPES, (None,) + ALL_DTYPES))
+# rows that take the vector configs (64, 1024, 8192 elements) and the generic kernel (333:
+# not 16-byte aligned), each with the residual, RMS and the offset rotated over the grid
+NORM_COLS = (64, 333, 1024, 8192)
+
+
+def _close_to(out, ref, dtype, what):
+    """A loose bound (the accuracy of each kernel is tested in tests/test_cuda_build.py): the
+    kernel computed the norm, not something else."""
+    assert torch.isfinite(out.float()).all(), f"{what}: non-finite output"
+    tol = 16 * torch.finfo(dtype).eps * (1 + ref.abs().max().item())
+    err = (out.double() - ref).abs().max().item()
+    assert err <= tol, f"{what}: max error {err:.3e} > {tol:.3e}"
+
+
+@pytest.mark.parametrize("i", range(len(NORM_GRID)))
+def test_cuda_norm_accepted_calls_run_on_the_emulator(i, request):
+    from fastattn import reference
+
+    x_dt, w_dt, b_dt = NORM_GRID[i]
+    cuda = torch.device("cuda")
+    rms, residual, offset = i % 2 == 1, i % 3 == 0, 1.0 if i % 4 >= 2 else 0.0
+    if rms:
+        b_dt = None
+    why = ops_layer_norm._supports("cuda", cuda, (x_dt, w_dt, b_dt))
+    fused = ops_layer_norm._supports_fused(
+        "cuda", cuda, ((x_dt, x_dt if residual else None, w_dt, b_dt, None, None, None), 8, True))
+    if why is not None or fused is not None:
+        assert torch.float64 in (x_dt, w_dt, b_dt), (why, fused)
+        assert why is not None and fused is not None, (why, fused)
+        return
+    if cb.NVCC is None:
+        pytest.skip("nvcc is not on PATH")
+    emulator = request.getfixturevalue("emu")
+    M, N = 3, NORM_COLS[i % len(NORM_COLS)]
+    eps = 1e-5
+    x = torch.randn(M, N).to(x_dt)
+    r = torch.randn(M, N).to(x_dt) if residual else None
+    w = (torch.randn(N) * 0.5 + 1).to(w_dt) if w_dt is not None else None
+    b = torch.randn(N).to(b_dt) if b_dt is not None else None
+    # the binding's parameters: offset makes the weight float32 (w + offset), and any mix other
+    # than "all of the input's dtype" runs the float32-parameter kernels
+    kw = w.float() + offset if w is not None and offset else w
+    pf32 = any(t is not None and t.dtype != x_dt for t in (kw, b))
+    prep = lambda t: None if t is None else (t.float() if pf32 else t).contiguous()  # noqa: E731
+    kw, kb = prep(kw), prep(b)
+
+    out, _ = cb.guarded((M, N), x_dt)
+    rout, _ = cb.guarded((M, N), x_dt) if residual else (None, None)
+    mean, rstd = torch.empty(M), torch.empty(M)
+    st = [x.stride(0), r.stride(0) if residual else 0, out.stride(0), N if residual else 0]
+    emulator.check(emulator.lib.fa_emu_layer_norm_fwd(
+        cb.DT[x_dt], cb._p(x), cb._p(r), cb._p(kw), cb._p(kb), cb._p(out), cb._p(rout),
+        cb._fp(mean), cb._fp(rstd), ctypes.c_longlong(M), ctypes.c_longlong(N), cb._i64(st),
+        ctypes.c_float(eps), int(rms), int(pf32)))
+    xs = (x + r) if residual else x
+    w64 = w.double() + offset if w is not None else None
+    b64 = b.double() if b is not None else None
+    ref = (reference.rms_norm(xs.double(), (N,), w64, eps) if rms
+           else reference.layer_norm(xs.double(), (N,), w64, b64, eps))
+    _close_to(out, ref, x_dt, f"forward {x_dt} {w_dt} {b_dt} N={N}")
+
+    g = torch.randn(M, N).to(x_dt)
+    gr = torch.randn(M, N).to(x_dt) if residual else None
+    gi, _ = cb.guarded((M, N), x_dt)
+    pdt = torch.float32 if pf32 else x_dt
+    gw = torch.full((N,), float("nan"), dtype=pdt) if kw is not None else None
+    gb = torch.full((N,), float("nan"), dtype=pdt) if kb is not None else None
+    xsaved = rout if residual else x
+    st2 = [g.stride(0), gr.stride(0) if residual else 0, xsaved.stride(0), gi.stride(0)]
+    emulator.check(emulator.lib.fa_emu_layer_norm_bwd(
+        cb.DT[x_dt], cb._p(g), cb._p(gr), cb._p(xsaved), cb._p(kw), cb._fp(mean), cb._fp(rstd),
+        cb._p(gi), cb._p(gw), cb._p(gb), ctypes.c_longlong(M), ctypes.c_longlong(N),
+        cb._i64(st2), int(rms), int(pf32), cb.SMS))
+    for name, t in (("grad_input", gi), ("grad_weight", gw), ("grad_bias", gb)):
+        assert t is None or torch.isfinite(t.float()).all(), f"{name}: non-finite"
+
+
+INT8_DTYPES = (None,) + ALL_DTYPES
+
+
+@pytest.mark.parametrize("dtype", INT8_DTYPES, ids=str)
+def test_cuda_int8_accepted_calls_run_on_the_emulator(dtype, request):
+    """quantize_per_token and the weight-only linear take x's dtype as the key, int8_gemm its
+    output dtype (None: int32 without scales, float32 with them): each accepted key runs."""
+    from fastattn import reference
+
+    cuda = torch.device("cuda")
+    why = ops_int8._supports("cuda", cuda, (dtype,))
+    if why is not None:
+        assert dtype == torch.float64, why
+        return
+    if cb.NVCC is None:
+        pytest.skip("nvcc is not on PATH")
+    emulator = request.getfixturevalue("emu")
+    M, N, K = 5, 24, 80
+    a = torch.randint(-127, 128, (M, K), dtype=torch.int8)
+    b = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    sa, sb, bias = torch.rand(M) * 0.01 + 1e-3, torch.rand(N) * 0.01 + 1e-3, torch.randn(N)
+    if dtype is None:
+        assert torch.equal(cb.int8_gemm(emulator, a, b), reference.int8_gemm(a, b))
+        out_dtype = torch.float32  # what the binding writes for a scaled GEMM without out_dtype
+    else:
+        out_dtype = dtype
+        x = torch.randn(M, K).to(dtype)
+        q, s = cb.quantize(emulator, x)
+        q_ref, s_ref = reference.quantize_per_token(x)
+        assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+        out, _ = cb.guarded((M, N), dtype)
+        emulator.check(emulator.lib.fa_emu_int8_weight_only(
+            cb.DT[dtype], cb._p(x), cb._p(b), cb._fp(sb), cb._fp(bias), cb._p(out),
+            cb._i64([M, N, K]), cb._i64([x.stride(0), b.stride(0), out.stride(0)])))
+        ref = (x.double() @ b.double().t()) * sb.double() + bias.double()
+        _close_to(out, ref, dtype, f"weight-only {dtype}")
+    got = cb.int8_gemm(emulator, a, b, sa, sb, bias, out_dtype)
+    ref = reference.int8_gemm(a, b, sa.double(), sb.double(), bias.double(),
+                              out_dtype=torch.float64)
+    _close_to(got, ref, out_dtype, f"int8_gemm -> {out_dtype}")
