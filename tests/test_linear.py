@@ -1,9 +1,10 @@
 """fastattn.linear: F.linear with a CPU kernel that streams the weight for few rows of x.
 
 The kernel is held to the float64 reference with F.linear in x's dtype setting the tolerance, on
-every CPU path (FASTATTN_CPU_ISA caps the choice: below AVX-512 the op runs at::linear): M from
-1 to 16 in row blocks of 1-4, K tails under the 16-element vectors, N off the 4- and 16-row
-blocks, strided rows inside NaN padding, and M above 16 (at::linear inside the op).
+every CPU path (FASTATTN_CPU_ISA caps the choice: AVX-512, AVX2, and at::linear on the portable
+build): M from 1 to 16 in row blocks of 1-4, K tails under the 8- and 16-element vectors, N off
+the 4- and 16-row blocks, strided rows of x and w inside NaN padding, and M above 16 (at::linear
+inside the op).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from helpers import assert_close_rule, nan_padded, skip_unless_backend
 import fastattn
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# cpu: the machine's best path (vdpbf16ps for bfloat16 on AVX512-BF16); avx512: float32 FMA on
-# widened weights; avx2: at::linear
-KERNELS = [("cpu", None), ("cpu", "avx512"), ("cpu", "avx2"), ("reference", None)]
+# cpu: the machine's best path (vdpbf16ps for bfloat16 on AVX512-BF16); avx512 / avx2: float32 FMA
+# on widened weights, 16 / 8 per vector (a cap above the machine runs its best path); portable:
+# at::linear
+KERNELS = [("cpu", None), ("cpu", "avx512"), ("cpu", "avx2"), ("cpu", "portable"), ("reference", None)]
 
 
-@pytest.fixture(params=KERNELS, ids=["cpu", "cpu-avx512", "cpu-avx2", "reference"])
+@pytest.fixture(params=KERNELS, ids=["cpu", "cpu-avx512", "cpu-avx2", "cpu-portable", "reference"])
 def kernel(request, monkeypatch):
     backend, isa = request.param
     skip_unless_backend(backend)
@@ -43,7 +45,7 @@ def _check(backend, x, w, b):
 def test_linear_matches_reference(kernel, dtype, M, K, N):
     torch.manual_seed(M * 1000 + K)
     x = nan_padded(torch.randn(M, K).to(dtype))  # strided rows: a read past K sees NaN
-    w = (torch.randn(N, K) / K ** 0.5).to(dtype)
+    w = nan_padded((torch.randn(N, K) / K ** 0.5).to(dtype))
     b = torch.randn(N).to(dtype) if N % 2 else None
     _check(kernel, x, w, b)
 

@@ -28,9 +28,10 @@
 //              linear, large M" below).
 // Without AVX-512, AVX2 + FMA CPUs run every M through an AVX2 dot-product kernel (see "weight-only
 // linear (AVX2)" below). Under FASTATTN_CPU_ISA the AMX tiles need "amx", vdpbf16ps "avx512_bf16",
-// the fp32 panels and dot products "avx512", the AVX2 weight-only kernel "avx2" (int8_gemm and
+// the fp32 panels and dot products "avx512", the AVX2 dot-product kernel "avx2" (int8_gemm and
 // quantize_per_token have no AVX2 path: they run portably there); "portable" runs the portable
-// loops.
+// loops. fastattn.linear (float w) streams w through the same dot-product kernels for M <= 16
+// (AVX-512 or AVX2; vdpbf16ps for bfloat16 x and w on AVX512-BF16) and calls at::linear above.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -885,7 +886,8 @@ FA_TARGET_BF16 void dpbf16_micro(int mr, int nr, const at::BFloat16* x, int64_t 
 }
 
 // ------------------------------------------------------------------------------------------------
-// weight-only linear (AVX2 + FMA, CPUs without AVX-512): the same dot products, 8 k per ymm.
+// weight-only linear and fastattn.linear (AVX2 + FMA, CPUs without AVX-512): the same dot
+// products, 8 k per ymm, w int8 (weight-only linear) or float32 / bfloat16 / float16 (linear).
 // Per 8 weights the loop issues one sign-extending load (vpmovsxbd), one vcvtdq2ps and one FMA;
 // at M = 1 those three vector ops bound it (measured on Zen 3, K = 576: ~23 GB/s of w from L3
 // against ~36 GB/s for a memcpy of the same bytes; a pshufb / shift expansion adds a fourth op
@@ -901,12 +903,26 @@ FA_TARGET_AVX2 inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// 8 consecutive weights as float32 (int8 and bfloat16 are exact in float32; float16 by F16C)
+FA_TARGET_AVX2 inline __m256 load_w8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+FA_TARGET_AVX2 inline __m256 load_w8(const float* p) { return _mm256_loadu_ps(p); }
+FA_TARGET_AVX2 inline __m256 load_w8(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+FA_TARGET_AVX2 inline __m256 load_w8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 // dots[i * NR + j] = sum_k x[i][k] * w[j][k]. With MR * NR <= 4 accumulators the 4-cycle FMA
 // latency would bound the loop: K then alternates between two accumulator banks (M = 1, 4 rows of
-// w: 22 against 20 GB/s). The K tail (< 8) reads w bytewise and x under a mask, so nothing past K
-// is read (rows of x may be padded with NaN).
-template <int MR, int NR>
-FA_TARGET_AVX2 void wo_kernel_avx2(const float* x, int64_t ldx, const int8_t* w, int64_t ldw,
+// w: 22 against 20 GB/s). The K tail (< 8) copies w's last elements into a zeroed block and reads
+// x under a mask, so nothing past K is read (rows of x may be padded with NaN).
+template <int MR, int NR, typename W>
+FA_TARGET_AVX2 void wo_kernel_avx2(const float* x, int64_t ldx, const W* w, int64_t ldw,
                                    int64_t K, float* dots) {
   constexpr int kBanks = MR * NR <= 4 ? 2 : 1;
   __m256 acc[kBanks][MR][NR];
@@ -915,17 +931,10 @@ FA_TARGET_AVX2 void wo_kernel_avx2(const float* x, int64_t ldx, const int8_t* w,
       FA_UNROLL for (int j = 0; j < NR; ++j) acc[u][i][j] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 * kBanks <= K; k += 8 * kBanks) {
-    // The next NR rows of w at the same k: rows are short (K bytes), too short for the hardware
-    // prefetcher to pick each one up; from DRAM (K = 576, N = 49152) this took M = 1 from 6 to
-    // 10 GB/s. A prefetch past the end of w is dropped, not faulted.
-    FA_UNROLL for (int j = 0; j < NR; ++j)
-      _mm_prefetch(reinterpret_cast<const char*>(w + (NR + j) * ldw + k), _MM_HINT_T0);
     FA_UNROLL for (int u = 0; u < kBanks; ++u) {
       const int64_t kk = k + 8 * u;
       __m256 wv[NR];
-      FA_UNROLL for (int j = 0; j < NR; ++j)
-        wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + j * ldw + kk))));
+      FA_UNROLL for (int j = 0; j < NR; ++j) wv[j] = load_w8(w + j * ldw + kk);
       FA_UNROLL for (int i = 0; i < MR; ++i) {
         const __m256 xv = _mm256_loadu_ps(x + i * ldx + kk);
         FA_UNROLL for (int j = 0; j < NR; ++j)
@@ -939,9 +948,9 @@ FA_TARGET_AVX2 void wo_kernel_avx2(const float* x, int64_t ldx, const int8_t* w,
                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     __m256 wv[NR];
     FA_UNROLL for (int j = 0; j < NR; ++j) {
-      int64_t bytes = 0;
-      std::memcpy(&bytes, w + j * ldw + k, static_cast<size_t>(count));
-      wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(bytes)));
+      W tail[8] = {};
+      std::memcpy(tail, w + j * ldw + k, static_cast<size_t>(count) * sizeof(W));
+      wv[j] = load_w8(tail);
     }
     FA_UNROLL for (int i = 0; i < MR; ++i) {
       const __m256 xv = _mm256_maskload_ps(x + i * ldx + k, mask);
@@ -957,8 +966,8 @@ FA_TARGET_AVX2 void wo_kernel_avx2(const float* x, int64_t ldx, const int8_t* w,
     }
 }
 
-template <int MR>
-FA_TARGET_AVX2 void wo_kernel_avx2_nr(int nr, const float* x, int64_t ldx, const int8_t* w,
+template <int MR, typename W>
+FA_TARGET_AVX2 void wo_kernel_avx2_nr(int nr, const float* x, int64_t ldx, const W* w,
                                       int64_t ldw, int64_t K, float* dots) {
   switch (nr) {
     case 1: wo_kernel_avx2<MR, 1>(x, ldx, w, ldw, K, dots); break;
@@ -970,7 +979,8 @@ FA_TARGET_AVX2 void wo_kernel_avx2_nr(int nr, const float* x, int64_t ldx, const
 
 // The (mr, nr) block of wo_micro, dots[i * nr + j]; 3-4 rows of x run as 2 + 1 or 2 + 2 (their
 // dots rows are contiguous), each pass converting the 4 rows of w again from L1.
-FA_TARGET_AVX2 void wo_micro_avx2(int mr, int nr, const float* x, int64_t ldx, const int8_t* w,
+template <typename W>
+FA_TARGET_AVX2 void wo_micro_avx2(int mr, int nr, const float* x, int64_t ldx, const W* w,
                                   int64_t ldw, int64_t K, float* dots) {
   for (int i = 0; i < mr; i += 2) {
     float* d = dots + i * nr;
@@ -1557,15 +1567,14 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in,
 }
 
 // ------------------------------------------------------------------------------------------------
-// The weight-streaming loop for few rows of x (decoding): out (M, N) float32 =
-// (x w^T) * scale + bias, x float32 rows, w int8 (weight-only linear, scale per row of w) or float
+// The weight-streaming loop for few rows of x (decoding): out (M, N) (float32, or x's dtype,
+// rounded once) = (x w^T) * scale + bias, x float32 rows, w int8 (weight-only linear, scale per row of w) or float
 // (linear, scale null). Rows of w are the parallel axis, each read once from memory per call and
-// from L1 for the next rows of x; the AVX-512 (and for int8 the AVX2) dot kernels above, a scalar
-// loop elsewhere.
+// from L1 for the next rows of x; the AVX-512 or AVX2 dot kernels above, a scalar loop elsewhere.
 // ------------------------------------------------------------------------------------------------
-template <typename W, typename X = float>
+template <typename W, typename X = float, typename O = float>
 void stream_rows(const X* xp, int64_t ldx, const W* wp, int64_t ldw, const float* sp,
-                 const float* bp, int64_t M, int64_t N, int64_t K, float* op_, Isa isa) {
+                 const float* bp, int64_t M, int64_t N, int64_t K, O* op_, Isa isa) {
   // bfloat16 rows of x go with bfloat16 w on AVX512-BF16 only (the caller's choice)
   constexpr bool kDpbf16 = std::is_same_v<X, at::BFloat16>;
   static_assert(!kDpbf16 || std::is_same_v<W, at::BFloat16>);
@@ -1574,7 +1583,7 @@ void stream_rows(const X* xp, int64_t ldx, const W* wp, int64_t ldw, const float
       std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kNB * K * int64_t(sizeof(W))));
   const bool simd = use_avx512(isa);
 #ifdef FASTATTN_X86
-  const bool avx2 = std::is_same_v<W, int8_t> && !simd && isa >= Isa::avx2;
+  const bool avx2 = !kDpbf16 && !simd && isa >= Isa::avx2;
 #else
   const bool avx2 = false;
 #endif
@@ -1599,7 +1608,8 @@ void stream_rows(const X* xp, int64_t ldx, const W* wp, int64_t ldw, const float
               wo_micro(mr, nr, xp + m * ldx, ldx, wp + n * ldw, ldw, K, dots);
             }
           } else if (avx2) {
-            if constexpr (std::is_same_v<W, int8_t>)
+            // (double w never gets here: fastattn.linear sends float64 to at::linear)
+            if constexpr (!kDpbf16 && !std::is_same_v<W, double>)
               wo_micro_avx2(mr, nr, xp + m * ldx, ldx, wp + n * ldw, ldw, K, dots);
           } else
 #endif
@@ -1618,7 +1628,7 @@ void stream_rows(const X* xp, int64_t ldx, const W* wp, int64_t ldw, const float
               float v = dots[i * nr + j];
               if (sp) v = v * sp[n + j];
               if (bp) v = v + bp[n + j];
-              op_[(m + i) * N + n + j] = v;
+              op_[(m + i) * N + n + j] = static_cast<O>(v);  // rounded as Tensor.copy_ rounds
             }
         }
       }
@@ -1626,6 +1636,42 @@ void stream_rows(const X* xp, int64_t ldx, const W* wp, int64_t ldw, const float
   });
   (void)simd;
   (void)avx2;
+}
+
+// x's (M, K) rows as float32 with row stride K: x's own data when it is float32 with unit inner
+// stride, else converted into buf. (Tensor::to here cost ~5-7 us per call through the
+// dispatcher, as much as a 576 x 576 int8 GEMV.)
+inline const float* float_rows(const at::Tensor& x, Scratch& buf, int64_t* ldx) {
+  const int64_t M = x.size(0), K = x.size(1);
+  if (x.scalar_type() == at::kFloat && (K <= 1 || x.stride(1) == 1)) {
+    *ldx = x.stride(0);
+    return x.const_data_ptr<float>();
+  }
+  float* dst = buf.get<float>(M * K);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "float_rows", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k)
+        dst[m * K + k] = static_cast<float>(src[m * x.stride(0) + k * x.stride(1)]);
+  });
+  *ldx = K;
+  return dst;
+}
+
+// stream_rows into out (M, N) of x's dtype (float32 / bfloat16 / float16)
+template <typename W, typename X = float>
+void stream_rows_into(const at::Tensor& out, const X* xp, int64_t ldx, const W* wp, int64_t ldw,
+                      const float* sp, const float* bp, int64_t M, int64_t N, int64_t K, Isa isa) {
+  switch (out.scalar_type()) {
+    case at::kBFloat16:
+      stream_rows(xp, ldx, wp, ldw, sp, bp, M, N, K, out.mutable_data_ptr<at::BFloat16>(), isa);
+      break;
+    case at::kHalf:
+      stream_rows(xp, ldx, wp, ldw, sp, bp, M, N, K, out.mutable_data_ptr<at::Half>(), isa);
+      break;
+    default:
+      stream_rows(xp, ldx, wp, ldw, sp, bp, M, N, K, out.mutable_data_ptr<float>(), isa);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1831,14 +1877,12 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_nd, const at::Tensor&
     }
   }
 #endif
-  const at::Tensor xf = rows_contiguous(x_in).to(at::kFloat);  // float32 rows: x is small here
-  // out (M, N) float32, then one cast
-  at::Tensor acc =
-      dt == at::kFloat ? out.view({M, N}) : at::empty({M, N}, x_in.options().dtype(at::kFloat));
-  stream_rows(xf.const_data_ptr<float>(), xf.stride(0), w.const_data_ptr<int8_t>(), w.stride(0),
-              w_scale.const_data_ptr<float>(), bias.defined() ? bias.const_data_ptr<float>() : nullptr,
-              M, N, K, acc.data_ptr<float>(), isa);
-  if (dt != at::kFloat) out.view({M, N}).copy_(acc);
+  Scratch xbuf;
+  int64_t ldx = 0;
+  const float* xf = float_rows(x_in, xbuf, &ldx);  // float32 rows: x is small here
+  stream_rows_into(out.view({M, N}), xf, ldx, w.const_data_ptr<int8_t>(), w.stride(0),
+                   w_scale.const_data_ptr<float>(),
+                   bias.defined() ? bias.const_data_ptr<float>() : nullptr, M, N, K, isa);
   return out;
 }
 
@@ -1852,7 +1896,7 @@ at::Tensor linear_cpu(const at::Tensor& x_nd, const at::Tensor& w_in,
   const int64_t K = x_nd.size(-1), N = w_in.size(0);
   const int64_t M = K > 0 ? x_nd.numel() / K : 0;
   const Isa isa = cpu_isa();
-  if (!(M >= 1 && M <= kLinearMaxM && K > 0 && N > 0 && dt != at::kDouble && use_avx512(isa)))
+  if (!(M >= 1 && M <= kLinearMaxM && K > 0 && N > 0 && dt != at::kDouble && isa >= Isa::avx2))
     return at::linear(x_nd, w_in, bias_in);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal tensors need no tracking
   const at::Tensor x_in = fastattn::checks::as_rows(x_nd, 1, K);  // (M, K)
@@ -1860,25 +1904,24 @@ at::Tensor linear_cpu(const at::Tensor& x_nd, const at::Tensor& w_in,
   out_shape.back() = N;
   at::Tensor out = at::empty(out_shape, x_in.options());
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous().to(at::kFloat) : at::Tensor();
-  at::Tensor acc =
-      dt == at::kFloat ? out.view({M, N}) : at::empty({M, N}, x_in.options().dtype(at::kFloat));
+  const at::Tensor out2 = out.view({M, N});
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  const at::Tensor w = rows_contiguous(w_in);
 #ifdef FASTATTN_X86
   if (dt == at::kBFloat16 && isa >= Isa::avx512_bf16) {
-    const at::Tensor xr = rows_contiguous(x_in), w = rows_contiguous(w_in);
-    stream_rows(xr.const_data_ptr<at::BFloat16>(), xr.stride(0), w.const_data_ptr<at::BFloat16>(),
-                w.stride(0), nullptr, bp, M, N, K, acc.data_ptr<float>(), isa);
-    out.view({M, N}).copy_(acc);
+    const at::Tensor xr = rows_contiguous(x_in);
+    stream_rows_into(out2, xr.const_data_ptr<at::BFloat16>(), xr.stride(0),
+                     w.const_data_ptr<at::BFloat16>(), w.stride(0), nullptr, bp, M, N, K, isa);
     return out;
   }
 #endif
-  const at::Tensor xf = rows_contiguous(x_in).to(at::kFloat);  // float32 rows: x is small here
+  Scratch xbuf;
+  int64_t ldx = 0;
+  const float* xf = float_rows(x_in, xbuf, &ldx);  // float32 rows: x is small here
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "linear", [&] {
-    const at::Tensor w = rows_contiguous(w_in);
-    stream_rows(xf.const_data_ptr<float>(), xf.stride(0), w.const_data_ptr<scalar_t>(),
-                w.stride(0), nullptr, bp, M, N, K, acc.data_ptr<float>(), isa);
+    stream_rows_into(out2, xf, ldx, w.const_data_ptr<scalar_t>(), w.stride(0), nullptr, bp, M, N,
+                     K, isa);
   });
-  if (dt != at::kFloat) out.view({M, N}).copy_(acc);
   return out;
 }
 

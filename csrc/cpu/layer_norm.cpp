@@ -13,6 +13,7 @@
 #include <sys/mman.h>
 #endif
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
@@ -97,20 +98,46 @@ void check_rows(const at::Tensor& t, const char* name, int64_t M, int64_t N,
               " must have stride(1) == 1 (rows may be strided), got strides ", t.strides());
 }
 
-// weight/bias as contiguous float32 (N,), or a constant row when the tensor is absent.
-at::Tensor affine_f32(const std::optional<at::Tensor>& t, const char* name, int64_t N,
-                      float fill) {
-  if (!t.has_value()) {
-    return fill == 0.f ? at::zeros({N}, at::kFloat) : at::ones({N}, at::kFloat);
+// weight/bias (+ offset) as N contiguous float32 values: the tensor's own data when it is float32,
+// contiguous and has no offset to add (the common case), else a row owned by this object,
+// converted from the tensor or filled with the constant when the tensor is absent. No ATen op:
+// the at::zeros / Tensor::to these rows cost through the dispatcher took 2-7 us per call, more than
+// the kernel itself on a decoding step's 576-wide row.
+class AffineRow {
+ public:
+  AffineRow(const std::optional<at::Tensor>& t, const char* name, int64_t N, float fill,
+            double offset = 0.0) {
+    const auto off = static_cast<float>(offset);
+    if (!t.has_value()) {
+      row_.assign(static_cast<size_t>(N), fill + off);
+      ptr_ = row_.data();
+      return;
+    }
+    TORCH_CHECK(t->device().is_cpu(), "fastattn::layer_norm (cpu): ", name,
+                " must be a CPU tensor, got ", t->device());
+    TORCH_CHECK(t->numel() == N, "fastattn::layer_norm: ", name, " must have ", N,
+                " elements, got shape ", t->sizes());
+    check_float_dtype(*t, name);
+    if (t->scalar_type() == at::kFloat && off == 0.f && t->is_contiguous()) {
+      ptr_ = t->const_data_ptr<float>();
+      return;
+    }
+    const at::Tensor c = t->contiguous();
+    row_.resize(static_cast<size_t>(N));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.scalar_type(), "layer_norm", [&] {
+      const scalar_t* src = c.const_data_ptr<scalar_t>();
+      for (int64_t j = 0; j < N; ++j) row_[j] = static_cast<float>(src[j]) + off;
+    });
+    ptr_ = row_.data();
   }
-  TORCH_CHECK(t->device().is_cpu(), "fastattn::layer_norm (cpu): ", name,
-              " must be a CPU tensor, got ", t->device());
-  TORCH_CHECK(t->numel() == N, "fastattn::layer_norm: ", name, " must have ", N,
-              " elements, got shape ", t->sizes());
-  check_float_dtype(*t, name);
-  if (t->scalar_type() == at::kFloat && t->is_contiguous()) return *t;  // the common case
-  return t->to(at::kFloat).contiguous();
-}
+  AffineRow(const AffineRow&) = delete;
+  AffineRow& operator=(const AffineRow&) = delete;
+  const float* data() const { return ptr_; }
+
+ private:
+  std::vector<float> row_;
+  const float* ptr_ = nullptr;
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
     const at::Tensor& input_in, at::IntArrayRef normalized_shape,
@@ -129,16 +156,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
   std::optional<at::Tensor> residual;
   if (residual_in.has_value()) residual = checks::as_rows(*residual_in, nd, N);
   // weight/bias are normalized_shape-shaped (check_norm): their N elements are the (N,) row
-  const at::Tensor w = affine_f32(weight_in, "weight", N, 1.f);
-  const at::Tensor b = affine_f32(bias_in, "bias", N, 0.f);
+  const AffineRow w(weight_in, "weight", N, 1.f);
+  const AffineRow b(bias_in, "bias", N, 0.f);
 
   // outputs are written in full by the kernel: at::empty, never zeros (one less pass); out has
   // input's shape, contiguous, so its rows are N apart
   at::Tensor out = at::empty(input_in.sizes(), input.options());
   at::Tensor residual_out = residual.has_value() ? at::empty(input_in.sizes(), input.options())
                                                  : at::empty({0}, input.options());
-  at::Tensor mean = rms ? at::zeros({M}, input.options().dtype(at::kFloat))
-                        : at::empty({M}, input.options().dtype(at::kFloat));
+  // the kernels write every row's mean (0 for rms)
+  at::Tensor mean = at::empty({M}, input.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({M}, input.options().dtype(at::kFloat));
   if (M == 0) return {out, residual_out, mean, rstd};
   advise_huge_pages(out);
@@ -149,8 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
   p.stride_x = input.stride(0);
   p.residual = residual.has_value() ? residual->const_data_ptr() : nullptr;
   p.stride_residual = residual.has_value() ? residual->stride(0) : 0;
-  p.weight = w.const_data_ptr<float>();
-  p.bias = b.const_data_ptr<float>();
+  p.weight = w.data();
+  p.bias = b.data();
   p.out = out.mutable_data_ptr();
   p.residual_out = residual.has_value() ? residual_out.mutable_data_ptr() : nullptr;
   p.mean = mean.mutable_data_ptr<float>();
@@ -196,8 +223,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   };
   check_stat(mean, "mean");
   check_stat(rstd, "rstd");
-  const at::Tensor w = affine_f32(weight, "weight", N, 1.f);
-  if (bias.has_value()) (void)affine_f32(bias, "bias", N, 0.f);  // shape/dtype checks
+  const AffineRow w(weight, "weight", N, 1.f);
+  if (bias.has_value()) (void)AffineRow(bias, "bias", N, 0.f);  // shape/dtype checks
   const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
 
   at::Tensor dx = at::empty({M, N}, x.options());
@@ -217,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     p.stride_dres = has_dres ? grad_residual_out->stride(0) : 0;
     p.x = x.const_data_ptr();
     p.stride_x = x.stride(0);
-    p.weight = w.const_data_ptr<float>();
+    p.weight = w.data();
     p.mean = mean_c.const_data_ptr<float>();
     p.rstd = rstd_c.const_data_ptr<float>();
     p.dx = dx.mutable_data_ptr();
@@ -261,14 +288,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   return {dx, dw, db};
 }
 
-// weight (+ offset) as contiguous float32 (N,); a weight of ones when absent
-at::Tensor weight_f32(const std::optional<at::Tensor>& t, const char* name, int64_t N,
-                      double offset) {
-  at::Tensor w = affine_f32(t, name, N, 1.f);
-  if (offset == 0.0) return w;
-  return w.add(offset);  // a new tensor: the caller's weight is never modified
-}
-
 std::optional<at::Tensor> opt_rows(const std::optional<at::Tensor>& t, int64_t nd, int64_t N) {
   if (!t.has_value()) return std::nullopt;
   return checks::as_rows(*t, nd, N);
@@ -302,12 +321,12 @@ FusedOut layer_norm_fused_fwd_cpu(
   const auto res_dtype = residual_in_fp32       ? at::kFloat
                          : residual.has_value() ? residual->scalar_type()
                                                 : dtype;
-  const at::Tensor w = weight_f32(weight_in, "weight", N, offset);
-  const at::Tensor b = affine_f32(bias_in, "bias", N, 0.f);
-  at::Tensor w1, b1;
+  const AffineRow w(weight_in, "weight", N, 1.f, offset);
+  const AffineRow b(bias_in, "bias", N, 0.f);
+  std::optional<AffineRow> w1, b1;
   if (weight1_in.has_value()) {
-    w1 = weight_f32(weight1_in, "weight1", N, offset);
-    b1 = affine_f32(bias1_in, "bias1", N, 0.f);
+    w1.emplace(weight1_in, "weight1", N, 1.f, offset);
+    b1.emplace(bias1_in, "bias1", N, 0.f);
   }
   at::Tensor rs;
   if (rowscale_in.has_value()) {
@@ -330,7 +349,7 @@ FusedOut layer_norm_fused_fwd_cpu(
   at::Tensor mask = dropout ? at::empty(input_in.sizes(), opts.dtype(at::kBool)) : none();
   at::Tensor mask1 =
       dropout && x1.has_value() ? at::empty(input_in.sizes(), opts.dtype(at::kBool)) : none();
-  at::Tensor mean = rms ? at::zeros({M}, opts.dtype(at::kFloat)) : at::empty({M}, opts.dtype(at::kFloat));
+  at::Tensor mean = at::empty({M}, opts.dtype(at::kFloat));  // written by the kernel (0 for rms)
   at::Tensor rstd = at::empty({M}, opts.dtype(at::kFloat));
   at::Tensor scale = quantize ? at::empty(input_in.sizes().slice(0, input_in.dim() - nd),
                                           opts.dtype(at::kFloat))
@@ -355,12 +374,12 @@ FusedOut layer_norm_fused_fwd_cpu(
   p.stride_residual = residual.has_value() ? residual->stride(0) : 0;
   p.residual_dtype = residual.has_value() ? residual->scalar_type() : dtype;
   p.rowscale = rs.defined() ? rs.const_data_ptr<float>() : nullptr;
-  p.weight = w.const_data_ptr<float>();
-  p.bias = b.const_data_ptr<float>();
-  p.weight1 = w1.defined() ? w1.const_data_ptr<float>() : nullptr;
-  p.bias1 = b1.defined() ? b1.const_data_ptr<float>() : nullptr;
+  p.weight = w.data();
+  p.bias = b.data();
+  p.weight1 = w1.has_value() ? w1->data() : nullptr;
+  p.bias1 = b1.has_value() ? b1->data() : nullptr;
   p.out = quantize ? nullptr : out.mutable_data_ptr();
-  p.out1 = w1.defined() ? out1.mutable_data_ptr() : nullptr;
+  p.out1 = w1.has_value() ? out1.mutable_data_ptr() : nullptr;
   p.residual_out = combined ? residual_out.mutable_data_ptr() : nullptr;
   p.residual_out_dtype = res_dtype;
   p.mask = dropout ? static_cast<uint8_t*>(mask.mutable_data_ptr()) : nullptr;
@@ -409,10 +428,10 @@ layer_norm_fused_bwd_cpu(const at::Tensor& grad_out, const std::optional<at::Ten
   TORCH_CHECK(mean.scalar_type() == at::kFloat && mean.numel() == M &&
                   rstd.scalar_type() == at::kFloat && rstd.numel() == M,
               "fastattn::layer_norm_fused_bwd: mean and rstd must be float32 (", M, ",)");
-  const at::Tensor w = weight_f32(weight, "weight", N, offset);
-  at::Tensor w1;
-  if (weight1.has_value()) w1 = weight_f32(weight1, "weight1", N, offset);
-  TORCH_CHECK(!has_dy1 || w1.defined(), "fastattn::layer_norm_fused_bwd: grad_out1 needs weight1");
+  const AffineRow w(weight, "weight", N, 1.f, offset);
+  std::optional<AffineRow> w1;
+  if (weight1.has_value()) w1.emplace(weight1, "weight1", N, 1.f, offset);
+  TORCH_CHECK(!has_dy1 || w1.has_value(), "fastattn::layer_norm_fused_bwd: grad_out1 needs weight1");
   at::Tensor rs;
   if (rowscale.has_value()) rs = rowscale->reshape({M}).to(at::kFloat).contiguous();
   const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
@@ -445,8 +464,8 @@ layer_norm_fused_bwd_cpu(const at::Tensor& grad_out, const std::optional<at::Ten
     p.x = x.const_data_ptr();
     p.stride_x = x.stride(0);
     p.x_dtype = x.scalar_type();
-    p.weight = w.const_data_ptr<float>();
-    p.weight1 = w1.defined() ? w1.const_data_ptr<float>() : nullptr;
+    p.weight = w.data();
+    p.weight1 = w1.has_value() ? w1->data() : nullptr;
     p.mean = mean_c.const_data_ptr<float>();
     p.rstd = rstd_c.const_data_ptr<float>();
     p.mask = dropout ? static_cast<const uint8_t*>(mask->const_data_ptr()) : nullptr;
