@@ -58,9 +58,14 @@ bench-sweep: build
 # The optional baselines of --op e2e (each one missing is a "skipped" row): torchao, onnxruntime
 # (+ the ONNX exporter's packages) and llama-cpp-python, built from source here (a few minutes)
 # with explicit ISA flags: -march=native would turn on llama.cpp's AMX path, which crashes when
-# built with GCC 12. --no-cache-dir: a wheel cached from a native build would be reused.
-LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
-	-DGGML_F16C=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF
+# built with GCC 12. The AVX-512 flags follow this CPU's /proc/cpuinfo (an AVX-512 build dies
+# with SIGILL on an AVX2-only CPU). --no-cache-dir: a wheel cached from another build would be
+# reused.
+cpu_has = $(shell grep -qw $(1) /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=$(call cpu_has,avx512f) -DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) \
+	-DGGML_AVX512_BF16=$(call cpu_has,avx512_bf16) \
+	-DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF
 bench-extras: $(VENV)/.bench-ready
 	$(PIP) install -q torchao onnxruntime onnx onnxscript
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install -q --force-reinstall --no-deps \
