@@ -329,8 +329,8 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                     ": cache_seqlens must lie in [0, capacity - new tokens] = [0, ", cap - extra,
                     "]", paged ? " (capacity = block_table.shape[1] * block_size)" : "",
                     ", got values in [", lo, ", ", hi, "]");
-  if (paged && host_readable(*block_table)) check_block_entries(fn, *block_table, slp, extra,
-                                                                k_cache.size(0), k_cache.size(2));
+  if (paged && host_readable(*block_table))
+    check_block_entries(fn, *block_table, slp, extra, k_cache.size(0), k_cache.size(2));
   at::Tensor lp;
   const int32_t* lpp = nullptr;
   if (cache_leftpad.has_value()) {

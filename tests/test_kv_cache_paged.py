@@ -135,6 +135,8 @@ def run_case(backend, *, B=3, H=4, Hkv=2, E=32, Ev=None, Lq=1, Lnew=1, block_siz
 @pytest.mark.parametrize("H,Hkv,Lq", [(2, 2, 1), (4, 2, 1), (8, 1, 3)])
 def test_paged_matches_contiguous(backend, block_size, H, Hkv, Lq):
     need(backend)
+    if backend == "triton" and block_size == 48:
+        pytest.skip("the interpreter is slow: 16 and 32 cover the Triton table reads")
     run_case(backend, H=H, Hkv=Hkv, Lq=Lq, Lnew=Lq, block_size=block_size,
              lens=(0, 17, 3 * block_size))
 
@@ -298,14 +300,21 @@ def test_torch_compile_fullgraph():
 
 
 def test_cpu_isa_builds():
-    """Every ISA build the CPU kvcache kernels have runs the paged, windowed, lse case (the
-    AVX-512 builds run where the CPU has them; FASTATTN_CPU_ISA caps the choice)."""
+    """Every ISA build the CPU kvcache kernels have runs the paged, windowed, lse case: this
+    process runs the CPU's own level (every other test here), a child process each level below
+    it (FASTATTN_CPU_ISA caps the choice; the AVX-512 builds run where the CPU has them)."""
     skip_unless_backend("cpu")
+    levels = ("portable", "avx2", "avx512")
+    from fastattn.ops import _backend
+
+    own = _backend.NATIVE.cpu_isa()
+    below = [isa for isa in levels if levels.index(isa) < levels.index(own)] if own in levels \
+        else list(levels)
     code = ("import torch, fastattn; from tests.test_kv_cache_paged import run_case;"
             "print(fastattn._C.cpu_isa());"
             "run_case('cpu', window=(9, 0), Lq=2, Lnew=3, rotary=True, lens=(0, 17, 40));"
             "run_case('cpu', H=8, Hkv=2, Lq=3, Lnew=3, lens=(1, 17, 40), dtype=torch.bfloat16)")
-    for isa in ("portable", "avx2", "avx512"):
+    for isa in below:
         env = {**os.environ, "FASTATTN_CPU_ISA": isa}
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

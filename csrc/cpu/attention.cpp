@@ -490,7 +490,9 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_impl(
   // check_kvcache: both tables or neither, only with k_new, q's dtype or float32
   const bool rotary = rotary_cos.has_value() && has_new;
   // the window as attention_fwd's rules, bottom-right; causal folded into its right side
-  const int64_t wl = window_left, wr = causal ? (window_right < 0 ? 0 : std::min<int64_t>(window_right, 0)) : window_right;
+  const int64_t wl = window_left;
+  const int64_t wr =
+      causal ? (window_right < 0 ? 0 : std::min<int64_t>(window_right, 0)) : window_right;
 
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -524,7 +526,10 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_impl(
       else
         kvcache_prepare<T, T>(pa);
     }
-    if (out.numel() == 0) return;
+    if (out.numel() == 0) {  // (Ev = 0 or no query rows: the append only)
+      if (want_lse) lse.fill_(-std::numeric_limits<float>::infinity());
+      return;
+    }
     // the whole cache as keys (S = capacity, no mask/dropout); the per-sequence lengths are
     // passed to the kernels separately
     // a paged pool (num_blocks, ...) goes in as a (B, ...) view with the batch stride zero;
@@ -587,7 +592,8 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_impl(
       if (ab.S == 0) {  // no key: out = 0 (with or without a sink)
         std::fill(ob, ob + H * Lq * Ev, T(0.f));
         for (int64_t h = 0; h < H; ++h)
-          std::fill(lb + h * Lq, lb + (h + 1) * Lq, a.sinks ? a.sinks[h] : -std::numeric_limits<float>::infinity());
+          std::fill(lb + h * Lq, lb + (h + 1) * Lq,
+                    a.sinks ? a.sinks[h] : -std::numeric_limits<float>::infinity());
         continue;
       }
       at::Tensor kg, vg;  // paged: the gathered keys / values, (Hkv, S, E[v]) contiguous
@@ -603,10 +609,10 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_impl(
           for (int64_t x = x0; x < x1; ++x) {
             const int64_t h = x / ab.S, t = kb + x % ab.S;
             const int64_t blk = row[t / pages.block_size], slot = t % pages.block_size;
-            portable::copy_row(kc + blk * a.sk[0] + h * a.sk[1] + slot * a.sk[2], a.sk[3], E, kd + x * E,
-                     int64_t{1});
-            portable::copy_row(vc + blk * a.sv[0] + h * a.sv[1] + slot * a.sv[2], a.sv[3], Ev, vd + x * Ev,
-                     int64_t{1});
+            portable::copy_row(kc + blk * a.sk[0] + h * a.sk[1] + slot * a.sk[2], a.sk[3], E,
+                               kd + x * E, int64_t{1});
+            portable::copy_row(vc + blk * a.sv[0] + h * a.sv[1] + slot * a.sv[2], a.sv[3], Ev,
+                               vd + x * Ev, int64_t{1});
           }
         });
         ab.k = kd, ab.v = vd;

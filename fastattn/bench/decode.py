@@ -208,8 +208,9 @@ def _paged_builder(cfg: RunConfig, shape: dict, dtype: torch.dtype):
         k_pool = torch.empty(B * nb, Hkv, bs, d, dtype=dtype, device=dev)
         v_pool = torch.empty_like(k_pool)
         # (B, Hkv, nb, bs, d) -> (B, nb, Hkv, bs, d): block x of sequence b is pool[table[b, x]]
-        k_pool[table.flatten().long()] = k_cache.view(B, Hkv, nb, bs, d).transpose(1, 2).flatten(0, 1)
-        v_pool[table.flatten().long()] = v_cache.view(B, Hkv, nb, bs, d).transpose(1, 2).flatten(0, 1)
+        slots = table.flatten().long()
+        k_pool[slots] = k_cache.view(B, Hkv, nb, bs, d).transpose(1, 2).flatten(0, 1)
+        v_pool[slots] = v_cache.view(B, Hkv, nb, bs, d).transpose(1, 2).flatten(0, 1)
         impls = fastattn_impls(
             cfg, "attention_with_kvcache",
             lambda f, be: lambda: f(q, k_pool, v_pool, seqlens, block_table=table, backend=be))
