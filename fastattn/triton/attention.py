@@ -1193,14 +1193,14 @@ def _kvcache_split_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_n64 = offs_n.to(tl.int64)
         n_ok = offs_n < end
+        # PAGED: the table is read again for V rather than keeping the offsets live across the
+        # softmax (the all-features variant spilled up to 740 B a thread on sm_90 otherwise)
         if PAGED:
-            blk, slot = _kv_slot(BlockTable, b, offs_n64, stride_btb, block_size, num_blocks,
+            blk, slot = _kv_slot(BlockTable, b, offs_n, stride_btb, block_size, num_blocks,
                                  n_ok, True)
-            k_off = blk * stride_kb + slot * stride_kn
-            v_off = blk * stride_vb + slot * stride_vn
+            k_off = blk * stride_kb + slot.to(tl.int64) * stride_kn
         else:
             k_off = offs_n64 * stride_kn
-            v_off = offs_n64 * stride_vn
         k = tl.load(K + k_off[None, :] + offs_d[:, None] * stride_kk,
                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
         if INTERP_BF16:
@@ -1223,6 +1223,12 @@ def _kvcache_split_kernel(
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if PAGED:
+            blk, slot = _kv_slot(BlockTable, b, offs_n, stride_btb, block_size, num_blocks,
+                                 n_ok, True)
+            v_off = blk * stride_vb + slot.to(tl.int64) * stride_vn
+        else:
+            v_off = offs_n64 * stride_vn
         v = tl.load(V + v_off[:, None] + offs_dv[None, :] * stride_vk,
                     mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         if INTERP_BF16:
