@@ -184,6 +184,8 @@ def rotary_cases(cfg: RunConfig) -> list[Case]:
 def _paged_shapes(cfg: RunConfig) -> list[dict]:
     if cfg.smoke:
         return [dict(B=2, H=4, Hkv=2, S=256, d=32, block_size=16)]
+    if cfg.sweep and not cfg.cuda:  # a ratio at a few lengths, not a curve: no sweep lines
+        return []
     if not cfg.cuda:  # Llama-3-8B's attention (GQA 32/8), a batch of 4 sequences
         lengths = (1024, 8192) if cfg.quick else (1024, 4096, 16384)
         return [dict(B=4, H=32, Hkv=8, S=S, d=128, block_size=bs)
