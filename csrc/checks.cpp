@@ -57,6 +57,42 @@ void check_vector(const char* fn, const char* name, const at::Tensor& t, const c
   check_device(fn, name, t, ref, ref_name);
 }
 
+// attention_with_kvcache's paged cache: block_table int32 (B, max_blocks) on q's device, caches
+// (num_blocks, Hkv, block_size, E) with block_size a positive multiple of 16.
+void check_block_table(const char* fn, const at::Tensor& q, const at::Tensor& k_cache,
+                       const at::Tensor& bt) {
+  const auto qs = q.sym_sizes(), ks = k_cache.sym_sizes();
+  TORCH_CHECK_TYPE(bt.scalar_type() == at::kInt, fn,
+                   ": block_table must be None or an int32 tensor of shape (B, max_blocks), got ",
+                   bt.scalar_type());
+  TORCH_CHECK_VALUE(bt.dim() == 2 && bt.sym_size(0) == qs[0], fn,
+                    ": block_table must have shape (B, max_blocks) with B = ", qs[0], ", got ",
+                    bt.sym_sizes());
+  check_device(fn, "block_table", bt, q, "q");
+  TORCH_CHECK_VALUE(ks[3] == qs[3], fn,
+                    ": k_cache must be (num_blocks, Hkv, block_size, E=", qs[3],
+                    ") with block_table, got ", ks);
+  TORCH_CHECK_VALUE(ks[2] > 0 && ks[2] % 16 == 0, fn,
+                    ": the paged cache's block_size (k_cache.shape[2]) must be a positive "
+                    "multiple of 16, got ", ks[2]);
+}
+
+// The entries that hold tokens [0, seqlens[b] + extra) of each sequence index a block of the pool.
+void check_block_entries(const char* fn, const at::Tensor& block_table, const int32_t* seqlens,
+                         int64_t extra, int64_t num_blocks, int64_t block_size) {
+  const at::Tensor bt = block_table.contiguous();
+  const int32_t* p = bt.const_data_ptr<int32_t>();
+  const int64_t B = bt.size(0), nb = bt.size(1);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t used = std::min<int64_t>(nb, (seqlens[b] + extra + block_size - 1) / block_size);
+    for (int64_t x = 0; x < used; ++x)
+      TORCH_CHECK_VALUE(p[b * nb + x] >= 0 && p[b * nb + x] < num_blocks, fn, ": block_table[", b,
+                        ", ", x, "] = ", p[b * nb + x],
+                        " must index a block of the cache: [0, num_blocks) = [0, ", num_blocks,
+                        ")");
+  }
+}
+
 }  // namespace
 
 bool kernel_dtype(c10::ScalarType dt) {
@@ -184,7 +220,9 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                    const std::optional<at::Tensor>& rotary_cos,
                    const std::optional<at::Tensor>& rotary_sin, double softcap,
                    const std::optional<at::Tensor>& alibi_slopes,
-                   const std::optional<at::Tensor>& sinks) {
+                   const std::optional<at::Tensor>& sinks,
+                   const std::optional<at::Tensor>& block_table, int64_t window_left,
+                   int64_t window_right) {
   constexpr const char* fn = "fastattn.attention_with_kvcache";
   for (const auto& [name, t] : {std::pair{"q", &q}, std::pair{"k_cache", &k_cache},
                                 std::pair{"v_cache", &v_cache}}) {
@@ -195,10 +233,17 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
     check_device(fn, name, *t, q, "q");
   }
   const auto qs = q.sym_sizes(), ks = k_cache.sym_sizes(), vs = v_cache.sym_sizes();
-  TORCH_CHECK_VALUE(ks[0] == qs[0] && ks[3] == qs[3], fn, ": k_cache must be (B=", qs[0],
-                    ", Hkv, capacity, E=", qs[3], "), got ", ks);
+  const bool paged = block_table.has_value();
+  if (paged) {
+    check_block_table(fn, q, k_cache, *block_table);
+  } else {
+    TORCH_CHECK_VALUE(ks[0] == qs[0] && ks[3] == qs[3], fn, ": k_cache must be (B=", qs[0],
+                      ", Hkv, capacity, E=", qs[3], "), got ", ks);
+  }
   TORCH_CHECK_VALUE(vs[0] == ks[0] && vs[1] == ks[1] && vs[2] == ks[2], fn,
-                    ": v_cache must be (B, Hkv, capacity, Ev) like k_cache ", ks, ", got ", vs);
+                    paged ? ": v_cache must be (num_blocks, Hkv, block_size, Ev) like k_cache "
+                          : ": v_cache must be (B, Hkv, capacity, Ev) like k_cache ",
+                    ks, ", got ", vs);
   TORCH_CHECK_VALUE(ks[1] != 0 && qs[1] % ks[1] == 0, fn, ": q heads (", qs[1],
                     ") must be a multiple of the cache heads (", ks[1], ")");
   TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, fn,
@@ -213,10 +258,11 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   if (k_new.has_value()) {
     for (const auto& [name, t, e] : {std::tuple{"k_new", &*k_new, qs[3]},
                                      std::tuple{"v_new", &*v_new, vs[3]}}) {
-      const std::vector<c10::SymInt> want{qs[0], ks[1], qs[2], e};
-      TORCH_CHECK_VALUE(t->sym_sizes() == c10::SymIntArrayRef(want), fn, ": ", name,
-                        " must have shape (B, Hkv, Lq, E) = ", c10::SymIntArrayRef(want), ", got ",
-                        t->sym_sizes());
+      // any number of new tokens Lnew (k_new's), not only Lq
+      const std::vector<c10::SymInt> want{qs[0], ks[1], k_new->sym_size(2), e};
+      TORCH_CHECK_VALUE(t->dim() == 4 && t->sym_sizes() == c10::SymIntArrayRef(want), fn, ": ",
+                        name, " must have shape (B, Hkv, Lnew, E) = ", c10::SymIntArrayRef(want),
+                        ", got ", t->sym_sizes());
       TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), fn, ": ", name,
                        " must have q's dtype (", q.scalar_type(), "), got ", t->scalar_type());
       check_device(fn, name, *t, q, "q");
@@ -264,10 +310,14 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                       ", i.e. rotary_dim = ", cs[1] * 2);
   }
   TORCH_CHECK_VALUE(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, fn,
+                    ": window sizes must be >= 0 (or -1 for unbounded), got (", window_left, ", ",
+                    window_right, ")");
   check_score_mods(fn, q, softcap, alibi_slopes, sinks);
   if (!host_readable(cache_seqlens)) return;
   // the values, where they are on the host already
-  const int64_t B = q.size(0), cap = k_cache.size(2), extra = k_new.has_value() ? q.size(2) : 0;
+  const int64_t B = q.size(0), extra = k_new.has_value() ? k_new->size(2) : 0;
+  const int64_t cap = paged ? block_table->size(1) * k_cache.size(2) : k_cache.size(2);
   const at::Tensor sl = cache_seqlens.contiguous();
   const int32_t* slp = sl.const_data_ptr<int32_t>();
   int64_t lo = 0, hi = 0;
@@ -277,7 +327,10 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   }
   TORCH_CHECK_VALUE(B == 0 || (lo >= 0 && hi + extra <= cap), fn,
                     ": cache_seqlens must lie in [0, capacity - new tokens] = [0, ", cap - extra,
-                    "], got values in [", lo, ", ", hi, "]");
+                    "]", paged ? " (capacity = block_table.shape[1] * block_size)" : "",
+                    ", got values in [", lo, ", ", hi, "]");
+  if (paged && host_readable(*block_table))
+    check_block_entries(fn, *block_table, slp, extra, k_cache.size(0), k_cache.size(2));
   at::Tensor lp;
   const int32_t* lpp = nullptr;
   if (cache_leftpad.has_value()) {

@@ -42,8 +42,9 @@ int64_t check_norm_fused(bool rms, const at::Tensor& input, c10::IntArrayRef nor
                          const std::optional<at::Tensor>& rowscale, double eps, double offset,
                          double dropout_p, bool residual_in_fp32, bool quantize);
 
-// fastattn.attention_with_kvcache (shapes, dtypes, devices, scale; the values of cache_seqlens,
-// cache_leftpad and the rotary positions where they are on the host).
+// fastattn.attention_with_kvcache (shapes, dtypes, devices, scale, window; the values of
+// cache_seqlens, cache_leftpad, the rotary positions and the block_table entries where they are
+// on the host). block_table: the paged cache (block_size % 16 == 0, entries in [0, num_blocks)).
 void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
                    const std::optional<at::Tensor>& v_new, double scale,
@@ -51,7 +52,9 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                    const std::optional<at::Tensor>& rotary_cos,
                    const std::optional<at::Tensor>& rotary_sin, double softcap = 0.0,
                    const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
-                   const std::optional<at::Tensor>& sinks = std::nullopt);
+                   const std::optional<at::Tensor>& sinks = std::nullopt,
+                   const std::optional<at::Tensor>& block_table = std::nullopt,
+                   int64_t window_left = -1, int64_t window_right = -1);
 
 // The score modifiers of the attention ops, q (B, H, L, E): softcap finite and >= 0 (0: none;
 // the public functions take None for none and refuse 0), alibi_slopes float32 (H,) or (B, H),

@@ -57,11 +57,35 @@ TORCH_LIBRARY(fastattn, m) {
   // softcap / alibi_slopes ((B, H) by strides) / sinks as in attention_fwd, query i of sequence b
   // at position total_b - Lq + i and key j at j (cache positions: the distance is unchanged by
   // the left padding).
+  // k_new/v_new may hold any number of tokens Lnew (B, Hkv, Lnew, E), not only Lq: then
+  // total_b = seqlens[b] + Lnew, the queries are the last Lq positions (query i at
+  // total_b - Lq + i; q token i rotated at total_b - Lq - lp_b + i, clamped at 0) and k_new token
+  // i is written (and rotated) at seqlens[b] + i.
+  // Paged cache (block_table int32 (B, max_blocks)): k_cache/v_cache are
+  // (num_blocks, Hkv, block_size, E[v]), block_size % 16 == 0; token t of sequence b lives in
+  // block block_table[b, t // block_size], slot t % block_size (k_new/v_new are written there);
+  // max_blocks * block_size >= total_b and the entries of the blocks holding tokens [0, total_b)
+  // lie in [0, num_blocks) (checked where the table is on the host; GPU kernels clamp).
+  // window_left / window_right (-1: unbounded) as in attention_fwd with the bottom-right
+  // alignment: query i of sequence b sees keys j with
+  //   total_b - Lq + i - window_left <= j <= total_b - Lq + i + window_right
+  // (causal: window_right = min(window_right, 0)), within [lp_b, total_b).
   m.def(
       "attention_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
       "Tensor? k_new, Tensor? v_new, float scale, bool causal, Tensor? cache_leftpad=None, "
       "Tensor? rotary_cos=None, Tensor? rotary_sin=None, bool rotary_interleaved=False, "
-      "float softcap=0., Tensor? alibi_slopes=None, Tensor? sinks=None) -> Tensor");
+      "float softcap=0., Tensor? alibi_slopes=None, Tensor? sinks=None, "
+      "Tensor? block_table=None, int window_left=-1, int window_right=-1) -> Tensor");
+  // attention_kvcache that also returns lse (B, H, Lq) float32: the log-sum-exp of the row's
+  // scaled, modified, masked scores (the sink included; -inf for a row with no visible key and
+  // no sink), as attention_fwd's lse.
+  m.def(
+      "attention_kvcache_lse(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor cache_seqlens, Tensor? k_new, Tensor? v_new, float scale, bool causal, "
+      "Tensor? cache_leftpad=None, Tensor? rotary_cos=None, Tensor? rotary_sin=None, "
+      "bool rotary_interleaved=False, float softcap=0., Tensor? alibi_slopes=None, "
+      "Tensor? sinks=None, Tensor? block_table=None, int window_left=-1, int window_right=-1) "
+      "-> (Tensor out, Tensor lse)");
   // ---- layer norm / rms norm -------------------------------------------------------------------
   // input (*, *normalized_shape), any strides: rows of N = prod(normalized_shape) elements, read
   // in place when each row is contiguous, else copied once. residual the same shape and dtype;

@@ -238,12 +238,19 @@ struct KvArgs {
   std::optional<at::Tensor> k_new, v_new, cache_leftpad, rotary_cos, rotary_sin;
   double scale;
   double softcap = 0.0;
-  std::optional<at::Tensor> alibi_slopes, sinks;
+  std::optional<at::Tensor> alibi_slopes, sinks, block_table;
+  int64_t window_left = -1, window_right = -1;
 };
+
+int64_t window_side(py::handle h, const std::string& fn) {
+  TORCH_CHECK_TYPE(is_int(h), fn, ": window sizes must be ints, got ", type_name(h));
+  return h.cast<int64_t>();
+}
 
 KvArgs kv_args(py::handle q, py::handle k_cache, py::handle v_cache, py::handle cache_seqlens,
                py::handle k_new, py::handle v_new, py::handle scale, py::handle cache_leftpad,
-               py::handle rotary_cos, py::handle rotary_sin) {
+               py::handle rotary_cos, py::handle rotary_sin, py::handle block_table,
+               py::handle window_left, py::handle window_right) {
   const std::string fn = "fastattn.attention_with_kvcache";
   KvArgs a{tensor(q, fn, "q"),
            tensor(k_cache, fn, "k_cache"),
@@ -261,41 +268,69 @@ KvArgs kv_args(py::handle q, py::handle k_cache, py::handle v_cache, py::handle 
   } else {
     a.scale = real(scale, fn, "scale");
   }
+  a.block_table = optional_tensor(block_table, fn, "block_table");
+  a.window_left = window_side(window_left, fn);
+  a.window_right = window_side(window_right, fn);
   return a;
 }
 
+// block_table, window_left / window_right (ints, -1: unbounded) and return_lse come after the
+// arguments of the first version, so its callers keep working
 py::object kvcache(py::handle q, py::handle k_cache, py::handle v_cache, py::handle cache_seqlens,
                    py::handle k_new, py::handle v_new, py::handle scale, py::handle causal,
                    py::handle cache_leftpad, py::handle rotary_cos, py::handle rotary_sin,
-                   py::handle rotary_interleaved) {
+                   py::handle rotary_interleaved, py::handle block_table, py::handle window_left,
+                   py::handle window_right, py::handle return_lse) {
   HANDLE_TH_ERRORS
   const int is_causal = PyObject_IsTrue(causal.ptr());  // any truthy value, as in Python
   if (is_causal < 0) throw py::error_already_set();
   const int interleaved = PyObject_IsTrue(rotary_interleaved.ptr());
   if (interleaved < 0) throw py::error_already_set();
+  const int want_lse = PyObject_IsTrue(return_lse.ptr());
+  if (want_lse < 0) throw py::error_already_set();
   KvArgs a = kv_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad,
-                     rotary_cos, rotary_sin);
+                     rotary_cos, rotary_sin, block_table, window_left, window_right);
   if (!(all_cpu({&a.q, &a.k_cache, &a.v_cache, &a.cache_seqlens},
-                {&a.k_new, &a.v_new, &a.cache_leftpad, &a.rotary_cos, &a.rotary_sin}) &&
+                {&a.k_new, &a.v_new, &a.cache_leftpad, &a.rotary_cos, &a.rotary_sin,
+                 &a.block_table}) &&
         checks::kernel_dtype(a.q.scalar_type()) && a.q.dim() == 4 && a.v_cache.dim() == 4 &&
         std::max(a.q.size(3), a.v_cache.size(3)) <= kMaxHeadDim)) {
     checks::check_kvcache(a.q, a.k_cache, a.v_cache, a.cache_seqlens, a.k_new, a.v_new, a.scale,
-                          a.cache_leftpad, a.rotary_cos, a.rotary_sin);
+                          a.cache_leftpad, a.rotary_cos, a.rotary_sin, 0.0, std::nullopt,
+                          std::nullopt, a.block_table, a.window_left, a.window_right);
     return py::none();
   }
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastattn::attention_kvcache", "")
-          .typed<at::Tensor(const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
-                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                            double, bool, const std::optional<at::Tensor>&,
-                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                            bool, double, const std::optional<at::Tensor>&,
-                            const std::optional<at::Tensor>&)>();
+  using Sig = at::Tensor(const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
+                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                         double, bool, const std::optional<at::Tensor>&,
+                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                         bool, double, const std::optional<at::Tensor>&,
+                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                         int64_t, int64_t);
+  using SigLse = std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
+      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool,
+      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+      const std::optional<at::Tensor>&, bool, double, const std::optional<at::Tensor>&,
+      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, int64_t);
   // (the fast path serves calls without score modifiers: the Python layer sends those here)
+  if (want_lse == 1) {
+    static const auto op_lse = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("fastattn::attention_kvcache_lse", "")
+                                   .typed<SigLse>();
+    auto [out, lse] = op_lse.call(a.q, a.k_cache, a.v_cache, a.cache_seqlens, a.k_new, a.v_new,
+                                  a.scale, is_causal == 1, a.cache_leftpad, a.rotary_cos,
+                                  a.rotary_sin, interleaved == 1, 0.0, std::nullopt, std::nullopt,
+                                  a.block_table, a.window_left, a.window_right);
+    return py::make_tuple(wrap(out), wrap(lse));
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastattn::attention_kvcache", "")
+                             .typed<Sig>();
   return wrap(op.call(a.q, a.k_cache, a.v_cache, a.cache_seqlens, a.k_new, a.v_new, a.scale,
                       is_causal == 1, a.cache_leftpad, a.rotary_cos, a.rotary_sin,
-                      interleaved == 1, 0.0, std::nullopt, std::nullopt));
+                      interleaved == 1, 0.0, std::nullopt, std::nullopt, a.block_table,
+                      a.window_left, a.window_right));
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
@@ -305,17 +340,18 @@ double check_kvcache(py::handle q, py::handle k_cache, py::handle v_cache,
                      py::handle cache_seqlens, py::handle k_new, py::handle v_new,
                      py::handle scale, py::handle cache_leftpad, py::handle rotary_cos,
                      py::handle rotary_sin, double softcap, py::handle alibi_slopes,
-                     py::handle sinks) {
+                     py::handle sinks, py::handle block_table, py::handle window_left,
+                     py::handle window_right) {
   HANDLE_TH_ERRORS
   const std::string fn = "fastattn.attention_with_kvcache";
   KvArgs a = kv_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad,
-                     rotary_cos, rotary_sin);
+                     rotary_cos, rotary_sin, block_table, window_left, window_right);
   a.softcap = softcap;
   a.alibi_slopes = optional_tensor(alibi_slopes, fn, "alibi_slopes");
   a.sinks = optional_tensor(sinks, fn, "sinks");
   checks::check_kvcache(a.q, a.k_cache, a.v_cache, a.cache_seqlens, a.k_new, a.v_new, a.scale,
                         a.cache_leftpad, a.rotary_cos, a.rotary_sin, a.softcap, a.alibi_slopes,
-                        a.sinks);
+                        a.sinks, a.block_table, a.window_left, a.window_right);
   return a.scale;
   END_HANDLE_TH_ERRORS_PYBIND
 }
@@ -423,8 +459,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("check_norm", &check_norm);
   m.def("check_norm_fused", &check_norm_fused);
   m.def("norm_fused", &norm_fused);
-  m.def("kvcache", &kvcache);
-  m.def("check_kvcache", &check_kvcache);
+  m.def("kvcache", &kvcache, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("cache_seqlens"), py::arg("k_new"), py::arg("v_new"), py::arg("scale"),
+        py::arg("causal"), py::arg("cache_leftpad"), py::arg("rotary_cos"), py::arg("rotary_sin"),
+        py::arg("rotary_interleaved"), py::arg("block_table") = py::none(),
+        py::arg("window_left") = -1, py::arg("window_right") = -1,
+        py::arg("return_lse") = false);
+  m.def("check_kvcache", &check_kvcache, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("cache_seqlens"), py::arg("k_new"), py::arg("v_new"), py::arg("scale"),
+        py::arg("cache_leftpad"), py::arg("rotary_cos"), py::arg("rotary_sin"),
+        py::arg("softcap"), py::arg("alibi_slopes"), py::arg("sinks"),
+        py::arg("block_table") = py::none(), py::arg("window_left") = -1,
+        py::arg("window_right") = -1);
   m.def("int8_weight_only_linear", &int8_weight_only_linear);
   m.def("check_int8_linear", &check_int8_linear);
   m.def("linear", &linear);

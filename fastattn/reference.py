@@ -145,13 +145,21 @@ def attention_with_kvcache(
     softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
-) -> torch.Tensor:
+    window: tuple[int, int] | None = None,
+    return_lse: bool = False,
+    block_table: torch.Tensor | None = None,
+):
     """Reference decoding attention; writes k_new/v_new into the caches in place. Sequence b
-    holds cache positions [cache_leftpad[b] (0 without), cache_seqlens[b] (+ Lq with k_new)).
-    softcap / alibi_slopes / sinks as in scaled_dot_product_attention, the queries being the
-    last Lq positions of each sequence (bottom-right).
-    With rotary_cos/rotary_sin, q and k_new token i of sequence b are rotated (apply_rotary) at
-    position max(0, cache_seqlens[b] - cache_leftpad[b] + i) before k_new is written."""
+    holds cache positions [cache_leftpad[b] (0 without), total_b = cache_seqlens[b] (+ Lnew with
+    k_new (B, Hkv, Lnew, E))); its Lq queries are the last Lq positions, total_b - Lq + i.
+    softcap / alibi_slopes / sinks / window as in scaled_dot_product_attention with bottom-right
+    alignment inside the cache.
+    block_table int32 (B, max_blocks): paged caches (num_blocks, Hkv, block_size, E); token t of
+    sequence b lives in block block_table[b, t // block_size], slot t % block_size.
+    With rotary_cos/rotary_sin, k_new token i is rotated (apply_rotary) at position
+    max(0, cache_seqlens[b] - cache_leftpad[b] + i) before it is written, and q token i at
+    max(0, total_b - Lq - cache_leftpad[b] + i).
+    Returns out (B, H, Lq, Ev) [, lse (B, H, Lq) in q's dtype with return_lse]."""
     B, H, Lq, E = q.shape
     rotary = rotary_cos is not None or rotary_sin is not None
     if rotary and (rotary_cos is None or rotary_sin is None):
@@ -161,33 +169,52 @@ def attention_with_kvcache(
         raise ValueError("fastattn.attention_with_kvcache: rotary_cos/rotary_sin need k_new and "
                          "v_new")
     if B == 0:
-        return q.new_zeros((0, H, Lq, v_cache.shape[-1]))
-    outs = []
+        out = q.new_zeros((0, H, Lq, v_cache.shape[-1]))
+        return (out, q.new_zeros((0, H, Lq))) if return_lse else out
+    Lnew = 0 if k_new is None else k_new.shape[2]
+    bs = 0 if block_table is None else k_cache.shape[2]
+    outs, lses = [], []
     for b in range(B):
         n = int(cache_seqlens[b])
         lp = 0 if cache_leftpad is None else int(cache_leftpad[b])
+        total = n + Lnew
         qb = q[b:b + 1]
+        if block_table is not None:
+            t = torch.arange(total, device=q.device)
+            blk = block_table[b].to(q.device).long()[t // bs]  # (total,) block of each token
+            slot = t % bs
         if k_new is not None:
-            kb = k_new[b]
+            kb = k_new[b]  # (Hkv, Lnew, E)
             if rotary:
-                pos = (torch.arange(Lq, device=q.device) + (n - lp)).clamp_min(0)
-                c, s = rotary_cos[pos], rotary_sin[pos]
-                kb = apply_rotary(kb, c, s, rotary_interleaved)
-                qb = apply_rotary(qb, c, s, rotary_interleaved)
-            k_cache[b, :, n:n + Lq] = kb
-            v_cache[b, :, n:n + Lq] = v_new[b]
-            n += Lq
-        first = min(lp, n)
-        k = k_cache[b:b + 1, :, first:n]  # (1, Hkv, n - first, E)
-        v = v_cache[b:b + 1, :, first:n]
+                kpos = (torch.arange(Lnew, device=q.device) + (n - lp)).clamp_min(0)
+                kb = apply_rotary(kb, rotary_cos[kpos], rotary_sin[kpos], rotary_interleaved)
+            if block_table is None:
+                k_cache[b, :, n:total] = kb
+                v_cache[b, :, n:total] = v_new[b]
+            else:  # k_cache[blk[i], :, slot[i]] is (Lnew, Hkv, E): tokens first
+                k_cache[blk[n:], :, slot[n:]] = kb.transpose(0, 1).to(k_cache.dtype)
+                v_cache[blk[n:], :, slot[n:]] = v_new[b].transpose(0, 1).to(v_cache.dtype)
+        if rotary:
+            qpos = (torch.arange(Lq, device=q.device) + (total - Lq - lp)).clamp_min(0)
+            qb = apply_rotary(qb, rotary_cos[qpos], rotary_sin[qpos], rotary_interleaved)
+        first = min(lp, total)
+        if block_table is None:
+            k = k_cache[b:b + 1, :, first:total]  # (1, Hkv, total - first, E)
+            v = v_cache[b:b + 1, :, first:total]
+        else:  # gathered token by token: (total - first, Hkv, E) -> (1, Hkv, total - first, E)
+            k = k_cache[blk[first:], :, slot[first:]].transpose(0, 1)[None]
+            v = v_cache[blk[first:], :, slot[first:]].transpose(0, 1)[None]
         slopes = alibi_slopes
         if slopes is not None and slopes.dim() == 2:
             slopes = slopes[b]
-        outs.append(scaled_dot_product_attention(
+        out, lse = scaled_dot_product_attention(
             qb, k.to(q.dtype), v.to(q.dtype), is_causal=causal, scale=scale,
-            enable_gqa=True, causal_alignment="bottom_right", softcap=softcap,
-            alibi_slopes=slopes, sinks=sinks))
-    return torch.cat(outs, dim=0)
+            enable_gqa=True, window=window, causal_alignment="bottom_right", return_lse=True,
+            softcap=softcap, alibi_slopes=slopes, sinks=sinks)
+        outs.append(out)
+        lses.append(lse)
+    out = torch.cat(outs, dim=0)
+    return (out, torch.cat(lses, dim=0)) if return_lse else out
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -248,6 +248,8 @@ bad("kv_zero_capacity_with_new_tokens", KV, ValueError, "cache_seqlens")(
                   v_new=rn(2, 2, 1, 16)))
 bad("kv_k_new_without_v_new", KV, ValueError, "v_new")(lambda b: kvc(b, k_new=rn(2, 2, 1, 16)))
 bad("kv_k_new_wrong_shape", KV, ValueError, "k_new")(
+    lambda b: kvc(b, k_new=rn(2, 2, 2, 8), v_new=rn(2, 2, 2, 16)))
+bad("kv_v_new_other_length", KV, ValueError, "v_new")(  # Lnew is k_new's: v_new must match it
     lambda b: kvc(b, k_new=rn(2, 2, 2, 16), v_new=rn(2, 2, 1, 16)))
 bad("kv_v_new_wrong_dtype", KV, TypeError, "v_new")(
     lambda b: kvc(b, k_new=rn(2, 2, 1, 16), v_new=rn(2, 2, 1, 16, dtype=torch.float16)))
@@ -306,6 +308,68 @@ bad("kv_rotary_sin_dtype_differs", KV, TypeError, "rotary_sin")(
                   rotary_sin=rn(16, 8, dtype=torch.bfloat16)))
 bad("kv_rotary_cos_on_other_device", KV, RuntimeError, "rotary_cos")(
     lambda b: kvr(b, cos=rn(16, 8, device=META), sin=rn(16, 8, device=META)))
+
+# paged cache: pools (5, 2, 16, 16), block_table (2, 2) int32, seqlens [3, 5]; window; return_lse
+
+
+def kvp(backend, table=None, pool=None, seqlens=None, **kw):
+    table = torch.tensor([[3, 0], [1, 4]], dtype=torch.int32) if table is None else table
+    pool = rn(5, 2, 16, 16) if pool is None else pool
+    return kvc(backend, kc=pool, vc=pool.clone(), seqlens=seqlens, block_table=table, **kw)
+
+
+bad("kv_block_table_int64", KV, TypeError, "block_table")(
+    lambda b: kvp(b, table=torch.tensor([[3, 0], [1, 4]])))
+bad("kv_block_table_1d", KV, ValueError, "block_table")(
+    lambda b: kvp(b, table=torch.tensor([3, 0], dtype=torch.int32)))
+bad("kv_block_table_wrong_batch", KV, ValueError, "block_table")(
+    lambda b: kvp(b, table=torch.tensor([[3, 0]], dtype=torch.int32)))
+bad("kv_block_table_on_other_device", KV, RuntimeError, "block_table")(
+    lambda b: kvp(b, table=torch.zeros(2, 2, dtype=torch.int32, device=META)))
+bad("kv_block_table_entry_past_pool", KV, ValueError, "block_table[1, 0]")(
+    lambda b: kvp(b, table=torch.tensor([[3, 0], [5, 4]], dtype=torch.int32)))
+bad("kv_block_table_entry_negative", KV, ValueError, "block_table[0, 0]")(
+    lambda b: kvp(b, table=torch.tensor([[-1, 0], [1, 4]], dtype=torch.int32)))
+bad("kv_block_table_entry_past_pool_by_new_token", KV, ValueError, "block_table[1, 1]")(
+    # seqlens [3, 16] + 1 new token: token 16 of sequence 1 lives in its second block (7)
+    lambda b: kvp(b, table=torch.tensor([[3, 0], [1, 7]], dtype=torch.int32),
+                  seqlens=torch.tensor([3, 16], dtype=torch.int32), k_new=rn(2, 2, 1, 16),
+                  v_new=rn(2, 2, 1, 16)))
+bad("kv_block_size_not_multiple_of_16", KV, ValueError, "block_size")(
+    lambda b: kvp(b, pool=rn(5, 2, 8, 16)))
+bad("kv_paged_capacity_too_small", KV, ValueError, "cache_seqlens")(
+    lambda b: kvp(b, table=torch.tensor([[3], [1]], dtype=torch.int32),
+                  seqlens=torch.tensor([3, 16], dtype=torch.int32), k_new=rn(2, 2, 1, 16),
+                  v_new=rn(2, 2, 1, 16)))
+bad("kv_paged_head_dim_mismatch", KV, ValueError, "k_cache")(
+    lambda b: kvp(b, pool=rn(5, 2, 16, 8)))
+bad("kv_window_negative", KV, ValueError, "window")(lambda b: kvc(b, window=(-2, 0)))
+bad("kv_window_not_pair", KV, TypeError, "window")(lambda b: kvc(b, window=4))
+
+
+@edge("kv_paged_unused_entries_not_read", KV)
+def _(b):
+    # entries past each sequence's tokens may hold anything (a server pads tables with -1):
+    # they are neither checked nor read
+    table = torch.tensor([[3, -1], [1, 99]], dtype=torch.int32)
+    pool, q = rn(5, 2, 16, 16), rn(2, 2, 1, 16)
+    out, lse = kvp(b, q=q, table=table, pool=pool, return_lse=True)
+    kr = torch.stack([pool[3], pool[1]]).double()  # the one used block of each sequence
+    seqlens = torch.tensor([3, 5], dtype=torch.int32)
+    want, want_lse = reference.attention_with_kvcache(q.double(), kr, kr.clone(), seqlens,
+                                                      return_lse=True)
+    lo, lo_lse = reference.attention_with_kvcache(q, kr.float(), kr.float(), seqlens,
+                                                  return_lse=True)
+    assert_close_rule(out, want, lo)
+    assert_close_rule(lse, want_lse, lo_lse)
+
+
+@edge("kv_paged_empty_sequence_lse", KV)
+def _(b):
+    # nothing cached, nothing appended: zeros and lse = -inf
+    out, lse = kvp(b, seqlens=torch.zeros(2, dtype=torch.int32), return_lse=True)
+    assert torch.equal(out, torch.zeros(2, 2, 1, 16))
+    assert torch.isneginf(lse).all()
 
 # ---- layer_norm / rms_norm: x (4, 32) -----------------------------------------------------------
 LN, RMS = "layer_norm", "rms_norm"

@@ -104,12 +104,18 @@ def attention_jobs() -> list[Job]:
                     const = dict(HEAD_DIM=dclass, HEAD_DIM_V=dclass, BLOCK_N=bn,
                                  BLOCK_M=A._decode_max_block_m(dt == "fp32", dclass),
                                  CAUSAL=True, SPLIT=True, HAS_LEFTPAD=True, INTERP_BF16=False,
-                                 SOFTCAP=True, ALIBI=True, SINKS=True,
-                                 DOT_PRECISION=A._dot_precision(dt == "fp32"))
+                                 SOFTCAP=True, ALIBI=True, SINKS=True, PAGED=True, WINDOW=True,
+                                 RETURN_LSE=True, DOT_PRECISION=A._dot_precision(dt == "fp32"))
+                    ptrs = dict(SeqLens="*i32", LeftPad="*i32", OutPartial="*fp32",
+                                LsePartial="*fp32", Slopes="*fp32", Sinks="*fp32",
+                                BlockTable="*i32", Lse="*fp32")
                     jobs.append(_job("fastattn.triton.attention", "_kvcache_split_kernel", arch,
                                      const, dt, warps, stages, f"decode {dt} E<={dclass}",
-                                     SeqLens="*i32", LeftPad="*i32", OutPartial="*fp32",
-                                     LsePartial="*fp32", Slopes="*fp32", Sinks="*fp32"))
+                                     **ptrs))
+                    # without the split the kernel stores the output and lse itself
+                    jobs.append(_job("fastattn.triton.attention", "_kvcache_split_kernel", arch,
+                                     {**const, "SPLIT": False}, dt, warps, stages,
+                                     f"decode nosplit {dt} E<={dclass}", **ptrs))
         # the fixed-config kernels at their largest head dim
         for dt in ("bf16", "fp32"):
             jobs.append(_job("fastattn.triton.attention", "_attention_bwd_preprocess_kernel", arch,
@@ -120,13 +126,13 @@ def attention_jobs() -> list[Job]:
                 jobs.append(_job("fastattn.triton.attention", "_kvcache_append_kernel", arch,
                                  dict(HEAD_DIM=256, HEAD_DIM_V=256, HAS_LEFTPAD=True,
                                       BLOCK_L=A.append_block_l(16, 256, rotary), ROTARY=rotary,
-                                      ROTARY_INTERLEAVED=False), dt, 4, 1,
+                                      ROTARY_INTERLEAVED=False, PAGED=True), dt, 4, 1,
                                  f"append{' rotary' if rotary else ''} {dt}", SeqLens="*i32",
-                                 LeftPad="*i32", Cos="*fp32", Sin="*fp32"))
+                                 LeftPad="*i32", Cos="*fp32", Sin="*fp32", BlockTable="*i32"))
             jobs.append(_job("fastattn.triton.attention", "_kvcache_combine_kernel", arch,
-                             dict(HEAD_DIM_V=256, BLOCK_SPLITS=128, SINKS=True), dt, 4, 1,
-                             f"combine {dt}", OutPartial="*fp32", LsePartial="*fp32",
-                             Sinks="*fp32"))
+                             dict(HEAD_DIM_V=256, BLOCK_SPLITS=128, SINKS=True, RETURN_LSE=True),
+                             dt, 4, 1, f"combine {dt}", OutPartial="*fp32", LsePartial="*fp32",
+                             Sinks="*fp32", Lse="*fp32"))
     return jobs
 
 

@@ -237,6 +237,55 @@ def test_cuda_kvcache_rotary_accepted_calls_run_on_the_emulator(i, request):
 
 
 # ---------------------------------------------------------------------------------------------
+# attention_with_kvcache for serving (block_table, window, return_lse, Lnew != Lq): what
+# _kvcache_supports accepts runs on Triton (interpreter); the CUDA kernels refuse each feature,
+# with its name, before a kernel could reject the call
+# ---------------------------------------------------------------------------------------------
+SERVING = ("paged", "window", "lse", "lnew")
+SERVING_GRID = list(itertools.product(DTYPES, (40, 128, 320), range(4)))
+
+
+def _serving_key(dtype, E, i):
+    on = [i == j or i == 3 for j in range(4)]  # each feature alone, then all four
+    return (dtype, E, False, False, *on), dict(zip(SERVING, on, strict=True))
+
+
+@pytest.mark.parametrize("i", range(len(SERVING_GRID)))
+def test_triton_kvcache_serving_accepted_calls_run(i):
+    pytest.importorskip("triton", reason="needs triton installed")
+    from fastattn.triton.attention import _interpret
+
+    if not _interpret():
+        pytest.skip("runs the kernels under TRITON_INTERPRET=1")
+    dtype, E, j = SERVING_GRID[i]
+    key, on = _serving_key(dtype, E, j)
+    if ops_attention._kvcache_supports("triton", torch.device("cpu"), key):
+        assert E > ops_attention._MAX_HEAD_DIM
+        return
+    B, H, Hkv, Lq, bs = 2, 4, 2, 2, 16
+    Lnew = 3 if on["lnew"] else Lq
+    q = torch.randn(B, H, Lq, E).to(dtype)
+    kc, vc = (torch.randn(6 if on["paged"] else B, Hkv, bs if on["paged"] else 48, E).to(dtype)
+              for _ in range(2))
+    table = torch.tensor([[5, 0, 2], [1, 4, 3]], dtype=torch.int32) if on["paged"] else None
+    kn, vn = torch.randn(B, Hkv, Lnew, E).to(dtype), torch.randn(B, Hkv, Lnew, E).to(dtype)
+    sl = torch.tensor([3, 30], dtype=torch.int32)
+    out = ops_attention.attention_with_kvcache(
+        q, kc, vc, sl, kn, vn, block_table=table, window=(5, 0) if on["window"] else None,
+        return_lse=on["lse"], backend="triton")
+    out, lse = out if on["lse"] else (out, torch.zeros(1))
+    assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("feature", SERVING)
+def test_cuda_kvcache_refuses_serving_features(feature):
+    key, _ = _serving_key(torch.float16, 64, SERVING.index(feature))
+    why = ops_attention._kvcache_supports("cuda", torch.device("cuda"), key)
+    assert why is not None and "cuda" in why
+    assert ops_attention._kvcache_supports("cuda", torch.device("cuda"),
+                                           (torch.float16, 64, False, False)) is None
+
+# ---------------------------------------------------------------------------------------------
 # the other ops: each float dtype accepted by both GPU backends runs under the interpreter
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -99,11 +99,14 @@ struct AttnArgs {
   float slope(int64_t b, int64_t h) const { return alibi ? alibi[b * alibi_sb + h] : 0.f; }
 };
 
-// attention_kvcache's append of k_new / v_new at seqlens[b] (decode.h: kvcache_prepare_impl),
-// with the rotary embedding when half > 0: k_new rotated on its way into the cache, q rotated
-// into qrot ((B, H, Lq, E) contiguous), both at position seqlens[b] - leftpad[b] + i.
+// attention_kvcache's append of the Lnew rows of k_new / v_new at seqlens[b] (decode.h:
+// kvcache_prepare_impl), into the paged cache when block_table != nullptr, with the rotary
+// embedding when half > 0: k_new token i rotated on its way into the cache at position
+// seqlens[b] - leftpad[b] + i, q token i (the last Lq of the new tokens) rotated into qrot
+// ((B, H, Lq, E) contiguous) at seqlens[b] - leftpad[b] + Lnew - Lq + i (clamped at 0).
 struct KvPrepArgs {
   int64_t B, H, Hkv, Lq, E, Ev;
+  int64_t Lnew;
   const void* q;  // read only with rotary
   const void* kn;  // nullptr: nothing to append
   const void* vn;
@@ -118,6 +121,15 @@ struct KvPrepArgs {
   int64_t half;
   bool interleaved;
   void* qrot;  // nullptr without rotary
+  const int32_t* block_table = nullptr;  // (B, max_blocks) at row stride bt_stride
+  int64_t bt_stride = 0, block_size = 0;
+};
+
+// attention_kvcache's paged cache (block_table (B, max_blocks) int32, row stride stride_b, caches
+// (num_blocks, Hkv, block_size, E)); table == nullptr: contiguous caches (B, Hkv, capacity, E)
+struct KvPages {
+  const int32_t* table = nullptr;
+  int64_t stride_b = 0, block_size = 0;
 };
 
 enum class Path { f32, dpbf16, amx };
@@ -427,29 +439,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   return {dq, dk, dv, dmask, dsinks};
 }
 
-at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
-                             const at::Tensor& cache_seqlens,
-                             const std::optional<at::Tensor>& k_new,
-                             const std::optional<at::Tensor>& v_new, double scale, bool causal,
-                             const std::optional<at::Tensor>& cache_leftpad,
-                             const std::optional<at::Tensor>& rotary_cos,
-                             const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
-                             double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                             const std::optional<at::Tensor>& sinks) {
+// attention_kvcache and attention_kvcache_lse (want_lse): out, and lse (B, H, Lq) float32 or an
+// undefined tensor
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_impl(
+    const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new, double scale,
+    bool causal, const std::optional<at::Tensor>& cache_leftpad,
+    const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
+    bool rotary_interleaved, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& block_table,
+    int64_t window_left, int64_t window_right, bool want_lse) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal tensors need no tracking
   checks::check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad,
-                        rotary_cos, rotary_sin, softcap, alibi_slopes, sinks);
+                        rotary_cos, rotary_sin, softcap, alibi_slopes, sinks, block_table,
+                        window_left, window_right);
   check_float_cpu(q, "q", 4);  // the CPU kernels' dtypes and device
   check_float_cpu(k_cache, "k_cache", 4);
   check_float_cpu(v_cache, "v_cache", 4);
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), E = q.size(3);
   const int64_t Hkv = k_cache.size(1), Ev = v_cache.size(3);
   const bool has_new = k_new.has_value();
+  const int64_t Lnew = has_new ? k_new->size(2) : 0;
   // visible keys of sequence b: [begin[b], total[b]) (check_kvcache checked the ranges)
   const at::Tensor sl = cache_seqlens.contiguous();
   const int32_t* slp = sl.data_ptr<int32_t>();
   std::vector<int64_t> total(static_cast<size_t>(B)), begin(static_cast<size_t>(B), 0);
-  for (int64_t b = 0; b < B; ++b) total[static_cast<size_t>(b)] = slp[b] + (has_new ? Lq : 0);
+  for (int64_t b = 0; b < B; ++b) total[static_cast<size_t>(b)] = slp[b] + Lnew;
   at::Tensor lp;
   const int32_t* lpp = nullptr;
   if (cache_leftpad.has_value()) {
@@ -457,10 +472,27 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
     lpp = lp.data_ptr<int32_t>();
     for (int64_t b = 0; b < B; ++b) begin[static_cast<size_t>(b)] = lpp[b];
   }
+  // the paged cache: block_table's entries were checked against the pool (check_kvcache)
+  at::Tensor bt;
+  KvPages pages;
+  if (block_table.has_value()) {
+    bt = block_table->contiguous();
+    pages.table = bt.data_ptr<int32_t>();
+    pages.stride_b = bt.size(1);
+    pages.block_size = k_cache.size(2);
+  }
   at::Tensor out = at::empty({B, H, Lq, Ev}, q.options());
-  if (out.numel() == 0 && !has_new) return out;
+  at::Tensor lse = want_lse ? at::empty({B, H, Lq}, q.options().dtype(at::kFloat)) : at::Tensor();
+  if (out.numel() == 0 && !has_new) {
+    if (want_lse) lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
   // check_kvcache: both tables or neither, only with k_new, q's dtype or float32
   const bool rotary = rotary_cos.has_value() && has_new;
+  // the window as attention_fwd's rules, bottom-right; causal folded into its right side
+  const int64_t wl = window_left;
+  const int64_t wr =
+      causal ? (window_right < 0 ? 0 : std::min<int64_t>(window_right, 0)) : window_right;
 
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -469,7 +501,7 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
                                                       : nullptr);
     if (has_new) {  // append in place (rotating k_new), and rotate q
       KvPrepArgs pa{};
-      pa.B = B, pa.H = H, pa.Hkv = Hkv, pa.Lq = Lq, pa.E = E, pa.Ev = Ev;
+      pa.B = B, pa.H = H, pa.Hkv = Hkv, pa.Lq = Lq, pa.E = E, pa.Ev = Ev, pa.Lnew = Lnew;
       pa.q = q.data_ptr(), pa.kn = k_new->data_ptr(), pa.vn = v_new->data_ptr();
       pa.kc = k_cache.data_ptr(), pa.vc = v_cache.data_ptr();
       for (int d = 0; d < 4; ++d) {
@@ -477,6 +509,8 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
         pa.skc[d] = k_cache.stride(d), pa.svc[d] = v_cache.stride(d);
       }
       pa.seqlens = slp, pa.leftpad = lpp;
+      pa.block_table = pages.table, pa.bt_stride = pages.stride_b;
+      pa.block_size = pages.block_size;
       bool f32_tables = false;
       if (rotary) {
         pa.cos = rotary_cos->data_ptr(), pa.sin = rotary_sin->data_ptr();
@@ -492,10 +526,23 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
       else
         kvcache_prepare<T, T>(pa);
     }
-    if (out.numel() == 0) return;
-    // the whole cache as keys (S = capacity, no mask/window/dropout); the per-sequence lengths
-    // are passed to the kernels separately
-    AttnArgs a = make_args(q, k_cache, v_cache, std::nullopt, scale, -1, -1, 0, 0.0, 0);
+    if (out.numel() == 0) {  // (Ev = 0 or no query rows: the append only)
+      if (want_lse) lse.fill_(-std::numeric_limits<float>::infinity());
+      return;
+    }
+    // the whole cache as keys (S = capacity, no mask/dropout); the per-sequence lengths are
+    // passed to the kernels separately
+    // a paged pool (num_blocks, ...) goes in as a (B, ...) view with the batch stride zero;
+    // the kernels step blocks by the pool's stride
+    auto batch_view = [&](const at::Tensor& c) {
+      return pages.table == nullptr
+                 ? c
+                 : c.as_strided({B, c.size(1), c.size(2), c.size(3)},
+                                {0, c.stride(1), c.stride(2), c.stride(3)}, c.storage_offset());
+    };
+    AttnArgs a = make_args(q, batch_view(k_cache), batch_view(v_cache), std::nullopt, scale, wl,
+                           wr, 0, 0.0, 0);
+    if (pages.table != nullptr) a.sk[0] = k_cache.stride(0), a.sv[0] = v_cache.stride(0);
     // (H,) slopes as a (B, H) view with a zero batch stride; unit head strides for the kernels
     std::optional<at::Tensor> slopes;
     if (alibi_slopes.has_value()) {
@@ -511,19 +558,25 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
       a.sq[3] = 1, a.sq[2] = E, a.sq[1] = Lq * E, a.sq[0] = H * Lq * E;
     }
     T* op = static_cast<T*>(out.data_ptr());
+    float* lp_out = want_lse ? lse.data_ptr<float>() : nullptr;
     const Isa isa = cpu_isa();
     if ((H / Hkv) * Lq <= 16) {
 #ifdef FASTATTN_X86_KERNELS
       if (isa >= Isa::avx512)
-        return avx512::attention_decode_impl<T>(a, begin.data(), total.data(), Lq, causal, op);
+        return avx512::attention_decode_impl<T>(a, begin.data(), total.data(), Lq, causal, pages,
+                                                op, lp_out);
       if (isa >= Isa::avx2)
-        return avx2::attention_decode_impl<T>(a, begin.data(), total.data(), Lq, causal, op);
+        return avx2::attention_decode_impl<T>(a, begin.data(), total.data(), Lq, causal, pages,
+                                              op, lp_out);
 #endif
       (void)isa;
-      return portable::attention_decode_impl<T>(a, begin.data(), total.data(), Lq, causal, op);
+      return portable::attention_decode_impl<T>(a, begin.data(), total.data(), Lq, causal, pages,
+                                                op, lp_out);
     }
-    // many query rows per kv head (prefill against a cache): the blocked forward, per sequence
-    std::vector<float> lse(static_cast<size_t>(H * Lq));
+    // many query rows per kv head (prefill against a cache): the blocked forward, per sequence.
+    // A paged sequence's visible keys are gathered into one contiguous buffer first: a copy of
+    // (S, E) rows against Lq * S * E multiply-adds of the GEMM-rate kernel.
+    std::vector<float> lse_scratch(want_lse ? 0 : static_cast<size_t>(H * Lq));
     for (int64_t b = 0; b < B; ++b) {
       AttnArgs ab = a;
       ab.B = 1;
@@ -532,20 +585,77 @@ at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tenso
       const int64_t kb = begin[static_cast<size_t>(b)];
       ab.S = total[static_cast<size_t>(b)] - kb;
       ab.q = static_cast<const T*>(a.q) + b * a.sq[0];
-      ab.k = static_cast<const T*>(a.k) + b * a.sk[0] + kb * a.sk[2];
-      ab.v = static_cast<const T*>(a.v) + b * a.sv[0] + kb * a.sv[2];
       ab.off = ab.S - Lq;
-      ab.wr = causal ? 0 : -1;
       if (a.alibi) ab.alibi = a.alibi + b * a.alibi_sb;
       T* ob = op + b * H * Lq * Ev;
+      float* lb = want_lse ? lp_out + b * H * Lq : lse_scratch.data();
       if (ab.S == 0) {  // no key: out = 0 (with or without a sink)
         std::fill(ob, ob + H * Lq * Ev, T(0.f));
+        for (int64_t h = 0; h < H; ++h)
+          std::fill(lb + h * Lq, lb + (h + 1) * Lq,
+                    a.sinks ? a.sinks[h] : -std::numeric_limits<float>::infinity());
         continue;
       }
-      fwd_dispatch<T>(ab, ob, lse.data());
+      at::Tensor kg, vg;  // paged: the gathered keys / values, (Hkv, S, E[v]) contiguous
+      if (pages.table != nullptr) {
+        kg = at::empty({Hkv, ab.S, E}, q.options());
+        vg = at::empty({Hkv, ab.S, Ev}, q.options());
+        T* kd = static_cast<T*>(kg.data_ptr());
+        T* vd = static_cast<T*>(vg.data_ptr());
+        const T* kc = static_cast<const T*>(a.k);
+        const T* vc = static_cast<const T*>(a.v);
+        const int32_t* row = pages.table + b * pages.stride_b;
+        at::parallel_for(0, Hkv * ab.S, 1024, [&](int64_t x0, int64_t x1) {
+          for (int64_t x = x0; x < x1; ++x) {
+            const int64_t h = x / ab.S, t = kb + x % ab.S;
+            const int64_t blk = row[t / pages.block_size], slot = t % pages.block_size;
+            portable::copy_row(kc + blk * a.sk[0] + h * a.sk[1] + slot * a.sk[2], a.sk[3], E,
+                               kd + x * E, int64_t{1});
+            portable::copy_row(vc + blk * a.sv[0] + h * a.sv[1] + slot * a.sv[2], a.sv[3], Ev,
+                               vd + x * Ev, int64_t{1});
+          }
+        });
+        ab.k = kd, ab.v = vd;
+        ab.sk[0] = Hkv * ab.S * E, ab.sk[1] = ab.S * E, ab.sk[2] = E, ab.sk[3] = 1;
+        ab.sv[0] = Hkv * ab.S * Ev, ab.sv[1] = ab.S * Ev, ab.sv[2] = Ev, ab.sv[3] = 1;
+      } else {
+        ab.k = static_cast<const T*>(a.k) + b * a.sk[0] + kb * a.sk[2];
+        ab.v = static_cast<const T*>(a.v) + b * a.sv[0] + kb * a.sv[2];
+      }
+      fwd_dispatch<T>(ab, ob, lb);
     }
   });
-  return out;
+  return {out, lse};
+}
+
+at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
+                             const at::Tensor& cache_seqlens,
+                             const std::optional<at::Tensor>& k_new,
+                             const std::optional<at::Tensor>& v_new, double scale, bool causal,
+                             const std::optional<at::Tensor>& cache_leftpad,
+                             const std::optional<at::Tensor>& rotary_cos,
+                             const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
+                             double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                             const std::optional<at::Tensor>& sinks,
+                             const std::optional<at::Tensor>& block_table, int64_t window_left,
+                             int64_t window_right) {
+  return std::get<0>(attention_kvcache_impl(
+      q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal, cache_leftpad, rotary_cos,
+      rotary_sin, rotary_interleaved, softcap, alibi_slopes, sinks, block_table, window_left,
+      window_right, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_lse(
+    const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new, double scale,
+    bool causal, const std::optional<at::Tensor>& cache_leftpad,
+    const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
+    bool rotary_interleaved, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& block_table,
+    int64_t window_left, int64_t window_right) {
+  return attention_kvcache_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal,
+                                cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved, softcap,
+                                alibi_slopes, sinks, block_table, window_left, window_right, true);
 }
 
 }  // namespace
@@ -554,6 +664,7 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
   m.impl("attention_kvcache", &attention_kvcache);
+  m.impl("attention_kvcache_lse", &attention_kvcache_lse);
 }
 
 }  // namespace fastattn::cpu

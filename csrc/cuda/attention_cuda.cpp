@@ -174,11 +174,21 @@ at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, a
                                   const std::optional<at::Tensor>& rotary_sin,
                                   bool rotary_interleaved, double softcap,
                                   const std::optional<at::Tensor>& alibi_slopes,
-                                  const std::optional<at::Tensor>& sinks) {
+                                  const std::optional<at::Tensor>& sinks,
+                                  const std::optional<at::Tensor>& block_table,
+                                  int64_t window_left, int64_t window_right) {
   constexpr const char* op = "attention_kvcache";
   checks::check_kvcache(q_in, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad,
-                        rotary_cos, rotary_sin, softcap, alibi_slopes, sinks);
+                        rotary_cos, rotary_sin, softcap, alibi_slopes, sinks, block_table,
+                        window_left, window_right);
   check_no_score_mods(softcap, alibi_slopes, sinks, op);
+  // the paged cache, windows and Lnew != Lq run on the Triton kernels (the ops layer's
+  // _kvcache_supports refuses them for this backend)
+  TORCH_CHECK(!block_table.has_value() && window_left < 0 && window_right < 0 &&
+                  (!k_new.has_value() || k_new->size(2) == q_in.size(2)),
+              "fastattn.attention_kvcache (CUDA): block_table, window and k_new/v_new with a "
+              "number of tokens other than q's are not implemented by the CUDA kernels (the "
+              "Triton backend runs them)");
   check_cuda_tensor(q_in, q_in, op, "q");
   check_cuda_tensor(k_cache, q_in, op, "k_cache");
   check_cuda_tensor(v_cache, q_in, op, "v_cache");

@@ -7,7 +7,12 @@ one fused qkv projection, the rotary embedding fused into the call (rotary_cos /
 float32 tables (max_pos, d/2)) against transformers' ``apply_rotary_pos_emb`` in PyTorch ops
 (``q * cos + rotate_half(q) * sin``, cos/sin gathered once per step as the model does) followed by
 the same attention_with_kvcache call without rotary. The figure to read is the ratio of the two,
-measured side by side in one run."""
+measured side by side in one run.
+
+Paged cases (param cache="paged"): the same decoding call on a paged cache (block_table, blocks
+of 16 or 64 tokens shuffled in a pool shared by the batch, as a continuous-batching server holds
+them) against the call on the contiguous cache holding the same tokens
+(``fastattn[contiguous]``, backend "auto"). Target: paged >= 0.9x contiguous."""
 
 from __future__ import annotations
 
@@ -93,7 +98,7 @@ def cases(cfg: RunConfig) -> list[Case]:
                 bound="memory", x="S", series=("B", "H", "Hkv", "d"),
                 check=("torch.sdpa[math]", "torch.sdpa[flash]", "torch.sdpa[efficient]")
                 if cfg.cuda else "torch.sdpa"))
-    return out + rotary_cases(cfg)
+    return out + rotary_cases(cfg) + paged_cases(cfg)
 
 
 # ---- rotary embedding fused into the call vs applied in PyTorch first ------------------------
@@ -172,4 +177,67 @@ def rotary_cases(cfg: RunConfig) -> list[Case]:
                 bytes=decode_bytes(B, Hkv, S, d, elem),
                 bound="memory", x="S", series=("B", "H", "Hkv", "d", "rope"),
                 check="torch.rope+fastattn"))
+    return out
+
+
+# ---- paged cache (block_table) vs the contiguous cache at the same lengths ---------------------
+def _paged_shapes(cfg: RunConfig) -> list[dict]:
+    if cfg.smoke:
+        return [dict(B=2, H=4, Hkv=2, S=256, d=32, block_size=16)]
+    if cfg.sweep and not cfg.cuda:  # a ratio at a few lengths, not a curve: no sweep lines
+        return []
+    if not cfg.cuda:  # Llama-3-8B's attention (GQA 32/8), a batch of 4 sequences
+        lengths = (1024, 8192) if cfg.quick else (1024, 4096, 16384)
+        return [dict(B=4, H=32, Hkv=8, S=S, d=128, block_size=bs)
+                for S in lengths for bs in (16, 64)]
+    lengths = (4096, 32768) if cfg.quick else (4096, 16384, 32768)
+    return [dict(B=B, H=32, Hkv=8, S=S, d=128, block_size=bs)
+            for B in (1, 8) for S in lengths for bs in (16, 64)]
+
+
+def _paged_builder(cfg: RunConfig, shape: dict, dtype: torch.dtype):
+    B, H, Hkv, S, d, bs = (shape[k] for k in ("B", "H", "Hkv", "S", "d", "block_size"))
+    dev = cfg.device
+
+    def build() -> list[Impl]:
+        q = torch.randn(B, H, 1, d, dtype=dtype, device=dev)
+        k_cache = torch.randn(B, Hkv, S, d, dtype=dtype, device=dev)
+        v_cache = torch.randn(B, Hkv, S, d, dtype=dtype, device=dev)
+        seqlens = torch.full((B,), S, dtype=torch.int32, device=dev)
+        # the same tokens in shuffled blocks of one pool: (B * S / bs, Hkv, bs, d)
+        nb = S // bs
+        table = torch.randperm(B * nb, device=dev).reshape(B, nb).to(torch.int32)
+        k_pool = torch.empty(B * nb, Hkv, bs, d, dtype=dtype, device=dev)
+        v_pool = torch.empty_like(k_pool)
+        # (B, Hkv, nb, bs, d) -> (B, nb, Hkv, bs, d): block x of sequence b is pool[table[b, x]]
+        slots = table.flatten().long()
+        k_pool[slots] = k_cache.view(B, Hkv, nb, bs, d).transpose(1, 2).flatten(0, 1)
+        v_pool[slots] = v_cache.view(B, Hkv, nb, bs, d).transpose(1, 2).flatten(0, 1)
+        impls = fastattn_impls(
+            cfg, "attention_with_kvcache",
+            lambda f, be: lambda: f(q, k_pool, v_pool, seqlens, block_table=table, backend=be))
+        func, why = resolve("attention_with_kvcache")
+        if func is None:
+            impls.append(Impl("fastattn[contiguous]", "baseline", unavailable=why))
+        else:
+            impls.append(Impl("fastattn[contiguous]", "baseline",
+                              fn=lambda: func(q, k_cache, v_cache, seqlens)))
+        return impls
+
+    return build
+
+
+def paged_cases(cfg: RunConfig) -> list[Case]:
+    out = []
+    for dtype in cfg.dtypes_for(DEFAULT_DTYPES[cfg.device]):
+        elem = DTYPES[dtype].itemsize
+        for shape in _paged_shapes(cfg):
+            B, H, Hkv, S, d = (shape[k] for k in ("B", "H", "Hkv", "S", "d"))
+            out.append(Case(
+                op=OP, params=dict(shape, cache="paged"), dtype=dtype,
+                build=_paged_builder(cfg, shape, DTYPES[dtype]),
+                flops=attention_flops(B, H, 1, S, d),
+                bytes=decode_bytes(B, Hkv, S, d, elem),
+                bound="memory", x="S", series=("B", "H", "Hkv", "d", "block_size", "cache"),
+                check="fastattn[contiguous]"))
     return out

@@ -119,15 +119,17 @@ def _check_scale(scale, E) -> float:
 
 def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
                    cache_leftpad, rotary_cos=None, rotary_sin=None, softcap=0.0,
-                   alibi_slopes=None, sinks=None) -> float:
+                   alibi_slopes=None, sinks=None, block_table=None, window_left=-1,
+                   window_right=-1) -> float:
     """attention_with_kvcache's argument rules (csrc/checks.cpp, shared with the kernels: the
-    values of cache_seqlens / cache_leftpad are checked where they are on the host) -> the scale
-    resolved. While torch.compile traces, the op's fake function runs the same checks; without
-    the extension only the scale and the score modifiers are checked."""
+    values of cache_seqlens / cache_leftpad / block_table are checked where they are on the
+    host) -> the scale resolved. While torch.compile traces, the op's fake function runs the
+    same checks; without the extension only the scale and the score modifiers are checked."""
     if _backend.NATIVE is not None and not torch.compiler.is_compiling():
         return _backend.NATIVE.check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
                                              scale, cache_leftpad, rotary_cos, rotary_sin,
-                                             float(softcap), alibi_slopes, sinks)
+                                             float(softcap), alibi_slopes, sinks, block_table,
+                                             window_left, window_right)
     if q.dim() == 4:
         _check_score_mods("fastattn.attention_with_kvcache", q, alibi_slopes, sinks)
     return _check_scale(scale, q.shape[-1])
@@ -227,12 +229,32 @@ def _choose(op: str, device: torch.device, backend: str, dtype: torch.dtype, hea
 _KVCACHE_ROTARY = ("cpu", "triton", "cuda")
 
 
+# the backends whose attention_kvcache kernels implement block_table, window, return_lse and
+# k_new/v_new of another length than q (the CUDA kernels leave them to Triton)
+_KVCACHE_SERVING = ("cpu", "triton")
+
+
 def _kvcache_supports(backend: str, device: torch.device, key: tuple) -> str | None:
-    """_supports for attention_with_kvcache: key = (dtype, head_dim, rotary[, score_mods])."""
+    """_supports for attention_with_kvcache: key = (dtype, head_dim, rotary[, score_mods[,
+    paged, window, return_lse, lnew_differs]])."""
     dtype, head_dim, rotary, *rest = key
     if rotary and backend not in _KVCACHE_ROTARY:
         return f"rotary_cos/rotary_sin are not implemented by the {backend} kernels"
+    serving = rest[1:]
+    if any(serving) and backend not in _KVCACHE_SERVING:
+        names = [n for n, on in zip(("block_table", "window", "return_lse",
+                                     "k_new/v_new with Lnew != Lq"), serving, strict=True) if on]
+        return f"{', '.join(names)}: not implemented by the {backend} kernels"
     return _supports(backend, device, (dtype, head_dim, False, bool(rest and rest[0])))
+
+
+def _kv_window(window) -> tuple[int, int]:
+    """attention_with_kvcache's window=(left, right) -> the raw pair (-1: unbounded; causal is
+    folded in by the kernels)."""
+    if window is None:
+        return -1, -1
+    left, right, _ = _window_args(0, 0, False, window, "bottom_right")
+    return left, right
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,13 +296,34 @@ def triton_attention_kvcache(
     cache_leftpad: torch.Tensor | None = None, rotary_cos: torch.Tensor | None = None,
     rotary_sin: torch.Tensor | None = None, rotary_interleaved: bool = False,
     softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-    sinks: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
+    window_left: int = -1, window_right: int = -1,
 ) -> torch.Tensor:
     from fastattn.triton.attention import attention_kvcache
 
     return attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal,
                              cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved,
-                             softcap, alibi_slopes, sinks)
+                             softcap, alibi_slopes, sinks, block_table, window_left,
+                             window_right)
+
+
+@torch.library.custom_op("fastattn::triton_attention_kvcache_lse",
+                         mutates_args=("k_cache", "v_cache"))
+def triton_attention_kvcache_lse(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None, v_new: torch.Tensor | None, scale: float, causal: bool,
+    cache_leftpad: torch.Tensor | None = None, rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None, rotary_interleaved: bool = False,
+    softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
+    window_left: int = -1, window_right: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastattn.triton.attention import attention_kvcache
+
+    return attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal,
+                             cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved,
+                             softcap, alibi_slopes, sinks, block_table, window_left,
+                             window_right, return_lse=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,10 +354,23 @@ def _bwd_fake(grad_out, q, k, v, out, lse, grad_lse, attn_mask, scale, window_le
 
 def _kvcache_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal,
                   cache_leftpad=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
-                  softcap=0.0, alibi_slopes=None, sinks=None):
+                  softcap=0.0, alibi_slopes=None, sinks=None, block_table=None, window_left=-1,
+                  window_right=-1):
     _check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad,
-                   rotary_cos, rotary_sin, softcap, alibi_slopes, sinks)
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+                   rotary_cos, rotary_sin, softcap, alibi_slopes, sinks, block_table,
+                   window_left, window_right)
+    B, H, Lq, _ = q.shape
+    return q.new_empty((B, H, Lq, v_cache.shape[-1]))
+
+
+def _kvcache_lse_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal,
+                      cache_leftpad=None, rotary_cos=None, rotary_sin=None,
+                      rotary_interleaved=False, softcap=0.0, alibi_slopes=None, sinks=None,
+                      block_table=None, window_left=-1, window_right=-1):
+    out = _kvcache_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal,
+                        cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved, softcap,
+                        alibi_slopes, sinks, block_table, window_left, window_right)
+    return out, q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -345,6 +401,7 @@ def _make_backward(bwd_op):
 torch.library.register_fake("fastattn::triton_attention_fwd")(_fwd_fake)
 torch.library.register_fake("fastattn::triton_attention_bwd")(_bwd_fake)
 torch.library.register_fake("fastattn::triton_attention_kvcache")(_kvcache_fake)
+torch.library.register_fake("fastattn::triton_attention_kvcache_lse")(_kvcache_lse_fake)
 torch.library.register_autograd("fastattn::triton_attention_fwd",
                                 _make_backward(triton_attention_bwd), setup_context=_setup_context)
 
@@ -355,6 +412,7 @@ def _register_cpp() -> None:
     torch.library.register_fake("fastattn::attention_fwd")(_fwd_fake)
     torch.library.register_fake("fastattn::attention_bwd")(_bwd_fake)
     torch.library.register_fake("fastattn::attention_kvcache")(_kvcache_fake)
+    torch.library.register_fake("fastattn::attention_kvcache_lse")(_kvcache_lse_fake)
     torch.library.register_autograd("fastattn::attention_fwd",
                                     _make_backward(torch.ops.fastattn.attention_bwd),
                                     setup_context=_setup_context)
@@ -511,69 +569,106 @@ def attention_with_kvcache(
     softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    return_lse: bool = False,
+    block_table: torch.Tensor | None = None,
     backend: str = "auto",
-) -> torch.Tensor:
+):
     """Decoding attention against a KV cache (flash-decoding on GPU).
 
     Args:
-        q: (B, H, Lq, E) new queries.
-        k_cache, v_cache: (B, Hkv, capacity, E), H % Hkv == 0. Updated in place when k_new is given.
+        q: (B, H, Lq, E) new queries: the last Lq positions of each sequence after the append.
+        k_cache, v_cache: (B, Hkv, capacity, E), H % Hkv == 0; with block_table the paged pool
+            (num_blocks, Hkv, block_size, E), block_size a multiple of 16. Updated in place when
+            k_new is given.
         cache_seqlens: int32 (B,), tokens already in the cache per sequence.
-        k_new, v_new: (B, Hkv, Lq, E) or None; written at positions [cache_seqlens[b], +Lq).
-        causal: the new queries are the last Lq positions (bottom-right causal).
+        k_new, v_new: (B, Hkv, Lnew, E) or None, any Lnew (not only Lq, as FlashAttention's
+            ``flash_attn_with_kvcache``); written at positions [cache_seqlens[b], +Lnew).
+        causal: query i of sequence b (at position total_b - Lq + i, total_b = cache_seqlens[b]
+            + Lnew) sees keys up to its own position (bottom-right causal).
         cache_leftpad: int32 (B,) or None: sequence b starts at cache position cache_leftpad[b]
             (left-padded batches, as ``generate()`` pads them); the keys before it are not seen.
         rotary_cos, rotary_sin: (max_pos, rotary_dim / 2) tables in q's dtype or float32, any
             strides (e.g. ``torch.outer(arange(max_pos), inv_freq).cos()`` for Llama), or None.
             Requires k_new/v_new. Rotary embedding fused into the call (FlashAttention's
-            ``flash_attn_with_kvcache``): q token i and k_new token i of sequence b are rotated at
-            position ``cache_seqlens[b] - cache_leftpad[b] + i`` (its position in its own
-            sequence: left padding does not count, as transformers' ``position_ids`` of a
-            left-padded batch; padding tokens among the new ones, before cache_leftpad[b], are
-            rotated at position 0 and never attended to), which must be < max_pos. The first
-            rotary_dim dims of each head are rotated, the rest pass through; computed in float32
-            and rounded to q's dtype. k_new is rotated before it is written (the cache holds
-            rotated keys, as transformers' caches do); v_new is not rotated; q and k_new
-            themselves are left unchanged.
+            ``flash_attn_with_kvcache``): k_new token i of sequence b is rotated at position
+            ``cache_seqlens[b] - cache_leftpad[b] + i`` and q token i at
+            ``total_b - Lq - cache_leftpad[b] + i`` (its position in its own sequence: left
+            padding does not count, as transformers' ``position_ids`` of a left-padded batch;
+            padding tokens among the new ones, before cache_leftpad[b], are rotated at position
+            0 and never attended to), which must be < max_pos. The first rotary_dim dims of each
+            head are rotated, the rest pass through; computed in float32 and rounded to q's
+            dtype. k_new is rotated before it is written (the cache holds rotated keys, as
+            transformers' caches do); v_new is not rotated; q and k_new themselves are left
+            unchanged.
         rotary_interleaved: False: GPT-NeoX / Llama pairs (j, j + rotary_dim/2) (transformers'
             ``rotate_half``); True: GPT-J pairs (2j, 2j + 1). For a pair (x1, x2), c = cos[p, j],
             s = sin[p, j]: (x1 c - x2 s, x2 c + x1 s).
         softcap, alibi_slopes, sinks: as in scaled_dot_product_attention, the queries being the
             last Lq positions of each sequence (bottom-right); the ALiBi distance is taken in
             cache positions (left padding does not change it). Inference only.
+        window: (left, right) or None: as scaled_dot_product_attention's window, bottom-right
+            aligned inside the cache: query i sees keys j with
+            total_b - Lq + i - left <= j <= total_b - Lq + i + right (-1: unbounded). Sliding-
+            window models (Mistral, Gemma-2/3) decode through the cache with it.
+        return_lse: also return lse (B, H, Lq) float32, the log-sum-exp of each row's scaled,
+            modified, masked scores (the sink included; -inf for a row with no visible key), as
+            scaled_dot_product_attention's return_lse.
+        block_table: int32 (B, max_blocks) or None: the paged cache (vLLM / FlashAttention's
+            ``block_table``): token t of sequence b lives in block block_table[b, t // block_size],
+            slot t % block_size of k_cache/v_cache; k_new/v_new are written there. The entries
+            of the blocks holding tokens [0, total_b) must index the pool (checked for host
+            tensors; GPU kernels clamp them); the others are never read.
 
     Every tensor may be strided (e.g. q, k_new, v_new as transposed views of a fused qkv
     projection's (B, Lq, (H + 2 Hkv) E) output); nothing is copied for it on the CPU.
 
     Returns:
-        (B, H, Lq, E) in q's dtype.
+        (B, H, Lq, Ev) in q's dtype; (out, lse) with return_lse.
     """
     cap = _softcap_arg("fastattn.attention_with_kvcache", softcap)
     score_mods = cap > 0.0 or alibi_slopes is not None or sinks is not None
+    wl, wr = _kv_window(window)
     if not score_mods and _backend.fast_path(backend):
         out = _backend.NATIVE.kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
                                       causal, cache_leftpad, rotary_cos, rotary_sin,
-                                      rotary_interleaved)
+                                      rotary_interleaved, block_table, wl, wr, return_lse)
         if out is not None:
             return out
     _backend.check_backend(backend)
+    return_lse = bool(return_lse)
     scale = _check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
-                           cache_leftpad, rotary_cos, rotary_sin, cap, alibi_slopes, sinks)
+                           cache_leftpad, rotary_cos, rotary_sin, cap, alibi_slopes, sinks,
+                           block_table, wl, wr)
     E = q.shape[-1]
     rotary = rotary_cos is not None or rotary_sin is not None
+    paged = block_table is not None
+    windowed = wl >= 0 or wr >= 0
+    lnew_differs = k_new is not None and k_new.shape[2] != q.shape[2]
     chosen = _backend.pick("attention_with_kvcache", q.device, backend,
-                           (q.dtype, max(E, v_cache.shape[-1]), rotary, score_mods),
+                           (q.dtype, max(E, v_cache.shape[-1]), rotary, score_mods, paged,
+                            windowed, return_lse, lnew_differs),
                            _kvcache_supports)
     if chosen == "reference" or q.numel() == 0:
-        return reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                                scale=scale, causal=causal,
-                                                cache_leftpad=cache_leftpad,
-                                                rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                                                rotary_interleaved=rotary_interleaved,
-                                                softcap=softcap, alibi_slopes=alibi_slopes,
-                                                sinks=sinks)
-    op = (torch.ops.fastattn.triton_attention_kvcache if chosen == "triton"
-          else torch.ops.fastattn.attention_kvcache)
+        out = reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                                               scale=scale, causal=causal,
+                                               cache_leftpad=cache_leftpad,
+                                               rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                                               rotary_interleaved=rotary_interleaved,
+                                               softcap=softcap, alibi_slopes=alibi_slopes,
+                                               sinks=sinks, window=window, return_lse=return_lse,
+                                               block_table=block_table)
+        return (out[0], out[1].float()) if return_lse else out
+    if return_lse:
+        op = (torch.ops.fastattn.triton_attention_kvcache_lse if chosen == "triton"
+              else torch.ops.fastattn.attention_kvcache_lse)
+    else:
+        op = (torch.ops.fastattn.triton_attention_kvcache if chosen == "triton"
+              else torch.ops.fastattn.attention_kvcache)
+    if paged or windowed or return_lse:
+        return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, bool(causal),
+                  cache_leftpad, rotary_cos, rotary_sin, bool(rotary_interleaved), cap,
+                  alibi_slopes, sinks, block_table, wl, wr)
     if not score_mods:
         return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, bool(causal),
                   cache_leftpad, rotary_cos, rotary_sin, bool(rotary_interleaved))

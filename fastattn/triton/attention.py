@@ -1016,26 +1016,44 @@ def _rotary_partner(offs_d, rotary_half, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
+def _kv_slot(BlockTable, b, pos, stride_btb, block_size, num_blocks, ok, PAGED: tl.constexpr):
+    """(row, slot) of cache token pos of sequence b: (b, pos), or PAGED (block_table[b, pos //
+    block_size], pos % block_size) with the entry clamped into [0, num_blocks) (read on the
+    device: a bad entry never reads or writes outside the pool; the host checks where it can)."""
+    if PAGED:
+        blk = tl.load(BlockTable + b * stride_btb + pos // block_size, mask=ok, other=0)
+        blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1).to(tl.int64)
+        return blk, pos % block_size
+    else:
+        return b + 0 * pos, pos
+
+
+@triton.jit
 def _kvcache_append_kernel(
-    KNew, VNew, KCache, VCache, SeqLens, LeftPad, Cos, Sin, Q, QRot,
+    KNew, VNew, KCache, VCache, SeqLens, LeftPad, Cos, Sin, Q, QRot, BlockTable,
     stride_knb, stride_knh, stride_knm, stride_knk,
     stride_vnb, stride_vnh, stride_vnm, stride_vnk,
     stride_kcb, stride_kch, stride_kcn, stride_kck,
     stride_vcb, stride_vch, stride_vcn, stride_vck,
     stride_cosp, stride_cosj, stride_sinp, stride_sinj,
     stride_qb, stride_qh, stride_qm, stride_qk,
+    stride_btb,
     num_kv_heads, num_bhk, seqlen_new, capacity, head_dim, head_dim_v, max_pos, rotary_half,
-    group_size,
+    group_size, seqlen_q, block_size, num_blocks,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_L: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr, ROTARY: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr,
+    PAGED: tl.constexpr = False,
 ):
-    """cache[b, h, seqlens[b] + i] = new[b, h, i] for i < Lq. The position is read on the device;
-    rows that would land outside [0, capacity) are dropped (never written out of bounds).
+    """cache[b, h, seqlens[b] + i] = new[b, h, i] for i < Lnew (PAGED: at the block_table's
+    (block, slot) of that token, _kv_slot). The position is read on the device; rows that would
+    land outside [0, capacity) are dropped (never written out of bounds).
     ROTARY: k_new rotated first (_rotary) at position seqlens[b] - leftpad[b] + i, clamped into
-    [0, max_pos) (the host checks it where it can), and the q rows of the kv head's group_size
-    query heads rotated at the same positions into QRot ((B, H, Lq, E) contiguous, q's dtype),
-    which the split kernel reads as its q: rotated once, not once per split, and the split
-    kernel's registers stay free for its tiles. Grid: grid_folded(cdiv(Lq, BLOCK_L), B * Hkv)."""
+    [0, max_pos) (the host checks it where it can), and the Lq q rows of the kv head's
+    group_size query heads (the last Lq of the new tokens: q row i at position
+    seqlens[b] + Lnew - Lq - leftpad[b] + i, clamped at 0) into QRot ((B, H, Lq, E) contiguous,
+    q's dtype), which the split kernel reads as its q: rotated once, not once per split, and the
+    split kernel's registers stay free for its tiles.
+    Grid: grid_folded(cdiv(max(Lnew, Lq), BLOCK_L), B * Hkv)."""
     pid_l = tl.program_id(0)
     pid_bh = folded_id()
     if pid_bh >= num_bhk:
@@ -1063,22 +1081,25 @@ def _kvcache_append_kernel(
         k = _rotary(k, k_row, partner[None, :] * stride_knk, k_ok, Cos, Sin, rpos, offs_d,
                     stride_cosp, stride_cosj, stride_sinp, stride_sinj, rotary_half,
                     ROTARY_INTERLEAVED).to(KCache.dtype.element_ty)
-        q_ok = (offs_l < seqlen_new)[:, None] & (offs_d[None, :] < head_dim)
+        q_ok = (offs_l < seqlen_q)[:, None] & (offs_d[None, :] < head_dim)
+        qpos = tl.minimum(tl.maximum(start + seqlen_new - seqlen_q - pad + offs_l64, 0),
+                          max_pos - 1)
         for g in range(0, group_size):
             hq = h * group_size + g
             q_row = Q + b * stride_qb + hq * stride_qh + offs_l64[:, None] * stride_qm
             q = tl.load(q_row + offs_d[None, :] * stride_qk, mask=q_ok)
-            q = _rotary(q, q_row, partner[None, :] * stride_qk, q_ok, Cos, Sin, rpos, offs_d,
+            q = _rotary(q, q_row, partner[None, :] * stride_qk, q_ok, Cos, Sin, qpos, offs_d,
                         stride_cosp, stride_cosj, stride_sinp, stride_sinj, rotary_half,
                         ROTARY_INTERLEAVED)
-            tl.store(QRot + ((b * num_kv_heads * group_size + hq) * seqlen_new
+            tl.store(QRot + ((b * num_kv_heads * group_size + hq) * seqlen_q
                              + offs_l64[:, None]) * head_dim + offs_d[None, :],
                      q.to(QRot.dtype.element_ty), mask=q_ok)
-    tl.store(KCache + b * stride_kcb + h * stride_kch + pos[:, None] * stride_kcn
+    row, slot = _kv_slot(BlockTable, b, pos, stride_btb, block_size, num_blocks, ok, PAGED)
+    tl.store(KCache + row[:, None] * stride_kcb + h * stride_kch + slot[:, None] * stride_kcn
              + offs_d[None, :] * stride_kck, k, mask=k_ok)
     v = tl.load(VNew + b * stride_vnb + h * stride_vnh + offs_l64[:, None] * stride_vnm
                 + offs_dv[None, :] * stride_vnk, mask=v_ok)
-    tl.store(VCache + b * stride_vcb + h * stride_vch + pos[:, None] * stride_vcn
+    tl.store(VCache + row[:, None] * stride_vcb + h * stride_vch + slot[:, None] * stride_vcn
              + offs_dv[None, :] * stride_vck, v, mask=v_ok)
 
 
@@ -1089,8 +1110,8 @@ def _kvcache_append_kernel(
 )
 @triton.jit
 def _kvcache_split_kernel(
-    Q, KCache, VCache, SeqLens, LeftPad, Out, OutPartial, LsePartial, Slopes, Sinks,
-    qk_scale, softcap2,
+    Q, KCache, VCache, SeqLens, LeftPad, Out, OutPartial, LsePartial, Slopes, Sinks, BlockTable,
+    Lse, qk_scale, softcap2,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -1099,10 +1120,12 @@ def _kvcache_split_kernel(
     num_heads, num_kv_heads, num_bhk, seqlen_q, group_size, capacity, num_new, num_splits,
     head_dim, head_dim_v,
     capacity_key,
+    stride_btb, block_size, num_blocks, window_left, window_right,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr,
+    PAGED: tl.constexpr, WINDOW: tl.constexpr, RETURN_LSE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Flash-decoding over one chunk of the cache for all query rows of one kv group: the
     Lq * (H / Hkv) rows form the M tile, so each K/V byte is read once per chunk. The chunk
@@ -1112,8 +1135,11 @@ def _kvcache_split_kernel(
     otherwise write the final output. With the rotary embedding, Q is the rotated copy the
     append kernel wrote. SOFTCAP / ALIBI: the score modifiers (query row i at cache position
     total - Lq + i); SINKS: the sink joins the denominator here without SPLIT, else in the
-    combine kernel. Grid: grid_folded(num_splits * cdiv(Lq * group, BLOCK_M), B * Hkv), split
-    index fastest."""
+    combine kernel. PAGED: K/V rows through the block table (_kv_slot, entries clamped into the
+    pool). WINDOW: row i sees keys [last_key - window_left, last_key + window_right] (-1:
+    unbounded), the chunks cover only the keys some row sees. RETURN_LSE (without SPLIT): lse
+    (B, H, Lq) float32 into Lse. Grid: grid_folded(num_splits * cdiv(Lq * group, BLOCK_M),
+    B * Hkv), split index fastest."""
     pid_s = tl.program_id(0) % num_splits
     pid_m = tl.program_id(0) // num_splits
     pid_bh = folded_id()
@@ -1128,6 +1154,10 @@ def _kvcache_split_kernel(
         first = tl.minimum(tl.maximum(tl.load(LeftPad + b), 0), total)
     else:
         first = 0
+    if WINDOW:  # no row sees keys before the first row's window
+        first = tl.where(window_left >= 0,
+                         tl.minimum(tl.maximum(total - seqlen_q - window_left, first), total),
+                         first)
     chunk = tl.cdiv(tl.cdiv(total - first, num_splits), BLOCK_N) * BLOCK_N
     start = first + pid_s * chunk
     end = tl.minimum(start + chunk, total)
@@ -1145,8 +1175,12 @@ def _kvcache_split_kernel(
                 + offs_d[None, :] * stride_qk, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     if INTERP_BF16:
         q = q.to(tl.float32)
-    K = KCache + b * stride_kb + hk * stride_kh
-    V = VCache + b * stride_vb + hk * stride_vh
+    if PAGED:
+        K = KCache + hk * stride_kh
+        V = VCache + hk * stride_vh
+    else:
+        K = KCache + b * stride_kb + hk * stride_kh
+        V = VCache + b * stride_vb + hk * stride_vh
     last_key = total - seqlen_q + i  # bottom-right causal: row i sees keys <= last_key
     slope2 = 0.0
     if ALIBI:  # per row: the rows of a kv group belong to different query heads
@@ -1159,7 +1193,15 @@ def _kvcache_split_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_n64 = offs_n.to(tl.int64)
         n_ok = offs_n < end
-        k = tl.load(K + offs_n64[None, :] * stride_kn + offs_d[:, None] * stride_kk,
+        # PAGED: the table is read again for V rather than keeping the offsets live across the
+        # softmax (the all-features variant spilled up to 740 B a thread on sm_90 otherwise)
+        if PAGED:
+            blk, slot = _kv_slot(BlockTable, b, offs_n, stride_btb, block_size, num_blocks,
+                                 n_ok, True)
+            k_off = blk * stride_kb + slot.to(tl.int64) * stride_kn
+        else:
+            k_off = offs_n64 * stride_kn
+        k = tl.load(K + k_off[None, :] + offs_d[:, None] * stride_kk,
                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
         if INTERP_BF16:
             k = k.to(tl.float32)
@@ -1171,13 +1213,23 @@ def _kvcache_split_kernel(
         vis = n_ok[None, :]
         if CAUSAL:
             vis = vis & (offs_n[None, :] <= last_key[:, None])
+        if WINDOW:  # (-1: unbounded on that side)
+            vis = vis & ((window_left < 0) | (offs_n[None, :] >= last_key[:, None] - window_left))
+            vis = vis & ((window_right < 0)
+                         | (offs_n[None, :] <= last_key[:, None] + window_right))
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + offs_n64[:, None] * stride_vn + offs_dv[None, :] * stride_vk,
+        if PAGED:
+            blk, slot = _kv_slot(BlockTable, b, offs_n, stride_btb, block_size, num_blocks,
+                                 n_ok, True)
+            v_off = blk * stride_vb + slot.to(tl.int64) * stride_vn
+        else:
+            v_off = offs_n64 * stride_vn
+        v = tl.load(V + v_off[:, None] + offs_dv[None, :] * stride_vk,
                     mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         if INTERP_BF16:
             v = v.to(tl.float32)
@@ -1208,17 +1260,21 @@ def _kvcache_split_kernel(
         tl.store(Out + b * stride_ob + h[:, None] * stride_oh + i.to(tl.int64)[:, None] * stride_om
                  + offs_dv[None, :] * stride_ok, out.to(Out.dtype.element_ty),
                  mask=r_ok[:, None] & dv_ok[None, :])
+        if RETURN_LSE:
+            lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+            tl.store(Lse + (b * num_heads + h) * seqlen_q + i, lse, mask=r_ok)
 
 
 @triton.jit
 def _kvcache_combine_kernel(
-    OutPartial, LsePartial, Out, Sinks,
+    OutPartial, LsePartial, Out, Sinks, Lse,
     num_splits, head_dim_v, num_heads, seqlen_q,
     HEAD_DIM_V: tl.constexpr, BLOCK_SPLITS: tl.constexpr, SINKS: tl.constexpr,
+    RETURN_LSE: tl.constexpr = False,
 ):
     """out[row] = sum_s exp(lse_s - lse) * out_s over the splits of one (b, h, i) row; splits
     that saw no key carry lse = -inf and weigh 0; SINKS: exp(sinks[h]) joins the denominator.
-    Grid: (B * H * Lq,)."""
+    RETURN_LSE: lse[row] = log(the denominator), -inf when it is 0. Grid: (B * H * Lq,)."""
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_SPLITS)
     offs_dv = tl.arange(0, HEAD_DIM_V)
@@ -1238,6 +1294,8 @@ def _kvcache_combine_kernel(
     out = tl.sum(w[:, None] * o, 0) / tl.where(den == 0.0, 1.0, den)
     tl.store(Out + row * head_dim_v + offs_dv, out.to(Out.dtype.element_ty),
              mask=offs_dv < head_dim_v)
+    if RETURN_LSE:
+        tl.store(Lse + row, tl.where(den == 0.0, float("-inf"), m + tl.log(den)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1454,28 +1512,41 @@ def attention_kvcache(
     cache_leftpad: torch.Tensor | None = None, rotary_cos: torch.Tensor | None = None,
     rotary_sin: torch.Tensor | None = None, rotary_interleaved: bool = False,
     softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-    sinks: torch.Tensor | None = None, *,
-    num_splits: int | None = None,
-) -> torch.Tensor:
+    sinks: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
+    window_left: int = -1, window_right: int = -1, *,
+    return_lse: bool = False, num_splits: int | None = None,
+):
     """Decoding attention; appends k_new/v_new to the caches in place first.
 
-    q (B, H, Lq, E); k_cache (B, Hkv, capacity, E), v_cache (B, Hkv, capacity, Ev); cache_seqlens
-    int32 (B,); k_new (B, Hkv, Lq, E), v_new (B, Hkv, Lq, Ev) or None; cache_leftpad int32 (B,) or
-    None. Query i of batch b sees keys [lp_b, total_b - Lq + i] (causal) or [lp_b, total_b),
-    total_b = seqlens[b] (+ Lq with k_new), lp_b = cache_leftpad[b] (0 without).
-    rotary_cos/rotary_sin (max_pos, rotary_dim / 2) (with k_new): q and k_new token i rotated at
-    position seqlens[b] - lp_b + i (csrc/fastattn.cpp), both by the append kernel (q into a
-    rotated copy the split kernel reads). softcap / alibi_slopes ((H,) or (B, H)) / sinks (H,):
-    the score modifiers, query i at cache position total_b - Lq + i. num_splits overrides the split-K heuristic (1 = no combine pass). Returns (B, H, Lq, Ev)
-    contiguous in q's dtype.
+    q (B, H, Lq, E); k_cache (B, Hkv, capacity, E), v_cache (B, Hkv, capacity, Ev), or with
+    block_table int32 (B, max_blocks) the paged pools (num_blocks, Hkv, block_size, E[v]);
+    cache_seqlens int32 (B,); k_new (B, Hkv, Lnew, E), v_new (B, Hkv, Lnew, Ev) or None;
+    cache_leftpad int32 (B,) or None. Query i of batch b is at position total_b - Lq + i and sees
+    keys [lp_b, total_b - Lq + i] (causal) or [lp_b, total_b), narrowed by the window
+    (window_left / window_right, -1 unbounded), total_b = seqlens[b] (+ Lnew with k_new),
+    lp_b = cache_leftpad[b] (0 without).
+    rotary_cos/rotary_sin (max_pos, rotary_dim / 2) (with k_new): k_new token i rotated at
+    position seqlens[b] - lp_b + i, q token i at total_b - Lq - lp_b + i (csrc/fastattn.cpp),
+    both by the append kernel (q into a rotated copy the split kernel reads). softcap /
+    alibi_slopes ((H,) or (B, H)) / sinks (H,): the score modifiers, query i at cache position
+    total_b - Lq + i. num_splits overrides the split-K heuristic (1 = no combine pass). Returns
+    out (B, H, Lq, Ev) contiguous in q's dtype, and with return_lse (out, lse (B, H, Lq)
+    float32).
     """
     B, H, Lq, E = q.shape
-    Hkv, cap, Ev = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
+    Hkv, Ev = k_cache.shape[1], v_cache.shape[-1]
+    paged = block_table is not None
+    block_size = k_cache.shape[2] if paged else 1
+    cap = block_table.shape[1] * block_size if paged else k_cache.shape[2]
+    Lnew = k_new.shape[2] if k_new is not None else 0
     group = H // Hkv
     dev = q.device
     seqlens = cache_seqlens.to(torch.int32).contiguous()
     leftpad = seqlens if cache_leftpad is None else cache_leftpad.to(torch.int32).contiguous()
+    table = block_table.to(torch.int32).contiguous() if paged else seqlens  # dummy when contiguous
+    num_blocks = max(1, k_cache.shape[0])
     out = torch.empty((B, H, Lq, Ev), dtype=q.dtype, device=dev)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=dev) if return_lse else None
     rotary = rotary_cos is not None and k_new is not None and k_new.numel() > 0
     if rotary:
         cos, sin = rotary_cos, rotary_sin
@@ -1487,19 +1558,23 @@ def attention_kvcache(
         rot_args, max_pos, rotary_half = (0, 0, 0, 0), 1, 0
         q_rot = q
     if k_new is not None and k_new.numel() > 0:
-        block_l = append_block_l(Lq, E, rotary)
-        _kvcache_append_kernel[grid_folded(triton.cdiv(Lq, block_l), B * Hkv)](
-            k_new, v_new, k_cache, v_cache, seqlens, leftpad, cos, sin, q, q_rot,
+        rows_l = max(Lnew, Lq) if rotary else Lnew
+        block_l = append_block_l(rows_l, E, rotary)
+        _kvcache_append_kernel[grid_folded(triton.cdiv(rows_l, block_l), B * Hkv)](
+            k_new, v_new, k_cache, v_cache, seqlens, leftpad, cos, sin, q, q_rot, table,
             *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(), *rot_args,
-            *q.stride(),
-            Hkv, B * Hkv, Lq, cap, E, Ev, max_pos, rotary_half, group,
+            *q.stride(), table.stride(0) if paged else 0,
+            Hkv, B * Hkv, Lnew, cap, E, Ev, max_pos, rotary_half, group, Lq, block_size,
+            num_blocks,
             HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev), BLOCK_L=block_l,
             HAS_LEFTPAD=cache_leftpad is not None, ROTARY=rotary,
-            ROTARY_INTERLEAVED=bool(rotary_interleaved) and rotary,
+            ROTARY_INTERLEAVED=bool(rotary_interleaved) and rotary, PAGED=paged,
         )
     q = q_rot
     if out.numel() == 0:
-        return out
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return (out, lse) if return_lse else out
     rows = Lq * group
     block_m = min(_decode_max_block_m(q.dtype == torch.float32, max(E, Ev)),
                   max(16, triton.next_power_of_2(rows)))
@@ -1515,23 +1590,28 @@ def attention_kvcache(
         out_partial = lse_partial = out  # unused
     slopes = alibi_slopes if alibi_slopes is not None else seqlens  # dummy pointers, never read
     sinks_arg = sinks.contiguous() if sinks is not None else seqlens
+    lse_arg = lse if lse is not None else seqlens
+    window = window_left >= 0 or window_right >= 0
     _kvcache_split_kernel[grid_folded(num_splits * m_blocks, B * Hkv)](
         q, k_cache, v_cache, seqlens, leftpad,
-        out, out_partial, lse_partial, slopes, sinks_arg,
+        out, out_partial, lse_partial, slopes, sinks_arg, table, lse_arg,
         scale * math.log2(math.e), softcap * math.log2(math.e),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         *_slope_strides(alibi_slopes),
-        H, Hkv, B * Hkv, Lq, group, cap, Lq if k_new is not None else 0, num_splits, E, Ev,
+        H, Hkv, B * Hkv, Lq, group, cap, Lnew, num_splits, E, Ev,
         _seq_key(cap),
+        table.stride(0) if paged else 0, block_size, num_blocks, int(window_left),
+        int(window_right),
         HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev), BLOCK_M=block_m,
         CAUSAL=bool(causal), SPLIT=split, HAS_LEFTPAD=cache_leftpad is not None,
         SOFTCAP=softcap > 0.0, ALIBI=alibi_slopes is not None, SINKS=sinks is not None,
+        PAGED=paged, WINDOW=window, RETURN_LSE=return_lse,
         **_dot_args(q.dtype, dev),
     )
     if split:
         _kvcache_combine_kernel[(B * H * Lq,)](
-            out_partial, lse_partial, out, sinks_arg, num_splits, Ev, H, Lq,
+            out_partial, lse_partial, out, sinks_arg, lse_arg, num_splits, Ev, H, Lq,
             HEAD_DIM_V=_head_block(Ev), BLOCK_SPLITS=triton.next_power_of_2(num_splits),
-            SINKS=sinks is not None,
+            SINKS=sinks is not None, RETURN_LSE=return_lse,
         )
-    return out
+    return (out, lse) if return_lse else out

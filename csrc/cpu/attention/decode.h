@@ -7,6 +7,41 @@
 // cache length into chunks (flash-decoding) so that B * Hkv small still fills the threads; the
 // chunks' partial (max, sum, output) are combined in a fixed order.
 // ---------------------------------------------------------------------------------------------
+// The key (or value) rows of one (sequence, kv head): contiguous at stride s_tok, or paged
+// (attention_kvcache's block_table): token t in block blocks[t / bs], slot t % bs, blocks s_blk
+// apart. A tile of up to 16 consecutive tokens costs one division.
+template <typename T>
+struct KvRows {
+  const T* base;  // contiguous: the (b, kv head) slice; paged: the kv head's offset in the pool
+  int64_t s_tok;
+  const int32_t* blocks = nullptr;  // paged: the sequence's row of block_table
+  int64_t bs = 0, s_blk = 0;
+  // p[j] = the row of token t0 + j, j < n
+  FA_INLINE void rows(int64_t t0, int64_t n, const T** p) const {
+    if (blocks == nullptr) {
+      for (int64_t j = 0; j < n; ++j) p[j] = base + (t0 + j) * s_tok;
+      return;
+    }
+    int64_t blk = t0 / bs, slot = t0 - blk * bs;
+    const T* bp = base + blocks[blk] * s_blk;
+    for (int64_t j = 0; j < n; ++j, ++slot) {
+      if (slot == bs) {
+        slot = 0;
+        bp = base + blocks[++blk] * s_blk;
+      }
+      p[j] = bp + slot * s_tok;
+    }
+  }
+};
+
+template <typename T>
+FA_INLINE KvRows<T> kv_rows(const void* base, const int64_t* st, const KvPages& pg, int64_t b,
+                            int64_t kvh) {
+  const T* p = static_cast<const T*>(base);
+  if (pg.table == nullptr) return KvRows<T>{p + b * st[0] + kvh * st[1], st[2]};
+  return KvRows<T>{p + kvh * st[1], st[2], pg.table + b * pg.stride_b, pg.block_size, st[0]};
+}
+
 #ifdef FA_AVX512
 // 16 elements from p (first n valid, zeros after) as float, without reading past n
 template <typename T>
@@ -25,8 +60,8 @@ FA_INLINE __m512 load_cvt(const T* p, __mmask16 m) {
 // the output accumulators are NC vectors each (E, Ev <= 16 * NC), K/V rows contiguous. Writes the
 // unnormalised output, max and sum to part (layout of attention_decode_impl's partials).
 template <typename T, int NC>
-void decode_row(const AttnArgs& a, const T* qr, const T* kbase, const T* vbase, int64_t n_begin,
-                int64_t n_end, int64_t hi, float* part_row, int64_t Ev16) {
+void decode_row(const AttnArgs& a, const T* qr, const KvRows<T>& kr_, const KvRows<T>& vr_,
+                int64_t n_begin, int64_t n_end, int64_t hi, float* part_row, int64_t Ev16) {
   __m512 q[NC], o[NC];
   __mmask16 mk[NC], mv[NC];
   for (int c = 0; c < NC; ++c) {
@@ -39,18 +74,28 @@ void decode_row(const AttnArgs& a, const T* qr, const T* kbase, const T* vbase, 
   }
   float m = kNegInf, l = 0.f;
   alignas(64) float sc[16];
+  const T* kp[16];
+  const T* vp[16];
+  const T* pf[16];
   const int64_t kl = std::max<int64_t>(1, a.E * static_cast<int64_t>(sizeof(T)) / 64);
   const int64_t vl = std::max<int64_t>(1, a.Ev * static_cast<int64_t>(sizeof(T)) / 64);
   for (int64_t n0 = n_begin; n0 < n_end; n0 += 16) {
     const int64_t nk = std::min<int64_t>(16, n_end - n0);
-    for (int64_t j = n0 + 48; j < std::min(n0 + 64, n_end); ++j) {
-      const char* kp = reinterpret_cast<const char*>(kbase + j * a.sk[2]);
-      const char* vp = reinterpret_cast<const char*>(vbase + j * a.sv[2]);
-      for (int64_t x = 0; x < kl; ++x) _mm_prefetch(kp + 64 * x, _MM_HINT_T0);
-      for (int64_t x = 0; x < vl; ++x) _mm_prefetch(vp + 64 * x, _MM_HINT_T0);
+    const int64_t npf = std::min<int64_t>(16, n_end - n0 - 48);
+    if (npf > 0) {
+      kr_.rows(n0 + 48, npf, pf);
+      for (int64_t j = 0; j < npf; ++j)
+        for (int64_t x = 0; x < kl; ++x)
+          _mm_prefetch(reinterpret_cast<const char*>(pf[j]) + 64 * x, _MM_HINT_T0);
+      vr_.rows(n0 + 48, npf, pf);
+      for (int64_t j = 0; j < npf; ++j)
+        for (int64_t x = 0; x < vl; ++x)
+          _mm_prefetch(reinterpret_cast<const char*>(pf[j]) + 64 * x, _MM_HINT_T0);
     }
+    kr_.rows(n0, nk, kp);
+    vr_.rows(n0, nk, vp);
     for (int64_t j = 0; j < nk; ++j) {
-      const T* kr = kbase + (n0 + j) * a.sk[2];
+      const T* kr = kp[j];
       __m512 acc = _mm512_mul_ps(q[0], load_cvt(kr, mk[0]));
       for (int c = 1; c < NC; ++c) acc = _mm512_fmadd_ps(q[c], load_cvt(kr + 16 * c, mk[c]), acc);
       sc[j] = _mm512_reduce_add_ps(acc);
@@ -68,7 +113,7 @@ void decode_row(const AttnArgs& a, const T* qr, const T* kbase, const T* vbase, 
     _mm512_store_ps(sc, p);
     for (int c = 0; c < NC; ++c) o[c] = _mm512_mul_ps(o[c], _mm512_set1_ps(al));
     for (int64_t j = 0; j < nvis; ++j) {
-      const T* vr = vbase + (n0 + j) * a.sv[2];
+      const T* vr = vp[j];
       const __m512 pj = _mm512_set1_ps(sc[j]);
       for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(pj, load_cvt(vr + 16 * c, mv[c]), o[c]);
     }
@@ -79,14 +124,38 @@ void decode_row(const AttnArgs& a, const T* qr, const T* kbase, const T* vbase, 
 }
 #endif
 
+// Keys visible to query i (of Lq) of a sequence with keys [begin, total): [lo, hi], the query at
+// position total - Lq + i; causal and the window (a.wl, a.wr; -1 unbounded) bottom-right aligned.
+struct DecodeRange {
+  int64_t lo, hi;
+};
+FA_INLINE DecodeRange decode_range(const AttnArgs& a, int64_t begin, int64_t total, int64_t Lq,
+                                   int64_t i, bool causal) {
+  const int64_t qpos = total - Lq + i;
+  int64_t hi = total - 1, lo = begin;
+  if (causal) hi = std::min(hi, qpos);
+  if (a.wr >= 0) hi = std::min(hi, qpos + a.wr);
+  if (a.wl >= 0) lo = std::max(lo, qpos - a.wl);
+  return {lo, hi};
+}
+
+// out (B, H, Lq, Ev) contiguous; lse (B, H, Lq) float32 or nullptr
 template <typename T>
 void attention_decode_impl(const AttnArgs& a, const int64_t* begin, const int64_t* total,
-                           int64_t Lq, bool causal, T* out) {
+                           int64_t Lq, bool causal, const KvPages& pg, T* out, float* lse) {
   const int64_t B = a.B, H = a.H, Hkv = a.Hkv, E = a.E, Ev = a.Ev;
   const int64_t G = H / Hkv, R = G * Lq;
   const int64_t E16 = round_up(E, 16), Ev16 = round_up(Ev, 16);
+  // the keys some query of sequence b sees: [first[b], stop[b]) (a window narrows it)
+  std::vector<int64_t> first(static_cast<size_t>(B)), stop(static_cast<size_t>(B));
   int64_t max_total = 0;
-  for (int64_t b = 0; b < B; ++b) max_total = std::max(max_total, total[b]);
+  for (int64_t b = 0; b < B; ++b) {
+    const DecodeRange r0 = decode_range(a, begin[b], total[b], Lq, 0, causal);
+    const DecodeRange r1 = decode_range(a, begin[b], total[b], Lq, Lq - 1, causal);
+    first[b] = std::max(r0.lo, begin[b]);
+    stop[b] = std::max(first[b], std::min(total[b], r1.hi + 1));
+    max_total = std::max(max_total, stop[b] - first[b]);
+  }
   const int64_t nthreads = at::get_num_threads();
   const int64_t want = std::max<int64_t>(1, (4 * nthreads + B * Hkv - 1) / (B * Hkv));
   const int64_t csz = round_up(std::max<int64_t>(256, (max_total + want - 1) / want), 64);
@@ -99,25 +168,28 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* begin, const int64_
 
   run_tasks(B * Hkv * nchunk, [&](int64_t t, Scratch& scratch) {
     const int64_t ch = t % nchunk, kvh = (t / nchunk) % Hkv, b = t / (nchunk * Hkv);
+    // chunk ch covers keys [first + ch * csz, first + (ch + 1) * csz) of the visible span
+    const int64_t c_begin = first[b] + ch * csz;
+    const int64_t n_end = std::min(stop[b], c_begin + csz);
+    const KvRows<T> krows = kv_rows<T>(a.k, a.sk, pg, b, kvh);
+    const KvRows<T> vrows = kv_rows<T>(a.v, a.sv, pg, b, kvh);
 #ifdef FA_AVX512
     // one query row per kv head (MHA decoding, the common case): registers only
     if (R == 1 && !a.mods() && a.sk[3] == 1 && a.sv[3] == 1 && a.sq[3] == 1 &&
         std::max(E, Ev) <= 256) {
       const T* qr = static_cast<const T*>(a.q) + b * a.sq[0] + kvh * a.sq[1];
-      const T* kb = static_cast<const T*>(a.k) + b * a.sk[0] + kvh * a.sk[1];
-      const T* vb = static_cast<const T*>(a.v) + b * a.sv[0] + kvh * a.sv[1];
-      const int64_t n_begin = std::max(ch * csz, begin[b]), n_stop = std::min(total[b], (ch + 1) * csz);
-      const int64_t hi = total[b] - 1;  // Lq = 1: the query is the last position and sees every key
+      // Lq = 1: the query is the last position; [first, stop) is exactly what it sees
+      const int64_t hi = stop[b] - 1;
       float* pr = part.data() + t * pstride;
       const int64_t nc = (std::max(E, Ev) + 15) / 16;
       if (nc <= 2)
-        decode_row<T, 2>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+        decode_row<T, 2>(a, qr, krows, vrows, c_begin, n_end, hi, pr, Ev16);
       else if (nc <= 4)
-        decode_row<T, 4>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+        decode_row<T, 4>(a, qr, krows, vrows, c_begin, n_end, hi, pr, Ev16);
       else if (nc <= 8)
-        decode_row<T, 8>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+        decode_row<T, 8>(a, qr, krows, vrows, c_begin, n_end, hi, pr, Ev16);
       else
-        decode_row<T, 16>(a, qr, kb, vb, n_begin, n_stop, hi, pr, Ev16);
+        decode_row<T, 16>(a, qr, krows, vrows, c_begin, n_end, hi, pr, Ev16);
       return;
     }
 #endif
@@ -130,7 +202,6 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* begin, const int64_
     float* m2 = sc + R * 16;
     float* l = m2 + R;
     float* al = l + R;
-    const int64_t n_end = std::min(total[b], (ch + 1) * csz);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t g = r / Lq, i = r % Lq;
       const T* qr =
@@ -143,25 +214,29 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* begin, const int64_
     std::fill(o, o + R * Ev16, 0.f);
     std::fill(kr, kr + 16 * E16, 0.f);
     std::fill(vr, vr + 16 * Ev16, 0.f);
-    const T* kbase = static_cast<const T*>(a.k) + b * a.sk[0] + kvh * a.sk[1];
-    const T* vbase = static_cast<const T*>(a.v) + b * a.sv[0] + kvh * a.sv[1];
+    const T* kp[16];
+    const T* vp[16];
     // memory bound: keep a few KiB of K and V rows in flight ahead of the loads (the row loads
     // were ~70% of the time waiting on L3/DRAM before)
     const int64_t kline = std::max<int64_t>(1, E * static_cast<int64_t>(sizeof(T)) / 64);
     const int64_t vline = std::max<int64_t>(1, Ev * static_cast<int64_t>(sizeof(T)) / 64);
     const bool pf_rows = a.sk[3] == 1 && a.sv[3] == 1;
-    for (int64_t n0 = std::max(ch * csz, begin[b]); n0 < n_end; n0 += 16) {
+    for (int64_t n0 = c_begin; n0 < n_end; n0 += 16) {
       const int64_t nk = std::min<int64_t>(16, n_end - n0);
-      if (pf_rows) {
-        for (int64_t j = n0 + 48; j < std::min(n0 + 64, n_end); ++j) {
-          const char* kp = reinterpret_cast<const char*>(kbase + j * a.sk[2]);
-          const char* vp = reinterpret_cast<const char*>(vbase + j * a.sv[2]);
-          for (int64_t x = 0; x < kline; ++x) __builtin_prefetch(kp + 64 * x, 0, 3);
-          for (int64_t x = 0; x < vline; ++x) __builtin_prefetch(vp + 64 * x, 0, 3);
+      const int64_t npf = std::min<int64_t>(16, n_end - n0 - 48);
+      if (pf_rows && npf > 0) {
+        krows.rows(n0 + 48, npf, kp);
+        vrows.rows(n0 + 48, npf, vp);
+        for (int64_t j = 0; j < npf; ++j) {
+          for (int64_t x = 0; x < kline; ++x)
+            __builtin_prefetch(reinterpret_cast<const char*>(kp[j]) + 64 * x, 0, 3);
+          for (int64_t x = 0; x < vline; ++x)
+            __builtin_prefetch(reinterpret_cast<const char*>(vp[j]) + 64 * x, 0, 3);
         }
       }
-      for (int64_t j = 0; j < nk; ++j)
-        load_f32(kbase + (n0 + j) * a.sk[2], a.sk[3], E, kr + j * E16);
+      krows.rows(n0, nk, kp);
+      vrows.rows(n0, nk, vp);
+      for (int64_t j = 0; j < nk; ++j) load_f32(kp[j], a.sk[3], E, kr + j * E16);
       for (int64_t r = 0; r < R; ++r) {
         for (int64_t j = 0; j < nk; ++j) {
           vf acc = vzero();
@@ -175,9 +250,11 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* begin, const int64_
           for (int64_t j = 0; j < nk; ++j)
             sc[r * 16 + j] = mod_score(a1, sc[r * 16 + j], slope, qpos - (n0 + j), nullptr);
         }
-        // causal: query i of Lq sees keys [0, total - Lq + i]
-        const int64_t hi = causal ? total[b] - Lq + r % Lq : total[b] - 1;
-        const int64_t nvis = std::clamp<int64_t>(hi - n0 + 1, 0, nk);
+        // query i sees keys [lo, hi] (causal / window)
+        const DecodeRange vis = decode_range(a, begin[b], total[b], Lq, r % Lq, causal);
+        const int64_t j0 = std::clamp<int64_t>(vis.lo - n0, 0, nk);
+        const int64_t nvis = std::clamp<int64_t>(vis.hi - n0 + 1, j0, nk);
+        for (int64_t j = 0; j < j0; ++j) sc[r * 16 + j] = kNegInf;
         for (int64_t j = nvis; j < 16; ++j) sc[r * 16 + j] = kNegInf;
         const vf s = vload(sc + r * 16);
         const float mnew = std::max(m2[r], vhmax(s));
@@ -192,8 +269,7 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* begin, const int64_
         m2[r] = mnew;
         vstore(sc + r * 16, p);
       }
-      for (int64_t j = 0; j < nk; ++j)
-        load_f32(vbase + (n0 + j) * a.sv[2], a.sv[3], Ev, vr + j * Ev16);
+      for (int64_t j = 0; j < nk; ++j) load_f32(vp[j], a.sv[3], Ev, vr + j * Ev16);
       for (int64_t r = 0; r < R; ++r) {
         const float* pr = sc + r * 16;
         for (int64_t e = 0; e < Ev16; e += 16) {
@@ -234,8 +310,11 @@ void attention_decode_impl(const AttnArgs& a, const int64_t* begin, const int64_
       // the sink joins the denominator (relative to M, as lsum)
       if (a.sinks && M != kNegInf) lsum += std::exp(a.sinks[kvh * G + g] - M);
       const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-      T* orow = out + ((b * H + kvh * G + g) * Lq + i) * Ev;
+      const int64_t row = (b * H + kvh * G + g) * Lq + i;
+      T* orow = out + row * Ev;
       for (int64_t e = 0; e < Ev; ++e) orow[e] = static_cast<T>(acc[e] * inv);
+      if (lse != nullptr)  // no visible key: the sink alone, or -inf
+        lse[row] = M != kNegInf ? M + std::log(lsum) : a.sinks ? a.sinks[kvh * G + g] : kNegInf;
     }
   });
 }
@@ -320,8 +399,8 @@ FA_INLINE void rotary_row(const T* x, int64_t xs, int64_t E, const C* c, int64_t
 // C: the tables' element type (float, or T)
 template <typename T, typename C>
 void kvcache_prepare_impl(const KvPrepArgs& a) {
-  const int64_t E = a.E, Ev = a.Ev, Lq = a.Lq, half = a.half;
-  const int64_t nk = a.kn != nullptr ? a.B * a.Hkv * Lq : 0;  // k_new / v_new rows
+  const int64_t E = a.E, Ev = a.Ev, Lq = a.Lq, Ln = a.Lnew, half = a.half;
+  const int64_t nk = a.kn != nullptr ? a.B * a.Hkv * Ln : 0;  // k_new / v_new rows
   const int64_t nq = a.qrot != nullptr ? a.B * a.H * Lq : 0;  // q rows (rotary only)
   const T* kn = static_cast<const T*>(a.kn);
   const T* vn = static_cast<const T*>(a.vn);
@@ -341,10 +420,16 @@ void kvcache_prepare_impl(const KvPrepArgs& a) {
     std::vector<float> buf(half > 0 ? static_cast<size_t>(2 * E + 2 * half) : 0);
     for (int64_t r = r0; r < r1; ++r) {
       if (r < nk) {
-        const int64_t b = r / (a.Hkv * Lq), h = (r / Lq) % a.Hkv, i = r % Lq;
+        const int64_t b = r / (a.Hkv * Ln), h = (r / Ln) % a.Hkv, i = r % Ln;
         const int64_t pos = a.seqlens[b] + i;
         const T* ks = kn + b * a.skn[0] + h * a.skn[1] + i * a.skn[2];
-        T* kd = kc + b * a.skc[0] + h * a.skc[1] + pos * a.skc[2];
+        // the cache row of token pos: (b, pos), or paged (block_table[b, pos / bs], pos % bs)
+        int64_t cb = b, slot = pos;
+        if (a.block_table != nullptr) {
+          cb = a.block_table[b * a.bt_stride + pos / a.block_size];
+          slot = pos % a.block_size;
+        }
+        T* kd = kc + cb * a.skc[0] + h * a.skc[1] + slot * a.skc[2];
         if (half > 0) {
           const int64_t p = position(b, i);
           rotary_row(ks, a.skn[3], E, cos + p * a.scos[0], a.scos[1], sin + p * a.ssin[0],
@@ -353,10 +438,11 @@ void kvcache_prepare_impl(const KvPrepArgs& a) {
           copy_row(ks, a.skn[3], E, kd, a.skc[3]);
         }
         copy_row(vn + b * a.svn[0] + h * a.svn[1] + i * a.svn[2], a.svn[3], Ev,
-                 vc + b * a.svc[0] + h * a.svc[1] + pos * a.svc[2], a.svc[3]);
+                 vc + cb * a.svc[0] + h * a.svc[1] + slot * a.svc[2], a.svc[3]);
       } else {
+        // q token i is the position Lnew - Lq + i of the new tokens
         const int64_t x = r - nk, b = x / (a.H * Lq), h = (x / Lq) % a.H, i = x % Lq;
-        const int64_t p = position(b, i);
+        const int64_t p = position(b, Ln - Lq + i);
         rotary_row(q + b * a.sq[0] + h * a.sq[1] + i * a.sq[2], a.sq[3], E, cos + p * a.scos[0],
                    a.scos[1], sin + p * a.ssin[0], a.ssin[1], half, a.interleaved, buf.data(),
                    qrot + x * E, int64_t{1});
