@@ -238,6 +238,67 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return torch.cat((y, rest), dim=-1).to(x.dtype)
 
 
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    *,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    causal_alignment: str = "top_left",
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    return_lse: bool = False,
+    dropout_mask: torch.Tensor | None = None,
+):
+    """Reference packed variable-length attention (see fastattn.attention_varlen): one
+    scaled_dot_product_attention call per sequence, sequence b being the rows
+    q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]] (total_q, H, E) against
+    k/v[cu_seqlens_k[b]:cu_seqlens_k[b + 1]] (total_k, Hkv, E / Ev), GQA when H != Hkv.
+    ``alibi_slopes`` (H,) or (B, H) (row b for sequence b); every other keyword as in
+    scaled_dot_product_attention, per sequence. ``dropout_mask`` (bool, (total_q, H, S_max) with
+    S_max >= every sequence's key count, True = keep) holds query row r's keep flag for key j of
+    its own sequence at [r, h, j]; without it the draws come from torch's default generator, as
+    scaled_dot_product_attention's. max_seqlen_* are not needed here (taken for the signature).
+    Computed in q's dtype (float64 inputs give the oracle).
+    Returns out (total_q, H, Ev), and with return_lse also lse (H, total_q) in the compute dtype.
+    """
+    total_q, H, _ = q.shape
+    Ev = v.shape[-1]
+    cq = [int(x) for x in cu_seqlens_q.tolist()]
+    ck = [int(x) for x in cu_seqlens_k.tolist()]
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        # (L_b, H, E) rows -> (1, H, L_b, E)
+        qb = q[cq[b]:cq[b + 1]].transpose(0, 1)[None]
+        kb = k[ck[b]:ck[b + 1]].transpose(0, 1)[None]
+        vb = v[ck[b]:ck[b + 1]].transpose(0, 1)[None]
+        slopes = alibi_slopes
+        if slopes is not None and slopes.dim() == 2:
+            slopes = slopes[b]
+        keep = None
+        if dropout_mask is not None:  # (L_b, H, S_b) -> (1, H, L_b, S_b)
+            keep = dropout_mask[cq[b]:cq[b + 1], :, :ck[b + 1] - ck[b]].transpose(0, 1)[None]
+        o, lse = scaled_dot_product_attention(
+            qb, kb, vb, None, dropout_p, is_causal, scale, enable_gqa=True, window=window,
+            causal_alignment=causal_alignment, return_lse=True, dropout_mask=keep,
+            softcap=softcap, alibi_slopes=slopes, sinks=sinks)
+        outs.append(o[0].transpose(0, 1))  # (L_b, H, Ev)
+        lses.append(lse[0])  # (H, L_b)
+    out = torch.cat(outs, dim=0) if outs else q.new_zeros((0, H, Ev))
+    if not return_lse:
+        return out
+    lse = torch.cat(lses, dim=1) if lses else q.new_zeros((H, 0))
+    return out, lse
+
+
 # ---------------------------------------------------------------------------------------------
 # normalisation
 # ---------------------------------------------------------------------------------------------
