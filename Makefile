@@ -82,7 +82,7 @@ bench-extras: $(VENV)/.bench-ready
 ASAN_TESTS ?= tests/test_attention.py tests/test_layer_norm.py tests/test_int8.py \
 	tests/test_activation.py tests/test_reliability.py tests/test_bad_input.py tests/test_properties.py \
 	tests/test_concurrency.py tests/test_scale.py tests/test_kv_cache.py tests/test_kv_cache_rotary.py \
-	tests/test_linear.py tests/test_layer_norm_fused.py
+	tests/test_linear.py tests/test_layer_norm_fused.py tests/test_varlen.py
 test-asan: setup
 	rm -f fastattn/_C*.so
 	FASTATTN_SANITIZE=1 FASTATTN_SKIP_CUDA_BUILD=1 $(PY) setup.py -q build_ext --inplace \

@@ -443,6 +443,91 @@ void check_silu_mul(const at::Tensor& x, const std::optional<at::Tensor>& grad) 
   check_device(fn, "grad", g, x, "x");
 }
 
+void check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                  int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, double dropout_p,
+                  double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                  const std::optional<at::Tensor>& sinks) {
+  constexpr const char* fn = "fastattn.attention_varlen";
+  for (const auto& [name, t] : {std::pair{"q", &q}, std::pair{"k", &k}, std::pair{"v", &v}}) {
+    TORCH_CHECK_VALUE(t->dim() == 3, fn, ": ", name,
+                      " must be 3-D (total, heads, head dim), got shape ", t->sym_sizes());
+    TORCH_CHECK_TYPE(t->is_floating_point(), fn, ": ", name,
+                     " must be a floating-point tensor, got ", t->scalar_type());
+    check_float(fn, name, *t);
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), fn, ": ", name, " must have q's dtype (",
+                     q.scalar_type(), "), got ", t->scalar_type());
+    check_device(fn, name, *t, q, "q");
+  }
+  const auto qs = q.sym_sizes(), ks = k.sym_sizes(), vs = v.sym_sizes();
+  TORCH_CHECK_VALUE(ks[2] == qs[2], fn, ": k.shape[2] (", ks[2], ") must equal q.shape[2] (",
+                    qs[2], "): the head dims of q and k differ");
+  TORCH_CHECK_VALUE(vs[0] == ks[0], fn, ": v.shape[0] (", vs[0], ") must equal k.shape[0] (",
+                    ks[0], "): k and v hold the same packed keys");
+  TORCH_CHECK_VALUE(vs[1] == ks[1], fn, ": v.shape[1] (", vs[1], ") must equal k.shape[1] (",
+                    ks[1], "): k and v have the same number of heads");
+  TORCH_CHECK_VALUE(ks[1] != 0 && qs[1] % ks[1] == 0, fn, ": q heads (q.shape[1] = ", qs[1],
+                    ") must be a multiple of the k/v heads (k.shape[1] = ", ks[1], ")");
+  for (const auto& [name, t] : {std::pair{"cu_seqlens_q", &cu_seqlens_q},
+                                std::pair{"cu_seqlens_k", &cu_seqlens_k}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kInt, fn, ": ", name,
+                     " must be an int32 tensor of shape (B + 1,), got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->sym_size(0) >= 1, fn, ": ", name,
+                      " must have shape (B + 1,) (batch size B >= 0), got ", t->sym_sizes());
+    check_device(fn, name, *t, q, "q");
+  }
+  TORCH_CHECK_VALUE(cu_seqlens_k.sym_size(0) == cu_seqlens_q.sym_size(0), fn,
+                    ": cu_seqlens_k must have cu_seqlens_q's shape (B + 1,) = (",
+                    cu_seqlens_q.sym_size(0), ",), got ", cu_seqlens_k.sym_sizes());
+  TORCH_CHECK_VALUE(max_seqlen_q >= 0, fn, ": max_seqlen_q must be >= 0, got ", max_seqlen_q);
+  TORCH_CHECK_VALUE(max_seqlen_k >= 0, fn, ": max_seqlen_k must be >= 0, got ", max_seqlen_k);
+  TORCH_CHECK_VALUE(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p < 1.0, fn,
+                    ": dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, fn,
+                    ": softcap must be a finite float > 0 (or None), got ", softcap);
+  const c10::SymInt B = cu_seqlens_q.sym_size(0) - 1, H = qs[1];
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, fn,
+                     ": alibi_slopes must be a float32 tensor, got ", a.scalar_type());
+    const bool ok = (a.dim() == 1 && a.sym_size(0) == H) ||
+                    (a.dim() == 2 && a.sym_size(0) == B && a.sym_size(1) == H);
+    TORCH_CHECK_VALUE(ok, fn, ": alibi_slopes must have shape (H,) = (", H, ",) or (B, H) = (",
+                      B, ", ", H, "), got ", a.sym_sizes());
+    check_device(fn, "alibi_slopes", a, q, "q");
+  }
+  if (sinks.has_value()) {
+    const at::Tensor& s = *sinks;
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, fn, ": sinks must be a float32 tensor, got ",
+                     s.scalar_type());
+    TORCH_CHECK_VALUE(s.dim() == 1 && s.sym_size(0) == H, fn, ": sinks must have shape (H,) = (",
+                      H, ",), got ", s.sym_sizes());
+    check_device(fn, "sinks", s, q, "q");
+  }
+  // the values, where they are on the host already: a bad offset would send a kernel to rows
+  // outside q, k or v
+  for (const auto& [name, t, total, max_name, max_len, what] :
+       {std::tuple{"cu_seqlens_q", &cu_seqlens_q, &q, "max_seqlen_q", max_seqlen_q, "q.shape[0]"},
+        std::tuple{"cu_seqlens_k", &cu_seqlens_k, &k, "max_seqlen_k", max_seqlen_k,
+                   "k.shape[0]"}}) {
+    if (!host_readable(*t)) continue;
+    const at::Tensor c = t->contiguous();
+    const int32_t* p = c.const_data_ptr<int32_t>();
+    const int64_t n = c.numel(), packed = total->size(0);
+    TORCH_CHECK_VALUE(p[0] == 0, fn, ": ", name, " must start at 0, got ", name, "[0] = ", p[0]);
+    for (int64_t b = 0; b + 1 < n; ++b)
+      TORCH_CHECK_VALUE(p[b + 1] >= p[b], fn, ": ", name, " must be non-decreasing, got ", name,
+                        "[", b + 1, "] = ", p[b + 1], " < ", name, "[", b, "] = ", p[b]);
+    TORCH_CHECK_VALUE(p[n - 1] == packed, fn, ": ", name, "[-1] = ", p[n - 1], " must equal ",
+                      what, " = ", packed, " (the packed length)");
+    for (int64_t b = 0; b + 1 < n; ++b)
+      TORCH_CHECK_VALUE(p[b + 1] - p[b] <= max_len, fn, ": ", max_name, " = ", max_len,
+                        " is smaller than sequence ", b, "'s length ", p[b + 1] - p[b], " (",
+                        name, "[", b + 1, "] - ", name, "[", b, "])");
+  }
+}
+
 at::Tensor as_rows(const at::Tensor& t, int64_t trailing_dims, int64_t n) {
   if (t.dim() == 2 && trailing_dims == 1 && (n <= 1 || t.stride(1) == 1)) return t;
   int64_t m = 1;

@@ -63,6 +63,18 @@ void check_score_mods(const char* fn, const at::Tensor& q, double softcap,
                       const std::optional<at::Tensor>& alibi_slopes,
                       const std::optional<at::Tensor>& sinks);
 
+// fastattn.attention_varlen: q (total_q, H, E), k (total_k, Hkv, E), v (total_k, Hkv, Ev) of one
+// float dtype and device, H a multiple of Hkv; cu_seqlens_q / cu_seqlens_k int32 (B + 1,) on q's
+// device; max_seqlen_q / max_seqlen_k >= 0; scale finite; 0 <= dropout_p < 1; softcap finite and
+// >= 0 (0: none); alibi_slopes float32 (H,) or (B, H); sinks float32 (H,). Where cu_seqlens are
+// on the host (never a GPU synchronisation): 0 first, non-decreasing, total_q / total_k last,
+// and no sequence longer than max_seqlen_q / max_seqlen_k.
+void check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                  int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, double dropout_p,
+                  double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                  const std::optional<at::Tensor>& sinks);
+
 // fastattn.int8_weight_only_linear / int8_linear: x (..., K), w_int8 (N, K), w_scale (N,),
 // bias (N,) or None.
 void check_int8_linear(const char* fn, const at::Tensor& x, const at::Tensor& w_int8,

@@ -86,6 +86,30 @@ TORCH_LIBRARY(fastattn, m) {
       "bool rotary_interleaved=False, float softcap=0., Tensor? alibi_slopes=None, "
       "Tensor? sinks=None, Tensor? block_table=None, int window_left=-1, int window_right=-1) "
       "-> (Tensor out, Tensor lse)");
+  // Packed variable-length attention (fastattn.attention_varlen): q (total_q, H, E), k (total_k,
+  // Hkv, E), v (total_k, Hkv, Ev), any strides; cu_seqlens_q / cu_seqlens_k int32 (B + 1,): 0
+  // first, non-decreasing, total_q / total_k last (fastattn::checks::check_varlen; the values
+  // where they are on the host). Sequence b is the query rows [cu_q[b], cu_q[b + 1]) against the
+  // keys [cu_k[b], cu_k[b + 1]), L_b x S_b, with attention_fwd's semantics per sequence:
+  // window_left / window_right as there, with diag_offset = S_b - L_b when bottom_right, else
+  // 0; dropout, softcap, sinks as there; alibi_slopes float32 (B, H) by strides (row b for
+  // sequence b). max_seqlen_q / max_seqlen_k bound every L_b / S_b (the GPU grid is sized by
+  // them). out (total_q, H, Ev) in q's dtype, contiguous; lse (H, total_q) float32.
+  m.def(
+      "attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, int window_left, "
+      "int window_right, bool bottom_right, float dropout_p, int seed, float softcap=0., "
+      "Tensor? alibi_slopes=None, Tensor? sinks=None) -> (Tensor out, Tensor lse)");
+  // Backward from the saved lse, as attention_bwd (delta = rowsum(grad_out * out) - grad_lse;
+  // deterministic: bitwise repeatable). dq (total_q, H, E), dk (total_k, Hkv, E), dv (total_k,
+  // Hkv, Ev) in q's dtype, any strides; dsinks (H,) float32 when sinks are given, else empty.
+  m.def(
+      "attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor? grad_lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, float scale, int window_left, int window_right, bool bottom_right, "
+      "float dropout_p, int seed, bool deterministic, float softcap=0., "
+      "Tensor? alibi_slopes=None, Tensor? sinks=None) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dsinks)");
   // ---- layer norm / rms norm -------------------------------------------------------------------
   // input (*, *normalized_shape), any strides: rows of N = prod(normalized_shape) elements, read
   // in place when each row is contiguous, else copied once. residual the same shape and dtype;

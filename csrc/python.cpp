@@ -448,6 +448,32 @@ void check_silu_mul(py::handle x, py::handle grad) {
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
+// ---- attention_varlen ------------------------------------------------------------------------
+// checks::check_varlen for the Python layer -> the scale resolved (1/sqrt(E) for None).
+// softcap: 0 for none (the Python layer refuses softcap <= 0 before passing it).
+double check_varlen(py::handle q, py::handle k, py::handle v, py::handle cu_seqlens_q,
+                    py::handle cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                    py::handle scale, double dropout_p, double softcap, py::handle alibi_slopes,
+                    py::handle sinks) {
+  HANDLE_TH_ERRORS
+  const std::string fn = "fastattn.attention_varlen";
+  const at::Tensor& qt = tensor(q, fn, "q");
+  double sc;
+  if (scale.is_none()) {
+    const int64_t e = qt.dim() == 3 ? qt.size(2) : 0;
+    sc = e > 0 ? 1.0 / std::sqrt(static_cast<double>(e)) : 1.0;  // E = 0: all scores are 0
+  } else {
+    sc = real(scale, fn, "scale");
+  }
+  checks::check_varlen(qt, tensor(k, fn, "k"), tensor(v, fn, "v"),
+                       tensor(cu_seqlens_q, fn, "cu_seqlens_q"),
+                       tensor(cu_seqlens_k, fn, "cu_seqlens_k"), max_seqlen_q, max_seqlen_k, sc,
+                       dropout_p, softcap, optional_tensor(alibi_slopes, fn, "alibi_slopes"),
+                       optional_tensor(sinks, fn, "sinks"));
+  return sc;
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
 }  // namespace
 }  // namespace fastattn::python
 
@@ -477,6 +503,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("check_linear", &check_linear);
   m.def("silu_mul", &silu_mul);
   m.def("check_silu_mul", &check_silu_mul, py::arg("x"), py::arg("grad") = py::none());
+  m.def("check_varlen", &check_varlen);
   m.def("cpu_isa", [] { return std::string(fastattn::cpu::isa_name(fastattn::cpu::cpu_isa())); },
         "The instruction-set level the CPU kernels run at now (FASTATTN_CPU_ISA caps it).");
 }

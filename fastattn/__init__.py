@@ -8,7 +8,11 @@ are then reported unavailable by ``fastattn.backends()`` and ``backend="auto"`` 
 from fastattn import reference  # noqa: F401
 from fastattn.ops import backends
 from fastattn.ops.activation import silu_mul
-from fastattn.ops.attention import attention_with_kvcache, scaled_dot_product_attention
+from fastattn.ops.attention import (
+    attention_varlen,
+    attention_with_kvcache,
+    scaled_dot_product_attention,
+)
 from fastattn.ops.int8 import (
     int8_gemm,
     int8_linear,
@@ -22,6 +26,7 @@ from fastattn.ops.linear import linear
 __version__ = "0.1.0"
 
 __all__ = [
+    "attention_varlen",
     "attention_with_kvcache",
     "backends",
     "int8_gemm",

@@ -581,6 +581,82 @@ bad("convert_not_a_module", "convert", TypeError, "model", backends=("reference"
 bad("convert_filter_fn_not_callable", "convert", TypeError, "filter_fn", backends=("reference",))(
     lambda b: fastattn.convert(nn.Sequential(nn.LayerNorm(4)), filter_fn=3))
 
+# ---- attention_varlen: q (9, 2, 16), k/v (11, 1, 16); sequences (4, 3), (0, 5), (5, 3) ---------
+VL = "attention_varlen"
+
+
+def i32(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def vl(backend, q=None, k=None, v=None, cu_q=None, cu_k=None, max_q=5, max_k=5, **kw):
+    q = rn(9, 2, 16) if q is None else q
+    k = rn(11, 1, 16) if k is None else k
+    v = rn(11, 1, 16) if v is None else v
+    cu_q = i32(0, 4, 4, 9) if cu_q is None else cu_q
+    cu_k = i32(0, 3, 8, 11) if cu_k is None else cu_k
+    return fastattn.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, backend=backend, **kw)
+
+
+bad("vl_q_4d", VL, ValueError, "q must be 3-D")(lambda b: vl(b, q=rn(1, 9, 2, 16)))
+bad("vl_q_not_tensor", VL, TypeError, "q")(lambda b: vl(b, q=[[1.0]]))
+bad("vl_q_int", VL, TypeError, "q")(lambda b: vl(b, q=torch.ones(9, 2, 16, dtype=torch.int32)))
+bad("vl_k_dtype_mismatch", VL, TypeError, "k must have q's dtype")(
+    lambda b: vl(b, k=rn(11, 1, 16, dtype=torch.float16)))
+bad("vl_v_length_mismatch", VL, ValueError, "v.shape[0]")(lambda b: vl(b, v=rn(10, 1, 16)))
+bad("vl_v_heads_mismatch", VL, ValueError, "v.shape[1]")(lambda b: vl(b, v=rn(11, 2, 16)))
+bad("vl_head_dim_mismatch", VL, ValueError, "k.shape[2]")(
+    lambda b: vl(b, k=rn(11, 1, 8), v=rn(11, 1, 8)))
+bad("vl_heads_not_multiple", VL, ValueError, "heads")(
+    lambda b: vl(b, q=rn(9, 3, 16), k=rn(11, 2, 16), v=rn(11, 2, 16)))
+bad("vl_zero_kv_heads", VL, ValueError, "heads")(
+    lambda b: vl(b, k=rn(11, 0, 16), v=rn(11, 0, 16)))
+bad("vl_k_on_other_device", VL, RuntimeError, "k")(lambda b: vl(b, k=rn(11, 1, 16, device=META)))
+bad("vl_cu_seqlens_int64", VL, TypeError, "cu_seqlens_q")(
+    lambda b: vl(b, cu_q=torch.tensor([0, 4, 4, 9])))
+bad("vl_cu_seqlens_list", VL, TypeError, "cu_seqlens_k")(lambda b: vl(b, cu_k=[0, 3, 8, 11]))
+bad("vl_cu_seqlens_2d", VL, ValueError, "cu_seqlens_q")(
+    lambda b: vl(b, cu_q=i32(0, 4, 4, 9)[None]))
+bad("vl_cu_seqlens_empty", VL, ValueError, "cu_seqlens_k")(
+    lambda b: vl(b, cu_k=torch.zeros(0, dtype=torch.int32)))
+bad("vl_cu_seqlens_lengths_differ", VL, ValueError, "cu_seqlens_k")(
+    lambda b: vl(b, cu_k=i32(0, 3, 11)))
+bad("vl_cu_seqlens_on_other_device", VL, RuntimeError, "cu_seqlens_q")(
+    lambda b: vl(b, cu_q=torch.zeros(4, dtype=torch.int32, device=META)))
+bad("vl_cu_seqlens_decreasing", VL, ValueError, "cu_seqlens_k must be non-decreasing")(
+    lambda b: vl(b, cu_k=i32(0, 8, 3, 11)))
+bad("vl_cu_seqlens_negative", VL, ValueError, "cu_seqlens_q must be non-decreasing")(
+    lambda b: vl(b, cu_q=i32(0, -2, 4, 9)))
+bad("vl_cu_seqlens_not_from_0", VL, ValueError, "cu_seqlens_q must start at 0")(
+    lambda b: vl(b, cu_q=i32(1, 4, 4, 9)))
+# past the packed rows (a kernel would read outside k/v) or short of them
+bad("vl_cu_seqlens_beyond_total", VL, ValueError, "cu_seqlens_k[-1]")(
+    lambda b: vl(b, cu_k=i32(0, 3, 8, 12)))
+bad("vl_cu_seqlens_short_of_total", VL, ValueError, "cu_seqlens_q[-1]")(
+    lambda b: vl(b, cu_q=i32(0, 4, 4, 8)))
+bad("vl_max_seqlen_q_too_small", VL, ValueError, "max_seqlen_q")(lambda b: vl(b, max_q=4))
+bad("vl_max_seqlen_k_too_small", VL, ValueError, "max_seqlen_k")(lambda b: vl(b, max_k=3))
+bad("vl_max_seqlen_negative", VL, ValueError, "max_seqlen_q")(lambda b: vl(b, max_q=-1))
+bad("vl_max_seqlen_float", VL, TypeError, "max_seqlen_k")(lambda b: vl(b, max_k=5.0))
+bad("vl_dropout_one", VL, ValueError, "dropout_p")(lambda b: vl(b, dropout_p=1.0))
+bad("vl_scale_nan", VL, ValueError, "scale")(lambda b: vl(b, scale=float("nan")))
+bad("vl_window_below_minus_one", VL, ValueError, "window")(lambda b: vl(b, window=(0, -3)))
+bad("vl_bad_causal_alignment", VL, ValueError, "causal_alignment")(
+    lambda b: vl(b, is_causal=True, causal_alignment="bottom"))
+bad("vl_softcap_zero", VL, ValueError, "softcap")(lambda b: vl(b, softcap=0.0))
+bad("vl_alibi_wrong_shape", VL, ValueError, "alibi_slopes")(
+    lambda b: vl(b, alibi_slopes=rn(2, 2)))  # B = 3 sequences: (2,) or (3, 2)
+bad("vl_alibi_float16", VL, TypeError, "alibi_slopes")(
+    lambda b: vl(b, alibi_slopes=rn(2, dtype=torch.float16)))
+bad("vl_sinks_wrong_shape", VL, ValueError, "sinks")(lambda b: vl(b, sinks=rn(1)))
+bad("vl_sinks_on_other_device", VL, RuntimeError, "sinks")(
+    lambda b: vl(b, sinks=rn(2, device=META)))
+bad("vl_float64_on_kernel_backend", VL, RuntimeError, "dtype", backends=("cpu", "triton"))(
+    lambda b: vl(b, q=rn(9, 2, 16, dtype=torch.float64), k=rn(11, 1, 16, dtype=torch.float64),
+                 v=rn(11, 1, 16, dtype=torch.float64)))
+bad("vl_bad_backend_string", VL, ValueError, "backend", backends=("reference",))(
+    lambda b: vl("varlen"))
+
 
 # =============================================================================================
 # valid edge cases (the behaviour table is in tests/test_bad_input.py)
@@ -986,6 +1062,67 @@ def _(b):
 def _(b):
     out = check_silu_mul(b, rn(3, 40) * 1e-30)
     assert torch.isfinite(out).all()
+
+
+def check_varlen(backend, lens_q, lens_k, *, H=2, Hkv=1, E=16, **kw):
+    """attention_varlen on one packed batch against the float64 reference (the per-sequence
+    loop), out, lse and the gradients of q, k, v by the rule."""
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = rn(sum(lens_q), H, E), rn(sum(lens_k), Hkv, E), rn(sum(lens_k), Hkv, E)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = fastattn.attention_varlen(*leaves, cu_q, cu_k, max(lens_q, default=0),
+                                         max(lens_k, default=0), return_lse=True,
+                                         backend=backend, **kw)
+
+    def ref(dtype):
+        ins = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        o, l_ = reference.attention_varlen(*ins, cu_q, cu_k, return_lse=True, **kw)
+        return o, l_.float(), ins
+
+    (o_hi, l_hi, hi), (o_lo, l_lo, lo) = ref(torch.float64), ref(torch.float32)
+    assert_close_rule(out, o_hi, o_lo, name="out")
+    assert_close_rule(lse, l_hi, l_lo, name="lse")
+    if out.numel() and o_hi.requires_grad:
+        g = torch.randn(o_hi.shape, dtype=torch.float64)
+        for o in (out, o_hi, o_lo):
+            (o.double() * g).sum().backward()
+        for name, t, h, lw in zip("qkv", leaves, hi, lo, strict=True):
+            assert_close_rule(t.grad, h.grad, lw.grad, factor=3.0, name=f"d{name}")
+    elif out.requires_grad:  # no key anywhere: the output depends on no input value
+        for t in torch.autograd.grad(out.sum(), leaves, allow_unused=True):
+            assert t is None or not t.any()
+    return out, lse
+
+
+@edge("vl_zero_sequences", VL)
+def _(b):
+    out = vl(b, q=rn(0, 2, 16), k=rn(0, 1, 16), v=rn(0, 1, 16), cu_q=i32(0), cu_k=i32(0),
+             max_q=0, max_k=0)
+    assert out.shape == (0, 2, 16)
+
+
+@edge("vl_empty_and_single_token_sequences", VL)
+def _(b):
+    # every combination of 0 and 1 query rows / keys, causal both ways
+    for align in ("top_left", "bottom_right"):
+        out, lse = check_varlen(b, [0, 1, 0, 1, 2], [0, 0, 1, 1, 1], is_causal=True,
+                                causal_alignment=align)
+        assert torch.equal(out[0], torch.zeros_like(out[0]))  # row of a sequence with no keys
+        assert lse[:, 0].eq(float("-inf")).all()
+
+
+@edge("vl_no_keys_in_any_sequence", VL)
+def _(b):
+    out, lse = check_varlen(b, [3, 2], [0, 0])
+    assert torch.equal(out, torch.zeros_like(out)) and lse.eq(float("-inf")).all()
+
+
+@edge("vl_window_hides_every_key", VL)
+def _(b):
+    # bottom-right window (0, 0) with S < L: the first L - S rows see nothing (out 0, lse -inf)
+    out, lse = check_varlen(b, [6, 1], [2, 4], window=(0, 0), causal_alignment="bottom_right")
+    assert torch.equal(out[:4], torch.zeros_like(out[:4]))
 
 
 # =============================================================================================

@@ -184,7 +184,7 @@ def _record_fastattn_ops(fn):
 @pytest.mark.parametrize("op", ["scaled_dot_product_attention", "attention_with_kvcache",
                                 "layer_norm", "rms_norm", "quantize_per_token",
                                 "quantize_per_channel", "int8_gemm", "int8_weight_only_linear",
-                                "int8_linear", "silu_mul"])
+                                "int8_linear", "silu_mul", "attention_varlen"])
 def test_opcheck_recorded_ops(op, backend):
     import torch
     from test_reliability import make_case, need_op
@@ -218,7 +218,7 @@ _HOST_VALUE_CHECKS = {
 @pytest.mark.parametrize("op", ["scaled_dot_product_attention", "attention_with_kvcache",
                                 "layer_norm", "rms_norm", "quantize_per_token",
                                 "quantize_per_channel", "int8_gemm", "int8_weight_only_linear",
-                                "int8_linear", "silu_mul"])
+                                "int8_linear", "silu_mul", "attention_varlen"])
 def test_public_function_under_fake_tensor_mode(op, backend):
     import torch
     from test_reliability import make_case, need_op

@@ -64,6 +64,7 @@ OPS: dict[str, OpInfo] = {
     "silu_mul": OpInfo(("silu_mul_fwd", "silu_mul_bwd"), "activation"),
     # no Triton kernel: fastattn.triton.linear does not exist, the triton backend is skipped
     "linear": OpInfo(("linear",), "linear"),
+    "attention_varlen": OpInfo(("attention_varlen_fwd", "attention_varlen_bwd"), "attention"),
 }
 
 
@@ -333,6 +334,32 @@ def make_case(op: str, dtype: torch.dtype = torch.float32, seed: int = 0,
             return (fa.linear(t["x"], t["weight"], t["bias"], backend=backend),)
 
         return Case(op, make, run, grad=("x", "weight", "bias"))
+    if op == "attention_varlen":
+        # sequences (query rows, keys): an empty one, a single row, L != S both ways; large:
+        # sequences spanning several kernel blocks
+        lens = ([(70, 130), (0, 5), (1, 1), (150, 64)] if large
+                else [(5, 9), (0, 3), (1, 1), (13, 4)])
+        H, Hkv, E = 4, 2, 40
+        cu_q = torch.tensor([0] + torch.tensor([a for a, _ in lens]).cumsum(0).tolist(),
+                            dtype=torch.int32)
+        cu_k = torch.tensor([0] + torch.tensor([s for _, s in lens]).cumsum(0).tolist(),
+                            dtype=torch.int32)
+        max_q, max_k = max(a for a, _ in lens), max(s for _, s in lens)
+
+        def make():
+            return {"q": _randn(int(cu_q[-1]), H, E, dtype=dtype, seed=s0 + 1),
+                    "k": _randn(int(cu_k[-1]), Hkv, E, dtype=dtype, seed=s0 + 2),
+                    "v": _randn(int(cu_k[-1]), Hkv, E, dtype=dtype, seed=s0 + 3),
+                    "cu_seqlens_q": cu_q.clone(), "cu_seqlens_k": cu_k.clone(),
+                    "sinks": _randn(H, seed=s0 + 4)}
+
+        def run(t, backend):
+            return fa.attention_varlen(t["q"], t["k"], t["v"], t["cu_seqlens_q"],
+                                       t["cu_seqlens_k"], max_q, max_k, is_causal=True,
+                                       causal_alignment="bottom_right", window=(7, -1),
+                                       sinks=t["sinks"], return_lse=True, backend=backend)
+
+        return Case(op, make, run, grad=("q", "k", "v", "sinks"))
     raise KeyError(op)
 
 
@@ -352,7 +379,8 @@ def _oob_params():
     return [pytest.param(op, b, dt, id=f"{op}-{b}-{str(dt)[6:]}")
             for op in OPS for b in BACKENDS for dt in (torch.float32, torch.bfloat16)
             if not (b == "triton" and dt == torch.float32
-                    and op in ("scaled_dot_product_attention", "attention_with_kvcache"))]
+                    and op in ("scaled_dot_product_attention", "attention_with_kvcache",
+                               "attention_varlen"))]
 
 
 @pytest.mark.parametrize("op,backend,dtype", _oob_params())

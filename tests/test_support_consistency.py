@@ -464,3 +464,48 @@ def test_cuda_int8_accepted_calls_run_on_the_emulator(dtype, request):
     ref = reference.int8_gemm(a, b, sa.double(), sb.double(), bias.double(),
                               out_dtype=torch.float64)
     _close_to(got, ref, out_dtype, f"int8_gemm -> {out_dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# attention_varlen: what _varlen_supports accepts on cpu / triton runs (forward and backward,
+# every option on that the kernels take); the CUDA extension has no varlen kernel and refuses
+# every call. The Triton varlen kernels prune with the sdpa kernels' tables and models (_FWD,
+# _DKDV, _DQ), whose fitting tiles test_triton_accepted_calls_have_a_fitting_tile checks.
+# ---------------------------------------------------------------------------------------------
+# per dtype: head dim 40 with dropout, 256 without, 320 (refused)
+VARLEN_POINTS = [i for i, (_, E, dropout) in enumerate(GRID)
+                 if (E, dropout) in ((40, True), (256, False), (320, False))]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("i", VARLEN_POINTS)
+def test_varlen_accepted_calls_run(backend, i):
+    from fastattn.ops._backend import availability
+
+    if availability(backend, "cpu", "attention_varlen_fwd" if backend == "cpu" else None):
+        pytest.skip(f"backend {backend!r} cannot run here")
+    dtype, E, dropout = GRID[i]
+    key = (dtype, E, dropout, True)
+    if ops_attention._varlen_supports(backend, torch.device("cpu"), key) is not None:
+        assert E > ops_attention._MAX_HEAD_DIM
+        return
+    H, Hkv = 2, 1
+    cu_q = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 3, 4, 6], dtype=torch.int32)
+    q = torch.randn(5, H, E).to(dtype).requires_grad_()
+    k, v = torch.randn(6, Hkv, E).to(dtype), torch.randn(6, Hkv, E).to(dtype)
+    sinks = torch.randn(H, requires_grad=True)
+    out, lse = ops_attention.attention_varlen(
+        q, k, v, cu_q, cu_k, 3, 3, dropout_p=0.25 if dropout else 0.0, is_causal=True,
+        window=(2, -1), causal_alignment="bottom_right", softcap=3.0,
+        alibi_slopes=torch.rand(3, H), sinks=sinks, return_lse=True, backend=backend)
+    dq, dsinks = torch.autograd.grad(out.float().sum() + lse.sum(), (q, sinks))
+    for t in (out, lse, dq, dsinks):
+        assert torch.isfinite(t.float()).all()
+
+
+def test_cuda_refuses_varlen():
+    """No CUDA varlen kernel: refused for every dtype and head dim, so auto takes Triton."""
+    for dtype, E, dropout in GRID:
+        why = ops_attention._varlen_supports("cuda", torch.device("cuda"), (dtype, E, dropout))
+        assert why is not None, (dtype, E, dropout)

@@ -97,6 +97,17 @@ struct AttnArgs {
   const float* sinks = nullptr;
   bool mods() const { return softcap > 0.f || alibi != nullptr; }
   float slope(int64_t b, int64_t h) const { return alibi ? alibi[b * alibi_sb + h] : 0.f; }
+  // attention_varlen: B == 1 and L, S are the packed lengths. Query row i belongs to sequence
+  // s = vseq[i] of vnseq, whose rows are [vq[s], vq[s + 1]) and keys [vk[s], vk[s + 1]); it sees
+  // only those keys, key j at distance i + voff[s] - j (voff[s]: the sequence's diagonal
+  // offset, in packed rows), and its ALiBi slopes are row s of alibi. vmax_q / vmax_k: the
+  // longest sequence's rows / keys (the block sizes follow them).
+  const int32_t* vseq = nullptr;
+  const int64_t* vq = nullptr;
+  const int64_t* vk = nullptr;
+  const int64_t* voff = nullptr;
+  int64_t vnseq = 0, vmax_q = 0, vmax_k = 0;
+  bool varlen() const { return vseq != nullptr; }
 };
 
 // attention_kvcache's append of the Lnew rows of k_new / v_new at seqlens[b] (decode.h:
@@ -658,6 +669,188 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_lse(
                                 alibi_slopes, sinks, block_table, window_left, window_right, true);
 }
 
+// ---- attention_varlen ------------------------------------------------------------------------
+// The packed sequences run as one (1, H, total_q, E) x (1, Hkv, total_k, E) call of the sdpa
+// kernels whose query rows see only the keys of their own sequence (AttnArgs' varlen fields):
+// one schedule of (sequence, head, query block) tasks over all the sequences, K/V converted or
+// packed once, dropout / deterministic mode / score modifiers exactly as for sdpa.
+struct VarlenLayout {
+  std::vector<int32_t> seq;         // packed query row -> its sequence
+  std::vector<int64_t> cq, ck, off;  // (B + 1) row and key offsets; (B) diagonal offsets
+  int64_t max_q = 0, max_k = 0;
+};
+
+VarlenLayout varlen_layout(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                           bool bottom_right) {
+  // (checks::check_varlen has checked the values: 0 first, non-decreasing, the totals last)
+  const at::Tensor cq = cu_seqlens_q.contiguous(), ck = cu_seqlens_k.contiguous();
+  const int32_t* pq = cq.const_data_ptr<int32_t>();
+  const int32_t* pk = ck.const_data_ptr<int32_t>();
+  const int64_t B = cq.numel() - 1;
+  VarlenLayout v;
+  v.cq.assign(pq, pq + B + 1);
+  v.ck.assign(pk, pk + B + 1);
+  v.off.resize(static_cast<size_t>(B));
+  v.seq.resize(static_cast<size_t>(v.cq[static_cast<size_t>(B)]));
+  for (int64_t b = 0; b < B; ++b) {
+    const size_t u = static_cast<size_t>(b);
+    const int64_t L = v.cq[u + 1] - v.cq[u], S = v.ck[u + 1] - v.ck[u];
+    v.max_q = std::max(v.max_q, L);
+    v.max_k = std::max(v.max_k, S);
+    // query i (local) sits at key position i (top-left) or i + S - L (bottom-right) of its own
+    // sequence: i + off in packed coordinates
+    v.off[u] = v.ck[u] - v.cq[u] + (bottom_right ? S - L : 0);
+    std::fill(v.seq.begin() + v.cq[u], v.seq.begin() + v.cq[u + 1], static_cast<int32_t>(b));
+  }
+  return v;
+}
+
+// (total, heads, dim) -> the (1, heads, total, dim) view the kernels index
+at::Tensor as_bhld(const at::Tensor& t) { return t.unsqueeze(0).transpose(1, 2); }
+
+AttnArgs make_varlen_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const VarlenLayout& lay, double scale, int64_t window_left,
+                          int64_t window_right, double dropout_p, int64_t seed, double softcap,
+                          const std::optional<at::Tensor>& alibi_slopes,
+                          const std::optional<at::Tensor>& sinks) {
+  check_float_cpu(q, "q", 3);
+  check_float_cpu(k, "k", 3);
+  check_float_cpu(v, "v", 3);
+  AttnArgs a = make_args(as_bhld(q), as_bhld(k), as_bhld(v), std::nullopt, scale, window_left,
+                         window_right, 0, dropout_p, seed);
+  set_mods(a, softcap, std::nullopt, sinks);
+  const int64_t B = static_cast<int64_t>(lay.off.size());
+  if (alibi_slopes.has_value() && alibi_slopes->defined()) {
+    const at::Tensor& s = *alibi_slopes;  // (B, H) by strides, one row per sequence
+    TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.dim() == 2 &&
+                    s.size(0) == B && s.size(1) == a.H && (a.H <= 1 || s.stride(1) == 1),
+                "fastattn::attention_varlen (cpu): alibi_slopes must be a float32 CPU tensor (B, "
+                "H) = (", B, ", ", a.H, ") with unit head stride, got ", s.scalar_type(), " ",
+                s.sizes());
+    a.alibi = s.data_ptr<float>();
+    a.alibi_sb = B <= 1 ? 0 : s.stride(0);
+  }
+  a.vseq = lay.seq.data();
+  a.vq = lay.cq.data();
+  a.vk = lay.ck.data();
+  a.voff = lay.off.data();
+  a.vnseq = B;
+  a.vmax_q = lay.max_q;
+  a.vmax_k = lay.max_k;
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& sinks) {
+  checks::check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                       dropout_p, softcap, alibi_slopes, sinks);
+  const VarlenLayout lay = varlen_layout(cu_seqlens_q, cu_seqlens_k, bottom_right);
+  AttnArgs a = make_varlen_args(q, k, v, lay, scale, window_left, window_right, dropout_p, seed,
+                                softcap, alibi_slopes, sinks);
+  // out (total_q, H, Ev) contiguous: the (total_q, H * Ev) rows of the output projection
+  at::Tensor out = at::empty({a.L, a.H, a.Ev}, q.options());
+  const at::Tensor out4 = as_bhld(out);
+  for (int d = 0; d < 3; ++d) a.so[d] = out4.stride(d);
+  at::Tensor lse = at::empty({a.H, a.L}, q.options().dtype(at::kFloat));
+  if (a.H * a.L == 0) return {out, lse};
+  if (a.S == 0) {  // no key in any sequence: every row is empty (lse: the sink, if any)
+    out.zero_();
+    if (a.sinks)
+      lse.copy_(sinks->view({a.H, 1}).expand({a.H, a.L}));
+    else
+      lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    fwd_dispatch<T>(a, static_cast<T*>(out.data_ptr()), lse.data_ptr<float>());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
+    bool bottom_right, double dropout_p, int64_t seed, bool deterministic, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
+  // as attention_bwd: every reduction runs in a fixed order, bitwise repeatable either way
+  (void)deterministic;
+  checks::check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                       dropout_p, softcap, alibi_slopes, sinks);
+  const VarlenLayout lay = varlen_layout(cu_seqlens_q, cu_seqlens_k, bottom_right);
+  AttnArgs a = make_varlen_args(q, k, v, lay, scale, window_left, window_right, dropout_p, seed,
+                                softcap, alibi_slopes, sinks);
+  check_float_cpu(grad_out, "grad_out", 3);
+  check_float_cpu(out, "out", 3);
+  check_same_dtype(grad_out, q, "grad_out");
+  check_same_dtype(out, q, "out");
+  const std::vector<int64_t> oshape{a.L, a.H, a.Ev}, lshape{a.H, a.L};
+  TORCH_CHECK(grad_out.sizes() == oshape,
+              "fastattn::attention_varlen_bwd (cpu): grad_out must be (total_q, H, Ev) = ", oshape,
+              ", got ", grad_out.sizes());
+  TORCH_CHECK(out.sizes() == oshape,
+              "fastattn::attention_varlen_bwd (cpu): out must be (total_q, H, Ev) = ", oshape,
+              ", got ", out.sizes());
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.sizes() == lshape,
+              "fastattn::attention_varlen_bwd (cpu): lse must be a float32 CPU tensor of shape "
+              "(H, total_q) = ", lshape, ", got ", lse.scalar_type(), " ", lse.sizes());
+  at::Tensor glse;
+  if (grad_lse.has_value() && grad_lse->defined()) {
+    TORCH_CHECK(grad_lse->device().is_cpu() && grad_lse->scalar_type() == at::kFloat &&
+                    grad_lse->sizes() == lshape,
+                "fastattn::attention_varlen_bwd (cpu): grad_lse must be a float32 CPU tensor of "
+                "shape (H, total_q) = ", lshape, ", got ", grad_lse->scalar_type(), " ",
+                grad_lse->sizes());
+    glse = grad_lse->contiguous();
+  }
+  const at::Tensor lse_c = lse.contiguous();
+  // the kernels write (1, H, total, E) rows: returned as (total, H, E) views
+  at::Tensor dq = at::empty({a.H, a.L, a.E}, q.options());
+  at::Tensor dk = at::empty({a.Hkv, a.S, a.E}, q.options());
+  at::Tensor dv = at::empty({a.Hkv, a.S, a.Ev}, q.options());
+  at::Tensor dsinks = at::zeros({a.sinks ? a.H : 0}, q.options().dtype(at::kFloat));
+  if (a.H * a.L == 0 || a.S == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    // no key: out = 0, lse = sink, p_sink = 1, so dsink = sum of grad_lse
+    if (a.sinks && glse.defined() && a.H * a.L > 0) dsinks.copy_(glse.sum({1}));
+    return {dq.transpose(0, 1), dk.transpose(0, 1), dv.transpose(0, 1), dsinks};
+  }
+  const at::Tensor go4 = as_bhld(grad_out), out4 = as_bhld(out);
+  const Isa isa = cpu_isa();
+  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* go = static_cast<const T*>(go4.data_ptr());
+    const T* op = static_cast<const T*>(out4.data_ptr());
+    const int64_t sdo[4] = {go4.stride(0), go4.stride(1), go4.stride(2), go4.stride(3)};
+    const int64_t so[4] = {out4.stride(0), out4.stride(1), out4.stride(2), out4.stride(3)};
+    const float* gl = glse.defined() ? glse.data_ptr<float>() : nullptr;
+    float* dsp = a.sinks ? dsinks.data_ptr<float>() : nullptr;
+    T* dqp = static_cast<T*>(dq.data_ptr());
+    T* dkp = static_cast<T*>(dk.data_ptr());
+    T* dvp = static_cast<T*>(dv.data_ptr());
+#ifdef FASTATTN_X86_KERNELS
+    if (isa >= Isa::avx512)
+      return avx512::attention_bwd_impl<T>(a, go, sdo, op, so, lse_c.data_ptr<float>(), gl, dqp,
+                                           dkp, dvp, nullptr, dsp);
+    if (isa >= Isa::avx2)
+      return avx2::attention_bwd_impl<T>(a, go, sdo, op, so, lse_c.data_ptr<float>(), gl, dqp,
+                                         dkp, dvp, nullptr, dsp);
+#endif
+    (void)isa;
+    portable::attention_bwd_impl<T>(a, go, sdo, op, so, lse_c.data_ptr<float>(), gl, dqp, dkp,
+                                    dvp, nullptr, dsp);
+  });
+  return {dq.transpose(0, 1), dk.transpose(0, 1), dv.transpose(0, 1), dsinks};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
@@ -665,6 +858,11 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("attention_bwd", &attention_bwd);
   m.impl("attention_kvcache", &attention_kvcache);
   m.impl("attention_kvcache_lse", &attention_kvcache_lse);
+}
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("attention_varlen_fwd", &attention_varlen_fwd);
+  m.impl("attention_varlen_bwd", &attention_varlen_bwd);
 }
 
 }  // namespace fastattn::cpu

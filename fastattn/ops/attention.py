@@ -675,3 +675,246 @@ def attention_with_kvcache(
     return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, bool(causal),
               cache_leftpad, rotary_cos, rotary_sin, bool(rotary_interleaved), cap,
               alibi_slopes, sinks)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention_varlen: packed variable-length sequences (FlashAttention's flash_attn_varlen_func)
+# ---------------------------------------------------------------------------------------------
+_backend.register_op("attention_varlen", "attention_varlen_fwd")
+
+
+def _varlen_supports(backend: str, device: torch.device, key: tuple) -> str | None:
+    """_supports for attention_varlen (same key). The CUDA extension has no varlen kernel:
+    "auto" takes Triton on CUDA tensors."""
+    if backend == "cuda":
+        return "attention_varlen has no CUDA kernel (Triton runs CUDA tensors)"
+    return _supports(backend, device, key)
+
+
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                  dropout_p: float, softcap: float, alibi_slopes, sinks) -> float:
+    """attention_varlen's argument rules (csrc/checks.cpp: check_varlen, which also checks the
+    cu_seqlens values where they are on the host) -> the scale resolved. While torch.compile
+    traces, and without the extension, the shape rules are checked here instead."""
+    fn = "fastattn.attention_varlen"
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, (int, torch.SymInt)):
+            raise TypeError(f"{fn}: {name} must be an int, got {type(m).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q),
+                    ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if _backend.NATIVE is not None and not torch.compiler.is_compiling():
+        return _backend.NATIVE.check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                            max_seqlen_k, scale, dropout_p, softcap,
+                                            alibi_slopes, sinks)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{fn}: {name} must be 3-D (total, heads, head dim), got shape "
+                             f"{list(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{fn}: {name} must have q's dtype ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise RuntimeError(f"{fn}: {name} must be on the same device as q ({q.device}), got "
+                               f"{t.device}")
+    if k.shape[2] != q.shape[2] or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"{fn}: k must be (total_k, Hkv, E={q.shape[2]}) and v (total_k, Hkv, "
+                         f"Ev), got k {list(k.shape)}, v {list(v.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{fn}: q heads (q.shape[1] = {q.shape[1]}) must be a multiple of the "
+                         f"k/v heads (k.shape[1] = {k.shape[1]})")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if t.dtype != torch.int32 or t.dim() != 1 or t.shape[0] < 1:
+            raise TypeError(f"{fn}: {name} must be an int32 tensor of shape (B + 1,), got "
+                            f"{t.dtype} {list(t.shape)}")
+        if t.device != q.device:
+            raise RuntimeError(f"{fn}: {name} must be on the same device as q ({q.device}), got "
+                               f"{t.device}")
+    if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
+        raise ValueError(f"{fn}: cu_seqlens_k must have cu_seqlens_q's shape "
+                         f"({cu_seqlens_q.shape[0]},), got {list(cu_seqlens_k.shape)}")
+    _check_score_mods(fn, _VarlenHeads(cu_seqlens_q.shape[0] - 1, q.shape[1], q.device),
+                      alibi_slopes, sinks)
+    return _check_scale(scale, q.shape[-1])
+
+
+class _VarlenHeads:
+    """The (B, H) and device _check_score_mods reads from a query (B = the sequences)."""
+
+    def __init__(self, B, H, device):
+        self.shape = (B, H)
+        self.device = device
+
+
+@torch.library.custom_op("fastattn::triton_attention_varlen_fwd", mutates_args=())
+def triton_attention_varlen_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
+    window_left: int, window_right: int, bottom_right: bool, dropout_p: float, seed: int,
+    softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastattn.triton.attention import attention_varlen_fwd
+
+    return attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                scale, window_left, window_right, bottom_right, dropout_p, seed,
+                                softcap, alibi_slopes, sinks)
+
+
+@torch.library.custom_op("fastattn::triton_attention_varlen_bwd", mutates_args=())
+def triton_attention_varlen_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, scale: float, window_left: int, window_right: int, bottom_right: bool,
+    dropout_p: float, seed: int, deterministic: bool, softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastattn.triton.attention import attention_varlen_bwd
+
+    return attention_varlen_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q,
+                                cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                                window_right, bottom_right, dropout_p, seed, deterministic,
+                                softcap, alibi_slopes, sinks)
+
+
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                     window_left, window_right, bottom_right, dropout_p, seed, softcap=0.0,
+                     alibi_slopes=None, sinks=None):
+    total_q, H, _ = q.shape
+    out = q.new_empty((total_q, H, v.shape[-1]))
+    lse = q.new_empty((H, total_q), dtype=torch.float32)
+    return out, lse
+
+
+def _varlen_bwd_fake(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k,
+                     max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right,
+                     dropout_p, seed, deterministic, softcap=0.0, alibi_slopes=None, sinks=None):
+    # the kernels write (heads, total, dim) rows: (total, heads, dim) views of them
+    dq = q.new_empty((q.shape[1], q.shape[0], q.shape[2])).transpose(0, 1)
+    dk = k.new_empty((k.shape[1], k.shape[0], k.shape[2])).transpose(0, 1)
+    dv = v.new_empty((v.shape[1], v.shape[0], v.shape[2])).transpose(0, 1)
+    dsinks = q.new_empty((q.shape[1] if sinks is not None else 0,), dtype=torch.float32)
+    return dq, dk, dv, dsinks
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    (q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr, br, dropout_p, seed, softcap,
+     alibi_slopes, sinks) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes, sinks)
+    ctx.args = (max_q, max_k, scale, wl, wr, br, dropout_p, seed)
+    ctx.softcap = softcap
+
+
+def _make_varlen_backward(bwd_op):
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, cu_q, cu_k, alibi_slopes, sinks = ctx.saved_tensors
+        dq, dk, dv, dsinks = bwd_op(
+            grad_out, q, k, v, out, lse, grad_lse, cu_q, cu_k, *ctx.args,
+            torch.are_deterministic_algorithms_enabled(), ctx.softcap, alibi_slopes, sinks)
+        # (no gradient for the offsets, the ints and the slopes, as in FlashAttention)
+        return (dq, dk, dv) + (None,) * 12 + (dsinks if sinks is not None else None,)
+
+    return backward
+
+
+torch.library.register_fake("fastattn::triton_attention_varlen_fwd")(_varlen_fwd_fake)
+torch.library.register_fake("fastattn::triton_attention_varlen_bwd")(_varlen_bwd_fake)
+torch.library.register_autograd("fastattn::triton_attention_varlen_fwd",
+                                _make_varlen_backward(triton_attention_varlen_bwd),
+                                setup_context=_varlen_setup_context)
+
+
+def _register_varlen_cpp() -> None:
+    if not (_backend._load_extension()[0]
+            and hasattr(torch.ops.fastattn, "attention_varlen_fwd")):
+        return
+    torch.library.register_fake("fastattn::attention_varlen_fwd")(_varlen_fwd_fake)
+    torch.library.register_fake("fastattn::attention_varlen_bwd")(_varlen_bwd_fake)
+    torch.library.register_autograd("fastattn::attention_varlen_fwd",
+                                    _make_varlen_backward(torch.ops.fastattn.attention_varlen_bwd),
+                                    setup_context=_varlen_setup_context)
+
+
+_register_varlen_cpp()
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    causal_alignment: str = "top_left",
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Attention over packed variable-length sequences (FlashAttention's
+    ``flash_attn_varlen_func``; padding-free training and batched prefill).
+
+    Args:
+        q: (total_q, H, E) float16/bfloat16/float32: the query rows of every sequence, packed.
+        k: (total_k, Hkv, E); v: (total_k, Hkv, Ev), H % Hkv == 0 (GQA: head h reads kv head
+            h // (H / Hkv)).
+        cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) on q's device: 0 first, non-decreasing, the
+            packed length last. Sequence b is q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]] against
+            k/v[cu_seqlens_k[b]:cu_seqlens_k[b + 1]] (either may be empty).
+        max_seqlen_q, max_seqlen_k: ints >= the longest sequence's query / key count (the GPU
+            launch is sized by them; checked against cu_seqlens where those are on the CPU).
+        dropout_p, is_causal, scale, window, causal_alignment, softcap, sinks: exactly
+            scaled_dot_product_attention's, per sequence (L_b x S_b; "bottom_right" aligns the
+            last query of each sequence with its last key).
+        alibi_slopes: float32 (H,) or (B, H) (row b for sequence b), or None.
+        return_lse: also return lse (H, total_q) float32 (the sink included; -inf on rows that
+            see no key).
+        backend: "auto" | "triton" | "cpu" | "reference" ("cuda" has no varlen kernel).
+
+    Set ``torch.use_deterministic_algorithms(True)`` for a bitwise-repeatable backward.
+
+    Returns:
+        out (total_q, H, Ev) in q's dtype; (out, lse) when return_lse. Gradients reach q, k, v
+        and sinks.
+    """
+    fn = "fastattn.attention_varlen"
+    _backend.check_backend(backend)
+    cap = _softcap_arg(fn, softcap)
+    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float))
+            or not 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p!r}")
+    dropout_p = float(dropout_p)
+    scale = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                          dropout_p, cap, alibi_slopes, sinks)
+    wl, wr, _ = _window_args(0, 0, is_causal, window, causal_alignment)
+    score_mods = cap > 0.0 or alibi_slopes is not None or sinks is not None
+    E, Ev = q.shape[-1], v.shape[-1]
+    chosen = _backend.pick("attention_varlen", q.device, backend,
+                           (q.dtype, max(E, Ev), dropout_p > 0.0, score_mods), _varlen_supports)
+    # (no key at all, total_k = 0, is the kernels' too: out 0, lse the sink, zero gradients)
+    if chosen == "reference" or q.numel() == 0 or Ev == 0:
+        out, lse = reference.attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            dropout_p=dropout_p, is_causal=is_causal, scale=scale, window=window,
+            causal_alignment=causal_alignment, softcap=softcap, alibi_slopes=alibi_slopes,
+            sinks=sinks, return_lse=True)
+        return (out, lse.float()) if return_lse else out
+    op = (torch.ops.fastattn.triton_attention_varlen_fwd if chosen == "triton"
+          else torch.ops.fastattn.attention_varlen_fwd)
+    B, H = cu_seqlens_q.shape[0] - 1, q.shape[1]
+    out, lse = op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                  scale, wl, wr, causal_alignment == "bottom_right", dropout_p,
+                  _draw_seed(dropout_p), cap, _slopes_bh(alibi_slopes, B, H),
+                  None if sinks is None else sinks.contiguous())
+    return (out, lse) if return_lse else out

@@ -1615,3 +1615,461 @@ def attention_kvcache(
             SINKS=sinks is not None, RETURN_LSE=return_lse,
         )
     return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# packed variable-length attention (fastattn.attention_varlen)
+# ---------------------------------------------------------------------------------------------
+# The kernels above, with each program's sequence offsets and lengths read from cu_seqlens: the
+# grid covers (blocks of max_seqlen_q or max_seqlen_k, B * heads), programs past their
+# sequence's end return at once, and the loops (_attention_fwd_loop, _attention_bwd_dkdv_loop,
+# _attention_bwd_dq_loop) run on the sequence's rows as on one batch entry of attention_fwd.
+# lse / delta are (H, total_q); the dropout counter of (h, row r of sequence b, key j) is
+# (h * total_q + cu_q[b]) * rng_cols + (r - cu_q[b]) * cdiv(S_b, 4) + j // 4 with
+# rng_cols = cdiv(total_k, 4) >= cdiv(S_b, 4): disjoint between sequences and heads, the same in
+# the forward and both backward kernels.
+_VARLEN_KEYS = ["HEAD_DIM", "HEAD_DIM_V", "seqlen_q_key", "seqlen_k_key", "HAS_LEFT",
+                "HAS_RIGHT", "DROPOUT"]
+
+
+@triton.jit
+def _varlen_span(CuSeq, b, total):
+    """(first row, length) of sequence b from its cu_seqlens, clamped into [0, total]: offsets
+    the host could not check (GPU tensors) never send a program outside the packed rows."""
+    start = tl.minimum(tl.maximum(tl.load(CuSeq + b), 0), total)
+    end = tl.minimum(tl.maximum(tl.load(CuSeq + b + 1), start), total)
+    return start.to(tl.int64), end - start
+
+
+@triton.autotune(
+    configs=_tuning_configs(_FWD_TUNING, interpret=(32, 32, 4, 1)),
+    key=_VARLEN_KEYS,
+    prune_configs_by={"early_config_prune": _prune_fwd},
+)
+@triton.jit
+def _attention_varlen_fwd_kernel(
+    Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Slopes, Sinks,
+    qk_scale, dropout_p, seed, softcap2,
+    stride_qm, stride_qh, stride_qk,
+    stride_kn, stride_kh, stride_kk,
+    stride_vn, stride_vh, stride_vk,
+    stride_om, stride_oh, stride_ok,
+    stride_slb, stride_slh,
+    num_heads, num_bh, total_q, total_k, rng_cols, group_size, head_dim, head_dim_v,
+    window_left, window_right,
+    seqlen_q_key, seqlen_k_key,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out (total_q, H, Ev), lse (H, total_q) from q (total_q, H, E), k (total_k, Hkv, E),
+    v (total_k, Hkv, Ev) and cu_seqlens (B + 1,) int32; Slopes (B, H) float32 by strides (ALIBI),
+    Sinks (H,) float32 (SINKS). Grid: grid_folded(cdiv(max_seqlen_q, BLOCK_M), B * H)."""
+    pid_m = tl.program_id(0)
+    if HAS_RIGHT:
+        if not HAS_LEFT:
+            pid_m = tl.num_programs(0) - 1 - pid_m  # causal: the long query blocks first
+    pid_bh = folded_id()
+    if pid_bh >= num_bh:
+        return
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    hk = h // group_size
+    q_start, seqlen_q = _varlen_span(CuSeqQ, b, total_q)
+    k_start, seqlen_k = _varlen_span(CuSeqK, b, total_k)
+    m_start = pid_m * BLOCK_M
+    if m_start >= seqlen_q:
+        return
+    diag_offset = seqlen_k - seqlen_q if BOTTOM_RIGHT else seqlen_k * 0
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_m64 = offs_m.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    row_ok = offs_m < seqlen_q
+
+    q_ptrs = (Q + q_start * stride_qm + h * stride_qh + offs_m64[:, None] * stride_qm
+              + offs_d[None, :] * stride_qk)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    if INTERP_BF16:
+        q = q.to(tl.float32)
+    K += k_start * stride_kn + hk * stride_kh
+    V += k_start * stride_vn + hk * stride_vh
+    row0 = h * total_q + q_start  # this head's first lse row of the sequence
+    rng_rows = row0 * rng_cols + offs_m64 * tl.cdiv(seqlen_k, 4)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(Slopes + b * stride_slb + h * stride_slh) * _LOG2E
+
+    lo, n_first, second, n_masked, full_lo, n_full = _key_band(
+        m_start, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
+        HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _attention_fwd_loop(
+        acc, l_i, m_i, q, K, V, Q, rng_rows, full_lo, n_full, full_lo, n_full,
+        offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, 0,
+        qk_scale, dropout_p, seed, softcap2, slope2,
+        seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
+        BLOCK_N, False, HAS_LEFT, HAS_RIGHT, DROPOUT, False, DOT_PRECISION, INTERP_BF16,
+        SOFTCAP, ALIBI)
+    acc, l_i, m_i = _attention_fwd_loop(
+        acc, l_i, m_i, q, K, V, Q, rng_rows, lo, n_first, second, n_masked,
+        offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, 0,
+        qk_scale, dropout_p, seed, softcap2, slope2,
+        seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
+        BLOCK_N, False, HAS_LEFT, HAS_RIGHT, DROPOUT, True, DOT_PRECISION, INTERP_BF16,
+        SOFTCAP, ALIBI)
+
+    if SINKS:
+        sink2 = tl.load(Sinks + h) * _LOG2E
+        m_f = tl.maximum(m_i, sink2)
+        alpha = tl.math.exp2(m_i - m_f)
+        l_i = l_i * alpha + tl.math.exp2(sink2 - m_f)
+        acc = acc * alpha[:, None]
+        m_i = m_f
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    o_ptrs = (Out + q_start * stride_om + h * stride_oh + offs_m64[:, None] * stride_om
+              + offs_dv[None, :] * stride_ok)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+    tl.store(Lse + row0 + offs_m64, lse, mask=row_ok)
+
+
+@triton.autotune(
+    configs=_tuning_configs(_DKDV_TUNING, interpret=(32, 32, 4, 1)),
+    key=_VARLEN_KEYS + ["ATOMIC_DQ"],
+    prune_configs_by={"early_config_prune": _prune_bwd_dkdv},
+    reset_to_zero=["DQ"],
+)
+@triton.jit
+def _attention_varlen_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, DK, DV, CuSeqQ, CuSeqK, Slopes,
+    sm_scale, qk_scale, dropout_p, seed, softcap2,
+    stride_qm, stride_qh, stride_qk,
+    stride_kn, stride_kh, stride_kk,
+    stride_vn, stride_vh, stride_vk,
+    stride_dom, stride_doh, stride_dok,
+    stride_dqm, stride_dqh, stride_dqk,
+    stride_dkn, stride_dkh, stride_dkk,
+    stride_dvn, stride_dvh, stride_dvk,
+    stride_slb, stride_slh,
+    num_heads, num_kv_heads, num_bhk, total_q, total_k, rng_cols, group_size, head_dim,
+    head_dim_v, window_left, window_right,
+    seqlen_q_key, seqlen_k_key,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dk (total_k, Hkv, E), dv (total_k, Hkv, Ev) of one key block of one sequence, summed over
+    the query heads of its kv group inside the program; dq (total_q, H, E) float32 by atomic adds
+    when ATOMIC_DQ. Grid: grid_folded(cdiv(max_seqlen_k, BLOCK_N), B * Hkv)."""
+    pid_n = tl.program_id(0)
+    pid_bhk = folded_id()
+    if pid_bhk >= num_bhk:
+        return
+    b = (pid_bhk // num_kv_heads).to(tl.int64)
+    hk = (pid_bhk % num_kv_heads).to(tl.int64)
+    q_start, seqlen_q = _varlen_span(CuSeqQ, b, total_q)
+    k_start, seqlen_k = _varlen_span(CuSeqK, b, total_k)
+    n_start = pid_n * BLOCK_N
+    if n_start >= seqlen_k:
+        return
+    diag_offset = seqlen_k - seqlen_q if BOTTOM_RIGHT else seqlen_k * 0
+
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_n64 = offs_n.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    n_ok = offs_n < seqlen_k
+    d_ok = offs_d < head_dim
+    dv_ok = offs_dv < head_dim_v
+
+    k = tl.load(K + k_start * stride_kn + hk * stride_kh + offs_n64[:, None] * stride_kn
+                + offs_d[None, :] * stride_kk, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + k_start * stride_vn + hk * stride_vh + offs_n64[:, None] * stride_vn
+                + offs_dv[None, :] * stride_vk, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+    if INTERP_BF16:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype=tl.float32)
+
+    lo, n_first, second, n_masked, full_lo, n_full = _query_band(
+        n_start, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
+        HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    for g in range(0, group_size):
+        h = hk * group_size + g
+        Qh = Q + q_start * stride_qm + h * stride_qh
+        DOh = DO + q_start * stride_dom + h * stride_doh
+        DQh = DQ + q_start * stride_dqm + h * stride_dqh
+        row0 = h * total_q + q_start
+        rng_base = row0 * rng_cols
+        slope2 = 0.0
+        if ALIBI:
+            slope2 = tl.load(Slopes + b * stride_slb + h * stride_slh) * _LOG2E
+        dk, dv = _attention_bwd_dkdv_loop(
+            dk, dv, k, v, Qh, DOh, Lse + row0, Delta + row0, DQh, Q, Q, rng_base,
+            full_lo, n_full, full_lo, n_full, n_start, offs_n, offs_d, offs_dv,
+            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk, 0, 0,
+            sm_scale, qk_scale, dropout_p, seed, softcap2, slope2,
+            seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
+            BLOCK_M, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, DROPOUT, ATOMIC_DQ, False, False,
+            DOT_PRECISION, INTERP_BF16, SOFTCAP, ALIBI)
+        dk, dv = _attention_bwd_dkdv_loop(
+            dk, dv, k, v, Qh, DOh, Lse + row0, Delta + row0, DQh, Q, Q, rng_base,
+            lo, n_first, second, n_masked, n_start, offs_n, offs_d, offs_dv,
+            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk, 0, 0,
+            sm_scale, qk_scale, dropout_p, seed, softcap2, slope2,
+            seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
+            BLOCK_M, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, DROPOUT, ATOMIC_DQ, False, True,
+            DOT_PRECISION, INTERP_BF16, SOFTCAP, ALIBI)
+
+    dk = dk * sm_scale
+    tl.store(DK + (k_start + offs_n64[:, None]) * stride_dkn + hk * stride_dkh
+             + offs_d[None, :] * stride_dkk, dk.to(DK.dtype.element_ty),
+             mask=n_ok[:, None] & d_ok[None, :])
+    tl.store(DV + (k_start + offs_n64[:, None]) * stride_dvn + hk * stride_dvh
+             + offs_dv[None, :] * stride_dvk, dv.to(DV.dtype.element_ty),
+             mask=n_ok[:, None] & dv_ok[None, :])
+
+
+@triton.autotune(
+    configs=_tuning_configs(_DQ_TUNING, interpret=(32, 32, 4, 1)),
+    key=_VARLEN_KEYS,
+    prune_configs_by={"early_config_prune": _prune_bwd_dq},
+)
+@triton.jit
+def _attention_varlen_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, CuSeqQ, CuSeqK, Slopes,
+    sm_scale, qk_scale, dropout_p, seed, softcap2,
+    stride_qm, stride_qh, stride_qk,
+    stride_kn, stride_kh, stride_kk,
+    stride_vn, stride_vh, stride_vk,
+    stride_dom, stride_doh, stride_dok,
+    stride_dqm, stride_dqh, stride_dqk,
+    stride_slb, stride_slh,
+    num_heads, num_bh, total_q, total_k, rng_cols, group_size, head_dim, head_dim_v,
+    window_left, window_right,
+    seqlen_q_key, seqlen_k_key,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dq (total_q, H, E) without atomics (deterministic backward): one program per query block
+    of one sequence. Grid: grid_folded(cdiv(max_seqlen_q, BLOCK_M), B * H)."""
+    pid_m = tl.program_id(0)
+    if HAS_RIGHT:
+        if not HAS_LEFT:
+            pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = folded_id()
+    if pid_bh >= num_bh:
+        return
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    hk = h // group_size
+    q_start, seqlen_q = _varlen_span(CuSeqQ, b, total_q)
+    k_start, seqlen_k = _varlen_span(CuSeqK, b, total_k)
+    m_start = pid_m * BLOCK_M
+    if m_start >= seqlen_q:
+        return
+    diag_offset = seqlen_k - seqlen_q if BOTTOM_RIGHT else seqlen_k * 0
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_m64 = offs_m.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    row_ok = offs_m < seqlen_q
+    d_ok = offs_d < head_dim
+
+    q = tl.load(Q + (q_start + offs_m64[:, None]) * stride_qm + h * stride_qh
+                + offs_d[None, :] * stride_qk, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(DO + (q_start + offs_m64[:, None]) * stride_dom + h * stride_doh
+                 + offs_dv[None, :] * stride_dok,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    if INTERP_BF16:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    row0 = h * total_q + q_start
+    lse = tl.load(Lse + row0 + offs_m64, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+    delta = tl.load(Delta + row0 + offs_m64, mask=row_ok, other=0.0)
+    K += k_start * stride_kn + hk * stride_kh
+    V += k_start * stride_vn + hk * stride_vh
+    rng_rows = row0 * rng_cols + offs_m64 * tl.cdiv(seqlen_k, 4)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(Slopes + b * stride_slb + h * stride_slh) * _LOG2E
+
+    lo, n_first, second, n_masked, full_lo, n_full = _key_band(
+        m_start, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
+        HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    dq = _attention_bwd_dq_loop(
+        dq, q, do, lse2, delta, K, V, Q, rng_rows, full_lo, n_full, full_lo, n_full,
+        offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, 0,
+        qk_scale, dropout_p, seed, softcap2, slope2,
+        seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
+        BLOCK_N, False, HAS_LEFT, HAS_RIGHT, DROPOUT, False, DOT_PRECISION, INTERP_BF16,
+        SOFTCAP, ALIBI)
+    dq = _attention_bwd_dq_loop(
+        dq, q, do, lse2, delta, K, V, Q, rng_rows, lo, n_first, second, n_masked,
+        offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, 0,
+        qk_scale, dropout_p, seed, softcap2, slope2,
+        seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
+        BLOCK_N, False, HAS_LEFT, HAS_RIGHT, DROPOUT, True, DOT_PRECISION, INTERP_BF16,
+        SOFTCAP, ALIBI)
+
+    tl.store(DQ + (q_start + offs_m64[:, None]) * stride_dqm + h * stride_dqh
+             + offs_d[None, :] * stride_dqk, (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    return tuple(t.stride())
+
+
+@device_guard
+def attention_varlen_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
+    window_left: int, window_right: int, bottom_right: bool, dropout_p: float, seed: int,
+    softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of packed variable-length attention (csrc/fastattn.cpp: attention_varlen_fwd).
+
+    q (total_q, H, E), k (total_k, Hkv, E), v (total_k, Hkv, Ev) in one float dtype, any
+    strides; cu_seqlens_q / cu_seqlens_k int32 (B + 1,); sequence b: rows [cu_q[b], cu_q[b + 1])
+    against keys [cu_k[b], cu_k[b + 1]), at most max_seqlen_q / max_seqlen_k of them (the grid
+    covers that many). Window, dropout and score modifiers as in attention_fwd, per sequence
+    (diag_offset = S_b - L_b when bottom_right, else 0); alibi_slopes float32 (B, H) by strides.
+    Returns out (total_q, H, Ev) contiguous in q's dtype and lse (H, total_q) float32.
+    """
+    total_q, H, E = q.shape
+    total_k, Hkv, Ev = k.shape[0], k.shape[1], v.shape[-1]
+    B = cu_seqlens_q.shape[0] - 1
+    # zeros: rows a too small max_seqlen_q (unchecked on GPU tensors) leaves out stay defined
+    out = torch.zeros((total_q, H, Ev), dtype=q.dtype, device=q.device)
+    lse = torch.full((H, total_q), float("-inf"), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or B == 0 or max_seqlen_q == 0:
+        return out, lse
+    if total_k == 0 or max_seqlen_k == 0:
+        if sinks is not None:
+            lse.copy_(sinks.view(H, 1).expand(H, total_q))
+        return out, lse
+    cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    slopes = alibi_slopes if alibi_slopes is not None else lse  # dummy pointers, never read
+    sinks_arg = sinks.contiguous() if sinks is not None else lse
+    grid = lambda meta: grid_folded(triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), B * H)
+    _attention_varlen_fwd_kernel[grid](
+        q, k, v, out, lse, cu_q, cu_k, slopes, sinks_arg,
+        scale * math.log2(math.e), dropout_p, seed, softcap * math.log2(math.e),
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
+        *_slope_strides(alibi_slopes),
+        H, B * H, total_q, total_k, triton.cdiv(total_k, 4), H // Hkv, E, Ev,
+        window_left, window_right,
+        _seq_key(max_seqlen_q), _seq_key(max_seqlen_k),
+        HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev),
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, BOTTOM_RIGHT=bool(bottom_right),
+        DROPOUT=dropout_p > 0.0, SOFTCAP=softcap > 0.0, ALIBI=alibi_slopes is not None,
+        SINKS=sinks is not None, **_dot_args(q.dtype, q.device),
+    )
+    return out, lse
+
+
+@device_guard
+def attention_varlen_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, scale: float, window_left: int, window_right: int, bottom_right: bool,
+    dropout_p: float, seed: int, deterministic: bool, softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of attention_varlen_fwd from the saved lse (H, total_q); grad_lse optional.
+    Returns dq (total_q, H, E), dk (total_k, Hkv, E), dv (total_k, Hkv, Ev) in q's dtype, as
+    (total, heads, dim) views of (heads, total, dim) buffers, and dsinks (H,) float32 when sinks
+    are given (else an empty tensor). deterministic: dQ from its own kernel without atomics."""
+    total_q, H, E = q.shape
+    total_k, Hkv, Ev = k.shape[0], k.shape[1], v.shape[-1]
+    B = cu_seqlens_q.shape[0] - 1
+    dev = q.device
+    dk = torch.zeros((Hkv, total_k, E), dtype=k.dtype, device=dev).transpose(0, 1)
+    dv = torch.zeros((Hkv, total_k, Ev), dtype=v.dtype, device=dev).transpose(0, 1)
+    dsinks = torch.zeros((H if sinks is not None else 0,), dtype=torch.float32, device=dev)
+    lse = lse.contiguous()
+    delta = torch.zeros((H, total_q), dtype=torch.float32, device=dev)
+    has_grad_lse = grad_lse is not None
+    grad_lse_c = grad_lse.contiguous() if has_grad_lse else delta
+    if total_q * H > 0:
+        # delta = rowsum(dO * O) - grad_lse over the (1, H, total_q) rows
+        block_m = 32 if Ev <= 128 else 16
+        o4, do4 = out.unsqueeze(0).transpose(1, 2), grad_out.unsqueeze(0).transpose(1, 2)
+        _attention_bwd_preprocess_kernel[grid_folded(triton.cdiv(total_q, block_m), H)](
+            o4, do4, grad_lse_c, delta, *o4.stride(), *do4.stride(), H, H, total_q, Ev,
+            HEAD_DIM_V=_head_block(Ev), HAS_GRAD_LSE=has_grad_lse, BLOCK_M=block_m,
+        )
+        if sinks is not None:
+            _attention_sink_grad_kernel[(H,)](
+                sinks.contiguous(), lse, delta, dsinks, H, 1, total_q,
+                BLOCK=min(1024, max(16, triton.next_power_of_2(total_q))))
+    if (q.numel() == 0 or k.numel() == 0 or v.numel() == 0 or B == 0 or max_seqlen_q == 0
+            or max_seqlen_k == 0):
+        dq = torch.zeros((H, total_q, E), dtype=q.dtype, device=dev).transpose(0, 1)
+        return dq, dk, dv, dsinks
+    if deterministic:
+        dq = torch.zeros((H, total_q, E), dtype=q.dtype, device=dev).transpose(0, 1)
+    else:
+        dq = torch.zeros((H, total_q, E), dtype=torch.float32, device=dev).transpose(0, 1)
+    cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    slopes = alibi_slopes if alibi_slopes is not None else lse  # dummy pointer, never read
+    common = dict(
+        HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev),
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, BOTTOM_RIGHT=bool(bottom_right),
+        DROPOUT=dropout_p > 0.0, SOFTCAP=softcap > 0.0, ALIBI=alibi_slopes is not None,
+        **_dot_args(q.dtype, dev),
+    )
+    qk_scale = scale * math.log2(math.e)
+    softcap2 = softcap * math.log2(math.e)
+    rng_cols = triton.cdiv(total_k, 4)
+    grid = lambda meta: grid_folded(triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), B * Hkv)
+    _attention_varlen_bwd_dkdv_kernel[grid](
+        q, k, v, grad_out, lse, delta, dq, dk, dv, cu_q, cu_k, slopes,
+        scale, qk_scale, dropout_p, seed, softcap2,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dq),
+        *_strides3(dk), *_strides3(dv), *_slope_strides(alibi_slopes),
+        H, Hkv, B * Hkv, total_q, total_k, rng_cols, H // Hkv, E, Ev,
+        window_left, window_right,
+        _seq_key(max_seqlen_q), _seq_key(max_seqlen_k),
+        ATOMIC_DQ=not deterministic, **common,
+    )
+    if deterministic:
+        grid = lambda meta: grid_folded(triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), B * H)
+        _attention_varlen_bwd_dq_kernel[grid](
+            q, k, v, grad_out, lse, delta, dq, cu_q, cu_k, slopes,
+            scale, qk_scale, dropout_p, seed, softcap2,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dq),
+            *_slope_strides(alibi_slopes),
+            H, B * H, total_q, total_k, rng_cols, H // Hkv, E, Ev,
+            window_left, window_right,
+            _seq_key(max_seqlen_q), _seq_key(max_seqlen_k),
+            **common,
+        )
+    else:
+        # (heads, total, E) float32 -> q's dtype, the same (total, heads, E) view
+        dq = dq.transpose(0, 1).to(q.dtype).transpose(0, 1)
+    return dq, dk, dv, dsinks

@@ -143,12 +143,14 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
   std::vector<float> lse_ref;
   if constexpr (std::is_same_v<T, float>) {
     lse_ref.assign(lse, lse + B * H * L);
-    const int bm = L <= 16 ? 16 : (L <= 32 ? 32 : 64);
+    const int64_t rows = rows_hint(a);
+    const int bm = rows <= 16 ? 16 : (rows <= 32 ? 32 : 64);
     constexpr int64_t bn = 64;
-    const int64_t nqb = (L + bm - 1) / bm;
+    const std::vector<int64_t> vblocks = varlen_blocks(a, a.vq, bm);
+    const int64_t nqb = a.varlen() ? static_cast<int64_t>(vblocks.size()) : (L + bm - 1) / bm;
     run_tasks(B * H * nqb, [&](int64_t t, Scratch& scratch) {
       const int64_t qbi = t % nqb, h = (t / nqb) % H, b = t / (nqb * H);
-      const QBlock qb = make_qblock(a, b, h, qbi * bm, bm);
+      const QBlock qb = make_qblock(a, b, h, a.varlen() ? vblocks[qbi] : qbi * bm, bm);
       if (qb.klo > qb.khi) return;
       const RowBlock w = row_block(a, scratch, bm, bn, 2 * static_cast<size_t>(bm));
       float* rs = w.extra;
@@ -199,17 +201,35 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
   // ---- pass 1: dK, dV per (b, kv head, key block of 64) ------------------------------------
   {
     constexpr int64_t bn = 64, NV = 4, bq = 64;
-    const int64_t nkb = (S + bn - 1) / bn;
+    // varlen: the key blocks of each sequence (vkblocks[i] the first key of block i, vkseq[i]
+    // its sequence), so that the queries that see a block are rows of one sequence
+    const std::vector<int64_t> vkblocks = varlen_blocks(a, a.vk, bn);
+    std::vector<int64_t> vkseq;
+    for (int64_t s = 0; a.varlen() && s < a.vnseq; ++s)
+      for (int64_t r = a.vk[s]; r < a.vk[s + 1]; r += bn) vkseq.push_back(s);
+    const int64_t nkb = a.varlen() ? static_cast<int64_t>(vkblocks.size()) : (S + bn - 1) / bn;
     const int64_t ntask = B * Hkv * nkb;
-    auto qrange = [&](int64_t n0, int64_t nk, int64_t& i0, int64_t& i1) {
+    // key block kb: its first key and its keys (the sequence's end cuts it with varlen)
+    auto kblock = [&](int64_t kb, int64_t& n0, int64_t& nk) {
+      n0 = a.varlen() ? vkblocks[kb] : kb * bn;
+      nk = std::min(bn, (a.varlen() ? a.vk[vkseq[kb] + 1] : S) - n0);
+    };
+    auto qrange = [&](int64_t kb, int64_t n0, int64_t nk, int64_t& i0, int64_t& i1) {
+      if (a.varlen()) {  // the rows of the block's sequence s that see its keys
+        const int64_t s = vkseq[kb], off = a.voff[s];
+        i0 = a.wr < 0 ? a.vq[s] : std::max<int64_t>(a.vq[s], n0 - off - a.wr);
+        i1 = a.wl < 0 ? a.vq[s + 1] : std::min<int64_t>(a.vq[s + 1], n0 + nk - 1 - off + a.wl + 1);
+        return;
+      }
       i0 = a.wr < 0 ? 0 : std::max<int64_t>(0, n0 - a.off - a.wr);
       i1 = a.wl < 0 ? L : std::min<int64_t>(L, n0 + nk - 1 - a.off + a.wl + 1);
     };
     std::vector<int64_t> cost(ntask);
     for (int64_t t = 0; t < ntask; ++t) {
-      const int64_t kb = t % nkb, n0 = kb * bn;
-      int64_t i0, i1;
-      qrange(n0, std::min(bn, S - n0), i0, i1);
+      const int64_t kb = t % nkb;
+      int64_t n0, nk, i0, i1;
+      kblock(kb, n0, nk);
+      qrange(kb, n0, nk, i0, i1);
       cost[t] = std::max<int64_t>(0, i1 - i0) + 1;
     }
     const std::vector<int64_t> order = order_by_cost(cost);
@@ -218,7 +238,8 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
     run_tasks(ntask, [&](int64_t task, Scratch& scratch) {
       const int64_t t = order[task];
       const int64_t kb = t % nkb, kvh = (t / nkb) % Hkv, b = t / (nkb * Hkv);
-      const int64_t n0 = kb * bn, nk = std::min(bn, S - n0);
+      int64_t n0, nk;
+      kblock(kb, n0, nk);
       float* kt = scratch.get(2 * n_kt + 2 * n_vt + 3 * n_blk + bn);
       float* vt = kt + n_kt;
       float* dkt = vt + n_vt;
@@ -233,7 +254,7 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
       std::fill(dkt, dkt + n_kt, 0.f);
       std::fill(dvt, dvt + n_vt, 0.f);
       int64_t qa, qz;
-      qrange(n0, nk, qa, qz);
+      qrange(kb, n0, nk, qa, qz);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = kvh * G + g;
         const uint32_t dkey = a.drop.on ? a.drop.key(b * H + h) : 0;
@@ -305,20 +326,23 @@ void attention_bwd_impl(const AttnArgs& a, const T* dout, const int64_t* sdo, co
 
   // ---- pass 2: dQ (and dmask) per (b, head, query block) ------------------------------------
   {
-    const int bm = L <= 16 ? 16 : (L <= 32 ? 32 : 64);
+    const int64_t rows = rows_hint(a);
+    const int bm = rows <= 16 ? 16 : (rows <= 32 ? 32 : 64);
     constexpr int64_t bn = 64;
-    const int64_t nqb = (L + bm - 1) / bm;
+    const std::vector<int64_t> vblocks = varlen_blocks(a, a.vq, bm);
+    const int64_t nqb = a.varlen() ? static_cast<int64_t>(vblocks.size()) : (L + bm - 1) / bm;
+    auto qstart = [&](int64_t qbi) { return a.varlen() ? vblocks[qbi] : qbi * bm; };
     const int64_t ntask = B * H * nqb;
     std::vector<int64_t> cost(ntask);
     for (int64_t t = 0; t < ntask; ++t) {
-      const QBlock qb = make_qblock(a, 0, 0, (t % nqb) * bm, bm);
+      const QBlock qb = make_qblock(a, 0, 0, qstart(t % nqb), bm);
       cost[t] = std::max<int64_t>(0, qb.khi - qb.klo + 1) + 1;
     }
     const std::vector<int64_t> order = order_by_cost(cost);
     run_tasks(ntask, [&](int64_t task, Scratch& scratch) {
       const int64_t t = order[task];
       const int64_t qbi = t % nqb, h = (t / nqb) % H, b = t / (nqb * H), kvh = h / G;
-      const QBlock qb = make_qblock(a, b, h, qbi * bm, bm);
+      const QBlock qb = make_qblock(a, b, h, qstart(qbi), bm);
       const RowBlock w = row_block(a, scratch, bm, bn, static_cast<size_t>(E * bm + bm));
       float* dqt = w.extra;
       float* del = dqt + E * bm;

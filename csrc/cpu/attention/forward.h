@@ -60,13 +60,18 @@ void attention_fwd_impl(const AttnArgs& a, T* out, float* lse) {
   // queries per block (16 SIMD lanes per vector; AMX tiles pair 2 x 16 queries); keys per block:
   // 256 for AMX halves the per-key cost of the O^T tile loads/stores against 128 (measured
   // -20% time per key at d = 64 and 128), 64 for the FMA kernels (their scratch stays in L1)
-  const int bm = P == Path::amx ? (a.L <= 32 ? 32 : 64) : (a.L <= 16 ? 16 : (a.L <= 32 ? 32 : 64));
+  const int64_t rows = rows_hint(a);
+  const int bm = P == Path::amx ? (rows <= 32 ? 32 : 64) : (rows <= 16 ? 16 : (rows <= 32 ? 32 : 64));
   const int NV = bm / 16;
   // (a shorter sequence takes one block of its own length, rounded to the 32-key AMX tile pair:
   // packing and the P @ V tiles then skip the padding of a 256-key block)
-  const int64_t bn =
-      P == Path::amx ? std::min<int64_t>(256, round_up(std::max<int64_t>(a.S, 1), 32)) : 64;
-  const int64_t nqb = (a.L + bm - 1) / bm;
+  const int64_t bn = P == Path::amx
+                         ? std::min<int64_t>(256, round_up(std::max<int64_t>(
+                                                      a.varlen() ? a.vmax_k : a.S, 1), 32))
+                         : 64;
+  // varlen: the blocks of every sequence, vblocks[i] the first row of block i
+  const std::vector<int64_t> vblocks = varlen_blocks(a, a.vq, bm);
+  const int64_t nqb = a.varlen() ? static_cast<int64_t>(vblocks.size()) : (a.L + bm - 1) / bm;
   // with softcap / ALiBi the score tiles are turned into logits first (mods_tile) and the softmax
   // runs on them with scale 1
   AttnArgs as = a;
@@ -89,6 +94,11 @@ void attention_fwd_impl(const AttnArgs& a, T* out, float* lse) {
   std::vector<int64_t> cost(ntask);
   for (int64_t t = 0; t < ntask; ++t) {
     const int64_t qb = (t / G) % nqb;
+    if (a.varlen()) {
+      const QBlock blk = make_qblock(a, 0, 0, vblocks[qb], bm);
+      cost[t] = std::max<int64_t>(blk.khi - blk.klo + 1, 0) + 1;
+      continue;
+    }
     const int64_t q0 = qb * bm, q1 = std::min<int64_t>(a.L, q0 + bm) - 1;
     const int64_t lo = a.wl < 0 ? 0 : std::clamp<int64_t>(q0 + a.off - a.wl, 0, a.S);
     const int64_t hi = a.wr < 0 ? a.S : std::clamp<int64_t>(q1 + a.off + a.wr + 1, 0, a.S);
@@ -123,7 +133,7 @@ void attention_fwd_impl(const AttnArgs& a, T* out, float* lse) {
         int32_t* rlo = reinterpret_cast<int32_t*>(alpha + bm);
         int32_t* rhi = rlo + bm;
 
-        const QBlock qb = make_qblock(a, b, h, qbi * bm, bm);
+        const QBlock qb = make_qblock(a, b, h, a.varlen() ? vblocks[qbi] : qbi * bm, bm);
         std::fill(m2, m2 + bm, kNegInf);
         std::fill(l, l + bm, 0.f);
         if (qb.klo > qb.khi)

@@ -2,11 +2,20 @@
 // the per query block state shared by the forward and the backward.
 // No include guard: kernels.h includes it once per instruction-set build.
 
-// visible keys of query i: [lo(i), hi(i)] intersected with [0, S)
+// visible keys of query i: [lo(i), hi(i)] intersected with [0, S) (varlen: with the keys
+// [vk[s], vk[s + 1]) of its sequence s, at that sequence's diagonal offset)
 FA_INLINE int64_t vis_lo(const AttnArgs& a, int64_t i) {
+  if (a.varlen()) {
+    const int64_t s = a.vseq[i], k0 = a.vk[s];
+    return a.wl < 0 ? k0 : std::max<int64_t>(k0, i + a.voff[s] - a.wl);
+  }
   return a.wl < 0 ? 0 : std::max<int64_t>(0, i + a.off - a.wl);
 }
 FA_INLINE int64_t vis_hi(const AttnArgs& a, int64_t i) {
+  if (a.varlen()) {
+    const int64_t s = a.vseq[i], k1 = a.vk[s + 1];
+    return a.wr < 0 ? k1 - 1 : std::min<int64_t>(k1 - 1, i + a.voff[s] + a.wr);
+  }
   return a.wr < 0 ? a.S - 1 : std::min<int64_t>(a.S - 1, i + a.off + a.wr);
 }
 
@@ -73,7 +82,9 @@ struct QBlock {
 };
 
 FA_INLINE QBlock make_qblock(const AttnArgs& a, int64_t b, int64_t h, int64_t q0, int bm) {
-  QBlock qb{b, h, q0, std::min<int64_t>(bm, a.L - q0), bm, 0, -1};
+  // (varlen: a block ends with its sequence)
+  const int64_t qend = a.varlen() && q0 < a.L ? a.vq[a.vseq[q0] + 1] : a.L;
+  QBlock qb{b, h, q0, std::min<int64_t>(bm, qend - q0), bm, 0, -1};
   if (a.S == 0) return qb;
   // lo/hi are non-decreasing in i, so the union is [lo(first), hi(last)] (rows may be empty)
   int64_t klo = a.S, khi = -1;
@@ -128,12 +139,34 @@ FA_INLINE float mod_score(const AttnArgs& a, float s, float slope, int64_t dist,
 
 // In place on a score tile of queries q0 + i (i < nq) and keys n0 + j (j < nk) of head (b, h):
 // element (i, j) at s[i * si + j * sj]; dfac (same layout) gets the softcap derivative, if given.
+// (varlen: the queries are rows of one sequence s, whose slope row and offset apply)
 inline void mods_tile(const AttnArgs& a, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t n0,
                       int64_t nk, float* s, int64_t si, int64_t sj, float* dfac) {
-  const float slope = a.slope(b, h);
+  if (nq <= 0) return;
+  const int64_t seq = a.varlen() ? a.vseq[q0] : b;
+  const int64_t off = a.varlen() ? a.voff[seq] : a.off;
+  const float slope = a.slope(seq, h);
   for (int64_t i = 0; i < nq; ++i)
     for (int64_t j = 0; j < nk; ++j) {
       const int64_t x = i * si + j * sj;
-      s[x] = mod_score(a, s[x], slope, q0 + i + a.off - (n0 + j), dfac ? dfac + x : nullptr);
+      s[x] = mod_score(a, s[x], slope, q0 + i + off - (n0 + j), dfac ? dfac + x : nullptr);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// varlen (attention_varlen): the row-block passes run over the bm-row blocks of each packed
+// sequence, the key-block pass over the bn-key blocks of each sequence, so that a tile never
+// holds the rows of two sequences (its slope row and diagonal offset are its sequence's)
+// ---------------------------------------------------------------------------------------------
+// First packed row of each bm-row query block; empty when not varlen (block i starts at i * bm)
+inline std::vector<int64_t> varlen_blocks(const AttnArgs& a, const int64_t* cu, int64_t bm) {
+  std::vector<int64_t> starts;
+  if (!a.varlen()) return starts;
+  for (int64_t s = 0; s < a.vnseq; ++s)
+    for (int64_t r = cu[s]; r < cu[s + 1]; r += bm) starts.push_back(r);
+  return starts;
+}
+
+// The longest sequence's rows (the block sizes follow it): the query rows L, or with varlen the
+// longest packed sequence
+FA_INLINE int64_t rows_hint(const AttnArgs& a) { return a.varlen() ? a.vmax_q : a.L; }
