@@ -83,6 +83,14 @@ def attention_jobs() -> list[Job]:
         ("_attention_bwd_dq_kernel", A._DQ_TUNING, {},
          dict(Lse="*fp32", Delta="*fp32", Slopes="*fp32")),
     ]
+    varlen_kernels = [
+        ("_attention_varlen_fwd_kernel", A._FWD_TUNING, dict(SINKS=True),
+         dict(Lse="*fp32", Slopes="*fp32", Sinks="*fp32")),
+        ("_attention_varlen_bwd_dkdv_kernel", A._DKDV_TUNING, dict(ATOMIC_DQ=True),
+         dict(Lse="*fp32", Delta="*fp32", DQ="*fp32", Slopes="*fp32")),
+        ("_attention_varlen_bwd_dq_kernel", A._DQ_TUNING, {},
+         dict(Lse="*fp32", Delta="*fp32", Slopes="*fp32")),
+    ]
     for arch in ARCHES:
         for dt in ("bf16", "fp32"):
             for name, table, extra, ptrs in kernels:
@@ -97,6 +105,19 @@ def attention_jobs() -> list[Job]:
                             jobs.append(_job("fastattn.triton.attention", name, arch, const, dt,
                                              warps, stages, f"{variant} {dt} E<={dclass}",
                                              **ptrs))
+            # packed variable-length attention (no mask: one list per dtype class)
+            for name, table, extra, ptrs in varlen_kernels:
+                variant = "_fp32" if dt == "fp32" else ""
+                for dclass, cands in A.tuning_list(table, arch // 10, variant).items():
+                    for bm, bn, warps, stages in cands:
+                        const = dict(HEAD_DIM=dclass, HEAD_DIM_V=dclass, HAS_LEFT=True,
+                                     HAS_RIGHT=True, BOTTOM_RIGHT=True, DROPOUT=True,
+                                     SOFTCAP=True, ALIBI=True, INTERP_BF16=False,
+                                     BLOCK_M=bm, BLOCK_N=bn,
+                                     DOT_PRECISION=A._dot_precision(dt == "fp32"), **extra)
+                        jobs.append(_job("fastattn.triton.attention", name, arch, const, dt,
+                                         warps, stages, f"varlen{variant} {dt} E<={dclass}",
+                                         CuSeqQ="*i32", CuSeqK="*i32", **ptrs))
             # decoding: the largest M tile (the query rows of a kv group), every feature on
             variant = "_fp32" if dt == "fp32" else ""
             for dclass, cands in A.tuning_list(A._DECODE_TUNING, arch // 10, variant).items():
