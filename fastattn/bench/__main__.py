@@ -38,6 +38,7 @@ from fastattn.bench import (
     overhead,
     report,
     timing,
+    varlen,
 )
 from fastattn.triton import _interpret
 
@@ -47,6 +48,7 @@ NO_CEILINGS = {"overhead", "e2e"}
 # op -> (case generator, public functions it needs, time-budget weight)
 OPS = {
     "attention": (attention.cases, attention.FUNCTIONS, 0.35),
+    "varlen": (varlen.cases, varlen.FUNCTIONS, 0.1),
     "decode": (decode.cases, decode.FUNCTIONS, 0.1),
     "layer_norm": (layer_norm.cases, layer_norm.FUNCTIONS, 0.15),
     "silu_mul": (activation.cases, activation.FUNCTIONS, 0.05),
