@@ -45,7 +45,7 @@ from tests import _triton_aot as aot  # noqa: E402
 SPILL_BOUND = 640
 
 
-def VARLEN_MODELS(A) -> dict:  # noqa: N802
+def varlen_models(A) -> dict:
     """The varlen kernels (attention_varlen) run the sdpa kernels' loops with their tuning lists
     and resource models."""
     return {"_attention_varlen_fwd_kernel": A._FWD,
@@ -64,7 +64,7 @@ def ci_subset(jobs: list[aot.Job]) -> list[aot.Job]:
 
     models = {"_attention_fwd_kernel": A._FWD, "_attention_bwd_dkdv_kernel": A._DKDV,
               "_attention_bwd_dq_kernel": A._DQ, "_kvcache_split_kernel": A._DECODE,
-              **VARLEN_MODELS(A)}
+              **varlen_models(A)}
     groups: dict[tuple, list[aot.Job]] = {}
     keep = []
     for job in jobs:
@@ -154,7 +154,7 @@ def test_pruning_estimates_bound_the_compiler(compiled):
 
     models = {"_attention_fwd_kernel": A._FWD, "_attention_bwd_dkdv_kernel": A._DKDV,
               "_attention_bwd_dq_kernel": A._DQ, "_kvcache_split_kernel": A._DECODE,
-              **VARLEN_MODELS(A)}
+              **varlen_models(A)}
     bad = []
     for r in compiled:
         c = r["constexprs"]
