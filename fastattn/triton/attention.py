@@ -120,7 +120,9 @@ def _decode_max_block_m(fp32: bool, head_dim: int) -> int:
 _DECODE_TUNING = {
     "hopper": {64: [(None, 64, 4, 3), (None, 128, 4, 4), (None, 128, 8, 3)],
                128: [(None, 128, 8, 3)],
-               256: [(None, 32, 4, 3), (None, 64, 8, 2), (None, 64, 4, 3)]},
+               # (None, 64, 4, 3) left: with the paged cache's table reads it spilled 648 B per
+               # thread on sm_90a (bf16), past the resource test's bound
+               256: [(None, 32, 4, 3), (None, 64, 8, 2)]},
     "ampere": {64: [(None, 64, 4, 3), (None, 128, 4, 3)],
                128: [(None, 128, 8, 2)],
                256: [(None, 32, 4, 3)]},
