@@ -25,6 +25,11 @@ What is replaced (exact classes only: a subclass may have changed ``forward``):
                       residual add in the RMSNorm; same modules and state_dict. Their float
                       projections and the model's float CPU lm_head (class swapped to
                       fastattn.nn.Linear, ties kept) run fastattn.linear
+    attention=True,   BERT-style transformers encoder layers (BERT, RoBERTa, XLM-R, ELECTRA;
+    transformers      fastattn.integrations.encoder): one GEMM for q/k/v, the attention kernel
+                      on its strided views, the residual adds inside the LayerNorm kernel, GELU
+                      in place; same modules and state_dict; float projections run
+                      fastattn.linear
 
 The walk is post-order (children first, then the module itself, the root included), keeps each
 module's device, dtype and train/eval mode, and replaces a module shared at several places by one
@@ -374,6 +379,19 @@ class _Converter:
         if fused:
             self._stream_output_embeddings(root)
 
+    def finish_encoders(self, root: nn.Module) -> None:
+        """BERT-style transformers encoder layers: one q/k/v GEMM, the residual adds inside the
+        LayerNorm kernel, GELU in place."""
+        if not self.attention or self.hf_pretrained is None:
+            return
+        from fastattn.integrations.encoder import fuse_encoder_layers
+
+        fused, kept = fuse_encoder_layers(root, self.filter_fn or (lambda m, fqn: True))
+        for fqn in fused:
+            self.report._add("encoder layer -> fused encoder layer (q/k/v GEMM, attention on "
+                             "its strided views, residual adds in the LayerNorms)", fqn)
+        self.report.kept += kept
+
     def _stream_output_embeddings(self, root: nn.Module) -> None:
         """The float output projection (lm_head) of a model whose decoder layers were fused runs
         fastattn.linear: at each decoding step it reads the largest matrix of a small model
@@ -434,6 +452,7 @@ def convert(
     new_root = conv.walk(model, "", None)
     conv.finish_transformers(new_root)
     conv.finish_decoders(new_root)
+    conv.finish_encoders(new_root)
     new_root.fastattn_report = conv.report
     _record_conversion(new_root, dict(attention=bool(attention), layer_norm=bool(layer_norm),
                                       int8=int8 or False), filter_fn)

@@ -3,8 +3,8 @@
 The kernel is held to the float64 reference with F.linear in x's dtype setting the tolerance, on
 every CPU path (FASTATTN_CPU_ISA caps the choice: AVX-512, AVX2, and at::linear on the portable
 build): M from 1 to 16 in row blocks of 1-4, K tails under the 8- and 16-element vectors, N off
-the 4- and 16-row blocks, strided rows of x and w inside NaN padding, and M above 16 (at::linear
-inside the op).
+the 4- and 16-row blocks, strided rows of x and w inside NaN padding, and M above 16 (a GEMM
+inside the op: oneDNN's matmul or at::linear, FASTATTN_CPU_GEMM picks, each one tested).
 """
 
 from __future__ import annotations
@@ -48,6 +48,28 @@ def test_linear_matches_reference(kernel, dtype, M, K, N):
     w = nan_padded((torch.randn(N, K) / K ** 0.5).to(dtype))
     b = torch.randn(N).to(dtype) if N % 2 else None
     _check(kernel, x, w, b)
+
+
+@pytest.mark.parametrize("gemm", ["aten", "onednn"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("M,K,N", [(17, 40, 9), (130, 384, 1152), (300, 1536, 67)])
+def test_linear_gemm_paths(monkeypatch, gemm, dtype, M, K, N):
+    """Above 16 rows: both GEMMs FASTATTN_CPU_GEMM chooses between (oneDNN takes float32 and
+    bfloat16; float16 stays on at::linear), strided x/w inside NaN padding, leading dims."""
+    skip_unless_backend("cpu")
+    monkeypatch.setenv("FASTATTN_CPU_GEMM", gemm)
+    torch.manual_seed(M + K + N)
+    x = nan_padded(torch.randn(M, K).to(dtype))
+    w = nan_padded((torch.randn(N, K) / K ** 0.5).to(dtype))
+    _check("cpu", x, w, torch.randn(N).to(dtype))
+    _check("cpu", x.view(M, 1, K)[:, 0].reshape(1, M, K), w, None)
+
+
+def test_linear_gemm_choice_bad_value(monkeypatch):
+    skip_unless_backend("cpu")
+    monkeypatch.setenv("FASTATTN_CPU_GEMM", "mkl")
+    with pytest.raises(RuntimeError, match="FASTATTN_CPU_GEMM must be aten or onednn"):
+        fastattn.linear(torch.randn(40, 8), torch.randn(4, 8))
 
 
 def test_linear_leading_dims_and_non_finite(kernel):

@@ -83,4 +83,16 @@ Isa isa_cap() {
   return Isa::portable;  // not reached
 }
 
+bool intel_cpu() {
+#ifdef FASTATTN_CPUID
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel;
+#else
+  return false;
+#endif
+}
+
 }  // namespace fastattn::cpu

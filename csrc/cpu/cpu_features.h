@@ -44,4 +44,8 @@ Isa vec_isa();
 
 const char* isa_name(Isa isa);
 
+// True on an Intel CPU (cpuid vendor "GenuineIntel"), detected once. Libraries tuned per vendor
+// (MKL's sgemm) take their fastest paths only there.
+bool intel_cpu();
+
 }  // namespace fastattn::cpu

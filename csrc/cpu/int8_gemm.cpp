@@ -36,6 +36,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "../checks.h"
@@ -70,6 +71,7 @@ namespace {
 // ------------------------------------------------------------------------------------------------
 using fastattn::cpu::cpu_isa;
 using fastattn::cpu::Isa;
+using fastattn::cpu::intel_cpu;
 
 // The int8 GEMM's kernels: AMX-INT8 tiles at level amx, vpdpbusd at avx512_vnni, else scalar.
 enum class GemmPath : int { kScalar = 0, kVnni = 1, kAmx = 2 };
@@ -1886,8 +1888,55 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_nd, const at::Tensor&
   return out;
 }
 
-// Rows of x at or below which fastattn.linear streams the weight (above: at::linear's GEMM).
+// Rows of x at or below which fastattn.linear streams the weight (above: a GEMM, float_gemm).
 constexpr int64_t kLinearMaxM = 16;
+
+// The GEMM behind fastattn.linear above kLinearMaxM rows. at::linear runs float32 on MKL's
+// sgemm, whose fast AVX-512 code is dispatched on Intel CPUs only: on a 2-core AMD EPYC (Zen 4)
+// oneDNN's matmul, which PyTorch bundles and registers as mkldnn::_linear_pointwise, ran the
+// same float32 GEMMs 1.26-2.0x faster (x (M, K) @ w.T, w (N, K): 3616x384x1152 1.26x,
+// 3616x1536x384 1.35x, 128x576x1536 2.0x, 128x576x49152 1.63x; interleaved medians, one run).
+// So float32 takes oneDNN's matmul on other vendors' CPUs, at::linear on Intel's; bfloat16 and
+// float16 always take at::linear (its bfloat16 GEMM is oneDNN's already: 0.88-1.24x either
+// way). FASTATTN_CPU_GEMM=aten|onednn (read per call) overrides the choice; "onednn" where
+// PyTorch has no oneDNN falls back to at::linear.
+const c10::OperatorHandle* onednn_linear_op() {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  return op.has_value() ? &*op : nullptr;
+}
+
+bool use_onednn(at::ScalarType dt) {
+  const char* env = std::getenv("FASTATTN_CPU_GEMM");
+  bool want = dt == at::kFloat && !intel_cpu();
+  if (env != nullptr && *env != '\0') {
+    const std::string v(env);
+    TORCH_CHECK(v == "aten" || v == "onednn",
+                "FASTATTN_CPU_GEMM must be aten or onednn (or unset); got '", v, "'");
+    want = v == "onednn" && (dt == at::kFloat || dt == at::kBFloat16);
+  }
+  return want && at::globalContext().userEnabledMkldnn() && onednn_linear_op() != nullptr;
+}
+
+at::Tensor float_gemm(const at::Tensor& x_nd, const at::Tensor& w,
+                      const std::optional<at::Tensor>& bias) {
+  const int64_t K = x_nd.size(-1), N = w.size(0);
+  if (!(K > 0 && N > 0 && x_nd.numel() > 0 && use_onednn(x_nd.scalar_type())))
+    return at::linear(x_nd, w, bias);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  std::vector<int64_t> out_shape(x_nd.sizes().begin(), x_nd.sizes().end());
+  out_shape.back() = N;
+  torch::jit::Stack stack;
+  stack.reserve(6);
+  stack.emplace_back(x_nd.reshape({-1, K}).contiguous());  // (M, K)
+  stack.emplace_back(w.contiguous());
+  stack.emplace_back(bias.has_value() ? c10::IValue(bias->contiguous()) : c10::IValue());
+  stack.emplace_back(std::string("none"));  // no post-op
+  stack.emplace_back(c10::List<std::optional<at::Scalar>>());
+  stack.emplace_back(std::string(""));
+  onednn_linear_op()->callBoxed(&stack);
+  return stack[0].toTensor().view(out_shape);  // (M, N) contiguous
+}
 
 at::Tensor linear_cpu(const at::Tensor& x_nd, const at::Tensor& w_in,
                       const std::optional<at::Tensor>& bias_in) {
@@ -1897,7 +1946,7 @@ at::Tensor linear_cpu(const at::Tensor& x_nd, const at::Tensor& w_in,
   const int64_t M = K > 0 ? x_nd.numel() / K : 0;
   const Isa isa = cpu_isa();
   if (!(M >= 1 && M <= kLinearMaxM && K > 0 && N > 0 && dt != at::kDouble && isa >= Isa::avx2))
-    return at::linear(x_nd, w_in, bias_in);
+    return float_gemm(x_nd, w_in, bias_in);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal tensors need no tracking
   const at::Tensor x_in = fastattn::checks::as_rows(x_nd, 1, K);  // (M, K)
   std::vector<int64_t> out_shape(x_nd.sizes().begin(), x_nd.sizes().end());

@@ -5,8 +5,10 @@ tensors + autograd) of the C++ op ``fastattn::linear``, and the public function.
 rounding to x's dtype). Its CPU kernel is for decoding: with few rows of x (M <= 16) the GEMM is a
 pass over the weight, and the kernel streams it at the memory's speed (rows of the weight
 prefetched ahead, one pass per call) where oneDNN's GEMM for M = 1 reaches about half of it on
-the 2-core machines measured (``python -m fastattn.bench --op linear``). More rows run
-``at::linear`` inside the same op. There is no CUDA or Triton kernel: cuBLAS' GEMV is at memory
+the 2-core machines measured (``python -m fastattn.bench --op linear``). More rows run a GEMM
+inside the same op: oneDNN's matmul (bundled with PyTorch) for float32 on CPUs other than Intel's,
+where MKL's sgemm behind ``at::linear`` does not take its AVX-512 path (1.26-2.0x faster on a
+2-core AMD EPYC, Zen 4), ``at::linear`` otherwise; ``FASTATTN_CPU_GEMM=aten|onednn`` overrides. There is no CUDA or Triton kernel: cuBLAS' GEMV is at memory
 speed already, so other devices run the reference (``F.linear``).
 """
 
