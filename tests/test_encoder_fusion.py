@@ -186,3 +186,13 @@ def test_unsupported_layers_are_reported():
     assert len(_fused_layers(ours)) == 1
     assert any(fqn == "encoder.layer.1" and "query/key/value" in why
                for fqn, why in ours.fastattn_report.kept)
+
+
+def test_torch_compile_fullgraph():
+    """The fused forward traces without a graph break (fastattn's ops are custom ops)."""
+    ours = fastattn.convert(_model())
+    kw = _batch()
+    with torch.no_grad():
+        want = ours(**kw).last_hidden_state
+        got = torch.compile(ours, fullgraph=True, backend="eager")(**kw).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

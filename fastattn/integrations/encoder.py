@@ -70,7 +70,7 @@ def _add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch
 def _fused_forward(self, hidden_states, *args, **kwargs):
     base = self._fastattn_base
     fused = self.__dict__.get("_fastattn")
-    bound = _signature(base).bind(self, hidden_states, *args, **kwargs)
+    bound = self._fastattn_signature.bind(self, hidden_states, *args, **kwargs)
     a = bound.arguments
     extra = a.get("kwargs", {})
     if (fused is None or torch.is_grad_enabled() or self.training
@@ -95,11 +95,6 @@ def _fused_forward(self, hidden_states, *args, **kwargs):
     else:
         inter = fused.act(inter)
     return (_add_norm(self.output.LayerNorm, fused.out(inter), attn),)
-
-
-@functools.cache
-def _signature(base: type) -> inspect.Signature:
-    return inspect.signature(base.forward)
 
 
 def _fused_apply(self, fn, recurse=True):
@@ -129,7 +124,8 @@ def _reduce_fused(self, protocol):
 def _fused_class(base: type) -> type:
     return type(base.__name__.replace("Layer", "FastattnLayer"), (base,), {
         "forward": _fused_forward, "_apply": _fused_apply, "__reduce_ex__": _reduce_fused,
-        "_fastattn_base": base, "__module__": __name__,
+        "_fastattn_base": base, "_fastattn_signature": inspect.signature(base.forward),
+        "__module__": __name__,
         "__doc__": f"{base.__name__} whose inference forward runs fastattn's fused kernels.",
     })
 
