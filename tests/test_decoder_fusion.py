@@ -310,14 +310,16 @@ def test_smollm2_converted_keeps_tokens_and_perplexity(smollm2, kvcache_calls):
     assert torch.equal(got8[:, : start + 1], want[:, : start + 1])
 
 
-def test_compiled_decoding_with_a_static_cache():
+@pytest.mark.parametrize("padded", [False, True])
+def test_compiled_decoding_with_a_static_cache(padded, kvcache_calls):
     """generate() with a static cache and the decoding step under torch.compile(fullgraph=True)
-    traces the fused layers without a graph break and gives the original tokens."""
+    traces the fused layers without a graph break, runs the fused KV-cache kernel (rotary and
+    append in the call) in every compiled step, and gives the original tokens."""
     from transformers.generation.configuration_utils import CompileConfig
 
     low = _model("llama")
     ours = fastattn.convert(copy.deepcopy(low))
-    kw = _batch(B=2)
+    kw = _batch(B=2, padded=padded)
     gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
     config = CompileConfig(fullgraph=True, backend="eager")
     config._compile_all_devices = True  # transformers compiles the step on CUDA only by default
@@ -325,6 +327,11 @@ def test_compiled_decoding_with_a_static_cache():
     torch._dynamo.reset()
     with torch.no_grad():
         want = low.generate(**kw, **gen)
+        kvcache_calls.clear()
         got = ours.generate(**kw, **gen)
     assert torch.equal(got, want)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    # the compiled decoding steps (one query) call the fused kernel, rotary tables given (the
+    # eager prefill's calls, without rotary, come from the attention integration)
+    steps = [rotary for lq, rotary in kvcache_calls if lq == 1]
+    assert steps and all(steps), kvcache_calls

@@ -23,7 +23,11 @@ When each path runs:
   filled part), so a step appends in place instead of concatenating the whole cache. Masks are
   accepted when they describe left padding and the causal diagonal (checked exactly, once per
   step) and ``position_ids`` must be the positions that padding implies (checked once per step).
-- Anything else (prefill, other caches or masks, and every call under torch.compile) runs the
+- Under torch.compile (transformers' compiled decoding: a static cache and the step compiled with
+  fullgraph=True) a step with a ``StaticCache`` runs the same kernel call, its plan read off the
+  mask with tensor ops and checked by an in-graph assertion (``torch._assert_async``) instead of
+  on the host: a compiled step whose mask is not left padding + the causal diagonal raises.
+- Anything else (prefill, other caches or masks, dynamic caches under torch.compile) runs the
   attention as transformers does (rotary in PyTorch, ``cache.update``, the model's attention
   implementation) with the fused GEMMs.
 """
@@ -195,6 +199,42 @@ def _compute_plan(start, kv_len, attention_mask, position_ids, cache_position, B
     return seqlens, leftpad
 
 
+def _traced_plan(cache_layer, attention_mask, position_ids, cache_position, B: int, L: int):
+    """_step_plan under torch.compile, for a static cache: (cache_seqlens, cache_leftpad) read
+    off the mask with tensor ops (no host synchronisation, no data-dependent branch). That the
+    mask, cache_position and position_ids describe left padding + the causal diagonal with the
+    new tokens at cache_position, which the eager plan checks on the host, is asserted in the
+    graph (torch._assert_async): a step that does not fit raises instead of falling back."""
+    from transformers.cache_utils import StaticLayer
+
+    mask = attention_mask
+    if (type(cache_layer) is not StaticLayer or not cache_layer.is_initialized
+            or cache_position is None or cache_position.dim() != 1
+            or cache_position.shape[0] != L or mask is None or mask.dtype != torch.bool
+            or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != L
+            or mask.shape[0] not in (1, B) or mask.shape[3] < cache_layer.max_cache_len):
+        return None
+    S = cache_layer.max_cache_len
+    device = mask.device
+    m = mask[:, 0, :, :S].expand(B, L, S)
+    last = m[:, -1].to(torch.int8)  # the last query sees the whole sequence
+    seen = last.any(-1)
+    first = torch.where(seen, last.argmax(-1), 0)
+    end = torch.where(seen, S - last.flip(-1).argmax(-1), 0)
+    j = torch.arange(S, device=device)
+    i = torch.arange(L, device=device)
+    causal = (j >= first[:, None, None]) & (j <= (end[:, None] - L + i)[:, :, None])
+    ok = ((m == causal).all() & (end == cache_position[-1] + 1).all()
+          & (cache_position == cache_position[0] + i).all())
+    if position_ids is not None:
+        expect = (end - L - first)[:, None] + i
+        ok = ok & (position_ids.expand(B, L) == expect).all()
+    torch._assert_async(ok, "fastattn: a compiled decoding step whose attention mask, "
+                            "cache_position or position_ids are not left padding + the causal "
+                            "diagonal at cache_position (what the fused KV-cache kernel computes)")
+    return (end - L).to(torch.int32), first.to(torch.int32)
+
+
 def _dynamic_buffers(layer, B, Hkv, D, L, dtype, device):
     """The preallocated (k, v) buffers behind a DynamicLayer, holding its current keys/values at
     [:, :, :S]; reallocated (doubling) when a step would not fit or the layer's tensors were
@@ -278,13 +318,15 @@ def _fused_attention(layer, fused, h, attention_mask, position_ids, past_key_val
     v = v.view(B, L, Hkv, D).transpose(1, 2)
     sliding = getattr(attn, "sliding_window", None)
     layer_idx = attn.layer_idx
-    # under torch.compile the step plan's host checks would break the graph: the general path
-    # below traces (a static cache's update + the attention kernel with its mask)
     if (fused.rotary is not None and past_key_values is not None and 0 < L <= DECODE_MAX_QUERIES
-            and sliding is None and len(getattr(past_key_values, "layers", ())) > layer_idx
-            and not torch.compiler.is_compiling()):
+            and sliding is None and len(getattr(past_key_values, "layers", ())) > layer_idx):
         cache_layer = past_key_values.layers[layer_idx]
-        plan = _step_plan(cache_layer, attention_mask, position_ids, cache_position, B, L)
+        if torch.compiler.is_compiling():
+            # the step plan's host checks would break the graph: a static cache's step is
+            # planned from the mask with tensor ops and checked by an in-graph assertion
+            plan = _traced_plan(cache_layer, attention_mask, position_ids, cache_position, B, L)
+        else:
+            plan = _step_plan(cache_layer, attention_mask, position_ids, cache_position, B, L)
         if plan is not None:
             seqlens, leftpad = plan
             dynamic = not hasattr(cache_layer, "max_cache_len")
