@@ -500,3 +500,145 @@ def test_minilm_profiler_shows_fastattn_kernels(minilm):
         converted(**batch)
     counts = {e.key: e.count for e in prof.key_averages() if e.key.startswith("fastattn::")}
     assert counts.get("fastattn::attention_fwd") == model.config.num_hidden_layers, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# padding-free (packed) batches
+# ---------------------------------------------------------------------------------------------
+PACKED_LENGTHS = (5, 9, 3, 7)
+
+
+def _packed_model(name):
+    """(float64 eager, float32 eager, float32 converted) on one set of random weights."""
+    if name in SCORE_MOD_MODELS:
+        cfg_name, cls_name, extra = SCORE_MOD_MODELS[name]
+        if not hasattr(transformers, cls_name):
+            pytest.skip(f"transformers {transformers.__version__} has no {cls_name}")
+        cfg = getattr(transformers, cfg_name)(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            max_position_embeddings=64, sliding_window=4, pad_token_id=0,
+            attn_implementation="eager", **extra)
+        cls = getattr(transformers, cls_name)
+    else:
+        cfg, cls = _config(name, "eager"), getattr(transformers, MODEL_CLASS[name])
+    torch.manual_seed(0)
+    low = cls(cfg).eval()
+    if name == "gpt_oss":
+        with torch.no_grad():
+            for m in low.modules():
+                if hasattr(m, "sinks"):
+                    m.sinks.normal_(0.0, 1.0)
+    return copy.deepcopy(low).double(), low, fastattn.convert(copy.deepcopy(low))
+
+
+def _packed_batch():
+    """Four sequences of PACKED_LENGTHS as one row, position_ids restarting at 0 for each
+    (DataCollatorWithFlattening's layout), and the sequences on their own."""
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(3, VOCAB, (1, n), generator=g) for n in PACKED_LENGTHS]
+    packed = {"input_ids": torch.cat(seqs, 1),
+              "position_ids": torch.cat([torch.arange(n) for n in PACKED_LENGTHS])[None]}
+    return packed, seqs
+
+
+def _packed_logits_and_grads(model, kw, seqs=None):
+    """Logits (1, total, V) of the packed batch, or of each sequence alone concatenated, and the
+    parameters' gradients of one random linear function of them."""
+    model.zero_grad()
+    if seqs is None:  # (without a cache: transformers' eager mask reads the packing only then)
+        y = model(**kw, use_cache=False).logits
+    else:
+        y = torch.cat([model(input_ids=s).logits for s in seqs], 1)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    (y * g.to(y.dtype)).sum().backward()
+    res = {"out": y.detach()}
+    res.update({f"grad_{n}": p.grad for n, p in model.named_parameters() if p.grad is not None})
+    return res
+
+
+@pytest.fixture
+def varlen_calls(monkeypatch):
+    calls = []
+    real = fastattn.attention_varlen
+
+    def spy(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+        calls.append((cu_q.tolist(), max_q, kwargs.get("window")))
+        return real(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+    monkeypatch.setattr(fastattn, "attention_varlen", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "mistral_sliding", "gemma2", "gpt_oss"])
+def test_packed_batch(name, varlen_calls, sdpa_calls, monkeypatch):
+    """A padding-free batch (one row, position_ids restarting at 0) runs attention_varlen with
+    the sequences read from position_ids, without a mask; its logits and gradients hold to the
+    rule against each sequence run alone (float64 eager reference, float32 eager baseline), which
+    eager attention on the packed row (transformers' block-diagonal mask) matches. Both paths of a
+    converted model: the fused decoder layers (no gradient) and transformers' attention module."""
+    from transformers import masking_utils
+
+    ref, low, ours = _packed_model(name)
+    kw, seqs = _packed_batch()
+    r_alone = _packed_logits_and_grads(ref, kw, seqs)
+    lo = _packed_logits_and_grads(low, kw, seqs)
+    if name != "gpt_oss":  # (gpt-oss builds its masks without position_ids: no packing)
+        # transformers' own packing of the eager model agrees with the sequences run alone (up
+        # to the float32 rotary tables, whose vectorised cos/sin differ by an ulp with the length)
+        r_packed = _packed_logits_and_grads(ref, kw)
+        torch.testing.assert_close(r_packed["out"], r_alone["out"], atol=1e-6, rtol=1e-6)
+
+    built = []  # the masks made (None: the causal flag suffices)
+    real_sdpa_mask = masking_utils.sdpa_mask
+
+    def sdpa_mask_spy(*a, **k):
+        mask = real_sdpa_mask(*a, **k)
+        if mask is not None:
+            built.append(mask.shape)
+        return mask
+
+    monkeypatch.setattr(masking_utils, "sdpa_mask", sdpa_mask_spy)
+    from fastattn.integrations import transformers as hf_integration
+    monkeypatch.setattr(hf_integration, "sdpa_mask", masking_utils.sdpa_mask)
+    o = _packed_logits_and_grads(ours, kw)
+    with torch.no_grad():  # with a cache: the mask is None (causal), the packing read all the same
+        o_fused = ours(**kw).logits
+    cu = [0, *torch.tensor(PACKED_LENGTHS).cumsum(0).tolist()]
+    window = (3, -1) if name in ("mistral_sliding",) else None
+    assert len(varlen_calls) == 4 and not sdpa_calls and not built, (varlen_calls, built)
+    for cu_q, max_q, win in varlen_calls:
+        assert cu_q == cu and max_q == max(PACKED_LENGTHS)
+        if name not in ("gemma2", "gpt_oss"):  # these alternate sliding and global layers
+            assert win == window
+    if name in ("gemma2", "gpt_oss"):
+        assert {w for *_, w in varlen_calls} == {(3, -1), None}
+    assert o.keys() == r_alone.keys()
+    for k in r_alone:
+        factor = 3.0 if k.startswith("grad") else 2.0
+        assert_close_rule(o[k], r_alone[k], lo[k], name=k, factor=factor)
+    assert_close_rule(o_fused, r_alone["out"], lo["out"], name="out (no gradient)")
+
+
+def test_packed_batch_from_flash_attention_kwargs(varlen_calls):
+    """cu_seq_lens_q/k and max_length_q/k (transformers' FlashAttentionKwargs, what
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) adds) give the sequences when
+    present; the output is each sequence's own causal attention."""
+    H, Hkv, D = 4, 2, 8
+    g = torch.Generator().manual_seed(7)
+    total = sum(PACKED_LENGTHS)
+    q = torch.randn(1, H, total, D, generator=g)
+    k, v = (torch.randn(1, Hkv, total, D, generator=g) for _ in range(2))
+    cu = torch.tensor([0, *torch.tensor(PACKED_LENGTHS).cumsum(0).tolist()])
+    out, _ = fastattn_attention_forward(_Module(), q, k, v, None, cu_seq_lens_q=cu,
+                                        cu_seq_lens_k=cu, max_length_q=9, max_length_k=9)
+    assert len(varlen_calls) == 1 and varlen_calls[0][0] == cu.tolist()
+    visible = torch.zeros(total, total, dtype=torch.bool)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        visible[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+    _check(out, q, k, v, visible)
+    # one sequence (positions 0..L-1): no packing, the causal kernel
+    out, _ = fastattn_attention_forward(_Module(), q, k, v, None,
+                                        position_ids=torch.arange(total)[None])
+    assert len(varlen_calls) == 1
+    _check(out, q, k, v, torch.ones(total, total, dtype=torch.bool).tril())

@@ -10,6 +10,17 @@ to ``transformers.masking_utils.AttentionMaskInterface`` (the mask builder: tran
 mask, a bool (B, 1, Lq, S) mask with True = attend, or None when the causal flag suffices; without a
 mask builder transformers passes ``attention_mask=None`` and silently drops causal and padding masks).
 
+Padding-free batches (``DataCollatorWithFlattening``): a batch of one row holding several
+sequences back to back, told apart by ``position_ids`` that restart (a new sequence wherever the
+next position is not the previous plus one, as transformers' masks read them) or by the
+``cu_seq_lens_q/k`` and ``max_length_q/k`` keywords (``FlashAttentionKwargs``), runs
+``fastattn.attention_varlen`` on the packed rows. No (L, L) mask is built: for one unpadded row
+with no cache content before it the mask builder returns None whenever transformers' mask is the
+causal one (with a sliding window, and the packed sequences' blocks, or not), and the attention
+function applies the diagonal, the window and the sequences itself. As transformers' flash
+attention, the row is read as packed from ``position_ids`` with or without a cache (transformers'
+eager and sdpa masks read the packing only without one: pass ``use_cache=False`` to compare).
+
 Decoding: a step of up to ``DECODE_MAX_QUERIES`` new queries against transformers' KV cache (in
 inference, without dropout) runs ``fastattn.attention_with_kvcache`` when there is no mask or
 when the mask gives each sequence one range of the cache: left padding becomes
@@ -27,21 +38,22 @@ attention is explicit matmuls: ``fastattn.convert`` swaps ``T5Attention`` for
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import AttentionInterface, masking_utils
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 from transformers.models.t5.modeling_t5 import EncoderDecoderCache, T5Attention
 
 log = logging.getLogger("fastattn")
 
 NAME = "fastattn"
 
-__all__ = ["FastattnT5Attention", "fastattn_attention_forward", "register"]
+__all__ = ["FastattnT5Attention", "fastattn_attention_forward", "fastattn_mask", "register"]
 
 
 @functools.cache
@@ -68,7 +80,9 @@ def fastattn_attention_forward(
         attention_mask: None, or bool (True = attend) / additive float, broadcastable to
             (B, H, Lq, S) (longer masks are cut to S, as transformers' sdpa does).
         scaling: softmax scale (default 1/sqrt(D)); dropout: dropout probability.
-        kwargs: ``is_causal`` (default: the module's flag when there is no mask and Lq > 1),
+        kwargs: ``position_ids`` (1, L) and ``cu_seq_lens_q/k``, ``max_length_q/k``: a packed
+            batch (see the module docstring), ``is_causal`` (default: the module's flag when
+            there is no mask and Lq > 1),
             ``sliding_window`` (query i sees keys i - sliding_window < j <= i), ``softcap``
             (Gemma-2's ``attn_logit_softcapping``: the scaled scores become
             softcap * tanh(score / softcap)), ``s_aux`` (gpt-oss's attention sinks, (H,): one
@@ -103,7 +117,21 @@ def fastattn_attention_forward(
         mods["softcap"] = float(kwargs["softcap"])
     if kwargs.get("s_aux") is not None:
         mods["sinks"] = kwargs["s_aux"].to(torch.float32)
-    if _decoding_step(query, key, value, dropout, sliding_window):
+    packed = None
+    if attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2]:
+        packed = _packed_sequences(kwargs)
+    if packed is not None:
+        cu_seqlens, max_seqlen = packed
+        # (1, H, L, D) -> (L, H, D): the packed rows
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        window = None if sliding_window is None else (int(sliding_window) - 1, -1)
+        out = fastattn.attention_varlen(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=float(dropout),
+            is_causal=bool(is_causal), scale=scaling, window=window, **mods)
+        return out.unsqueeze(0), None  # (L, H, D) -> (1, L, H, D)
+    # (with a mask, the mask holds the window and _cache_layout reads it exactly)
+    if _decoding_step(query, key, value, dropout,
+                      sliding_window if attention_mask is None else None):
         # a step of a few new queries against the cache: the split-K decoding kernel reads the
         # cache once for all the query heads of a kv head. Without a mask every sequence holds
         # all S keys; with one, it must say where each sequence starts and ends in the cache.
@@ -186,11 +214,110 @@ def _cache_layout(mask: torch.Tensor, B: int, Lq: int, S: int):
     return layout
 
 
+# ---------------------------------------------------------------------------------------------
+# padding-free (packed) batches
+# ---------------------------------------------------------------------------------------------
+def _packed_sequences(kwargs: dict):
+    """(cu_seqlens int32 (n + 1,), max_seqlen) of a batch of one row holding n >= 2 sequences,
+    from the ``cu_seq_lens_q/k`` and ``max_length_q/k`` keywords when all are given, else from
+    ``position_ids``; None when the row is one sequence or there is nothing to read it from."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    if cu_q is not None and cu_k is not None and max_q is not None and max_k is not None:
+        if cu_k is not cu_q and not torch.equal(cu_k, cu_q):
+            raise NotImplementedError(
+                "attn_implementation='fastattn': a packed batch with cu_seq_lens_k != "
+                "cu_seq_lens_q (queries and keys from different packings) is not supported")
+        return cu_q.to(torch.int32), int(max_q)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or position_ids.dim() not in (1, 2):
+        return None
+    if position_ids.dim() == 2 and position_ids.shape[0] != 1:
+        return None
+    return _packing_of(position_ids)
+
+
+def _packing_of(position_ids: torch.Tensor):
+    """The sequences of one row of positions: a new one starts wherever a position is not the
+    previous one plus one (transformers' ``find_packed_sequence_indices``, which the eager and
+    sdpa masks of a packed batch are built from). Every layer of a forward gets the same
+    ``position_ids`` tensor: the answer (one host synchronisation) is kept on it."""
+    memo = position_ids.__dict__.get("_fastattn_packing")
+    if memo is not None and memo[0] == position_ids._version:
+        return memo[1]
+    pos = position_ids.reshape(-1)
+    L = pos.shape[0]
+    starts = (torch.diff(pos) != 1).nonzero().reshape(-1) + 1
+    packing = None
+    if starts.numel() > 0:
+        bounds = [0, *starts.tolist(), L]
+        cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=pos.device)
+        max_seqlen = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+        packing = (cu_seqlens, max_seqlen)
+    position_ids.__dict__["_fastattn_packing"] = (position_ids._version, packing)
+    return packing
+
+
+def _mask_parts(fn) -> list | None:
+    """The mask functions that ``fn`` is the intersection of (``and_masks`` unrolled), or None
+    when it is built some other way."""
+    if getattr(fn, "__module__", None) != masking_utils.__name__:
+        return None
+    if fn.__qualname__ == "and_masks.<locals>.and_mask":
+        parts = []
+        for f in inspect.getclosurevars(fn).nonlocals.get("mask_functions", ()):
+            sub = _mask_parts(f)
+            if sub is None:
+                return None
+            parts += sub
+        return parts
+    return [fn]
+
+
+_CAUSAL = "causal_mask_function"
+# what the attention function applies without a mask: the causal diagonal, the sliding window
+# (its ``sliding_window`` keyword) and the sequences of a packed row (its ``position_ids``)
+_MASK_FREE_PARTS = {_CAUSAL, "sliding_window_overlay.<locals>.inner_mask",
+                    "packed_sequence_mask_function.<locals>.inner_mask"}
+
+
+def _needs_no_mask(batch_size, cache_position, kv_length, kv_offset, mask_function,
+                   attention_mask) -> bool:
+    """Whether transformers asks for the mask of one row without padding whose queries are all
+    its keys (no cache content before them) and whose mask is the causal one, with a sliding
+    window and/or the packed sequences of a padding-free batch: the attention function applies
+    all of it from its keywords (``is_causal``, ``sliding_window``, ``position_ids``)."""
+    if (attention_mask is not None or batch_size != 1 or kv_offset != 0
+            or cache_position.shape[0] != kv_length or torch.compiler.is_compiling()):
+        return False
+    if mask_function is causal_mask_function:
+        return True
+    parts = _mask_parts(mask_function)
+    if parts is None:
+        return False
+    names = {f.__qualname__ for f in parts}
+    return _CAUSAL in names and names <= _MASK_FREE_PARTS
+
+
+def fastattn_mask(batch_size, cache_position, kv_length, kv_offset=0,
+                  mask_function=causal_mask_function, attention_mask=None, **kwargs):
+    """The ``AttentionMaskInterface`` function registered as "fastattn": transformers' sdpa mask
+    (bool, True = attend, or None when the causal flag suffices), and None for one unpadded row
+    of causal attention (``_needs_no_mask``): a padding-free packed batch among them, whose
+    sequences the attention function reads from ``position_ids`` to run ``attention_varlen``."""
+    if _needs_no_mask(batch_size, cache_position, kv_length, kv_offset, mask_function,
+                      attention_mask):
+        return None
+    return sdpa_mask(batch_size=batch_size, cache_position=cache_position, kv_length=kv_length,
+                     kv_offset=kv_offset, mask_function=mask_function,
+                     attention_mask=attention_mask, **kwargs)
+
+
 def register(name: str = NAME) -> None:
     """Make ``attn_implementation=name`` ("fastattn") available to every transformers model that
     uses ``AttentionInterface``. Idempotent."""
     AttentionInterface.register(name, fastattn_attention_forward)
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, fastattn_mask)
 
 
 # ---------------------------------------------------------------------------------------------
