@@ -642,3 +642,100 @@ def test_packed_batch_from_flash_attention_kwargs(varlen_calls):
                                         position_ids=torch.arange(total)[None])
     assert len(varlen_calls) == 1
     _check(out, q, k, v, torch.ones(total, total, dtype=torch.bool).tril())
+
+
+# ---------------------------------------------------------------------------------------------
+# ALiBi models (their attention does not go through AttentionInterface: fastattn.convert swaps it)
+# ---------------------------------------------------------------------------------------------
+ALIBI_MODELS = {  # 6 heads: the slopes' non-power-of-two branch of both models
+    "bloom": ("BloomConfig", "BloomForCausalLM", "FastattnBloomAttention",
+              dict(hidden_size=48, n_layer=2, n_head=6, hidden_dropout=0.0,
+                   attention_dropout=0.0)),
+    "mpt": ("MptConfig", "MptForCausalLM", "FastattnMptAttention",
+            dict(d_model=48, n_layers=2, n_heads=6, max_seq_len=64, expansion_ratio=2)),
+}
+
+
+@pytest.mark.parametrize("name", list(ALIBI_MODELS))
+def test_alibi_models(name, monkeypatch):
+    """fastattn.convert of BLOOM / MPT runs their attention as fastattn kernels with the
+    models' ALiBi slopes: logits and gradients hold to the rule against the eager model in
+    float64 (float32 eager as the baseline; no padding there: float64 eager spreads NaN from
+    padded rows), and greedy generate() of a left-padded batch gives the eager model's tokens."""
+    cfg_name, cls_name, swapped, extra = ALIBI_MODELS[name]
+    cfg = getattr(transformers, cfg_name)(vocab_size=VOCAB, pad_token_id=0, **extra)
+    torch.manual_seed(0)
+    low = getattr(transformers, cls_name)(cfg).eval()
+    ours = fastattn.convert(copy.deepcopy(low))
+    assert [type(m).__name__ for m in ours.modules() if "Attention" in type(m).__name__] == \
+        [swapped] * 2
+    ref = copy.deepcopy(low).double()
+    slopes = []
+    real = fastattn.scaled_dot_product_attention
+    monkeypatch.setattr(fastattn, "scaled_dot_product_attention",
+                        lambda *a, **kw: slopes.append(kw.get("alibi_slopes")) or real(*a, **kw))
+    ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(1))
+    kw = {"input_ids": ids, "attention_mask": torch.ones(B, L, dtype=torch.long)}
+    # (MPT's float64 mask is a torch.full of finfo(float64).min in the default dtype)
+    torch.set_default_dtype(torch.float64)
+    try:
+        r = _outputs(ref, name, kw)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    lo = _outputs(low, name, kw)
+    slopes.clear()
+    o = _outputs(ours, name, kw)
+    assert len(slopes) == 2 and all(s is not None and s.shape == (6,) for s in slopes)
+    assert slopes[0].dtype == torch.float32 and (slopes[0] > 0).all()
+    assert o.keys() == r.keys()
+    for k in r:
+        assert_close_rule(o[k], r[k], lo[k], name=k, factor=3.0 if k.startswith("grad") else 2.0)
+    batch = _batch("llama_gqa")  # left-padded
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want_ids = low.generate(**batch, **gen)
+        slopes.clear()
+        got_ids = ours.generate(**batch, **gen)
+    assert torch.equal(got_ids, want_ids)
+    assert len(slopes) == 4 * 2  # the prefill and 3 decoding steps ran on fastattn
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+def test_falcon_routed(alibi, sdpa_calls):
+    """Falcon loaded with attn_implementation="sdpa" (rotary, or ALiBi folded into the float
+    mask): fastattn.convert routes its F.scaled_dot_product_attention calls to fastattn; logits
+    and gradients hold to the rule against the eager model in float64, greedy generate() of a
+    left-padded batch gives the eager model's tokens. Loaded eager, it is kept with the reason."""
+    def model(attn):
+        torch.manual_seed(0)
+        cfg = transformers.FalconConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            alibi=alibi, hidden_dropout=0.0, attention_dropout=0.0, pad_token_id=0,
+            attn_implementation=attn)
+        return transformers.FalconForCausalLM(cfg).eval()
+
+    eager = model("eager")
+    kept = fastattn.convert(copy.deepcopy(eager)).fastattn_report.kept
+    assert any("attn_implementation='sdpa'" in why for _, why in kept)
+    low = model("sdpa")
+    ours = fastattn.convert(copy.deepcopy(low))
+    assert {type(m).__name__ for m in ours.modules() if "Attention" in type(m).__name__} == \
+        {"FastattnFalconAttention"}
+    ref = copy.deepcopy(eager).double()
+    ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(1))
+    kw = {"input_ids": ids, "attention_mask": torch.ones(B, L, dtype=torch.long)}
+    r, lo = _outputs(ref, "falcon", kw), _outputs(low, "falcon", kw)
+    sdpa_calls.clear()
+    o = _outputs(ours, "falcon", kw)
+    assert len(sdpa_calls) == 2
+    assert o.keys() == r.keys()
+    for k in r:
+        assert_close_rule(o[k], r[k], lo[k], name=k, factor=3.0 if k.startswith("grad") else 2.0)
+    batch = _batch("llama_gqa")  # left-padded
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want_ids = eager.generate(**batch, **gen)
+        sdpa_calls.clear()
+        got_ids = ours.generate(**batch, **gen)
+    assert torch.equal(got_ids, want_ids)
+    assert len(sdpa_calls) == 4 * 2

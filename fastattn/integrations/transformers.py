@@ -27,12 +27,21 @@ when the mask gives each sequence one range of the cache: left padding becomes
 ``cache_leftpad``, a static cache's empty tail ``cache_seqlens``. The mask is checked exactly
 (once per step); any other mask runs ``fastattn.scaled_dot_product_attention`` with it.
 
-Models that do not go through ``AttentionInterface`` (checked with transformers 4.57):
+Models that do not go through ``AttentionInterface`` (checked with transformers 4.57; they accept
+``attn_implementation="fastattn"`` at load time and ignore it):
 BERT-style models call ``F.scaled_dot_product_attention`` from their own ``*SdpaSelfAttention``
 classes: ``fastattn.convert`` routes exactly that call to fastattn inside those modules (a
 TorchFunctionMode entered around their forward; the rest of their forward is unchanged). T5's
 attention is explicit matmuls: ``fastattn.convert`` swaps ``T5Attention`` for
 ``FastattnT5Attention``, which adds the relative position bias (+ mask) as an additive float mask.
+BLOOM's and MPT's attention are explicit matmuls with an ALiBi bias tensor: ``fastattn.convert``
+swaps ``BloomAttention`` / ``MptAttention`` for ``FastattnBloomAttention`` /
+``FastattnMptAttention``, which pass the model's ALiBi slopes as ``alibi_slopes``: both biases
+(BLOOM: slope * key position, MPT: slope * (key - last key)) differ from fastattn's
+-slope * |query - key| by a constant per query row, which the softmax cancels. Falcon raises
+KeyError for ``attn_implementation="fastattn"`` (its attention classes are a fixed table); loaded
+with "sdpa", its ``F.scaled_dot_product_attention`` calls (rotary, or ALiBi folded into the float
+mask, rounded to bfloat16 by the model) are routed to fastattn by ``fastattn.convert``.
 """
 
 from __future__ import annotations
@@ -47,13 +56,18 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, masking_utils
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+from transformers.models.bloom import modeling_bloom
+from transformers.models.bloom.modeling_bloom import BloomAttention, dropout_add
+from transformers.models.falcon.modeling_falcon import FalconAttention
+from transformers.models.mpt.modeling_mpt import MptAttention
 from transformers.models.t5.modeling_t5 import EncoderDecoderCache, T5Attention
 
 log = logging.getLogger("fastattn")
 
 NAME = "fastattn"
 
-__all__ = ["FastattnT5Attention", "fastattn_attention_forward", "fastattn_mask", "register"]
+__all__ = ["FastattnBloomAttention", "FastattnMptAttention", "FastattnT5Attention",
+           "fastattn_attention_forward", "fastattn_mask", "register"]
 
 
 @functools.cache
@@ -332,6 +346,12 @@ class _SDPAToFastattn(torch.overrides.TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             import fastattn
 
+            query, key = args[0], (args[1] if len(args) > 1 else kwargs.get("key"))
+            if (key is not None and key.dim() == 4 and key.shape[1] == 1 < query.shape[1]
+                    and len(args) < 8 and not kwargs.get("enable_gqa")):
+                # one k/v head broadcast over the query heads (multi-query attention, Falcon):
+                # exactly grouped-query attention with one group
+                kwargs = {**kwargs, "enable_gqa": True}
             return fastattn.scaled_dot_product_attention(*args, **kwargs)
         return func(*args, **kwargs)
 
@@ -356,7 +376,9 @@ def _reduce_sdpa_routed(self, protocol):
 def _sdpa_routed_class(base: type) -> type:
     """Subclass of a transformers ``*Sdpa*Attention`` class whose F.scaled_dot_product_attention
     calls run on fastattn."""
-    return type(base.__name__.replace("Sdpa", "Fastattn"), (base,), {
+    name = (base.__name__.replace("Sdpa", "Fastattn") if "Sdpa" in base.__name__
+            else "Fastattn" + base.__name__)
+    return type(name, (base,), {
         "forward": _sdpa_routed_forward, "__reduce_ex__": _reduce_sdpa_routed,
         "_fastattn_base": base, "__module__": __name__,
         "__doc__": f"{base.__name__} with F.scaled_dot_product_attention run by fastattn.",
@@ -448,6 +470,89 @@ class FastattnT5Attention(T5Attention):
         return self.o(attn_output), position_bias
 
 
+def _alibi_mask(mask, q, S: int, masked_is_true: bool):
+    """A transformers mask cut to S keys as fastattn's attn_mask (bool True = attend, or q's
+    float dtype), and the causal flag for no mask."""
+    if mask is None:
+        return None, q.shape[2] > 1
+    mask = mask[..., :S]
+    if mask.dtype == torch.bool:
+        return (~mask if masked_is_true else mask), False
+    return mask.to(q.dtype), False
+
+
+class FastattnBloomAttention(BloomAttention):
+    """BloomAttention whose softmax(alibi + q k^T / sqrt(d) + mask) v runs as one fastattn kernel
+    call with ``alibi_slopes`` (BLOOM's slopes, float32). Same parameters and outputs as
+    BloomAttention (no attention weights); calls with output_attentions, head_mask or
+    pretraining_tp > 1 with slow_but_exact take BloomAttention's explicit path."""
+
+    def forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None,
+                head_mask=None, use_cache=False, output_attentions=False, cache_position=None):
+        if (output_attentions or head_mask is not None
+                or (self.pretraining_tp > 1 and self.slow_but_exact)):
+            return super().forward(hidden_states, residual, alibi, attention_mask, layer_past,
+                                   head_mask, use_cache, output_attentions, cache_position)
+        import fastattn
+
+        batch_size, q_length, _ = hidden_states.shape
+        fused_qkv = self.query_key_value(hidden_states)  # (B, L, 3 * hidden)
+        q, k, v = self._reshape(fused_qkv)  # 3 x (B, H, L, D)
+        if layer_past is not None:
+            k, v = layer_past.update(k, v, self.layer_idx, {"cache_position": cache_position})
+        mask, causal = _alibi_mask(attention_mask, q, k.shape[2], masked_is_true=False)
+        out = fastattn.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.inv_norm_factor,
+            dropout_p=self.attention_dropout.p if self.training else 0.0,
+            causal_alignment="bottom_right", alibi_slopes=_bloom_slopes(self.num_heads, q.device))
+        # (B, H, L, D) -> (B, L, H * D)
+        out = out.transpose(1, 2).reshape(batch_size, q_length, self.num_heads * self.head_dim)
+        out = dropout_add(self.dense(out), residual, self.hidden_dropout, self.training)
+        return out, None
+
+
+@functools.cache
+def _bloom_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
+    """BLOOM's ALiBi slopes (H,) float32: its bias at key position 1 (slope * 1, exact)."""
+    ones = torch.ones(1, 2, device=device)
+    return modeling_bloom.build_alibi_tensor(ones, num_heads, torch.float32)[:, 0, 1].contiguous()
+
+
+class FastattnMptAttention(MptAttention):
+    """MptAttention whose softmax(q k^T * softmax_scale + position_bias, masked) v runs as one
+    fastattn kernel call with ``alibi_slopes`` read off the model's ALiBi bias (its value one key
+    before the last is -slope, exactly). Same parameters and outputs as MptAttention (no
+    attention weights)."""
+
+    def forward(self, hidden_states, position_bias, past_key_values=None, attention_mask=None,
+                cache_position=None, **kwargs):
+        import fastattn
+
+        if kwargs.get("past_key_value") is not None:  # the deprecated name
+            past_key_values = kwargs["past_key_value"]
+        if position_bias is None or position_bias.dim() != 3 or position_bias.shape[-1] < 2:
+            raise NotImplementedError("FastattnMptAttention needs MPT's ALiBi position_bias "
+                                      "(H, 1, max_seq_len >= 2)")
+        batch_size, seq_length = hidden_states.shape[:2]
+        mixed_qkv = self.Wqkv(hidden_states)
+        if self.clip_qkv:
+            mixed_qkv = mixed_qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        q, k, v = mixed_qkv.chunk(3, dim=2)
+        # (B, L, H * D) -> (B, H, L, D)
+        q, k, v = (t.reshape(batch_size, seq_length, self.n_heads, self.head_dim).transpose(1, 2)
+                   for t in (q, k, v))
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx, {"cache_position": cache_position})
+        slopes = -position_bias[:, 0, -2].float()
+        mask, causal = _alibi_mask(attention_mask, q, k.shape[2], masked_is_true=True)
+        out = fastattn.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
+            dropout_p=self.attn_dropout_p if self.training else 0.0,
+            causal_alignment="bottom_right", alibi_slopes=slopes)
+        out = out.transpose(1, 2).reshape(batch_size, seq_length, -1)  # (B, L, H * D)
+        return self.out_proj(out), None
+
+
 def _eager_with_sdpa_sibling(cls: type) -> str | None:
     """Name of the ``*Sdpa*`` sibling of a legacy eager attention class (BertSelfAttention ->
     BertSdpaSelfAttention), None if it has none."""
@@ -468,6 +573,18 @@ def attention_module_class(module: nn.Module) -> tuple[type | None, str | None]:
         return None, None
     if cls is T5Attention:
         return FastattnT5Attention, None
+    if cls is BloomAttention:
+        return FastattnBloomAttention, None
+    if cls is MptAttention:
+        return FastattnMptAttention, None
+    if cls is FalconAttention:
+        # one class for eager and sdpa: F.scaled_dot_product_attention (ALiBi in its float
+        # mask) only when the model was loaded with attn_implementation="sdpa"
+        if module.config._attn_implementation == "sdpa":
+            return _sdpa_routed_class(cls), None
+        return None, ("FalconAttention calls F.scaled_dot_product_attention only with "
+                      "attn_implementation='sdpa'; load the model with it for fastattn.convert "
+                      "to route it")
     if "Sdpa" in cls.__name__ and "Attention" in cls.__name__:
         return _sdpa_routed_class(cls), None
     if cls.__name__.endswith("Attention") and (sib := _eager_with_sdpa_sibling(cls)):
