@@ -644,6 +644,21 @@ def test_packed_batch_from_flash_attention_kwargs(varlen_calls):
     _check(out, q, k, v, torch.ones(total, total, dtype=torch.bool).tril())
 
 
+def test_packed_batch_compiled(varlen_calls):
+    """Under torch.compile(fullgraph=True) a packed row traces as one graph: the mask builder
+    builds transformers' packed mask (reading position_ids would synchronise with the host) and
+    the logits equal the eager-mode packed run's."""
+    _, _, ours = _packed_model("llama_gqa")
+    kw, _ = _packed_batch()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = ours(**kw, use_cache=False).logits
+        assert len(varlen_calls) == 2
+        got = torch.compile(ours, fullgraph=True, backend="aot_eager")(**kw, use_cache=False).logits
+    assert len(varlen_calls) == 2  # the compiled run took the mask
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # ALiBi models (their attention does not go through AttentionInterface: fastattn.convert swaps it)
 # ---------------------------------------------------------------------------------------------
@@ -739,3 +754,4 @@ def test_falcon_routed(alibi, sdpa_calls):
         got_ids = ours.generate(**batch, **gen)
     assert torch.equal(got_ids, want_ids)
     assert len(sdpa_calls) == 4 * 2
+

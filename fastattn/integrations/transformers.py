@@ -238,11 +238,17 @@ def _packed_sequences(kwargs: dict):
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
     if cu_q is not None and cu_k is not None and max_q is not None and max_k is not None:
-        if cu_k is not cu_q and not torch.equal(cu_k, cu_q):
+        if (cu_k is not cu_q and not torch.compiler.is_compiling()
+                and not torch.equal(cu_k, cu_q)):
             raise NotImplementedError(
                 "attn_implementation='fastattn': a packed batch with cu_seq_lens_k != "
                 "cu_seq_lens_q (queries and keys from different packings) is not supported")
         return cu_q.to(torch.int32), int(max_q)
+    if torch.compiler.is_compiling():
+        # reading position_ids synchronises with the host; under torch.compile the mask builder
+        # always builds transformers' mask (the packed blocks included), so this is not reached
+        # with a packed row
+        return None
     position_ids = kwargs.get("position_ids")
     if position_ids is None or position_ids.dim() not in (1, 2):
         return None
