@@ -532,13 +532,15 @@ def _packed_model(name):
     return copy.deepcopy(low).double(), low, fastattn.convert(copy.deepcopy(low))
 
 
-def _packed_batch():
-    """Four sequences of PACKED_LENGTHS as one row, position_ids restarting at 0 for each
-    (DataCollatorWithFlattening's layout), and the sequences on their own."""
+def _packed_batch(**collator_kwargs):
+    """Four sequences of PACKED_LENGTHS as one row made by DataCollatorWithFlattening
+    (position_ids restarting at 0 for each), and the sequences on their own."""
     g = torch.Generator().manual_seed(5)
     seqs = [torch.randint(3, VOCAB, (1, n), generator=g) for n in PACKED_LENGTHS]
-    packed = {"input_ids": torch.cat(seqs, 1),
-              "position_ids": torch.cat([torch.arange(n) for n in PACKED_LENGTHS])[None]}
+    collate = transformers.DataCollatorWithFlattening(**collator_kwargs)
+    packed = collate([{"input_ids": s[0].tolist()} for s in seqs])
+    del packed["labels"]
+    assert packed["position_ids"].tolist() == [sum((list(range(n)) for n in PACKED_LENGTHS), [])]
     return packed, seqs
 
 
@@ -642,6 +644,26 @@ def test_packed_batch_from_flash_attention_kwargs(varlen_calls):
                                         position_ids=torch.arange(total)[None])
     assert len(varlen_calls) == 1
     _check(out, q, k, v, torch.ones(total, total, dtype=torch.bool).tril())
+
+
+def test_packed_batch_with_flash_attention_kwargs_through_the_model(varlen_calls, monkeypatch):
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True) adds cu_seq_lens_q/k and
+    max_length_q/k to the batch: the model passes them to the attention function, which runs
+    attention_varlen on them without reading position_ids; the logits are those of the
+    position_ids-only batch."""
+    from fastattn.integrations import transformers as hf_integration
+
+    _, _, ours = _packed_model("llama_gqa")
+    kw, _ = _packed_batch()
+    kw_flash, _ = _packed_batch(return_flash_attn_kwargs=True)
+    assert kw_flash["cu_seq_lens_q"].dtype == torch.int32
+    with torch.no_grad():
+        want = ours(**kw, use_cache=False).logits
+        monkeypatch.setattr(hf_integration, "_packing_of", None)  # not called
+        got = ours(**kw_flash, use_cache=False).logits
+    cu = [0, *torch.tensor(PACKED_LENGTHS).cumsum(0).tolist()]
+    assert [c for c, *_ in varlen_calls] == [cu] * 4
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_packed_batch_compiled(varlen_calls):
