@@ -572,16 +572,19 @@ def varlen_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "mistral_sliding", "gemma2", "gpt_oss"])
-def test_packed_batch(name, varlen_calls, sdpa_calls, monkeypatch):
+@pytest.mark.parametrize("name,dtype", [
+    ("llama_gqa", torch.float32), ("llama_gqa", torch.bfloat16), ("mistral_sliding", torch.float32),
+    ("gemma2", torch.float32), ("gpt_oss", torch.float32)])
+def test_packed_batch(name, dtype, varlen_calls, sdpa_calls, monkeypatch):
     """A padding-free batch (one row, position_ids restarting at 0) runs attention_varlen with
     the sequences read from position_ids, without a mask; its logits and gradients hold to the
-    rule against each sequence run alone (float64 eager reference, float32 eager baseline), which
-    eager attention on the packed row (transformers' block-diagonal mask) matches. Both paths of a
+    rule against each sequence run alone (float64 eager reference, eager in the model's dtype as
+    the baseline), which eager attention on the packed row (transformers' block-diagonal mask) matches. Both paths of a
     converted model: the fused decoder layers (no gradient) and transformers' attention module."""
     from transformers import masking_utils
 
     ref, low, ours = _packed_model(name)
+    low, ours = low.to(dtype), ours.to(dtype)  # (the fused layers fuse again)
     kw, seqs = _packed_batch()
     r_alone = _packed_logits_and_grads(ref, kw, seqs)
     lo = _packed_logits_and_grads(low, kw, seqs)
