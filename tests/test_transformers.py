@@ -701,7 +701,8 @@ def test_alibi_models(name, monkeypatch):
     """fastattn.convert of BLOOM / MPT runs their attention as fastattn kernels with the
     models' ALiBi slopes: logits and gradients hold to the rule against the eager model in
     float64 (float32 eager as the baseline; no padding there: float64 eager spreads NaN from
-    padded rows), and greedy generate() of a left-padded batch gives the eager model's tokens."""
+    padded rows), and greedy generate() of a left-padded batch gives the eager model's tokens,
+    its decoding steps on the KV-cache kernel."""
     cfg_name, cls_name, swapped, extra = ALIBI_MODELS[name]
     cfg = getattr(transformers, cfg_name)(vocab_size=VOCAB, pad_token_id=0, **extra)
     torch.manual_seed(0)
@@ -731,13 +732,27 @@ def test_alibi_models(name, monkeypatch):
     for k in r:
         assert_close_rule(o[k], r[k], lo[k], name=k, factor=3.0 if k.startswith("grad") else 2.0)
     batch = _batch("llama_gqa")  # left-padded
-    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    # (MptConfig's use_cache is False: generate() would run the whole sequence at every step)
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=True)
+    steps = []
+    kvcache = fastattn.attention_with_kvcache
+    monkeypatch.setattr(fastattn, "attention_with_kvcache",
+                        lambda q, *a, **kw: steps.append((kw.get("alibi_slopes") is not None,
+                                                          kw.get("cache_leftpad") is not None))
+                        or kvcache(q, *a, **kw))
+    gen.update(output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
-        want_ids = low.generate(**batch, **gen)
+        want = low.generate(**batch, **gen)
         slopes.clear()
-        got_ids = ours.generate(**batch, **gen)
-    assert torch.equal(got_ids, want_ids)
-    assert len(slopes) == 4 * 2  # the prefill and 3 decoding steps ran on fastattn
+        got = ours.generate(**batch, **gen)
+    assert torch.equal(got.sequences, want.sequences)
+    # every step's logits (float32 both): the decoding steps' too
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits),
+                               atol=1e-4, rtol=1e-4)
+    # the prefill ran the attention kernel, the 3 decoding steps of the left-padded batch the
+    # KV-cache kernel, each with the slopes
+    assert len(slopes) == 2 and all(s is not None for s in slopes)
+    assert steps == [(True, True)] * (3 * 2)
 
 
 @pytest.mark.parametrize("alibi", [False, True])

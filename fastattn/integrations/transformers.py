@@ -36,7 +36,8 @@ attention is explicit matmuls: ``fastattn.convert`` swaps ``T5Attention`` for
 ``FastattnT5Attention``, which adds the relative position bias (+ mask) as an additive float mask.
 BLOOM's and MPT's attention are explicit matmuls with an ALiBi bias tensor: ``fastattn.convert``
 swaps ``BloomAttention`` / ``MptAttention`` for ``FastattnBloomAttention`` /
-``FastattnMptAttention``, which pass the model's ALiBi slopes as ``alibi_slopes``: both biases
+``FastattnMptAttention``, which run ``fastattn_attention_forward`` (so decoding steps take the
+KV-cache kernel) with the model's ALiBi slopes as ``alibi_slopes``: both biases
 (BLOOM: slope * key position, MPT: slope * (key - last key)) differ from fastattn's
 -slope * |query - key| by a constant per query row, which the softmax cancels. Falcon raises
 KeyError for ``attn_implementation="fastattn"`` (its attention classes are a fixed table); loaded
@@ -131,6 +132,8 @@ def fastattn_attention_forward(
         mods["softcap"] = float(kwargs["softcap"])
     if kwargs.get("s_aux") is not None:
         mods["sinks"] = kwargs["s_aux"].to(torch.float32)
+    if kwargs.get("alibi_slopes") is not None:
+        mods["alibi_slopes"] = kwargs["alibi_slopes"]
     packed = None
     if attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2]:
         packed = _packed_sequences(kwargs)
@@ -476,20 +479,37 @@ class FastattnT5Attention(T5Attention):
         return self.o(attn_output), position_bias
 
 
-def _alibi_mask(mask, q, S: int, masked_is_true: bool):
-    """A transformers mask cut to S keys as fastattn's attn_mask (bool True = attend, or q's
-    float dtype), and the causal flag for no mask."""
+def _attend_mask(mask, masked_is_true: bool):
+    """A transformers mask of BLOOM or MPT as fastattn_attention_forward takes it: bool, True =
+    attend (MPT's bool mask says True = masked; BLOOM's float mask holds 0 or the dtype's min),
+    so that a decoding step's mask is read as ranges of the cache (_cache_layout). Every layer of
+    a step gets the same mask object: the converted mask is kept on it, and so is the layout
+    read from it. A float mask with other values stays as it is (additive); under torch.compile
+    nothing is read on the host."""
     if mask is None:
-        return None, q.shape[2] > 1
-    mask = mask[..., :S]
+        return None
     if mask.dtype == torch.bool:
-        return (~mask if masked_is_true else mask), False
-    return mask.to(q.dtype), False
+        if not masked_is_true:
+            return mask
+    elif torch.compiler.is_compiling():
+        return mask
+    memo = mask.__dict__.get("_fastattn_attend")
+    if memo is not None and memo[0] == mask._version:
+        return memo[1]
+    if mask.dtype == torch.bool:
+        attend = ~mask
+    else:
+        attend = mask == 0
+        if not bool((attend | (mask == torch.finfo(mask.dtype).min)).all()):
+            attend = mask
+    mask.__dict__["_fastattn_attend"] = (mask._version, attend)
+    return attend
 
 
 class FastattnBloomAttention(BloomAttention):
     """BloomAttention whose softmax(alibi + q k^T / sqrt(d) + mask) v runs as one fastattn kernel
-    call with ``alibi_slopes`` (BLOOM's slopes, float32). Same parameters and outputs as
+    call with ``alibi_slopes`` (BLOOM's slopes, float32) through ``fastattn_attention_forward``
+    (decoding steps on the KV-cache kernel). Same parameters and outputs as
     BloomAttention (no attention weights); calls with output_attentions, head_mask or
     pretraining_tp > 1 with slow_but_exact take BloomAttention's explicit path."""
 
@@ -499,20 +519,19 @@ class FastattnBloomAttention(BloomAttention):
                 or (self.pretraining_tp > 1 and self.slow_but_exact)):
             return super().forward(hidden_states, residual, alibi, attention_mask, layer_past,
                                    head_mask, use_cache, output_attentions, cache_position)
-        import fastattn
-
         batch_size, q_length, _ = hidden_states.shape
         fused_qkv = self.query_key_value(hidden_states)  # (B, L, 3 * hidden)
         q, k, v = self._reshape(fused_qkv)  # 3 x (B, H, L, D)
         if layer_past is not None:
             k, v = layer_past.update(k, v, self.layer_idx, {"cache_position": cache_position})
-        mask, causal = _alibi_mask(attention_mask, q, k.shape[2], masked_is_true=False)
-        out = fastattn.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=self.inv_norm_factor,
-            dropout_p=self.attention_dropout.p if self.training else 0.0,
-            causal_alignment="bottom_right", alibi_slopes=_bloom_slopes(self.num_heads, q.device))
-        # (B, H, L, D) -> (B, L, H * D)
-        out = out.transpose(1, 2).reshape(batch_size, q_length, self.num_heads * self.head_dim)
+        # a prefill runs the attention kernel with the mask, a decoding step the KV-cache kernel
+        # (the mask read as each sequence's range of the cache)
+        out, _ = fastattn_attention_forward(
+            self, q, k, v, _attend_mask(attention_mask, masked_is_true=False),
+            scaling=self.inv_norm_factor,
+            dropout=self.attention_dropout.p if self.training else 0.0,
+            alibi_slopes=_bloom_slopes(self.num_heads, q.device))  # (B, L, H, D)
+        out = out.reshape(batch_size, q_length, self.num_heads * self.head_dim)
         out = dropout_add(self.dense(out), residual, self.hidden_dropout, self.training)
         return out, None
 
@@ -527,13 +546,12 @@ def _bloom_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
 class FastattnMptAttention(MptAttention):
     """MptAttention whose softmax(q k^T * softmax_scale + position_bias, masked) v runs as one
     fastattn kernel call with ``alibi_slopes`` read off the model's ALiBi bias (its value one key
-    before the last is -slope, exactly). Same parameters and outputs as MptAttention (no
+    before the last is -slope, exactly) through ``fastattn_attention_forward`` (decoding steps on
+    the KV-cache kernel). Same parameters and outputs as MptAttention (no
     attention weights)."""
 
     def forward(self, hidden_states, position_bias, past_key_values=None, attention_mask=None,
                 cache_position=None, **kwargs):
-        import fastattn
-
         if kwargs.get("past_key_value") is not None:  # the deprecated name
             past_key_values = kwargs["past_key_value"]
         if position_bias is None or position_bias.dim() != 3 or position_bias.shape[-1] < 2:
@@ -550,12 +568,11 @@ class FastattnMptAttention(MptAttention):
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx, {"cache_position": cache_position})
         slopes = -position_bias[:, 0, -2].float()
-        mask, causal = _alibi_mask(attention_mask, q, k.shape[2], masked_is_true=True)
-        out = fastattn.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
-            dropout_p=self.attn_dropout_p if self.training else 0.0,
-            causal_alignment="bottom_right", alibi_slopes=slopes)
-        out = out.transpose(1, 2).reshape(batch_size, seq_length, -1)  # (B, L, H * D)
+        out, _ = fastattn_attention_forward(
+            self, q, k, v, _attend_mask(attention_mask, masked_is_true=True),
+            scaling=self.softmax_scale, dropout=self.attn_dropout_p if self.training else 0.0,
+            alibi_slopes=slopes)  # (B, L, H, D)
+        out = out.reshape(batch_size, seq_length, -1)  # (B, L, H * D)
         return self.out_proj(out), None
 
 
