@@ -27,14 +27,14 @@ when the mask gives each sequence one range of the cache: left padding becomes
 ``cache_leftpad``, a static cache's empty tail ``cache_seqlens``. The mask is checked exactly
 (once per step); any other mask runs ``fastattn.scaled_dot_product_attention`` with it.
 
-Models that do not go through ``AttentionInterface`` (checked with transformers 4.57; they accept
-``attn_implementation="fastattn"`` at load time and ignore it):
+Models that do not go through ``AttentionInterface`` (checked with transformers 4.57):
 BERT-style models call ``F.scaled_dot_product_attention`` from their own ``*SdpaSelfAttention``
 classes: ``fastattn.convert`` routes exactly that call to fastattn inside those modules (a
 TorchFunctionMode entered around their forward; the rest of their forward is unchanged). T5's
 attention is explicit matmuls: ``fastattn.convert`` swaps ``T5Attention`` for
 ``FastattnT5Attention``, which adds the relative position bias (+ mask) as an additive float mask.
-BLOOM's and MPT's attention are explicit matmuls with an ALiBi bias tensor: ``fastattn.convert``
+BLOOM's and MPT's attention are explicit matmuls with an ALiBi bias tensor (both accept
+``attn_implementation="fastattn"`` at load time and ignore it): ``fastattn.convert``
 swaps ``BloomAttention`` / ``MptAttention`` for ``FastattnBloomAttention`` /
 ``FastattnMptAttention``, which run ``fastattn_attention_forward`` (so decoding steps take the
 KV-cache kernel) with the model's ALiBi slopes as ``alibi_slopes``: both biases
