@@ -20,8 +20,9 @@ a later request reuses them (its block table is then not in order). Each step
 
 The model's weights are driven directly (embedding, per layer ``fastattn.rms_norm`` -> one
 q/k/v GEMM -> attention -> o_proj -> ``fastattn.rms_norm`` with the residual add ->
-one gate/up GEMM -> ``fastattn.silu_mul`` -> down_proj, final norm, tied lm_head), for any
-Llama-style ``transformers`` model (LlamaForCausalLM and its relatives with the same layer).
+one gate/up GEMM -> ``fastattn.silu_mul`` -> down_proj, the final ``fastattn.rms_norm`` and the
+lm_head; every GEMM ``fastattn.linear``), for any Llama-style ``transformers`` model without
+biases in its projections (LlamaForCausalLM and its relatives with the same layer).
 ``--check`` compares every request's tokens with ``model.generate()`` run on it alone.
 """
 
@@ -90,6 +91,12 @@ class PagedLlama:
         cfg = model.config
         self.model = model
         self.layers = model.model.layers
+        projections = [getattr(part, name) for lay in self.layers
+                       for part, names in ((lay.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                           (lay.mlp, ("gate_proj", "up_proj", "down_proj")))
+                       for name in names]
+        if any(p.bias is not None for p in projections):
+            raise NotImplementedError("projection biases (Qwen2's q/k/v) are not handled here")
         self.H = cfg.num_attention_heads
         self.Hkv = cfg.num_key_value_heads
         self.D = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
@@ -126,11 +133,11 @@ class PagedLlama:
                                  residual=residual)
 
     def _mlp(self, i, x):
-        layer = self.layers[i]
-        return layer.mlp.down_proj(fastattn.silu_mul(fastattn.linear(x, self.gate_up_w[i])))
+        down = self.layers[i].mlp.down_proj.weight
+        return fastattn.linear(fastattn.silu_mul(fastattn.linear(x, self.gate_up_w[i])), down)
 
     def _logits(self, x):
-        return self.model.lm_head(self.model.model.norm(x))
+        return fastattn.linear(self._norm(self.model.model.norm, x), self.model.lm_head.weight)
 
     def _split(self, i, h):
         """(..., hidden) -> q (..., H, D), k, v (..., Hkv, D)."""
@@ -165,7 +172,7 @@ class PagedLlama:
             self.v_cache[i][blocks, :, slots] = v
             a = fastattn.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), is_causal=True,
                                           scale=self.scale)  # (T, H, D)
-            a = layer.self_attn.o_proj(a.flatten(1))
+            a = fastattn.linear(a.flatten(1), layer.self_attn.o_proj.weight)  # (T, hidden)
             h, x = self._norm(layer.post_attention_layernorm, a, residual=x)
             x = x + self._mlp(i, h)
         for r, n in zip(requests, lens, strict=True):
@@ -196,7 +203,8 @@ class PagedLlama:
                 q.transpose(1, 2), self.k_cache[i], self.v_cache[i], seqlens,
                 k.transpose(1, 2), v.transpose(1, 2), scale=self.scale, causal=True,
                 block_table=table, rotary_cos=self.cos, rotary_sin=self.sin)  # (B, H, 1, D)
-            a = layer.self_attn.o_proj(a.transpose(1, 2).flatten(2))  # (B, 1, H * D)
+            # (B, H, 1, D) -> (B, 1, H * D) -> (B, 1, hidden)
+            a = fastattn.linear(a.transpose(1, 2).flatten(2), layer.self_attn.o_proj.weight)
             h, x = self._norm(layer.post_attention_layernorm, a, residual=x)
             x = x + self._mlp(i, h)
         for r in requests:
