@@ -500,3 +500,298 @@ def test_minilm_profiler_shows_fastattn_kernels(minilm):
         converted(**batch)
     counts = {e.key: e.count for e in prof.key_averages() if e.key.startswith("fastattn::")}
     assert counts.get("fastattn::attention_fwd") == model.config.num_hidden_layers, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# padding-free (packed) batches
+# ---------------------------------------------------------------------------------------------
+PACKED_LENGTHS = (5, 9, 3, 7)
+
+
+def _packed_model(name):
+    """(float64 eager, float32 eager, float32 converted) on one set of random weights."""
+    if name in SCORE_MOD_MODELS:
+        cfg_name, cls_name, extra = SCORE_MOD_MODELS[name]
+        if not hasattr(transformers, cls_name):
+            pytest.skip(f"transformers {transformers.__version__} has no {cls_name}")
+        cfg = getattr(transformers, cfg_name)(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            max_position_embeddings=64, sliding_window=4, pad_token_id=0,
+            attn_implementation="eager", **extra)
+        cls = getattr(transformers, cls_name)
+    else:
+        cfg, cls = _config(name, "eager"), getattr(transformers, MODEL_CLASS[name])
+    torch.manual_seed(0)
+    low = cls(cfg).eval()
+    if name == "gpt_oss":
+        with torch.no_grad():
+            for m in low.modules():
+                if hasattr(m, "sinks"):
+                    m.sinks.normal_(0.0, 1.0)
+    return copy.deepcopy(low).double(), low, fastattn.convert(copy.deepcopy(low))
+
+
+def _packed_batch(**collator_kwargs):
+    """Four sequences of PACKED_LENGTHS as one row made by DataCollatorWithFlattening
+    (position_ids restarting at 0 for each), and the sequences on their own."""
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(3, VOCAB, (1, n), generator=g) for n in PACKED_LENGTHS]
+    collate = transformers.DataCollatorWithFlattening(**collator_kwargs)
+    packed = collate([{"input_ids": s[0].tolist()} for s in seqs])
+    del packed["labels"]
+    assert packed["position_ids"].tolist() == [sum((list(range(n)) for n in PACKED_LENGTHS), [])]
+    return packed, seqs
+
+
+def _packed_logits_and_grads(model, kw, seqs=None):
+    """Logits (1, total, V) of the packed batch, or of each sequence alone concatenated, and the
+    parameters' gradients of one random linear function of them."""
+    model.zero_grad()
+    if seqs is None:  # (without a cache: transformers' eager mask reads the packing only then)
+        y = model(**kw, use_cache=False).logits
+    else:
+        y = torch.cat([model(input_ids=s).logits for s in seqs], 1)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    (y * g.to(y.dtype)).sum().backward()
+    res = {"out": y.detach()}
+    res.update({f"grad_{n}": p.grad for n, p in model.named_parameters() if p.grad is not None})
+    return res
+
+
+@pytest.fixture
+def varlen_calls(monkeypatch):
+    calls = []
+    real = fastattn.attention_varlen
+
+    def spy(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+        calls.append((cu_q.tolist(), max_q, kwargs.get("window")))
+        return real(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+    monkeypatch.setattr(fastattn, "attention_varlen", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name,dtype", [
+    ("llama_gqa", torch.float32), ("llama_gqa", torch.bfloat16), ("mistral_sliding", torch.float32),
+    ("gemma2", torch.float32), ("gpt_oss", torch.float32)])
+def test_packed_batch(name, dtype, varlen_calls, sdpa_calls, monkeypatch):
+    """A padding-free batch (one row, position_ids restarting at 0) runs attention_varlen with
+    the sequences read from position_ids, without a mask; its logits and gradients hold to the
+    rule against each sequence run alone (float64 eager reference, eager in the model's dtype as
+    the baseline), which eager attention on the packed row (transformers' block-diagonal mask) matches. Both paths of a
+    converted model: the fused decoder layers (no gradient) and transformers' attention module."""
+    from transformers import masking_utils
+
+    ref, low, ours = _packed_model(name)
+    low, ours = low.to(dtype), ours.to(dtype)  # (the fused layers fuse again)
+    kw, seqs = _packed_batch()
+    r_alone = _packed_logits_and_grads(ref, kw, seqs)
+    lo = _packed_logits_and_grads(low, kw, seqs)
+    if name != "gpt_oss":  # (gpt-oss builds its masks without position_ids: no packing)
+        # transformers' own packing of the eager model agrees with the sequences run alone (up
+        # to the float32 rotary tables, whose vectorised cos/sin differ by an ulp with the length)
+        r_packed = _packed_logits_and_grads(ref, kw)
+        torch.testing.assert_close(r_packed["out"], r_alone["out"], atol=1e-6, rtol=1e-6)
+
+    built = []  # the masks made (None: the causal flag suffices)
+    real_sdpa_mask = masking_utils.sdpa_mask
+
+    def sdpa_mask_spy(*a, **k):
+        mask = real_sdpa_mask(*a, **k)
+        if mask is not None:
+            built.append(mask.shape)
+        return mask
+
+    monkeypatch.setattr(masking_utils, "sdpa_mask", sdpa_mask_spy)
+    from fastattn.integrations import transformers as hf_integration
+    monkeypatch.setattr(hf_integration, "sdpa_mask", masking_utils.sdpa_mask)
+    o = _packed_logits_and_grads(ours, kw)
+    with torch.no_grad():  # with a cache: the mask is None (causal), the packing read all the same
+        o_fused = ours(**kw).logits
+    cu = [0, *torch.tensor(PACKED_LENGTHS).cumsum(0).tolist()]
+    window = (3, -1) if name in ("mistral_sliding",) else None
+    assert len(varlen_calls) == 4 and not sdpa_calls and not built, (varlen_calls, built)
+    for cu_q, max_q, win in varlen_calls:
+        assert cu_q == cu and max_q == max(PACKED_LENGTHS)
+        if name not in ("gemma2", "gpt_oss"):  # these alternate sliding and global layers
+            assert win == window
+    if name in ("gemma2", "gpt_oss"):
+        assert {w for *_, w in varlen_calls} == {(3, -1), None}
+    assert o.keys() == r_alone.keys()
+    for k in r_alone:
+        factor = 3.0 if k.startswith("grad") else 2.0
+        assert_close_rule(o[k], r_alone[k], lo[k], name=k, factor=factor)
+    assert_close_rule(o_fused, r_alone["out"], lo["out"], name="out (no gradient)")
+
+
+def test_packed_batch_from_flash_attention_kwargs(varlen_calls):
+    """cu_seq_lens_q/k and max_length_q/k (transformers' FlashAttentionKwargs, what
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) adds) give the sequences when
+    present; the output is each sequence's own causal attention."""
+    H, Hkv, D = 4, 2, 8
+    g = torch.Generator().manual_seed(7)
+    total = sum(PACKED_LENGTHS)
+    q = torch.randn(1, H, total, D, generator=g)
+    k, v = (torch.randn(1, Hkv, total, D, generator=g) for _ in range(2))
+    cu = torch.tensor([0, *torch.tensor(PACKED_LENGTHS).cumsum(0).tolist()])
+    out, _ = fastattn_attention_forward(_Module(), q, k, v, None, cu_seq_lens_q=cu,
+                                        cu_seq_lens_k=cu, max_length_q=9, max_length_k=9)
+    assert len(varlen_calls) == 1 and varlen_calls[0][0] == cu.tolist()
+    visible = torch.zeros(total, total, dtype=torch.bool)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        visible[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+    _check(out, q, k, v, visible)
+    # one sequence (positions 0..L-1): no packing, the causal kernel
+    out, _ = fastattn_attention_forward(_Module(), q, k, v, None,
+                                        position_ids=torch.arange(total)[None])
+    assert len(varlen_calls) == 1
+    _check(out, q, k, v, torch.ones(total, total, dtype=torch.bool).tril())
+
+
+def test_packed_batch_with_flash_attention_kwargs_through_the_model(varlen_calls, monkeypatch):
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True) adds cu_seq_lens_q/k and
+    max_length_q/k to the batch: the model passes them to the attention function, which runs
+    attention_varlen on them without reading position_ids; the logits are those of the
+    position_ids-only batch."""
+    from fastattn.integrations import transformers as hf_integration
+
+    _, _, ours = _packed_model("llama_gqa")
+    kw, _ = _packed_batch()
+    kw_flash, _ = _packed_batch(return_flash_attn_kwargs=True)
+    assert kw_flash["cu_seq_lens_q"].dtype == torch.int32
+    with torch.no_grad():
+        want = ours(**kw, use_cache=False).logits
+        monkeypatch.setattr(hf_integration, "_packing_of", None)  # not called
+        got = ours(**kw_flash, use_cache=False).logits
+    cu = [0, *torch.tensor(PACKED_LENGTHS).cumsum(0).tolist()]
+    assert [c for c, *_ in varlen_calls] == [cu] * 4
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_packed_batch_compiled(varlen_calls):
+    """Under torch.compile(fullgraph=True) a packed row traces as one graph: the mask builder
+    builds transformers' packed mask (reading position_ids would synchronise with the host) and
+    the logits equal the eager-mode packed run's."""
+    _, _, ours = _packed_model("llama_gqa")
+    kw, _ = _packed_batch()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = ours(**kw, use_cache=False).logits
+        assert len(varlen_calls) == 2
+        got = torch.compile(ours, fullgraph=True, backend="aot_eager")(**kw, use_cache=False).logits
+    assert len(varlen_calls) == 2  # the compiled run took the mask
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# ALiBi models (their attention does not go through AttentionInterface: fastattn.convert swaps it)
+# ---------------------------------------------------------------------------------------------
+ALIBI_MODELS = {  # 6 heads: the slopes' non-power-of-two branch of both models
+    "bloom": ("BloomConfig", "BloomForCausalLM", "FastattnBloomAttention",
+              dict(hidden_size=48, n_layer=2, n_head=6, hidden_dropout=0.0,
+                   attention_dropout=0.0)),
+    "mpt": ("MptConfig", "MptForCausalLM", "FastattnMptAttention",
+            dict(d_model=48, n_layers=2, n_heads=6, max_seq_len=64, expansion_ratio=2)),
+}
+
+
+@pytest.mark.parametrize("name", list(ALIBI_MODELS))
+def test_alibi_models(name, monkeypatch):
+    """fastattn.convert of BLOOM / MPT runs their attention as fastattn kernels with the
+    models' ALiBi slopes: logits and gradients hold to the rule against the eager model in
+    float64 (float32 eager as the baseline; no padding there: float64 eager spreads NaN from
+    padded rows), and greedy generate() of a left-padded batch gives the eager model's tokens,
+    its decoding steps on the KV-cache kernel."""
+    cfg_name, cls_name, swapped, extra = ALIBI_MODELS[name]
+    cfg = getattr(transformers, cfg_name)(vocab_size=VOCAB, pad_token_id=0, **extra)
+    torch.manual_seed(0)
+    low = getattr(transformers, cls_name)(cfg).eval()
+    ours = fastattn.convert(copy.deepcopy(low))
+    assert [type(m).__name__ for m in ours.modules() if "Attention" in type(m).__name__] == \
+        [swapped] * 2
+    ref = copy.deepcopy(low).double()
+    slopes = []
+    real = fastattn.scaled_dot_product_attention
+    monkeypatch.setattr(fastattn, "scaled_dot_product_attention",
+                        lambda *a, **kw: slopes.append(kw.get("alibi_slopes")) or real(*a, **kw))
+    ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(1))
+    kw = {"input_ids": ids, "attention_mask": torch.ones(B, L, dtype=torch.long)}
+    # (MPT's float64 mask is a torch.full of finfo(float64).min in the default dtype)
+    torch.set_default_dtype(torch.float64)
+    try:
+        r = _outputs(ref, name, kw)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    lo = _outputs(low, name, kw)
+    slopes.clear()
+    o = _outputs(ours, name, kw)
+    assert len(slopes) == 2 and all(s is not None and s.shape == (6,) for s in slopes)
+    assert slopes[0].dtype == torch.float32 and (slopes[0] > 0).all()
+    assert o.keys() == r.keys()
+    for k in r:
+        assert_close_rule(o[k], r[k], lo[k], name=k, factor=3.0 if k.startswith("grad") else 2.0)
+    batch = _batch("llama_gqa")  # left-padded
+    # (MptConfig's use_cache is False: generate() would run the whole sequence at every step)
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=True)
+    steps = []
+    kvcache = fastattn.attention_with_kvcache
+    monkeypatch.setattr(fastattn, "attention_with_kvcache",
+                        lambda q, *a, **kw: steps.append((kw.get("alibi_slopes") is not None,
+                                                          kw.get("cache_leftpad") is not None))
+                        or kvcache(q, *a, **kw))
+    gen.update(output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        want = low.generate(**batch, **gen)
+        slopes.clear()
+        got = ours.generate(**batch, **gen)
+    assert torch.equal(got.sequences, want.sequences)
+    # every step's logits (float32 both): the decoding steps' too
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits),
+                               atol=1e-4, rtol=1e-4)
+    # the prefill ran the attention kernel, the 3 decoding steps of the left-padded batch the
+    # KV-cache kernel, each with the slopes
+    assert len(slopes) == 2 and all(s is not None for s in slopes)
+    assert steps == [(True, True)] * (3 * 2)
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+def test_falcon_routed(alibi, sdpa_calls):
+    """Falcon loaded with attn_implementation="sdpa" (rotary, or ALiBi folded into the float
+    mask): fastattn.convert routes its F.scaled_dot_product_attention calls to fastattn; logits
+    and gradients hold to the rule against the eager model in float64, greedy generate() of a
+    left-padded batch gives the eager model's tokens. Loaded eager, it is kept with the reason."""
+    def model(attn):
+        torch.manual_seed(0)
+        cfg = transformers.FalconConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            alibi=alibi, hidden_dropout=0.0, attention_dropout=0.0, pad_token_id=0,
+            attn_implementation=attn)
+        return transformers.FalconForCausalLM(cfg).eval()
+
+    eager = model("eager")
+    kept = fastattn.convert(copy.deepcopy(eager)).fastattn_report.kept
+    assert any("attn_implementation='sdpa'" in why for _, why in kept)
+    low = model("sdpa")
+    ours = fastattn.convert(copy.deepcopy(low))
+    assert {type(m).__name__ for m in ours.modules() if "Attention" in type(m).__name__} == \
+        {"FastattnFalconAttention"}
+    ref = copy.deepcopy(eager).double()
+    ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(1))
+    kw = {"input_ids": ids, "attention_mask": torch.ones(B, L, dtype=torch.long)}
+    r, lo = _outputs(ref, "falcon", kw), _outputs(low, "falcon", kw)
+    sdpa_calls.clear()
+    o = _outputs(ours, "falcon", kw)
+    assert len(sdpa_calls) == 2
+    assert o.keys() == r.keys()
+    for k in r:
+        assert_close_rule(o[k], r[k], lo[k], name=k, factor=3.0 if k.startswith("grad") else 2.0)
+    batch = _batch("llama_gqa")  # left-padded
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want_ids = eager.generate(**batch, **gen)
+        sdpa_calls.clear()
+        got_ids = ours.generate(**batch, **gen)
+    assert torch.equal(got_ids, want_ids)
+    assert len(sdpa_calls) == 4 * 2
+

@@ -354,9 +354,15 @@ def _fused_attention(layer, fused, h, attention_mask, position_ids, past_key_val
             k, v, layer_idx, {"sin": sin, "cos": cos, "cache_position": cache_position})
     impl = attn.config._attn_implementation
     interface = ALL_ATTENTION_FUNCTIONS[impl] if impl != "eager" else _eager(attn)
-    extra = {"sliding_window": sliding} if sliding is not None else {}
+    # the window transformers' own attention module passes: its attribute (Qwen2: per layer), else
+    # the config's (Mistral); the mask holds it too, except for a packed batch (no mask)
+    window = sliding if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window",
+                                                                     None)
+    extra = {"sliding_window": window} if window is not None else {}
+    # position_ids reach the attention function as in transformers' own attention module (a
+    # packed batch is read from them)
     out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling,
-                       **extra, **kwargs)
+                       position_ids=position_ids, **extra, **kwargs)
     return fused.o_proj(out.reshape(B, L, H * D))
 
 
