@@ -914,7 +914,8 @@ LAST = {"stride_qk", "stride_kk", "stride_vk", "stride_mn", "stride_ok", "stride
         "stride_dqk", "stride_dkk", "stride_dvk", "stride_dmn", "stride_knk", "stride_vnk",
         "stride_kck", "stride_vck"}
 F = dict(HAS_MASK=True, HAS_LEFT=True, HAS_RIGHT=True, DROPOUT=True, INTERP_BF16=False,
-         SOFTCAP=True, ALIBI=True, DOT_PRECISION="tf32x3" if dt == "fp32" else "tf32")
+         SOFTCAP=True, ALIBI=True, VARLEN=False, BOTTOM_RIGHT=False,
+         DOT_PRECISION="tf32x3" if dt == "fp32" else "tf32")
 fam = "hopper" if arch >= 90 else "ampere"
 cfg = lambda table: table.get(fam + "_mask", table[fam])[min(256, max(64, D))][0]
 P = lambda *names, **other: {**{n: "*" + dt for n in names}, **other}
