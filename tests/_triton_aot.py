@@ -34,6 +34,7 @@ _UNIT_STRIDES = {
     "stride_qk", "stride_kk", "stride_vk", "stride_mn", "stride_ok", "stride_dok", "stride_dqk",
     "stride_dkk", "stride_dvk", "stride_dmn", "stride_knk", "stride_vnk", "stride_kck",
     "stride_vck", "stride_ak", "stride_bk", "stride_cn", "stride_xk", "stride_wk", "stride_on",
+    "stride_ken",
 }
 # integer arguments named in capitals (the int8 and norm kernels' sizes); other capitals are
 # pointers (in the attention kernels K is the key tensor)
@@ -135,7 +136,10 @@ def attention_jobs() -> list[Job]:
                     jobs.append(_job("fastattn.triton.attention", "_kvcache_split_kernel", arch,
                                      {**const, "SPLIT": False}, dt, warps, stages,
                                      f"decode nosplit {dt} E<={dclass}", **ptrs))
-        # the fixed-config kernels at their largest head dim
+        # the fixed-config kernels at their largest head dim (the dropout mask: no head dim)
+        jobs.append(_job("fastattn.triton.attention", "_attention_dropout_mask_kernel", arch,
+                         dict(VARLEN=True, BLOCK_M=32, BLOCK_N=64), "u8", 4, 1, "dropout mask",
+                         CuSeqQ="*i32", CuSeqK="*i32"))
         for dt in ("bf16", "fp32"):
             jobs.append(_job("fastattn.triton.attention", "_attention_bwd_preprocess_kernel", arch,
                              dict(HEAD_DIM_V=256, HAS_GRAD_LSE=True, BLOCK_M=16), dt, 4, 1,

@@ -1044,6 +1044,49 @@ def _attention_bwd_dq_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
+# the dropout keep mask (return_dropout_mask)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_dropout_mask_kernel(
+    Keep, CuSeqQ, CuSeqK,
+    dropout_p, seed,
+    stride_keb, stride_keh, stride_kem, stride_ken,
+    num_heads, num_bh, seqlen_q, seqlen_k, num_keys,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """keep (B, H, L, S) uint8 (1 = kept) as _attention_fwd_kernel draws it for dropout_p and
+    seed (_dropout_keep at the same counters); VARLEN: (total_q, H, max_seqlen_k) with the
+    batch stride the row stride, keys past a sequence's end left as they are (0). num_keys:
+    keep's last dim (S, or max_seqlen_k).
+    Grid: grid_folded(cdiv(L or max_seqlen_q, BLOCK_M), B * H)."""
+    pid_m = tl.program_id(0)
+    pid_bh = folded_id()
+    if pid_bh >= num_bh:
+        return
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    m_start = pid_m * BLOCK_M
+    rows_q, rows_k = seqlen_q, seqlen_k
+    bq = b
+    if VARLEN:
+        bq, bk, seqlen_q, seqlen_k, diag_offset = _varlen_sequence(
+            CuSeqQ, CuSeqK, b, rows_q, rows_k, False)
+        if m_start >= seqlen_q:
+            return
+    row0 = _first_row(b, h, bq, num_heads, rows_q, VARLEN)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_m64 = offs_m.to(tl.int64)
+    rng_rows = row0 * tl.cdiv(rows_k, 4) + offs_m64 * tl.cdiv(seqlen_k, 4)
+    rows = Keep + bq * stride_keb + h * stride_keh + offs_m64[:, None] * stride_kem
+    n_end = tl.minimum(seqlen_k, num_keys)
+    for start_n in range(0, n_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_N)
+        tl.store(rows + offs_n.to(tl.int64)[None, :] * stride_ken, keep.to(tl.uint8),
+                 mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < n_end))
+
+
+# ---------------------------------------------------------------------------------------------
 # decoding
 # ---------------------------------------------------------------------------------------------
 @triton.jit
@@ -1832,3 +1875,33 @@ def attention_varlen_bwd(
         # (heads, total, E) float32 -> q's dtype, the same (total, heads, E) view
         dq = dq.transpose(0, 1).to(q.dtype).transpose(0, 1)
     return dq, dk, dv, dsinks
+
+
+@device_guard
+def attention_dropout_mask(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float,
+    seed: int,
+) -> torch.Tensor:
+    """The dropout keep mask attention_fwd / attention_varlen_fwd draw with (dropout_p, seed)
+    (csrc/fastattn.cpp: attention_dropout_mask): cu_seqlens None: bool (B, H, L, S) from
+    q (B, H, L, E), k (B, Hkv, S, E); else bool (total_q, H, max_seqlen_k) from q (total_q, H, E),
+    k (total_k, Hkv, E), False past each sequence's keys."""
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        (total_q, H, _), total_k = q.shape, k.shape[0]
+        B = cu_seqlens_q.shape[0] - 1
+        keep = torch.zeros((total_q, H, max_seqlen_k), dtype=torch.uint8, device=q.device)
+        sizes, strides, blocks_m = (total_q, total_k), _packed_strides(keep), max_seqlen_q
+        cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    else:
+        B, H, L, _ = q.shape
+        keep = torch.zeros((B, H, L, k.shape[2]), dtype=torch.uint8, device=q.device)
+        sizes, strides, blocks_m = (L, k.shape[2]), keep.stride(), L
+        cu_q = cu_k = keep  # dummy pointers, never read
+    if keep.numel() and B * H and blocks_m:
+        _attention_dropout_mask_kernel[grid_folded(triton.cdiv(blocks_m, 32), B * H)](
+            keep, cu_q, cu_k, dropout_p, seed, *strides, H, B * H, *sizes, keep.shape[-1],
+            VARLEN=varlen, BLOCK_M=32, BLOCK_N=64,
+        )
+    return keep.view(torch.bool)
