@@ -10,6 +10,10 @@
   rotary embedding it rotates k_new on the way and q into a copy the attention reads), then
   split-K flash-decoding computes partial (out, lse) per chunk of the cache and a combine kernel
   merges them.
+* ``attention_varlen_fwd`` / ``attention_varlen_bwd``: packed variable-length sequences through
+  the same forward / dK-dV / dQ kernels with ``VARLEN`` on (offsets and lengths per program from
+  cu_seqlens).
+* ``attention_dropout_mask``: the dropout keep mask those kernels draw (return_dropout_mask).
 
 Layout of every kernel: pointers, scalars, strides (``stride_<tensor><dim>``), sizes, then
 ``tl.constexpr`` meta-parameters. Scores are kept in log2 units (pre-multiplied by log2(e)) so
