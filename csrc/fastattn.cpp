@@ -40,6 +40,17 @@ TORCH_LIBRARY(fastattn, m) {
       "int diag_offset, float dropout_p, int seed, bool compute_dmask, bool deterministic, "
       "float softcap=0., Tensor? alibi_slopes=None, Tensor? sinks=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask, Tensor dsinks)");
+  // The dropout keep mask that attention_fwd (cu_seqlens None) or attention_varlen_fwd (both
+  // cu_seqlens given) draws with (dropout_p, seed) on the same backend, from the same RNG
+  // function: bool, True = kept. attention_fwd: (B, H, L, S) from q (B, H, L, E) and
+  // k (B, Hkv, S, E), the draw of every (query, key) pair, visible or not. attention_varlen_fwd:
+  // (total_q, H, max_seqlen_k) from q (total_q, H, E) and k (total_k, Hkv, E), [r, h, j] the
+  // flag of row r for key j of its own sequence, False past that sequence's keys (max_seqlen_q
+  // bounds the sequences' rows: the GPU grid). dropout_p = 0:
+  // every flag True (the sequences' keys). For tests and debugging (return_dropout_mask).
+  m.def(
+      "attention_dropout_mask(Tensor q, Tensor k, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float dropout_p, int seed) -> Tensor");
   // Decoding: q (B, H, Lq, E); caches (B, Hkv, capacity, E); cache_seqlens int32 (B,);
   // k_new/v_new (B, Hkv, Lq, E) written in place at cache_seqlens. Keys visible to query i of
   // batch b: [lp_b, total_b - Lq + i] if causal else [lp_b, total_b), total_b = seqlens[b]

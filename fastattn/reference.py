@@ -58,22 +58,31 @@ def scaled_dot_product_attention(
     softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    return_dropout_mask: bool = False,
 ):
     """Reference attention with SDPA semantics (see fastattn.scaled_dot_product_attention).
 
     query (B, H, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev). Rows with no visible key give
     zeros (and lse = -inf), never NaN, in the forward and the backward. ``dropout_mask`` (bool,
-    broadcastable to (B, H, L, S), True = keep) replaces the random draw when given.
+    broadcastable to (B, H, L, S), True = keep) replaces the random draw when given;
+    ``return_dropout_mask`` appends the keep mask used (bool (B, H, L, S); None without
+    dropout) to the outputs.
     Score modifiers, in this order after the scale: ``softcap`` (s = softcap * tanh(s / softcap)),
     ``alibi_slopes`` (H,) or (B, H) (s -= slope * |pos_q - pos_k|, query i at key position i, or
     i + S - L with causal_alignment="bottom_right"), then the masks, then the softmax over the
     scores and, with ``sinks`` (H,), one extra logit per head that has no value row (its
     probability is dropped; lse includes it). Computed in query's dtype (the slopes and sinks
     are cast to it), so float64 inputs give the oracle.
-    Returns out (B, H, L, Ev), and with return_lse also lse (B, H, L) in the compute dtype.
+    Returns out (B, H, L, Ev) [, lse (B, H, L) in the compute dtype] [, keep mask].
     """
     B, H, L, E = query.shape
     Hkv, S = key.shape[1], key.shape[2]
+
+    def outputs(out, lse, keep):
+        if keep is not None:
+            keep = keep.expand(B, H, L, S)
+        return (out, *((lse,) if return_lse else ()), *((keep,) if return_dropout_mask else ()))
+
     if H != Hkv:
         # (B, Hkv, S, E) -> (B, H, S, E): head h reads kv head h // (H // Hkv)
         key = key.repeat_interleave(H // Hkv, dim=1)
@@ -86,7 +95,10 @@ def scaled_dot_product_attention(
         lse = query.new_full((B, H, L), float("-inf"))
         if sink is not None:
             lse = sink[..., 0].expand(B, H, L)
-        return (out, lse) if return_lse else out
+        keep = dropout_mask
+        if keep is None and dropout_p > 0.0:
+            keep = query.new_ones((B, H, L, 0), dtype=torch.bool)
+        return outputs(out, lse, keep) if return_lse or return_dropout_mask else out
     s = torch.matmul(query, key.transpose(-2, -1)) * scale  # (B, H, L, S)
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
@@ -125,7 +137,9 @@ def scaled_dot_product_attention(
             dropout_mask = torch.rand_like(p) >= dropout_p
         p = p * dropout_mask / (1.0 - dropout_p)
     out = torch.matmul(p, value)
-    return (out, lse) if return_lse else out
+    if return_lse or return_dropout_mask:
+        return outputs(out, lse, dropout_mask)
+    return out
 
 
 def attention_with_kvcache(
@@ -257,6 +271,7 @@ def attention_varlen(
     sinks: torch.Tensor | None = None,
     return_lse: bool = False,
     dropout_mask: torch.Tensor | None = None,
+    return_dropout_mask: bool = False,
 ):
     """Reference packed variable-length attention (see fastattn.attention_varlen): one
     scaled_dot_product_attention call per sequence, sequence b being the rows
@@ -266,15 +281,22 @@ def attention_varlen(
     scaled_dot_product_attention, per sequence. ``dropout_mask`` (bool, (total_q, H, S_max) with
     S_max >= every sequence's key count, True = keep) holds query row r's keep flag for key j of
     its own sequence at [r, h, j]; without it the draws come from torch's default generator, as
-    scaled_dot_product_attention's. max_seqlen_* are not needed here (taken for the signature).
+    scaled_dot_product_attention's. ``return_dropout_mask`` appends the keep mask used in that
+    layout, (total_q, H, max_seqlen_k) (max_seqlen_k None: the longest sequence's keys), False
+    past each sequence's keys (None without dropout). max_seqlen_* are not needed otherwise.
     Computed in q's dtype (float64 inputs give the oracle).
-    Returns out (total_q, H, Ev), and with return_lse also lse (H, total_q) in the compute dtype.
+    Returns out (total_q, H, Ev) [, lse (H, total_q) in the compute dtype] [, keep mask].
     """
     total_q, H, _ = q.shape
     Ev = v.shape[-1]
     cq = [int(x) for x in cu_seqlens_q.tolist()]
     ck = [int(x) for x in cu_seqlens_k.tolist()]
     outs, lses = [], []
+    drawn = dropout_mask is None and dropout_p > 0.0 and return_dropout_mask
+    if drawn:
+        smax = max([ck[b + 1] - ck[b] for b in range(len(ck) - 1)] + [0])
+        smax = smax if max_seqlen_k is None else int(max_seqlen_k)
+        dropout_mask = q.new_zeros((total_q, H, smax), dtype=torch.bool)
     for b in range(len(cq) - 1):
         # (L_b, H, E) rows -> (1, H, L_b, E)
         qb = q[cq[b]:cq[b + 1]].transpose(0, 1)[None]
@@ -286,17 +308,21 @@ def attention_varlen(
         keep = None
         if dropout_mask is not None:  # (L_b, H, S_b) -> (1, H, L_b, S_b)
             keep = dropout_mask[cq[b]:cq[b + 1], :, :ck[b + 1] - ck[b]].transpose(0, 1)[None]
-        o, lse = scaled_dot_product_attention(
+        o, lse, *drew = scaled_dot_product_attention(
             qb, kb, vb, None, dropout_p, is_causal, scale, enable_gqa=True, window=window,
-            causal_alignment=causal_alignment, return_lse=True, dropout_mask=keep,
-            softcap=softcap, alibi_slopes=slopes, sinks=sinks)
+            causal_alignment=causal_alignment, return_lse=True,
+            dropout_mask=None if drawn else keep, softcap=softcap, alibi_slopes=slopes,
+            sinks=sinks, return_dropout_mask=drawn)
+        if drawn:  # (1, H, L_b, S_b) -> rows [cq[b], cq[b + 1]), keys [0, S_b)
+            dropout_mask[cq[b]:cq[b + 1], :, :ck[b + 1] - ck[b]] = drew[0][0].transpose(0, 1)
         outs.append(o[0].transpose(0, 1))  # (L_b, H, Ev)
         lses.append(lse[0])  # (H, L_b)
     out = torch.cat(outs, dim=0) if outs else q.new_zeros((0, H, Ev))
-    if not return_lse:
-        return out
     lse = torch.cat(lses, dim=1) if lses else q.new_zeros((H, 0))
-    return out, lse
+    keep = dropout_mask if dropout_p > 0.0 or dropout_mask is not None else None
+    if not (return_lse or return_dropout_mask):
+        return out
+    return (out, *((lse,) if return_lse else ()), *((keep,) if return_dropout_mask else ()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ _UNIT_STRIDES = {
     "stride_qk", "stride_kk", "stride_vk", "stride_mn", "stride_ok", "stride_dok", "stride_dqk",
     "stride_dkk", "stride_dvk", "stride_dmn", "stride_knk", "stride_vnk", "stride_kck",
     "stride_vck", "stride_ak", "stride_bk", "stride_cn", "stride_xk", "stride_wk", "stride_on",
+    "stride_ken",
 }
 # integer arguments named in capitals (the int8 and norm kernels' sizes); other capitals are
 # pointers (in the attention kernels K is the key tensor)
@@ -75,22 +76,19 @@ def attention_jobs() -> list[Job]:
     from fastattn.triton import attention as A
 
     jobs = []
+    seq = dict(CuSeqQ="*i32", CuSeqK="*i32")
     kernels = [
         ("_attention_fwd_kernel", A._FWD_TUNING, dict(SINKS=True),
-         dict(Lse="*fp32", Slopes="*fp32", Sinks="*fp32")),
+         dict(Lse="*fp32", Slopes="*fp32", Sinks="*fp32", **seq)),
         ("_attention_bwd_dkdv_kernel", A._DKDV_TUNING, dict(ATOMIC_DQ=True, STORE_DMASK=True),
-         dict(Lse="*fp32", Delta="*fp32", DQ="*fp32", Slopes="*fp32")),
+         dict(Lse="*fp32", Delta="*fp32", DQ="*fp32", Slopes="*fp32", **seq)),
         ("_attention_bwd_dq_kernel", A._DQ_TUNING, {},
-         dict(Lse="*fp32", Delta="*fp32", Slopes="*fp32")),
+         dict(Lse="*fp32", Delta="*fp32", Slopes="*fp32", **seq)),
     ]
+    # the same kernels on packed sequences (VARLEN: offsets from cu_seqlens, no mask)
     varlen_kernels = [
-        ("_attention_varlen_fwd_kernel", A._FWD_TUNING, dict(SINKS=True),
-         dict(Lse="*fp32", Slopes="*fp32", Sinks="*fp32")),
-        ("_attention_varlen_bwd_dkdv_kernel", A._DKDV_TUNING, dict(ATOMIC_DQ=True),
-         dict(Lse="*fp32", Delta="*fp32", DQ="*fp32", Slopes="*fp32")),
-        ("_attention_varlen_bwd_dq_kernel", A._DQ_TUNING, {},
-         dict(Lse="*fp32", Delta="*fp32", Slopes="*fp32")),
-    ]
+        (name, table, {**extra, "STORE_DMASK": False} if "STORE_DMASK" in extra else extra,
+         ptrs) for name, table, extra, ptrs in kernels]
     for arch in ARCHES:
         for dt in ("bf16", "fp32"):
             for name, table, extra, ptrs in kernels:
@@ -100,6 +98,7 @@ def attention_jobs() -> list[Job]:
                             const = dict(HEAD_DIM=dclass, HEAD_DIM_V=dclass, HAS_MASK=has_mask,
                                          HAS_LEFT=True, HAS_RIGHT=True, DROPOUT=True,
                                          SOFTCAP=True, ALIBI=True, INTERP_BF16=False,
+                                         VARLEN=False, BOTTOM_RIGHT=False,
                                          BLOCK_M=bm, BLOCK_N=bn,
                                          DOT_PRECISION=A._dot_precision(dt == "fp32"), **extra)
                             jobs.append(_job("fastattn.triton.attention", name, arch, const, dt,
@@ -110,14 +109,14 @@ def attention_jobs() -> list[Job]:
                 variant = "_fp32" if dt == "fp32" else ""
                 for dclass, cands in A.tuning_list(table, arch // 10, variant).items():
                     for bm, bn, warps, stages in cands:
-                        const = dict(HEAD_DIM=dclass, HEAD_DIM_V=dclass, HAS_LEFT=True,
-                                     HAS_RIGHT=True, BOTTOM_RIGHT=True, DROPOUT=True,
+                        const = dict(HEAD_DIM=dclass, HEAD_DIM_V=dclass, HAS_MASK=False,
+                                     HAS_LEFT=True, HAS_RIGHT=True, DROPOUT=True,
                                      SOFTCAP=True, ALIBI=True, INTERP_BF16=False,
-                                     BLOCK_M=bm, BLOCK_N=bn,
+                                     VARLEN=True, BOTTOM_RIGHT=True, BLOCK_M=bm, BLOCK_N=bn,
                                      DOT_PRECISION=A._dot_precision(dt == "fp32"), **extra)
                         jobs.append(_job("fastattn.triton.attention", name, arch, const, dt,
                                          warps, stages, f"varlen{variant} {dt} E<={dclass}",
-                                         CuSeqQ="*i32", CuSeqK="*i32", **ptrs))
+                                         **ptrs))
             # decoding: the largest M tile (the query rows of a kv group), every feature on
             variant = "_fp32" if dt == "fp32" else ""
             for dclass, cands in A.tuning_list(A._DECODE_TUNING, arch // 10, variant).items():
@@ -137,7 +136,10 @@ def attention_jobs() -> list[Job]:
                     jobs.append(_job("fastattn.triton.attention", "_kvcache_split_kernel", arch,
                                      {**const, "SPLIT": False}, dt, warps, stages,
                                      f"decode nosplit {dt} E<={dclass}", **ptrs))
-        # the fixed-config kernels at their largest head dim
+        # the fixed-config kernels at their largest head dim (the dropout mask: no head dim)
+        jobs.append(_job("fastattn.triton.attention", "_attention_dropout_mask_kernel", arch,
+                         dict(VARLEN=True, BLOCK_M=32, BLOCK_N=64), "u8", 4, 1, "dropout mask",
+                         CuSeqQ="*i32", CuSeqK="*i32"))
         for dt in ("bf16", "fp32"):
             jobs.append(_job("fastattn.triton.attention", "_attention_bwd_preprocess_kernel", arch,
                              dict(HEAD_DIM_V=256, HAS_GRAD_LSE=True, BLOCK_M=16), dt, 4, 1,

@@ -261,14 +261,17 @@ def test_return_lse_false_and_scale(backend):
 # dropout
 # ---------------------------------------------------------------------------------------------
 def dropout_keep_mask(backend, q, k, p, seed):
-    """The keep mask the backend draws for (q, k) with this torch seed, read off the output: with
-    V = identity (Ev = S), out[b, h, i, j] = P[i, j] * keep[i, j] / (1 - p) and P > 0."""
+    """The keep mask the backend returns (return_dropout_mask) for (q, k) with this torch seed,
+    and the output with V = identity (Ev = S): out[b, h, i, j] = P[i, j] * keep[i, j] / (1 - p),
+    where P > 0 everywhere (no mask), so out != 0 is the mask the kernel applied."""
     B, Hkv, S, _ = k.shape
     eye = torch.eye(S, dtype=q.dtype).expand(B, Hkv, S, S)
     torch.manual_seed(seed)
-    out = fastattn.scaled_dot_product_attention(q, k, eye, dropout_p=p, backend=backend,
-                                                enable_gqa=q.shape[1] != Hkv)
-    return out != 0, out
+    out, keep = fastattn.scaled_dot_product_attention(
+        q, k, eye, dropout_p=p, backend=backend, enable_gqa=q.shape[1] != Hkv,
+        return_dropout_mask=True)
+    assert keep.dtype == torch.bool and keep.shape == (*q.shape[:3], S)
+    return keep, out
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -277,6 +280,8 @@ def test_dropout_statistics(backend):
     p = 0.3
     q, k, _ = make_qkv(2, 2, 2, 64, 64, 16)
     keep, out = dropout_keep_mask(backend, q, k, p, seed=11)
+    # the returned mask is the one the kernel applied
+    assert torch.equal(keep, out != 0)
     frac = 1.0 - keep.double().mean().item()  # 16384 draws: std ~0.004
     assert abs(frac - p) < 0.025, f"dropped fraction {frac:.3f}, expected {p}"
     # kept weights are P / (1 - p): each row of P sums to 1, so rows of out average 1
@@ -303,48 +308,78 @@ def test_dropout_reproducible_by_seed(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["plain", "gqa_mask_causal"])
+@pytest.mark.parametrize("case", ["plain", "gqa_mask_causal", "window_lse_mods"])
 def test_dropout_forward_backward_consistent(backend, case):
     """Forward and backward with dropout equal the reference (and its autograd) run with the keep
-    mask the backend drew, reconstructed from a run with V = identity and the same seed."""
+    mask the backend returns (return_dropout_mask), exactly by the rule; asking for the mask
+    changes nothing else (the same output, lse and seed use)."""
     need(backend)
     p, seed = 0.25, 3
     H, Hkv = (2, 2) if case == "plain" else (4, 2)
     q, k, v = make_qkv(1, H, Hkv, 33, 40, 24)
-    mask = None if case == "plain" else torch.randn(33, 40)
-    kwargs = {} if case == "plain" else dict(is_causal=True, causal_alignment="bottom_right",
-                                             enable_gqa=True)
-    B, S = 1, 40
-    eye = torch.eye(S).expand(B, Hkv, S, S)
-    torch.manual_seed(seed)
-    o_eye = fastattn.scaled_dot_product_attention(q, k, eye, mask, dropout_p=p,
-                                                  backend=backend, **kwargs)
-    keep = o_eye != 0
-    vis = reference.visible_keys(33, S, is_causal=kwargs.get("is_causal", False),
-                                 causal_alignment=kwargs.get("causal_alignment", "top_left"))
-    if vis is not None:  # masked-out keys have P = 0 and say nothing about the draw
-        keep |= ~vis
+    mask = torch.randn(33, 40) if case == "gqa_mask_causal" else None
+    kwargs = {"plain": {},
+              "gqa_mask_causal": dict(is_causal=True, causal_alignment="bottom_right",
+                                      enable_gqa=True),
+              "window_lse_mods": dict(window=(7, 3), enable_gqa=True, softcap=4.0,
+                                      sinks=torch.randn(H))}[case]
+    lse_too = case == "window_lse_mods"
 
     for t in (q, k, v):
         t.requires_grad_()
     torch.manual_seed(seed)
-    out = fastattn.scaled_dot_product_attention(q, k, v, mask, dropout_p=p, backend=backend,
+    res = fastattn.scaled_dot_product_attention(q, k, v, mask, dropout_p=p, backend=backend,
+                                                return_lse=lse_too, return_dropout_mask=True,
                                                 **kwargs)
+    out, keep = res[0], res[-1]
+    assert len(res) == 2 + lse_too
+    assert keep.dtype == torch.bool and keep.shape == (1, H, 33, 40)
+    assert 0.15 < 1.0 - keep.float().mean().item() < 0.35  # 5280 draws at p = 0.25
+    torch.manual_seed(seed)
+    again = fastattn.scaled_dot_product_attention(q, k, v, mask, dropout_p=p, backend=backend,
+                                                  return_lse=lse_too, **kwargs)
+    again = again if lse_too else (again,)
+    for a, b in zip(res[:-1], again, strict=True):
+        assert torch.equal(a, b)
     g = torch.randn_like(out)
     out.backward(g)
 
     def ref(dtype):
         ins = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
         m = None if mask is None else mask.to(dtype)
-        o = reference.scaled_dot_product_attention(*ins, m, p, dropout_mask=keep, **kwargs)
+        o, lse = reference.scaled_dot_product_attention(*ins, m, p, dropout_mask=keep,
+                                                        return_lse=True, **kwargs)
         o.backward(g.to(dtype))
-        return o, ins
+        return o, lse, ins
 
-    o_hi, ins_hi = ref(torch.float64)
-    o_lo, ins_lo = ref(torch.float32)
+    o_hi, lse_hi, ins_hi = ref(torch.float64)
+    o_lo, lse_lo, ins_lo = ref(torch.float32)
     assert_close_rule(out, o_hi, o_lo, name="out")
+    if lse_too:
+        assert_close_rule(res[1], lse_hi, lse_lo, name="lse")
     for name, t, hi, lo in zip(("dq", "dk", "dv"), (q, k, v), ins_hi, ins_lo, strict=True):
         assert_close_rule(t.grad, hi.grad, lo.grad, factor=3.0, name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_mask_any_rank_and_without_dropout(backend):
+    """Rank-5 inputs return the mask as (..., L, S), the folded rank-4 call's mask for the same
+    seed; without dropout the mask is None (after lse when both are asked for)."""
+    need(backend)
+    q, k, v = torch.randn(2, 3, 2, 9, 16), torch.randn(2, 3, 2, 11, 16), torch.randn(2, 3, 2, 11, 8)
+    torch.manual_seed(4)
+    out, keep = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.5, backend=backend,
+                                                      return_dropout_mask=True)
+    assert out.shape == (2, 3, 2, 9, 8) and keep.shape == (2, 3, 2, 9, 11)
+    torch.manual_seed(4)
+    _, keep4 = fastattn.scaled_dot_product_attention(
+        q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), dropout_p=0.5, backend=backend,
+        return_dropout_mask=True)
+    assert torch.equal(keep.flatten(0, 1), keep4)
+    out, lse, none = fastattn.scaled_dot_product_attention(q[0], k[0], v[0], backend=backend,
+                                                           return_lse=True,
+                                                           return_dropout_mask=True)
+    assert none is None and lse.shape == (3, 2, 9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,6 +442,27 @@ def test_opcheck_triton_forward_backward():
             lse.detach(), torch.randn_like(lse), mask.detach(), 0.2, -1, 0, 11, 0.0, 0, True,
             False)
     torch.library.opcheck(torch.ops.fastattn.triton_attention_bwd, args)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck_dropout_mask(backend):
+    """The keep-mask ops (return_dropout_mask) in both layouts: sdpa (B, H, L, S) and packed
+    varlen (total_q, H, max_seqlen_k)."""
+    need(backend, op="attention_dropout_mask")
+    ops = torch.ops.fastattn
+    op = ops.attention_dropout_mask if backend == "cpu" else ops.triton_attention_dropout_mask
+    # the interpreter is slow: Triton skips opcheck's aot_dispatch tests
+    utils = ({} if backend == "cpu" else
+             dict(test_utils=("test_schema", "test_autograd_registration", "test_faketensor")))
+    q, k, _ = make_qkv(2, 4, 2, 9, 20, 16)
+    torch.library.opcheck(op, (q, k, None, None, 9, 20, 0.3, 1234), **utils)
+    cu_q = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 6, 11], dtype=torch.int32)
+    args = (torch.randn(7, 4, 16), torch.randn(11, 2, 16), cu_q, cu_k, 4, 6, 0.3, 1234)
+    torch.library.opcheck(op, args, **utils)
+    keep = op(*args)
+    assert keep.shape == (7, 4, 6) and keep.dtype == torch.bool
+    assert not keep[:3, :, 5:].any() and not keep[3:, :, 5:].any()  # past S_b = 5, 1, 5
 
 
 def test_opcheck_triton_kvcache():
@@ -914,7 +970,8 @@ LAST = {"stride_qk", "stride_kk", "stride_vk", "stride_mn", "stride_ok", "stride
         "stride_dqk", "stride_dkk", "stride_dvk", "stride_dmn", "stride_knk", "stride_vnk",
         "stride_kck", "stride_vck"}
 F = dict(HAS_MASK=True, HAS_LEFT=True, HAS_RIGHT=True, DROPOUT=True, INTERP_BF16=False,
-         SOFTCAP=True, ALIBI=True, DOT_PRECISION="tf32x3" if dt == "fp32" else "tf32")
+         SOFTCAP=True, ALIBI=True, VARLEN=False, BOTTOM_RIGHT=False,
+         DOT_PRECISION="tf32x3" if dt == "fp32" else "tf32")
 fam = "hopper" if arch >= 90 else "ampere"
 cfg = lambda table: table.get(fam + "_mask", table[fam])[min(256, max(64, D))][0]
 P = lambda *names, **other: {**{n: "*" + dt for n in names}, **other}

@@ -234,6 +234,22 @@ def test_gqa_blocked_path(backend):
     run_case(backend, H=8, Hkv=1, Lq=5, Lnew=5, window=(11, 0), lens=(0, 14, 41), E=64, Ev=32)
 
 
+def draw_paged_case(data, *, max_B: int, max_blocks: int, max_new: int, groups) -> dict:
+    """run_case's keywords for a random paged call: batch, block size, table width, new-token
+    and query counts, lengths, GQA group and window."""
+    B = data.draw(st.integers(1, max_B), label="B")
+    block_size = data.draw(st.sampled_from([16, 32]), label="block_size")
+    blocks = data.draw(st.integers(1, max_blocks), label="max_blocks")
+    cap = block_size * blocks
+    Lnew = data.draw(st.integers(0, max_new), label="Lnew")
+    Lq = data.draw(st.integers(1, max_new), label="Lq")
+    lens = tuple(data.draw(st.integers(0, cap - Lnew), label=f"len{b}") for b in range(B))
+    G = data.draw(st.sampled_from(groups), label="G")
+    window = data.draw(st.sampled_from([None, (3, 0), (10, -1)]), label="window")
+    return dict(B=B, H=2 * G, Hkv=2, Lq=Lq, Lnew=Lnew, block_size=block_size,
+                max_blocks=blocks, lens=lens, window=window, causal=True, E=16)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_property_random_tables(data):
@@ -241,17 +257,17 @@ def test_property_random_tables(data):
     and new-token counts: the CPU kernel equals the reference on the contiguous cache, and the
     written tokens land where the table says."""
     skip_unless_backend("cpu")
-    B = data.draw(st.integers(1, 3), label="B")
-    block_size = data.draw(st.sampled_from([16, 32]), label="block_size")
-    max_blocks = data.draw(st.integers(1, 4), label="max_blocks")
-    cap = block_size * max_blocks
-    Lnew = data.draw(st.integers(0, 3), label="Lnew")
-    Lq = data.draw(st.integers(1, 3), label="Lq")
-    lens = tuple(data.draw(st.integers(0, cap - Lnew), label=f"len{b}") for b in range(B))
-    G = data.draw(st.sampled_from([1, 2, 4]), label="G")
-    window = data.draw(st.sampled_from([None, (3, 0), (10, -1)]), label="window")
-    run_case("cpu", B=B, H=2 * G, Hkv=2, Lq=Lq, Lnew=Lnew, block_size=block_size,
-             max_blocks=max_blocks, lens=lens, window=window, causal=True, E=16)
+    run_case("cpu", **draw_paged_case(data, max_B=3, max_blocks=4, max_new=3, groups=[1, 2, 4]))
+
+
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_property_random_tables_triton(data):
+    """The same property for the Triton kernels (append, split and combine) under the
+    interpreter: 10 examples of at most 2 sequences and 2 blocks (~15 s in all on 2 cores)."""
+    need("triton")
+    run_case("triton", **draw_paged_case(data, max_B=2, max_blocks=2, max_new=2, groups=[1, 2]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,14 +45,6 @@ from tests import _triton_aot as aot  # noqa: E402
 SPILL_BOUND = 640
 
 
-def varlen_models(A) -> dict:
-    """The varlen kernels (attention_varlen) run the sdpa kernels' loops with their tuning lists
-    and resource models."""
-    return {"_attention_varlen_fwd_kernel": A._FWD,
-            "_attention_varlen_bwd_dkdv_kernel": A._DKDV,
-            "_attention_varlen_bwd_dq_kernel": A._DQ}
-
-
 def ci_subset(jobs: list[aot.Job]) -> list[aot.Job]:
     """The CI set: for each tuning list (kernel, architecture, dtype class, variant, head-dim
     class), its first candidate (the one FASTATTN_TRITON_AUTOTUNE=0 pins, as the GPU check runs)
@@ -63,8 +55,7 @@ def ci_subset(jobs: list[aot.Job]) -> list[aot.Job]:
     from fastattn.triton import int8_gemm as G
 
     models = {"_attention_fwd_kernel": A._FWD, "_attention_bwd_dkdv_kernel": A._DKDV,
-              "_attention_bwd_dq_kernel": A._DQ, "_kvcache_split_kernel": A._DECODE,
-              **varlen_models(A)}
+              "_attention_bwd_dq_kernel": A._DQ, "_kvcache_split_kernel": A._DECODE}
     groups: dict[tuple, list[aot.Job]] = {}
     keep = []
     for job in jobs:
@@ -153,8 +144,7 @@ def test_pruning_estimates_bound_the_compiler(compiled):
     from fastattn.triton import int8_gemm as G
 
     models = {"_attention_fwd_kernel": A._FWD, "_attention_bwd_dkdv_kernel": A._DKDV,
-              "_attention_bwd_dq_kernel": A._DQ, "_kvcache_split_kernel": A._DECODE,
-              **varlen_models(A)}
+              "_attention_bwd_dq_kernel": A._DQ, "_kvcache_split_kernel": A._DECODE}
     bad = []
     for r in compiled:
         c = r["constexprs"]

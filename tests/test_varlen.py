@@ -6,9 +6,9 @@ q, k, v and sinks).
 
 The packed batches hold sequences of length 0 and 1 and L != S both ways; the options cover GQA,
 both causal alignments, sliding windows, softcap / ALiBi ((H,) and (B, H)) / sinks, dropout
-(checked exactly against the reference given the keep mask the kernel drew, read off a call with
-V = identity, as tests/test_attention.py does for sdpa), the deterministic backward, opcheck and
-torch.compile(fullgraph=True), and a hypothesis property over random cu_seqlens. Triton runs under
+(checked exactly against the reference given the keep mask the kernel drew, returned by
+return_dropout_mask, as tests/test_attention.py does for sdpa), the deterministic backward,
+opcheck and torch.compile(fullgraph=True), and a hypothesis property over random cu_seqlens. Triton runs under
 the interpreter on CPU tensors: its cases are the smallest.
 """
 
@@ -196,47 +196,39 @@ def test_every_sequence_empty_of_keys(backend):
 
 
 # ---------------------------------------------------------------------------------------------
-# dropout: the kernel's keep mask, read off a call with V = identity, given to the reference
+# dropout: the keep mask the kernels drew (return_dropout_mask), given to the reference
 # ---------------------------------------------------------------------------------------------
-def varlen_keep_mask(backend, q, k, cu_q, cu_k, p, seed, **kw):
-    """The keep mask (total_q, H, S_max) the backend draws with this torch seed: with v the
-    identity of each sequence's keys (Ev = S_max), out[r, h, j] = P[r, j] * keep / (1 - p)."""
-    ck = cu_k.tolist()
-    lens_k = [ck[b + 1] - ck[b] for b in range(len(ck) - 1)]
-    smax = max(lens_k)
-    eye = torch.zeros(k.shape[0], k.shape[1], smax, dtype=q.dtype)
-    for b, n in enumerate(lens_k):
-        eye[ck[b]:ck[b] + n, :, :n] = torch.eye(n, dtype=q.dtype)[:, None, :]
-    torch.manual_seed(seed)
-    out = fastattn.attention_varlen(q, k, eye, cu_q, cu_k, max(q.shape[0], 1), smax,
-                                    dropout_p=p, backend=backend, **kw)
-    return out != 0
-
-
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_dropout_matches_reference_given_the_keep_mask(backend):
+    """attention_varlen(return_dropout_mask=True) returns the packed (total_q, H, max_seqlen_k)
+    keep mask the backend drew; forward and gradients equal the per-sequence reference run with
+    it, by the rule; the same seed gives the same output without asking for the mask."""
     need(backend)
     lens_q, lens_k = SMALL_LENS if backend == "triton" else LENS
-    p, seed = 0.3, 5
+    p, seed, H = 0.3, 5, 4
     kw = dict(is_causal=True, causal_alignment="bottom_right", window=(6, -1))
-    q, k, v, cu_q, cu_k, _ = make(lens_q, lens_k, option=None)
-    keep = varlen_keep_mask(backend, q, k, cu_q, cu_k, p, seed, **kw)
-    # the keys a row does not see have P = 0 and say nothing about the draw: keep them
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    for b in range(len(cq) - 1):
-        L, S = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
-        vis = reference.visible_keys(L, S, is_causal=True, window=(6, -1),
-                                     causal_alignment="bottom_right")
-        if vis is not None and L and S:
-            keep[cq[b]:cq[b + 1], :, :S] |= ~vis[:, None, :]
-    dropped = 1.0 - keep.float().mean().item()
-    assert 0.05 < dropped < 0.6, f"dropped fraction {dropped:.3f} for p = {p}"
-
+    q, k, v, cu_q, cu_k, _ = make(lens_q, lens_k, H=H, option=None)
     for t in (q, k, v):
         t.requires_grad_()
     torch.manual_seed(seed)
-    out = fastattn.attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), dropout_p=p,
-                                    backend=backend, **kw)
+    out, lse, keep = fastattn.attention_varlen(
+        q, k, v, cu_q, cu_k, max(lens_q), max(lens_k) + 2, dropout_p=p, backend=backend,
+        return_lse=True, return_dropout_mask=True, **kw)
+    assert keep.dtype == torch.bool and keep.shape == (q.shape[0], H, max(lens_k) + 2)
+    torch.manual_seed(seed)
+    again, lse_again = fastattn.attention_varlen(q, k, v, cu_q, cu_k, max(lens_q),
+                                                 max(lens_k) + 2, dropout_p=p, backend=backend,
+                                                 return_lse=True, **kw)
+    assert torch.equal(out, again) and torch.equal(lse, lse_again)
+    # each row's flags for its own sequence's keys: about p dropped; False past them
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    own = torch.zeros_like(keep)
+    for b in range(len(cq) - 1):
+        own[cq[b]:cq[b + 1], :, :ck[b + 1] - ck[b]] = True
+    assert not keep[~own].any()
+    dropped = 1.0 - keep[own].float().mean().item()
+    assert 0.15 < dropped < 0.45, f"dropped fraction {dropped:.3f} for p = {p}"
+
     g = torch.randn_like(out)
     out.backward(g)
     o_hi, _, ins_hi = sdpa_loop(q, k, v, cu_q, cu_k, torch.float64, dropout_p=p,
@@ -253,6 +245,30 @@ def test_dropout_matches_reference_given_the_keep_mask(backend):
                                      v.detach().double(), cu_q, cu_k, dropout_p=p,
                                      dropout_mask=keep, **kw)
     torch.testing.assert_close(ref, o_hi.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_dropout_mask_is_the_applied_one(backend):
+    """With V = identity of each sequence's keys (Ev = S_max, no mask or window: every P > 0),
+    out[r, h, j] = P[r, j] * keep / (1 - p): its nonzeros are exactly the returned mask.
+    Without dropout the mask is None."""
+    need(backend)
+    lens_q, lens_k = TINY_LENS if backend == "triton" else SMALL_LENS
+    q, k, _, cu_q, cu_k, _ = make(lens_q, lens_k, H=2, Hkv=1)
+    smax = max(lens_k)
+    eye = torch.zeros(k.shape[0], 1, smax)
+    ck = cu_k.tolist()
+    for b in range(len(ck) - 1):
+        n = ck[b + 1] - ck[b]
+        eye[ck[b]:ck[b + 1], :, :n] = torch.eye(n)[:, None, :]
+    out, keep = fastattn.attention_varlen(q, k, eye, cu_q, cu_k, max(lens_q), smax,
+                                          dropout_p=0.4, return_dropout_mask=True,
+                                          backend=backend)
+    assert torch.equal(keep, out != 0)
+    assert not keep.all()
+    out, none = fastattn.attention_varlen(q, k, eye, cu_q, cu_k, max(lens_q), smax,
+                                          return_dropout_mask=True, backend=backend)
+    assert none is None
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])

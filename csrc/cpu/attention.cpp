@@ -74,7 +74,19 @@ struct Dropout {
   static uint32_t cell(uint32_t r, int64_t j) {
     return fmix32(r + static_cast<uint32_t>(j) * kGolden32) >> 8;
   }
+  bool keep(uint32_t r, int64_t j) const { return !on || cell(r, j) >= threshold; }
 };
+
+inline Dropout make_dropout(double dropout_p, int64_t seed) {
+  Dropout d;
+  d.on = dropout_p > 0.0;
+  if (d.on) {
+    d.threshold = static_cast<uint32_t>(std::min(dropout_p * 16777216.0, 16777215.0));
+    d.inv_keep = static_cast<float>(1.0 / (1.0 - dropout_p));
+    d.seed = static_cast<uint64_t>(seed);
+  }
+  return d;
+}
 
 struct AttnArgs {
   int64_t B, H, Hkv, L, S, E, Ev;
@@ -281,12 +293,7 @@ AttnArgs make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   a.wl = window_left < 0 ? -1 : window_left;
   a.wr = window_right < 0 ? -1 : window_right;
   a.off = diag_offset;
-  a.drop.on = dropout_p > 0.0;
-  if (a.drop.on) {
-    a.drop.threshold = static_cast<uint32_t>(std::min(dropout_p * 16777216.0, 16777215.0));
-    a.drop.inv_keep = static_cast<float>(1.0 / (1.0 - dropout_p));
-    a.drop.seed = static_cast<uint64_t>(seed);
-  }
+  a.drop = make_dropout(dropout_p, seed);
   return a;
 }
 
@@ -851,9 +858,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd(
   return {dq.transpose(0, 1), dk.transpose(0, 1), dv.transpose(0, 1), dsinks};
 }
 
+// ---- attention_dropout_mask ------------------------------------------------------------------
+// The keep flags the kernels above draw (Dropout::keep: the scalar form of softmax.h's
+// drop_keep, from the same key / row hashes). sdpa: [b, h, i, j] = keep(b * H + h, i, j), bool
+// (B, H, L, S). varlen (cu_seqlens given): the packed sequences run as batch entry 0 of
+// (total_q, total_k) rows, so row r of sequence s keeps key j of its sequence iff
+// keep(h, r, cu_k[s] + j): (total_q, H, max_seqlen_k), False past the sequence's keys (offsets
+// clamped into the packed rows, as the GPU kernels do).
+at::Tensor attention_dropout_mask(const at::Tensor& q, const at::Tensor& k,
+                                  const std::optional<at::Tensor>& cu_seqlens_q,
+                                  const std::optional<at::Tensor>& cu_seqlens_k,
+                                  int64_t /*max_seqlen_q*/, int64_t max_seqlen_k,
+                                  double dropout_p, int64_t seed) {
+  const bool varlen = cu_seqlens_q.has_value() && cu_seqlens_q->defined();
+  TORCH_CHECK(varlen == (cu_seqlens_k.has_value() && cu_seqlens_k->defined()),
+              "fastattn::attention_dropout_mask (cpu): cu_seqlens_q and cu_seqlens_k must be "
+              "given together");
+  TORCH_CHECK(q.dim() == (varlen ? 3 : 4) && k.dim() == q.dim(),
+              "fastattn::attention_dropout_mask (cpu): q and k must be ", varlen ? 3 : 4,
+              "-D, got ", q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0,
+              "fastattn::attention_dropout_mask (cpu): dropout_p must be in [0, 1), got ",
+              dropout_p);
+  const Dropout d = make_dropout(dropout_p, seed);
+  if (!varlen) {
+    const int64_t B = q.size(0), H = q.size(1), L = q.size(2), S = k.size(2);
+    at::Tensor keep = at::empty({B, H, L, S}, q.options().dtype(at::kBool));
+    bool* out = keep.data_ptr<bool>();
+    at::parallel_for(0, B * H * L, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {  // r = (b * H + h) * L + i
+        const uint32_t row = Dropout::row(d.key(r / L), r % L);
+        for (int64_t j = 0; j < S; ++j) out[r * S + j] = d.keep(row, j);
+      }
+    });
+    return keep;
+  }
+  TORCH_CHECK(max_seqlen_k >= 0, "fastattn::attention_dropout_mask (cpu): max_seqlen_k must be "
+              ">= 0, got ", max_seqlen_k);
+  const at::Tensor cq = cu_seqlens_q->to(at::kInt).contiguous();
+  const at::Tensor ck = cu_seqlens_k->to(at::kInt).contiguous();
+  TORCH_CHECK(cq.dim() == 1 && ck.sizes() == cq.sizes() && cq.numel() >= 1,
+              "fastattn::attention_dropout_mask (cpu): cu_seqlens_q and cu_seqlens_k must be "
+              "(B + 1,), got ", cq.sizes(), " and ", ck.sizes());
+  const int64_t total_q = q.size(0), total_k = k.size(0), H = q.size(1), Smax = max_seqlen_k;
+  at::Tensor keep = at::zeros({total_q, H, Smax}, q.options().dtype(at::kBool));
+  bool* out = keep.data_ptr<bool>();
+  const int32_t* pq = cq.const_data_ptr<int32_t>();
+  const int32_t* pk = ck.const_data_ptr<int32_t>();
+  auto clamp = [](int64_t x, int64_t lo, int64_t hi) { return std::min(std::max(x, lo), hi); };
+  at::parallel_for(0, cq.numel() - 1, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t q0 = clamp(pq[s], 0, total_q), q1 = clamp(pq[s + 1], q0, total_q);
+      const int64_t k0 = clamp(pk[s], 0, total_k), k1 = clamp(pk[s + 1], k0, total_k);
+      const int64_t n = std::min(k1 - k0, Smax);
+      for (int64_t r = q0; r < q1; ++r)
+        for (int64_t h = 0; h < H; ++h) {
+          const uint32_t row = Dropout::row(d.key(h), r);
+          bool* o = out + (r * H + h) * Smax;
+          for (int64_t j = 0; j < n; ++j) o[j] = d.keep(row, k0 + j);
+        }
+    }
+  });
+  return keep;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("attention_dropout_mask", &attention_dropout_mask);
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
   m.impl("attention_kvcache", &attention_kvcache);

@@ -398,6 +398,38 @@ def _make_backward(bwd_op):
     return backward
 
 
+@torch.library.custom_op("fastattn::triton_attention_dropout_mask", mutates_args=())
+def triton_attention_dropout_mask(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float,
+    seed: int,
+) -> torch.Tensor:
+    from fastattn.triton.attention import attention_dropout_mask
+
+    return attention_dropout_mask(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  dropout_p, seed)
+
+
+def _dropout_mask_fake(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                       seed):
+    if cu_seqlens_q is None:  # (B, H, L, S)
+        return q.new_empty((*q.shape[:3], k.shape[2]), dtype=torch.bool)
+    return q.new_empty((q.shape[0], q.shape[1], max_seqlen_k), dtype=torch.bool)
+
+
+def _dropout_keep_mask(chosen: str, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+                       max_seqlen_k: int, dropout_p: float, seed: int) -> torch.Tensor | None:
+    """The keep mask that ``chosen``'s attention kernels drew with this seed, written by the
+    same backend's mask op from the same RNG function (fastattn::attention_dropout_mask):
+    bool (B, H, L, S), or (total_q, H, max_seqlen_k) with cu_seqlens; None without dropout."""
+    if dropout_p == 0.0:
+        return None
+    op = (torch.ops.fastattn.triton_attention_dropout_mask if chosen == "triton"
+          else torch.ops.fastattn.attention_dropout_mask)
+    return op(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed)
+
+
+torch.library.register_fake("fastattn::triton_attention_dropout_mask")(_dropout_mask_fake)
 torch.library.register_fake("fastattn::triton_attention_fwd")(_fwd_fake)
 torch.library.register_fake("fastattn::triton_attention_bwd")(_bwd_fake)
 torch.library.register_fake("fastattn::triton_attention_kvcache")(_kvcache_fake)
@@ -411,6 +443,8 @@ def _register_cpp() -> None:
         return
     torch.library.register_fake("fastattn::attention_fwd")(_fwd_fake)
     torch.library.register_fake("fastattn::attention_bwd")(_bwd_fake)
+    if hasattr(torch.ops.fastattn, "attention_dropout_mask"):
+        torch.library.register_fake("fastattn::attention_dropout_mask")(_dropout_mask_fake)
     torch.library.register_fake("fastattn::attention_kvcache")(_kvcache_fake)
     torch.library.register_fake("fastattn::attention_kvcache_lse")(_kvcache_lse_fake)
     torch.library.register_autograd("fastattn::attention_fwd",
@@ -440,6 +474,7 @@ def scaled_dot_product_attention(
     softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    return_dropout_mask: bool = False,
     backend: str = "auto",
 ):
     """Fused softmax attention, a drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
@@ -465,22 +500,29 @@ def scaled_dot_product_attention(
             with no value row (gpt-oss's attention sinks); receives its gradient.
             Order: scale -> softcap -> alibi -> attn_mask / causal / window -> softmax (with the
             sink). A row with no visible key gives zeros (and lse = the sink).
+        return_dropout_mask: also return the dropout keep mask the kernels drew (a debugging
+            aid, like FlashAttention's return_attn_probs): bool (B, H, L, S), True = kept, the
+            draw for every (query, key) pair whether visible or not; None when dropout_p = 0.
+            Written by the backend's own mask op from the seed and RNG function of its attention
+            kernels (the reference: the torch.rand draw it used), only when asked.
         backend: "auto" | "triton" | "cuda" | "cpu" | "reference".
 
     Rows where every key is masked give zeros (and lse = -inf) and zero gradients, never NaN.
     Set ``torch.use_deterministic_algorithms(True)`` for a bitwise-repeatable backward.
 
     Returns:
-        out (B, H, L, Ev) in query's dtype; (out, lse) when return_lse. The kernels store out
-        token-major ((B, L, H, Ev) memory, as FlashAttention and torch's CPU flash attention), so
-        ``out.transpose(1, 2).reshape(B, L, H * Ev)`` is a view.
+        out (B, H, L, Ev) in query's dtype, followed by lse when return_lse and by the keep
+        mask when return_dropout_mask: out | (out, lse) | (out, mask) | (out, lse, mask).
+        The kernels store out token-major ((B, L, H, Ev) memory, as FlashAttention and torch's
+        CPU flash attention), so ``out.transpose(1, 2).reshape(B, L, H * Ev)`` is a view.
     """
     if all(isinstance(t, torch.Tensor) for t in (query, key, value)) and (
             query.dim() != 4 or key.dim() != 4 or value.dim() != 4):
         return _sdpa_any_rank(query, key, value, attn_mask, dropout_p, is_causal, scale,
                               enable_gqa, window=window, causal_alignment=causal_alignment,
                               return_lse=return_lse, softcap=softcap, alibi_slopes=alibi_slopes,
-                              sinks=sinks, backend=backend)
+                              sinks=sinks, return_dropout_mask=return_dropout_mask,
+                              backend=backend)
     _check_qkv(query, key, value, enable_gqa)
     fn = "fastattn.scaled_dot_product_attention"
     cap = _softcap_arg(fn, softcap)
@@ -498,25 +540,37 @@ def scaled_dot_product_attention(
     chosen = _choose("scaled_dot_product_attention", query.device, backend, query.dtype,
                      max(E, value.shape[-1]), dropout_p > 0.0, score_mods)
     if chosen == "reference" or query.numel() == 0 or value.numel() == 0:
-        out, lse = reference.scaled_dot_product_attention(
+        out, lse, *keep = reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
             window=window, causal_alignment=causal_alignment, return_lse=True,
-            softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
-        return (out, lse.float()) if return_lse else out
+            softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+            return_dropout_mask=return_dropout_mask)
+        return _outputs(out, lse.float(), *keep, return_lse=return_lse)
     op = (torch.ops.fastattn.triton_attention_fwd if chosen == "triton"
           else torch.ops.fastattn.attention_fwd)
+    seed = _draw_seed(dropout_p)
     if score_mods:
-        out, lse = op(query, key, value, mask, scale, wl, wr, off, dropout_p,
-                      _draw_seed(dropout_p), cap, _slopes_bh(alibi_slopes, B, H),
-                      None if sinks is None else sinks.contiguous())
+        out, lse = op(query, key, value, mask, scale, wl, wr, off, dropout_p, seed, cap,
+                      _slopes_bh(alibi_slopes, B, H), None if sinks is None else sinks.contiguous())
     else:  # the calls without modifiers keep their short argument list (and autograd node)
-        out, lse = op(query, key, value, mask, scale, wl, wr, off, dropout_p,
-                      _draw_seed(dropout_p))
+        out, lse = op(query, key, value, mask, scale, wl, wr, off, dropout_p, seed)
+    if return_dropout_mask:
+        keep = _dropout_keep_mask(chosen, query, key, None, None, L, S, dropout_p, seed)
+        return _outputs(out, lse, keep, return_lse=return_lse)
     return (out, lse) if return_lse else out
 
 
+def _outputs(out, lse, *keep, return_lse: bool):
+    """out [, lse] [, keep mask]: the public functions' return order (keep given only when it
+    was asked for)."""
+    if not return_lse and not keep:
+        return out
+    return (out, *((lse,) if return_lse else ()), *keep)
+
+
 def _sdpa_any_rank(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *,
-                   window, causal_alignment, return_lse, softcap, alibi_slopes, sinks, backend):
+                   window, causal_alignment, return_lse, softcap, alibi_slopes, sinks,
+                   return_dropout_mask, backend):
     """F.scaled_dot_product_attention's (..., L, E) inputs of rank 3 or more: the leading dims are
     batch dims (the one before L the heads, for GQA), run as (B, H, L, E) views of them."""
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -545,11 +599,17 @@ def _sdpa_any_rank(query, key, value, attn_mask, dropout_p, is_causal, scale, en
     out = scaled_dot_product_attention(
         as4d(query), as4d(key), as4d(value), mask, dropout_p, is_causal, scale, enable_gqa,
         window=window, causal_alignment=causal_alignment, return_lse=return_lse, softcap=softcap,
-        alibi_slopes=alibi_slopes, sinks=sinks, backend=backend)
+        alibi_slopes=alibi_slopes, sinks=sinks, return_dropout_mask=return_dropout_mask,
+        backend=backend)
+    if not (return_lse or return_dropout_mask):
+        return out.reshape(*query.shape[:-1], out.shape[-1])
+    outs = [out[0].reshape(*query.shape[:-1], out[0].shape[-1])]
     if return_lse:
-        out, lse = out
-        return out.reshape(*query.shape[:-1], out.shape[-1]), lse.reshape(query.shape[:-1])
-    return out.reshape(*query.shape[:-1], out.shape[-1])
+        outs.append(out[1].reshape(query.shape[:-1]))
+    if return_dropout_mask:  # (B, H, L, S) -> (..., L, S)
+        keep = out[-1]
+        outs.append(None if keep is None else keep.reshape(*query.shape[:-1], key.shape[-2]))
+    return tuple(outs)
 
 
 def attention_with_kvcache(
@@ -860,6 +920,7 @@ def attention_varlen(
     alibi_slopes: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
     return_lse: bool = False,
+    return_dropout_mask: bool = False,
     backend: str = "auto",
 ):
     """Attention over packed variable-length sequences (FlashAttention's
@@ -880,13 +941,17 @@ def attention_varlen(
         alibi_slopes: float32 (H,) or (B, H) (row b for sequence b), or None.
         return_lse: also return lse (H, total_q) float32 (the sink included; -inf on rows that
             see no key).
+        return_dropout_mask: also return the dropout keep mask the kernels drew, as
+            scaled_dot_product_attention's, packed: bool (total_q, H, max_seqlen_k), [r, h, j]
+            the flag of query row r for key j of its own sequence (False for j past the
+            sequence's keys); None when dropout_p = 0.
         backend: "auto" | "triton" | "cpu" | "reference" ("cuda" has no varlen kernel).
 
     Set ``torch.use_deterministic_algorithms(True)`` for a bitwise-repeatable backward.
 
     Returns:
-        out (total_q, H, Ev) in q's dtype; (out, lse) when return_lse. Gradients reach q, k, v
-        and sinks.
+        out (total_q, H, Ev) in q's dtype [, lse when return_lse] [, the keep mask when
+        return_dropout_mask]. Gradients reach q, k, v and sinks.
     """
     fn = "fastattn.attention_varlen"
     _backend.check_backend(backend)
@@ -904,17 +969,21 @@ def attention_varlen(
                            (q.dtype, max(E, Ev), dropout_p > 0.0, score_mods), _varlen_supports)
     # (no key at all, total_k = 0, is the kernels' too: out 0, lse the sink, zero gradients)
     if chosen == "reference" or q.numel() == 0 or Ev == 0:
-        out, lse = reference.attention_varlen(
+        out, lse, *keep = reference.attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             dropout_p=dropout_p, is_causal=is_causal, scale=scale, window=window,
             causal_alignment=causal_alignment, softcap=softcap, alibi_slopes=alibi_slopes,
-            sinks=sinks, return_lse=True)
-        return (out, lse.float()) if return_lse else out
+            sinks=sinks, return_lse=True, return_dropout_mask=return_dropout_mask)
+        return _outputs(out, lse.float(), *keep, return_lse=return_lse)
     op = (torch.ops.fastattn.triton_attention_varlen_fwd if chosen == "triton"
           else torch.ops.fastattn.attention_varlen_fwd)
     B, H = cu_seqlens_q.shape[0] - 1, q.shape[1]
+    seed = _draw_seed(dropout_p)
     out, lse = op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                  scale, wl, wr, causal_alignment == "bottom_right", dropout_p,
-                  _draw_seed(dropout_p), cap, _slopes_bh(alibi_slopes, B, H),
-                  None if sinks is None else sinks.contiguous())
+                  scale, wl, wr, causal_alignment == "bottom_right", dropout_p, seed, cap,
+                  _slopes_bh(alibi_slopes, B, H), None if sinks is None else sinks.contiguous())
+    if return_dropout_mask:
+        keep = _dropout_keep_mask(chosen, q, k, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                  int(max_seqlen_k), dropout_p, seed)
+        return _outputs(out, lse, keep, return_lse=return_lse)
     return (out, lse) if return_lse else out

@@ -10,6 +10,10 @@
   rotary embedding it rotates k_new on the way and q into a copy the attention reads), then
   split-K flash-decoding computes partial (out, lse) per chunk of the cache and a combine kernel
   merges them.
+* ``attention_varlen_fwd`` / ``attention_varlen_bwd``: packed variable-length sequences through
+  the same forward / dK-dV / dQ kernels with ``VARLEN`` on (offsets and lengths per program from
+  cu_seqlens).
+* ``attention_dropout_mask``: the dropout keep mask those kernels draw (return_dropout_mask).
 
 Layout of every kernel: pointers, scalars, strides (``stride_<tensor><dim>``), sizes, then
 ``tl.constexpr`` meta-parameters. Scores are kept in log2 units (pre-multiplied by log2(e)) so
@@ -284,7 +288,7 @@ def attention_unsupported_reason(dtype: torch.dtype, head_dim: int,
 
 
 _FWD_KEYS = ["HEAD_DIM", "HEAD_DIM_V", "seqlen_q_key", "seqlen_k_key", "HAS_MASK", "HAS_LEFT",
-             "HAS_RIGHT", "DROPOUT"]
+             "HAS_RIGHT", "DROPOUT", "VARLEN"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +355,37 @@ def _block_schedule(lo, full_lo, full_hi, hi, BLOCK: tl.constexpr):
     n_first = tl.cdiv(full_lo - lo, BLOCK)
     n_masked = n_first + tl.cdiv(hi - full_hi, BLOCK)
     return lo, n_first, full_hi, n_masked, full_lo, tl.cdiv(full_hi - full_lo, BLOCK)
+
+
+@triton.jit
+def _varlen_span(CuSeq, b, total):
+    """(first row, length) of sequence b from its cu_seqlens, clamped into [0, total]: offsets
+    the host could not check (GPU tensors) never send a program outside the packed rows."""
+    start = tl.minimum(tl.maximum(tl.load(CuSeq + b), 0), total)
+    end = tl.minimum(tl.maximum(tl.load(CuSeq + b + 1), start), total)
+    return start.to(tl.int64), end - start
+
+
+@triton.jit
+def _varlen_sequence(CuSeqQ, CuSeqK, b, total_q, total_k, BOTTOM_RIGHT: tl.constexpr):
+    """Sequence b of a packed (VARLEN) launch: (q_start, k_start, seqlen_q, seqlen_k,
+    diag_offset), its first query / key row, its lengths, and its diagonal offset (S_b - L_b
+    when bottom-right aligned, else 0)."""
+    q_start, seqlen_q = _varlen_span(CuSeqQ, b, total_q)
+    k_start, seqlen_k = _varlen_span(CuSeqK, b, total_k)
+    diag_offset = seqlen_k - seqlen_q if BOTTOM_RIGHT else seqlen_k * 0
+    return q_start, k_start, seqlen_q, seqlen_k, diag_offset
+
+
+@triton.jit
+def _first_row(b, h, q_start, num_heads, rows_q, VARLEN: tl.constexpr):
+    """Row of query 0 of (b, h) in lse / delta: (B, H, L) rows (b * H + h) * L, or, VARLEN,
+    (H, total_q) rows h * total_q + q_start. Its dropout counters start at row * cdiv(S, 4)
+    (cdiv(total_k, 4) when VARLEN), disjoint between heads and sequences."""
+    if VARLEN:
+        return h * rows_q + q_start
+    else:
+        return (b * num_heads + h) * rows_q
 
 
 @triton.jit
@@ -479,7 +514,7 @@ def _attention_fwd_loop(
 )
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, Mask, Out, Lse, Slopes, Sinks,
+    Q, K, V, Mask, Out, Lse, Slopes, Sinks, CuSeqQ, CuSeqK,
     qk_scale, dropout_p, seed, softcap2,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
@@ -494,11 +529,17 @@ def _attention_fwd_kernel(
     HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr,
+    VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out (B, H, L, Ev), lse (B, H, L) from q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev);
     Slopes (B, H) float32 by strides (ALIBI), Sinks (H,) float32 (SINKS).
-    Grid: grid_folded(cdiv(L, BLOCK_M), B * H); the Q tile stays in registers."""
+    VARLEN: packed sequences (attention_varlen): q (total_q, H, E), k (total_k, Hkv, E), v
+    (total_k, Hkv, Ev), out (total_q, H, Ev), lse (H, total_q); seqlen_q / seqlen_k are the
+    totals, sequence b spans the rows [cu_q[b], cu_q[b + 1]) / [cu_k[b], cu_k[b + 1]) of
+    CuSeqQ / CuSeqK (int32, B + 1), and diag_offset is S_b - L_b (BOTTOM_RIGHT) or 0. The
+    batch strides are the row strides there: batch entry index = first packed row. No mask.
+    Grid: grid_folded(cdiv(L or max_seqlen_q, BLOCK_M), B * H); the Q tile stays in registers."""
     pid_m = tl.program_id(0)
     if HAS_RIGHT:
         if not HAS_LEFT:
@@ -511,22 +552,30 @@ def _attention_fwd_kernel(
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     hk = h // group_size  # GQA: query head h reads kv head h // (H / Hkv)
-
     m_start = pid_m * BLOCK_M
+    rows_q, rows_k = seqlen_q, seqlen_k
+    bq, bk = b, b  # batch entry of q / out and of k / v
+    if VARLEN:
+        bq, bk, seqlen_q, seqlen_k, diag_offset = _varlen_sequence(
+            CuSeqQ, CuSeqK, b, rows_q, rows_k, BOTTOM_RIGHT)
+        if m_start >= seqlen_q:  # the grid covers max_seqlen_q
+            return
+    row0 = _first_row(b, h, bq, num_heads, rows_q, VARLEN)
+
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_m64 = offs_m.to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     row_ok = offs_m < seqlen_q
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qk
+    q_ptrs = Q + bq * stride_qb + h * stride_qh + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qk
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
     if INTERP_BF16:
         q = q.to(tl.float32)
-    K += b * stride_kb + hk * stride_kh
-    V += b * stride_vb + hk * stride_vh
+    K += bk * stride_kb + hk * stride_kh
+    V += bk * stride_vb + hk * stride_vh
     mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m64[:, None] * stride_mm
-    rng_rows = ((b * num_heads + h) * seqlen_q + offs_m64) * tl.cdiv(seqlen_k, 4)
+    rng_rows = row0 * tl.cdiv(rows_k, 4) + offs_m64 * tl.cdiv(seqlen_k, 4)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -567,11 +616,11 @@ def _attention_fwd_kernel(
     out = acc / l_safe[:, None]
     if DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m64[:, None] * stride_om + offs_dv[None, :] * stride_ok
+    o_ptrs = Out + bq * stride_ob + h * stride_oh + offs_m64[:, None] * stride_om + offs_dv[None, :] * stride_ok
     tl.store(o_ptrs, out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
-    tl.store(Lse + pid_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
+    tl.store(Lse + row0 + offs_m64, lse, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,7 +777,7 @@ def _attention_bwd_dkdv_loop(
 )
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, Mask, DO, Lse, Delta, DQ, DK, DV, DMask, Slopes,
+    Q, K, V, Mask, DO, Lse, Delta, DQ, DK, DV, DMask, Slopes, CuSeqQ, CuSeqK,
     sm_scale, qk_scale, dropout_p, seed, softcap2,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
@@ -748,20 +797,30 @@ def _attention_bwd_dkdv_kernel(
     DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, STORE_DMASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dk (B, Hkv, S, E), dv (B, Hkv, S, Ev) of one key block, summed over the query heads of
     its kv group inside the program (no atomics for dK/dV); dq (B, H, L, E) float32 by atomic
     adds when ATOMIC_DQ; dmask (B, H, L, S) when STORE_DMASK.
-    Grid: grid_folded(cdiv(S, BLOCK_N), B * Hkv)."""
+    VARLEN: packed sequences, as in _attention_fwd_kernel (dq (total_q, H, E), dk / dv
+    (total_k, Hkv, E / Ev), lse / delta (H, total_q)).
+    Grid: grid_folded(cdiv(S or max_seqlen_k, BLOCK_N), B * Hkv)."""
     pid_n = tl.program_id(0)
     pid_bhk = folded_id()
     if pid_bhk >= num_bhk:
         return
     b = (pid_bhk // num_kv_heads).to(tl.int64)
     hk = (pid_bhk % num_kv_heads).to(tl.int64)
-
     n_start = pid_n * BLOCK_N
+    rows_q, rows_k = seqlen_q, seqlen_k
+    bq, bk = b, b  # batch entry of q / do / dq and of k / v / dk / dv
+    if VARLEN:
+        bq, bk, seqlen_q, seqlen_k, diag_offset = _varlen_sequence(
+            CuSeqQ, CuSeqK, b, rows_q, rows_k, BOTTOM_RIGHT)
+        if n_start >= seqlen_k:  # the grid covers max_seqlen_k
+            return
+
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_n64 = offs_n.to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -770,9 +829,9 @@ def _attention_bwd_dkdv_kernel(
     d_ok = offs_d < head_dim
     dv_ok = offs_dv < head_dim_v
 
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n64[:, None] * stride_kn
+    k = tl.load(K + bk * stride_kb + hk * stride_kh + offs_n64[:, None] * stride_kn
                 + offs_d[None, :] * stride_kk, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n64[:, None] * stride_vn
+    v = tl.load(V + bk * stride_vb + hk * stride_vh + offs_n64[:, None] * stride_vn
                 + offs_dv[None, :] * stride_vk, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
     if INTERP_BF16:
         k = k.to(tl.float32)
@@ -785,15 +844,15 @@ def _attention_bwd_dkdv_kernel(
         HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     for g in range(0, group_size):
         h = hk * group_size + g
-        Qh = Q + b * stride_qb + h * stride_qh
-        DOh = DO + b * stride_dob + h * stride_doh
-        DQh = DQ + b * stride_dqb + h * stride_dqh
-        row0 = (b * num_heads + h) * seqlen_q
+        Qh = Q + bq * stride_qb + h * stride_qh
+        DOh = DO + bq * stride_dob + h * stride_doh
+        DQh = DQ + bq * stride_dqb + h * stride_dqh
+        row0 = _first_row(b, h, bq, num_heads, rows_q, VARLEN)
         Lseh = Lse + row0
         Deltah = Delta + row0
         mask_cols = Mask + b * stride_mb + h * stride_mh + offs_n64[:, None] * stride_mn
         dmask_cols = DMask + b * stride_dmb + h * stride_dmh + offs_n64[:, None] * stride_dmn
-        rng_base = row0 * tl.cdiv(seqlen_k, 4)
+        rng_base = row0 * tl.cdiv(rows_k, 4)
         slope2 = 0.0
         if ALIBI:
             slope2 = tl.load(Slopes + b * stride_slb + h * stride_slh) * _LOG2E
@@ -815,10 +874,10 @@ def _attention_bwd_dkdv_kernel(
             DOT_PRECISION, INTERP_BF16, SOFTCAP, ALIBI)
 
     dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n64[:, None] * stride_dkn
+    tl.store(DK + bk * stride_dkb + hk * stride_dkh + offs_n64[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkk, dk.to(DK.dtype.element_ty),
              mask=n_ok[:, None] & d_ok[None, :])
-    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n64[:, None] * stride_dvn
+    tl.store(DV + bk * stride_dvb + hk * stride_dvh + offs_n64[:, None] * stride_dvn
              + offs_dv[None, :] * stride_dvk, dv.to(DV.dtype.element_ty),
              mask=n_ok[:, None] & dv_ok[None, :])
 
@@ -893,7 +952,7 @@ def _attention_bwd_dq_loop(
 )
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q, K, V, Mask, DO, Lse, Delta, DQ, Slopes,
+    Q, K, V, Mask, DO, Lse, Delta, DQ, Slopes, CuSeqQ, CuSeqK,
     sm_scale, qk_scale, dropout_p, seed, softcap2,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
@@ -909,10 +968,12 @@ def _attention_bwd_dq_kernel(
     HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq (B, H, L, E) without atomics (deterministic backward): one program per query block
-    loops over its key band. Grid: grid_folded(cdiv(L, BLOCK_M), B * H)."""
+    loops over its key band. VARLEN: packed sequences, as in _attention_fwd_kernel.
+    Grid: grid_folded(cdiv(L or max_seqlen_q, BLOCK_M), B * H)."""
     pid_m = tl.program_id(0)
     if HAS_RIGHT:
         if not HAS_LEFT:
@@ -925,8 +986,16 @@ def _attention_bwd_dq_kernel(
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     hk = h // group_size
-
     m_start = pid_m * BLOCK_M
+    rows_q, rows_k = seqlen_q, seqlen_k
+    bq, bk = b, b  # batch entry of q / do / dq and of k / v
+    if VARLEN:
+        bq, bk, seqlen_q, seqlen_k, diag_offset = _varlen_sequence(
+            CuSeqQ, CuSeqK, b, rows_q, rows_k, BOTTOM_RIGHT)
+        if m_start >= seqlen_q:  # the grid covers max_seqlen_q
+            return
+    row0 = _first_row(b, h, bq, num_heads, rows_q, VARLEN)
+
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_m64 = offs_m.to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -934,22 +1003,22 @@ def _attention_bwd_dq_kernel(
     row_ok = offs_m < seqlen_q
     d_ok = offs_d < head_dim
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m64[:, None] * stride_qm
+    q = tl.load(Q + bq * stride_qb + h * stride_qh + offs_m64[:, None] * stride_qm
                 + offs_d[None, :] * stride_qk, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m64[:, None] * stride_dom
+    do = tl.load(DO + bq * stride_dob + h * stride_doh + offs_m64[:, None] * stride_dom
                  + offs_dv[None, :] * stride_dok,
                  mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
     if INTERP_BF16:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    row = pid_bh.to(tl.int64) * seqlen_q + offs_m
+    row = row0 + offs_m64
     lse = tl.load(Lse + row, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
     delta = tl.load(Delta + row, mask=row_ok, other=0.0)
-    K += b * stride_kb + hk * stride_kh
-    V += b * stride_vb + hk * stride_vh
+    K += bk * stride_kb + hk * stride_kh
+    V += bk * stride_vb + hk * stride_vh
     mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m64[:, None] * stride_mm
-    rng_rows = ((b * num_heads + h) * seqlen_q + offs_m64) * tl.cdiv(seqlen_k, 4)
+    rng_rows = row0 * tl.cdiv(rows_k, 4) + offs_m64 * tl.cdiv(seqlen_k, 4)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     slope2 = 0.0
     if ALIBI:
@@ -973,9 +1042,52 @@ def _attention_bwd_dq_kernel(
         BLOCK_N, HAS_MASK, HAS_LEFT, HAS_RIGHT, DROPOUT, True, DOT_PRECISION, INTERP_BF16,
         SOFTCAP, ALIBI)
 
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m64[:, None] * stride_dqm
+    tl.store(DQ + bq * stride_dqb + h * stride_dqh + offs_m64[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqk, (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# the dropout keep mask (return_dropout_mask)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_dropout_mask_kernel(
+    Keep, CuSeqQ, CuSeqK,
+    dropout_p, seed,
+    stride_keb, stride_keh, stride_kem, stride_ken,
+    num_heads, num_bh, seqlen_q, seqlen_k, num_keys,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """keep (B, H, L, S) uint8 (1 = kept) as _attention_fwd_kernel draws it for dropout_p and
+    seed (_dropout_keep at the same counters); VARLEN: (total_q, H, max_seqlen_k) with the
+    batch stride the row stride, keys past a sequence's end left as they are (0). num_keys:
+    keep's last dim (S, or max_seqlen_k).
+    Grid: grid_folded(cdiv(L or max_seqlen_q, BLOCK_M), B * H)."""
+    pid_m = tl.program_id(0)
+    pid_bh = folded_id()
+    if pid_bh >= num_bh:
+        return
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    m_start = pid_m * BLOCK_M
+    rows_q, rows_k = seqlen_q, seqlen_k
+    bq = b
+    if VARLEN:
+        bq, bk, seqlen_q, seqlen_k, diag_offset = _varlen_sequence(
+            CuSeqQ, CuSeqK, b, rows_q, rows_k, False)
+        if m_start >= seqlen_q:
+            return
+    row0 = _first_row(b, h, bq, num_heads, rows_q, VARLEN)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_m64 = offs_m.to(tl.int64)
+    rng_rows = row0 * tl.cdiv(rows_k, 4) + offs_m64 * tl.cdiv(seqlen_k, 4)
+    rows = Keep + bq * stride_keb + h * stride_keh + offs_m64[:, None] * stride_kem
+    n_end = tl.minimum(seqlen_k, num_keys)
+    for start_n in range(0, n_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, rng_rows, start_n, dropout_p, BLOCK_N)
+        tl.store(rows + offs_n.to(tl.int64)[None, :] * stride_ken, keep.to(tl.uint8),
+                 mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < n_end))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1375,7 +1487,7 @@ def attention_fwd(
     sinks_arg = sinks.contiguous() if sinks is not None else lse
     grid = lambda meta: grid_folded(triton.cdiv(L, meta["BLOCK_M"]), B * H)
     _attention_fwd_kernel[grid](
-        q, k, v, mask, out, lse, slopes, sinks_arg,
+        q, k, v, mask, out, lse, slopes, sinks_arg, lse, lse,
         scale * math.log2(math.e), dropout_p, seed, softcap * math.log2(math.e),
         *q.stride(), *k.stride(), *v.stride(), *_strides4(attn_mask), *out.stride(),
         *_slope_strides(alibi_slopes),
@@ -1386,7 +1498,7 @@ def attention_fwd(
         HAS_MASK=attn_mask is not None, HAS_LEFT=window_left >= 0,
         HAS_RIGHT=window_right >= 0, DROPOUT=dropout_p > 0.0,
         SOFTCAP=softcap > 0.0, ALIBI=alibi_slopes is not None, SINKS=sinks is not None,
-        **_dot_args(q.dtype, q.device),
+        VARLEN=False, BOTTOM_RIGHT=False, **_dot_args(q.dtype, q.device),
     )
     return out, lse
 
@@ -1449,13 +1561,13 @@ def attention_bwd(
         HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev),
         HAS_MASK=attn_mask is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         DROPOUT=dropout_p > 0.0, SOFTCAP=softcap > 0.0, ALIBI=alibi_slopes is not None,
-        **_dot_args(q.dtype, dev),
+        VARLEN=False, BOTTOM_RIGHT=False, **_dot_args(q.dtype, dev),
     )
     qk_scale = scale * math.log2(math.e)
     softcap2 = softcap * math.log2(math.e)
     grid = lambda meta: grid_folded(triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)
     _attention_bwd_dkdv_kernel[grid](
-        q, k, v, mask, grad_out, lse, delta, dq, dk, dv, dmask_arg, slopes,
+        q, k, v, mask, grad_out, lse, delta, dq, dk, dv, dmask_arg, slopes, lse, lse,
         scale, qk_scale, dropout_p, seed, softcap2,
         *q.stride(), *k.stride(), *v.stride(), *_strides4(attn_mask), *grad_out.stride(),
         *dq.stride(), *dk.stride(), *dv.stride(), *_strides4(dmask if want_dmask else None),
@@ -1468,7 +1580,7 @@ def attention_bwd(
     if deterministic:
         grid = lambda meta: grid_folded(triton.cdiv(L, meta["BLOCK_M"]), B * H)
         _attention_bwd_dq_kernel[grid](
-            q, k, v, mask, grad_out, lse, delta, dq, slopes,
+            q, k, v, mask, grad_out, lse, delta, dq, slopes, lse, lse,
             scale, qk_scale, dropout_p, seed, softcap2,
             *q.stride(), *k.stride(), *v.stride(), *_strides4(attn_mask), *grad_out.stride(),
             *dq.stride(), *_slope_strides(alibi_slopes),
@@ -1622,326 +1734,17 @@ def attention_kvcache(
 # ---------------------------------------------------------------------------------------------
 # packed variable-length attention (fastattn.attention_varlen)
 # ---------------------------------------------------------------------------------------------
-# The kernels above, with each program's sequence offsets and lengths read from cu_seqlens: the
-# grid covers (blocks of max_seqlen_q or max_seqlen_k, B * heads), programs past their
-# sequence's end return at once, and the loops (_attention_fwd_loop, _attention_bwd_dkdv_loop,
-# _attention_bwd_dq_loop) run on the sequence's rows as on one batch entry of attention_fwd.
-# lse / delta are (H, total_q); the dropout counter of (h, row r of sequence b, key j) is
-# (h * total_q + cu_q[b]) * rng_cols + (r - cu_q[b]) * cdiv(S_b, 4) + j // 4 with
-# rng_cols = cdiv(total_k, 4) >= cdiv(S_b, 4): disjoint between sequences and heads, the same in
-# the forward and both backward kernels.
-_VARLEN_KEYS = ["HEAD_DIM", "HEAD_DIM_V", "seqlen_q_key", "seqlen_k_key", "HAS_LEFT",
-                "HAS_RIGHT", "DROPOUT"]
-
-
-@triton.jit
-def _varlen_span(CuSeq, b, total):
-    """(first row, length) of sequence b from its cu_seqlens, clamped into [0, total]: offsets
-    the host could not check (GPU tensors) never send a program outside the packed rows."""
-    start = tl.minimum(tl.maximum(tl.load(CuSeq + b), 0), total)
-    end = tl.minimum(tl.maximum(tl.load(CuSeq + b + 1), start), total)
-    return start.to(tl.int64), end - start
-
-
-@triton.autotune(
-    configs=_tuning_configs(_FWD_TUNING, interpret=(32, 32, 4, 1)),
-    key=_VARLEN_KEYS,
-    prune_configs_by={"early_config_prune": _prune_fwd},
-)
-@triton.jit
-def _attention_varlen_fwd_kernel(
-    Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Slopes, Sinks,
-    qk_scale, dropout_p, seed, softcap2,
-    stride_qm, stride_qh, stride_qk,
-    stride_kn, stride_kh, stride_kk,
-    stride_vn, stride_vh, stride_vk,
-    stride_om, stride_oh, stride_ok,
-    stride_slb, stride_slh,
-    num_heads, num_bh, total_q, total_k, rng_cols, group_size, head_dim, head_dim_v,
-    window_left, window_right,
-    seqlen_q_key, seqlen_k_key,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """out (total_q, H, Ev), lse (H, total_q) from q (total_q, H, E), k (total_k, Hkv, E),
-    v (total_k, Hkv, Ev) and cu_seqlens (B + 1,) int32; Slopes (B, H) float32 by strides (ALIBI),
-    Sinks (H,) float32 (SINKS). Grid: grid_folded(cdiv(max_seqlen_q, BLOCK_M), B * H)."""
-    pid_m = tl.program_id(0)
-    if HAS_RIGHT:
-        if not HAS_LEFT:
-            pid_m = tl.num_programs(0) - 1 - pid_m  # causal: the long query blocks first
-    pid_bh = folded_id()
-    if pid_bh >= num_bh:
-        return
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    hk = h // group_size
-    q_start, seqlen_q = _varlen_span(CuSeqQ, b, total_q)
-    k_start, seqlen_k = _varlen_span(CuSeqK, b, total_k)
-    m_start = pid_m * BLOCK_M
-    if m_start >= seqlen_q:
-        return
-    diag_offset = seqlen_k - seqlen_q if BOTTOM_RIGHT else seqlen_k * 0
-
-    offs_m = m_start + tl.arange(0, BLOCK_M)
-    offs_m64 = offs_m.to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_dv = tl.arange(0, HEAD_DIM_V)
-    row_ok = offs_m < seqlen_q
-
-    q_ptrs = (Q + q_start * stride_qm + h * stride_qh + offs_m64[:, None] * stride_qm
-              + offs_d[None, :] * stride_qk)
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-    if INTERP_BF16:
-        q = q.to(tl.float32)
-    K += k_start * stride_kn + hk * stride_kh
-    V += k_start * stride_vn + hk * stride_vh
-    row0 = h * total_q + q_start  # this head's first lse row of the sequence
-    rng_rows = row0 * rng_cols + offs_m64 * tl.cdiv(seqlen_k, 4)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
-    slope2 = 0.0
-    if ALIBI:
-        slope2 = tl.load(Slopes + b * stride_slb + h * stride_slh) * _LOG2E
-
-    lo, n_first, second, n_masked, full_lo, n_full = _key_band(
-        m_start, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
-        HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _attention_fwd_loop(
-        acc, l_i, m_i, q, K, V, Q, rng_rows, full_lo, n_full, full_lo, n_full,
-        offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, 0,
-        qk_scale, dropout_p, seed, softcap2, slope2,
-        seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
-        BLOCK_N, False, HAS_LEFT, HAS_RIGHT, DROPOUT, False, DOT_PRECISION, INTERP_BF16,
-        SOFTCAP, ALIBI)
-    acc, l_i, m_i = _attention_fwd_loop(
-        acc, l_i, m_i, q, K, V, Q, rng_rows, lo, n_first, second, n_masked,
-        offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, 0,
-        qk_scale, dropout_p, seed, softcap2, slope2,
-        seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
-        BLOCK_N, False, HAS_LEFT, HAS_RIGHT, DROPOUT, True, DOT_PRECISION, INTERP_BF16,
-        SOFTCAP, ALIBI)
-
-    if SINKS:
-        sink2 = tl.load(Sinks + h) * _LOG2E
-        m_f = tl.maximum(m_i, sink2)
-        alpha = tl.math.exp2(m_i - m_f)
-        l_i = l_i * alpha + tl.math.exp2(sink2 - m_f)
-        acc = acc * alpha[:, None]
-        m_i = m_f
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    if DROPOUT:
-        out = out * (1.0 / (1.0 - dropout_p))
-    o_ptrs = (Out + q_start * stride_om + h * stride_oh + offs_m64[:, None] * stride_om
-              + offs_dv[None, :] * stride_ok)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
-    tl.store(Lse + row0 + offs_m64, lse, mask=row_ok)
-
-
-@triton.autotune(
-    configs=_tuning_configs(_DKDV_TUNING, interpret=(32, 32, 4, 1)),
-    key=_VARLEN_KEYS + ["ATOMIC_DQ"],
-    prune_configs_by={"early_config_prune": _prune_bwd_dkdv},
-    reset_to_zero=["DQ"],
-)
-@triton.jit
-def _attention_varlen_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, DK, DV, CuSeqQ, CuSeqK, Slopes,
-    sm_scale, qk_scale, dropout_p, seed, softcap2,
-    stride_qm, stride_qh, stride_qk,
-    stride_kn, stride_kh, stride_kk,
-    stride_vn, stride_vh, stride_vk,
-    stride_dom, stride_doh, stride_dok,
-    stride_dqm, stride_dqh, stride_dqk,
-    stride_dkn, stride_dkh, stride_dkk,
-    stride_dvn, stride_dvh, stride_dvk,
-    stride_slb, stride_slh,
-    num_heads, num_kv_heads, num_bhk, total_q, total_k, rng_cols, group_size, head_dim,
-    head_dim_v, window_left, window_right,
-    seqlen_q_key, seqlen_k_key,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """dk (total_k, Hkv, E), dv (total_k, Hkv, Ev) of one key block of one sequence, summed over
-    the query heads of its kv group inside the program; dq (total_q, H, E) float32 by atomic adds
-    when ATOMIC_DQ. Grid: grid_folded(cdiv(max_seqlen_k, BLOCK_N), B * Hkv)."""
-    pid_n = tl.program_id(0)
-    pid_bhk = folded_id()
-    if pid_bhk >= num_bhk:
-        return
-    b = (pid_bhk // num_kv_heads).to(tl.int64)
-    hk = (pid_bhk % num_kv_heads).to(tl.int64)
-    q_start, seqlen_q = _varlen_span(CuSeqQ, b, total_q)
-    k_start, seqlen_k = _varlen_span(CuSeqK, b, total_k)
-    n_start = pid_n * BLOCK_N
-    if n_start >= seqlen_k:
-        return
-    diag_offset = seqlen_k - seqlen_q if BOTTOM_RIGHT else seqlen_k * 0
-
-    offs_n = n_start + tl.arange(0, BLOCK_N)
-    offs_n64 = offs_n.to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_dv = tl.arange(0, HEAD_DIM_V)
-    n_ok = offs_n < seqlen_k
-    d_ok = offs_d < head_dim
-    dv_ok = offs_dv < head_dim_v
-
-    k = tl.load(K + k_start * stride_kn + hk * stride_kh + offs_n64[:, None] * stride_kn
-                + offs_d[None, :] * stride_kk, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + k_start * stride_vn + hk * stride_vh + offs_n64[:, None] * stride_vn
-                + offs_dv[None, :] * stride_vk, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
-    if INTERP_BF16:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype=tl.float32)
-
-    lo, n_first, second, n_masked, full_lo, n_full = _query_band(
-        n_start, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
-        HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
-    for g in range(0, group_size):
-        h = hk * group_size + g
-        Qh = Q + q_start * stride_qm + h * stride_qh
-        DOh = DO + q_start * stride_dom + h * stride_doh
-        DQh = DQ + q_start * stride_dqm + h * stride_dqh
-        row0 = h * total_q + q_start
-        rng_base = row0 * rng_cols
-        slope2 = 0.0
-        if ALIBI:
-            slope2 = tl.load(Slopes + b * stride_slb + h * stride_slh) * _LOG2E
-        dk, dv = _attention_bwd_dkdv_loop(
-            dk, dv, k, v, Qh, DOh, Lse + row0, Delta + row0, DQh, Q, Q, rng_base,
-            full_lo, n_full, full_lo, n_full, n_start, offs_n, offs_d, offs_dv,
-            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk, 0, 0,
-            sm_scale, qk_scale, dropout_p, seed, softcap2, slope2,
-            seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
-            BLOCK_M, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, DROPOUT, ATOMIC_DQ, False, False,
-            DOT_PRECISION, INTERP_BF16, SOFTCAP, ALIBI)
-        dk, dv = _attention_bwd_dkdv_loop(
-            dk, dv, k, v, Qh, DOh, Lse + row0, Delta + row0, DQh, Q, Q, rng_base,
-            lo, n_first, second, n_masked, n_start, offs_n, offs_d, offs_dv,
-            stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk, 0, 0,
-            sm_scale, qk_scale, dropout_p, seed, softcap2, slope2,
-            seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
-            BLOCK_M, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, DROPOUT, ATOMIC_DQ, False, True,
-            DOT_PRECISION, INTERP_BF16, SOFTCAP, ALIBI)
-
-    dk = dk * sm_scale
-    tl.store(DK + (k_start + offs_n64[:, None]) * stride_dkn + hk * stride_dkh
-             + offs_d[None, :] * stride_dkk, dk.to(DK.dtype.element_ty),
-             mask=n_ok[:, None] & d_ok[None, :])
-    tl.store(DV + (k_start + offs_n64[:, None]) * stride_dvn + hk * stride_dvh
-             + offs_dv[None, :] * stride_dvk, dv.to(DV.dtype.element_ty),
-             mask=n_ok[:, None] & dv_ok[None, :])
-
-
-@triton.autotune(
-    configs=_tuning_configs(_DQ_TUNING, interpret=(32, 32, 4, 1)),
-    key=_VARLEN_KEYS,
-    prune_configs_by={"early_config_prune": _prune_bwd_dq},
-)
-@triton.jit
-def _attention_varlen_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, CuSeqQ, CuSeqK, Slopes,
-    sm_scale, qk_scale, dropout_p, seed, softcap2,
-    stride_qm, stride_qh, stride_qk,
-    stride_kn, stride_kh, stride_kk,
-    stride_vn, stride_vh, stride_vk,
-    stride_dom, stride_doh, stride_dok,
-    stride_dqm, stride_dqh, stride_dqk,
-    stride_slb, stride_slh,
-    num_heads, num_bh, total_q, total_k, rng_cols, group_size, head_dim, head_dim_v,
-    window_left, window_right,
-    seqlen_q_key, seqlen_k_key,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """dq (total_q, H, E) without atomics (deterministic backward): one program per query block
-    of one sequence. Grid: grid_folded(cdiv(max_seqlen_q, BLOCK_M), B * H)."""
-    pid_m = tl.program_id(0)
-    if HAS_RIGHT:
-        if not HAS_LEFT:
-            pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = folded_id()
-    if pid_bh >= num_bh:
-        return
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    hk = h // group_size
-    q_start, seqlen_q = _varlen_span(CuSeqQ, b, total_q)
-    k_start, seqlen_k = _varlen_span(CuSeqK, b, total_k)
-    m_start = pid_m * BLOCK_M
-    if m_start >= seqlen_q:
-        return
-    diag_offset = seqlen_k - seqlen_q if BOTTOM_RIGHT else seqlen_k * 0
-
-    offs_m = m_start + tl.arange(0, BLOCK_M)
-    offs_m64 = offs_m.to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_dv = tl.arange(0, HEAD_DIM_V)
-    row_ok = offs_m < seqlen_q
-    d_ok = offs_d < head_dim
-
-    q = tl.load(Q + (q_start + offs_m64[:, None]) * stride_qm + h * stride_qh
-                + offs_d[None, :] * stride_qk, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + (q_start + offs_m64[:, None]) * stride_dom + h * stride_doh
-                 + offs_dv[None, :] * stride_dok,
-                 mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
-    if INTERP_BF16:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    row0 = h * total_q + q_start
-    lse = tl.load(Lse + row0 + offs_m64, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-    delta = tl.load(Delta + row0 + offs_m64, mask=row_ok, other=0.0)
-    K += k_start * stride_kn + hk * stride_kh
-    V += k_start * stride_vn + hk * stride_vh
-    rng_rows = row0 * rng_cols + offs_m64 * tl.cdiv(seqlen_k, 4)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    slope2 = 0.0
-    if ALIBI:
-        slope2 = tl.load(Slopes + b * stride_slb + h * stride_slh) * _LOG2E
-
-    lo, n_first, second, n_masked, full_lo, n_full = _key_band(
-        m_start, seqlen_q, seqlen_k, window_left, window_right, diag_offset,
-        HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
-    dq = _attention_bwd_dq_loop(
-        dq, q, do, lse2, delta, K, V, Q, rng_rows, full_lo, n_full, full_lo, n_full,
-        offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, 0,
-        qk_scale, dropout_p, seed, softcap2, slope2,
-        seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
-        BLOCK_N, False, HAS_LEFT, HAS_RIGHT, DROPOUT, False, DOT_PRECISION, INTERP_BF16,
-        SOFTCAP, ALIBI)
-    dq = _attention_bwd_dq_loop(
-        dq, q, do, lse2, delta, K, V, Q, rng_rows, lo, n_first, second, n_masked,
-        offs_m, offs_d, offs_dv, stride_kn, stride_kk, stride_vn, stride_vk, 0,
-        qk_scale, dropout_p, seed, softcap2, slope2,
-        seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, diag_offset,
-        BLOCK_N, False, HAS_LEFT, HAS_RIGHT, DROPOUT, True, DOT_PRECISION, INTERP_BF16,
-        SOFTCAP, ALIBI)
-
-    tl.store(DQ + (q_start + offs_m64[:, None]) * stride_dqm + h * stride_dqh
-             + offs_d[None, :] * stride_dqk, (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-
-
-def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
-    return tuple(t.stride())
+# attention_varlen runs the sdpa kernels with VARLEN on: the grid covers (blocks of
+# max_seqlen_q or max_seqlen_k, B * heads), each program reads its sequence's first rows and
+# lengths from cu_seqlens (clamped into the packed rows), programs past their sequence's end
+# return at once, and the loops run on the sequence's rows as on one batch entry of
+# attention_fwd. lse / delta are (H, total_q); the dropout counter of (h, row r of sequence b,
+# key j) is (h * total_q + cu_q[b]) * cdiv(total_k, 4) + (r - cu_q[b]) * cdiv(S_b, 4) + j // 4:
+# disjoint between sequences and heads, the same in the forward and both backward kernels.
+def _packed_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(batch, head, row, dim) strides of a packed (total, heads, dim) tensor for the VARLEN
+    kernels, whose batch entry index is the sequence's first row: the row stride twice."""
+    return t.stride(0), t.stride(1), t.stride(0), t.stride(2)
 
 
 @device_guard
@@ -1977,18 +1780,19 @@ def attention_varlen_fwd(
     slopes = alibi_slopes if alibi_slopes is not None else lse  # dummy pointers, never read
     sinks_arg = sinks.contiguous() if sinks is not None else lse
     grid = lambda meta: grid_folded(triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), B * H)
-    _attention_varlen_fwd_kernel[grid](
-        q, k, v, out, lse, cu_q, cu_k, slopes, sinks_arg,
+    _attention_fwd_kernel[grid](
+        q, k, v, q, out, lse, slopes, sinks_arg, cu_q, cu_k,
         scale * math.log2(math.e), dropout_p, seed, softcap * math.log2(math.e),
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
-        *_slope_strides(alibi_slopes),
-        H, B * H, total_q, total_k, triton.cdiv(total_k, 4), H // Hkv, E, Ev,
-        window_left, window_right,
+        *_packed_strides(q), *_packed_strides(k), *_packed_strides(v), 0, 0, 0, 0,
+        *_packed_strides(out), *_slope_strides(alibi_slopes),
+        H, B * H, total_q, total_k, H // Hkv, E, Ev,
+        window_left, window_right, 0,
         _seq_key(max_seqlen_q), _seq_key(max_seqlen_k),
         HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev),
-        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, BOTTOM_RIGHT=bool(bottom_right),
+        HAS_MASK=False, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         DROPOUT=dropout_p > 0.0, SOFTCAP=softcap > 0.0, ALIBI=alibi_slopes is not None,
-        SINKS=sinks is not None, **_dot_args(q.dtype, q.device),
+        SINKS=sinks is not None, VARLEN=True, BOTTOM_RIGHT=bool(bottom_right),
+        **_dot_args(q.dtype, q.device),
     )
     return out, lse
 
@@ -2041,33 +1845,33 @@ def attention_varlen_bwd(
     slopes = alibi_slopes if alibi_slopes is not None else lse  # dummy pointer, never read
     common = dict(
         HEAD_DIM=_head_block(E), HEAD_DIM_V=_head_block(Ev),
-        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, BOTTOM_RIGHT=bool(bottom_right),
+        HAS_MASK=False, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         DROPOUT=dropout_p > 0.0, SOFTCAP=softcap > 0.0, ALIBI=alibi_slopes is not None,
-        **_dot_args(q.dtype, dev),
+        VARLEN=True, BOTTOM_RIGHT=bool(bottom_right), **_dot_args(q.dtype, dev),
     )
     qk_scale = scale * math.log2(math.e)
     softcap2 = softcap * math.log2(math.e)
-    rng_cols = triton.cdiv(total_k, 4)
+    strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), 0, 0, 0, 0,
+               *_packed_strides(grad_out), *_packed_strides(dq))
     grid = lambda meta: grid_folded(triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), B * Hkv)
-    _attention_varlen_bwd_dkdv_kernel[grid](
-        q, k, v, grad_out, lse, delta, dq, dk, dv, cu_q, cu_k, slopes,
+    _attention_bwd_dkdv_kernel[grid](
+        q, k, v, q, grad_out, lse, delta, dq, dk, dv, q, slopes, cu_q, cu_k,
         scale, qk_scale, dropout_p, seed, softcap2,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dq),
-        *_strides3(dk), *_strides3(dv), *_slope_strides(alibi_slopes),
-        H, Hkv, B * Hkv, total_q, total_k, rng_cols, H // Hkv, E, Ev,
-        window_left, window_right,
+        *strides, *_packed_strides(dk), *_packed_strides(dv), 0, 0, 0, 0,
+        *_slope_strides(alibi_slopes),
+        H, Hkv, B * Hkv, total_q, total_k, H // Hkv, E, Ev,
+        window_left, window_right, 0,
         _seq_key(max_seqlen_q), _seq_key(max_seqlen_k),
-        ATOMIC_DQ=not deterministic, **common,
+        ATOMIC_DQ=not deterministic, STORE_DMASK=False, **common,
     )
     if deterministic:
         grid = lambda meta: grid_folded(triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), B * H)
-        _attention_varlen_bwd_dq_kernel[grid](
-            q, k, v, grad_out, lse, delta, dq, cu_q, cu_k, slopes,
+        _attention_bwd_dq_kernel[grid](
+            q, k, v, q, grad_out, lse, delta, dq, slopes, cu_q, cu_k,
             scale, qk_scale, dropout_p, seed, softcap2,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dq),
-            *_slope_strides(alibi_slopes),
-            H, B * H, total_q, total_k, rng_cols, H // Hkv, E, Ev,
-            window_left, window_right,
+            *strides, *_slope_strides(alibi_slopes),
+            H, B * H, total_q, total_k, H // Hkv, E, Ev,
+            window_left, window_right, 0,
             _seq_key(max_seqlen_q), _seq_key(max_seqlen_k),
             **common,
         )
@@ -2075,3 +1879,33 @@ def attention_varlen_bwd(
         # (heads, total, E) float32 -> q's dtype, the same (total, heads, E) view
         dq = dq.transpose(0, 1).to(q.dtype).transpose(0, 1)
     return dq, dk, dv, dsinks
+
+
+@device_guard
+def attention_dropout_mask(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float,
+    seed: int,
+) -> torch.Tensor:
+    """The dropout keep mask attention_fwd / attention_varlen_fwd draw with (dropout_p, seed)
+    (csrc/fastattn.cpp: attention_dropout_mask): cu_seqlens None: bool (B, H, L, S) from
+    q (B, H, L, E), k (B, Hkv, S, E); else bool (total_q, H, max_seqlen_k) from q (total_q, H, E),
+    k (total_k, Hkv, E), False past each sequence's keys."""
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        (total_q, H, _), total_k = q.shape, k.shape[0]
+        B = cu_seqlens_q.shape[0] - 1
+        keep = torch.zeros((total_q, H, max_seqlen_k), dtype=torch.uint8, device=q.device)
+        sizes, strides, blocks_m = (total_q, total_k), _packed_strides(keep), max_seqlen_q
+        cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    else:
+        B, H, L, _ = q.shape
+        keep = torch.zeros((B, H, L, k.shape[2]), dtype=torch.uint8, device=q.device)
+        sizes, strides, blocks_m = (L, k.shape[2]), keep.stride(), L
+        cu_q = cu_k = keep  # dummy pointers, never read
+    if keep.numel() and B * H and blocks_m:
+        _attention_dropout_mask_kernel[grid_folded(triton.cdiv(blocks_m, 32), B * H)](
+            keep, cu_q, cu_k, dropout_p, seed, *strides, H, B * H, *sizes, keep.shape[-1],
+            VARLEN=varlen, BLOCK_M=32, BLOCK_N=64,
+        )
+    return keep.view(torch.bool)
