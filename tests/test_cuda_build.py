@@ -605,12 +605,20 @@ def rotary_tables(max_pos, rotary_dim, dtype=torch.float32):
 
 
 def attention_kvcache(emu, q, kc, vc, sl, lp, kn, vn, scale, causal, sms=SMS, rotary_cos=None,
-                      rotary_sin=None, rotary_interleaved=False):
-    """The binding's launch on the emulator: -> (out, number of splits). kc/vc are updated in
-    place; the output buffer is guarded against writes past its end."""
+                      rotary_sin=None, rotary_interleaved=False, window=(-1, -1),
+                      return_lse=False, block_table=None):
+    """The binding's launch on the emulator: -> (out, number of splits), or (out, lse, number of
+    splits) with return_lse. kc/vc are updated in place (with block_table: the paged pool
+    (num_blocks, Hkv, block_size, E)); the outputs are guarded against writes past their end."""
     B, H, Lq, E = q.shape
     Hkv, cap = kc.shape[1], kc.shape[2]
     out, big = guarded((B, H, Lq, E), q.dtype)
+    lse, big_lse = guarded((B, H, Lq), torch.float32) if return_lse else (None, None)
+    bt = block_table.contiguous() if block_table is not None else None
+    ext = [kn.shape[2] if kn is not None else 0, window[0], window[1],
+           *(lse.stride()[:2] if lse is not None else (0, 0)),
+           *((bt.stride(0), bt.shape[1], kc.shape[0], kc.shape[2]) if bt is not None
+             else (0, 0, 0, 0))]
     z = [0, 0, 0]
     st = [*q.stride()[:3], *kc.stride()[:3], *vc.stride()[:3],
           *(kn.stride()[:3] if kn is not None else z), *(vn.stride()[:3] if vn is not None else z),
@@ -625,8 +633,11 @@ def attention_kvcache(emu, q, kc, vc, sl, lp, kn, vn, scale, causal, sms=SMS, ro
     emu.check(emu.lib.fa_emu_attention_kvcache(
         DT[q.dtype], _p(q), _p(kc), _p(vc), _p(sl), _p(lp), _p(kn), _p(vn), _p(out), _i64(st),
         _i32([B, H, Hkv, Lq, cap, E]), ctypes.c_float(scale), int(causal), sms,
-        ctypes.byref(splits), *rargs))
+        ctypes.byref(splits), *rargs, _fp(lse), _p(bt), _i64(ext)))
     check_guard(big)
+    if return_lse:
+        check_guard(big_lse)
+        return out, lse, splits.value
     return out, splits.value
 
 
@@ -673,6 +684,88 @@ def test_attention_kvcache(emu, case):
         assert torch.equal(out[2, :, 0], torch.zeros_like(out[2, :, 0]))
     if case in ("fp16-splits-lq3", "bf16-noncausal-splits", "bf16-leftpad-splits",
                 "bf16-rotary-leftpad-splits"):
+        assert splits > 1, "the split-K path was not exercised"
+
+
+# the serving options: paged cache, window, lse, Lnew != Lq
+KV_SERVING = {
+    # id: (B, H, Hkv, Lq, Lnew, E, dtype, seqlens, leftpad, causal, window, block_size,
+    #      max_blocks, SMs, rotary_dim)
+    "bf16-paged16-decode-splits": (3, 4, 2, 1, 1, 64, torch.bfloat16, [5, 150, 400], None, True,
+                                   (-1, -1), 16, 26, 8, 0),
+    "fp16-paged48-lnew5-lq3-window": (2, 8, 2, 3, 5, 128, torch.float16, [0, 200], None, True,
+                                      (37, -1), 48, 6, 8, 0),
+    "fp32-paged32-nonew-window-noncausal": (2, 2, 1, 4, 0, 40, torch.float32, [70, 9], None,
+                                            False, (5, 3), 32, 3, SMS, 0),
+    "bf16-paged16-leftpad-rotary-lnew4-lq2": (3, 4, 2, 2, 4, 64, torch.bfloat16, [10, 300, 390],
+                                             [0, 170, 391], True, (100, -1), 16, 25, 8, 64),
+    "bf16-contiguous-lnew1-lq3-window-lse": (2, 4, 4, 3, 1, 256, torch.bfloat16, [60, 2], None,
+                                             True, (20, 0), 0, 100, SMS, 0),
+    "fp16-contiguous-lnew6-lq1-splits": (2, 4, 1, 1, 6, 64, torch.float16, [250, 31], None,
+                                         True, (-1, -1), 0, 300, 8, 32),
+}
+
+
+@pytest.mark.parametrize("case", list(KV_SERVING))
+def test_attention_kvcache_serving(emu, case):
+    """The paged cache (shuffled blocks, NaN in every unused block and slot) against the
+    contiguous cache with the same tokens, windows, lse and k_new/v_new of another length than
+    q, all against the reference."""
+    from tests.test_kv_cache_paged import gather, nan_unused, paged_copy
+
+    (B, H, Hkv, Lq, Lnew, E, dtype, seqlens, leftpad, causal, window, bs, max_blocks, sms,
+     rdim) = KV_SERVING[case]
+    cap = max_blocks * (bs or 1)
+    q = torch.randn(B, H, Lq, E, dtype=dtype)
+    kc = nan_unused(torch.randn(B, Hkv, cap, E, dtype=dtype), seqlens, 0)
+    vc = nan_unused(torch.randn(B, Hkv, cap, E, dtype=dtype), seqlens, 0)
+    kn = torch.randn(B, Hkv, Lnew, E, dtype=dtype) if Lnew else None
+    vn = torch.randn(B, Hkv, Lnew, E, dtype=dtype) if Lnew else None
+    sl = torch.tensor(seqlens, dtype=torch.int32)
+    lp = None if leftpad is None else torch.tensor(leftpad, dtype=torch.int32)
+    rkw = {}
+    if rdim:
+        cos, sin = rotary_tables(cap + Lnew + 1, rdim)
+        rkw = dict(rotary_cos=cos, rotary_sin=sin)
+    scale = 1.0 / math.sqrt(E)
+    win = None if window == (-1, -1) else window
+    k0, v0 = kc.clone(), vc.clone()
+    out_c, lse_c, splits = attention_kvcache(emu, q, kc, vc, sl, lp, kn, vn, scale, causal, sms,
+                                             window=window, return_lse=True, **rkw)
+    if bs:
+        pool_k, table = paged_copy(k0, bs, seed=3)
+        pool_v, _ = paged_copy(v0, bs, seed=3)
+        out, lse, splits_paged = attention_kvcache(emu, q, pool_k, pool_v, sl, lp, kn, vn, scale,
+                                                   causal, sms, window=window, return_lse=True,
+                                                   block_table=table, **rkw)
+        assert splits_paged == splits
+        # the appended tokens landed where the table says, the rest of the pool is untouched
+        same = lambda a, b: torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))  # noqa: E731
+        assert same(gather(pool_k, table), kc) and same(gather(pool_v, table), vc)
+        used = torch.zeros(pool_k.shape[0], dtype=torch.bool)
+        used[table.flatten().long()] = True
+        assert bool(pool_k[~used].isnan().all()), "a block outside the table was written"
+        # the same kernel on the same tokens: the paged gather changes no bit of the result
+        assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+    else:
+        out, lse = out_c, lse_c
+    k_ref, v_ref = k0.clone(), v0.clone()
+    low, low_lse = reference.attention_with_kvcache(
+        q, k_ref, v_ref, sl, kn, vn, scale=scale, causal=causal, cache_leftpad=lp, window=win,
+        return_lse=True, **rkw)
+    if rdim:
+        torch.testing.assert_close(kc.nan_to_num(7.0), k_ref.nan_to_num(7.0), atol=1e-6,
+                                   rtol=2 ** -7 if dtype != torch.float32 else 1e-6)
+    else:
+        assert torch.equal(kc.nan_to_num(7.0), k_ref.nan_to_num(7.0))
+    assert torch.equal(vc.nan_to_num(7.0), v_ref.nan_to_num(7.0))
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    hi, hi_lse = reference.attention_with_kvcache(
+        d(q), d(k0), d(v0), sl, d(kn), d(vn), scale=scale, causal=causal, cache_leftpad=lp,
+        window=win, return_lse=True, **{k: d(v) for k, v in rkw.items()})
+    assert_close_rule(out, hi, low)
+    assert_close_rule(lse, hi_lse, low_lse.float(), name="lse")
+    if sms == 8:
         assert splits > 1, "the split-K path was not exercised"
 
 

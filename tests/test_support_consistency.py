@@ -238,8 +238,7 @@ def test_cuda_kvcache_rotary_accepted_calls_run_on_the_emulator(i, request):
 
 # ---------------------------------------------------------------------------------------------
 # attention_with_kvcache for serving (block_table, window, return_lse, Lnew != Lq): what
-# _kvcache_supports accepts runs on Triton (interpreter); the CUDA kernels refuse each feature,
-# with its name, before a kernel could reject the call
+# _kvcache_supports accepts runs on Triton (interpreter) and on the CUDA emulator
 # ---------------------------------------------------------------------------------------------
 SERVING = ("paged", "window", "lse", "lnew")
 SERVING_GRID = list(itertools.product(DTYPES, (40, 128, 320), range(4)))
@@ -262,6 +261,15 @@ def test_triton_kvcache_serving_accepted_calls_run(i):
     if ops_attention._kvcache_supports("triton", torch.device("cpu"), key):
         assert E > ops_attention._MAX_HEAD_DIM
         return
+    q, kc, vc, sl, kn, vn, table = _serving_inputs(dtype, E, on)
+    out = ops_attention.attention_with_kvcache(
+        q, kc, vc, sl, kn, vn, block_table=table, window=(5, 0) if on["window"] else None,
+        return_lse=on["lse"], backend="triton")
+    out, lse = out if on["lse"] else (out, torch.zeros(1))
+    assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
+
+
+def _serving_inputs(dtype, E, on):
     B, H, Hkv, Lq, bs = 2, 4, 2, 2, 16
     Lnew = 3 if on["lnew"] else Lq
     q = torch.randn(B, H, Lq, E).to(dtype)
@@ -270,20 +278,26 @@ def test_triton_kvcache_serving_accepted_calls_run(i):
     table = torch.tensor([[5, 0, 2], [1, 4, 3]], dtype=torch.int32) if on["paged"] else None
     kn, vn = torch.randn(B, Hkv, Lnew, E).to(dtype), torch.randn(B, Hkv, Lnew, E).to(dtype)
     sl = torch.tensor([3, 30], dtype=torch.int32)
-    out = ops_attention.attention_with_kvcache(
-        q, kc, vc, sl, kn, vn, block_table=table, window=(5, 0) if on["window"] else None,
-        return_lse=on["lse"], backend="triton")
-    out, lse = out if on["lse"] else (out, torch.zeros(1))
+    return q, kc, vc, sl, kn, vn, table
+
+
+@pytest.mark.parametrize("i", range(len(SERVING_GRID)))
+def test_cuda_kvcache_serving_accepted_calls_run_on_the_emulator(i, request):
+    dtype, E, j = SERVING_GRID[i]
+    key, on = _serving_key(dtype, E, j)
+    if ops_attention._kvcache_supports("cuda", torch.device("cuda"), key):
+        assert E > ops_attention._MAX_HEAD_DIM
+        return
+    if cb.NVCC is None:
+        pytest.skip("nvcc is not on PATH")
+    emulator = request.getfixturevalue("emu")
+    q, kc, vc, sl, kn, vn, table = _serving_inputs(dtype, E, on)
+    res = cb.attention_kvcache(emulator, q, kc, vc, sl, None, kn, vn, 1.0 / math.sqrt(E), True,
+                               window=(5, 0) if on["window"] else (-1, -1),
+                               return_lse=on["lse"], block_table=table)
+    out, lse = (res[0], res[1]) if on["lse"] else (res[0], torch.zeros(1))
     assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
 
-
-@pytest.mark.parametrize("feature", SERVING)
-def test_cuda_kvcache_refuses_serving_features(feature):
-    key, _ = _serving_key(torch.float16, 64, SERVING.index(feature))
-    why = ops_attention._kvcache_supports("cuda", torch.device("cuda"), key)
-    assert why is not None and "cuda" in why
-    assert ops_attention._kvcache_supports("cuda", torch.device("cuda"),
-                                           (torch.float16, 64, False, False)) is None
 
 # ---------------------------------------------------------------------------------------------
 # the other ops: each float dtype accepted by both GPU backends runs under the interpreter

@@ -181,6 +181,52 @@ FA_DEVICE void load_tile_async(T* smem, const T* gmem, int64_t stride, int rows_
   }
 }
 
+// load_tile_async of a tile whose row r starts at row_src(r) (rows gathered through the paged
+// KV cache's block table). Its own loop on purpose: load_tile_async written as this function
+// with a row-stride functor (or with the chunk copy factored out) makes ptxas spill in the
+// sm_90a backward dQ kernel at head dim 64 (128 registers and 20 bytes of spill instead of 163
+// registers).
+template <int kRows, int kCols, int kPitch, int kThreads, class T, class RowSrc>
+FA_DEVICE void load_rows_async(T* smem, const RowSrc& row_src, int rows_valid, int cols_valid,
+                               bool vec, int tid) {
+  constexpr int kVec = 16 / int(sizeof(T));
+  static_assert(kCols % kVec == 0 && kPitch % kVec == 0, "whole 16-byte chunks");
+  constexpr int kChunks = kCols / kVec;
+  constexpr int kTotal = kRows * kChunks;
+  constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int c = tid + it * kThreads;
+    if (kTotal % kThreads != 0 && c >= kTotal) break;
+    const int r = c / kChunks;
+    const int col = (c % kChunks) * kVec;
+    T* dst = smem + r * kPitch + col;
+    int n = cols_valid - col;
+    n = n < kVec ? n : kVec;
+    if (r >= rows_valid || n <= 0) {
+      store16(dst, uint4{0u, 0u, 0u, 0u});
+      continue;
+    }
+    const T* src = row_src(r) + col;
+    if (vec) {
+      cp_async_16(dst, src, n * int(sizeof(T)));
+    } else {
+      T tmp[kVec];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        if (e < n) {
+          tmp[e] = src[e];
+        } else {
+          __builtin_memset(static_cast<void*>(&tmp[e]), 0, sizeof(T));
+        }
+      }
+      uint4 u;
+      __builtin_memcpy(&u, tmp, 16);
+      store16(dst, u);
+    }
+  }
+}
+
 // Float tile copy for the SIMT kernels: element-wise, coalesced along the row, converted to
 // float and multiplied by `mul`; zero outside rows_valid x cols_valid.
 template <int kRows, int kCols, int kPitch, int kThreads, class T>

@@ -165,47 +165,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   return {dq, dk, dv, dmask, dsinks};
 }
 
-at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache,
-                                  const at::Tensor& cache_seqlens,
-                                  const std::optional<at::Tensor>& k_new,
-                                  const std::optional<at::Tensor>& v_new, double scale,
-                                  bool causal, const std::optional<at::Tensor>& cache_leftpad,
-                                  const std::optional<at::Tensor>& rotary_cos,
-                                  const std::optional<at::Tensor>& rotary_sin,
-                                  bool rotary_interleaved, double softcap,
-                                  const std::optional<at::Tensor>& alibi_slopes,
-                                  const std::optional<at::Tensor>& sinks,
-                                  const std::optional<at::Tensor>& block_table,
-                                  int64_t window_left, int64_t window_right) {
+// attention_kvcache and attention_kvcache_lse: out (B, H, Lq, E) and, with want_lse, lse
+// (B, H, Lq) float32 (else an empty tensor).
+std::tuple<at::Tensor, at::Tensor> kvcache_impl(
+    const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache,
+    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+    const std::optional<at::Tensor>& v_new, double scale, bool causal,
+    const std::optional<at::Tensor>& cache_leftpad, const std::optional<at::Tensor>& rotary_cos,
+    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
+    const std::optional<at::Tensor>& block_table, int64_t window_left, int64_t window_right,
+    bool want_lse) {
   constexpr const char* op = "attention_kvcache";
+  // shapes, dtypes, devices and (for host tensors) the values of cache_seqlens / block_table
   checks::check_kvcache(q_in, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad,
                         rotary_cos, rotary_sin, softcap, alibi_slopes, sinks, block_table,
                         window_left, window_right);
   check_no_score_mods(softcap, alibi_slopes, sinks, op);
-  // the paged cache, windows and Lnew != Lq run on the Triton kernels (the ops layer's
-  // _kvcache_supports refuses them for this backend)
-  TORCH_CHECK(!block_table.has_value() && window_left < 0 && window_right < 0 &&
-                  (!k_new.has_value() || k_new->size(2) == q_in.size(2)),
-              "fastattn.attention_kvcache (CUDA): block_table, window and k_new/v_new with a "
-              "number of tokens other than q's are not implemented by the CUDA kernels (the "
-              "Triton backend runs them)");
+  const bool paged = block_table.has_value();
   check_cuda_tensor(q_in, q_in, op, "q");
   check_cuda_tensor(k_cache, q_in, op, "k_cache");
   check_cuda_tensor(v_cache, q_in, op, "v_cache");
   check_cuda_tensor(cache_seqlens, q_in, op, "cache_seqlens");
   TORCH_CHECK(q_in.dim() == 4 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
-              "fastattn.attention_kvcache (CUDA): q must be (B, H, Lq, E) and the caches "
-              "(B, Hkv, capacity, E) of one shape, got ",
-              q_in.sizes(), ", ", k_cache.sizes(), ", ", v_cache.sizes());
+              "fastattn.attention_kvcache (CUDA): q must be (B, H, Lq, E) and the caches ",
+              paged ? "(num_blocks, Hkv, block_size, E)" : "(B, Hkv, capacity, E)",
+              " of one shape, got ", q_in.sizes(), ", ", k_cache.sizes(), ", ", v_cache.sizes());
   TORCH_CHECK(
       k_cache.scalar_type() == q_in.scalar_type() && v_cache.scalar_type() == q_in.scalar_type(),
       "fastattn.attention_kvcache (CUDA): k_cache/v_cache must have q's dtype");
   dtype_of(q_in, op, "q");
   const int64_t B = q_in.size(0), H = q_in.size(1), Lq = q_in.size(2), E = q_in.size(3);
-  const int64_t Hkv = k_cache.size(1), cap = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == E,
+  const int64_t Hkv = k_cache.size(1);
+  TORCH_CHECK((paged || k_cache.size(0) == B) && k_cache.size(3) == E,
               "fastattn.attention_kvcache (CUDA): k_cache must be (B=", B, ", Hkv, capacity, E=", E,
               "), got ", k_cache.sizes());
+  at::Tensor table;
+  int64_t cap = k_cache.size(2);
+  if (paged) {  // check_kvcache: int32 (B, max_blocks), block_size a positive multiple of 16
+    check_cuda_tensor(*block_table, q_in, op, "block_table");
+    table = block_table->contiguous();
+    cap = table.size(1) * k_cache.size(2);
+    TORCH_CHECK(cap < (int64_t(1) << 30) && k_cache.size(0) < (int64_t(1) << 31),
+                "fastattn.attention_kvcache (CUDA): block_table.shape[1] * block_size = ", cap,
+                " and num_blocks = ", k_cache.size(0), " must be below 2^30 and 2^31");
+  }
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "fastattn.attention_kvcache (CUDA): q heads (", H,
               ") must be a multiple of cache heads (", Hkv, ")");
   TORCH_CHECK(E <= kMaxHeadDim, "fastattn.attention_kvcache (CUDA): head dim ", E, " above ",
@@ -229,20 +233,25 @@ at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, a
     leftpad = cache_leftpad->contiguous();
   }
   std::optional<at::Tensor> kn, vn;
+  const int64_t Lnew = k_new.has_value() ? k_new->size(2) : 0;
   if (k_new.has_value()) {
     for (const at::Tensor* t : {&*k_new, &*v_new}) {
       check_cuda_tensor(*t, q_in, op, t == &*k_new ? "k_new" : "v_new");
-      TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == Hkv && t->size(2) == Lq &&
+      TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == Hkv && t->size(2) == Lnew &&
                       t->size(3) == E && t->scalar_type() == q_in.scalar_type(),
-                  "fastattn.attention_kvcache (CUDA): k_new/v_new must be (B, Hkv, Lq, E) in q's "
-                  "dtype, got ",
+                  "fastattn.attention_kvcache (CUDA): k_new/v_new must be (B, Hkv, Lnew, E) in "
+                  "q's dtype, got ",
                   t->sizes(), " ", t->scalar_type());
     }
+    TORCH_CHECK(Lnew <= 65535, "fastattn.attention_kvcache (CUDA): k_new/v_new hold ", Lnew,
+                " tokens, more than the 65535 the append kernel's grid allows");
     kn = last_dim_contiguous(*k_new);
     vn = last_dim_contiguous(*v_new);
   }
   auto out = at::empty({B, H, Lq, E}, q_in.options());
-  if (out.numel() == 0) return out;
+  auto lse = want_lse ? at::empty({B, H, Lq}, q_in.options().dtype(at::kFloat))
+                      : at::empty({0}, q_in.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
   const at::Tensor q = last_dim_contiguous(q_in);
   const at::Tensor seqlens = cache_seqlens.contiguous();
   DeviceGuard guard(q.device());
@@ -250,7 +259,10 @@ at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, a
       {B, H, Hkv, Lq, cap, E, E}, float(scale), causal, attn_operand(q), attn_operand(k_cache),
       attn_operand(v_cache), attn_operand(kn), attn_operand(vn), attn_operand(out),
       seqlens.data_ptr<int32_t>(), leftpad.defined() ? leftpad.data_ptr<int32_t>() : nullptr);
-  if (rotary_cos.has_value() && k_new.has_value()) {
+  kvcache_serving(p, Lnew, window_left, window_right, want_lse ? lse.data_ptr<float>() : nullptr,
+                  want_lse ? lse.stride(0) : 0, want_lse ? lse.stride(1) : 0,
+                  paged ? table.data_ptr<int32_t>() : nullptr, paged ? table.stride(0) : 0,
+                  paged ? table.size(1) : 0, k_cache.size(0), k_cache.size(2));  if (rotary_cos.has_value() && k_new.has_value()) {
     // check_kvcache: both tables, 2-D (max_pos >= 1, rotary_half >= 1), one dtype: q's or float32
     const at::Tensor& c = *rotary_cos;
     const at::Tensor& s = *rotary_sin;
@@ -269,7 +281,34 @@ at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, a
     p.partial_lse = partial_lse.data_ptr<float>();
   }
   check_launch(attention_kvcache(p, dtype_of(q, op, "q"), current_stream()), op);
-  return out;
+  return {out, lse};
+}
+
+at::Tensor attention_kvcache_cuda(
+    const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new, double scale,
+    bool causal, const std::optional<at::Tensor>& cache_leftpad,
+    const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
+    bool rotary_interleaved, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& block_table,
+    int64_t window_left, int64_t window_right) {
+  return std::get<0>(kvcache_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal,
+                                  cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved,
+                                  softcap, alibi_slopes, sinks, block_table, window_left,
+                                  window_right, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_lse_cuda(
+    const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new, double scale,
+    bool causal, const std::optional<at::Tensor>& cache_leftpad,
+    const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
+    bool rotary_interleaved, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& block_table,
+    int64_t window_left, int64_t window_right) {
+  return kvcache_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal,
+                      cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved, softcap,
+                      alibi_slopes, sinks, block_table, window_left, window_right, true);
 }
 
 }  // namespace
@@ -279,4 +318,5 @@ TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("attention_fwd", &fastattn::cuda::attention_fwd_cuda);
   m.impl("attention_bwd", &fastattn::cuda::attention_bwd_cuda);
   m.impl("attention_kvcache", &fastattn::cuda::attention_kvcache_cuda);
+  m.impl("attention_kvcache_lse", &fastattn::cuda::attention_kvcache_lse_cuda);
 }

@@ -135,7 +135,32 @@ inline KvcacheParams kvcache_params(const AttnShape& s, float scale, bool causal
   detail::bind_operand(out, p.out, p.out_stride_b, p.out_stride_h, p.out_stride_l);
   p.seqlens = seqlens;
   p.leftpad = leftpad;
+  p.len_new = k_new.data != nullptr ? int(s.len_q) : 0;
   return p;
+}
+
+// attention_kvcache's serving options: the number of new tokens (when not Lq), the window
+// (-1: unbounded side), the lse output (B, H, Lq) (null: none) and the paged cache (block_table
+// null: none; k_cache/v_cache then hold num_blocks blocks of block_size tokens, capacity =
+// max_blocks * block_size).
+inline void kvcache_serving(KvcacheParams& p, int64_t len_new, int64_t window_left,
+                            int64_t window_right, float* lse, int64_t lse_stride_b,
+                            int64_t lse_stride_h, const int32_t* block_table, int64_t bt_stride_b,
+                            int64_t max_blocks, int64_t num_blocks, int64_t block_size) {
+  if (p.k_new != nullptr) p.len_new = int(len_new);
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.lse = lse;
+  p.lse_stride_b = lse_stride_b;
+  p.lse_stride_h = lse_stride_h;
+  p.block_table = block_table;
+  if (block_table != nullptr) {
+    p.bt_stride_b = bt_stride_b;
+    p.num_blocks = int(num_blocks);
+    p.block_size = int(block_size);
+    const int64_t cap = max_blocks * block_size;
+    p.capacity = cap < (int64_t(1) << 30) ? int(cap) : (1 << 30);  // the launcher refuses 2^30
+  }
 }
 
 // The rotary tables (max_pos, rotary_half) of attention_kvcache, with their element strides.

@@ -230,8 +230,8 @@ _KVCACHE_ROTARY = ("cpu", "triton", "cuda")
 
 
 # the backends whose attention_kvcache kernels implement block_table, window, return_lse and
-# k_new/v_new of another length than q (the CUDA kernels leave them to Triton)
-_KVCACHE_SERVING = ("cpu", "triton")
+# k_new/v_new of another length than q
+_KVCACHE_SERVING = ("cpu", "triton", "cuda")
 
 
 def _kvcache_supports(backend: str, device: torch.device, key: tuple) -> str | None:
