@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -574,6 +575,76 @@ def test_attention_bwd_deterministic(emu):
     finally:
         emu.configure()
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+# ---- packed variable-length sequences ----------------------------------------------------------
+def attention_varlen_fwd(emu, q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr, bottom_right):
+    """The binding's launch on the emulator: q (total_q, H, E), k/v (total_k, Hkv, E/Ev) -> out
+    (total_q, H, Ev), lse (H, total_q), both guarded against writes past their end."""
+    total_q, H, E = q.shape
+    total_k, Hkv, Ev = k.shape[0], k.shape[1], v.shape[-1]
+    out, big_out = guarded((total_q, H, Ev), q.dtype)
+    lse, big_lse = guarded((H, total_q), torch.float32)
+    st = [*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2], lse.stride(0)]
+    emu.check(emu.lib.fa_emu_attention_varlen_fwd(
+        DT[q.dtype], _p(q), _p(k), _p(v), _p(out), _fp(lse), _i64(st),
+        _i32([len(cu_q) - 1, H, Hkv, max_q, max_k, E, Ev]), _p(cu_q), _p(cu_k),
+        _i64([total_q, total_k]), ctypes.c_float(scale), ctypes.c_int64(wl), ctypes.c_int64(wr),
+        int(bottom_right)))
+    check_guard(big_out)
+    check_guard(big_lse)
+    return out, lse
+
+
+VARLEN_CASES = {
+    # id: (query lengths, key lengths, H, Hkv, E, Ev, dtype, causal, window, alignment, strided)
+    # sequences of 0 and 1 rows, L != S both ways, GQA
+    "bf16-gqa-causal-br": ([0, 1, 37, 5, 70], [3, 0, 50, 9, 70], 4, 2, 64, 64, torch.bfloat16,
+                           True, None, "bottom_right", False),
+    "fp16-window-tl-strided": ([17, 130, 1], [40, 100, 1], 2, 2, 128, 128, torch.float16, False,
+                               (8, 4), "top_left", True),
+    "fp32-d40-gqa3-causal-tl": ([5, 0, 33], [7, 4, 20], 3, 1, 40, 40, torch.float32, True, None,
+                                "top_left", False),
+    "bf16-d256-causal-window-br": ([64, 3], [80, 10], 2, 1, 256, 256, torch.bfloat16, True,
+                                   (16, -1), "bottom_right", True),
+    "fp16-d96-ev64-window-br": ([20, 9, 0], [9, 31, 0], 4, 4, 96, 64, torch.float16, False,
+                                (-1, 2), "bottom_right", False),
+}
+
+
+def make_varlen_inputs(case):
+    lq, lk, H, Hkv, E, Ev, dtype, causal, window, align, strided = case
+    cu_q = torch.tensor([0, *itertools.accumulate(lq)], dtype=torch.int32)
+    cu_k = torch.tensor([0, *itertools.accumulate(lk)], dtype=torch.int32)
+    q = torch.randn(sum(lq), H, E, dtype=dtype)
+    k = torch.randn(sum(lk), Hkv, E, dtype=dtype)
+    v = torch.randn(sum(lk), Hkv, Ev, dtype=dtype)
+    if strided:  # NaN around every row: reads outside a sequence's rows show as NaN
+        q, k, v = nan_padded(q), nan_padded(k), nan_padded(v)
+    # the grid is sized by the maxima, which only bound the lengths
+    return q, k, v, cu_q, cu_k, max(lq) + 3, max(lk) + 17
+
+
+@pytest.mark.parametrize("case", list(VARLEN_CASES))
+def test_attention_varlen_fwd(emu, case):
+    cfg = VARLEN_CASES[case]
+    causal, window, align = cfg[7], cfg[8], cfg[9]
+    q, k, v, cu_q, cu_k, max_q, max_k = make_varlen_inputs(cfg)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    wl, wr, _ = window_args(0, 0, causal, window, align)
+    out, lse = attention_varlen_fwd(emu, q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr,
+                                    align == "bottom_right")
+    kw = dict(is_causal=causal, scale=scale, window=window, causal_alignment=align,
+              return_lse=True)
+    hi, hi_lse = reference.attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, **kw)
+    low, low_lse = reference.attention_varlen(q, k, v, cu_q, cu_k, **kw)
+    assert_close_rule(out, hi, low)
+    assert_close_rule(lse, hi_lse, low_lse.float(), name="lse")
+    empty = (cu_q[1:] - cu_q[:-1] > 0) & (cu_k[1:] == cu_k[:-1])
+    for b in empty.nonzero().flatten().tolist():  # a sequence without keys: zeros, lse -inf
+        rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        assert torch.equal(out[rows], torch.zeros_like(out[rows]))
+        assert bool((lse[:, rows] == float("-inf")).all())
 
 
 # ---- decoding with a KV cache ----------------------------------------------------------------

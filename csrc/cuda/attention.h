@@ -28,11 +28,22 @@ struct AttnProblem {
   int batch = 0, heads = 0, kv_heads = 0, len_q = 0, len_k = 0, head_dim = 0, head_dim_v = 0;
   float scale = 1.0f;
   int64_t window_left = -1, window_right = -1, diag_offset = 0;
+  // Packed variable-length sequences (attention_varlen) when cu_seqlens_q is non-null: `batch`
+  // sequences, sequence b being rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q (and of out,
+  // grad_out, dq, and of each head's lse row) against rows [cu_seqlens_k[b], cu_seqlens_k[b + 1])
+  // of k/v (and dk/dv); the batch strides are unused (0). len_q / len_k are max_seqlen_q / _k:
+  // they size the grid and bound each sequence's lengths. total_q / total_k are the packed row
+  // counts; the offsets are clamped into them on the device (never synchronised). The diagonal
+  // of sequence b is at S_b - L_b when bottom_right, else at diag_offset.
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+  int64_t total_q = 0, total_k = 0;
+  bool bottom_right = false;
 };
 
 struct AttnFwdParams : AttnProblem {
   void* out = nullptr;   // (B, H, L, Ev), q's dtype
-  float* lse = nullptr;  // (B, H, L)
+  float* lse = nullptr;  // (B, H, L); varlen: (H, total_q)
   int64_t out_stride_b = 0, out_stride_h = 0, out_stride_l = 0;
   int64_t lse_stride_b = 0, lse_stride_h = 0;
 };

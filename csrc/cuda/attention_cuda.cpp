@@ -311,10 +311,81 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_lse_cuda(
                       alibi_slopes, sinks, block_table, window_left, window_right, true);
 }
 
+// ---- attention_varlen --------------------------------------------------------------------------
+// Shapes and dtypes (and the cu_seqlens values where they are on the host) are checked by
+// checks::check_varlen; here what the CUDA kernels add: every tensor on q's device, no dropout or
+// score modifiers, and sizes their int32 indexing holds.
+void check_varlen_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                       int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p,
+                       double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                       const std::optional<at::Tensor>& sinks, const char* op) {
+  check_no_score_mods(softcap, alibi_slopes, sinks, op);
+  check_no_dropout(dropout_p, op);
+  check_cuda_tensor(q, q, op, "q");
+  check_cuda_tensor(k, q, op, "k");
+  check_cuda_tensor(v, q, op, "v");
+  check_cuda_tensor(cu_seqlens_q, q, op, "cu_seqlens_q");
+  check_cuda_tensor(cu_seqlens_k, q, op, "cu_seqlens_k");
+  dtype_of(q, op, "q");
+  TORCH_CHECK(q.size(2) >= 1 && v.size(2) >= 1 && q.size(2) <= kMaxHeadDim &&
+                  v.size(2) <= kMaxHeadDim,
+              "fastattn.", op, " (CUDA): head dims must lie in [1, ", kMaxHeadDim, "], got ",
+              q.size(2), " and ", v.size(2));
+  TORCH_CHECK(cu_seqlens_q.size(0) - 1 <= 65535, "fastattn.", op,
+              " (CUDA): at most 65535 sequences (cu_seqlens_q.shape[0] - 1), got ",
+              cu_seqlens_q.size(0) - 1);
+  TORCH_CHECK(max_seqlen_q < (int64_t(1) << 30) && max_seqlen_k < (int64_t(1) << 30) &&
+                  q.size(0) < (int64_t(1) << 31) && k.size(0) < (int64_t(1) << 31),
+              "fastattn.", op, " (CUDA): max_seqlen_q / max_seqlen_k must be below 2^30 and "
+              "total_q / total_k below 2^31, got ", max_seqlen_q, ", ", max_seqlen_k, ", ",
+              q.size(0), ", ", k.size(0));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
+    bool bottom_right, double dropout_p, int64_t seed, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
+  (void)seed;
+  constexpr const char* op = "attention_varlen_fwd";
+  checks::check_varlen(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       scale, dropout_p, softcap, alibi_slopes, sinks);
+  check_varlen_cuda(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    dropout_p, softcap, alibi_slopes, sinks, op);
+  const int64_t total_q = q_in.size(0), H = q_in.size(1), E = q_in.size(2);
+  const int64_t total_k = k_in.size(0), Hkv = k_in.size(1), Ev = v_in.size(2);
+  const int64_t B = cu_seqlens_q.size(0) - 1;
+  // out (total_q, H, Ev) contiguous: the (total_q, H * Ev) rows of the output projection
+  auto out = at::empty({total_q, H, Ev}, q_in.options());
+  auto lse = at::empty({H, total_q}, q_in.options().dtype(at::kFloat));
+  if (total_q * H == 0) return {out, lse};
+  if (total_k == 0 || max_seqlen_k == 0 || max_seqlen_q == 0 || B == 0) {
+    // no key in any sequence (or, by max_seqlen, no query): out = 0, lse = -inf
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+                   v = last_dim_contiguous(v_in);
+  const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
+  DeviceGuard guard(q.device());
+  AttnFwdParams p = attn_fwd_params(
+      {B, H, Hkv, max_seqlen_q, max_seqlen_k, E, Ev}, float(scale),
+      {window_left, window_right, 0}, packed_operand(q), packed_operand(k), packed_operand(v),
+      AttnOperand{}, packed_operand(out), AttnOperand{lse.data_ptr(), 0, lse.stride(0), 1, 0});
+  set_varlen(p, cu_q.data_ptr<int32_t>(), cu_k.data_ptr<int32_t>(), total_q, total_k,
+             bottom_right);
+  check_launch(attention_fwd(p, dtype_of(q, op, "q"), current_stream()), op);
+  return {out, lse};
+}
+
 }  // namespace
 }  // namespace fastattn::cuda
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("attention_varlen_fwd", &fastattn::cuda::attention_varlen_fwd_cuda);
   m.impl("attention_fwd", &fastattn::cuda::attention_fwd_cuda);
   m.impl("attention_bwd", &fastattn::cuda::attention_bwd_cuda);
   m.impl("attention_kvcache", &fastattn::cuda::attention_kvcache_cuda);

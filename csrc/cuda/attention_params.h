@@ -91,6 +91,24 @@ inline AttnFwdParams attn_fwd_params(const AttnShape& s, float scale, const Attn
   return p;
 }
 
+// Packed variable-length sequences (see AttnProblem): the operands are (total, heads, dim)
+// tensors addressed with stride_b = 0 and their token stride as the row stride (lse: (H,
+// total_q) with stride_b = 0, its head stride, unit row stride); the shape's batch is the number
+// of sequences and its len_q / len_k the maximum lengths.
+template <class Tensor>
+AttnOperand packed_operand(const Tensor& t) {  // (total, heads, dim)
+  return {t.data_ptr(), 0, t.size(1) == 1 ? 0 : t.stride(1), t.stride(0), 0};
+}
+
+inline void set_varlen(AttnProblem& p, const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k,
+                       int64_t total_q, int64_t total_k, bool bottom_right) {
+  p.cu_seqlens_q = cu_seqlens_q;
+  p.cu_seqlens_k = cu_seqlens_k;
+  p.total_q = total_q;
+  p.total_k = total_k;
+  p.bottom_right = bottom_right;
+}
+
 // grad_lse and dmask may be absent; workspace: see AttnBwdParams.
 inline AttnBwdParams attn_bwd_params(const AttnShape& s, float scale, const AttnWindow& w,
                                      const AttnOperand& q, const AttnOperand& k,

@@ -146,6 +146,22 @@ int fa_emu_attention_fwd(int dtype, const void* q, const void* k, const void* v,
   return finish(fc::attention_fwd(p, dtype_of(dtype), nullptr));
 }
 
+// Packed variable-length sequences. st: q(t,h) k(t,h) v(t,h) out(t,h) lse(h) (token and head
+// strides); sz: B H Hkv max_seqlen_q max_seqlen_k E Ev; totals: total_q total_k.
+int fa_emu_attention_varlen_fwd(int dtype, const void* q, const void* k, const void* v, void* out,
+                                float* lse, const int64_t* st, const int* sz,
+                                const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k,
+                                const int64_t* totals, float scale, int64_t wl, int64_t wr,
+                                int bottom_right) {
+  fa_emu::clear_error();
+  const fc::AttnShape shape{sz[0], sz[1], sz[2], sz[3], sz[4], sz[5], sz[6]};
+  fc::AttnFwdParams p = fc::attn_fwd_params(
+      shape, scale, {wl, wr, 0}, {q, 0, st[1], st[0]}, {k, 0, st[3], st[2]},
+      {v, 0, st[5], st[4]}, {}, {out, 0, st[7], st[6]}, {lse, 0, st[8]});
+  fc::set_varlen(p, cu_seqlens_q, cu_seqlens_k, totals[0], totals[1], bottom_right != 0);
+  return finish(fc::attention_fwd(p, dtype_of(dtype), nullptr));
+}
+
 // st: q(b,h,l) kc(b,h,s) vc(b,h,s) kn(b,h,l) vn(b,h,l) out(b,h,l); sz: B H Hkv Lq cap E
 // (paged: kc/vc's b stride is the block stride and cap is ignored); ext: Lnew, window_left,
 // window_right, lse(b,h) strides, block_table's row stride, max_blocks, num_blocks, block_size.
