@@ -647,6 +647,68 @@ def test_attention_varlen_fwd(emu, case):
         assert bool((lse[:, rows] == float("-inf")).all())
 
 
+def attention_varlen_bwd(emu, do, q, k, v, out, lse, glse, cu_q, cu_k, max_q, max_k, scale, wl,
+                         wr, bottom_right):
+    """-> dq (total_q, H, E), dk (total_k, Hkv, E), dv (total_k, Hkv, Ev), NaN-initialised and
+    guarded: every row must be written, and nothing past them."""
+    total_q, H, E = q.shape
+    total_k, Hkv, Ev = k.shape[0], k.shape[1], v.shape[-1]
+    dq, big_dq = guarded((total_q, H, E), q.dtype)
+    dk, big_dk = guarded((total_k, Hkv, E), q.dtype)
+    dv, big_dv = guarded((total_k, Hkv, Ev), q.dtype)
+    st = [*do.stride()[:2], *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
+          lse.stride(0), glse.stride(0) if glse is not None else 0, *dq.stride()[:2],
+          *dk.stride()[:2], *dv.stride()[:2]]
+    emu.check(emu.lib.fa_emu_attention_varlen_bwd(
+        DT[q.dtype], _p(do), _p(q), _p(k), _p(v), _p(out), _fp(lse), _fp(glse), _p(dq), _p(dk),
+        _p(dv), _i64(st), _i32([len(cu_q) - 1, H, Hkv, max_q, max_k, E, Ev]), _p(cu_q), _p(cu_k),
+        _i64([total_q, total_k]), ctypes.c_float(scale), ctypes.c_int64(wl), ctypes.c_int64(wr),
+        int(bottom_right)))
+    for big in (big_dq, big_dk, big_dv):
+        check_guard(big)
+    return dq, dk, dv
+
+
+# backward: the forward cases, with grad_lse on some
+VARLEN_BWD_CASES = {
+    "bf16-gqa-causal-br-glse": ("bf16-gqa-causal-br", True),
+    "fp16-window-tl-strided": ("fp16-window-tl-strided", False),
+    "fp32-d40-gqa3-causal-tl-glse": ("fp32-d40-gqa3-causal-tl", True),
+    "bf16-d256-causal-window-br": ("bf16-d256-causal-window-br", False),
+    "fp16-d96-ev64-window-br-glse": ("fp16-d96-ev64-window-br", True),
+}
+
+
+@pytest.mark.parametrize("case", list(VARLEN_BWD_CASES))
+def test_attention_varlen_bwd(emu, case):
+    fwd_case, with_glse = VARLEN_BWD_CASES[case]
+    cfg = VARLEN_CASES[fwd_case]
+    causal, window, align = cfg[7], cfg[8], cfg[9]
+    q, k, v, cu_q, cu_k, max_q, max_k = make_varlen_inputs(cfg)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    wl, wr, _ = window_args(0, 0, causal, window, align)
+    br = align == "bottom_right"
+    out, lse = attention_varlen_fwd(emu, q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr, br)
+    do = torch.randn_like(out)
+    glse = torch.randn(lse.shape) if with_glse else None
+    got = attention_varlen_bwd(emu, do, q, k, v, out, lse, glse, cu_q, cu_k, max_q, max_k, scale,
+                               wl, wr, br)
+
+    def grads(dtype):
+        qq, kk, vv = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+        o, lse_ = reference.attention_varlen(qq, kk, vv, cu_q, cu_k, is_causal=causal,
+                                             scale=scale, window=window, causal_alignment=align,
+                                             return_lse=True)
+        loss = (o * do.to(dtype)).sum()
+        if glse is not None:
+            loss = loss + (torch.where(torch.isfinite(lse_), lse_, 0.0) * glse.to(dtype)).sum()
+        return torch.autograd.grad(loss, [qq, kk, vv])
+
+    for name, g, h, low in zip(("dq", "dk", "dv"), got, grads(torch.float64), grads(q.dtype),
+                               strict=True):
+        assert_close_rule(g, h, low, factor=3.0, name=name)
+
+
 # ---- decoding with a KV cache ----------------------------------------------------------------
 KV_CASES = {
     # id: (B, H, Hkv, Lq, capacity, E, dtype, seqlens, new tokens, causal, SMs, leftpad)

@@ -55,7 +55,8 @@ cudaError_t attention_fwd(const AttnFwdParams& p, DType dtype, cudaStream_t stre
 // (gradient of the additive mask) at every (i, j) with i < L, j < S that a query can see
 // (dmask must be zero-initialised: blocks outside the window are not visited). `workspace` is a
 // float32 buffer of 2 * B * H * L elements (delta and the base-2 lse per row). Deterministic: no
-// atomics anywhere (dK/dV and dQ are computed by separate kernels).
+// atomics anywhere (dK/dV and dQ are computed by separate kernels). Varlen: lse and grad_lse
+// (H, total_q), the workspace 2 * H * total_q floats.
 struct AttnBwdParams : AttnProblem {
   const void* grad_out = nullptr;
   const void* out = nullptr;

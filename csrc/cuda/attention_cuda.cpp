@@ -3,6 +3,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "attention.h"
 #include "../checks.h"
@@ -381,11 +382,82 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const std::optional<at::Tensor>& grad_lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
+    bool deterministic, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& sinks) {
+  (void)seed;
+  (void)deterministic;  // the kernels never use atomics: always bitwise repeatable
+  constexpr const char* op = "attention_varlen_bwd";
+  checks::check_varlen(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       scale, dropout_p, softcap, alibi_slopes, sinks);
+  check_varlen_cuda(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    dropout_p, softcap, alibi_slopes, sinks, op);
+  const int64_t total_q = q_in.size(0), H = q_in.size(1), E = q_in.size(2);
+  const int64_t total_k = k_in.size(0), Hkv = k_in.size(1), Ev = v_in.size(2);
+  const int64_t B = cu_seqlens_q.size(0) - 1;
+  check_cuda_tensor(grad_out_in, q_in, op, "grad_out");
+  check_cuda_tensor(out_in, q_in, op, "out");
+  check_cuda_tensor(lse_in, q_in, op, "lse");
+  const std::vector<int64_t> oshape{total_q, H, Ev}, lshape{H, total_q};
+  TORCH_CHECK(grad_out_in.sizes() == oshape && out_in.sizes() == oshape,
+              "fastattn.attention_varlen_bwd (CUDA): grad_out and out must be (total_q, H, Ev) = ",
+              oshape, ", got ", grad_out_in.sizes(), " and ", out_in.sizes());
+  TORCH_CHECK(
+      grad_out_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
+      "fastattn.attention_varlen_bwd (CUDA): grad_out and out must have q's dtype");
+  TORCH_CHECK(lse_in.sizes() == lshape,
+              "fastattn.attention_varlen_bwd (CUDA): lse must be (H, total_q) = ", lshape,
+              ", got ", lse_in.sizes());
+  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
+  std::optional<at::Tensor> glse;
+  if (grad_lse.has_value() && grad_lse->defined()) {
+    check_cuda_tensor(*grad_lse, q_in, op, "grad_lse");
+    TORCH_CHECK(grad_lse->sizes() == lshape,
+                "fastattn.attention_varlen_bwd (CUDA): grad_lse must be (H, total_q) = ", lshape,
+                ", got ", grad_lse->sizes());
+    glse = grad_lse->to(at::kFloat).contiguous();  // autograd may hand an expanded tensor
+  }
+  // the kernels write (heads, total, dim) rows: returned as (total, heads, dim) views
+  auto dq = at::empty({H, total_q, E}, q_in.options()).transpose(0, 1);
+  auto dk = at::empty({Hkv, total_k, E}, q_in.options()).transpose(0, 1);
+  auto dv = at::empty({Hkv, total_k, Ev}, q_in.options()).transpose(0, 1);
+  const at::Tensor dsinks = at::empty({0}, q_in.options().dtype(at::kFloat));
+  if (total_q * H == 0 || total_k == 0 || max_seqlen_q == 0 || max_seqlen_k == 0 || B == 0) {
+    dq.zero_();  // nothing to differentiate through
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv, dsinks};
+  }
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+                   v = last_dim_contiguous(v_in), grad_out = last_dim_contiguous(grad_out_in),
+                   out = last_dim_contiguous(out_in);
+  const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
+  auto workspace = at::empty({2 * H * total_q}, q_in.options().dtype(at::kFloat));
+  DeviceGuard guard(q.device());
+  auto stat = [](const at::Tensor& t) { return AttnOperand{t.data_ptr(), 0, t.stride(0), 1, 0}; };
+  AttnBwdParams p = attn_bwd_params(
+      {B, H, Hkv, max_seqlen_q, max_seqlen_k, E, Ev}, float(scale),
+      {window_left, window_right, 0}, packed_operand(q), packed_operand(k), packed_operand(v),
+      AttnOperand{}, packed_operand(grad_out), packed_operand(out), stat(lse),
+      glse.has_value() ? stat(*glse) : AttnOperand{}, packed_operand(dq), packed_operand(dk),
+      packed_operand(dv), AttnOperand{}, workspace.data_ptr<float>());
+  set_varlen(p, cu_q.data_ptr<int32_t>(), cu_k.data_ptr<int32_t>(), total_q, total_k,
+             bottom_right);
+  check_launch(attention_bwd(p, dtype_of(q, op, "q"), current_stream()), op);
+  return {dq, dk, dv, dsinks};
+}
+
 }  // namespace
 }  // namespace fastattn::cuda
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("attention_varlen_fwd", &fastattn::cuda::attention_varlen_fwd_cuda);
+  m.impl("attention_varlen_bwd", &fastattn::cuda::attention_varlen_bwd_cuda);
   m.impl("attention_fwd", &fastattn::cuda::attention_fwd_cuda);
   m.impl("attention_bwd", &fastattn::cuda::attention_bwd_cuda);
   m.impl("attention_kvcache", &fastattn::cuda::attention_kvcache_cuda);

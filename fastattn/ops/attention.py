@@ -684,10 +684,8 @@ _backend.register_op("attention_varlen", "attention_varlen_fwd")
 
 
 def _varlen_supports(backend: str, device: torch.device, key: tuple) -> str | None:
-    """_supports for attention_varlen (same key). The CUDA extension has no varlen kernel:
-    "auto" takes Triton on CUDA tensors."""
-    if backend == "cuda":
-        return "attention_varlen has no CUDA kernel (Triton runs CUDA tensors)"
+    """_supports for attention_varlen (same key): the CUDA kernels, like their sdpa ones, refuse
+    dropout and softcap / alibi_slopes / sinks."""
     return _supports(backend, device, key)
 
 
@@ -880,7 +878,8 @@ def attention_varlen(
         alibi_slopes: float32 (H,) or (B, H) (row b for sequence b), or None.
         return_lse: also return lse (H, total_q) float32 (the sink included; -inf on rows that
             see no key).
-        backend: "auto" | "triton" | "cpu" | "reference" ("cuda" has no varlen kernel).
+        backend: "auto" | "triton" | "cuda" | "cpu" | "reference" ("cuda": no dropout, softcap,
+            alibi_slopes or sinks).
 
     Set ``torch.use_deterministic_algorithms(True)`` for a bitwise-repeatable backward.
 
