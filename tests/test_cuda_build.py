@@ -836,6 +836,10 @@ KV_SERVING = {
                                              True, (20, 0), 0, 100, SMS, 0),
     "fp16-contiguous-lnew6-lq1-splits": (2, 4, 1, 1, 6, 64, torch.float16, [250, 31], None,
                                          True, (-1, -1), 0, 300, 8, 32),
+    # window sides near 2^63 are unbounded in effect, not an overflow
+    "bf16-paged16-huge-window-noncausal-splits": (2, 4, 2, 2, 3, 64, torch.bfloat16, [200, 7],
+                                                  None, False, (2**63 - 1, 2**63 - 1), 16, 14, 8,
+                                                  0),
 }
 
 
@@ -861,7 +865,9 @@ def test_attention_kvcache_serving(emu, case):
         cos, sin = rotary_tables(cap + Lnew + 1, rdim)
         rkw = dict(rotary_cos=cos, rotary_sin=sin)
     scale = 1.0 / math.sqrt(E)
-    win = None if window == (-1, -1) else window
+    # sides past any cache are the reference's unbounded window (its int64 positions would
+    # overflow at i + 2^63 - 1)
+    win = None if window == (-1, -1) or min(window) >= 2**62 else window
     k0, v0 = kc.clone(), vc.clone()
     out_c, lse_c, splits = attention_kvcache(emu, q, kc, vc, sl, lp, kn, vn, scale, causal, sms,
                                              window=window, return_lse=True, **rkw)

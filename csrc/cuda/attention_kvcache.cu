@@ -120,13 +120,15 @@ __global__ void __launch_bounds__(32 * kvcache_tile().n_warps)
   const int row0 = group * kRows;
 
   const int total = min_i(cache_len(p, b) + (p.k_new != nullptr ? p.len_new : 0), p.capacity);
-  // query i sits at position total - Lq + i and sees keys [pos - wl, pos + wr] (int64: the
-  // window sides may be anything up to 2^63)
+  // query i sits at position total - Lq + i and sees keys [pos - wl, pos + wr] (-1: unbounded;
+  // causal: wr = 0). The sides are clamped to 2^31, past any cache, so that the int64 sums
+  // below cannot overflow whatever the caller's window.
   const int64_t pos0 = int64_t(total) - p.len_q;
-  const int64_t wr = p.causal ? (p.window_right < 0 ? 0 : min_i64(p.window_right, 0))
-                              : p.window_right;
+  const int64_t kFar = int64_t(1) << 31;
+  const int64_t wl = p.window_left < 0 ? -1 : min_i64(p.window_left, kFar);
+  const int64_t wr = p.causal ? 0 : (p.window_right < 0 ? -1 : min_i64(p.window_right, kFar));
   // keys any row of this block may see: [first_any, last_any)
-  int64_t first_any = p.window_left < 0 ? 0 : pos0 - p.window_left;
+  int64_t first_any = wl < 0 ? 0 : pos0 - wl;
   int64_t last_any = wr < 0 ? total : pos0 + p.len_q + wr;
   if (p.leftpad != nullptr) first_any = max_i64(first_any, p.leftpad[b]);
   const int64_t s0_64 = max_i64(int64_t(split) * p.split_len, first_any);
@@ -191,7 +193,7 @@ __global__ void __launch_bounds__(32 * kvcache_tile().n_warps)
   for (int r = 0; r < kRowsPerWarp; ++r) {
     const int R = row0 + warp + kTile.n_warps * r;
     const int64_t pos = pos0 + R % p.len_q;
-    const int64_t lo = p.window_left < 0 ? 0 : pos - p.window_left;
+    const int64_t lo = wl < 0 ? 0 : pos - wl;
     const int64_t hi = wr < 0 ? total : pos + wr + 1;
     first[r] = int(min_i64(max_i64(lo, 0), total));
     limit[r] = R < rows_total ? int(min_i64(max_i64(hi, 0), total)) : 0;
