@@ -84,17 +84,18 @@ cudaError_t attention_bwd(const AttnBwdParams& p, DType dtype, cudaStream_t stre
 // cache_seqlens[b] (positions past the capacity are dropped: lengths are clamped on the device,
 // never synchronised). Query i of batch b sits at position total_b - Lq + i, total_b =
 // seqlens[b] (+ Lnew with k_new), and sees keys j in [lp_b, total_b) with
-// pos - window_left <= j <= pos + window_right (-1: unbounded; causal: window_right =
-// min(window_right, 0)), lp_b = leftpad[b] (0 when leftpad is null; clamped to [0, total_b]).
+// pos - window_left <= j <= pos + window_right (-1: unbounded; causal: window_right = 0),
+// lp_b = leftpad[b] (0 when leftpad is null; clamped to [0, total_b]).
 // Paged cache (block_table non-null): k_cache/v_cache are (num_blocks, Hkv, block_size, E) (the
 // kc_stride_b / vc_stride_b fields are the block strides), capacity = max_blocks * block_size,
 // and token t of batch b lives in block block_table[b * bt_stride_b + t / block_size] (clamped
 // into [0, num_blocks)), slot t % block_size; the append goes through the table too.
 // lse (B, H, Lq), optional: the natural-log log-sum-exp of each row's visible scaled scores
 // (-inf for a row that sees no key). Last dims contiguous.
-// Rotary embedding (rotary_cos non-null; with k_new): q and k_new token i of batch b rotated at
-// position seqlens[b] - leftpad[b] + i, clamped into [0, max_pos), by the tables' row (see
-// csrc/fastattn.cpp): k_new as it is appended, q as it is loaded (rounded to the dtype).
+// Rotary embedding (rotary_cos non-null; with k_new): k_new token i of batch b rotated at
+// position seqlens[b] - leftpad[b] + i and q token i at total_b - Lq - leftpad[b] + i (the same
+// with Lnew = Lq), clamped into [0, max_pos), by the tables' row (see csrc/fastattn.cpp): k_new
+// as it is appended, q as it is loaded (rounded to the dtype).
 struct KvcacheParams {
   const void* q = nullptr;
   void* k_cache = nullptr;
