@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -576,6 +577,138 @@ def test_attention_bwd_deterministic(emu):
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
+# ---- packed variable-length sequences ----------------------------------------------------------
+def attention_varlen_fwd(emu, q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr, bottom_right):
+    """The binding's launch on the emulator: q (total_q, H, E), k/v (total_k, Hkv, E/Ev) -> out
+    (total_q, H, Ev), lse (H, total_q), both guarded against writes past their end."""
+    total_q, H, E = q.shape
+    total_k, Hkv, Ev = k.shape[0], k.shape[1], v.shape[-1]
+    out, big_out = guarded((total_q, H, Ev), q.dtype)
+    lse, big_lse = guarded((H, total_q), torch.float32)
+    st = [*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2], lse.stride(0)]
+    emu.check(emu.lib.fa_emu_attention_varlen_fwd(
+        DT[q.dtype], _p(q), _p(k), _p(v), _p(out), _fp(lse), _i64(st),
+        _i32([len(cu_q) - 1, H, Hkv, max_q, max_k, E, Ev]), _p(cu_q), _p(cu_k),
+        _i64([total_q, total_k]), ctypes.c_float(scale), ctypes.c_int64(wl), ctypes.c_int64(wr),
+        int(bottom_right)))
+    check_guard(big_out)
+    check_guard(big_lse)
+    return out, lse
+
+
+VARLEN_CASES = {
+    # id: (query lengths, key lengths, H, Hkv, E, Ev, dtype, causal, window, alignment, strided)
+    # sequences of 0 and 1 rows, L != S both ways, GQA
+    "bf16-gqa-causal-br": ([0, 1, 37, 5, 70], [3, 0, 50, 9, 70], 4, 2, 64, 64, torch.bfloat16,
+                           True, None, "bottom_right", False),
+    "fp16-window-tl-strided": ([17, 130, 1], [40, 100, 1], 2, 2, 128, 128, torch.float16, False,
+                               (8, 4), "top_left", True),
+    "fp32-d40-gqa3-causal-tl": ([5, 0, 33], [7, 4, 20], 3, 1, 40, 40, torch.float32, True, None,
+                                "top_left", False),
+    "bf16-d256-causal-window-br": ([64, 3], [80, 10], 2, 1, 256, 256, torch.bfloat16, True,
+                                   (16, -1), "bottom_right", True),
+    "fp16-d96-ev64-window-br": ([20, 9, 0], [9, 31, 0], 4, 4, 96, 64, torch.float16, False,
+                                (-1, 2), "bottom_right", False),
+}
+
+
+def make_varlen_inputs(case):
+    lq, lk, H, Hkv, E, Ev, dtype, causal, window, align, strided = case
+    cu_q = torch.tensor([0, *itertools.accumulate(lq)], dtype=torch.int32)
+    cu_k = torch.tensor([0, *itertools.accumulate(lk)], dtype=torch.int32)
+    q = torch.randn(sum(lq), H, E, dtype=dtype)
+    k = torch.randn(sum(lk), Hkv, E, dtype=dtype)
+    v = torch.randn(sum(lk), Hkv, Ev, dtype=dtype)
+    if strided:  # NaN around every row: reads outside a sequence's rows show as NaN
+        q, k, v = nan_padded(q), nan_padded(k), nan_padded(v)
+    # the grid is sized by the maxima, which only bound the lengths
+    return q, k, v, cu_q, cu_k, max(lq) + 3, max(lk) + 17
+
+
+@pytest.mark.parametrize("case", list(VARLEN_CASES))
+def test_attention_varlen_fwd(emu, case):
+    cfg = VARLEN_CASES[case]
+    causal, window, align = cfg[7], cfg[8], cfg[9]
+    q, k, v, cu_q, cu_k, max_q, max_k = make_varlen_inputs(cfg)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    wl, wr, _ = window_args(0, 0, causal, window, align)
+    out, lse = attention_varlen_fwd(emu, q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr,
+                                    align == "bottom_right")
+    kw = dict(is_causal=causal, scale=scale, window=window, causal_alignment=align,
+              return_lse=True)
+    hi, hi_lse = reference.attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, **kw)
+    low, low_lse = reference.attention_varlen(q, k, v, cu_q, cu_k, **kw)
+    assert_close_rule(out, hi, low)
+    assert_close_rule(lse, hi_lse, low_lse.float(), name="lse")
+    empty = (cu_q[1:] - cu_q[:-1] > 0) & (cu_k[1:] == cu_k[:-1])
+    for b in empty.nonzero().flatten().tolist():  # a sequence without keys: zeros, lse -inf
+        rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        assert torch.equal(out[rows], torch.zeros_like(out[rows]))
+        assert bool((lse[:, rows] == float("-inf")).all())
+
+
+def attention_varlen_bwd(emu, do, q, k, v, out, lse, glse, cu_q, cu_k, max_q, max_k, scale, wl,
+                         wr, bottom_right):
+    """-> dq (total_q, H, E), dk (total_k, Hkv, E), dv (total_k, Hkv, Ev), NaN-initialised and
+    guarded: every row must be written, and nothing past them."""
+    total_q, H, E = q.shape
+    total_k, Hkv, Ev = k.shape[0], k.shape[1], v.shape[-1]
+    dq, big_dq = guarded((total_q, H, E), q.dtype)
+    dk, big_dk = guarded((total_k, Hkv, E), q.dtype)
+    dv, big_dv = guarded((total_k, Hkv, Ev), q.dtype)
+    st = [*do.stride()[:2], *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
+          lse.stride(0), glse.stride(0) if glse is not None else 0, *dq.stride()[:2],
+          *dk.stride()[:2], *dv.stride()[:2]]
+    emu.check(emu.lib.fa_emu_attention_varlen_bwd(
+        DT[q.dtype], _p(do), _p(q), _p(k), _p(v), _p(out), _fp(lse), _fp(glse), _p(dq), _p(dk),
+        _p(dv), _i64(st), _i32([len(cu_q) - 1, H, Hkv, max_q, max_k, E, Ev]), _p(cu_q), _p(cu_k),
+        _i64([total_q, total_k]), ctypes.c_float(scale), ctypes.c_int64(wl), ctypes.c_int64(wr),
+        int(bottom_right)))
+    for big in (big_dq, big_dk, big_dv):
+        check_guard(big)
+    return dq, dk, dv
+
+
+# backward: the forward cases, with grad_lse on some
+VARLEN_BWD_CASES = {
+    "bf16-gqa-causal-br-glse": ("bf16-gqa-causal-br", True),
+    "fp16-window-tl-strided": ("fp16-window-tl-strided", False),
+    "fp32-d40-gqa3-causal-tl-glse": ("fp32-d40-gqa3-causal-tl", True),
+    "bf16-d256-causal-window-br": ("bf16-d256-causal-window-br", False),
+    "fp16-d96-ev64-window-br-glse": ("fp16-d96-ev64-window-br", True),
+}
+
+
+@pytest.mark.parametrize("case", list(VARLEN_BWD_CASES))
+def test_attention_varlen_bwd(emu, case):
+    fwd_case, with_glse = VARLEN_BWD_CASES[case]
+    cfg = VARLEN_CASES[fwd_case]
+    causal, window, align = cfg[7], cfg[8], cfg[9]
+    q, k, v, cu_q, cu_k, max_q, max_k = make_varlen_inputs(cfg)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    wl, wr, _ = window_args(0, 0, causal, window, align)
+    br = align == "bottom_right"
+    out, lse = attention_varlen_fwd(emu, q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr, br)
+    do = torch.randn_like(out)
+    glse = torch.randn(lse.shape) if with_glse else None
+    got = attention_varlen_bwd(emu, do, q, k, v, out, lse, glse, cu_q, cu_k, max_q, max_k, scale,
+                               wl, wr, br)
+
+    def grads(dtype):
+        qq, kk, vv = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+        o, lse_ = reference.attention_varlen(qq, kk, vv, cu_q, cu_k, is_causal=causal,
+                                             scale=scale, window=window, causal_alignment=align,
+                                             return_lse=True)
+        loss = (o * do.to(dtype)).sum()
+        if glse is not None:
+            loss = loss + (torch.where(torch.isfinite(lse_), lse_, 0.0) * glse.to(dtype)).sum()
+        return torch.autograd.grad(loss, [qq, kk, vv])
+
+    for name, g, h, low in zip(("dq", "dk", "dv"), got, grads(torch.float64), grads(q.dtype),
+                               strict=True):
+        assert_close_rule(g, h, low, factor=3.0, name=name)
+
+
 # ---- decoding with a KV cache ----------------------------------------------------------------
 KV_CASES = {
     # id: (B, H, Hkv, Lq, capacity, E, dtype, seqlens, new tokens, causal, SMs, leftpad)
@@ -605,12 +738,20 @@ def rotary_tables(max_pos, rotary_dim, dtype=torch.float32):
 
 
 def attention_kvcache(emu, q, kc, vc, sl, lp, kn, vn, scale, causal, sms=SMS, rotary_cos=None,
-                      rotary_sin=None, rotary_interleaved=False):
-    """The binding's launch on the emulator: -> (out, number of splits). kc/vc are updated in
-    place; the output buffer is guarded against writes past its end."""
+                      rotary_sin=None, rotary_interleaved=False, window=(-1, -1),
+                      return_lse=False, block_table=None):
+    """The binding's launch on the emulator: -> (out, number of splits), or (out, lse, number of
+    splits) with return_lse. kc/vc are updated in place (with block_table: the paged pool
+    (num_blocks, Hkv, block_size, E)); the outputs are guarded against writes past their end."""
     B, H, Lq, E = q.shape
     Hkv, cap = kc.shape[1], kc.shape[2]
     out, big = guarded((B, H, Lq, E), q.dtype)
+    lse, big_lse = guarded((B, H, Lq), torch.float32) if return_lse else (None, None)
+    bt = block_table.contiguous() if block_table is not None else None
+    ext = [kn.shape[2] if kn is not None else 0, window[0], window[1],
+           *(lse.stride()[:2] if lse is not None else (0, 0)),
+           *((bt.stride(0), bt.shape[1], kc.shape[0], kc.shape[2]) if bt is not None
+             else (0, 0, 0, 0))]
     z = [0, 0, 0]
     st = [*q.stride()[:3], *kc.stride()[:3], *vc.stride()[:3],
           *(kn.stride()[:3] if kn is not None else z), *(vn.stride()[:3] if vn is not None else z),
@@ -625,8 +766,11 @@ def attention_kvcache(emu, q, kc, vc, sl, lp, kn, vn, scale, causal, sms=SMS, ro
     emu.check(emu.lib.fa_emu_attention_kvcache(
         DT[q.dtype], _p(q), _p(kc), _p(vc), _p(sl), _p(lp), _p(kn), _p(vn), _p(out), _i64(st),
         _i32([B, H, Hkv, Lq, cap, E]), ctypes.c_float(scale), int(causal), sms,
-        ctypes.byref(splits), *rargs))
+        ctypes.byref(splits), *rargs, _fp(lse), _p(bt), _i64(ext)))
     check_guard(big)
+    if return_lse:
+        check_guard(big_lse)
+        return out, lse, splits.value
     return out, splits.value
 
 
@@ -673,6 +817,94 @@ def test_attention_kvcache(emu, case):
         assert torch.equal(out[2, :, 0], torch.zeros_like(out[2, :, 0]))
     if case in ("fp16-splits-lq3", "bf16-noncausal-splits", "bf16-leftpad-splits",
                 "bf16-rotary-leftpad-splits"):
+        assert splits > 1, "the split-K path was not exercised"
+
+
+# the serving options: paged cache, window, lse, Lnew != Lq
+KV_SERVING = {
+    # id: (B, H, Hkv, Lq, Lnew, E, dtype, seqlens, leftpad, causal, window, block_size,
+    #      max_blocks, SMs, rotary_dim)
+    "bf16-paged16-decode-splits": (3, 4, 2, 1, 1, 64, torch.bfloat16, [5, 150, 400], None, True,
+                                   (-1, -1), 16, 26, 8, 0),
+    "fp16-paged48-lnew5-lq3-window": (2, 8, 2, 3, 5, 128, torch.float16, [0, 200], None, True,
+                                      (37, -1), 48, 6, 8, 0),
+    "fp32-paged32-nonew-window-noncausal": (2, 2, 1, 4, 0, 40, torch.float32, [70, 9], None,
+                                            False, (5, 3), 32, 3, SMS, 0),
+    "bf16-paged16-leftpad-rotary-lnew4-lq2": (3, 4, 2, 2, 4, 64, torch.bfloat16, [10, 300, 390],
+                                             [0, 170, 391], True, (100, -1), 16, 25, 8, 64),
+    "bf16-contiguous-lnew1-lq3-window-lse": (2, 4, 4, 3, 1, 256, torch.bfloat16, [60, 2], None,
+                                             True, (20, 0), 0, 100, SMS, 0),
+    "fp16-contiguous-lnew6-lq1-splits": (2, 4, 1, 1, 6, 64, torch.float16, [250, 31], None,
+                                         True, (-1, -1), 0, 300, 8, 32),
+    # window sides near 2^63 are unbounded in effect, not an overflow
+    "bf16-paged16-huge-window-noncausal-splits": (2, 4, 2, 2, 3, 64, torch.bfloat16, [200, 7],
+                                                  None, False, (2**63 - 1, 2**63 - 1), 16, 14, 8,
+                                                  0),
+}
+
+
+@pytest.mark.parametrize("case", list(KV_SERVING))
+def test_attention_kvcache_serving(emu, case):
+    """The paged cache (shuffled blocks, NaN in every unused block and slot) against the
+    contiguous cache with the same tokens, windows, lse and k_new/v_new of another length than
+    q, all against the reference."""
+    from tests.test_kv_cache_paged import gather, nan_unused, paged_copy
+
+    (B, H, Hkv, Lq, Lnew, E, dtype, seqlens, leftpad, causal, window, bs, max_blocks, sms,
+     rdim) = KV_SERVING[case]
+    cap = max_blocks * (bs or 1)
+    q = torch.randn(B, H, Lq, E, dtype=dtype)
+    kc = nan_unused(torch.randn(B, Hkv, cap, E, dtype=dtype), seqlens, 0)
+    vc = nan_unused(torch.randn(B, Hkv, cap, E, dtype=dtype), seqlens, 0)
+    kn = torch.randn(B, Hkv, Lnew, E, dtype=dtype) if Lnew else None
+    vn = torch.randn(B, Hkv, Lnew, E, dtype=dtype) if Lnew else None
+    sl = torch.tensor(seqlens, dtype=torch.int32)
+    lp = None if leftpad is None else torch.tensor(leftpad, dtype=torch.int32)
+    rkw = {}
+    if rdim:
+        cos, sin = rotary_tables(cap + Lnew + 1, rdim)
+        rkw = dict(rotary_cos=cos, rotary_sin=sin)
+    scale = 1.0 / math.sqrt(E)
+    # sides past any cache are the reference's unbounded window (its int64 positions would
+    # overflow at i + 2^63 - 1)
+    win = None if window == (-1, -1) or min(window) >= 2**62 else window
+    k0, v0 = kc.clone(), vc.clone()
+    out_c, lse_c, splits = attention_kvcache(emu, q, kc, vc, sl, lp, kn, vn, scale, causal, sms,
+                                             window=window, return_lse=True, **rkw)
+    if bs:
+        pool_k, table = paged_copy(k0, bs, seed=3)
+        pool_v, _ = paged_copy(v0, bs, seed=3)
+        out, lse, splits_paged = attention_kvcache(emu, q, pool_k, pool_v, sl, lp, kn, vn, scale,
+                                                   causal, sms, window=window, return_lse=True,
+                                                   block_table=table, **rkw)
+        assert splits_paged == splits
+        # the appended tokens landed where the table says, the rest of the pool is untouched
+        same = lambda a, b: torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))  # noqa: E731
+        assert same(gather(pool_k, table), kc) and same(gather(pool_v, table), vc)
+        used = torch.zeros(pool_k.shape[0], dtype=torch.bool)
+        used[table.flatten().long()] = True
+        assert bool(pool_k[~used].isnan().all()), "a block outside the table was written"
+        # the same kernel on the same tokens: the paged gather changes no bit of the result
+        assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+    else:
+        out, lse = out_c, lse_c
+    k_ref, v_ref = k0.clone(), v0.clone()
+    low, low_lse = reference.attention_with_kvcache(
+        q, k_ref, v_ref, sl, kn, vn, scale=scale, causal=causal, cache_leftpad=lp, window=win,
+        return_lse=True, **rkw)
+    if rdim:
+        torch.testing.assert_close(kc.nan_to_num(7.0), k_ref.nan_to_num(7.0), atol=1e-6,
+                                   rtol=2 ** -7 if dtype != torch.float32 else 1e-6)
+    else:
+        assert torch.equal(kc.nan_to_num(7.0), k_ref.nan_to_num(7.0))
+    assert torch.equal(vc.nan_to_num(7.0), v_ref.nan_to_num(7.0))
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    hi, hi_lse = reference.attention_with_kvcache(
+        d(q), d(k0), d(v0), sl, d(kn), d(vn), scale=scale, causal=causal, cache_leftpad=lp,
+        window=win, return_lse=True, **{k: d(v) for k, v in rkw.items()})
+    assert_close_rule(out, hi, low)
+    assert_close_rule(lse, hi_lse, low_lse.float(), name="lse")
+    if sms == 8:
         assert splits > 1, "the split-K path was not exercised"
 
 

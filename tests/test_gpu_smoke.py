@@ -31,8 +31,8 @@ def _compiled():
         pytest.skip("the smoke set runs compiled kernels: set TRITON_INTERPRET=0")
 
 
-def _randn(*shape, dtype=torch.bfloat16, scale=1.0):
-    return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+def _randn(*shape, dtype=torch.bfloat16, scale=1.0, device="cuda"):
+    return (torch.randn(*shape, device=device) * scale).to(dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -110,6 +110,62 @@ def test_attention_kvcache_rotary(backend, interleaved):
     assert_close_rule(out, ref, low)
     torch.testing.assert_close(kc, kl, atol=1e-6, rtol=2 ** -7)  # one rounding of the same value
     assert torch.equal(vc, vl)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_kvcache_paged(backend, device="cuda"):
+    """Serving: a paged cache of shuffled 16-token blocks, a sliding window, two new tokens for
+    one query (speculative-decoding shape), lse; against the reference on the same pool."""
+    skip_unless_backend(backend, device)
+    torch.manual_seed(0)
+    B, H, Hkv, E, bs, max_blocks = 3, 8, 2, 128, 16, 64
+    num_blocks = B * max_blocks + 5
+    q = _randn(B, H, 1, E, device=device)
+    pool_k, pool_v = _randn(num_blocks, Hkv, bs, E, device=device), _randn(
+        num_blocks, Hkv, bs, E, device=device)
+    table = torch.randperm(num_blocks, device=device)[:B * max_blocks].view(B, max_blocks)
+    table = table.to(torch.int32)
+    lens = torch.tensor([1, 700, 1000], dtype=torch.int32, device=device)
+    k_new, v_new = _randn(B, Hkv, 2, E, device=device), _randn(B, Hkv, 2, E, device=device)
+    kw = dict(causal=True, window=(256, 0), return_lse=True, block_table=table)
+    kc, vc = pool_k.clone(), pool_v.clone()
+    out, lse = fastattn.attention_with_kvcache(q, kc, vc, lens, k_new, v_new, backend=backend,
+                                               **kw)
+    ref, ref_lse = reference.attention_with_kvcache(q.float(), pool_k.float(), pool_v.float(),
+                                                    lens, k_new.float(), v_new.float(), **kw)
+    kl, vl = pool_k.clone(), pool_v.clone()
+    low, low_lse = reference.attention_with_kvcache(q, kl, vl, lens, k_new, v_new, **kw)
+    assert_close_rule(out, ref, low)
+    assert_close_rule(lse, ref_lse, low_lse.float(), name="lse")
+    assert torch.equal(kc, kl) and torch.equal(vc, vl)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_varlen_forward_backward(backend, device="cuda"):
+    """Packed sequences (one empty, one of a single row, L != S), GQA, bottom-right causal."""
+    skip_unless_backend(backend, device)
+    torch.manual_seed(0)
+    H, Hkv, E = 4, 2, 128
+    lq, lk = [300, 0, 1, 77], [517, 3, 1, 77]
+    cu_q = torch.tensor([0, 300, 300, 301, 378], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 517, 520, 521, 598], dtype=torch.int32, device=device)
+    q = _randn(sum(lq), H, E, device=device).requires_grad_()
+    k = _randn(sum(lk), Hkv, E, device=device).requires_grad_()
+    v = _randn(sum(lk), Hkv, E, device=device).requires_grad_()
+    kw = dict(is_causal=True, causal_alignment="bottom_right")
+    out = fastattn.attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), backend=backend,
+                                    **kw)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    f32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = reference.attention_varlen(*f32, cu_q, cu_k, **kw)
+    ref_grads = torch.autograd.grad(ref, f32, dout.float())
+    low = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref_low = reference.attention_varlen(*low, cu_q, cu_k, **kw)
+    low_grads = torch.autograd.grad(ref_low, low, dout)
+    assert_close_rule(out, ref, ref_low)
+    for name, g, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads, strict=True):
+        assert_close_rule(g, r, lo, factor=3.0, name=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

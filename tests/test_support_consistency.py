@@ -238,8 +238,7 @@ def test_cuda_kvcache_rotary_accepted_calls_run_on_the_emulator(i, request):
 
 # ---------------------------------------------------------------------------------------------
 # attention_with_kvcache for serving (block_table, window, return_lse, Lnew != Lq): what
-# _kvcache_supports accepts runs on Triton (interpreter); the CUDA kernels refuse each feature,
-# with its name, before a kernel could reject the call
+# _kvcache_supports accepts runs on Triton (interpreter) and on the CUDA emulator
 # ---------------------------------------------------------------------------------------------
 SERVING = ("paged", "window", "lse", "lnew")
 SERVING_GRID = list(itertools.product(DTYPES, (40, 128, 320), range(4)))
@@ -262,6 +261,15 @@ def test_triton_kvcache_serving_accepted_calls_run(i):
     if ops_attention._kvcache_supports("triton", torch.device("cpu"), key):
         assert E > ops_attention._MAX_HEAD_DIM
         return
+    q, kc, vc, sl, kn, vn, table = _serving_inputs(dtype, E, on)
+    out = ops_attention.attention_with_kvcache(
+        q, kc, vc, sl, kn, vn, block_table=table, window=(5, 0) if on["window"] else None,
+        return_lse=on["lse"], backend="triton")
+    out, lse = out if on["lse"] else (out, torch.zeros(1))
+    assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
+
+
+def _serving_inputs(dtype, E, on):
     B, H, Hkv, Lq, bs = 2, 4, 2, 2, 16
     Lnew = 3 if on["lnew"] else Lq
     q = torch.randn(B, H, Lq, E).to(dtype)
@@ -270,20 +278,62 @@ def test_triton_kvcache_serving_accepted_calls_run(i):
     table = torch.tensor([[5, 0, 2], [1, 4, 3]], dtype=torch.int32) if on["paged"] else None
     kn, vn = torch.randn(B, Hkv, Lnew, E).to(dtype), torch.randn(B, Hkv, Lnew, E).to(dtype)
     sl = torch.tensor([3, 30], dtype=torch.int32)
-    out = ops_attention.attention_with_kvcache(
-        q, kc, vc, sl, kn, vn, block_table=table, window=(5, 0) if on["window"] else None,
-        return_lse=on["lse"], backend="triton")
-    out, lse = out if on["lse"] else (out, torch.zeros(1))
+    return q, kc, vc, sl, kn, vn, table
+
+
+@pytest.mark.parametrize("i", range(len(SERVING_GRID)))
+def test_cuda_kvcache_serving_accepted_calls_run_on_the_emulator(i, request):
+    dtype, E, j = SERVING_GRID[i]
+    key, on = _serving_key(dtype, E, j)
+    if ops_attention._kvcache_supports("cuda", torch.device("cuda"), key):
+        assert E > ops_attention._MAX_HEAD_DIM
+        return
+    if cb.NVCC is None:
+        pytest.skip("nvcc is not on PATH")
+    emulator = request.getfixturevalue("emu")
+    q, kc, vc, sl, kn, vn, table = _serving_inputs(dtype, E, on)
+    res = cb.attention_kvcache(emulator, q, kc, vc, sl, None, kn, vn, 1.0 / math.sqrt(E), True,
+                               window=(5, 0) if on["window"] else (-1, -1),
+                               return_lse=on["lse"], block_table=table)
+    out, lse = (res[0], res[1]) if on["lse"] else (res[0], torch.zeros(1))
     assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
 
 
-@pytest.mark.parametrize("feature", SERVING)
-def test_cuda_kvcache_refuses_serving_features(feature):
-    key, _ = _serving_key(torch.float16, 64, SERVING.index(feature))
-    why = ops_attention._kvcache_supports("cuda", torch.device("cuda"), key)
-    assert why is not None and "cuda" in why
-    assert ops_attention._kvcache_supports("cuda", torch.device("cuda"),
-                                           (torch.float16, 64, False, False)) is None
+# ---------------------------------------------------------------------------------------------
+# attention_varlen: what _varlen_supports accepts for CUDA tensors runs forward and backward on
+# the emulator (sequences of 0 and 1 rows, L != S, the options rotated as above)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("i", range(len(GRID)))
+def test_cuda_varlen_accepted_calls_run_on_the_emulator(i, request):
+    dtype, E, dropout = GRID[i]
+    for score_mods in (False, True):
+        if ops_attention._varlen_supports("cuda", torch.device("cuda"),
+                                          (dtype, E, dropout, score_mods)) is None:
+            break
+    else:
+        return
+    assert not dropout and not score_mods  # the kernels take neither
+    if cb.NVCC is None:
+        pytest.skip("nvcc is not on PATH")
+    emulator = request.getfixturevalue("emu")
+    opt = _options(i)
+    H, Hkv = 2, 1 if opt["gqa"] else 2
+    lq, lk = [3, 0, 1, 6], [5, 2, 0, 6]
+    cu_q = torch.tensor([0, 3, 3, 4, 10], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 7, 7, 13], dtype=torch.int32)
+    q = torch.randn(sum(lq), H, E).to(dtype)
+    k, v = torch.randn(sum(lk), Hkv, E).to(dtype), torch.randn(sum(lk), Hkv, E).to(dtype)
+    wl, wr, _ = cb.window_args(0, 0, opt["causal"], (2, 1) if opt["window"] else None,
+                               "top_left")
+    br = bool(i % 2)
+    scale = 1.0 / math.sqrt(E)
+    out, lse = cb.attention_varlen_fwd(emulator, q, k, v, cu_q, cu_k, 6, 6, scale, wl, wr, br)
+    glse = torch.randn(lse.shape) if opt["lse"] else None
+    grads = cb.attention_varlen_bwd(emulator, torch.randn_like(out), q, k, v, out, lse, glse,
+                                    cu_q, cu_k, 6, 6, scale, wl, wr, br)
+    for t in (out, *grads):
+        assert torch.isfinite(t.float()).all()
+
 
 # ---------------------------------------------------------------------------------------------
 # the other ops: each float dtype accepted by both GPU backends runs under the interpreter
@@ -468,8 +518,8 @@ def test_cuda_int8_accepted_calls_run_on_the_emulator(dtype, request):
 
 # ---------------------------------------------------------------------------------------------
 # attention_varlen: what _varlen_supports accepts on cpu / triton runs (forward and backward,
-# every option on that the kernels take); the CUDA extension has no varlen kernel and refuses
-# every call. The Triton varlen kernels prune with the sdpa kernels' tables and models (_FWD,
+# every option on that the kernels take); the CUDA kernels' share runs on the emulator above.
+# The Triton varlen kernels prune with the sdpa kernels' tables and models (_FWD,
 # _DKDV, _DQ), whose fitting tiles test_triton_accepted_calls_have_a_fitting_tile checks.
 # ---------------------------------------------------------------------------------------------
 # per dtype: head dim 40 with dropout, 256 without, 320 (refused)
@@ -504,8 +554,11 @@ def test_varlen_accepted_calls_run(backend, i):
         assert torch.isfinite(t.float()).all()
 
 
-def test_cuda_refuses_varlen():
-    """No CUDA varlen kernel: refused for every dtype and head dim, so auto takes Triton."""
+def test_cuda_varlen_refuses_what_the_binding_rejects():
+    """The CUDA varlen kernels take neither dropout nor the score modifiers (the binding's
+    check_no_dropout / check_no_score_mods): refused, so auto takes Triton for those calls."""
     for dtype, E, dropout in GRID:
-        why = ops_attention._varlen_supports("cuda", torch.device("cuda"), (dtype, E, dropout))
-        assert why is not None, (dtype, E, dropout)
+        for mods in (False, True):
+            why = ops_attention._varlen_supports("cuda", torch.device("cuda"),
+                                                 (dtype, E, dropout, mods))
+            assert (why is None) == (not dropout and not mods and E <= 256), (dtype, E, mods)

@@ -409,14 +409,18 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(a, b)
 
 
-def test_auto_picks_cpu_and_cuda_refuses_varlen():
-    """"auto" runs the CPU kernels on CPU tensors; the CUDA extension has no varlen kernel, so
-    _supports refuses it there for every dtype and head dim (auto then takes Triton)."""
+def test_auto_picks_cpu_and_cuda_refuses_varlen_score_mods():
+    """"auto" runs the CPU kernels on CPU tensors; the CUDA varlen kernels take no dropout and no
+    score modifiers, so _supports refuses those calls there (auto then takes Triton)."""
     from fastattn.ops import attention as A
 
     for dtype in DTYPES:
         for E in (40, 64, 128, 256):
-            why = A._varlen_supports("cuda", torch.device("cuda"), (dtype, E, False, False))
+            cuda = torch.device("cuda")
+            assert A._varlen_supports("cuda", cuda, (dtype, E, False, False)) is None
+            why = A._varlen_supports("cuda", cuda, (dtype, E, False, True))
+            assert why is not None and "CUDA" in why
+            why = A._varlen_supports("cuda", cuda, (dtype, E, True, False))
             assert why is not None and "CUDA" in why
     assert "attention_varlen" in fastattn.backends()["auto"]
     if availability("cpu", "cpu", "attention_varlen_fwd") is None:

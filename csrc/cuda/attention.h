@@ -28,11 +28,22 @@ struct AttnProblem {
   int batch = 0, heads = 0, kv_heads = 0, len_q = 0, len_k = 0, head_dim = 0, head_dim_v = 0;
   float scale = 1.0f;
   int64_t window_left = -1, window_right = -1, diag_offset = 0;
+  // Packed variable-length sequences (attention_varlen) when cu_seqlens_q is non-null: `batch`
+  // sequences, sequence b being rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q (and of out,
+  // grad_out, dq, and of each head's lse row) against rows [cu_seqlens_k[b], cu_seqlens_k[b + 1])
+  // of k/v (and dk/dv); the batch strides are unused (0). len_q / len_k are max_seqlen_q / _k:
+  // they size the grid and bound each sequence's lengths. total_q / total_k are the packed row
+  // counts; the offsets are clamped into them on the device (never synchronised). The diagonal
+  // of sequence b is at S_b - L_b when bottom_right, else at diag_offset.
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+  int64_t total_q = 0, total_k = 0;
+  bool bottom_right = false;
 };
 
 struct AttnFwdParams : AttnProblem {
   void* out = nullptr;   // (B, H, L, Ev), q's dtype
-  float* lse = nullptr;  // (B, H, L)
+  float* lse = nullptr;  // (B, H, L); varlen: (H, total_q)
   int64_t out_stride_b = 0, out_stride_h = 0, out_stride_l = 0;
   int64_t lse_stride_b = 0, lse_stride_h = 0;
 };
@@ -44,7 +55,8 @@ cudaError_t attention_fwd(const AttnFwdParams& p, DType dtype, cudaStream_t stre
 // (gradient of the additive mask) at every (i, j) with i < L, j < S that a query can see
 // (dmask must be zero-initialised: blocks outside the window are not visited). `workspace` is a
 // float32 buffer of 2 * B * H * L elements (delta and the base-2 lse per row). Deterministic: no
-// atomics anywhere (dK/dV and dQ are computed by separate kernels).
+// atomics anywhere (dK/dV and dQ are computed by separate kernels). Varlen: lse and grad_lse
+// (H, total_q), the workspace 2 * H * total_q floats.
 struct AttnBwdParams : AttnProblem {
   const void* grad_out = nullptr;
   const void* out = nullptr;
@@ -68,14 +80,22 @@ struct AttnBwdParams : AttnProblem {
 cudaError_t attention_bwd(const AttnBwdParams& p, DType dtype, cudaStream_t stream);
 
 // Decoding against a KV cache, split along the keys (flash-decoding) and combined.
-// k_new/v_new (B, Hkv, Lq, E) are first written into the caches at cache_seqlens[b] (positions
-// past the capacity are dropped: lengths are clamped on the device, never synchronised).
-// Query i of batch b sees keys [lp_b, total_b - Lq + i] (causal) or [lp_b, total_b), total_b =
-// seqlens[b] (+ Lq with k_new), lp_b = leftpad[b] (0 when leftpad is null; clamped to
-// [0, total_b]). Last dims contiguous.
-// Rotary embedding (rotary_cos non-null; with k_new): q and k_new token i of batch b rotated at
-// position seqlens[b] - leftpad[b] + i, clamped into [0, max_pos), by the tables' row (see
-// csrc/fastattn.cpp): k_new as it is appended, q as it is loaded (rounded to the dtype).
+// k_new/v_new (B, Hkv, Lnew, E), any Lnew = len_new, are first written into the caches at
+// cache_seqlens[b] (positions past the capacity are dropped: lengths are clamped on the device,
+// never synchronised). Query i of batch b sits at position total_b - Lq + i, total_b =
+// seqlens[b] (+ Lnew with k_new), and sees keys j in [lp_b, total_b) with
+// pos - window_left <= j <= pos + window_right (-1: unbounded; causal: window_right = 0),
+// lp_b = leftpad[b] (0 when leftpad is null; clamped to [0, total_b]).
+// Paged cache (block_table non-null): k_cache/v_cache are (num_blocks, Hkv, block_size, E) (the
+// kc_stride_b / vc_stride_b fields are the block strides), capacity = max_blocks * block_size,
+// and token t of batch b lives in block block_table[b * bt_stride_b + t / block_size] (clamped
+// into [0, num_blocks)), slot t % block_size; the append goes through the table too.
+// lse (B, H, Lq), optional: the natural-log log-sum-exp of each row's visible scaled scores
+// (-inf for a row that sees no key). Last dims contiguous.
+// Rotary embedding (rotary_cos non-null; with k_new): k_new token i of batch b rotated at
+// position seqlens[b] - leftpad[b] + i and q token i at total_b - Lq - leftpad[b] + i (the same
+// with Lnew = Lq), clamped into [0, max_pos), by the tables' row (see csrc/fastattn.cpp): k_new
+// as it is appended, q as it is loaded (rounded to the dtype).
 struct KvcacheParams {
   const void* q = nullptr;
   void* k_cache = nullptr;
@@ -94,8 +114,15 @@ struct KvcacheParams {
   int64_t vn_stride_b = 0, vn_stride_h = 0, vn_stride_l = 0;
   int64_t out_stride_b = 0, out_stride_h = 0, out_stride_l = 0;
   int batch = 0, heads = 0, kv_heads = 0, len_q = 0, capacity = 0, head_dim = 0;
+  int len_new = 0;  // tokens in k_new/v_new (0 without)
   float scale = 1.0f;
   bool causal = true;
+  int64_t window_left = -1, window_right = -1;
+  float* lse = nullptr;  // may be null
+  int64_t lse_stride_b = 0, lse_stride_h = 0;
+  const int32_t* block_table = nullptr;  // null: one contiguous cache per sequence
+  int64_t bt_stride_b = 0;
+  int block_size = 0, num_blocks = 0;
   int num_splits = 1;  // from kvcache_plan
   int64_t split_len = 0;
   // rotary tables (max_pos, rotary_half), float32 (rotary_f32) or the kernels' dtype; any strides

@@ -8,6 +8,9 @@
 // is bitwise repeatable, which is what `deterministic` asks for.
 // bf16/fp16 with head dims <= 128 use mma.sync.m16n8k16 (fp32 accumulation); float32 and larger
 // head dims use SIMT kernels with the same structure.
+// Packed variable-length sequences (kVarlen) run the same kernels: blockIdx.z is the sequence,
+// whose row offsets, lengths and visibility come from cu_seqlens (seq_span); blocks past its
+// length exit at once. Their row statistics are indexed (head, packed row).
 #include "attention_common.cuh"
 
 namespace fastattn::cuda {
@@ -17,14 +20,22 @@ struct BwdArgs : AttnArgs {
   AttnBwdParams p;
   bool vec_do;                  // 16-byte loads
   bool vec_dq, vec_dk, vec_dv;  // 16-byte stores
-  float* delta;                      // (B, H, L)
-  float* lse2;                       // (B, H, L), base-2 lse, +inf on empty rows
+  float* delta;                      // (B, H, L); varlen: (H, total_q)
+  float* lse2;                       // the same, base-2 lse, +inf on empty rows
 };
 
-// Query rows that may see some key of [k_first, k_last]: [k_first - hi, k_last - lo].
-FA_DEVICE void query_range(const BwdArgs& a, int k_first, int k_last, int* lo, int* hi) {
-  *lo = max_i(0, k_first - a.hi_rel);
-  *hi = min_i(a.p.len_q, k_last - a.lo_rel + 1);
+// Query rows of a sequence that may see some key of [k_first, k_last]: [k_first - hi,
+// k_last - lo].
+FA_DEVICE void query_range(const SeqSpan& sq, int k_first, int k_last, int* lo, int* hi) {
+  *lo = max_i(0, k_first - sq.hi_rel);
+  *hi = min_i(sq.len_q, k_last - sq.lo_rel + 1);
+}
+
+// Index of row i of sequence b (span sq), head h, in delta / lse2.
+template <bool kVarlen>
+FA_DEVICE int64_t stat_row(const BwdArgs& a, int b, int h, const SeqSpan& sq, int i) {
+  if constexpr (kVarlen) return int64_t(h) * a.p.total_q + sq.q0 + i;
+  return (int64_t(b) * a.p.heads + h) * a.p.len_q + i;
 }
 
 template <int kTiles>
@@ -41,16 +52,19 @@ template <class T>
 __global__ void __launch_bounds__(128) attention_bwd_rowstats_kernel(const BwdArgs args) {
   const AttnBwdParams& p = args.p;
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
-  const int64_t rows = int64_t(p.batch) * p.heads * p.len_q;
+  // varlen: one batch of total_q packed rows (the b strides are 0), as stat_row indexes them
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int64_t len = varlen ? p.total_q : p.len_q;
+  const int64_t rows = (varlen ? 1 : int64_t(p.batch)) * p.heads * len;
   const int64_t row = int64_t(blockIdx.x) * 4 + warp;
   if (row >= rows) return;  // whole warps
-  const int i = int(row % p.len_q);
-  const int h = int((row / p.len_q) % p.heads);
-  const int b = int(row / (int64_t(p.len_q) * p.heads));
+  const int64_t i = row % len;
+  const int h = int((row / len) % p.heads);
+  const int b = int(row / (len * p.heads));
   const T* dout = static_cast<const T*>(p.grad_out) + b * p.do_stride_b + h * p.do_stride_h +
-                  int64_t(i) * p.do_stride_l;
-  const T* out = static_cast<const T*>(p.out) + b * p.o_stride_b + h * p.o_stride_h +
-                 int64_t(i) * p.o_stride_l;
+                  i * p.do_stride_l;
+  const T* out =
+      static_cast<const T*>(p.out) + b * p.o_stride_b + h * p.o_stride_h + i * p.o_stride_l;
   float acc = 0.0f;
   for (int d = lane; d < p.head_dim_v; d += 32) acc += to_float(dout[d]) * to_float(out[d]);
   acc = warp_sum(acc);
@@ -158,7 +172,7 @@ FA_DEVICE void store_warp_rows(const float (&acc)[kHeadDim / 8][4], float mul, T
   }
 }
 
-template <class T, int kHeadDim>
+template <class T, int kHeadDim, bool kVarlen>
 __global__ void __launch_bounds__(32 * attn_bwd_dkdv_tile().n_warps)
     attention_bwd_dkdv_mma_kernel(const BwdArgs args) {
   using Tr = BwdTraits<kHeadDim>;
@@ -174,7 +188,9 @@ __global__ void __launch_bounds__(32 * attn_bwd_dkdv_tile().n_warps)
   const int hk = int(blockIdx.y), b = int(blockIdx.z);
   const int gqa = p.heads / p.kv_heads;
   const int n0 = int(blockIdx.x) * kBlockN;
-  const int keys_valid = min_i(kBlockN, p.len_k - n0);
+  const SeqSpan sq = seq_span<kVarlen>(p, args, b);
+  if (kVarlen && n0 >= sq.len_k) return;  // past this sequence's keys (uniform over the block)
+  const int keys_valid = min_i(kBlockN, sq.len_k - n0);
 
   T* sK = reinterpret_cast<T*>(smem_base());
   T* sV = sK + kBlockN * kPitch;
@@ -183,16 +199,16 @@ __global__ void __launch_bounds__(32 * attn_bwd_dkdv_tile().n_warps)
   float* sStat = reinterpret_cast<float*>(sdO0 + 2 * kBlockM * kPitch);  // [stage][lse2|delta][M]
 
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h +
-               int64_t(n0) * p.k_stride_s;
+               (sq.k0 + n0) * p.k_stride_s;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h +
-               int64_t(n0) * p.v_stride_s;
+               (sq.k0 + n0) * p.v_stride_s;
   load_tile_async<kBlockN, kHeadDim, kPitch, kThreads>(sK, k, p.k_stride_s, keys_valid, p.head_dim,
                                                        args.vec_k, tid);
   load_tile_async<kBlockN, kHeadDim, kPitch, kThreads>(sV, v, p.v_stride_s, keys_valid,
                                                        p.head_dim_v, args.vec_v, tid);
 
   int i_lo, i_hi;
-  query_range(args, n0, n0 + keys_valid - 1, &i_lo, &i_hi);
+  query_range(sq, n0, n0 + keys_valid - 1, &i_lo, &i_hi);
   const int mb_lo = i_lo / kBlockM;
   const int n_mb = i_hi > i_lo ? (i_hi + kBlockM - 1) / kBlockM - mb_lo : 0;
   const int n_iter = gqa * n_mb;
@@ -200,16 +216,16 @@ __global__ void __launch_bounds__(32 * attn_bwd_dkdv_tile().n_warps)
   auto issue = [&](int it, int stage) {
     const int h = hk * gqa + it / n_mb;
     const int m0 = (mb_lo + it % n_mb) * kBlockM;
-    const int rows = min_i(kBlockM, p.len_q - m0);
+    const int rows = min_i(kBlockM, sq.len_q - m0);
     const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h +
-                 int64_t(m0) * p.q_stride_l;
+                 (sq.q0 + m0) * p.q_stride_l;
     const T* dout = static_cast<const T*>(p.grad_out) + b * p.do_stride_b + h * p.do_stride_h +
-                    int64_t(m0) * p.do_stride_l;
+                    (sq.q0 + m0) * p.do_stride_l;
     load_tile_async<kBlockM, kHeadDim, kPitch, kThreads>(
         sQ0 + stage * kBlockM * kPitch, q, p.q_stride_l, rows, p.head_dim, args.vec_q, tid);
     load_tile_async<kBlockM, kHeadDim, kPitch, kThreads>(
         sdO0 + stage * kBlockM * kPitch, dout, p.do_stride_l, rows, p.head_dim_v, args.vec_do, tid);
-    const int64_t row_base = (int64_t(b) * p.heads + h) * p.len_q + m0;
+    const int64_t row_base = stat_row<kVarlen>(args, b, h, sq, m0);
     for (int r = tid; r < kBlockM; r += kThreads) {
       sStat[stage * 2 * kBlockM + r] = r < rows ? args.lse2[row_base + r] : kInf;
       sStat[stage * 2 * kBlockM + kBlockM + r] = r < rows ? args.delta[row_base + r] : 0.0f;
@@ -250,7 +266,7 @@ __global__ void __launch_bounds__(32 * attn_bwd_dkdv_tile().n_warps)
         const int il = nt * 8 + 2 * t4 + (e & 1);
         const int row = m0 + il;
         const int rel = key - row;
-        const bool vis = key < p.len_k && row < p.len_q && rel >= args.lo_rel && rel <= args.hi_rel;
+        const bool vis = key < sq.len_k && row < sq.len_q && rel >= sq.lo_rel && rel <= sq.hi_rel;
         float s = acc_p[nt][e] * args.scale_log2;
         if (vis && mask != nullptr) {
           s += to_float(mask[int64_t(row) * p.mask_stride_l + int64_t(key) * p.mask_stride_s]) *
@@ -280,15 +296,15 @@ __global__ void __launch_bounds__(32 * attn_bwd_dkdv_tile().n_warps)
   cp_async_wait<0>();
   __syncthreads();  // K, V copies done (n_iter == 0) and no warp reads sK / sV any more
 
-  T* dk = static_cast<T*>(p.dk) + b * p.dk_stride_b + hk * p.dk_stride_h;
-  T* dv = static_cast<T*>(p.dv) + b * p.dv_stride_b + hk * p.dv_stride_h;
+  T* dk = static_cast<T*>(p.dk) + b * p.dk_stride_b + hk * p.dk_stride_h + sq.k0 * p.dk_stride_s;
+  T* dv = static_cast<T*>(p.dv) + b * p.dv_stride_b + hk * p.dv_stride_h + sq.k0 * p.dv_stride_s;
   store_warp_rows<T, kHeadDim, kPitch>(acc_dk, p.scale, sK + warp * 16 * kPitch, dk, p.dk_stride_s,
-                                       n0 + warp * 16, p.len_k, p.head_dim, args.vec_dk, lane);
+                                       n0 + warp * 16, sq.len_k, p.head_dim, args.vec_dk, lane);
   store_warp_rows<T, kHeadDim, kPitch>(acc_dv, 1.0f, sV + warp * 16 * kPitch, dv, p.dv_stride_s,
-                                       n0 + warp * 16, p.len_k, p.head_dim_v, args.vec_dv, lane);
+                                       n0 + warp * 16, sq.len_k, p.head_dim_v, args.vec_dv, lane);
 }
 
-template <class T, int kHeadDim>
+template <class T, int kHeadDim, bool kVarlen>
 __global__ void __launch_bounds__(32 * attn_bwd_dq_tile().n_warps)
     attention_bwd_dq_mma_kernel(const BwdArgs args) {
   using Tr = BwdTraits<kHeadDim>;
@@ -305,7 +321,9 @@ __global__ void __launch_bounds__(32 * attn_bwd_dq_tile().n_warps)
   const int h = int(blockIdx.y), b = int(blockIdx.z);
   const int hk = h / (p.heads / p.kv_heads);
   const int m0 = m_block * kBlockM;
-  const int rows_valid = min_i(kBlockM, p.len_q - m0);
+  const SeqSpan sq = seq_span<kVarlen>(p, args, b);
+  if (kVarlen && m0 >= sq.len_q) return;  // past this sequence's queries (uniform over the block)
+  const int rows_valid = min_i(kBlockM, sq.len_q - m0);
   const int m_last = m0 + rows_valid - 1;
 
   T* sQ = reinterpret_cast<T*>(smem_base());
@@ -314,12 +332,14 @@ __global__ void __launch_bounds__(32 * attn_bwd_dq_tile().n_warps)
   auto sK = [&](int stage) { return sK0 + stage * 2 * kBlockN * kPitch; };
   auto sV = [&](int stage) { return sK0 + (stage * 2 + 1) * kBlockN * kPitch; };
 
-  const T* q =
-      static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + int64_t(m0) * p.q_stride_l;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h +
+               (sq.q0 + m0) * p.q_stride_l;
   const T* dout = static_cast<const T*>(p.grad_out) + b * p.do_stride_b + h * p.do_stride_h +
-                  int64_t(m0) * p.do_stride_l;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+                  (sq.q0 + m0) * p.do_stride_l;
+  const T* k =
+      static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h + sq.k0 * p.k_stride_s;
+  const T* v =
+      static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h + sq.k0 * p.v_stride_s;
   const T* mask = static_cast<const T*>(p.mask);
   if (mask != nullptr) mask += b * p.mask_stride_b + h * p.mask_stride_h;
   T* dmask = static_cast<T*>(p.dmask);
@@ -329,13 +349,13 @@ __global__ void __launch_bounds__(32 * attn_bwd_dq_tile().n_warps)
                                                        args.vec_q, tid);
   load_tile_async<kBlockM, kHeadDim, kPitch, kThreads>(sdO, dout, p.do_stride_l, rows_valid,
                                                        p.head_dim_v, args.vec_do, tid);
-  const int n_lo = max_i(0, m0 + args.lo_rel);
-  const int n_hi = min_i(p.len_k, m_last + args.hi_rel + 1);
+  const int n_lo = max_i(0, m0 + sq.lo_rel);
+  const int n_hi = min_i(sq.len_k, m_last + sq.hi_rel + 1);
   const int nb_lo = n_lo / kBlockN;
   const int n_blocks = n_hi > n_lo ? (n_hi + kBlockN - 1) / kBlockN - nb_lo : 0;
   auto issue = [&](int j, int stage) {
     const int n0 = (nb_lo + j) * kBlockN;
-    const int keys = min_i(kBlockN, p.len_k - n0);
+    const int keys = min_i(kBlockN, sq.len_k - n0);
     load_tile_async<kBlockN, kHeadDim, kPitch, kThreads>(
         sK(stage), k + int64_t(n0) * p.k_stride_s, p.k_stride_s, keys, p.head_dim, args.vec_k, tid);
     load_tile_async<kBlockN, kHeadDim, kPitch, kThreads>(sV(stage), v + int64_t(n0) * p.v_stride_s,
@@ -349,9 +369,9 @@ __global__ void __launch_bounds__(32 * attn_bwd_dq_tile().n_warps)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row_a + 8 * r;
-    const int64_t idx = (int64_t(b) * p.heads + h) * p.len_q + row;
-    lse2[r] = row < p.len_q ? args.lse2[idx] : kInf;
-    delta[r] = row < p.len_q ? args.delta[idx] : 0.0f;
+    const int64_t idx = stat_row<kVarlen>(args, b, h, sq, row);
+    lse2[r] = row < sq.len_q ? args.lse2[idx] : kInf;
+    delta[r] = row < sq.len_q ? args.delta[idx] : 0.0f;
   }
   float acc_dq[kDTiles][4];
   zero_tiles(acc_dq);
@@ -377,7 +397,7 @@ __global__ void __launch_bounds__(32 * attn_bwd_dq_tile().n_warps)
         const int row = row_a + 8 * r;
         const int key = n0 + nt * 8 + 2 * t4 + (e & 1);
         const int rel = key - row;
-        const bool vis = key < p.len_k && row < p.len_q && rel >= args.lo_rel && rel <= args.hi_rel;
+        const bool vis = key < sq.len_k && row < sq.len_q && rel >= sq.lo_rel && rel <= sq.hi_rel;
         float s = acc_p[nt][e] * args.scale_log2;
         if (vis && mask != nullptr) {
           s += to_float(mask[int64_t(row) * p.mask_stride_l + int64_t(key) * p.mask_stride_s]) *
@@ -399,7 +419,7 @@ __global__ void __launch_bounds__(32 * attn_bwd_dq_tile().n_warps)
         if (dmask != nullptr) {
           const int row = row_a + 8 * r;
           const int key = n0 + nt * 8 + 2 * t4 + (e & 1);
-          if (row < p.len_q && key < p.len_k) {
+          if (row < sq.len_q && key < sq.len_k) {
             dmask[int64_t(row) * p.dmask_stride_l + int64_t(key) * p.dmask_stride_s] =
                 from_float<T>(acc_ds[nt][e]);
           }
@@ -413,15 +433,15 @@ __global__ void __launch_bounds__(32 * attn_bwd_dq_tile().n_warps)
   cp_async_wait<0>();
   __syncthreads();
 
-  T* dq = static_cast<T*>(p.dq) + b * p.dq_stride_b + h * p.dq_stride_h;
+  T* dq = static_cast<T*>(p.dq) + b * p.dq_stride_b + h * p.dq_stride_h + sq.q0 * p.dq_stride_l;
   store_warp_rows<T, kHeadDim, kPitch>(acc_dq, p.scale, sQ + warp * 16 * kPitch, dq, p.dq_stride_l,
-                                       m0 + warp * 16, p.len_q, p.head_dim, args.vec_dq, lane);
+                                       m0 + warp * 16, sq.len_q, p.head_dim, args.vec_dq, lane);
 }
 
 // ---- SIMT kernels (float32, or head dims above the mma register budget) ---------------------
 // Each warp owns 2 rows (queries for dQ, keys for dK/dV); the other side streams through shared
 // memory in 32-row chunks, one per lane.
-template <class T, int kHeadDim>
+template <class T, int kHeadDim, bool kVarlen>
 __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
     attention_bwd_dq_simt_kernel(const BwdArgs args) {
   constexpr AttnSimtTile kTile = attn_simt_tile();
@@ -433,44 +453,49 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
   const int h = int(blockIdx.y), b = int(blockIdx.z);
   const int hk = h / (p.heads / p.kv_heads);
   const int m0 = m_block * kBlockM;
-  const int rows_valid = min_i(kBlockM, p.len_q - m0);
+  const SeqSpan sq = seq_span<kVarlen>(p, args, b);
+  if (kVarlen && m0 >= sq.len_q) return;  // past this sequence's queries (uniform over the block)
+  const int rows_valid = min_i(kBlockM, sq.len_q - m0);
   const int m_last = m0 + rows_valid - 1;
 
   float* sQ = reinterpret_cast<float*>(smem_base());
   float* sdO = sQ + kBlockM * kHeadDim;
   float* sK = sdO + kBlockM * kHeadDim;
   float* sV = sK + kChunk * kPitchC;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+  const T* k =
+      static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h + sq.k0 * p.k_stride_s;
+  const T* v =
+      static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h + sq.k0 * p.v_stride_s;
   const T* mask = static_cast<const T*>(p.mask);
   if (mask != nullptr) mask += b * p.mask_stride_b + h * p.mask_stride_h;
   T* dmask = static_cast<T*>(p.dmask);
   if (dmask != nullptr) dmask += b * p.dmask_stride_b + h * p.dmask_stride_h;
   load_tile_float<kBlockM, kHeadDim, kHeadDim, kThreads>(
       sQ,
-      static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + int64_t(m0) * p.q_stride_l,
+      static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h +
+          (sq.q0 + m0) * p.q_stride_l,
       p.q_stride_l, rows_valid, p.head_dim, 1.0f, tid);
   load_tile_float<kBlockM, kHeadDim, kHeadDim, kThreads>(
       sdO,
       static_cast<const T*>(p.grad_out) + b * p.do_stride_b + h * p.do_stride_h +
-          int64_t(m0) * p.do_stride_l,
+          (sq.q0 + m0) * p.do_stride_l,
       p.do_stride_l, rows_valid, p.head_dim_v, 1.0f, tid);
 
   float lse2[kRows], delta[kRows], acc[kRows][kCols];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int row = m0 + warp * kRows + r;
-    const int64_t idx = (int64_t(b) * p.heads + h) * p.len_q + row;
-    lse2[r] = row < p.len_q ? args.lse2[idx] : kInf;
-    delta[r] = row < p.len_q ? args.delta[idx] : 0.0f;
+    const int64_t idx = stat_row<kVarlen>(args, b, h, sq, row);
+    lse2[r] = row < sq.len_q ? args.lse2[idx] : kInf;
+    delta[r] = row < sq.len_q ? args.delta[idx] : 0.0f;
 #pragma unroll
     for (int c = 0; c < kCols; ++c) acc[r][c] = 0.0f;
   }
-  const int n_lo = max_i(0, m0 + args.lo_rel);
-  const int n_hi = min_i(p.len_k, m_last + args.hi_rel + 1);
+  const int n_lo = max_i(0, m0 + sq.lo_rel);
+  const int n_hi = min_i(sq.len_k, m_last + sq.hi_rel + 1);
   for (int n0 = (n_lo / kChunk) * kChunk; n0 < n_hi; n0 += kChunk) {
     __syncthreads();
-    const int keys = min_i(kChunk, p.len_k - n0);
+    const int keys = min_i(kChunk, sq.len_k - n0);
     load_tile_float<kChunk, kHeadDim, kPitchC, kThreads>(sK, k + int64_t(n0) * p.k_stride_s,
                                                          p.k_stride_s, keys, p.head_dim, 1.0f, tid);
     load_tile_float<kChunk, kHeadDim, kPitchC, kThreads>(
@@ -486,7 +511,7 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
         dp += sdO[rl * kHeadDim + c] * sV[lane * kPitchC + c];
       }
       const int rel = key - row;
-      const bool vis = key < p.len_k && row < p.len_q && rel >= args.lo_rel && rel <= args.hi_rel;
+      const bool vis = key < sq.len_k && row < sq.len_q && rel >= sq.lo_rel && rel <= sq.hi_rel;
       s *= args.scale_log2;
       if (vis && mask != nullptr) {
         s += to_float(mask[int64_t(row) * p.mask_stride_l + int64_t(key) * p.mask_stride_s]) *
@@ -494,7 +519,7 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
       }
       const float pr = vis ? exp2_approx(s - lse2[r]) : 0.0f;
       const float ds = pr * (dp - delta[r]);
-      if (dmask != nullptr && row < p.len_q && key < p.len_k) {
+      if (dmask != nullptr && row < sq.len_q && key < sq.len_k) {
         dmask[int64_t(row) * p.dmask_stride_l + int64_t(key) * p.dmask_stride_s] =
             from_float<T>(ds);
       }
@@ -505,11 +530,11 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
       }
     }
   }
-  T* dq = static_cast<T*>(p.dq) + b * p.dq_stride_b + h * p.dq_stride_h;
+  T* dq = static_cast<T*>(p.dq) + b * p.dq_stride_b + h * p.dq_stride_h + sq.q0 * p.dq_stride_l;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int row = m0 + warp * kRows + r;
-    if (row >= p.len_q) continue;
+    if (row >= sq.len_q) continue;
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
       const int col = lane + 32 * c;
@@ -519,7 +544,7 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
   }
 }
 
-template <class T, int kHeadDim>
+template <class T, int kHeadDim, bool kVarlen>
 __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
     attention_bwd_dkdv_simt_kernel(const BwdArgs args) {
   constexpr AttnSimtTile kTile = attn_simt_tile();
@@ -530,7 +555,9 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
   const int hk = int(blockIdx.y), b = int(blockIdx.z);
   const int gqa = p.heads / p.kv_heads;
   const int n0 = int(blockIdx.x) * kBlockN;
-  const int keys_valid = min_i(kBlockN, p.len_k - n0);
+  const SeqSpan sq = seq_span<kVarlen>(p, args, b);
+  if (kVarlen && n0 >= sq.len_k) return;  // past this sequence's keys (uniform over the block)
+  const int keys_valid = min_i(kBlockN, sq.len_k - n0);
 
   float* sK = reinterpret_cast<float*>(smem_base());
   float* sV = sK + kBlockN * kHeadDim;
@@ -539,12 +566,12 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
   load_tile_float<kBlockN, kHeadDim, kHeadDim, kThreads>(
       sK,
       static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h +
-          int64_t(n0) * p.k_stride_s,
+          (sq.k0 + n0) * p.k_stride_s,
       p.k_stride_s, keys_valid, p.head_dim, 1.0f, tid);
   load_tile_float<kBlockN, kHeadDim, kHeadDim, kThreads>(
       sV,
       static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h +
-          int64_t(n0) * p.v_stride_s,
+          (sq.k0 + n0) * p.v_stride_s,
       p.v_stride_s, keys_valid, p.head_dim_v, 1.0f, tid);
 
   float acc_dk[kRows][kCols], acc_dv[kRows][kCols];
@@ -554,25 +581,27 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
     for (int c = 0; c < kCols; ++c) acc_dk[r][c] = acc_dv[r][c] = 0.0f;
   }
   int i_lo, i_hi;
-  query_range(args, n0, n0 + keys_valid - 1, &i_lo, &i_hi);
+  query_range(sq, n0, n0 + keys_valid - 1, &i_lo, &i_hi);
   for (int hh = 0; hh < gqa; ++hh) {
     const int h = hk * gqa + hh;
-    const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
-    const T* dout = static_cast<const T*>(p.grad_out) + b * p.do_stride_b + h * p.do_stride_h;
+    const T* q =
+        static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + sq.q0 * p.q_stride_l;
+    const T* dout = static_cast<const T*>(p.grad_out) + b * p.do_stride_b + h * p.do_stride_h +
+                    sq.q0 * p.do_stride_l;
     const T* mask = static_cast<const T*>(p.mask);
     if (mask != nullptr) mask += b * p.mask_stride_b + h * p.mask_stride_h;
-    const int64_t stat_base = (int64_t(b) * p.heads + h) * p.len_q;
+    const int64_t stat_base = stat_row<kVarlen>(args, b, h, sq, 0);
     for (int m0 = (i_lo / kChunk) * kChunk; m0 < i_hi; m0 += kChunk) {
       __syncthreads();
-      const int rows = min_i(kChunk, p.len_q - m0);
+      const int rows = min_i(kChunk, sq.len_q - m0);
       load_tile_float<kChunk, kHeadDim, kPitchC, kThreads>(
           sQ, q + int64_t(m0) * p.q_stride_l, p.q_stride_l, rows, p.head_dim, 1.0f, tid);
       load_tile_float<kChunk, kHeadDim, kPitchC, kThreads>(
           sdO, dout + int64_t(m0) * p.do_stride_l, p.do_stride_l, rows, p.head_dim_v, 1.0f, tid);
       __syncthreads();
       const int row = m0 + lane;
-      const float lse2 = row < p.len_q ? args.lse2[stat_base + row] : kInf;
-      const float delta = row < p.len_q ? args.delta[stat_base + row] : 0.0f;
+      const float lse2 = row < sq.len_q ? args.lse2[stat_base + row] : kInf;
+      const float delta = row < sq.len_q ? args.delta[stat_base + row] : 0.0f;
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const int kl = warp * kRows + r, key = n0 + kl;
@@ -582,7 +611,7 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
           dp += sV[kl * kHeadDim + c] * sdO[lane * kPitchC + c];
         }
         const int rel = key - row;
-        const bool vis = key < p.len_k && row < p.len_q && rel >= args.lo_rel && rel <= args.hi_rel;
+        const bool vis = key < sq.len_k && row < sq.len_q && rel >= sq.lo_rel && rel <= sq.hi_rel;
         s *= args.scale_log2;
         if (vis && mask != nullptr) {
           s += to_float(mask[int64_t(row) * p.mask_stride_l + int64_t(key) * p.mask_stride_s]) *
@@ -602,12 +631,12 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
       }
     }
   }
-  T* dk = static_cast<T*>(p.dk) + b * p.dk_stride_b + hk * p.dk_stride_h;
-  T* dv = static_cast<T*>(p.dv) + b * p.dv_stride_b + hk * p.dv_stride_h;
+  T* dk = static_cast<T*>(p.dk) + b * p.dk_stride_b + hk * p.dk_stride_h + sq.k0 * p.dk_stride_s;
+  T* dv = static_cast<T*>(p.dv) + b * p.dv_stride_b + hk * p.dv_stride_h + sq.k0 * p.dv_stride_s;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int key = n0 + warp * kRows + r;
-    if (key >= p.len_k) continue;
+    if (key >= sq.len_k) continue;
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
       const int col = lane + 32 * c;
@@ -618,10 +647,11 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
   }
 }
 
-template <class T, int kHeadDim>
+template <class T, int kHeadDim, bool kVarlen>
 cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
   const AttnBwdParams& p = args.p;
-  const int64_t rows = int64_t(p.batch) * p.heads * p.len_q;
+  const int64_t rows =
+      kVarlen ? int64_t(p.heads) * p.total_q : int64_t(p.batch) * p.heads * p.len_q;
   auto rowstats = attention_bwd_rowstats_kernel<T>;
   FA_LAUNCH(rowstats, dim3(ceil_div(rows, 4)), dim3(128), 0, stream, args);
   cudaError_t err = launch_status();
@@ -629,8 +659,8 @@ cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
   constexpr bool kMma = !std::is_same<T, float>::value && kHeadDim <= kAttnBwdMmaMaxHeadDim;
   if constexpr (kMma) {
     constexpr AttnBwdTile kv = attn_bwd_dkdv_tile(), qt = attn_bwd_dq_tile();
-    auto dkdv = attention_bwd_dkdv_mma_kernel<T, kHeadDim>;
-    auto dq = attention_bwd_dq_mma_kernel<T, kHeadDim>;
+    auto dkdv = attention_bwd_dkdv_mma_kernel<T, kHeadDim, kVarlen>;
+    auto dq = attention_bwd_dq_mma_kernel<T, kHeadDim, kVarlen>;
     const size_t smem_kv = attn_bwd_dkdv_smem_bytes(kHeadDim);
     const size_t smem_q = attn_bwd_dq_smem_bytes(kHeadDim);
     if ((err = allow_smem(dkdv, smem_kv)) != cudaSuccess) return err;
@@ -642,8 +672,8 @@ cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
               dim3(32 * qt.n_warps), smem_q, stream, args);
   } else {
     constexpr AttnSimtTile tile = attn_simt_tile();
-    auto dkdv = attention_bwd_dkdv_simt_kernel<T, kHeadDim>;
-    auto dq = attention_bwd_dq_simt_kernel<T, kHeadDim>;
+    auto dkdv = attention_bwd_dkdv_simt_kernel<T, kHeadDim, kVarlen>;
+    auto dq = attention_bwd_dq_simt_kernel<T, kHeadDim, kVarlen>;
     const size_t smem = attn_simt_bwd_smem_bytes(kHeadDim);
     if ((err = allow_smem(dkdv, smem)) != cudaSuccess) return err;
     if ((err = allow_smem(dq, smem)) != cudaSuccess) return err;
@@ -662,6 +692,11 @@ cudaError_t attention_bwd(const AttnBwdParams& p, DType dtype, cudaStream_t stre
   // empty problems write nothing: the caller returns zero gradients for them
   if (p.batch <= 0 || p.heads <= 0 || p.len_q <= 0 || p.len_k <= 0) return cudaSuccess;
   if (!attn_sizes_ok(p) || p.workspace == nullptr) return cudaErrorInvalidValue;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  if (varlen && (p.cu_seqlens_k == nullptr || p.mask != nullptr || p.dmask != nullptr ||
+                 p.total_q < 0 || p.total_k < 0)) {
+    return cudaErrorInvalidValue;
+  }
   detail::BwdArgs args;
   static_cast<AttnArgs&>(args) = attn_args(p, dtype);
   args.p = p;
@@ -671,12 +706,16 @@ cudaError_t attention_bwd(const AttnBwdParams& p, DType dtype, cudaStream_t stre
   args.vec_dk = vec_store_ok(p.dk, es, p.dk_stride_b, p.dk_stride_h, p.dk_stride_s, p.head_dim);
   args.vec_dv =
       vec_store_ok(p.dv, es, p.dv_stride_b, p.dv_stride_h, p.dv_stride_s, p.head_dim_v);
-  const int64_t rows = int64_t(p.batch) * p.heads * p.len_q;
+  const int64_t rows =
+      varlen ? int64_t(p.heads) * p.total_q : int64_t(p.batch) * p.heads * p.len_q;
   args.delta = p.workspace;
   args.lse2 = p.workspace + rows;
   const int dim = p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v;
   return dispatch_dtype_head_dim(dtype, dim, [&](auto tag, auto hd) {
-    return detail::launch_bwd<typename decltype(tag)::type, decltype(hd)::value>(args, stream);
+    using T = typename decltype(tag)::type;
+    constexpr int kDim = decltype(hd)::value;
+    return varlen ? detail::launch_bwd<T, kDim, true>(args, stream)
+                  : detail::launch_bwd<T, kDim, false>(args, stream);
   });
 }
 

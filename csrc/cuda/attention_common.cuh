@@ -64,8 +64,8 @@ struct VisibleRange {
   int lo_rel, hi_rel;
 };
 
-inline VisibleRange visible_range(int64_t window_left, int64_t window_right, int64_t diag,
-                                  int len_q, int len_k) {
+constexpr VisibleRange visible_range(int64_t window_left, int64_t window_right, int64_t diag,
+                                     int len_q, int len_k) {
   const int64_t floor_ = -(int64_t(len_q) + 1), ceil_ = int64_t(len_k) + 1;
   int64_t lo = window_left < 0 ? floor_ : diag - window_left;
   int64_t hi = window_right < 0 ? ceil_ : diag + window_right;
@@ -102,6 +102,34 @@ inline AttnArgs attn_args(const AttnProblem& p, DType dtype) {
   a.vec_k = vec_ok(p.k, es, p.k_stride_b, p.k_stride_h, p.k_stride_s);
   a.vec_v = vec_ok(p.v, es, p.v_stride_b, p.v_stride_h, p.v_stride_s);
   return a;
+}
+
+// The rows of one program's sequence: all of them, or with packed variable-length sequences
+// (kVarlen) those of sequence b, read from cu_seqlens and clamped into the packed tensors and
+// the maximum lengths, with its own visibility range (its diagonal depends on its lengths).
+struct SeqSpan {
+  int64_t q0, k0;  // first row of the sequence in q (out, lse, ...) and in k (v, ...)
+  int len_q, len_k;
+  int lo_rel, hi_rel;
+};
+
+template <bool kVarlen>
+FA_DEVICE SeqSpan seq_span(const AttnProblem& p, const AttnArgs& a, int b) {
+  if constexpr (!kVarlen) {
+    return {0, 0, p.len_q, p.len_k, a.lo_rel, a.hi_rel};
+  } else {
+    auto clamp = [](int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); };
+    const int64_t q0 = clamp(p.cu_seqlens_q[b], 0, p.total_q);
+    const int64_t q1 = clamp(p.cu_seqlens_q[b + 1], q0, p.total_q);
+    const int64_t k0 = clamp(p.cu_seqlens_k[b], 0, p.total_k);
+    const int64_t k1 = clamp(p.cu_seqlens_k[b + 1], k0, p.total_k);
+    const int len_q = int(q1 - q0 < p.len_q ? q1 - q0 : p.len_q);
+    const int len_k = int(k1 - k0 < p.len_k ? k1 - k0 : p.len_k);
+    const VisibleRange vr =
+        visible_range(p.window_left, p.window_right,
+                      p.bottom_right ? int64_t(len_k) - len_q : p.diag_offset, len_q, len_k);
+    return {q0, k0, len_q, len_k, vr.lo_rel, vr.hi_rel};
+  }
 }
 
 // An output written in 16-byte chunks also needs rows of whole chunks (cols elements each).
@@ -162,6 +190,52 @@ FA_DEVICE void load_tile_async(T* smem, const T* gmem, int64_t stride, int rows_
       continue;
     }
     const T* src = gmem + int64_t(r) * stride + col;
+    if (vec) {
+      cp_async_16(dst, src, n * int(sizeof(T)));
+    } else {
+      T tmp[kVec];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        if (e < n) {
+          tmp[e] = src[e];
+        } else {
+          __builtin_memset(static_cast<void*>(&tmp[e]), 0, sizeof(T));
+        }
+      }
+      uint4 u;
+      __builtin_memcpy(&u, tmp, 16);
+      store16(dst, u);
+    }
+  }
+}
+
+// load_tile_async of a tile whose row r starts at row_src(r) (rows gathered through the paged
+// KV cache's block table). Its own loop on purpose: load_tile_async written as this function
+// with a row-stride functor (or with the chunk copy factored out) makes ptxas spill in the
+// sm_90a backward dQ kernel at head dim 64 (128 registers and 20 bytes of spill instead of 163
+// registers).
+template <int kRows, int kCols, int kPitch, int kThreads, class T, class RowSrc>
+FA_DEVICE void load_rows_async(T* smem, const RowSrc& row_src, int rows_valid, int cols_valid,
+                               bool vec, int tid) {
+  constexpr int kVec = 16 / int(sizeof(T));
+  static_assert(kCols % kVec == 0 && kPitch % kVec == 0, "whole 16-byte chunks");
+  constexpr int kChunks = kCols / kVec;
+  constexpr int kTotal = kRows * kChunks;
+  constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int c = tid + it * kThreads;
+    if (kTotal % kThreads != 0 && c >= kTotal) break;
+    const int r = c / kChunks;
+    const int col = (c % kChunks) * kVec;
+    T* dst = smem + r * kPitch + col;
+    int n = cols_valid - col;
+    n = n < kVec ? n : kVec;
+    if (r >= rows_valid || n <= 0) {
+      store16(dst, uint4{0u, 0u, 0u, 0u});
+      continue;
+    }
+    const T* src = row_src(r) + col;
     if (vec) {
       cp_async_16(dst, src, n * int(sizeof(T)));
     } else {

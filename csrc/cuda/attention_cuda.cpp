@@ -3,6 +3,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "attention.h"
 #include "../checks.h"
@@ -165,47 +166,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   return {dq, dk, dv, dmask, dsinks};
 }
 
-at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache,
-                                  const at::Tensor& cache_seqlens,
-                                  const std::optional<at::Tensor>& k_new,
-                                  const std::optional<at::Tensor>& v_new, double scale,
-                                  bool causal, const std::optional<at::Tensor>& cache_leftpad,
-                                  const std::optional<at::Tensor>& rotary_cos,
-                                  const std::optional<at::Tensor>& rotary_sin,
-                                  bool rotary_interleaved, double softcap,
-                                  const std::optional<at::Tensor>& alibi_slopes,
-                                  const std::optional<at::Tensor>& sinks,
-                                  const std::optional<at::Tensor>& block_table,
-                                  int64_t window_left, int64_t window_right) {
+// attention_kvcache and attention_kvcache_lse: out (B, H, Lq, E) and, with want_lse, lse
+// (B, H, Lq) float32 (else an empty tensor).
+std::tuple<at::Tensor, at::Tensor> kvcache_impl(
+    const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache,
+    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+    const std::optional<at::Tensor>& v_new, double scale, bool causal,
+    const std::optional<at::Tensor>& cache_leftpad, const std::optional<at::Tensor>& rotary_cos,
+    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
+    const std::optional<at::Tensor>& block_table, int64_t window_left, int64_t window_right,
+    bool want_lse) {
   constexpr const char* op = "attention_kvcache";
+  // shapes, dtypes, devices and (for host tensors) the values of cache_seqlens / block_table
   checks::check_kvcache(q_in, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, cache_leftpad,
                         rotary_cos, rotary_sin, softcap, alibi_slopes, sinks, block_table,
                         window_left, window_right);
   check_no_score_mods(softcap, alibi_slopes, sinks, op);
-  // the paged cache, windows and Lnew != Lq run on the Triton kernels (the ops layer's
-  // _kvcache_supports refuses them for this backend)
-  TORCH_CHECK(!block_table.has_value() && window_left < 0 && window_right < 0 &&
-                  (!k_new.has_value() || k_new->size(2) == q_in.size(2)),
-              "fastattn.attention_kvcache (CUDA): block_table, window and k_new/v_new with a "
-              "number of tokens other than q's are not implemented by the CUDA kernels (the "
-              "Triton backend runs them)");
+  const bool paged = block_table.has_value();
   check_cuda_tensor(q_in, q_in, op, "q");
   check_cuda_tensor(k_cache, q_in, op, "k_cache");
   check_cuda_tensor(v_cache, q_in, op, "v_cache");
   check_cuda_tensor(cache_seqlens, q_in, op, "cache_seqlens");
   TORCH_CHECK(q_in.dim() == 4 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
-              "fastattn.attention_kvcache (CUDA): q must be (B, H, Lq, E) and the caches "
-              "(B, Hkv, capacity, E) of one shape, got ",
-              q_in.sizes(), ", ", k_cache.sizes(), ", ", v_cache.sizes());
+              "fastattn.attention_kvcache (CUDA): q must be (B, H, Lq, E) and the caches ",
+              paged ? "(num_blocks, Hkv, block_size, E)" : "(B, Hkv, capacity, E)",
+              " of one shape, got ", q_in.sizes(), ", ", k_cache.sizes(), ", ", v_cache.sizes());
   TORCH_CHECK(
       k_cache.scalar_type() == q_in.scalar_type() && v_cache.scalar_type() == q_in.scalar_type(),
       "fastattn.attention_kvcache (CUDA): k_cache/v_cache must have q's dtype");
   dtype_of(q_in, op, "q");
   const int64_t B = q_in.size(0), H = q_in.size(1), Lq = q_in.size(2), E = q_in.size(3);
-  const int64_t Hkv = k_cache.size(1), cap = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == E,
+  const int64_t Hkv = k_cache.size(1);
+  TORCH_CHECK((paged || k_cache.size(0) == B) && k_cache.size(3) == E,
               "fastattn.attention_kvcache (CUDA): k_cache must be (B=", B, ", Hkv, capacity, E=", E,
               "), got ", k_cache.sizes());
+  at::Tensor table;
+  int64_t cap = k_cache.size(2);
+  if (paged) {  // check_kvcache: int32 (B, max_blocks), block_size a positive multiple of 16
+    check_cuda_tensor(*block_table, q_in, op, "block_table");
+    table = block_table->contiguous();
+    cap = table.size(1) * k_cache.size(2);
+    TORCH_CHECK(cap < (int64_t(1) << 30) && k_cache.size(0) < (int64_t(1) << 31),
+                "fastattn.attention_kvcache (CUDA): block_table.shape[1] * block_size = ", cap,
+                " and num_blocks = ", k_cache.size(0), " must be below 2^30 and 2^31");
+  }
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "fastattn.attention_kvcache (CUDA): q heads (", H,
               ") must be a multiple of cache heads (", Hkv, ")");
   TORCH_CHECK(E <= kMaxHeadDim, "fastattn.attention_kvcache (CUDA): head dim ", E, " above ",
@@ -229,20 +234,25 @@ at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, a
     leftpad = cache_leftpad->contiguous();
   }
   std::optional<at::Tensor> kn, vn;
+  const int64_t Lnew = k_new.has_value() ? k_new->size(2) : 0;
   if (k_new.has_value()) {
     for (const at::Tensor* t : {&*k_new, &*v_new}) {
       check_cuda_tensor(*t, q_in, op, t == &*k_new ? "k_new" : "v_new");
-      TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == Hkv && t->size(2) == Lq &&
+      TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == Hkv && t->size(2) == Lnew &&
                       t->size(3) == E && t->scalar_type() == q_in.scalar_type(),
-                  "fastattn.attention_kvcache (CUDA): k_new/v_new must be (B, Hkv, Lq, E) in q's "
-                  "dtype, got ",
+                  "fastattn.attention_kvcache (CUDA): k_new/v_new must be (B, Hkv, Lnew, E) in "
+                  "q's dtype, got ",
                   t->sizes(), " ", t->scalar_type());
     }
+    TORCH_CHECK(Lnew <= 65535, "fastattn.attention_kvcache (CUDA): k_new/v_new hold ", Lnew,
+                " tokens, more than the 65535 the append kernel's grid allows");
     kn = last_dim_contiguous(*k_new);
     vn = last_dim_contiguous(*v_new);
   }
   auto out = at::empty({B, H, Lq, E}, q_in.options());
-  if (out.numel() == 0) return out;
+  auto lse = want_lse ? at::empty({B, H, Lq}, q_in.options().dtype(at::kFloat))
+                      : at::empty({0}, q_in.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
   const at::Tensor q = last_dim_contiguous(q_in);
   const at::Tensor seqlens = cache_seqlens.contiguous();
   DeviceGuard guard(q.device());
@@ -250,7 +260,10 @@ at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, a
       {B, H, Hkv, Lq, cap, E, E}, float(scale), causal, attn_operand(q), attn_operand(k_cache),
       attn_operand(v_cache), attn_operand(kn), attn_operand(vn), attn_operand(out),
       seqlens.data_ptr<int32_t>(), leftpad.defined() ? leftpad.data_ptr<int32_t>() : nullptr);
-  if (rotary_cos.has_value() && k_new.has_value()) {
+  kvcache_serving(p, Lnew, window_left, window_right, want_lse ? lse.data_ptr<float>() : nullptr,
+                  want_lse ? lse.stride(0) : 0, want_lse ? lse.stride(1) : 0,
+                  paged ? table.data_ptr<int32_t>() : nullptr, paged ? table.stride(0) : 0,
+                  paged ? table.size(1) : 0, k_cache.size(0), k_cache.size(2));  if (rotary_cos.has_value() && k_new.has_value()) {
     // check_kvcache: both tables, 2-D (max_pos >= 1, rotary_half >= 1), one dtype: q's or float32
     const at::Tensor& c = *rotary_cos;
     const at::Tensor& s = *rotary_sin;
@@ -269,14 +282,184 @@ at::Tensor attention_kvcache_cuda(const at::Tensor& q_in, at::Tensor& k_cache, a
     p.partial_lse = partial_lse.data_ptr<float>();
   }
   check_launch(attention_kvcache(p, dtype_of(q, op, "q"), current_stream()), op);
-  return out;
+  return {out, lse};
+}
+
+at::Tensor attention_kvcache_cuda(
+    const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new, double scale,
+    bool causal, const std::optional<at::Tensor>& cache_leftpad,
+    const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
+    bool rotary_interleaved, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& block_table,
+    int64_t window_left, int64_t window_right) {
+  return std::get<0>(kvcache_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal,
+                                  cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved,
+                                  softcap, alibi_slopes, sinks, block_table, window_left,
+                                  window_right, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_lse_cuda(
+    const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new, double scale,
+    bool causal, const std::optional<at::Tensor>& cache_leftpad,
+    const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
+    bool rotary_interleaved, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& block_table,
+    int64_t window_left, int64_t window_right) {
+  return kvcache_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal,
+                      cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved, softcap,
+                      alibi_slopes, sinks, block_table, window_left, window_right, true);
+}
+
+// ---- attention_varlen --------------------------------------------------------------------------
+// Shapes and dtypes (and the cu_seqlens values where they are on the host) are checked by
+// checks::check_varlen; here what the CUDA kernels add: every tensor on q's device, no dropout or
+// score modifiers, and sizes their int32 indexing holds.
+void check_varlen_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                       int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p,
+                       double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                       const std::optional<at::Tensor>& sinks, const char* op) {
+  check_no_score_mods(softcap, alibi_slopes, sinks, op);
+  check_no_dropout(dropout_p, op);
+  check_cuda_tensor(q, q, op, "q");
+  check_cuda_tensor(k, q, op, "k");
+  check_cuda_tensor(v, q, op, "v");
+  check_cuda_tensor(cu_seqlens_q, q, op, "cu_seqlens_q");
+  check_cuda_tensor(cu_seqlens_k, q, op, "cu_seqlens_k");
+  dtype_of(q, op, "q");
+  TORCH_CHECK(q.size(2) >= 1 && v.size(2) >= 1 && q.size(2) <= kMaxHeadDim &&
+                  v.size(2) <= kMaxHeadDim,
+              "fastattn.", op, " (CUDA): head dims must lie in [1, ", kMaxHeadDim, "], got ",
+              q.size(2), " and ", v.size(2));
+  TORCH_CHECK(cu_seqlens_q.size(0) - 1 <= 65535, "fastattn.", op,
+              " (CUDA): at most 65535 sequences (cu_seqlens_q.shape[0] - 1), got ",
+              cu_seqlens_q.size(0) - 1);
+  TORCH_CHECK(max_seqlen_q < (int64_t(1) << 30) && max_seqlen_k < (int64_t(1) << 30) &&
+                  q.size(0) < (int64_t(1) << 31) && k.size(0) < (int64_t(1) << 31),
+              "fastattn.", op, " (CUDA): max_seqlen_q / max_seqlen_k must be below 2^30 and "
+              "total_q / total_k below 2^31, got ", max_seqlen_q, ", ", max_seqlen_k, ", ",
+              q.size(0), ", ", k.size(0));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
+    bool bottom_right, double dropout_p, int64_t seed, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
+  (void)seed;
+  constexpr const char* op = "attention_varlen_fwd";
+  checks::check_varlen(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       scale, dropout_p, softcap, alibi_slopes, sinks);
+  check_varlen_cuda(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    dropout_p, softcap, alibi_slopes, sinks, op);
+  const int64_t total_q = q_in.size(0), H = q_in.size(1), E = q_in.size(2);
+  const int64_t total_k = k_in.size(0), Hkv = k_in.size(1), Ev = v_in.size(2);
+  const int64_t B = cu_seqlens_q.size(0) - 1;
+  // out (total_q, H, Ev) contiguous: the (total_q, H * Ev) rows of the output projection
+  auto out = at::empty({total_q, H, Ev}, q_in.options());
+  auto lse = at::empty({H, total_q}, q_in.options().dtype(at::kFloat));
+  if (total_q * H == 0) return {out, lse};
+  if (total_k == 0 || max_seqlen_k == 0 || max_seqlen_q == 0 || B == 0) {
+    // no key in any sequence (or, by max_seqlen, no query): out = 0, lse = -inf
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+                   v = last_dim_contiguous(v_in);
+  const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
+  DeviceGuard guard(q.device());
+  AttnFwdParams p = attn_fwd_params(
+      {B, H, Hkv, max_seqlen_q, max_seqlen_k, E, Ev}, float(scale),
+      {window_left, window_right, 0}, packed_operand(q), packed_operand(k), packed_operand(v),
+      AttnOperand{}, packed_operand(out), AttnOperand{lse.data_ptr(), 0, lse.stride(0), 1, 0});
+  set_varlen(p, cu_q.data_ptr<int32_t>(), cu_k.data_ptr<int32_t>(), total_q, total_k,
+             bottom_right);
+  check_launch(attention_fwd(p, dtype_of(q, op, "q"), current_stream()), op);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const std::optional<at::Tensor>& grad_lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
+    bool deterministic, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& sinks) {
+  (void)seed;
+  (void)deterministic;  // the kernels never use atomics: always bitwise repeatable
+  constexpr const char* op = "attention_varlen_bwd";
+  checks::check_varlen(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       scale, dropout_p, softcap, alibi_slopes, sinks);
+  check_varlen_cuda(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    dropout_p, softcap, alibi_slopes, sinks, op);
+  const int64_t total_q = q_in.size(0), H = q_in.size(1), E = q_in.size(2);
+  const int64_t total_k = k_in.size(0), Hkv = k_in.size(1), Ev = v_in.size(2);
+  const int64_t B = cu_seqlens_q.size(0) - 1;
+  check_cuda_tensor(grad_out_in, q_in, op, "grad_out");
+  check_cuda_tensor(out_in, q_in, op, "out");
+  check_cuda_tensor(lse_in, q_in, op, "lse");
+  const std::vector<int64_t> oshape{total_q, H, Ev}, lshape{H, total_q};
+  TORCH_CHECK(grad_out_in.sizes() == oshape && out_in.sizes() == oshape,
+              "fastattn.attention_varlen_bwd (CUDA): grad_out and out must be (total_q, H, Ev) = ",
+              oshape, ", got ", grad_out_in.sizes(), " and ", out_in.sizes());
+  TORCH_CHECK(
+      grad_out_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
+      "fastattn.attention_varlen_bwd (CUDA): grad_out and out must have q's dtype");
+  TORCH_CHECK(lse_in.sizes() == lshape,
+              "fastattn.attention_varlen_bwd (CUDA): lse must be (H, total_q) = ", lshape,
+              ", got ", lse_in.sizes());
+  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
+  std::optional<at::Tensor> glse;
+  if (grad_lse.has_value() && grad_lse->defined()) {
+    check_cuda_tensor(*grad_lse, q_in, op, "grad_lse");
+    TORCH_CHECK(grad_lse->sizes() == lshape,
+                "fastattn.attention_varlen_bwd (CUDA): grad_lse must be (H, total_q) = ", lshape,
+                ", got ", grad_lse->sizes());
+    glse = grad_lse->to(at::kFloat).contiguous();  // autograd may hand an expanded tensor
+  }
+  // the kernels write (heads, total, dim) rows: returned as (total, heads, dim) views
+  auto dq = at::empty({H, total_q, E}, q_in.options()).transpose(0, 1);
+  auto dk = at::empty({Hkv, total_k, E}, q_in.options()).transpose(0, 1);
+  auto dv = at::empty({Hkv, total_k, Ev}, q_in.options()).transpose(0, 1);
+  const at::Tensor dsinks = at::empty({0}, q_in.options().dtype(at::kFloat));
+  if (total_q * H == 0 || total_k == 0 || max_seqlen_q == 0 || max_seqlen_k == 0 || B == 0) {
+    dq.zero_();  // nothing to differentiate through
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv, dsinks};
+  }
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+                   v = last_dim_contiguous(v_in), grad_out = last_dim_contiguous(grad_out_in),
+                   out = last_dim_contiguous(out_in);
+  const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
+  auto workspace = at::empty({2 * H * total_q}, q_in.options().dtype(at::kFloat));
+  DeviceGuard guard(q.device());
+  auto stat = [](const at::Tensor& t) { return AttnOperand{t.data_ptr(), 0, t.stride(0), 1, 0}; };
+  AttnBwdParams p = attn_bwd_params(
+      {B, H, Hkv, max_seqlen_q, max_seqlen_k, E, Ev}, float(scale),
+      {window_left, window_right, 0}, packed_operand(q), packed_operand(k), packed_operand(v),
+      AttnOperand{}, packed_operand(grad_out), packed_operand(out), stat(lse),
+      glse.has_value() ? stat(*glse) : AttnOperand{}, packed_operand(dq), packed_operand(dk),
+      packed_operand(dv), AttnOperand{}, workspace.data_ptr<float>());
+  set_varlen(p, cu_q.data_ptr<int32_t>(), cu_k.data_ptr<int32_t>(), total_q, total_k,
+             bottom_right);
+  check_launch(attention_bwd(p, dtype_of(q, op, "q"), current_stream()), op);
+  return {dq, dk, dv, dsinks};
 }
 
 }  // namespace
 }  // namespace fastattn::cuda
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("attention_varlen_fwd", &fastattn::cuda::attention_varlen_fwd_cuda);
+  m.impl("attention_varlen_bwd", &fastattn::cuda::attention_varlen_bwd_cuda);
   m.impl("attention_fwd", &fastattn::cuda::attention_fwd_cuda);
   m.impl("attention_bwd", &fastattn::cuda::attention_bwd_cuda);
   m.impl("attention_kvcache", &fastattn::cuda::attention_kvcache_cuda);
+  m.impl("attention_kvcache_lse", &fastattn::cuda::attention_kvcache_lse_cuda);
 }

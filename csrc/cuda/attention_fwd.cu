@@ -5,6 +5,9 @@
 //    tiles stream through shared memory with cp.async: the copy of V_j overlaps S_j = Q K_j^T
 //    and the copy of K_{j+1} overlaps the softmax and P V_j.
 //  * float32: a SIMT kernel (a warp per query row pair, a key per lane) with the same semantics.
+// Packed variable-length sequences (kVarlen) run the same kernels: blockIdx.z is the sequence,
+// whose row offsets and lengths come from cu_seqlens (seq_span); query blocks past its length
+// exit at once.
 #include "attention_common.cuh"
 
 namespace fastattn::cuda {
@@ -32,7 +35,7 @@ struct FwdTraits {
   static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "ldmatrix.x4 covers 16 columns");
 };
 
-template <class T, int kHeadDim>
+template <class T, int kHeadDim, bool kVarlen>
 __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
     attention_fwd_mma_kernel(const FwdArgs args) {
   using Tr = FwdTraits<kHeadDim>;
@@ -49,14 +52,19 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
   const int h = int(blockIdx.y), b = int(blockIdx.z);
   const int hk = h / (p.heads / p.kv_heads);
   const int m0 = m_block * kBlockM;
-  const int rows_valid = min_i(kBlockM, p.len_q - m0);
+  const SeqSpan sq = seq_span<kVarlen>(p, args, b);
+  if (kVarlen && m0 >= sq.len_q) return;  // past this sequence's queries (uniform over the block)
+  const int rows_valid = min_i(kBlockM, sq.len_q - m0);
   const int m_last = m0 + rows_valid - 1;
 
-  const T* q =
-      static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + int64_t(m0) * p.q_stride_l;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
-  const T* mask = static_cast<const T*>(p.mask);
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h +
+               (sq.q0 + m0) * p.q_stride_l;
+  const T* k =
+      static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h + sq.k0 * p.k_stride_s;
+  const T* v =
+      static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h + sq.k0 * p.v_stride_s;
+  // (varlen has no mask: a compile-time null keeps the mask code out of that instantiation)
+  const T* mask = kVarlen ? nullptr : static_cast<const T*>(p.mask);
   if (mask != nullptr) mask += b * p.mask_stride_b + h * p.mask_stride_h;
 
   T* sQ = reinterpret_cast<T*>(smem_base());
@@ -64,8 +72,8 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
   T* sV = sK + kBlockN * kPitch;
 
   // keys any row of this block may see
-  const int n_lo = max_i(0, m0 + args.lo_rel);
-  const int n_hi = min_i(p.len_k, m_last + args.hi_rel + 1);
+  const int n_lo = max_i(0, m0 + sq.lo_rel);
+  const int n_hi = min_i(sq.len_k, m_last + sq.hi_rel + 1);
   const int nb_lo = n_lo / kBlockN;
   const int nb_hi = n_hi > n_lo ? (n_hi + kBlockN - 1) / kBlockN : nb_lo;
 
@@ -75,7 +83,7 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
   if (nb_lo < nb_hi) {
     const int n0 = nb_lo * kBlockN;
     load_tile_async<kBlockN, kHeadDim, kPitch, kThreads>(sK, k + int64_t(n0) * p.k_stride_s,
-                                                         p.k_stride_s, min_i(kBlockN, p.len_k - n0),
+                                                         p.k_stride_s, min_i(kBlockN, sq.len_k - n0),
                                                          p.head_dim, args.vec_k, tid);
   }
   cp_async_commit();
@@ -119,7 +127,7 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
       }
     }
     load_tile_async<kBlockN, kHeadDim, kPitch, kThreads>(sV, v + int64_t(n0) * p.v_stride_s,
-                                                         p.v_stride_s, min_i(kBlockN, p.len_k - n0),
+                                                         p.v_stride_s, min_i(kBlockN, sq.len_k - n0),
                                                          p.head_dim_v, args.vec_v, tid);
     cp_async_commit();
 
@@ -163,7 +171,7 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
     if (nb + 1 < nb_hi) {
       const int n1 = n0 + kBlockN;
       load_tile_async<kBlockN, kHeadDim, kPitch, kThreads>(
-          sK, k + int64_t(n1) * p.k_stride_s, p.k_stride_s, min_i(kBlockN, p.len_k - n1),
+          sK, k + int64_t(n1) * p.k_stride_s, p.k_stride_s, min_i(kBlockN, sq.len_k - n1),
           p.head_dim, args.vec_k, tid);
     }
     cp_async_commit();
@@ -171,8 +179,8 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
     // ---- scale, mask, online softmax ----------------------------------------------------------
     // A block needs per-element masking only where it crosses the window or the end of the keys
     // or an additive mask is given; the test is uniform over the block.
-    const bool full = mask == nullptr && n0 + kBlockN <= p.len_k && n0 - m_last >= args.lo_rel &&
-                      n0 + kBlockN - 1 - m0 <= args.hi_rel;
+    const bool full = mask == nullptr && n0 + kBlockN <= sq.len_k && n0 - m_last >= sq.lo_rel &&
+                      n0 + kBlockN - 1 - m0 <= sq.hi_rel;
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -184,8 +192,8 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
             const int row = m0 + warp_row0 + mt * 16 + g + (e >= 2 ? 8 : 0);
             const int col = n0 + nt * 8 + 2 * t4 + (e & 1);
             const int rel = col - row;
-            const bool vis = col < p.len_k && rel >= args.lo_rel && rel <= args.hi_rel;
-            if (vis && mask != nullptr && row < p.len_q) {
+            const bool vis = col < sq.len_k && rel >= sq.lo_rel && rel <= sq.hi_rel;
+            if (vis && mask != nullptr && row < sq.len_q) {
               s += to_float(mask[int64_t(row) * p.mask_stride_l + int64_t(col) * p.mask_stride_s]) *
                    kLog2e;
             }
@@ -256,7 +264,10 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
   // ---- epilogue: normalise, lse, stage O through this warp's rows of sQ, coalesced store ------
   cp_async_wait<0>();
   __syncthreads();  // no copy into sQ in flight (the Q load when no key block was visited)
-  float* lse = p.lse + b * p.lse_stride_b + h * p.lse_stride_h;
+  // varlen: the sequence's rows are read again here rather than held in registers through the
+  // key loop (at d = 256 those registers made the sm_90a kernel spill)
+  const SeqSpan se = kVarlen ? seq_span<kVarlen>(p, args, b) : sq;
+  float* lse = p.lse + b * p.lse_stride_b + h * p.lse_stride_h + se.q0;
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -270,7 +281,7 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
                   pack2<T>(acc_o[mt][dt][2 * r] * inv, acc_o[mt][dt][2 * r + 1] * inv));
       }
       const int row = m0 + row_local;
-      if (t4 == 0 && row < p.len_q) {
+      if (t4 == 0 && row < se.len_q) {
         lse[row] = l > 0.0f ? row_max[mt][r] * kLn2 + log_f(l) : kNegInf;
       }
     }
@@ -278,14 +289,15 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
   __syncwarp();
   constexpr int kChunks = kHeadDim / 8;
   constexpr int kWarpRows = kMTiles * 16;
-  T* out = static_cast<T*>(p.out) + b * p.out_stride_b + h * p.out_stride_h;
+  T* out = static_cast<T*>(p.out) + b * p.out_stride_b + h * p.out_stride_h +
+           se.q0 * p.out_stride_l;
 #pragma unroll
   for (int it = 0; it < kWarpRows * kChunks / 32; ++it) {
     const int c = lane + 32 * it;
     const int row_local = warp_row0 + c / kChunks;
     const int col = (c % kChunks) * 8;
     const int row = m0 + row_local;
-    if (row >= p.len_q || col >= p.head_dim_v) continue;
+    if (row >= se.len_q || col >= p.head_dim_v) continue;
     const T* src = sQ + row_local * kPitch + col;
     T* dst = out + int64_t(row) * p.out_stride_l + col;
     if (args.vec_out) {
@@ -298,7 +310,7 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
 }
 
 // ---- float32: SIMT -------------------------------------------------------------------------
-template <int kHeadDim>
+template <int kHeadDim, bool kVarlen>
 __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
     attention_fwd_simt_kernel(const FwdArgs args) {
   constexpr AttnSimtTile kTile = attn_simt_tile();
@@ -312,13 +324,17 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
   const int h = int(blockIdx.y), b = int(blockIdx.z);
   const int hk = h / (p.heads / p.kv_heads);
   const int m0 = m_block * kBlockM;
-  const int rows_valid = min_i(kBlockM, p.len_q - m0);
+  const SeqSpan sq = seq_span<kVarlen>(p, args, b);
+  if (kVarlen && m0 >= sq.len_q) return;  // past this sequence's queries (uniform over the block)
+  const int rows_valid = min_i(kBlockM, sq.len_q - m0);
   const int m_last = m0 + rows_valid - 1;
 
   const float* q = static_cast<const float*>(p.q) + b * p.q_stride_b + h * p.q_stride_h +
-                   int64_t(m0) * p.q_stride_l;
-  const float* k = static_cast<const float*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
-  const float* v = static_cast<const float*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+                   (sq.q0 + m0) * p.q_stride_l;
+  const float* k = static_cast<const float*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h +
+                   sq.k0 * p.k_stride_s;
+  const float* v = static_cast<const float*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h +
+                   sq.k0 * p.v_stride_s;
   const float* mask = static_cast<const float*>(p.mask);
   if (mask != nullptr) mask += b * p.mask_stride_b + h * p.mask_stride_h;
 
@@ -329,8 +345,8 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
   load_tile_float<kBlockM, kHeadDim, kHeadDim, kThreads>(sQ, q, p.q_stride_l, rows_valid,
                                                          p.head_dim, args.scale_log2, tid);
 
-  const int n_lo = max_i(0, m0 + args.lo_rel);
-  const int n_hi = min_i(p.len_k, m_last + args.hi_rel + 1);
+  const int n_lo = max_i(0, m0 + sq.lo_rel);
+  const int n_hi = min_i(sq.len_k, m_last + sq.hi_rel + 1);
 
   float acc[kRows][kCols], row_max[kRows], row_sum[kRows];
 #pragma unroll
@@ -343,7 +359,7 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
 
   for (int n0 = (n_lo / kChunk) * kChunk; n0 < n_hi; n0 += kChunk) {
     __syncthreads();  // previous chunk consumed (and sQ written, on the first pass)
-    const int keys = min_i(kChunk, p.len_k - n0);
+    const int keys = min_i(kChunk, sq.len_k - n0);
     load_tile_float<kChunk, kHeadDim, kPitchK, kThreads>(sK, k + int64_t(n0) * p.k_stride_s,
                                                          p.k_stride_s, keys, p.head_dim, 1.0f, tid);
     load_tile_float<kChunk, kHeadDim, kHeadDim, kThreads>(
@@ -360,7 +376,7 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
 #pragma unroll 8
       for (int c = 0; c < kHeadDim; ++c) s += qr[c] * kr[c];
       const int rel = key - row;
-      const bool vis = key < p.len_k && row < p.len_q && rel >= args.lo_rel && rel <= args.hi_rel;
+      const bool vis = key < sq.len_k && row < sq.len_q && rel >= sq.lo_rel && rel <= sq.hi_rel;
       if (vis && mask != nullptr) {
         s += mask[int64_t(row) * p.mask_stride_l + int64_t(key) * p.mask_stride_s] * kLog2e;
       }
@@ -373,12 +389,13 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
     }
   }
 
-  float* out = static_cast<float*>(p.out) + b * p.out_stride_b + h * p.out_stride_h;
-  float* lse = p.lse + b * p.lse_stride_b + h * p.lse_stride_h;
+  float* out = static_cast<float*>(p.out) + b * p.out_stride_b + h * p.out_stride_h +
+               sq.q0 * p.out_stride_l;
+  float* lse = p.lse + b * p.lse_stride_b + h * p.lse_stride_h + sq.q0;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int row = m0 + warp * kRows + r;
-    if (row >= p.len_q) continue;
+    if (row >= sq.len_q) continue;
     const float l = row_sum[r];
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;
 #pragma unroll
@@ -390,13 +407,13 @@ __global__ void __launch_bounds__(32 * attn_simt_tile().n_warps, 1)
   }
 }
 
-template <class T, int kHeadDim>
+template <class T, int kHeadDim, bool kVarlen>
 cudaError_t launch_fwd(const FwdArgs& args, cudaStream_t stream) {
   const AttnFwdParams& p = args.p;
   if constexpr (std::is_same<T, float>::value) {
     constexpr AttnSimtTile kTile = attn_simt_tile();
     const size_t smem = attn_simt_smem_bytes<float>(kHeadDim);
-    auto kernel = attention_fwd_simt_kernel<kHeadDim>;
+    auto kernel = attention_fwd_simt_kernel<kHeadDim, kVarlen>;
     cudaError_t err = allow_smem(kernel, smem);
     if (err != cudaSuccess) return err;
     const dim3 grid(ceil_div(p.len_q, kTile.block_m), unsigned(p.heads), unsigned(p.batch));
@@ -404,7 +421,7 @@ cudaError_t launch_fwd(const FwdArgs& args, cudaStream_t stream) {
   } else {
     using Tr = FwdTraits<kHeadDim>;
     const size_t smem = attn_fwd_smem_bytes(kHeadDim);
-    auto kernel = attention_fwd_mma_kernel<T, kHeadDim>;
+    auto kernel = attention_fwd_mma_kernel<T, kHeadDim, kVarlen>;
     cudaError_t err = allow_smem(kernel, smem);
     if (err != cudaSuccess) return err;
     const dim3 grid(ceil_div(p.len_q, Tr::kBlockM), unsigned(p.heads), unsigned(p.batch));
@@ -418,6 +435,11 @@ cudaError_t launch_fwd(const FwdArgs& args, cudaStream_t stream) {
 cudaError_t attention_fwd(const AttnFwdParams& p, DType dtype, cudaStream_t stream) {
   if (p.batch <= 0 || p.heads <= 0 || p.len_q <= 0) return cudaSuccess;
   if (!attn_sizes_ok(p)) return cudaErrorInvalidValue;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  if (varlen && (p.cu_seqlens_k == nullptr || p.mask != nullptr || p.total_q < 0 ||
+                 p.total_k < 0)) {
+    return cudaErrorInvalidValue;
+  }
   detail::FwdArgs args;
   static_cast<AttnArgs&>(args) = attn_args(p, dtype);
   args.p = p;
@@ -425,7 +447,10 @@ cudaError_t attention_fwd(const AttnFwdParams& p, DType dtype, cudaStream_t stre
                               p.out_stride_l, p.head_dim_v);
   const int dim = p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v;
   return dispatch_dtype_head_dim(dtype, dim, [&](auto tag, auto hd) {
-    return detail::launch_fwd<typename decltype(tag)::type, decltype(hd)::value>(args, stream);
+    using T = typename decltype(tag)::type;
+    constexpr int kDim = decltype(hd)::value;
+    return varlen ? detail::launch_fwd<T, kDim, true>(args, stream)
+                  : detail::launch_fwd<T, kDim, false>(args, stream);
   });
 }
 

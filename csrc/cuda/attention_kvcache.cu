@@ -1,10 +1,14 @@
 // Decoding attention against a KV cache (flash-decoding):
-//  1. append k_new/v_new at cache_seqlens (lengths clamped on the device, no host sync);
+//  1. append k_new/v_new at cache_seqlens (lengths clamped on the device, no host sync), through
+//     the block table when the cache is paged;
 //  2. split the keys of each sequence into num_splits ranges; a block serves up to 16 query rows
 //     of one kv head (the GQA group times the new tokens, so K/V are read once per group) and
 //     streams 32-key chunks through a 2-stage cp.async pipeline; a key per lane for Q K^T, the
 //     probabilities broadcast by shuffles for P V; online softmax in base 2;
 //  3. combine the per-split (out, lse) pairs (skipped when there is one split).
+// A paged cache costs one block-table read per 16-byte chunk copied: its rows are gathered one
+// by one, so a 32-key chunk may straddle blocks of any size (and start anywhere: at a left pad
+// or a window's first key).
 #include "attention_common.cuh"
 
 namespace fastattn::cuda {
@@ -20,6 +24,16 @@ struct KvArgs {
 FA_DEVICE int cache_len(const KvcacheParams& p, int b) {
   int n = p.seqlens[b];
   return n < 0 ? 0 : (n > p.capacity ? p.capacity : n);
+}
+
+// Element offset of token t (< capacity) of batch b in a cache whose batch (paged: block) and
+// token strides are stride_b / stride_s; a block-table entry outside the pool is clamped into it.
+FA_DEVICE int64_t cache_row(const KvcacheParams& p, int b, int t, int64_t stride_b,
+                            int64_t stride_s) {
+  if (p.block_table == nullptr) return b * stride_b + int64_t(t) * stride_s;
+  int blk = p.block_table[b * p.bt_stride_b + t / p.block_size];
+  blk = blk < 0 ? 0 : (blk >= p.num_blocks ? p.num_blocks - 1 : blk);
+  return blk * stride_b + int64_t(t % p.block_size) * stride_s;
 }
 
 // the rotary position of token i of batch b: its position in its own sequence (the left padding
@@ -69,10 +83,10 @@ __global__ void __launch_bounds__(128) kvcache_append_kernel(const KvcacheParams
                 int64_t(i) * p.kn_stride_l;
   const T* vn = static_cast<const T*>(p.v_new) + b * p.vn_stride_b + hk * p.vn_stride_h +
                 int64_t(i) * p.vn_stride_l;
-  T* kc = static_cast<T*>(p.k_cache) + b * p.kc_stride_b + hk * p.kc_stride_h +
-          int64_t(pos) * p.kc_stride_s;
-  T* vc = static_cast<T*>(p.v_cache) + b * p.vc_stride_b + hk * p.vc_stride_h +
-          int64_t(pos) * p.vc_stride_s;
+  T* kc = static_cast<T*>(p.k_cache) + hk * p.kc_stride_h +
+          cache_row(p, b, pos, p.kc_stride_b, p.kc_stride_s);
+  T* vc = static_cast<T*>(p.v_cache) + hk * p.vc_stride_h +
+          cache_row(p, b, pos, p.vc_stride_b, p.vc_stride_s);
   if (p.rotary_cos != nullptr) {
     const int64_t rp = rotary_pos(p, b, i);
     for (int e = int(threadIdx.x); e < p.head_dim; e += int(blockDim.x)) {
@@ -105,13 +119,25 @@ __global__ void __launch_bounds__(32 * kvcache_tile().n_warps)
   const int rows_total = gqa * p.len_q;
   const int row0 = group * kRows;
 
-  const int total = min_i(cache_len(p, b) + (p.k_new != nullptr ? p.len_q : 0), p.capacity);
-  const int64_t s0_64 = int64_t(split) * args.p.split_len;
-  const int s1 = int(s0_64 + p.split_len < total ? s0_64 + p.split_len : total);
-  int s0 = int(s0_64 < total ? s0_64 : total);
-  // keys before the first real token of a left-padded sequence are not seen: this split starts
-  // at that token at the earliest
-  if (p.leftpad != nullptr) s0 = min_i(max_i(s0, p.leftpad[b]), s1);
+  const int total = min_i(cache_len(p, b) + (p.k_new != nullptr ? p.len_new : 0), p.capacity);
+  // query i sits at position total - Lq + i and sees keys [pos - wl, pos + wr] (-1: unbounded;
+  // causal: wr = 0). The sides are clamped to 2^31, past any cache, so that the int64 sums
+  // below cannot overflow whatever the caller's window.
+  const int64_t pos0 = int64_t(total) - p.len_q;
+  const int64_t kFar = int64_t(1) << 31;
+  const int64_t wl = p.window_left < 0 ? -1 : min_i64(p.window_left, kFar);
+  const int64_t wr = p.causal ? 0 : (p.window_right < 0 ? -1 : min_i64(p.window_right, kFar));
+  // keys any row of this block may see: [first_any, last_any)
+  int64_t first_any = wl < 0 ? 0 : pos0 - wl;
+  int64_t last_any = wr < 0 ? total : pos0 + p.len_q + wr;
+  if (p.leftpad != nullptr) first_any = max_i64(first_any, p.leftpad[b]);
+  const int64_t s0_64 = max_i64(int64_t(split) * p.split_len, first_any);
+  const int64_t s1_64 = min_i64(min_i64(int64_t(split) * p.split_len + p.split_len, total),
+                                last_any);
+  const int s1 = int(max_i64(s1_64, 0));
+  // keys before the first real token of a left-padded sequence or the window are not seen:
+  // this split starts there at the earliest
+  const int s0 = int(min_i64(s0_64, s1));
 
   float* sQ = reinterpret_cast<float*>(smem_base());
   T* sKV = reinterpret_cast<T*>(sQ + kRows * kHeadDim);  // [stage][K|V][kChunk][kPitch]
@@ -121,6 +147,7 @@ __global__ void __launch_bounds__(32 * kvcache_tile().n_warps)
   // q rows of this block: row R -> head hk * gqa + R / Lq, query R % Lq; scaled to base 2;
   // rotated first (rounded to T, as the other backends) with the rotary embedding
   const bool rotary = p.rotary_cos != nullptr && p.k_new != nullptr;
+  const int q_rot_shift = p.len_new - p.len_q;  // q token i is at total - Lq + i
   for (int c = tid; c < kRows * kHeadDim; c += kThreads) {
     const int r = c / kHeadDim, col = c % kHeadDim, R = row0 + r;
     float x = 0.0f;
@@ -128,33 +155,48 @@ __global__ void __launch_bounds__(32 * kvcache_tile().n_warps)
       const int h = hk * gqa + R / p.len_q, i = R % p.len_q;
       const T* qrow = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h +
                       int64_t(i) * p.q_stride_l;
-      x = rotary ? to_float(from_float<T>(rotary_elem(p, qrow, col, rotary_pos(p, b, i))))
+      x = rotary ? to_float(from_float<T>(
+                       rotary_elem(p, qrow, col, rotary_pos(p, b, i + q_rot_shift))))
                  : to_float(qrow[col]);
       x *= args.scale_log2;
     }
     sQ[r * kHeadDim + col] = x;
   }
 
-  const T* kc = static_cast<const T*>(p.k_cache) + b * p.kc_stride_b + hk * p.kc_stride_h;
-  const T* vc = static_cast<const T*>(p.v_cache) + b * p.vc_stride_b + hk * p.vc_stride_h;
+  const T* kc = static_cast<const T*>(p.k_cache) + hk * p.kc_stride_h;
+  const T* vc = static_cast<const T*>(p.v_cache) + hk * p.vc_stride_h;
   auto load_chunk = [&](int n0, int stage) {
     const int keys = min_i(kChunk, s1 - n0);
-    load_tile_async<kChunk, kHeadDim, kPitch, kThreads>(sK(stage), kc + int64_t(n0) * p.kc_stride_s,
-                                                        p.kc_stride_s, keys, p.head_dim, args.vec_k,
-                                                        tid);
-    load_tile_async<kChunk, kHeadDim, kPitch, kThreads>(sV(stage), vc + int64_t(n0) * p.vc_stride_s,
-                                                        p.vc_stride_s, keys, p.head_dim, args.vec_v,
-                                                        tid);
+    if (p.block_table == nullptr) {
+      load_tile_async<kChunk, kHeadDim, kPitch, kThreads>(
+          sK(stage), kc + b * p.kc_stride_b + int64_t(n0) * p.kc_stride_s, p.kc_stride_s, keys,
+          p.head_dim, args.vec_k, tid);
+      load_tile_async<kChunk, kHeadDim, kPitch, kThreads>(
+          sV(stage), vc + b * p.vc_stride_b + int64_t(n0) * p.vc_stride_s, p.vc_stride_s, keys,
+          p.head_dim, args.vec_v, tid);
+    } else {
+      load_rows_async<kChunk, kHeadDim, kPitch, kThreads>(
+          sK(stage),
+          [&](int r) { return kc + cache_row(p, b, n0 + r, p.kc_stride_b, p.kc_stride_s); }, keys,
+          p.head_dim, args.vec_k, tid);
+      load_rows_async<kChunk, kHeadDim, kPitch, kThreads>(
+          sV(stage),
+          [&](int r) { return vc + cache_row(p, b, n0 + r, p.vc_stride_b, p.vc_stride_s); }, keys,
+          p.head_dim, args.vec_v, tid);
+    }
   };
 
-  // per row: keys [0, limit) are visible
-  int limit[kRowsPerWarp];
+  // per row: keys [first, limit) are visible (and those of [s0, s1))
+  int first[kRowsPerWarp], limit[kRowsPerWarp];
   float acc[kRowsPerWarp][kCols], row_max[kRowsPerWarp], row_sum[kRowsPerWarp];
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
     const int R = row0 + warp + kTile.n_warps * r;
-    const int i = R % p.len_q;
-    limit[r] = R < rows_total ? (p.causal ? total - p.len_q + i + 1 : total) : 0;
+    const int64_t pos = pos0 + R % p.len_q;
+    const int64_t lo = wl < 0 ? 0 : pos - wl;
+    const int64_t hi = wr < 0 ? total : pos + wr + 1;
+    first[r] = int(min_i64(max_i64(lo, 0), total));
+    limit[r] = R < rows_total ? int(min_i64(max_i64(hi, 0), total)) : 0;
     row_max[r] = kNegInf;
     row_sum[r] = 0.0f;
 #pragma unroll
@@ -195,7 +237,7 @@ __global__ void __launch_bounds__(32 * kvcache_tile().n_warps)
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
       if (row0 + warp + kTile.n_warps * r >= rows_total) continue;  // warp-uniform
-      const float sr = key < limit[r] && key < s1 ? s[r] : kNegInf;
+      const float sr = key >= first[r] && key < limit[r] && key < s1 ? s[r] : kNegInf;
       const float pr = online_softmax_chunk(sr, row_max[r], row_sum[r], acc[r]);
       for (int j = 0; j < kChunk; ++j) {
         const float pj = __shfl_sync(0xffffffffu, pr, j);
@@ -221,6 +263,10 @@ __global__ void __launch_bounds__(32 * kvcache_tile().n_warps)
       for (int c = 0; c < kCols; ++c) {
         const int col = lane + 32 * c;
         if (col < p.head_dim) out[col] = from_float<T>(acc[r][c] * inv);
+      }
+      if (p.lse != nullptr && lane == 0) {
+        p.lse[b * p.lse_stride_b + h * p.lse_stride_h + i] =
+            l > 0.0f ? row_max[r] * kLn2 + log_f(l) : kNegInf;
       }
     } else {
       const int64_t row_id = ((int64_t(split) * p.batch + b) * p.heads + h) * p.len_q + i;
@@ -250,6 +296,19 @@ __global__ void __launch_bounds__(128) kvcache_combine_kernel(const KvcacheParam
   const int b = int(row / (int64_t(p.len_q) * p.heads));
   T* out = static_cast<T*>(p.out) + b * p.out_stride_b + h * p.out_stride_h +
            int64_t(i) * p.out_stride_l;
+  if (p.lse != nullptr) {
+    float den = 0.0f;
+    if (m != kNegInf) {
+      for (int s = lane; s < p.num_splits; s += 32) {
+        const float lse = p.partial_lse[s * rows + row];
+        den += lse == kNegInf ? 0.0f : exp2_approx((lse - m) * kLog2e);
+      }
+    }
+    den = warp_sum(den);
+    if (lane == 0) {
+      p.lse[b * p.lse_stride_b + h * p.lse_stride_h + i] = den > 0.0f ? m + log_f(den) : kNegInf;
+    }
+  }
   for (int col = lane; col < p.head_dim; col += 32) {
     float num = 0.0f, den = 0.0f;
     if (m != kNegInf) {
@@ -267,10 +326,10 @@ __global__ void __launch_bounds__(128) kvcache_combine_kernel(const KvcacheParam
 template <class T, int kHeadDim>
 cudaError_t launch_kvcache(const KvArgs& args, cudaStream_t stream) {
   const KvcacheParams& p = args.p;
-  if (p.k_new != nullptr) {
+  if (p.k_new != nullptr && p.len_new > 0) {
     auto append = kvcache_append_kernel<T>;
-    FA_LAUNCH(append, dim3(unsigned(p.len_q), unsigned(p.kv_heads), unsigned(p.batch)), dim3(128),
-              0, stream, p);
+    FA_LAUNCH(append, dim3(unsigned(p.len_new), unsigned(p.kv_heads), unsigned(p.batch)),
+              dim3(128), 0, stream, p);
     cudaError_t err = launch_status();
     if (err != cudaSuccess) return err;
   }
@@ -306,6 +365,8 @@ KvcacheWorkspace kvcache_plan(KvcacheParams& p, int num_sms) {
 cudaError_t attention_kvcache(const KvcacheParams& p, DType dtype, cudaStream_t stream) {
   if (p.batch <= 0 || p.heads <= 0 || p.len_q <= 0) return cudaSuccess;
   if (p.kv_heads <= 0 || p.heads % p.kv_heads != 0 || p.batch > 65535 || p.len_q > 65535 ||
+      (p.k_new != nullptr && (p.len_new < 0 || p.len_new > 65535)) ||
+      (p.block_table != nullptr && (p.block_size <= 0 || p.num_blocks <= 0)) ||
       p.capacity < 0 || p.capacity >= (1 << 30) || p.num_splits < 1 || p.split_len <= 0 ||
       (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)) ||
       (p.rotary_cos != nullptr &&

@@ -91,6 +91,24 @@ inline AttnFwdParams attn_fwd_params(const AttnShape& s, float scale, const Attn
   return p;
 }
 
+// Packed variable-length sequences (see AttnProblem): the operands are (total, heads, dim)
+// tensors addressed with stride_b = 0 and their token stride as the row stride (lse: (H,
+// total_q) with stride_b = 0, its head stride, unit row stride); the shape's batch is the number
+// of sequences and its len_q / len_k the maximum lengths.
+template <class Tensor>
+AttnOperand packed_operand(const Tensor& t) {  // (total, heads, dim)
+  return {t.data_ptr(), 0, t.size(1) == 1 ? 0 : t.stride(1), t.stride(0), 0};
+}
+
+inline void set_varlen(AttnProblem& p, const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k,
+                       int64_t total_q, int64_t total_k, bool bottom_right) {
+  p.cu_seqlens_q = cu_seqlens_q;
+  p.cu_seqlens_k = cu_seqlens_k;
+  p.total_q = total_q;
+  p.total_k = total_k;
+  p.bottom_right = bottom_right;
+}
+
 // grad_lse and dmask may be absent; workspace: see AttnBwdParams.
 inline AttnBwdParams attn_bwd_params(const AttnShape& s, float scale, const AttnWindow& w,
                                      const AttnOperand& q, const AttnOperand& k,
@@ -135,7 +153,32 @@ inline KvcacheParams kvcache_params(const AttnShape& s, float scale, bool causal
   detail::bind_operand(out, p.out, p.out_stride_b, p.out_stride_h, p.out_stride_l);
   p.seqlens = seqlens;
   p.leftpad = leftpad;
+  p.len_new = k_new.data != nullptr ? int(s.len_q) : 0;
   return p;
+}
+
+// attention_kvcache's serving options: the number of new tokens (when not Lq), the window
+// (-1: unbounded side), the lse output (B, H, Lq) (null: none) and the paged cache (block_table
+// null: none; k_cache/v_cache then hold num_blocks blocks of block_size tokens, capacity =
+// max_blocks * block_size).
+inline void kvcache_serving(KvcacheParams& p, int64_t len_new, int64_t window_left,
+                            int64_t window_right, float* lse, int64_t lse_stride_b,
+                            int64_t lse_stride_h, const int32_t* block_table, int64_t bt_stride_b,
+                            int64_t max_blocks, int64_t num_blocks, int64_t block_size) {
+  if (p.k_new != nullptr) p.len_new = int(len_new);
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.lse = lse;
+  p.lse_stride_b = lse_stride_b;
+  p.lse_stride_h = lse_stride_h;
+  p.block_table = block_table;
+  if (block_table != nullptr) {
+    p.bt_stride_b = bt_stride_b;
+    p.num_blocks = int(num_blocks);
+    p.block_size = int(block_size);
+    const int64_t cap = max_blocks * block_size;
+    p.capacity = cap < (int64_t(1) << 30) ? int(cap) : (1 << 30);  // the launcher refuses 2^30
+  }
 }
 
 // The rotary tables (max_pos, rotary_half) of attention_kvcache, with their element strides.

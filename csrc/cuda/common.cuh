@@ -233,6 +233,8 @@ constexpr float kInf = __builtin_huge_valf();
 
 FA_DEVICE float max_f(float a, float b) { return a > b ? a : b; }
 FA_DEVICE int min_i(int a, int b) { return a < b ? a : b; }
+FA_DEVICE int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+FA_DEVICE int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 FA_DEVICE int max_i(int a, int b) { return a > b ? a : b; }
 
 // ---- warp reductions -------------------------------------------------------------------------

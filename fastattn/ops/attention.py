@@ -230,8 +230,8 @@ _KVCACHE_ROTARY = ("cpu", "triton", "cuda")
 
 
 # the backends whose attention_kvcache kernels implement block_table, window, return_lse and
-# k_new/v_new of another length than q (the CUDA kernels leave them to Triton)
-_KVCACHE_SERVING = ("cpu", "triton")
+# k_new/v_new of another length than q
+_KVCACHE_SERVING = ("cpu", "triton", "cuda")
 
 
 def _kvcache_supports(backend: str, device: torch.device, key: tuple) -> str | None:
@@ -744,10 +744,8 @@ _backend.register_op("attention_varlen", "attention_varlen_fwd")
 
 
 def _varlen_supports(backend: str, device: torch.device, key: tuple) -> str | None:
-    """_supports for attention_varlen (same key). The CUDA extension has no varlen kernel:
-    "auto" takes Triton on CUDA tensors."""
-    if backend == "cuda":
-        return "attention_varlen has no CUDA kernel (Triton runs CUDA tensors)"
+    """_supports for attention_varlen (same key): the CUDA kernels, like their sdpa ones, refuse
+    dropout and softcap / alibi_slopes / sinks."""
     return _supports(backend, device, key)
 
 
@@ -945,7 +943,8 @@ def attention_varlen(
             scaled_dot_product_attention's, packed: bool (total_q, H, max_seqlen_k), [r, h, j]
             the flag of query row r for key j of its own sequence (False for j past the
             sequence's keys); None when dropout_p = 0.
-        backend: "auto" | "triton" | "cpu" | "reference" ("cuda" has no varlen kernel).
+        backend: "auto" | "triton" | "cuda" | "cpu" | "reference" ("cuda": no dropout, softcap,
+            alibi_slopes or sinks).
 
     Set ``torch.use_deterministic_algorithms(True)`` for a bitwise-repeatable backward.
 

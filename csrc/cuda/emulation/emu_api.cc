@@ -146,20 +146,60 @@ int fa_emu_attention_fwd(int dtype, const void* q, const void* k, const void* v,
   return finish(fc::attention_fwd(p, dtype_of(dtype), nullptr));
 }
 
+// Packed variable-length sequences. st: q(t,h) k(t,h) v(t,h) out(t,h) lse(h) (token and head
+// strides); sz: B H Hkv max_seqlen_q max_seqlen_k E Ev; totals: total_q total_k.
+int fa_emu_attention_varlen_fwd(int dtype, const void* q, const void* k, const void* v, void* out,
+                                float* lse, const int64_t* st, const int* sz,
+                                const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k,
+                                const int64_t* totals, float scale, int64_t wl, int64_t wr,
+                                int bottom_right) {
+  fa_emu::clear_error();
+  const fc::AttnShape shape{sz[0], sz[1], sz[2], sz[3], sz[4], sz[5], sz[6]};
+  fc::AttnFwdParams p = fc::attn_fwd_params(
+      shape, scale, {wl, wr, 0}, {q, 0, st[1], st[0]}, {k, 0, st[3], st[2]},
+      {v, 0, st[5], st[4]}, {}, {out, 0, st[7], st[6]}, {lse, 0, st[8]});
+  fc::set_varlen(p, cu_seqlens_q, cu_seqlens_k, totals[0], totals[1], bottom_right != 0);
+  return finish(fc::attention_fwd(p, dtype_of(dtype), nullptr));
+}
+
+// st: do(t,h) q k v o(t,h) lse(h) glse(h) dq dk dv(t,h); sz, totals as the forward's.
+int fa_emu_attention_varlen_bwd(int dtype, const void* grad_out, const void* q, const void* k,
+                                const void* v, const void* out, const float* lse,
+                                const float* grad_lse, void* dq, void* dk, void* dv,
+                                const int64_t* st, const int* sz, const int32_t* cu_seqlens_q,
+                                const int32_t* cu_seqlens_k, const int64_t* totals, float scale,
+                                int64_t wl, int64_t wr, int bottom_right) {
+  fa_emu::clear_error();
+  const fc::AttnShape shape{sz[0], sz[1], sz[2], sz[3], sz[4], sz[5], sz[6]};
+  std::vector<float> workspace(size_t(2) * size_t(shape.heads * totals[0]) + 1, 0.0f);
+  fc::AttnBwdParams p = fc::attn_bwd_params(
+      shape, scale, {wl, wr, 0}, {q, 0, st[3], st[2]}, {k, 0, st[5], st[4]},
+      {v, 0, st[7], st[6]}, {}, {grad_out, 0, st[1], st[0]}, {out, 0, st[9], st[8]},
+      {lse, 0, st[10]}, {grad_lse, 0, st[11]}, {dq, 0, st[13], st[12]}, {dk, 0, st[15], st[14]},
+      {dv, 0, st[17], st[16]}, {}, workspace.data());
+  fc::set_varlen(p, cu_seqlens_q, cu_seqlens_k, totals[0], totals[1], bottom_right != 0);
+  return finish(fc::attention_bwd(p, dtype_of(dtype), nullptr));
+}
+
 // st: q(b,h,l) kc(b,h,s) vc(b,h,s) kn(b,h,l) vn(b,h,l) out(b,h,l); sz: B H Hkv Lq cap E
+// (paged: kc/vc's b stride is the block stride and cap is ignored); ext: Lnew, window_left,
+// window_right, lse(b,h) strides, block_table's row stride, max_blocks, num_blocks, block_size.
 // Returns the number of splits used in *splits_out. Workspaces are allocated here.
 int fa_emu_attention_kvcache(int dtype, const void* q, void* k_cache, void* v_cache,
                              const int32_t* seqlens, const int32_t* leftpad, const void* k_new,
                              const void* v_new, void* out, const int64_t* st, const int* sz,
                              float scale, int causal, int num_sms, int* splits_out,
                              const void* cos, const void* sin, const int64_t* rst, int max_pos,
-                             int rotary_half, int interleaved, int tables_f32) {
+                             int rotary_half, int interleaved, int tables_f32, float* lse,
+                             const int32_t* block_table, const int64_t* ext) {
   fa_emu::clear_error();
   const fc::AttnShape shape{sz[0], sz[1], sz[2], sz[3], sz[4], sz[5], sz[5]};
   fc::KvcacheParams p = fc::kvcache_params(
       shape, scale, causal != 0, {q, st[0], st[1], st[2]}, {k_cache, st[3], st[4], st[5]},
       {v_cache, st[6], st[7], st[8]}, {k_new, st[9], st[10], st[11]},
       {v_new, st[12], st[13], st[14]}, {out, st[15], st[16], st[17]}, seqlens, leftpad);
+  fc::kvcache_serving(p, ext[0], ext[1], ext[2], lse, ext[3], ext[4], block_table, ext[5], ext[6],
+                      ext[7], ext[8]);
   if (cos != nullptr)  // rst: cos(p, j) sin(p, j)
     fc::kvcache_rotary(p, cos, sin, rst[0], rst[1], rst[2], rst[3], max_pos, rotary_half,
                        interleaved != 0, tables_f32 != 0);
