@@ -175,9 +175,9 @@ def test_reference_matches_sdpa_loop(option):
     # the reference op is the loop itself: exactly, in float64
     q, k, v, cu_q, cu_k, kw = make(*LENS, dtype=torch.float64, option=option)
     out, lse = reference.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, **kw)
-    o, l, _ = sdpa_loop(q, k, v, cu_q, cu_k, torch.float64, **dict(kw))
+    o, lse_loop, _ = sdpa_loop(q, k, v, cu_q, cu_k, torch.float64, **dict(kw))
     torch.testing.assert_close(out, o, rtol=0, atol=0)
-    torch.testing.assert_close(lse, l, rtol=0, atol=0)
+    torch.testing.assert_close(lse, lse_loop, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])

@@ -29,13 +29,11 @@ The weight is quantized once (``Int8Linear.from_float``). Two activation modes:
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 import torch.nn.functional as F
+from torch import nn
 
 from fastattn.ops.int8 import int8_linear, int8_weight_only_linear, quantize_per_channel
 from fastattn.ops.linear import linear
-
 
 
 class Linear(nn.Linear):
