@@ -433,7 +433,7 @@ inline float affine_round_absmax(const float* xb, float mean, float rstd, const 
 }
 
 // quantize_per_token of one row y whose max |y| is absmax, with the float32 operations of
-// fastattn.reference.quantize_per_token in the same order. y is overwritten.
+// fastattn.reference.quantize_per_token in the same order.
 inline void quantize_row(float* y, float absmax, int8_t* q, float* scale, int64_t n) {
   // torch evaluates 127.0 / tensor as reciprocal(tensor) * 127: two roundings
   const float inv = absmax > 0.f ? (1.0f / absmax) * 127.0f : 0.f;
@@ -443,13 +443,16 @@ inline void quantize_row(float* y, float absmax, int8_t* q, float* scale, int64_
   for (; j + kF <= n; j += kF) {
     fVec v = (fVec::loadu(y + j) * vinv).round();  // round half to even
     v = fVec::blendv(zero, v, v == v);              // NaN -> 0, as torch's float -> int8
-    at::vec::clamp(v, lo, hi).store(y + j);
+    // integral values in [-127, 127]: the truncating conversions are exact; narrowed to int8
+    // in registers (one pass over the row, no float store and scalar narrowing loop after it)
+    const auto vi = at::vec::convert<int32_t>(at::vec::clamp(v, lo, hi));
+    at::vec::convert<int8_t>(vi).store(q + j, kF);
   }
   for (; j < n; ++j) {
     const float v = std::nearbyint(y[j] * inv);
-    y[j] = std::isnan(v) ? 0.f : std::min(127.f, std::max(-127.f, v));
+    q[j] = static_cast<int8_t>(
+        static_cast<int32_t>(std::isnan(v) ? 0.f : std::min(127.f, std::max(-127.f, v))));
   }
-  for (int64_t k = 0; k < n; ++k) q[k] = static_cast<int8_t>(static_cast<int32_t>(y[k]));
 }
 
 inline void row_stats(const float* xb, int64_t n, bool rms, float eps, float* mean_out,
