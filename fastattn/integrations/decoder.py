@@ -460,21 +460,28 @@ def _why_not(layer: nn.Module) -> str | None:
     return None
 
 
+def fusable_layers(model: nn.Module, families, why_not, allowed, kept: list):
+    """(fqn, layer) for each module of ``model`` whose class name is in ``families``, not fused
+    yet, that ``why_not(layer)`` (a reason or None) accepts and ``allowed(layer, fqn)`` allows;
+    the refused ones are appended to ``kept`` as (fqn, why). Shared by the fused decoder and
+    encoder layers."""
+    for fqn, layer in model.named_modules():
+        if type(layer).__name__ not in families or "_fastattn" in layer.__dict__:
+            continue
+        why = why_not(layer)
+        if why is not None:
+            kept.append((fqn, why))
+        elif allowed(layer, fqn):
+            yield fqn, layer
+
+
 def fuse_decoder_layers(model: nn.Module, allowed) -> tuple[list[str], list[tuple[str, str]]]:
     """Fuses every decoder layer of ``model`` whose class is in FUSED_FAMILIES and whose
     ``allowed(module, fqn)`` is True. Returns (fused fqns, [(fqn, why kept)])."""
     fused_fqns, kept = [], []
     tables: dict = {}
-    for fqn, layer in model.named_modules():
+    for fqn, layer in list(fusable_layers(model, FUSED_FAMILIES, _why_not, allowed, kept)):
         base = type(layer)
-        if base.__name__ not in FUSED_FAMILIES or "_fastattn" in layer.__dict__:
-            continue
-        why = _why_not(layer)
-        if why is not None:
-            kept.append((fqn, why))
-            continue
-        if not allowed(layer, fqn):
-            continue
         head_dim = layer.self_attn.head_dim
         if head_dim not in tables:
             tables[head_dim] = _rotary_tables(model, head_dim)

@@ -28,7 +28,13 @@ import inspect
 import torch
 from torch import nn
 
-from fastattn.integrations.decoder import _fusable, _fused_projection, _linear_kind, _projection
+from fastattn.integrations.decoder import (
+    _fusable,
+    _fused_projection,
+    _linear_kind,
+    _projection,
+    fusable_layers,
+)
 
 __all__ = ["FUSED_ENCODER_FAMILIES", "fuse_encoder_layers"]
 
@@ -164,17 +170,8 @@ def fuse_encoder_layers(model: nn.Module, allowed) -> tuple[list[str], list[tupl
     """Fuses every encoder layer of ``model`` whose class is in FUSED_ENCODER_FAMILIES and whose
     ``allowed(module, fqn)`` is True. Returns (fused fqns, [(fqn, why kept)])."""
     fused_fqns, kept = [], []
-    for fqn, layer in model.named_modules():
-        base = type(layer)
-        if base.__name__ not in FUSED_ENCODER_FAMILIES or "_fastattn" in layer.__dict__:
-            continue
-        why = _why_not(layer)
-        if why is not None:
-            kept.append((fqn, why))
-            continue
-        if not allowed(layer, fqn):
-            continue
-        layer.__class__ = _fused_class(base)
+    for fqn, layer in list(fusable_layers(model, FUSED_ENCODER_FAMILIES, _why_not, allowed, kept)):
+        layer.__class__ = _fused_class(type(layer))
         layer.__dict__["_fastattn"] = _Fused(layer)
         layer.register_load_state_dict_post_hook(_reload_hook)
         fused_fqns.append(fqn)
