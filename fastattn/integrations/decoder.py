@@ -41,7 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastattn.integrations.transformers import DECODE_MAX_QUERIES, _cache_layout
+from fastattn.integrations.transformers import (
+    DECODE_MAX_QUERIES,
+    _cache_layout,
+    _mask_fits,
+    _mask_ranges,
+)
 
 __all__ = ["FUSED_FAMILIES", "fuse_decoder_layers"]
 
@@ -210,20 +215,11 @@ def _traced_plan(cache_layer, attention_mask, position_ids, cache_position, B: i
     mask = attention_mask
     if (type(cache_layer) is not StaticLayer or not cache_layer.is_initialized
             or cache_position is None or cache_position.dim() != 1
-            or cache_position.shape[0] != L or mask is None or mask.dtype != torch.bool
-            or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != L
-            or mask.shape[0] not in (1, B) or mask.shape[3] < cache_layer.max_cache_len):
+            or cache_position.shape[0] != L or mask is None
+            or not _mask_fits(mask, B, L, cache_layer.max_cache_len)):
         return None
-    S = cache_layer.max_cache_len
-    device = mask.device
-    m = mask[:, 0, :, :S].expand(B, L, S)
-    last = m[:, -1].to(torch.int8)  # the last query sees the whole sequence
-    seen = last.any(-1)
-    first = torch.where(seen, last.argmax(-1), 0)
-    end = torch.where(seen, S - last.flip(-1).argmax(-1), 0)
-    j = torch.arange(S, device=device)
-    i = torch.arange(L, device=device)
-    causal = (j >= first[:, None, None]) & (j <= (end[:, None] - L + i)[:, :, None])
+    m, first, end, _, causal = _mask_ranges(mask, B, L, cache_layer.max_cache_len)
+    i = torch.arange(L, device=mask.device)
     ok = ((m == causal).all() & (end == cache_position[-1] + 1).all()
           & (cache_position == cache_position[0] + i).all())
     if position_ids is not None:

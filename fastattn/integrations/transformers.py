@@ -200,6 +200,30 @@ def _decoding_step(query, key, value, dropout, sliding_window) -> bool:
                      and (query.requires_grad or key.requires_grad or value.requires_grad)))
 
 
+def _mask_fits(mask: torch.Tensor, B: int, Lq: int, S: int) -> bool:
+    """A bool (B or 1, 1, Lq, >= S) mask: the shape _mask_ranges reads."""
+    return (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1
+            and mask.shape[2] == Lq and mask.shape[3] >= S and mask.shape[0] in (1, B))
+
+
+def _mask_ranges(mask: torch.Tensor, B: int, Lq: int, S: int):
+    """Tensor ops only (no host synchronisation: torch.compile traces them) on a mask that
+    _mask_fits: (m, first, end, inside, causal). m (B, Lq, S) is the mask's first S keys; row b's
+    sequence is keys [first[b], end[b]) as its last query sees them; inside (B, 1, S) the keys from
+    first[b] on; causal (B, Lq, S) the mask a decoding step of those sequences would have (the Lq
+    queries the last positions, bottom-right)."""
+    m = mask[:, 0, :, :S].expand(B, Lq, S)
+    last = m[:, -1].to(torch.int8)  # the last query sees the whole sequence
+    seen = last.any(-1)
+    first = torch.where(seen, last.argmax(-1), 0)
+    end = torch.where(seen, S - last.flip(-1).argmax(-1), 0)
+    j = torch.arange(S, device=mask.device)
+    i = torch.arange(Lq, device=mask.device)
+    inside = j >= first[:, None, None]
+    causal = inside & (j <= (end[:, None] - Lq + i)[:, :, None])
+    return m, first, end, inside, causal
+
+
 def _cache_layout(mask: torch.Tensor, B: int, Lq: int, S: int):
     """(cache_seqlens, cache_leftpad, causal) when ``mask`` (bool, (B or 1, 1, Lq, >= S), True =
     attend) is exactly what a decoding step of sequences held in cache positions [lp_b, end_b)
@@ -212,17 +236,9 @@ def _cache_layout(mask: torch.Tensor, B: int, Lq: int, S: int):
     if memo is not None and memo[0] == (mask._version, B, Lq, S):
         return memo[1]
     layout = None
-    if (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1
-            and mask.shape[2] == Lq and mask.shape[3] >= S and mask.shape[0] in (1, B)):
-        m = mask[:, 0, :, :S].expand(B, Lq, S)
-        last = m[:, -1].to(torch.int8)  # the last query sees the whole sequence
-        seen = last.any(-1)
-        first = torch.where(seen, last.argmax(-1), 0)
-        end = torch.where(seen, S - last.flip(-1).argmax(-1), 0)
+    if _mask_fits(mask, B, Lq, S):
+        m, first, end, inside, causal = _mask_ranges(mask, B, Lq, S)
         j = torch.arange(S, device=mask.device)
-        i = torch.arange(Lq, device=mask.device)
-        inside = j >= first[:, None, None]
-        causal = inside & (j <= (end[:, None] - Lq + i)[:, :, None])
         if torch.equal(m, causal):
             layout = (end.to(torch.int32), first.to(torch.int32), True)
         elif torch.equal(m, (inside & (j < end[:, None, None])).expand(B, Lq, S)):
