@@ -208,6 +208,7 @@ void inference_only(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch
 TORCH_LIBRARY_IMPL(fastattn, Autograd, m) {
   m.impl("layer_norm_fwd", &fastattn::autograd::layer_norm_fwd_autograd);
   m.impl("silu_mul_fwd", &fastattn::autograd::silu_mul_fwd_autograd);
-  for (const char* op : {"quantize_per_token", "int8_gemm", "int8_weight_only_linear"})
+  for (const char* op : {"quantize_per_token", "int8_gemm", "int8_weight_only_linear",
+                         "int8_weight_only_linear_bf16"})
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&fastattn::autograd::inference_only>());
 }

@@ -204,6 +204,14 @@ TORCH_LIBRARY(fastattn, m) {
   // rules: fastattn::checks::check_int8_linear.
   m.def(
       "int8_weight_only_linear(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias) -> Tensor");
+  // The same on the CPU with float32 x of 16 rows or more rounded to bfloat16 for the products,
+  // where the CPU multiplies bfloat16 natively (AMX-BF16 or AVX512-BF16): float32 accumulation
+  // and output, at the bfloat16 GEMM's speed. Otherwise (other dtypes, fewer rows, other CPUs)
+  // exactly int8_weight_only_linear. What fastattn.nn.Int8Linear(activations="auto") runs on the
+  // CPU above 16 rows.
+  m.def(
+      "int8_weight_only_linear_bf16(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias) -> "
+      "Tensor");
   // F.linear for decoding: x (..., K) float, weight (N, K) and bias (N,) of x's dtype: out (..., N)
   // = x @ weight.T + bias, accumulated in float32 and rounded once to x's dtype. The CPU kernel
   // streams weight at the memory's speed for few rows (M <= 16, AVX-512); more rows, or CPUs

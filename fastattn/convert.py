@@ -430,7 +430,9 @@ def convert(
         int8: replace nn.Linear by fastattn.nn.Int8Linear (inference). ``True`` or ``"auto"``:
             int8 weights, the activations' handling chosen per call (``activations="auto"``):
             weight-only kernel up to 16 rows (decoding), above it W8A8 with LLM.int8()'s outlier
-            decomposition on CUDA and weight-only on the CPU (see fastattn.nn.linear).
+            decomposition on CUDA, and weight-only on the CPU with float32 activations rounded
+            to bfloat16 for the products where the CPU has bfloat16 dot products (see
+            fastattn.nn.linear).
             ``"weight_only"``: float activations at every size. ``"w8a8"``: activations
             quantized per token at every size above WEIGHT_ONLY_MAX_M, no outlier decomposition
             (activation outliers of post-LN encoders such as BERT then cost ~1% cosine on

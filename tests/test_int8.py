@@ -327,6 +327,40 @@ def test_int8_weight_only_linear_large_m(kernel, dtype):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_int8_weight_only_bf16_products(kernel, dtype):
+    """bf16_products=True: on the CPU backend at the avx512_bf16 level or above, float32 x of 16
+    rows or more is rounded to bfloat16 for the products (float32 accumulation and output): the
+    result is the reference's for the rounded x, by the rule, and differs from the exact op.
+    Every other call (fewer rows, other dtypes, lower ISA levels, other backends) is bit-identical
+    to the op without it."""
+    shapes = [(20, 40, 17)] if _is_triton(kernel) else [(15, 64, 33)] + WO_LARGE_M[1:]
+    level = fastattn._C.cpu_isa() if kernel == "cpu" else None
+    for i, (M, K, N) in enumerate(shapes):
+        x, w_int8, w_scale, b = _linear_operands(M, K, N, dtype, bias=i % 2 == 0)
+        x = nan_padded(x)
+        out = fastattn.int8_weight_only_linear(x, w_int8, w_scale, b, backend=kernel,
+                                               bf16_products=True)
+        exact = fastattn.int8_weight_only_linear(x, w_int8, w_scale, b, backend=kernel)
+        assert out.dtype == dtype and out.shape == (M, N)
+        if level in ("avx512_bf16", "amx") and dtype == torch.float32 and M >= 16:
+            xb = x.bfloat16()
+            ref_hi = reference.int8_weight_only_linear(xb.double(), w_int8, w_scale.double(),
+                                                       None if b is None else b.double())
+            lowp = reference.int8_weight_only_linear(xb.float(), w_int8, w_scale, b)
+            assert_close_rule(out, ref_hi, lowp, name=f"bf16 products {M}x{K}x{N}")
+            assert not torch.equal(out, exact), "bf16_products=True computed the exact products"
+        else:
+            assert torch.equal(out, exact), (level, dtype, M)
+    if kernel == "reference":
+        return  # the reference is plain differentiable PyTorch
+    with pytest.raises(RuntimeError, match="inference-only"):
+        x = torch.randn(20, 8, requires_grad=True)
+        w_int8, w_scale = fastattn.quantize_per_channel(torch.randn(4, 8))
+        fastattn.int8_weight_only_linear(x, w_int8, w_scale, backend=kernel,
+                                         bf16_products=True).sum().backward()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_int8_linear_w8a8(kernel, dtype):
     shapes = [(17, 33, 20), (24, 64, 3)] if _is_triton(kernel) else [(5, 1, 1), (17, 33, 127), (64, 256, 96), (300, 96, 40)]
     for M, K, N in shapes:
@@ -400,14 +434,18 @@ def test_int8linear_auto_chooses_per_call(monkeypatch):
 
     real_wo, real_w8 = linear_mod.int8_weight_only_linear, linear_mod.int8_linear
     monkeypatch.setattr(linear_mod, "int8_weight_only_linear",
-                        lambda *a, **k: calls.append("weight_only") or real_wo(*a, **k))
+                        lambda *a, **k: calls.append(("weight_only", k["bf16_products"]))
+                        or real_wo(*a, **k))
     monkeypatch.setattr(linear_mod, "int8_linear",
                         lambda *a, **k: calls.append(("w8a8", k["outlier_threshold"]))
                         or real_w8(*a, **k))
     q = Int8Linear.from_float(nn.Linear(64, 32), activations="auto")
     with torch.no_grad():
-        for devices, M, want in [((), 1, "weight_only"), ((), 17, "weight_only"),
-                                 (("cpu",), 16, "weight_only"), (("cpu",), 17, ("w8a8", 6.0))]:
+        # the weight-only calls of "auto" ask for bfloat16 products (taken only above 16 rows of
+        # float32 x on CPUs that multiply bfloat16 natively: test_int8_weight_only_bf16_products)
+        wo = ("weight_only", True)
+        for devices, M, want in [((), 1, wo), ((), 17, wo),
+                                 (("cpu",), 16, wo), (("cpu",), 17, ("w8a8", 6.0))]:
             monkeypatch.setattr(linear_mod, "AUTO_W8A8_DEVICES", devices)
             calls.clear()
             q(torch.randn(M, 64))
@@ -493,13 +531,18 @@ def _op_samples():
         "int8_gemm": [(a, b, None, None, None, None), (a, b, sa, sb, bias, torch.bfloat16),
                       (a, b, sa, None, None, None)],
         "int8_weight_only_linear": [(x, b, w_scale, bias), (x.half(), b, w_scale, None)],
+        "int8_weight_only_linear_bf16": [(torch.randn(2, 9, 33), b, w_scale, bias),
+                                         (x.bfloat16(), b, w_scale, None)],
     }
 
 
-@pytest.mark.parametrize("name", ["quantize_per_token", "int8_gemm", "int8_weight_only_linear"])
+@pytest.mark.parametrize("name", ["quantize_per_token", "int8_gemm", "int8_weight_only_linear",
+                                  "int8_weight_only_linear_bf16"])
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_opcheck(backend, name):
     skip_unless_backend(backend)
+    if name == "int8_weight_only_linear_bf16" and backend == "triton":
+        pytest.skip("a CPU op: int8_weight_only_linear's bf16_products applies to the CPU only")
     op = getattr(torch.ops.fastattn, name if backend == "cpu" else f"triton_{name}")
     for args in _op_samples()[name]:
         torch.library.opcheck(op, args)

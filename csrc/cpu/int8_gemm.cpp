@@ -1820,12 +1820,17 @@ bool wo_split_gemv(const T* x, int64_t ldx, const int8_t* w, int64_t ldw, const 
 }
 #endif
 
-at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_nd, const at::Tensor& w_in,
-                                       const at::Tensor& w_scale_in,
-                                       const std::optional<at::Tensor>& bias_in) {
-  constexpr const char* op = "int8_weight_only_linear";
+// bf16_products (int8_weight_only_linear_bf16): float32 x of kWpMinM rows or more is rounded to
+// bfloat16 for the products on CPUs that multiply bfloat16 natively (AMX-BF16 tiles, vdpbf16ps),
+// float32 accumulation and output; every other call is exactly int8_weight_only_linear.
+at::Tensor weight_only_linear(const at::Tensor& x_nd, const at::Tensor& w_in,
+                              const at::Tensor& w_scale_in,
+                              const std::optional<at::Tensor>& bias_in, bool bf16_products) {
+  const char* op = bf16_products ? "int8_weight_only_linear_bf16" : "int8_weight_only_linear";
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal tensors need no tracking
-  fastattn::checks::check_int8_linear("fastattn.int8_weight_only_linear", x_nd, w_in, w_scale_in, bias_in);
+  fastattn::checks::check_int8_linear(
+      bf16_products ? "fastattn.int8_weight_only_linear_bf16" : "fastattn.int8_weight_only_linear",
+      x_nd, w_in, w_scale_in, bias_in);
   const auto dt = x_nd.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
               ": x must be float32, bfloat16 or float16, got ", dt);
@@ -1841,6 +1846,18 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_nd, const at::Tensor&
   const at::Tensor w = rows_contiguous(w_in);
   const Isa isa = cpu_isa();
 #ifdef FASTATTN_X86
+  if (bf16_products && dt == at::kFloat && M >= kWpMinM && K > 0 && isa >= Isa::avx512_bf16) {
+    const at::Tensor xb = x_in.to(at::kBFloat16).contiguous();  // one pass over x (small here)
+    const WoArgs args{w.const_data_ptr<int8_t>(), w.stride(0), w_scale.const_data_ptr<float>(),
+                      bias.defined() ? bias.const_data_ptr<float>() : nullptr, out.data_ptr(), N,
+                      at::kFloat, M, N, K};
+    if (isa >= Isa::amx) {
+      wo_gemm_amx(xb.const_data_ptr<at::BFloat16>(), xb.stride(0), args);
+    } else {
+      wo_gemm_panels<true>(xb.const_data_ptr<at::BFloat16>(), xb.stride(0), args);
+    }
+    return out;
+  }
   const bool amx = dt == at::kBFloat16 && M >= kWaMinM && K > 0 && isa >= Isa::amx;
   if (amx || (M >= kWpMinM && K > 0 && use_avx512(isa))) {
     const at::Tensor xr = rows_contiguous(x_in);
@@ -1886,6 +1903,18 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_nd, const at::Tensor&
                    w_scale.const_data_ptr<float>(),
                    bias.defined() ? bias.const_data_ptr<float>() : nullptr, M, N, K, isa);
   return out;
+}
+
+at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w,
+                                       const at::Tensor& w_scale,
+                                       const std::optional<at::Tensor>& bias) {
+  return weight_only_linear(x, w, w_scale, bias, false);
+}
+
+at::Tensor int8_weight_only_linear_bf16_cpu(const at::Tensor& x, const at::Tensor& w,
+                                            const at::Tensor& w_scale,
+                                            const std::optional<at::Tensor>& bias) {
+  return weight_only_linear(x, w, w_scale, bias, true);
 }
 
 // Rows of x at or below which fastattn.linear streams the weight (above: a GEMM, float_gemm).
@@ -1981,4 +2010,5 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("quantize_per_token", &quantize_per_token_cpu);
   m.impl("int8_gemm", &int8_gemm_cpu);
   m.impl("int8_weight_only_linear", &int8_weight_only_linear_cpu);
+  m.impl("int8_weight_only_linear_bf16", &int8_weight_only_linear_bf16_cpu);
 }

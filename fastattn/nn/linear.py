@@ -19,11 +19,17 @@ The weight is quantized once (``Int8Linear.from_float``). Two activation modes:
   the number of rows M. Up to ``AUTO_WEIGHT_ONLY_MAX_M`` rows (decoding: reading the weight is the
   cost) the weight-only kernel. Above it, on CUDA, W8A8 on the int8 GEMM with LLM.int8()'s outlier
   decomposition (``outlier_threshold``: activation columns above it stay in float); on the CPU
-  weight-only too: measured on 2 Sapphire Rapids-class cores (AMX), the outlier split's extra
-  passes over x and the output (``fastattn.int8_linear(..., outlier_threshold=)``, composed of
-  separate ops) made all-MiniLM-L6-v2 (32 x 113 tokens, fp32) 0.64x of the float model against
-  0.81x weight-only, and SmolLM2-135M's perplexity +1.4% against -0.25% weight-only. Under
-  torch.compile "auto" runs weight-only at every M.
+  weight-only too, with float32 x rounded to bfloat16 for the products where the CPU multiplies
+  bfloat16 natively (``bf16_products`` of :func:`fastattn.int8_weight_only_linear`: the bfloat16
+  GEMM's speed, float32 accumulation and output). On the CPU, W8A8 loses too much on post-LN
+  encoders: all-MiniLM-L6-v2's smallest sentence cosine to fp32 (32 x 113 tokens) is 0.9963 with
+  W8A8 per token, 0.9972-0.9984 with SmoothQuant scales calibrated on other text (alpha 0.5-0.8),
+  0.9982-0.9991 with the outlier split at thresholds 6 to 1.5, against 0.99916 for the int8
+  weights alone (0.99917 with bf16 products). The outlier split's extra passes over x and the
+  output (``fastattn.int8_linear(..., outlier_threshold=)``, composed of separate ops) also made
+  the model 0.64x of the float model on 2 Sapphire Rapids-class cores, and SmolLM2-135M's
+  perplexity +1.4% against -0.25% weight-only. Under torch.compile "auto" runs weight-only at
+  every M.
 """
 
 from __future__ import annotations
@@ -119,6 +125,11 @@ class Int8Linear(nn.Module):
                                 or torch.compiler.is_compiling()
                                 or input.device.type not in AUTO_W8A8_DEVICES)
                     else "outliers")
+            if mode == "float":
+                # the CPU's float32 GEMM above 16 rows: products of bfloat16-rounded x where the
+                # CPU has them natively (bf16_products; decode-sized calls are unchanged)
+                return int8_weight_only_linear(input, self.weight, self.weight_scale, self.bias,
+                                               backend=self.backend, bf16_products=True)
         if mode == "float":
             return int8_weight_only_linear(input, self.weight, self.weight_scale, self.bias,
                                            backend=self.backend)
