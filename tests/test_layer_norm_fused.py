@@ -204,23 +204,40 @@ def test_dropout_masks(backend):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
 def test_quantize_int8(backend, dtype, rms):
-    """quantize="int8" is quantize_per_token of the norm's output, bit for bit."""
+    """quantize="int8" is quantize_per_token of the norm's output, bit for bit: with and without
+    a residual (float32 x alone is read in place on the CPU), widths under and over the CPU
+    kernel's unrolled steps, rows with inf / NaN, and a weight with inf (the rows then take the
+    kernel's NaN-tracking maximum)."""
     skip_unless_backend(backend)
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(5, 3, 67, generator=g) * 3).to(dtype)
-    r = torch.randn(5, 3, 67, generator=g).to(dtype)
-    w = (torch.randn(67, generator=g) * 0.5 + 1).to(dtype)
-    x[1, 2] = 0  # an all-zero row: scale 0, q 0 (with r, the residual row is zeroed too)
-    r[1, 2] = 0
     fn = fastattn.rms_norm if rms else fastattn.layer_norm
-    q, scale, res = fn(x, 67, w, residual=r, quantize="int8", backend=backend)
-    out, res2 = fn(x, 67, w, residual=r, prenorm=True, backend=backend)
-    want_q, want_scale = reference.quantize_per_token(out)
-    assert q.dtype == torch.int8 and q.shape == x.shape
-    assert scale.dtype == torch.float32 and scale.shape == (5, 3)
-    assert torch.equal(q, want_q) and torch.equal(scale, want_scale)
-    assert torch.equal(res, res2)
-    assert scale[1, 2] == 0 and not q[1, 2].any()
+    for N, with_residual, inf_weight in [(67, True, False), (67, False, False),
+                                         (300, False, False), (300, True, True)]:
+        x = (torch.randn(5, 3, N, generator=g) * 3).to(dtype)
+        r = torch.randn(5, 3, N, generator=g).to(dtype)
+        w = (torch.randn(N, generator=g) * 0.5 + 1).to(dtype)
+        x[1, 2] = 0  # an all-zero row: scale 0, q 0 (with r, the residual row is zeroed too)
+        r[1, 2] = 0
+        x[2, 0, 7] = float("inf")
+        x[3, 1, N - 1] = float("nan")
+        if inf_weight:
+            w[5] = float("inf")
+        kw = dict(residual=r) if with_residual else {}
+        q, scale, *res = fn(x, N, w, quantize="int8", backend=backend, **kw)
+        out = fn(x, N, w, prenorm=with_residual, backend=backend, **kw)
+        out, res2 = out if with_residual else (out, None)
+        want_q, want_scale = reference.quantize_per_token(out)
+        assert q.dtype == torch.int8 and q.shape == x.shape
+        assert scale.dtype == torch.float32 and scale.shape == (5, 3)
+        assert torch.equal(q, want_q), (N, with_residual, inf_weight)
+        torch.testing.assert_close(scale, want_scale, rtol=0, atol=0, equal_nan=True)
+        if with_residual:
+            torch.testing.assert_close(res[0], res2, rtol=0, atol=0, equal_nan=True)
+        else:
+            assert res == []
+        if not inf_weight:  # (0 * inf is NaN)
+            assert scale[1, 2] == 0 and not q[1, 2].any()
+        assert scale[3, 1].isnan()
 
 
 def test_gemma_offset_matches_transformers_formula():

@@ -396,14 +396,16 @@ inline void affine_row(const float* xb, float mean, float rstd, const float* w, 
 
 // y = (xb - mean) * rstd * w + b rounded to T (the output as T holds it), in float32; returns
 // max |y| (NaN when a y is NaN)
-template <typename T>
-inline float affine_round_absmax(const float* xb, float mean, float rstd, const float* w,
-                                 const float* b, float* y, int64_t n) {
+template <typename T, bool kNan>
+inline float affine_round_absmax_impl(const float* xb, float mean, float rstd, const float* w,
+                                      const float* b, float* y, int64_t n) {
   using S = Step<T>;
   const fVec vm(mean), vr(rstd);
-  fVec vmax(0.f);
-  int64_t j = 0;
-  for (; j + S::kLen <= n; j += S::kLen) {
+  // four running maxima: one would chain every step on the latency of maximum (a max and a NaN
+  // test); max is exact in any order, so the result is the same
+  fVec m0(0.f), m1(0.f), m2(0.f), m3(0.f);
+  // one step: y[j, j + kLen) and its max |y| into m (propagates NaN)
+  const auto step = [&](int64_t j, fVec& m) __attribute__((always_inline)) {
     typename S::F a;
     for (int k = 0; k < S::kVecs; ++k) {
       const int64_t c = j + k * kF;
@@ -413,9 +415,19 @@ inline float affine_round_absmax(const float* xb, float mean, float rstd, const 
     a = S::round(a);
     for (int k = 0; k < S::kVecs; ++k) {
       a[k].store(y + j + k * kF);
-      vmax = at::vec::maximum(vmax, a[k].abs());  // propagates NaN
+      if constexpr (kNan) m = at::vec::maximum(m, a[k].abs());  // propagates NaN
+      else m = at::vec::clamp_min(a[k].abs(), m);               // max(m, |a|)
     }
+  };
+  int64_t j = 0;
+  for (; j + 4 * S::kLen <= n; j += 4 * S::kLen) {
+    step(j, m0);
+    step(j + S::kLen, m1);
+    step(j + 2 * S::kLen, m2);
+    step(j + 3 * S::kLen, m3);
   }
+  for (; j + S::kLen <= n; j += S::kLen) step(j, m0);
+  const fVec vmax = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
   alignas(64) float buf[kF];
   vmax.store(buf);
   float absmax = 0.f;
@@ -432,6 +444,15 @@ inline float affine_round_absmax(const float* xb, float mean, float rstd, const 
   return nan ? std::numeric_limits<float>::quiet_NaN() : absmax;
 }
 
+// no_nan: the caller knows no y is NaN (see fused_fwd_rows), so the running maxima skip the NaN
+// test of at::vec::maximum (a third of this loop's vector operations)
+template <typename T>
+inline float affine_round_absmax(const float* xb, float mean, float rstd, const float* w,
+                                 const float* b, float* y, int64_t n, bool no_nan) {
+  if (no_nan) return affine_round_absmax_impl<T, false>(xb, mean, rstd, w, b, y, n);
+  return affine_round_absmax_impl<T, true>(xb, mean, rstd, w, b, y, n);
+}
+
 // quantize_per_token of one row y whose max |y| is absmax, with the float32 operations of
 // fastattn.reference.quantize_per_token in the same order.
 inline void quantize_row(float* y, float absmax, int8_t* q, float* scale, int64_t n) {
@@ -440,6 +461,17 @@ inline void quantize_row(float* y, float absmax, int8_t* q, float* scale, int64_
   *scale = absmax / 127.0f;
   const fVec vinv(inv), lo(-127.f), hi(127.f), zero(0.f);
   int64_t j = 0;
+#if defined(FASTATTN_LN_BUILD_AVX512)
+  if (std::isfinite(absmax) && absmax > 0.f) {
+    // every |y| <= absmax is finite: y * inv is finite and at most 127 by an ulp, which rounds
+    // to 127, so neither the NaN blend nor the clamp changes a value; cvtps2dq rounds half to
+    // even (the default MXCSR mode), as round() does
+    for (; j + kF <= n; j += kF) {
+      const __m512i vi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(y + j), _mm512_set1_ps(inv)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j), _mm512_cvtepi32_epi8(vi));
+    }
+  }
+#endif
   for (; j + kF <= n; j += kF) {
     fVec v = (fVec::loadu(y + j) * vinv).round();  // round half to even
     v = fVec::blendv(zero, v, v == v);              // NaN -> 0, as torch's float -> int8
@@ -516,9 +548,20 @@ void fused_fwd_rows(const FusedFwdParams& p, int64_t row_begin, int64_t row_end)
   const float keep_scale = p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
   const uint32_t threshold =
       static_cast<uint32_t>(std::ceil(static_cast<double>(p.dropout_p) * 16777216.0));
+  // float32 x that is normalised as it is (nothing scaled, dropped or added): read in place
+  const bool in_place = p.dtype == c10::ScalarType::Float && p.rowscale == nullptr &&
+                        p.mask == nullptr && p.x1 == nullptr && p.residual == nullptr;
+  // No y of a row is NaN when its statistics are finite with rstd > 0 (then sum (x - mean)^2 is
+  // finite, so every |x - mean| * rstd is at most sqrt(N)) and weight and bias are finite.
+  bool affine_finite = true;
+  if (p.q != nullptr)
+    for (int64_t j = 0; j < N; ++j)
+      affine_finite &= std::isfinite(p.weight[j]) && std::isfinite(p.bias[j]);
   for (int64_t i = row_begin; i < row_end; ++i) {
     const uint64_t base = static_cast<uint64_t>(i) * static_cast<uint64_t>(N);
-    load_any(static_cast<const char*>(p.x) + i * p.stride_x * esz_x, p.dtype, xb, N);
+    // the row as normalised: x itself, or x' combined in xb below
+    const float* xr = in_place ? static_cast<const float*>(p.x) + i * p.stride_x : xb;
+    if (!in_place) load_any(static_cast<const char*>(p.x) + i * p.stride_x * esz_x, p.dtype, xb, N);
     if (p.rowscale != nullptr) scale_row(xb, p.rowscale[i], N);
     if (p.mask != nullptr) {
       draw_keep(p.mask + i * N, p.seed, base, threshold, N);
@@ -546,22 +589,24 @@ void fused_fwd_rows(const FusedFwdParams& p, int64_t row_begin, int64_t row_end)
                           i * N * c10::elementSize(p.residual_out_dtype),
                       N);
     float mean, rstd;
-    row_stats(xb, N, p.rms, p.eps, &mean, &rstd);
+    row_stats(xr, N, p.rms, p.eps, &mean, &rstd);
     p.mean[i] = mean;
     p.rstd[i] = rstd;
     if (p.q != nullptr) {
       // quantize_per_token of the output as the input's dtype holds it
       float absmax = 0.f;
       dispatch_dtype(p.dtype, [&](auto tag) {
-        absmax = affine_round_absmax<decltype(tag)>(xb, mean, rstd, p.weight, p.bias, tb, N);
+        absmax = affine_round_absmax<decltype(tag)>(
+            xr, mean, rstd, p.weight, p.bias, tb, N,
+            affine_finite && std::isfinite(mean) && rstd > 0.f && std::isfinite(rstd));
       });
       quantize_row(tb, absmax, p.q + i * N, p.q_scale + i, N);
     } else {
-      affine_row(xb, mean, rstd, p.weight, p.bias, tb, N);
+      affine_row(xr, mean, rstd, p.weight, p.bias, tb, N);
       store_any<false>(tb, p.dtype, static_cast<char*>(p.out) + i * N * esz_x, N);
     }
     if (p.weight1 != nullptr) {
-      affine_row(xb, mean, rstd, p.weight1, p.bias1, tb, N);
+      affine_row(xr, mean, rstd, p.weight1, p.bias1, tb, N);
       store_any<false>(tb, p.dtype, static_cast<char*>(p.out1) + i * N * esz_x, N);
     }
   }
