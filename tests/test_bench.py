@@ -417,7 +417,8 @@ def test_e2e_rows(tmp_path):
         for model, phase in ((e2e.SMOLLM2, "prefill"), (e2e.SMOLLM2, "decode"), (e2e.MINILM, None))}
     for case in doc["cases"]:
         p, llm = case["params"], case["params"]["model"] == e2e.SMOLLM2
-        always = ["transformers", "fastattn.convert", "fastattn.convert(int8=True)",
+        bf16_cast = ["transformers bf16 cast"] if not llm and case["dtype"] == "fp32" else []
+        always = ["transformers", *bf16_cast, "fastattn.convert", "fastattn.convert(int8=True)",
                   "torch.compile"] + (["fastattn.convert + torch.compile"] if llm else [])
         optional = (["torchao int8 weight-only", "llama.cpp (Q4_1 weights)"] if llm
                     else ["onnxruntime"])

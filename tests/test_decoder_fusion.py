@@ -174,6 +174,36 @@ def test_int8_fused_matches_int8_unfused():
         assert torch.equal(fused.generate(**kw, **gen), separate.generate(**kw, **gen))
 
 
+def test_w8a8_projections_take_int8_rows_from_the_norms(monkeypatch):
+    """int8="w8a8": the fused layer's RMSNorms quantize their outputs in the norm kernel
+    (quantize="int8", both norms of every layer at every step) and the q/k/v and gate/up GEMMs
+    take those int8 rows as they are: the same numbers as separate W8A8 projections that
+    quantize the norms' float outputs themselves."""
+    import fastattn.nn.norm as norm_mod
+
+    low = _model("llama")
+    fused = fastattn.convert(copy.deepcopy(low), int8="w8a8")
+    separate = fastattn.convert(copy.deepcopy(low), int8="w8a8",
+                                filter_fn=lambda m, fqn: "layers." not in fqn
+                                or not fqn.endswith(tuple("0123456789")))
+    calls = []
+    real = norm_mod.rms_norm
+    monkeypatch.setattr(norm_mod, "rms_norm",
+                        lambda *a, **k: calls.append(k.get("quantize")) or real(*a, **k))
+    kw = _batch()
+    valid = kw["attention_mask"].bool()
+    with torch.no_grad():
+        a = fused(**kw).logits[valid]
+        layers = low.config.num_hidden_layers
+        assert calls.count("int8") == 2 * layers, calls
+        calls.clear()
+        b = separate(**kw).logits[valid]
+        assert "int8" not in calls
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+        gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(fused.generate(**kw, **gen), separate.generate(**kw, **gen))
+
+
 def test_gradients_reach_the_projections():
     """With gradient recording the layer runs transformers' forward: gradients land on the
     projections' own parameters (what an optimizer holds)."""
@@ -298,7 +328,8 @@ def test_smollm2_converted_keeps_tokens_and_perplexity(smollm2, kvcache_calls):
     assert torch.equal(got, want)
     assert sum(r for _, r in kvcache_calls) == 15 * model.config.num_hidden_layers
     assert abs(_perplexity(ours, ids) / ppl - 1) < 1e-3
-    # int8: weight-only kernel while decoding, W8A8 with the outlier split on the prompt (VNNI/AMX)
+    # int8: the weight-only kernel while decoding and on the prompt (there with bfloat16 products
+    # on CPUs that have them: Int8Linear "auto")
     ours8 = fastattn.convert(copy.deepcopy(model), int8=True)
     ppl8 = _perplexity(ours8, ids)
     assert ppl8 / ppl - 1 < 0.02, (ppl8, ppl)

@@ -480,6 +480,11 @@ def _minilm_builder(cfg: RunConfig, dtype: str):
             return call
 
         impls = [Impl(BASELINE, "baseline", fn=embed(model))]
+        if dtype == "fp32":
+            # what a user gets from the model's own .to(torch.bfloat16): the speed convert(int8=True)
+            # of the fp32 model is compared with
+            impls.append(Impl(f"{BASELINE} bf16 cast", "baseline",
+                              prepare=lambda: embed(_minilm("bf16", cfg.smoke, dev))))
         impls += _convert_impls(embed, lambda: model)
         if not cfg.compile:
             impls.append(Impl("torch.compile", "baseline", skipped="--no-compile"))

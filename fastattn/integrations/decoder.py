@@ -288,16 +288,43 @@ def _fused_forward(self, hidden_states, attention_mask=None, position_ids=None,
     import fastattn
 
     residual = hidden_states
-    h = self.input_layernorm(hidden_states)
+    dtype = hidden_states.dtype
+    norm = self.input_layernorm
+    if _w8a8_projection(fused.qkv, hidden_states, norm) is not None:
+        # (int8 rows, scales) from the norm's kernel, and the dtype of the projection's output
+        h = (*norm(hidden_states, quantize="int8"), dtype)
+    else:
+        h = norm(hidden_states)
     attn = _fused_attention(self, fused, h, attention_mask, position_ids, past_key_values,
                             cache_position, position_embeddings, kwargs)
     post = self.post_attention_layernorm
-    if isinstance(post, fastattn.nn.RMSNorm):
-        h, hidden_states = post(attn, residual)  # norm(attn + residual), attn + residual
+    gate_up = _w8a8_projection(fused.gate_up, attn, post)
+    if gate_up is not None:
+        *h, hidden_states = post(attn, residual, quantize="int8")
+        up = gate_up.forward_int8(*h, dtype)
     else:
-        hidden_states = residual + attn
-        h = post(hidden_states)
-    return hidden_states + fused.down_proj(fastattn.silu_mul(fused.gate_up(h)))
+        if isinstance(post, fastattn.nn.RMSNorm):
+            h, hidden_states = post(attn, residual)  # norm(attn + residual), attn + residual
+        else:
+            hidden_states = residual + attn
+            h = post(hidden_states)
+        up = fused.gate_up(h)
+    return hidden_states + fused.down_proj(fastattn.silu_mul(up))
+
+
+def _w8a8_projection(projection, x: torch.Tensor, norm: nn.Module):
+    """The Int8Linear behind a fused projection when it runs W8A8 on x's rows (activations
+    "int8" above WEIGHT_ONLY_MAX_M rows) and ``norm`` is fastattn's RMSNorm, which then hands it
+    the int8 rows and scales directly (its kernel quantizes the output it normalises); else None."""
+    import fastattn
+    from fastattn.ops.int8 import WEIGHT_ONLY_MAX_M
+
+    module = getattr(projection, "__self__", None)
+    if (type(module) is not fastattn.nn.Int8Linear or module.activations != "int8"
+            or type(norm) is not fastattn.nn.RMSNorm or norm.residual_in_fp32):
+        return None
+    rows = x.numel() // max(1, x.shape[-1])
+    return module if rows > WEIGHT_ONLY_MAX_M.get(x.device.type, 0) else None
 
 
 def _fused_attention(layer, fused, h, attention_mask, position_ids, past_key_values,
@@ -305,9 +332,12 @@ def _fused_attention(layer, fused, h, attention_mask, position_ids, past_key_val
     import fastattn
 
     attn = layer.self_attn
-    B, L, _ = h.shape
+    if isinstance(h, tuple):  # (int8 rows, scales, dtype): the W8A8 GEMM takes them as they are
+        qkv = fused.qkv.__self__.forward_int8(*h)
+    else:
+        qkv = fused.qkv(h)  # (B, L, (H + 2 Hkv) D)
+    B, L, _ = qkv.shape
     H, Hkv, D = fused.num_heads, fused.num_kv_heads, fused.head_dim
-    qkv = fused.qkv(h)  # (B, L, (H + 2 Hkv) D)
     q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
     q = q.view(B, L, H, D).transpose(1, 2)  # (B, H, L, D)
     k = k.view(B, L, Hkv, D).transpose(1, 2)  # (B, Hkv, L, D)
@@ -327,7 +357,7 @@ def _fused_attention(layer, fused, h, attention_mask, position_ids, past_key_val
             seqlens, leftpad = plan
             dynamic = not hasattr(cache_layer, "max_cache_len")
             if dynamic:
-                kc, vc = _dynamic_buffers(cache_layer, B, Hkv, D, L, h.dtype, h.device)
+                kc, vc = _dynamic_buffers(cache_layer, B, Hkv, D, L, qkv.dtype, qkv.device)
             else:
                 kc, vc = cache_layer.keys, cache_layer.values
             if kc.shape[0] == B and kc.dtype == q.dtype:

@@ -38,7 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastattn.ops.int8 import int8_linear, int8_weight_only_linear, quantize_per_channel
+from fastattn.ops.int8 import (
+    int8_gemm,
+    int8_linear,
+    int8_weight_only_linear,
+    quantize_per_channel,
+)
 from fastattn.ops.linear import linear
 
 
@@ -136,6 +141,17 @@ class Int8Linear(nn.Module):
         threshold = OUTLIER_THRESHOLD if mode == "outliers" else None
         return int8_linear(input, self.weight, self.weight_scale, self.bias, backend=self.backend,
                            outlier_threshold=threshold)
+
+    def forward_int8(self, x_int8: torch.Tensor, x_scale: torch.Tensor,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+        """The W8A8 GEMM of an input already quantized per token, e.g. by the norm before it
+        (``fastattn.rms_norm(..., quantize="int8")``): x_int8 (*, in_features) int8, x_scale (*,)
+        float32 -> (*, out_features) in out_dtype; the dequantization and bias in the GEMM's
+        epilogue."""
+        out = int8_gemm(x_int8.reshape(-1, self.in_features), self.weight,
+                        x_scale.reshape(-1), self.weight_scale, self.bias, out_dtype,
+                        backend=self.backend)
+        return out.reshape(*x_int8.shape[:-1], self.out_features)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, *, backend: str = "auto",

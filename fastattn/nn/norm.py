@@ -60,8 +60,16 @@ class LayerNorm(nn.LayerNorm):
         self.offset = float(offset)
         self.residual_in_fp32 = bool(residual_in_fp32)
 
-    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None):
-        """-> out, or ``(out, input + residual)`` when residual is given or residual_in_fp32."""
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None, *,
+                quantize: str | None = None):
+        """-> out, or ``(out, input + residual)`` when residual is given or residual_in_fp32.
+        ``quantize="int8"``: out as (int8 rows, float32 per-row scale), the per-token
+        quantization of the output for a W8A8 linear, computed by the norm's kernel."""
+        if quantize is not None:
+            return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
+                        residual=residual, offset=self.offset,
+                        residual_in_fp32=self.residual_in_fp32, quantize=quantize,
+                        backend=self.backend)
         if self.offset or self.residual_in_fp32:
             return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
                               residual=residual, offset=self.offset,
@@ -116,8 +124,16 @@ class RMSNorm(nn.RMSNorm):
         self.offset = float(offset)
         self.residual_in_fp32 = bool(residual_in_fp32)
 
-    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None):
-        """-> out, or ``(out, input + residual)`` when residual is given or residual_in_fp32."""
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None, *,
+                quantize: str | None = None):
+        """-> out, or ``(out, input + residual)`` when residual is given or residual_in_fp32.
+        ``quantize="int8"``: out as (int8 rows, float32 per-row scale), the per-token
+        quantization of the output for a W8A8 linear, computed by the norm's kernel."""
+        if quantize is not None:
+            return rms_norm(input, self.normalized_shape, self.weight, self.eps,
+                        residual=residual, offset=self.offset,
+                        residual_in_fp32=self.residual_in_fp32, quantize=quantize,
+                        backend=self.backend)
         if self.offset or self.residual_in_fp32:
             return rms_norm(input, self.normalized_shape, self.weight, self.eps,
                             residual=residual, offset=self.offset,
