@@ -50,6 +50,7 @@ when the root itself is replaced (e.g. ``convert(nn.MultiheadAttention(...))``) 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import types
@@ -176,6 +177,10 @@ def _hf_rms_norm_eps(m: nn.Module) -> float | None:
     if not isinstance(w, nn.Parameter) or w.dim() != 1 or not isinstance(eps, (int, float)):
         return None
     if len(m._parameters) != 1 or any(b is not None for b in m._buffers.values()) or m._modules:
+        return None
+    if len(inspect.signature(m.forward).parameters) != 1:
+        # a norm with more inputs (Mamba2's MambaRMSNormGated(x, gate)) computes something else
+        # whenever they are given, which the random-input check, calling it with x alone, misses
         return None
     return float(eps)
 
@@ -392,6 +397,19 @@ class _Converter:
                              "its strided views, residual adds in the LayerNorms)", fqn)
         self.report.kept += kept
 
+    def finish_mamba(self, root: nn.Module) -> None:
+        """Mamba / Mamba2 / FalconMamba blocks: each block's residual add inside the next
+        block's RMSNorm kernel, the residual stream kept in float32 where the model does."""
+        if not self.layer_norm or self.hf_pretrained is None:
+            return
+        from fastattn.integrations.mamba import fuse_mamba_blocks
+
+        fused, kept = fuse_mamba_blocks(root, self.filter_fn or (lambda m, fqn: True))
+        for fqn in fused:
+            self.report._add("Mamba block -> fused Mamba block (residual add inside the next "
+                             "block's RMSNorm, float32 residual stream kept by the kernel)", fqn)
+        self.report.kept += kept
+
     def _stream_output_embeddings(self, root: nn.Module) -> None:
         """The float output projection (lm_head) of a model whose decoder layers were fused runs
         fastattn.linear: at each decoding step it reads the largest matrix of a small model
@@ -455,6 +473,7 @@ def convert(
     conv.finish_transformers(new_root)
     conv.finish_decoders(new_root)
     conv.finish_encoders(new_root)
+    conv.finish_mamba(new_root)
     new_root.fastattn_report = conv.report
     _record_conversion(new_root, dict(attention=bool(attention), layer_norm=bool(layer_norm),
                                       int8=int8 or False), filter_fn)
