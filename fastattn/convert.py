@@ -410,6 +410,20 @@ class _Converter:
                              "block's RMSNorm, float32 residual stream kept by the kernel)", fqn)
         self.report.kept += kept
 
+    def finish_parallel_norms(self, root: nn.Module) -> None:
+        """Parallel-residual blocks (GPT-NeoX, Falcon): their two LayerNorms of the same input
+        computed by one kernel call (weight1 / bias1)."""
+        if not self.layer_norm or self.hf_pretrained is None:
+            return
+        from fastattn.integrations.parallel import pair_parallel_norms
+
+        linked, kept = pair_parallel_norms(root, self.filter_fn or (lambda m, fqn: True))
+        for fqn in linked:
+            self.report._add("parallel block: its two LayerNorms of the same input in one "
+                             "kernel call (weight1 / bias1)", fqn)
+        self.report.kept += [(fqn, why) for fqn, why in kept
+                             if why != "not a parallel-residual block"]
+
     def _stream_output_embeddings(self, root: nn.Module) -> None:
         """The float output projection (lm_head) of a model whose decoder layers were fused runs
         fastattn.linear: at each decoding step it reads the largest matrix of a small model
@@ -474,6 +488,7 @@ def convert(
     conv.finish_decoders(new_root)
     conv.finish_encoders(new_root)
     conv.finish_mamba(new_root)
+    conv.finish_parallel_norms(new_root)
     new_root.fastattn_report = conv.report
     _record_conversion(new_root, dict(attention=bool(attention), layer_norm=bool(layer_norm),
                                       int8=int8 or False), filter_fn)

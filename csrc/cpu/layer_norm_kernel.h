@@ -539,6 +539,18 @@ inline void row_stats(const float* xb, int64_t n, bool rms, float eps, float* me
   *rstd_out = 1.f / std::sqrt(ss * inv_n + eps);
 }
 
+// an output row (x - mean) * rstd * w + b in dtype: float32 written in place, other dtypes
+// through the scratch row tb
+inline void write_affine(const float* xr, float mean, float rstd, const float* w, const float* b,
+                         float* tb, c10::ScalarType dtype, void* out, int64_t n) {
+  if (dtype == c10::ScalarType::Float) {
+    affine_row(xr, mean, rstd, w, b, static_cast<float*>(out), n);
+    return;
+  }
+  affine_row(xr, mean, rstd, w, b, tb, n);
+  store_any<false>(tb, dtype, out, n);
+}
+
 void fused_fwd_rows(const FusedFwdParams& p, int64_t row_begin, int64_t row_end) {
   const int64_t N = p.N;
   const size_t esz_x = c10::elementSize(p.dtype);
@@ -602,13 +614,12 @@ void fused_fwd_rows(const FusedFwdParams& p, int64_t row_begin, int64_t row_end)
       });
       quantize_row(tb, absmax, p.q + i * N, p.q_scale + i, N);
     } else {
-      affine_row(xr, mean, rstd, p.weight, p.bias, tb, N);
-      store_any<false>(tb, p.dtype, static_cast<char*>(p.out) + i * N * esz_x, N);
+      write_affine(xr, mean, rstd, p.weight, p.bias, tb, p.dtype,
+                   static_cast<char*>(p.out) + i * N * esz_x, N);
     }
-    if (p.weight1 != nullptr) {
-      affine_row(xr, mean, rstd, p.weight1, p.bias1, tb, N);
-      store_any<false>(tb, p.dtype, static_cast<char*>(p.out1) + i * N * esz_x, N);
-    }
+    if (p.weight1 != nullptr)
+      write_affine(xr, mean, rstd, p.weight1, p.bias1, tb, p.dtype,
+                   static_cast<char*>(p.out1) + i * N * esz_x, N);
   }
 }
 

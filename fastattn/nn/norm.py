@@ -30,6 +30,12 @@ def _share_state(cls, m: nn.Module, backend: str):
     return new
 
 
+# fastattn.integrations.parallel.pair_parallel_norms: a LayerNorm's partner (the other norm of
+# the same input) and the output handed over to it
+_PARTNER = "_fastattn_partner"
+_HANDOVER = "_fastattn_handover"
+
+
 class LayerNorm(nn.LayerNorm):
     """``torch.nn.LayerNorm`` computed by :func:`fastattn.layer_norm`.
 
@@ -67,9 +73,13 @@ class LayerNorm(nn.LayerNorm):
         quantization of the output for a W8A8 linear, computed by the norm's kernel."""
         if quantize is not None:
             return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
-                        residual=residual, offset=self.offset,
-                        residual_in_fp32=self.residual_in_fp32, quantize=quantize,
-                        backend=self.backend)
+                              residual=residual, offset=self.offset,
+                              residual_in_fp32=self.residual_in_fp32, quantize=quantize,
+                              backend=self.backend)
+        if _PARTNER in self.__dict__ or _HANDOVER in self.__dict__:
+            out = self._paired(input, residual)
+            if out is not None:
+                return out
         if self.offset or self.residual_in_fp32:
             return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
                               residual=residual, offset=self.offset,
@@ -78,6 +88,25 @@ class LayerNorm(nn.LayerNorm):
                               backend=self.backend)
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
                           residual=residual, backend=self.backend)
+
+    def _paired(self, input: torch.Tensor, residual: torch.Tensor | None):
+        """Parallel blocks (GPT-NeoX, Falcon: two LayerNorms of the same input, one for the
+        attention, one for the MLP; ``pair_parallel_norms`` links them): the first computes both
+        outputs in one kernel call (``weight1``/``bias1``) and hands the second its output, which
+        it returns when called with that very tensor. None: compute as usual."""
+        handed = self.__dict__.pop(_HANDOVER, None)
+        if residual is not None:
+            return None
+        if handed is not None:
+            return handed[1] if handed[0] is input else None
+        partner = self.__dict__.get(_PARTNER)
+        if partner is None:
+            return None
+        out, out1 = layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
+                               weight1=partner.weight, bias1=partner.bias, offset=self.offset,
+                               backend=self.backend)
+        partner.__dict__[_HANDOVER] = (input, out1)
+        return out
 
     @classmethod
     def from_module(cls, m: nn.LayerNorm, *, backend: str = "auto") -> LayerNorm:
