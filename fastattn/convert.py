@@ -369,19 +369,25 @@ class _Converter:
             if note:
                 self.report.notes.append(f"{fqn or '<root>'}: {note}")
 
+    def _fuse(self, root: nn.Module, fuse, label: str) -> list[str]:
+        """Runs an integration's ``fuse(root, allowed) -> (fqns, [(fqn, why kept)])`` on the
+        transformers blocks of ``root`` and reports what it did. (The callers import the
+        integration only for a transformers model: the integrations import transformers.)"""
+        fused, kept = fuse(root, self.filter_fn or (lambda m, fqn: True))
+        for fqn in fused:
+            self.report._add(label, fqn)
+        self.report.kept += kept
+        return fused
+
     def finish_decoders(self, root: nn.Module) -> None:
         """Llama-style transformers decoder layers: fused projections and decoding step."""
         if not self.attention or self.hf_pretrained is None:
             return
         from fastattn.integrations.decoder import fuse_decoder_layers
 
-        allowed = self.filter_fn or (lambda m, fqn: True)
-        fused, kept = fuse_decoder_layers(root, allowed)
-        for fqn in fused:
-            self.report._add("decoder layer -> fused decoder layer (q/k/v and gate/up GEMMs, "
-                             "rotary + KV-cache attention, SiLU*mul)", fqn)
-        self.report.kept += kept
-        if fused:
+        if self._fuse(root, fuse_decoder_layers,
+                      "decoder layer -> fused decoder layer (q/k/v and gate/up GEMMs, rotary + "
+                      "KV-cache attention, SiLU*mul)"):
             self._stream_output_embeddings(root)
 
     def finish_encoders(self, root: nn.Module) -> None:
@@ -391,11 +397,9 @@ class _Converter:
             return
         from fastattn.integrations.encoder import fuse_encoder_layers
 
-        fused, kept = fuse_encoder_layers(root, self.filter_fn or (lambda m, fqn: True))
-        for fqn in fused:
-            self.report._add("encoder layer -> fused encoder layer (q/k/v GEMM, attention on "
-                             "its strided views, residual adds in the LayerNorms)", fqn)
-        self.report.kept += kept
+        self._fuse(root, fuse_encoder_layers,
+                   "encoder layer -> fused encoder layer (q/k/v GEMM, attention on its strided "
+                   "views, residual adds in the LayerNorms)")
 
     def finish_mamba(self, root: nn.Module) -> None:
         """Mamba / Mamba2 / FalconMamba blocks: each block's residual add inside the next
@@ -404,11 +408,9 @@ class _Converter:
             return
         from fastattn.integrations.mamba import fuse_mamba_blocks
 
-        fused, kept = fuse_mamba_blocks(root, self.filter_fn or (lambda m, fqn: True))
-        for fqn in fused:
-            self.report._add("Mamba block -> fused Mamba block (residual add inside the next "
-                             "block's RMSNorm, float32 residual stream kept by the kernel)", fqn)
-        self.report.kept += kept
+        self._fuse(root, fuse_mamba_blocks,
+                   "Mamba block -> fused Mamba block (residual add inside the next block's "
+                   "RMSNorm, float32 residual stream kept by the kernel)")
 
     def finish_parallel_norms(self, root: nn.Module) -> None:
         """Parallel-residual blocks (GPT-NeoX, Falcon): their two LayerNorms of the same input
@@ -417,12 +419,9 @@ class _Converter:
             return
         from fastattn.integrations.parallel import pair_parallel_norms
 
-        linked, kept = pair_parallel_norms(root, self.filter_fn or (lambda m, fqn: True))
-        for fqn in linked:
-            self.report._add("parallel block: its two LayerNorms of the same input in one "
-                             "kernel call (weight1 / bias1)", fqn)
-        self.report.kept += [(fqn, why) for fqn, why in kept
-                             if why != "not a parallel-residual block"]
+        self._fuse(root, pair_parallel_norms,
+                   "parallel block: its two LayerNorms of the same input in one kernel call "
+                   "(weight1 / bias1)")
 
     def _stream_output_embeddings(self, root: nn.Module) -> None:
         """The float output projection (lm_head) of a model whose decoder layers were fused runs

@@ -23,12 +23,15 @@ PARALLEL_NORMS = {
 }
 
 
+_SEQUENTIAL = "not a parallel-residual block"
+
+
 def _why_not(layer: nn.Module) -> str | None:
     import fastattn
 
     first, second, flag = PARALLEL_NORMS[type(layer).__name__]
     if flag is not None and not getattr(layer, flag, False):
-        return "not a parallel-residual block"
+        return _SEQUENTIAL
     a, b = getattr(layer, first, None), getattr(layer, second, None)
     if type(a) is not fastattn.nn.LayerNorm or type(b) is not fastattn.nn.LayerNorm:
         return f"{first} / {second} are not both fastattn.nn.LayerNorm"
@@ -53,4 +56,5 @@ def pair_parallel_norms(model: nn.Module, allowed) -> tuple[list[str], list[tupl
             continue
         a.__dict__[_PARTNER] = getattr(layer, second)
         linked.append(fqn)
-    return linked, kept
+    # a sequential block (GPT-NeoX without the parallel residual) is not a candidate: not reported
+    return linked, [(fqn, why) for fqn, why in kept if why != _SEQUENTIAL]
