@@ -5,8 +5,9 @@ A block computes ``norm(x) -> mixer -> x + mixer output``, with ``x`` promoted t
 the model keeps its residual stream in float32 (``config.residual_in_fp32``, Mamba's default). The
 add of block i and the norm of block i+1 read and write the same stream, so ``fastattn.convert``
 gives each such block (same object, parameters and state_dict) a forward that, in inference (no
-gradient recording, eval mode), ends with one ``fastattn.rms_norm(mixer output, next norm's weight,
-residual=x, residual_in_fp32=..., prenorm=True)`` call: the sum (float32 where the model keeps it
+gradient recording, eval mode, not under torch.compile: the hand-over is module state), ends
+with one ``fastattn.rms_norm(mixer output, next norm's weight, residual=x,
+residual_in_fp32=..., prenorm=True)`` call: the sum (float32 where the model keeps it
 so, exactly the sum transformers computes) is returned as the block's output, and the next
 block's normalised input is handed over with it. The next block takes the handed-over input only
 when it is called with that very tensor (anything that changed the stream in between, a hook for
@@ -37,7 +38,7 @@ _NEXT = "_fastattn_next"  # the next fused block of the stack, or None
 def _fused_forward(self, hidden_states, cache_params=None, cache_position=None,
                    attention_mask=None):
     handed = self.__dict__.pop(_HANDOVER, None)
-    if torch.is_grad_enabled() or self.training:
+    if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling():
         return self._fastattn_base.forward(self, hidden_states, cache_params=cache_params,
                                            cache_position=cache_position,
                                            attention_mask=attention_mask)

@@ -93,7 +93,10 @@ class LayerNorm(nn.LayerNorm):
         """Parallel blocks (GPT-NeoX, Falcon: two LayerNorms of the same input, one for the
         attention, one for the MLP; ``pair_parallel_norms`` links them): the first computes both
         outputs in one kernel call (``weight1``/``bias1``) and hands the second its output, which
-        it returns when called with that very tensor. None: compute as usual."""
+        it returns when called with that very tensor. None: compute as usual (also under
+        torch.compile, which traces the two norms separately)."""
+        if torch.compiler.is_compiling():  # module state written in forward: eager only
+            return None
         handed = self.__dict__.pop(_HANDOVER, None)
         if residual is not None:
             return None
