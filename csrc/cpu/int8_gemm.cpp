@@ -1846,27 +1846,20 @@ at::Tensor weight_only_linear(const at::Tensor& x_nd, const at::Tensor& w_in,
   const at::Tensor w = rows_contiguous(w_in);
   const Isa isa = cpu_isa();
 #ifdef FASTATTN_X86
-  if (bf16_products && dt == at::kFloat && M >= kWpMinM && K > 0 && isa >= Isa::avx512_bf16) {
-    const at::Tensor xb = x_in.to(at::kBFloat16).contiguous();  // one pass over x (small here)
-    const WoArgs args{w.const_data_ptr<int8_t>(), w.stride(0), w_scale.const_data_ptr<float>(),
-                      bias.defined() ? bias.const_data_ptr<float>() : nullptr, out.data_ptr(), N,
-                      at::kFloat, M, N, K};
-    if (isa >= Isa::amx) {
-      wo_gemm_amx(xb.const_data_ptr<at::BFloat16>(), xb.stride(0), args);
-    } else {
-      wo_gemm_panels<true>(xb.const_data_ptr<at::BFloat16>(), xb.stride(0), args);
-    }
-    return out;
-  }
-  const bool amx = dt == at::kBFloat16 && M >= kWaMinM && K > 0 && isa >= Isa::amx;
+  // float32 x rounded to bfloat16 (one pass over x, small here) for the bfloat16 kernels below;
+  // the output stays float32
+  const bool to_bf16 =
+      bf16_products && dt == at::kFloat && M >= kWpMinM && K > 0 && isa >= Isa::avx512_bf16;
+  const bool bf16_x = dt == at::kBFloat16 || to_bf16;
+  const bool amx = bf16_x && M >= kWaMinM && K > 0 && isa >= Isa::amx;
   if (amx || (M >= kWpMinM && K > 0 && use_avx512(isa))) {
-    const at::Tensor xr = rows_contiguous(x_in);
+    const at::Tensor xr = to_bf16 ? x_in.to(at::kBFloat16).contiguous() : rows_contiguous(x_in);
     const WoArgs args{w.const_data_ptr<int8_t>(), w.stride(0), w_scale.const_data_ptr<float>(),
                       bias.defined() ? bias.const_data_ptr<float>() : nullptr, out.data_ptr(), N,
                       dt, M, N, K};
     if (amx) {
       wo_gemm_amx(xr.const_data_ptr<at::BFloat16>(), xr.stride(0), args);
-    } else if (dt == at::kBFloat16 && isa >= Isa::avx512_bf16) {
+    } else if (bf16_x && isa >= Isa::avx512_bf16) {
       wo_gemm_panels<true>(xr.const_data_ptr<at::BFloat16>(), xr.stride(0), args);
     } else {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "int8_weight_only_linear", [&] {

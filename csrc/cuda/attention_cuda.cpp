@@ -313,14 +313,16 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_lse_cuda(
 }
 
 // ---- attention_varlen --------------------------------------------------------------------------
-// Shapes and dtypes (and the cu_seqlens values where they are on the host) are checked by
-// checks::check_varlen; here what the CUDA kernels add: every tensor on q's device, no dropout or
-// score modifiers, and sizes their int32 indexing holds.
+// checks::check_varlen (shapes and dtypes, and the cu_seqlens values where they are on the
+// host), then what the CUDA kernels add: every tensor on q's device, no dropout or score
+// modifiers, and sizes their int32 indexing holds.
 void check_varlen_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                       int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p,
+                       int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, double dropout_p,
                        double softcap, const std::optional<at::Tensor>& alibi_slopes,
                        const std::optional<at::Tensor>& sinks, const char* op) {
+  checks::check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                       dropout_p, softcap, alibi_slopes, sinks);
   check_no_score_mods(softcap, alibi_slopes, sinks, op);
   check_no_dropout(dropout_p, op);
   check_cuda_tensor(q, q, op, "q");
@@ -351,10 +353,8 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
   (void)seed;
   constexpr const char* op = "attention_varlen_fwd";
-  checks::check_varlen(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       scale, dropout_p, softcap, alibi_slopes, sinks);
   check_varlen_cuda(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                    dropout_p, softcap, alibi_slopes, sinks, op);
+                    scale, dropout_p, softcap, alibi_slopes, sinks, op);
   const int64_t total_q = q_in.size(0), H = q_in.size(1), E = q_in.size(2);
   const int64_t total_k = k_in.size(0), Hkv = k_in.size(1), Ev = v_in.size(2);
   const int64_t B = cu_seqlens_q.size(0) - 1;
@@ -393,10 +393,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_
   (void)seed;
   (void)deterministic;  // the kernels never use atomics: always bitwise repeatable
   constexpr const char* op = "attention_varlen_bwd";
-  checks::check_varlen(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       scale, dropout_p, softcap, alibi_slopes, sinks);
   check_varlen_cuda(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                    dropout_p, softcap, alibi_slopes, sinks, op);
+                    scale, dropout_p, softcap, alibi_slopes, sinks, op);
   const int64_t total_q = q_in.size(0), H = q_in.size(1), E = q_in.size(2);
   const int64_t total_k = k_in.size(0), Hkv = k_in.size(1), Ev = v_in.size(2);
   const int64_t B = cu_seqlens_q.size(0) - 1;

@@ -342,17 +342,13 @@ def int8_weight_only_linear(
     Returns:
         (x @ (w_int8 * w_scale[:, None]).T + bias) (..., N) in x's dtype, float32 accumulation.
     """
-    if bf16_products:
-        _backend.check_backend(backend)
-        _check_linear_args("int8_weight_only_linear", x, w_int8, w_scale, bias)
-        return _weight_only(x, w_int8, w_scale, bias, backend, bf16_products=True)
-    if _backend.fast_path(backend):
+    if not bf16_products and _backend.fast_path(backend):
         out = _backend.NATIVE.int8_weight_only_linear(x, w_int8, w_scale, bias)
         if out is not None:
             return out
     _backend.check_backend(backend)
     _check_linear_args("int8_weight_only_linear", x, w_int8, w_scale, bias)
-    return _weight_only(x, w_int8, w_scale, bias, backend)
+    return _weight_only(x, w_int8, w_scale, bias, backend, bf16_products)
 
 
 def int8_linear(
